@@ -1,0 +1,173 @@
+//! `ckpt list` and `ckpt verify`: read-only views of a directory.
+
+use serde_json::json;
+
+use super::DirArg;
+use crate::store::scan::{read_manifest, verify_path};
+use crate::store::Store;
+use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
+
+/// List checkpoints, newest last.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// One JSON object per checkpoint, as a JSON array on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Verify checkpoints fully.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Print a JSON array of results on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Checkpoint sequence numbers (default: all), or `latest`.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+}
+
+fn open(dir: &DirArg) -> Result<Store, Fatal> {
+    let store = Store::new(&dir.dir);
+    if !store.dir().is_dir() {
+        return Err(Fatal {
+            code: exit_codes::USAGE,
+            msg: format!(
+                "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
+                store.dir().display()
+            ),
+        });
+    }
+    Ok(store)
+}
+
+fn when(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+pub fn list(a: ListArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir)?;
+    let list = store.list().map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: e.to_string(),
+    })?;
+    let mut rows = Vec::new();
+    for (seq, path) in &list {
+        rows.push(match read_manifest(path) {
+            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "path": path, "manifest_ok": true }),
+            Err(e) => json!({ "seq": seq, "path": path, "manifest_ok": false, "error": e.to_string() }),
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        eprintln!("no checkpoints in {}", store.dir().display());
+        return Ok(0);
+    }
+    println!(
+        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  WRITER",
+        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES"
+    );
+    for r in rows {
+        if r["manifest_ok"] == json!(true) {
+            println!(
+                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {}",
+                r["seq"],
+                r["step"]
+                    .as_u64()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                when(r["created_ms"].as_u64().unwrap_or(0)),
+                fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
+                r["files"],
+                r["writer"].as_str().unwrap_or("")
+            );
+        } else {
+            println!(
+                "{:>8}  INVALID: {}",
+                r["seq"],
+                r["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir)?;
+    let list = store.list().map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: e.to_string(),
+    })?;
+    let mut targets = Vec::new();
+    if a.ids.is_empty() {
+        targets = list.clone();
+    } else {
+        for id in &a.ids {
+            let seq = if id == "latest" {
+                list.last().map(|(s, _)| *s).ok_or_else(|| Fatal {
+                    code: exit_codes::DATA,
+                    msg: format!("no checkpoints in {}", store.dir().display()),
+                })?
+            } else {
+                id.parse::<u64>().map_err(|_| Fatal {
+                    code: exit_codes::USAGE,
+                    msg: format!("{id:?} is not a checkpoint id (a sequence number, or `latest`)"),
+                })?
+            };
+            match list.iter().find(|(s, _)| *s == seq) {
+                Some(t) => targets.push(t.clone()),
+                None => {
+                    return Err(Fatal {
+                        code: exit_codes::DATA,
+                        msg: format!(
+                            "no checkpoint {seq} in {}; hint: `ckpt list` shows them",
+                            store.dir().display()
+                        ),
+                    })
+                }
+            }
+        }
+    }
+    let mut bad = 0;
+    let mut rows = Vec::new();
+    for (seq, path) in &targets {
+        match verify_path(path, Some(*seq)) {
+            Ok(m) => {
+                if !a.json {
+                    println!(
+                        "ok       {seq:>8}  {} in {} files",
+                        fmt_bytes(m.total_bytes()),
+                        m.files.len()
+                    );
+                }
+                rows.push(json!({ "seq": seq, "ok": true, "bytes": m.total_bytes(), "files": m.files.len() }));
+            }
+            Err(e) => {
+                bad += 1;
+                if !a.json {
+                    println!("INVALID  {seq:>8}  {}: {e}", path.display());
+                }
+                rows.push(json!({ "seq": seq, "ok": false, "error": e.to_string(), "reason": e.slug(), "path": path }));
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if targets.is_empty() {
+        eprintln!("no checkpoints in {}", store.dir().display());
+    } else {
+        eprintln!(
+            "{} checkpoint(s) verified, {} invalid",
+            targets.len() - bad,
+            bad
+        );
+    }
+    Ok(if bad > 0 { exit_codes::DATA } else { 0 })
+}

@@ -1,0 +1,101 @@
+//! Command-line interface: clap definitions and one file per subcommand.
+
+mod demo;
+mod inspect;
+mod run;
+mod save;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::supervisor::{exit_codes, Fatal};
+
+const AFTER_HELP: &str = "\
+EXIT CODES (ckpt run):
+  0    the job finished (now, or in an earlier run on this directory)
+  75   stopped after a checkpoint (signal, preemption, time limit): run again to resume
+  64   usage error          65  no checkpoint verifies / verify found bad ones
+  73   directory cannot be created, locked or written      74  I/O error
+  126  command not executable   127  command not found
+  N    the job's own code (or 128+signal) when ckpt gives up restarting it
+
+Documentation: README.md, docs/design.md, docs/protocol.md";
+
+/// Process-level checkpoint/restore supervisor for long-running jobs.
+///
+/// ckpt launches a job, asks it to checkpoint at safe points (periodically, and when it has
+/// to stop), publishes each checkpoint atomically and verified, and relaunches the job from
+/// the newest checkpoint that verifies after a crash, a kill or a reboot.
+#[derive(Debug, Parser)]
+#[command(name = "ckpt", version, about, long_about, after_long_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Supervise a job: checkpoint it on schedule and on stop, restart it after failures.
+    Run(run::RunArgs),
+    /// Publish files as a new checkpoint (for shell jobs); returns once it is durable.
+    Save(save::SaveArgs),
+    /// List the checkpoints of a directory (manifests only; `verify` reads everything).
+    List(inspect::ListArgs),
+    /// Fully verify checkpoints (sizes and checksums); non-zero exit if any is bad.
+    Verify(inspect::VerifyArgs),
+    /// Run the built-in demo: a toy training job, crashed twice on purpose, resumed, and
+    /// its final digest compared with an uninterrupted run.
+    Demo(demo::DemoArgs),
+    /// The demo's training job (used by `ckpt demo`).
+    #[command(hide = true, name = "__trainer")]
+    Trainer(demo::TrainerCli),
+}
+
+/// `--dir`, shared by every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DirArg {
+    /// Checkpoint directory.
+    #[arg(
+        long,
+        short = 'd',
+        env = "CKPT_DIR",
+        default_value = "checkpoints",
+        value_name = "DIR"
+    )]
+    pub dir: PathBuf,
+}
+
+/// Parses `30s`, `10m`, `2h`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; expected a duration such as 30s, 10m, 2h or 1h30m"))
+}
+
+/// Entry point of the binary: parses, runs, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit_codes::USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Save(a) => save::run(a),
+        Cmd::List(a) => inspect::list(a),
+        Cmd::Verify(a) => inspect::verify(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Trainer(a) => demo::trainer(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Fatal { code, msg }) => {
+            eprintln!("ckpt: error: {msg}");
+            code
+        }
+    }
+}

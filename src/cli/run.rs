@@ -1,0 +1,140 @@
+//! `ckpt run`.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use super::{parse_duration, DirArg};
+use crate::protocol::parse_signal;
+use crate::supervisor::policy::Policy;
+use crate::supervisor::{exit_codes, Config, Fatal};
+
+/// Supervise a job.
+///
+/// The job gets CKPT_DIR, CKPT_RESTORE (the checkpoint to resume from; empty on a fresh
+/// start), CKPT_RESTART_COUNT and the protocol variables (docs/protocol.md). Jobs using a ckpt
+/// client (Rust, Python, or `ckpt save` in a shell trap with --signal) are asked to checkpoint
+/// every --every and before they are stopped. Any job is restarted after it fails.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = super::AFTER_HELP)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Request a checkpoint this often (e.g. 30s, 10m, 2h; `off` for never).
+    #[arg(long, default_value = "10m", value_name = "DURATION")]
+    pub every: String,
+    /// Signal that requests a checkpoint. Given explicitly, it is also sent to jobs that
+    /// trap it themselves without announcing a client (shell traps).
+    #[arg(long, value_name = "SIG")]
+    pub signal: Option<String>,
+    /// On stop, how long the job gets to commit a checkpoint and exit before SIGTERM.
+    #[arg(long, default_value = "20s", value_parser = parse_duration, value_name = "DURATION")]
+    pub grace: Duration,
+    /// After SIGTERM, how long before SIGKILL.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub kill_after: Duration,
+    /// Keep the newest N checkpoints (older ones are pruned once a newer one verified).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    pub keep: u64,
+    /// Also keep the oldest checkpoint of each such period as a milestone (e.g. 1h).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub keep_every: Option<Duration>,
+    /// Restart backoff: first delay..largest delay, doubling per failure in a row, jittered.
+    #[arg(long, default_value = "1s..5m", value_name = "MIN..MAX")]
+    pub backoff: String,
+    /// Give up after N failures in a row with no new checkpoint between them.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub max_failures: u32,
+    /// Give up after N restarts in all, progress or not (default: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Start from scratch when checkpoints exist but none verifies (they stay in quarantine/).
+    #[arg(long)]
+    pub allow_fresh: bool,
+    /// Run the job even though it already finished in this directory.
+    #[arg(long)]
+    pub again: bool,
+    /// Only warnings and errors on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Log events as JSON lines on stderr instead of plain text.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    pub log_format: LogFormat,
+    /// The job's command line.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn usage(msg: String) -> Fatal {
+    Fatal {
+        code: exit_codes::USAGE,
+        msg,
+    }
+}
+
+/// Parses `MIN..MAX`.
+pub fn parse_backoff(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("--backoff {s:?}: expected MIN..MAX, e.g. 1s..5m"))?;
+    let (a, b) = (
+        parse_duration(a).map_err(|e| format!("--backoff {s:?}: {e}"))?,
+        parse_duration(b).map_err(|e| format!("--backoff {s:?}: {e}"))?,
+    );
+    if a > b {
+        return Err(format!("--backoff {s:?}: MIN is larger than MAX"));
+    }
+    Ok((a, b))
+}
+
+pub fn run(a: RunArgs) -> Result<i32, Fatal> {
+    let every = match a.every.trim() {
+        "off" | "never" | "0" => None,
+        s => Some(parse_duration(s).map_err(|e| usage(format!("--every {s:?}: {e}; or `off`")))?),
+    };
+    let (signal, signal_explicit) = match &a.signal {
+        Some(s) => (
+            parse_signal(s).ok_or_else(|| {
+                usage(format!(
+                    "--signal {s:?} is not a signal name or number (e.g. USR1, SIGUSR2, 12)"
+                ))
+            })?,
+            true,
+        ),
+        None => (libc::SIGUSR1, false),
+    };
+    if [libc::SIGKILL, libc::SIGSTOP, libc::SIGTERM, libc::SIGCHLD].contains(&signal) {
+        return Err(usage(format!(
+            "--signal {}: this signal cannot serve as a checkpoint request; hint: use USR1 or USR2",
+            a.signal.unwrap_or_default()
+        )));
+    }
+    let (backoff_min, backoff_max) = parse_backoff(&a.backoff).map_err(usage)?;
+    let cfg = Config {
+        dir: a.dir.dir,
+        command: a.command,
+        every,
+        signal,
+        signal_explicit,
+        grace: a.grace,
+        kill_after: a.kill_after,
+        keep: a.keep as usize,
+        keep_every: a.keep_every,
+        policy: Policy {
+            backoff_min,
+            backoff_max,
+            max_failures: a.max_failures,
+            max_restarts: a.max_restarts,
+        },
+        allow_fresh: a.allow_fresh,
+        again: a.again,
+        quiet: a.quiet,
+        log_json: matches!(a.log_format, LogFormat::Json),
+    };
+    crate::supervisor::run(cfg)
+}

@@ -1,0 +1,145 @@
+//! `ckpt save`: the shell client.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::DirArg;
+use crate::protocol::{self, Message, PROTOCOL_VERSION};
+use crate::store::{Algo, Stage, Store};
+use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
+
+/// Publish files as a new checkpoint.
+///
+/// Each FILE is stored under its base name (a directory with its tree), and the command
+/// returns only once the checkpoint is durable. Under `ckpt run` (CKPT_DIR and CKPT_SOCKET
+/// set) the supervisor is told; a job resumes with `cp "$CKPT_RESTORE/FILE" .`.
+#[derive(Debug, clap::Args)]
+pub struct SaveArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// The job's step counter, recorded in the manifest.
+    #[arg(long, value_name = "N")]
+    pub step: Option<u64>,
+    /// User metadata KEY=VALUE (repeatable), stored in the manifest's `meta`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Files or directories to save.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+fn fail(code: i32, msg: String) -> Fatal {
+    Fatal { code, msg }
+}
+
+fn add(stage: &mut Stage, name: &str, src: &Path) -> Result<u64, Fatal> {
+    let meta = std::fs::metadata(src).map_err(|e| {
+        fail(
+            exit_codes::USAGE,
+            format!("cannot read {}: {e}", src.display()),
+        )
+    })?;
+    if meta.is_dir() {
+        let mut total = 0;
+        let rd = std::fs::read_dir(src).map_err(|e| {
+            fail(
+                exit_codes::IO,
+                format!("cannot list {}: {e}", src.display()),
+            )
+        })?;
+        for ent in rd {
+            let ent = ent.map_err(|e| {
+                fail(
+                    exit_codes::IO,
+                    format!("cannot list {}: {e}", src.display()),
+                )
+            })?;
+            let child = format!("{name}/{}", ent.file_name().to_string_lossy());
+            total += add(stage, &child, &ent.path())?;
+        }
+        Ok(total)
+    } else if meta.is_file() {
+        stage
+            .copy_from(name, src)
+            .map_err(|e| fail(exit_codes::IO, e.to_string()))
+    } else {
+        Err(fail(
+            exit_codes::USAGE,
+            format!("{} is not a regular file or directory", src.display()),
+        ))
+    }
+}
+
+pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
+    let started = std::time::Instant::now();
+    let mut meta = serde_json::Map::new();
+    for kv in &a.meta {
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            fail(
+                exit_codes::USAGE,
+                format!("--meta {kv:?}: expected KEY=VALUE"),
+            )
+        })?;
+        meta.insert(k.to_string(), json!(v));
+    }
+    let store = Store::new(&a.dir.dir);
+    store
+        .create()
+        .map_err(|e| fail(exit_codes::CANT_CREATE, e.to_string()))?;
+    let mut stage = Stage::new(&store, Algo::Crc32c)
+        .map_err(|e| fail(exit_codes::CANT_CREATE, e.to_string()))?;
+    let mut names = std::collections::HashSet::new();
+    for f in &a.files {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| *n != "." && *n != "..")
+            .ok_or_else(|| fail(exit_codes::USAGE, format!("{}: cannot tell the file's name; hint: give a path that ends in a file name", f.display())))?
+            .to_string();
+        if !names.insert(name.clone()) {
+            return Err(fail(exit_codes::USAGE, format!("two files are both named {name:?}; checkpoint files are stored under their base names")));
+        }
+        add(&mut stage, &name, f)?;
+    }
+    let m = stage
+        .commit(
+            a.step,
+            concat!("ckpt-save/", env!("CARGO_PKG_VERSION")),
+            meta,
+        )
+        .map_err(|e| fail(exit_codes::IO, format!("save failed: {e}")))?;
+    let dur = started.elapsed();
+    if let Some(sock) = std::env::var_os(protocol::ENV_SOCKET).filter(|s| !s.is_empty()) {
+        if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+            let msg = Message::Committed {
+                v: PROTOCOL_VERSION,
+                pid: std::os::unix::process::parent_id(),
+                seq: m.seq,
+                step: m.step,
+                bytes: m.total_bytes(),
+                duration_ms: dur.as_millis() as u64,
+            };
+            let _ = s.send_to(&msg.encode(), PathBuf::from(sock));
+        }
+    }
+    let path = store.path_of(m.seq);
+    if a.json {
+        println!(
+            "{}",
+            json!({ "seq": m.seq, "step": m.step, "path": path, "bytes": m.total_bytes(), "files": m.files.len(), "duration_ms": dur.as_millis() as u64 })
+        );
+    } else {
+        eprintln!(
+            "ckpt: saved checkpoint {} ({}, {} files) to {}",
+            m.seq,
+            fmt_bytes(m.total_bytes()),
+            m.files.len(),
+            path.display()
+        );
+    }
+    Ok(0)
+}

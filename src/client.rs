@@ -1,0 +1,460 @@
+//! The client API: what runs inside a job. Works under `ckpt run` (it then speaks the
+//! protocol of `docs/protocol.md`) and standalone (it then finds its own restore point).
+//!
+//! ```no_run
+//! use ckpt::Checkpointer;
+//! #[derive(serde::Serialize, serde::Deserialize, Default)]
+//! struct State { step: u64, weights: Vec<f32> }
+//!
+//! let mut ck = Checkpointer::from_env()?;
+//! let mut state: State = ck.restore()?.unwrap_or_default();
+//! while state.step < 1000 {
+//!     state.step += 1; // ... one unit of work ...
+//!     if ck.should_checkpoint() {
+//!         ck.save_at(state.step, &state)?;
+//!     }
+//!     if ck.should_stop() {
+//!         return Ok(()); // exit 0: the supervisor knows it was asked to stop
+//!     }
+//! }
+//! # Ok::<(), ckpt::Error>(())
+//! ```
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Invalid, Result};
+use crate::protocol::{self, Message, PROTOCOL_VERSION};
+use crate::store::scan::{open_member, read_manifest};
+use crate::store::{Algo, Manifest, Stage, Store};
+
+/// The file `save`/`restore` use for serde state (postcard encoding).
+pub const STATE_FILE: &str = "state.postcard";
+/// The default checkpoint directory when neither `CKPT_DIR` nor a path is given.
+pub const DEFAULT_DIR: &str = "checkpoints";
+
+/// Where a job restores from.
+#[derive(Debug, Clone)]
+pub struct RestorePoint {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// What a successful save produced.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub step: Option<u64>,
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+/// A job's handle on checkpointing. See the module documentation.
+pub struct Checkpointer {
+    store: Store,
+    restore: Option<RestorePoint>,
+    restart_count: u32,
+    socket: Option<(UnixDatagram, PathBuf)>,
+    request: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stop_saved: bool,
+    pid: u32,
+    step: Option<u64>,
+    interval: Option<Duration>,
+    last_save: Instant,
+    last_beat: Option<Instant>,
+    keep: Option<usize>,
+    sig_ids: Vec<signal_hook::SigId>,
+}
+
+fn env_opt(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Checkpointer {
+    /// Reads the environment set by `ckpt run` (`CKPT_DIR`, `CKPT_RESTORE`, `CKPT_SOCKET`,
+    /// `CKPT_SIGNAL`, ...). Without a supervisor, uses `CKPT_DIR` or `./checkpoints` and picks
+    /// the newest checkpoint that verifies itself. Installs the request-signal and SIGTERM
+    /// handlers (they only set flags), then announces itself to the supervisor.
+    pub fn from_env() -> Result<Checkpointer> {
+        let dir = env_opt(protocol::ENV_DIR)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        Self::open(dir)
+    }
+
+    /// Like [`Checkpointer::from_env`] but with an explicit directory (the environment's
+    /// `CKPT_DIR` still wins under a supervisor, which owns the directory).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Checkpointer> {
+        let socket_path = env_opt(protocol::ENV_SOCKET).map(PathBuf::from);
+        let supervised = socket_path.is_some();
+        let dir = match (supervised, env_opt(protocol::ENV_DIR)) {
+            (true, Some(d)) => PathBuf::from(d),
+            _ => dir.as_ref().to_path_buf(),
+        };
+        let store = Store::new(&dir);
+        store.create()?;
+        let signal = match env_opt(protocol::ENV_SIGNAL) {
+            Some(s) => protocol::parse_signal(&s).ok_or_else(|| Error::Env {
+                name: protocol::ENV_SIGNAL,
+                value: s.clone(),
+                why: "not a signal number or name; hint: it is set by `ckpt run --signal`".into(),
+            })?,
+            None => libc::SIGUSR1,
+        };
+        let restart_count = match env_opt(protocol::ENV_RESTART_COUNT) {
+            Some(s) => s.parse().map_err(|_| Error::Env {
+                name: protocol::ENV_RESTART_COUNT,
+                value: s.clone(),
+                why: "not a whole number".into(),
+            })?,
+            None => 0,
+        };
+        let restore = if supervised {
+            match env_opt(protocol::ENV_RESTORE) {
+                Some(p) => {
+                    let path = PathBuf::from(&p);
+                    let manifest = read_manifest(&path).map_err(|reason| Error::Invalid {
+                        path: path.clone(),
+                        reason,
+                    })?;
+                    Some(RestorePoint {
+                        seq: manifest.seq,
+                        path,
+                        manifest,
+                    })
+                }
+                None => None,
+            }
+        } else {
+            store
+                .latest_verified(false, |bad| eprintln!("ckpt: warning: {bad}"))?
+                .map(|f| RestorePoint {
+                    seq: f.seq,
+                    path: f.path,
+                    manifest: f.manifest,
+                })
+        };
+
+        let request = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut sig_ids = Vec::new();
+        let reg = |r: std::io::Result<signal_hook::SigId>| {
+            r.map_err(|e| Error::io("install a signal handler", "(process)", e))
+        };
+        sig_ids.push(reg(signal_hook::flag::register(signal, request.clone()))?);
+        // A second SIGTERM while the first is still pending terminates at once.
+        sig_ids.push(reg(signal_hook::flag::register_conditional_shutdown(
+            libc::SIGTERM,
+            128 + libc::SIGTERM,
+            stop.clone(),
+        ))?);
+        sig_ids.push(reg(signal_hook::flag::register(
+            libc::SIGTERM,
+            stop.clone(),
+        ))?);
+
+        let socket = match socket_path {
+            Some(p) => {
+                let s =
+                    UnixDatagram::unbound().map_err(|e| Error::io("create a socket for", &p, e))?;
+                let _ = s.set_nonblocking(true);
+                Some((s, p))
+            }
+            None => None,
+        };
+        let ck = Checkpointer {
+            store,
+            restore,
+            restart_count,
+            socket,
+            request,
+            stop,
+            stop_saved: false,
+            pid: std::process::id(),
+            step: None,
+            interval: None,
+            last_save: Instant::now(),
+            last_beat: None,
+            keep: None,
+            sig_ids,
+        };
+        ck.send(&Message::Hello {
+            v: PROTOCOL_VERSION,
+            pid: ck.pid,
+            signal,
+            client: concat!("rust/", env!("CARGO_PKG_VERSION")).into(),
+            rank: None,
+        });
+        Ok(ck)
+    }
+
+    /// Also request a checkpoint every `interval` (useful standalone; under a supervisor
+    /// `ckpt run --every` does this).
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    /// Standalone retention: keep only the newest `n` checkpoints after each save. Under a
+    /// supervisor this is ignored (`ckpt run --keep` owns retention).
+    pub fn with_keep(mut self, n: usize) -> Self {
+        self.keep = Some(n.max(1));
+        self
+    }
+
+    /// Whether a supervisor runs this job.
+    pub fn supervised(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// How many times the supervisor relaunched the job.
+    pub fn restart_count(&self) -> u32 {
+        self.restart_count
+    }
+
+    /// The checkpoint this run resumes from, if any.
+    pub fn restore_point(&self) -> Option<&RestorePoint> {
+        self.restore.as_ref()
+    }
+
+    /// The directory of the checkpoint to resume from (`None` on a fresh start).
+    pub fn restore_dir(&self) -> Option<&Path> {
+        self.restore.as_ref().map(|r| r.path.as_path())
+    }
+
+    /// The state last saved with [`Checkpointer::save`], or `None` on a fresh start. The bytes
+    /// are checked against the manifest's size and checksum while they are read.
+    pub fn restore<T: DeserializeOwned>(&self) -> Result<Option<T>> {
+        let Some(r) = &self.restore else {
+            return Ok(None);
+        };
+        let bytes = self.read_file(STATE_FILE)?;
+        postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Codec {
+                action: "decode",
+                path: r.path.join(STATE_FILE),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Reads one file of the restore checkpoint, verified against the manifest.
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        let r = self.restore.as_ref().ok_or_else(|| {
+            Error::Usage("read_file: this run has no checkpoint to restore".into())
+        })?;
+        let inval = |reason| Error::Invalid {
+            path: r.path.clone(),
+            reason,
+        };
+        let entry = r.manifest.files.iter().find(|f| f.name == name).ok_or_else(|| {
+            Error::Usage(format!(
+                "checkpoint {} has no file {name:?} (it has: {}); hint: was it saved with save_files?",
+                r.path.display(),
+                r.manifest.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let mut f = open_member(&r.path, name).map_err(inval)?;
+        let mut bytes = Vec::with_capacity(entry.size as usize);
+        (&mut f)
+            .take(entry.size + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io("read", r.path.join(name), e))?;
+        if bytes.len() as u64 != entry.size {
+            return Err(inval(Invalid::Size {
+                name: name.into(),
+                expected: entry.size,
+                actual: bytes.len() as u64,
+            }));
+        }
+        let sum = r.manifest.checksum.checksum(&bytes);
+        if sum != entry.sum {
+            return Err(inval(Invalid::Checksum {
+                name: name.into(),
+                expected: entry.sum,
+                actual: sum,
+            }));
+        }
+        Ok(bytes)
+    }
+
+    fn send(&self, m: &Message) {
+        if let Some((s, p)) = &self.socket {
+            // Fire and forget: the supervisor re-reads the directory anyway.
+            let _ = s.send_to(&m.encode(), p);
+        }
+    }
+
+    fn is_original_process(&self) -> bool {
+        std::process::id() == self.pid
+    }
+
+    /// Tells the supervisor the job is alive at `step` (also counts as a heartbeat).
+    pub fn progress(&mut self, step: u64) {
+        self.step = Some(step);
+        self.last_beat = Some(Instant::now());
+        self.send(&Message::Progress {
+            v: PROTOCOL_VERSION,
+            pid: self.pid,
+            step: Some(step),
+        });
+    }
+
+    /// True when a checkpoint has been requested (request signal, stop request, or the
+    /// standalone interval). Cheap: call it at every safe point. Also a heartbeat. Always
+    /// false in a forked child (a data-loader worker), which must never save.
+    pub fn should_checkpoint(&mut self) -> bool {
+        if !self.is_original_process() {
+            return false;
+        }
+        let now = Instant::now();
+        if self
+            .last_beat
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_beat = Some(now);
+            self.send(&Message::Progress {
+                v: PROTOCOL_VERSION,
+                pid: self.pid,
+                step: self.step,
+            });
+        }
+        self.request.load(Ordering::Relaxed)
+            || (self.stop.load(Ordering::Relaxed) && !self.stop_saved)
+            || self.interval.is_some_and(|i| self.last_save.elapsed() >= i)
+    }
+
+    /// True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first
+    /// if [`Checkpointer::should_checkpoint`] says so, then exit with status 0.
+    pub fn should_stop(&self) -> bool {
+        self.is_original_process() && self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sets the step recorded by [`Checkpointer::save`].
+    pub fn set_step(&mut self, step: u64) {
+        self.step = Some(step);
+    }
+
+    /// Saves `state` (postcard-encoded into `state.postcard`) as a new checkpoint and returns
+    /// once it is durable.
+    pub fn save<T: Serialize>(&mut self, state: &T) -> Result<Saved> {
+        let step = self.step;
+        self.save_inner(step, |stage| {
+            let bytes = postcard::to_stdvec(state).map_err(|e| Error::Codec {
+                action: "encode",
+                path: stage.path().join(STATE_FILE),
+                detail: e.to_string(),
+            })?;
+            stage.write_file(STATE_FILE, &bytes)
+        })
+    }
+
+    /// [`Checkpointer::save`] recording `step`.
+    pub fn save_at<T: Serialize>(&mut self, step: u64, state: &T) -> Result<Saved> {
+        self.step = Some(step);
+        self.save(state)
+    }
+
+    /// Saves files the job writes itself: `write` gets an empty directory to fill; once it
+    /// returns, every file in it is checksummed, made durable and published.
+    pub fn save_files<F>(&mut self, step: u64, write: F) -> Result<Saved>
+    where
+        F: FnOnce(&Path) -> std::io::Result<()>,
+    {
+        self.step = Some(step);
+        self.save_inner(Some(step), |stage| {
+            let p = stage.path().to_path_buf();
+            write(&p).map_err(|e| Error::io("write checkpoint files into", &p, e))
+        })
+    }
+
+    /// Saves through a [`Stage`] (for streaming writers: [`Stage::create`]).
+    pub fn save_with<F>(&mut self, step: Option<u64>, fill: F) -> Result<Saved>
+    where
+        F: FnOnce(&mut Stage) -> Result<()>,
+    {
+        if step.is_some() {
+            self.step = step;
+        }
+        self.save_inner(step, fill)
+    }
+
+    fn save_inner<F>(&mut self, step: Option<u64>, fill: F) -> Result<Saved>
+    where
+        F: FnOnce(&mut Stage) -> Result<()>,
+    {
+        if !self.is_original_process() {
+            return Err(Error::Usage("save called in a forked child process; only the process that created the Checkpointer saves".into()));
+        }
+        let started = Instant::now();
+        let stopping = self.stop.load(Ordering::Relaxed);
+        self.request.store(false, Ordering::Relaxed);
+        let result = (|| {
+            let mut stage = Stage::new(&self.store, Algo::Crc32c)?;
+            fill(&mut stage)?;
+            stage.commit(
+                step,
+                concat!("ckpt-rust/", env!("CARGO_PKG_VERSION")),
+                Default::default(),
+            )
+        })();
+        match result {
+            Ok(m) => {
+                self.last_save = Instant::now();
+                if stopping {
+                    self.stop_saved = true;
+                }
+                let saved = Saved {
+                    seq: m.seq,
+                    path: self.store.path_of(m.seq),
+                    step,
+                    bytes: m.total_bytes(),
+                    duration: started.elapsed(),
+                };
+                self.send(&Message::Committed {
+                    v: PROTOCOL_VERSION,
+                    pid: self.pid,
+                    seq: m.seq,
+                    step,
+                    bytes: saved.bytes,
+                    duration_ms: saved.duration.as_millis() as u64,
+                });
+                if let (Some(keep), false) = (self.keep, self.supervised()) {
+                    let _ = self.store.prune(keep, None, &[m.seq]);
+                }
+                Ok(saved)
+            }
+            Err(e) => {
+                self.send(&Message::SaveFailed {
+                    v: PROTOCOL_VERSION,
+                    pid: self.pid,
+                    error: e.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        for id in self.sig_ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}

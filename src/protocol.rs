@@ -1,0 +1,147 @@
+//! The contract between the supervisor and a job, in any language. Specified in
+//! `docs/protocol.md`; this module is its single source of names in Rust.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in `CKPT_PROTOCOL` and in every message's `v`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Absolute path of the checkpoint directory.
+pub const ENV_DIR: &str = "CKPT_DIR";
+/// Absolute path of the verified checkpoint to resume from; unset on a fresh start.
+pub const ENV_RESTORE: &str = "CKPT_RESTORE";
+/// Sequence number of `CKPT_RESTORE`.
+pub const ENV_RESTORE_SEQ: &str = "CKPT_RESTORE_SEQ";
+/// Step recorded in `CKPT_RESTORE`'s manifest, when it has one.
+pub const ENV_RESTORE_STEP: &str = "CKPT_RESTORE_STEP";
+/// How many times the supervisor has relaunched the job (0 on the first launch).
+pub const ENV_RESTART_COUNT: &str = "CKPT_RESTART_COUNT";
+/// Path of the supervisor's Unix datagram socket for job messages.
+pub const ENV_SOCKET: &str = "CKPT_SOCKET";
+/// Number of the checkpoint-request signal (10 = SIGUSR1 on Linux x86/ARM).
+pub const ENV_SIGNAL: &str = "CKPT_SIGNAL";
+/// Protocol version spoken by the supervisor.
+pub const ENV_PROTOCOL: &str = "CKPT_PROTOCOL";
+/// Pid of the supervisor.
+pub const ENV_SUPERVISOR_PID: &str = "CKPT_SUPERVISOR_PID";
+
+/// Largest datagram the supervisor reads; longer ones are refused.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A message from a job (client) to the supervisor: one JSON object per datagram.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// Sent once at start-up, after the client installed its signal handlers: from now on,
+    /// `signal` may be sent to `pid` to request a checkpoint, and SIGTERM to ask for a
+    /// checkpoint followed by a clean exit.
+    Hello {
+        v: u32,
+        pid: u32,
+        signal: i32,
+        client: String,
+        #[serde(default)]
+        rank: Option<u32>,
+    },
+    /// The job is alive and at this step (a heartbeat).
+    Progress { v: u32, pid: u32, step: Option<u64> },
+    /// A checkpoint is durable (the supervisor re-reads the directory; this is a wake-up).
+    Committed {
+        v: u32,
+        pid: u32,
+        seq: u64,
+        step: Option<u64>,
+        bytes: u64,
+        duration_ms: u64,
+    },
+    /// A save failed; the job keeps running.
+    SaveFailed { v: u32, pid: u32, error: String },
+}
+
+impl Message {
+    /// Parses a datagram, with a size limit and a clear error.
+    pub fn parse(bytes: &[u8]) -> Result<Message, String> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "message of {} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit",
+                bytes.len()
+            ));
+        }
+        let m: Message = serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a valid protocol message: {e}"))?;
+        let v = match &m {
+            Message::Hello { v, .. }
+            | Message::Progress { v, .. }
+            | Message::Committed { v, .. }
+            | Message::SaveFailed { v, .. } => *v,
+        };
+        if v == 0 || v > PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version {v} is not supported (this ckpt speaks {PROTOCOL_VERSION})"
+            ));
+        }
+        Ok(m)
+    }
+
+    /// The sender's pid as it claims it.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Message::Hello { pid, .. }
+            | Message::Progress { pid, .. }
+            | Message::Committed { pid, .. }
+            | Message::SaveFailed { pid, .. } => *pid,
+        }
+    }
+
+    /// The datagram bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("messages always serialise")
+    }
+}
+
+/// Parses a signal given as a number (`10`) or a name (`USR1`, `SIGUSR1`, case-insensitive).
+pub fn parse_signal(s: &str) -> Option<i32> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    let full = format!("SIG{name}");
+    full.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_reject_garbage() {
+        let m = Message::Committed {
+            v: 1,
+            pid: 5,
+            seq: 3,
+            step: Some(9),
+            bytes: 10,
+            duration_ms: 2,
+        };
+        assert_eq!(Message::parse(&m.encode()).unwrap(), m);
+        assert!(Message::parse(b"{").is_err());
+        assert!(
+            Message::parse(br#"{"type":"hello","v":2,"pid":1,"signal":10,"client":"x"}"#).is_err()
+        );
+        assert!(Message::parse(br#"{"type":"nope","v":1}"#).is_err());
+        assert!(Message::parse(&vec![b' '; MAX_MESSAGE_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("USR1"), Some(libc::SIGUSR1));
+        assert_eq!(parse_signal("sigusr2"), Some(libc::SIGUSR2));
+        assert_eq!(parse_signal("15"), Some(15));
+        assert_eq!(parse_signal("BOGUS"), None);
+        assert_eq!(parse_signal("0"), None);
+    }
+}

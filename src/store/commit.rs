@@ -1,0 +1,306 @@
+//! The one durable publish path. Steps (crash analysis of each in `docs/design.md`):
+//!
+//! 1. `mkdir DIR/.ckpt/staging/<token>.<pid>` (invisible to readers).
+//! 2. The writer puts its files there; sums are computed inline or by reading back.
+//! 3. `fsync` every file; write `MANIFEST.ckpt` (its own checksum in the trailer), `fsync` it;
+//!    `fsync` every sub-directory and the staging directory.
+//! 4. `rename(staging, DIR/ckpt-<seq>)` with RENAME_NOREPLACE: the commit point. A concurrent
+//!    writer that took `seq` first makes this fail; the manifest is rewritten with the next
+//!    number and the rename retried.
+//! 5. `fsync(DIR)` and `fsync(DIR/.ckpt/staging)`: the new name is durable. Only now does
+//!    `commit` return, and only now may anyone be told.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::manifest::{check_name, Algo, FileEntry, Manifest, MANIFEST_NAME};
+use super::{token, Store};
+use crate::error::{Error, IoContext, Result};
+
+/// A checkpoint being written. Dropped without [`Stage::commit`], it removes itself.
+pub struct Stage {
+    store: Store,
+    path: PathBuf,
+    algo: Algo,
+    known: Vec<FileEntry>,
+    done: bool,
+}
+
+impl Stage {
+    /// Starts a new staging directory in `store`.
+    pub fn new(store: &Store, algo: Algo) -> Result<Stage> {
+        let staging = store.private().join("staging");
+        let path = staging.join(token());
+        store
+            .io()
+            .create_dir_all(&path)
+            .ctx("create staging directory", &path)?;
+        Ok(Stage {
+            store: store.clone(),
+            path,
+            algo,
+            known: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// The staging directory: a job may write its files here directly.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn target(&self, name: &str) -> Result<PathBuf> {
+        check_name(name).map_err(Error::Name)?;
+        let p = self.path.join(name);
+        if let Some(parent) = p.parent() {
+            if parent != self.path {
+                self.store
+                    .io()
+                    .create_dir_all(parent)
+                    .ctx("create directory", parent)?;
+            }
+        }
+        Ok(p)
+    }
+
+    /// Writes a whole file, computing its checksum inline.
+    pub fn write_file(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.target(name)?;
+        self.store.io().write_new(&p, data).ctx("write", &p)?;
+        self.known.push(FileEntry {
+            name: name.to_string(),
+            size: data.len() as u64,
+            sum: self.algo.checksum(data),
+        });
+        Ok(())
+    }
+
+    /// Opens a new file for streaming writes with the checksum computed inline. Call
+    /// [`StageWriter::finish`] when done.
+    pub fn create(&mut self, name: &str) -> Result<StageWriter<'_>> {
+        let p = self.target(name)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .ctx("create", &p)?;
+        Ok(StageWriter {
+            hasher: self.algo.hasher(),
+            size: 0,
+            file,
+            path: p,
+            name: name.to_string(),
+            stage: self,
+        })
+    }
+
+    /// Copies an existing file into the checkpoint under `name`.
+    pub fn copy_from(&mut self, name: &str, src: &Path) -> Result<u64> {
+        let mut input = File::open(src).ctx("open", src)?;
+        let mut w = self.create(name)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read", src, e)),
+            };
+            w.write_all(&buf[..n])
+                .map_err(|e| Error::io("write", w.path.clone(), e))?;
+        }
+        w.finish()
+    }
+
+    /// Makes the checkpoint durable and visible. Returns its manifest.
+    pub fn commit(
+        mut self,
+        step: Option<u64>,
+        writer: &str,
+        meta: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Manifest> {
+        let io = self.store.io();
+        // Every regular file under the stage, with its sum (known or read back).
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        walk(&self.path, &self.path, &mut files, &mut dirs)?;
+        let mut entries = Vec::with_capacity(files.len());
+        for (name, path) in files {
+            check_name(&name).map_err(Error::Name)?;
+            let entry = match self.known.iter().find(|e| e.name == name) {
+                Some(e) => e.clone(),
+                None => {
+                    let (size, sum) = checksum_file(&path, self.algo)?;
+                    FileEntry { name, size, sum }
+                }
+            };
+            io.fsync_file(&path).ctx("fsync", &path)?;
+            entries.push(entry);
+        }
+        let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
+        manifest.meta = meta;
+        let mpath = self.path.join(MANIFEST_NAME);
+        for attempt in 0..1000 {
+            manifest.seq = self.store.next_seq()?;
+            manifest.created_ms = super::manifest::now_ms();
+            if attempt > 0 {
+                fs::remove_file(&mpath).ctx("remove", &mpath)?;
+            }
+            io.write_new(&mpath, &manifest.encode())
+                .ctx("write manifest", &mpath)?;
+            io.fsync_file(&mpath).ctx("fsync", &mpath)?;
+            for d in dirs.iter().rev() {
+                io.fsync_dir(d).ctx("fsync", d)?;
+            }
+            io.fsync_dir(&self.path).ctx("fsync", &self.path)?;
+            let dest = self.store.path_of(manifest.seq);
+            match io.rename_noreplace(&self.path, &dest) {
+                Ok(()) => {
+                    self.done = true;
+                    io.fsync_dir(self.store.dir())
+                        .ctx("fsync", self.store.dir())?;
+                    let staging = self.store.private().join("staging");
+                    io.fsync_dir(&staging).ctx("fsync", &staging)?;
+                    return Ok(manifest);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        "publish (rename) staging directory",
+                        &self.path,
+                        e,
+                    ))
+                }
+            }
+        }
+        Err(Error::Usage(format!(
+            "could not claim a sequence number in {} after 1000 tries",
+            self.store.dir().display()
+        )))
+    }
+
+    /// Discards the staged files.
+    pub fn abort(mut self) {
+        self.cleanup();
+    }
+
+    fn cleanup(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ = self.store.io().remove_dir_all(&self.path);
+        }
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Streaming writer into a staged file; computes the checksum inline.
+pub struct StageWriter<'a> {
+    stage: &'a mut Stage,
+    file: File,
+    path: PathBuf,
+    name: String,
+    hasher: super::manifest::Hasher,
+    size: u64,
+}
+
+impl StageWriter<'_> {
+    /// Closes the file and records its size and sum. Returns the size.
+    pub fn finish(self) -> Result<u64> {
+        let StageWriter {
+            stage,
+            file,
+            name,
+            hasher,
+            size,
+            ..
+        } = self;
+        drop(file);
+        stage.known.push(FileEntry {
+            name,
+            size,
+            sum: hasher.finish(),
+        });
+        Ok(size)
+    }
+}
+
+impl Write for StageWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Size and checksum of a file, read in 1 MiB blocks without following a symlink.
+pub fn checksum_file(path: &Path, algo: Algo) -> Result<(u64, u32)> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ctx("open", path)?;
+    let mut h = algo.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path, e)),
+        }
+    }
+    Ok((size, h.finish()))
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<(String, PathBuf)>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<()> {
+    for ent in fs::read_dir(dir).ctx("list", dir)? {
+        let ent = ent.ctx("list", dir)?;
+        let path = ent.path();
+        let ft = ent.file_type().ctx("inspect", &path)?;
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        if ft.is_dir() {
+            dirs.push(path.clone());
+            walk(root, &path, files, dirs)?;
+        } else if ft.is_file() {
+            if rel == MANIFEST_NAME {
+                return Err(Error::Name(super::manifest::ManifestError::BadName {
+                    name: rel,
+                    why: "reserved for ckpt's manifest; hint: name the file differently",
+                }));
+            }
+            files.push((rel, path));
+        } else {
+            return Err(Error::Usage(format!(
+                "{} is not a regular file (a symlink, socket or device); hint: copy the file into the checkpoint instead, ckpt never follows links",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The on-disk format, shared by every writer and reader. Specified in `docs/protocol.md`;
+//! the crash analysis of each step is in `docs/design.md`.
+//!
+//! ```text
+//! DIR/                         created 0700
+//!   ckpt-000000000042/         a published checkpoint: the job's files + MANIFEST.ckpt
+//!   quarantine/                checkpoints that failed verification, moved aside, never deleted
+//!   .ckpt/lock                 flock held by the supervisor; its text names the holder
+//!   .ckpt/staging/<pid>.<n>/   a save in progress (invisible; cleaned when its writer is dead)
+//!   .ckpt/trash/               checkpoints being pruned (invisible; cleaned on next start)
+//!   .ckpt/events.jsonl         the supervisor's event log
+//!   .ckpt/finished             present once the job has exited 0
+//! ```
+
+pub mod commit;
+pub mod io;
+pub mod manifest;
+pub mod scan;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+pub use commit::{Stage, StageWriter};
+pub use io::{Io, RealIo};
+pub use manifest::{Algo, FileEntry, Manifest, MANIFEST_NAME};
+pub use scan::{Bad, Found};
+
+/// Prefix of published checkpoint directories.
+pub const PREFIX: &str = "ckpt-";
+/// ckpt's private sub-directory.
+pub const PRIVATE: &str = ".ckpt";
+/// Where corrupt checkpoints are moved.
+pub const QUARANTINE: &str = "quarantine";
+
+/// A checkpoint directory.
+#[derive(Clone)]
+pub struct Store {
+    dir: PathBuf,
+    io: Arc<dyn Io>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// Parses `ckpt-<digits>` (and `ckpt-<digits>.<anything>` when `suffix_ok`).
+pub fn parse_seq(name: &str, suffix_ok: bool) -> Option<u64> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let digits = if suffix_ok {
+        rest.split('.').next()?
+    } else {
+        rest
+    };
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+impl Store {
+    /// A store on the real file system. The directory is made absolute but not created.
+    pub fn new(dir: impl AsRef<Path>) -> Store {
+        Store::with_io(dir, Arc::new(RealIo))
+    }
+
+    /// A store whose writes go through `io` (the crash test's recorder).
+    pub fn with_io(dir: impl AsRef<Path>, io: Arc<dyn Io>) -> Store {
+        let dir = dir.as_ref();
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Store { dir, io }
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn io(&self) -> &dyn Io {
+        &*self.io
+    }
+
+    /// Creates the directory (0700) and ckpt's private sub-directories.
+    pub fn create(&self) -> Result<()> {
+        for d in [
+            self.dir.clone(),
+            self.private(),
+            self.private().join("staging"),
+            self.private().join("trash"),
+        ] {
+            self.io.create_dir_all(&d).ctx("create directory", &d)?;
+        }
+        let meta = fs::symlink_metadata(&self.dir).ctx("inspect", &self.dir)?;
+        if !meta.is_dir() {
+            return Err(Error::Usage(format!(
+                "{} is not a directory; hint: --dir must name a directory",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `DIR/.ckpt`.
+    pub fn private(&self) -> PathBuf {
+        self.dir.join(PRIVATE)
+    }
+
+    /// The path of checkpoint `seq`.
+    pub fn path_of(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{PREFIX}{seq:012}"))
+    }
+
+    /// Published checkpoints (by name only, not verified), ascending by sequence number.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("list", &self.dir, e)),
+        };
+        for ent in rd {
+            let ent = ent.ctx("list", &self.dir)?;
+            if let Some(seq) = ent.file_name().to_str().and_then(|n| parse_seq(n, false)) {
+                out.push((seq, ent.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The sequence number a new checkpoint should take: above every published and
+    /// quarantined one, so numbers are never reused.
+    pub fn next_seq(&self) -> Result<u64> {
+        let mut max = self.list()?.last().map(|(s, _)| *s).unwrap_or(0);
+        if let Ok(rd) = fs::read_dir(self.dir.join(QUARANTINE)) {
+            for ent in rd.flatten() {
+                if let Some(s) = ent.file_name().to_str().and_then(|n| parse_seq(n, true)) {
+                    max = max.max(s);
+                }
+            }
+        }
+        Ok(max + 1)
+    }
+
+    /// Removes staging directories of dead writers and pending trash. Returns how many
+    /// entries went. Safe while other writers are saving: a live writer's staging stays.
+    pub fn clean_leftovers(&self) -> Result<usize> {
+        let mut n = 0;
+        for sub in ["staging", "trash"] {
+            let d = self.private().join(sub);
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for ent in rd.flatten() {
+                let name = ent.file_name();
+                let pid = name
+                    .to_str()
+                    .and_then(|s| s.split('.').next_back())
+                    .and_then(|p| p.parse::<i32>().ok());
+                let alive = pid.is_some_and(pid_alive);
+                if !alive {
+                    self.io
+                        .remove_dir_all(&ent.path())
+                        .ctx("remove leftover", &ent.path())?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Whether a process with this pid exists (EPERM counts as alive).
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
+}
+
+/// A small unique token for temporary names.
+pub(crate) fn token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}.{}", t, n, std::process::id())
+}

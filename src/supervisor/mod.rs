@@ -1,0 +1,935 @@
+//! The supervisor behind `ckpt run`: one event loop over signals, child exits, job messages
+//! and timers; the job's state lives in [`Run`]. Process model and each failure case:
+//! `docs/design.md`.
+
+pub mod lock;
+pub mod policy;
+pub mod report;
+pub mod spawn;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::protocol::{self, Message};
+use crate::store::{Found, Store};
+use policy::{Decision, History, Policy};
+use report::Reporter;
+use spawn::Exit;
+
+/// ckpt's exit codes: one table, documented in the README.
+pub mod exit_codes {
+    /// The job finished (exit 0), now or in an earlier run.
+    pub const FINISHED: i32 = 0;
+    /// Bad command line.
+    pub const USAGE: i32 = 64;
+    /// Checkpoints exist but none verifies (restore refused), or `ckpt verify` found bad ones.
+    pub const DATA: i32 = 65;
+    /// Internal error (a bug: please report it).
+    pub const SOFTWARE: i32 = 70;
+    /// The checkpoint directory cannot be created, locked or written.
+    pub const CANT_CREATE: i32 = 73;
+    /// An I/O error while saving or reading.
+    pub const IO: i32 = 74;
+    /// Stopped (signal, preemption, time limit) after a checkpoint: run me again.
+    pub const TEMPFAIL: i32 = 75;
+    /// The command exists but cannot be executed.
+    pub const CANNOT_EXECUTE: i32 = 126;
+    /// The command was not found.
+    pub const NOT_FOUND: i32 = 127;
+}
+
+/// A fatal error: the exit code and the message.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: i32,
+    pub msg: String,
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
+    Fatal {
+        code,
+        msg: msg.into(),
+    }
+}
+
+/// Everything `ckpt run` was told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub command: Vec<OsString>,
+    /// Periodic request interval; `None` for none.
+    pub every: Option<Duration>,
+    pub signal: i32,
+    /// `--signal` was given: the job traps it itself even without announcing a client.
+    pub signal_explicit: bool,
+    pub grace: Duration,
+    pub kill_after: Duration,
+    pub keep: usize,
+    pub keep_every: Option<Duration>,
+    pub policy: Policy,
+    pub allow_fresh: bool,
+    pub again: bool,
+    pub quiet: bool,
+    pub log_json: bool,
+}
+
+enum Ev {
+    Signal(i32),
+    Msg(Message),
+    BadMsg(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StopPhase {
+    /// The job was asked to checkpoint (and exit); waiting until `deadline`.
+    Requested { deadline: Instant, base_seq: u64 },
+    /// SIGTERM sent to the group; SIGKILL at `deadline`.
+    Terminating { deadline: Instant },
+}
+
+struct Job {
+    pid: u32,
+    started: Instant,
+    seq_at_launch: u64,
+    /// Processes that announced a client, with their request signal.
+    announced: BTreeMap<u32, i32>,
+    next_request: Option<Instant>,
+    step: Option<u64>,
+}
+
+/// Runs the supervisor to the end; returns ckpt's exit code.
+pub fn run(cfg: Config) -> Result<i32, Fatal> {
+    let store = Store::new(&cfg.dir);
+    store.create().map_err(|e| {
+        fatal(
+            exit_codes::CANT_CREATE,
+            format!("cannot prepare checkpoint directory: {e}"),
+        )
+    })?;
+    let cmdline = cfg
+        .command
+        .iter()
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let _lock = lock::DirLock::acquire(&store, &cmdline)
+        .map_err(|e| fatal(exit_codes::CANT_CREATE, e.to_string()))?;
+    let mut rep = Reporter::new(store.private(), cfg.quiet, cfg.log_json);
+
+    let finished = store.private().join("finished");
+    if finished.exists() {
+        if cfg.again {
+            std::fs::remove_file(&finished).map_err(|e| {
+                fatal(
+                    exit_codes::CANT_CREATE,
+                    format!("cannot remove {}: {e}", finished.display()),
+                )
+            })?;
+        } else {
+            rep.event(
+                "already_finished",
+                Some(format!("the job in {} already finished; nothing to do (hint: pass --again to run it once more)", store.dir().display())),
+                json!({}),
+            );
+            return Ok(exit_codes::FINISHED);
+        }
+    }
+
+    let (tx, rx) = mpsc::channel();
+    let socket_path = bind_socket(&store, tx.clone())?;
+    start_signal_thread(tx)?;
+    spawn::become_subreaper().map_err(|e| {
+        fatal(
+            exit_codes::SOFTWARE,
+            format!("cannot become a child subreaper: {e}"),
+        )
+    })?;
+    match store.clean_leftovers() {
+        Ok(0) => {}
+        Ok(n) => rep.event(
+            "cleaned",
+            Some(format!(
+                "removed {n} leftover staging/trash entries of an earlier crash"
+            )),
+            json!({ "count": n }),
+        ),
+        Err(e) => rep.warn(
+            "clean_failed",
+            format!("could not clean leftovers: {e}"),
+            json!({}),
+        ),
+    }
+    rep.event(
+        "start",
+        None,
+        json!({ "pid": std::process::id(), "command": cmdline, "dir": store.dir() }),
+    );
+
+    let mut run = Run {
+        cfg,
+        store,
+        rep,
+        rx,
+        socket_path,
+        hist: History::default(),
+        last_seq: 0,
+        stop: None,
+        stop_requested: false,
+        last_commit_ms: None,
+    };
+    let code = run.main_loop();
+    let _ = std::fs::remove_file(&run.socket_path);
+    if let Some(parent) = run
+        .socket_path
+        .parent()
+        .filter(|p| p.starts_with(std::env::temp_dir()))
+    {
+        let _ = std::fs::remove_dir(parent);
+    }
+    code
+}
+
+fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
+    let mut path = store.private().join("sock");
+    if path.as_os_str().len() > 100 {
+        // sun_path holds 108 bytes; fall back to a private temp directory.
+        let d = std::env::temp_dir().join(format!(
+            "ckpt-{}-{}",
+            std::process::id(),
+            crate::store::manifest::now_ms()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| {
+                fatal(
+                    exit_codes::CANT_CREATE,
+                    format!("cannot create {}: {e}", d.display()),
+                )
+            })?;
+        path = d.join("sock");
+    }
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).map_err(|e| {
+        fatal(
+            exit_codes::CANT_CREATE,
+            format!("cannot bind job socket {}: {e}", path.display()),
+        )
+    })?;
+    std::thread::Builder::new()
+        .name("ckpt-socket".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; protocol::MAX_MESSAGE_BYTES + 1];
+            loop {
+                let n = match sock.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                };
+                let ev = match Message::parse(&buf[..n]) {
+                    Ok(m) => Ev::Msg(m),
+                    Err(e) => Ev::BadMsg(e),
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| {
+            fatal(
+                exit_codes::SOFTWARE,
+                format!("cannot start socket thread: {e}"),
+            )
+        })?;
+    Ok(path)
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+fn start_signal_thread(tx: Sender<Ev>) -> Result<(), Fatal> {
+    use signal_hook::consts::*;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD]).map_err(
+            |e| {
+                fatal(
+                    exit_codes::SOFTWARE,
+                    format!("cannot install signal handlers: {e}"),
+                )
+            },
+        )?;
+    std::thread::Builder::new()
+        .name("ckpt-signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Ev::Signal(s)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| {
+            fatal(
+                exit_codes::SOFTWARE,
+                format!("cannot start signal thread: {e}"),
+            )
+        })?;
+    Ok(())
+}
+
+struct Run {
+    cfg: Config,
+    store: Store,
+    rep: Reporter,
+    rx: Receiver<Ev>,
+    socket_path: PathBuf,
+    hist: History,
+    /// Newest checkpoint known to verify.
+    last_seq: u64,
+    stop: Option<StopPhase>,
+    stop_requested: bool,
+    last_commit_ms: Option<u64>,
+}
+
+fn signame(s: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(s)
+        .map(|s| s.as_str())
+        .unwrap_or("signal")
+}
+
+impl Run {
+    fn main_loop(&mut self) -> Result<i32, Fatal> {
+        loop {
+            if self.stop_requested {
+                self.rep.event(
+                    "stopped",
+                    Some("stopped before relaunching the job; run again to resume".into()),
+                    json!({ "code": exit_codes::TEMPFAIL }),
+                );
+                return Ok(exit_codes::TEMPFAIL);
+            }
+            let restore = self.pick_restore()?;
+            let mut job = self.launch(restore.as_ref())?;
+            let exit = self.supervise(&mut job);
+            let (reaped, left) = spawn::kill_tree(Some(job.pid), Duration::from_secs(10));
+            drop(reaped);
+            if !left.is_empty() {
+                self.rep.warn(
+                    "orphans",
+                    format!("processes {left:?} of the job did not die after SIGKILL within 10s"),
+                    json!({ "pids": left }),
+                );
+            }
+            self.rescan(Some(&mut job));
+            let progress = self.last_seq > job.seq_at_launch;
+            let ran = job.started.elapsed();
+            self.rep.event(
+                "exit",
+                Some(format!("job (pid {}) ended with {exit} after {}", job.pid, fmt_dur(ran))),
+                json!({ "pid": job.pid, "exit": exit.as_code(), "signaled": matches!(exit, Exit::Signal(_)), "ran_ms": ran.as_millis() as u64, "progress": progress }),
+            );
+            if self.stop_requested {
+                self.write_status("stopped", None);
+                let newest = if self.last_seq > 0 {
+                    format!("newest checkpoint {}", self.last_seq)
+                } else {
+                    "no checkpoint yet".into()
+                };
+                self.rep.event(
+                    "stopped",
+                    Some(format!(
+                        "stopped ({newest}); exit {} = run me again to resume",
+                        exit_codes::TEMPFAIL
+                    )),
+                    json!({ "code": exit_codes::TEMPFAIL, "seq": self.last_seq }),
+                );
+                return Ok(exit_codes::TEMPFAIL);
+            }
+            if exit.success() {
+                self.mark_finished(exit);
+                self.write_status("finished", None);
+                self.rep.event(
+                    "finished",
+                    Some("job finished successfully".into()),
+                    json!({}),
+                );
+                return Ok(exit_codes::FINISHED);
+            }
+            match self
+                .cfg
+                .policy
+                .on_failure(&mut self.hist, progress, fastrand::f64())
+            {
+                Decision::GiveUp { reason } => {
+                    self.write_status("gave_up", None);
+                    self.rep.warn(
+                        "give_up",
+                        format!(
+                            "giving up: {reason}; exiting with the job's status {}",
+                            exit.as_code()
+                        ),
+                        json!({ "reason": reason, "code": exit.as_code() }),
+                    );
+                    return Ok(exit.as_code().clamp(1, 255));
+                }
+                Decision::Restart { delay } => {
+                    self.rep.event(
+                        "restart",
+                        Some(format!("restart {} in {} ({})", self.hist.restarts, fmt_dur(delay), if progress { "progress was made" } else { "no new checkpoint since the last launch" })),
+                        json!({ "restart": self.hist.restarts, "delay_ms": delay.as_millis() as u64, "progress": progress }),
+                    );
+                    self.write_status("backing_off", None);
+                    self.backoff(delay);
+                }
+            }
+        }
+    }
+
+    fn pick_restore(&mut self) -> Result<Option<Found>, Fatal> {
+        let mut bad = Vec::new();
+        let found = self
+            .store
+            .latest_verified(true, |b| bad.push(b.to_string()))
+            .map_err(|e| fatal(exit_codes::IO, format!("cannot scan checkpoints: {e}")))?;
+        for b in &bad {
+            self.rep
+                .warn("quarantined", b.clone(), json!({ "detail": b }));
+        }
+        match found {
+            Some(f) => {
+                self.last_seq = self.last_seq.max(f.seq);
+                Ok(Some(f))
+            }
+            None => {
+                let qdir = self.store.dir().join(crate::store::QUARANTINE);
+                let quarantined = std::fs::read_dir(&qdir)
+                    .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).count())
+                    .unwrap_or(0);
+                if quarantined > 0 && !self.cfg.allow_fresh {
+                    return Err(fatal(
+                        exit_codes::DATA,
+                        format!(
+                            "no checkpoint in {} verifies ({quarantined} set aside in {}); refusing to start the job from scratch; hint: inspect them with `ckpt verify`, or pass --allow-fresh to start over",
+                            self.store.dir().display(),
+                            qdir.display()
+                        ),
+                    ));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn launch(&mut self, restore: Option<&Found>) -> Result<Job, Fatal> {
+        let dir = self.store.dir().as_os_str().to_owned();
+        let mut env: Vec<(String, OsString)> = vec![
+            (protocol::ENV_DIR.into(), dir),
+            (
+                protocol::ENV_RESTART_COUNT.into(),
+                self.hist.restarts.to_string().into(),
+            ),
+            (
+                protocol::ENV_SOCKET.into(),
+                self.socket_path.as_os_str().to_owned(),
+            ),
+            (
+                protocol::ENV_SIGNAL.into(),
+                self.cfg.signal.to_string().into(),
+            ),
+            (
+                protocol::ENV_PROTOCOL.into(),
+                protocol::PROTOCOL_VERSION.to_string().into(),
+            ),
+            (
+                protocol::ENV_SUPERVISOR_PID.into(),
+                std::process::id().to_string().into(),
+            ),
+        ];
+        // Empty values mean "unset" to every client (see docs/protocol.md).
+        match restore {
+            Some(f) => {
+                env.push((protocol::ENV_RESTORE.into(), f.path.as_os_str().to_owned()));
+                env.push((protocol::ENV_RESTORE_SEQ.into(), f.seq.to_string().into()));
+                env.push((
+                    protocol::ENV_RESTORE_STEP.into(),
+                    f.manifest
+                        .step
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                        .into(),
+                ));
+            }
+            None => {
+                for k in [
+                    protocol::ENV_RESTORE,
+                    protocol::ENV_RESTORE_SEQ,
+                    protocol::ENV_RESTORE_STEP,
+                ] {
+                    env.push((k.into(), OsString::new()));
+                }
+            }
+        }
+        let pid = spawn::launch(&self.cfg.command, &env).map_err(|e| {
+            let prog = self.cfg.command[0].to_string_lossy();
+            match e.kind() {
+                std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
+                std::io::ErrorKind::PermissionDenied => fatal(exit_codes::CANNOT_EXECUTE, format!("cannot run `{prog}`: permission denied; hint: chmod +x it")),
+                _ => fatal(exit_codes::CANNOT_EXECUTE, format!("cannot run `{prog}`: {e}")),
+            }
+        })?;
+        let what = match restore {
+            Some(f) => format!(
+                "resuming from checkpoint {}{}",
+                f.seq,
+                f.manifest
+                    .step
+                    .map(|s| format!(" (step {s})"))
+                    .unwrap_or_default()
+            ),
+            None => "fresh start".into(),
+        };
+        self.rep.event(
+            "launch",
+            Some(format!("launched job (pid {pid}), {what}{}", if self.hist.restarts > 0 { format!(", restart {}", self.hist.restarts) } else { String::new() })),
+            json!({ "pid": pid, "restart": self.hist.restarts, "restore_seq": restore.map(|f| f.seq) }),
+        );
+        let job = Job {
+            pid,
+            started: Instant::now(),
+            seq_at_launch: self.last_seq,
+            announced: BTreeMap::new(),
+            next_request: None,
+            step: None,
+        };
+        self.write_status("running", Some(&job));
+        Ok(job)
+    }
+
+    /// Runs the loop while the job lives; returns the leader's exit.
+    fn supervise(&mut self, job: &mut Job) -> Exit {
+        let tick = Duration::from_millis(500);
+        let mut last_scan = Instant::now();
+        if self.cfg.signal_explicit {
+            job.next_request = self.cfg.every.map(|e| Instant::now() + e);
+        }
+        if self.stop_requested {
+            self.begin_stop(job);
+        }
+        let mut bad_msgs = 0u64;
+        loop {
+            for (pid, exit) in spawn::reap() {
+                if pid == job.pid {
+                    return exit;
+                }
+            }
+            let now = Instant::now();
+            let mut wake = now + tick;
+            if let Some(t) = job.next_request {
+                wake = wake.min(t);
+            }
+            match self.stop {
+                Some(StopPhase::Requested { deadline, .. })
+                | Some(StopPhase::Terminating { deadline }) => wake = wake.min(deadline),
+                None => {}
+            }
+            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(Ev::Signal(libc::SIGCHLD)) => {}
+                Ok(Ev::Signal(s @ (libc::SIGTERM | libc::SIGINT | libc::SIGHUP))) => {
+                    if self.stop_requested && s == libc::SIGINT {
+                        self.rep.warn(
+                            "force_stop",
+                            "second interrupt: killing the job now".into(),
+                            json!({}),
+                        );
+                        spawn::signal_group(job.pid, libc::SIGKILL);
+                        for p in spawn::descendants() {
+                            spawn::signal_pid(p, libc::SIGKILL);
+                        }
+                    } else if !self.stop_requested {
+                        self.rep.event(
+                            "stop_requested",
+                            Some(format!(
+                                "received {}: checkpointing, then stopping the job",
+                                signame(s)
+                            )),
+                            json!({ "signal": s }),
+                        );
+                        self.stop_requested = true;
+                        self.begin_stop(job);
+                    }
+                }
+                Ok(Ev::Signal(libc::SIGUSR1)) => self.request(job, "on demand (SIGUSR1 to ckpt)"),
+                Ok(Ev::Signal(_)) => {}
+                Ok(Ev::Msg(m)) => self.on_message(job, m),
+                Ok(Ev::BadMsg(e)) => {
+                    bad_msgs += 1;
+                    if bad_msgs <= 5 || bad_msgs.is_power_of_two() {
+                        self.rep.warn(
+                            "bad_message",
+                            format!(
+                                "ignored a malformed message on {}: {e} ({bad_msgs} so far)",
+                                self.socket_path.display()
+                            ),
+                            json!({ "error": e }),
+                        );
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
+            }
+            let now = Instant::now();
+            if now.duration_since(last_scan) >= Duration::from_secs(1) {
+                last_scan = now;
+                self.rescan(Some(job));
+            }
+            if job.next_request.is_some_and(|t| now >= t) && self.stop.is_none() {
+                self.request(job, "periodic");
+            }
+            self.advance_stop(job, now);
+        }
+    }
+
+    fn on_message(&mut self, job: &mut Job, m: Message) {
+        match m {
+            Message::Hello {
+                pid,
+                signal,
+                client,
+                ..
+            } => {
+                if !spawn::is_descendant(pid) {
+                    self.rep.warn(
+                        "bad_hello",
+                        format!("ignored a hello from pid {pid}: not a process of the job"),
+                        json!({ "pid": pid }),
+                    );
+                    return;
+                }
+                let first = job.announced.is_empty();
+                job.announced.insert(pid, signal);
+                self.rep.event(
+                    "hello",
+                    Some(format!(
+                        "job process {pid} announced a {client} client (request signal {})",
+                        signame(signal)
+                    )),
+                    json!({ "pid": pid, "client": client, "signal": signal }),
+                );
+                if first {
+                    job.next_request = self.cfg.every.map(|e| Instant::now() + e);
+                }
+                if self.stop_requested {
+                    // A stop came before the client was ready: ask it now.
+                    spawn::signal_pid(pid, libc::SIGTERM);
+                }
+            }
+            Message::Progress { step, .. } => {
+                if step.is_some() {
+                    job.step = step;
+                }
+            }
+            Message::Committed {
+                seq, duration_ms, ..
+            } => {
+                self.last_commit_ms = Some(duration_ms);
+                let _ = seq;
+                self.rescan(Some(job));
+            }
+            Message::SaveFailed { pid, error, .. } => {
+                self.rep.warn(
+                    "save_failed",
+                    format!("job process {pid} could not save a checkpoint: {error}"),
+                    json!({ "pid": pid, "error": error }),
+                );
+            }
+        }
+    }
+
+    /// Asks the job for a checkpoint.
+    fn request(&mut self, job: &mut Job, why: &str) {
+        job.next_request = self.cfg.every.map(|e| Instant::now() + e);
+        job.announced.retain(|&pid, _| spawn::is_descendant(pid));
+        if !job.announced.is_empty() {
+            for (&pid, &sig) in &job.announced {
+                spawn::signal_pid(pid, sig);
+            }
+        } else if self.cfg.signal_explicit {
+            spawn::signal_group(job.pid, self.cfg.signal);
+        } else {
+            self.rep.event("request_skipped", Some(format!("checkpoint {why} skipped: the job has not announced a client (hint: use a ckpt client library, or pass --signal if the job traps a signal itself)")), json!({ "why": why }));
+            return;
+        }
+        self.rep.event(
+            "request",
+            Some(format!("requested a checkpoint ({why})")),
+            json!({ "why": why }),
+        );
+    }
+
+    fn begin_stop(&mut self, job: &mut Job) {
+        let now = Instant::now();
+        job.announced.retain(|&pid, _| spawn::is_descendant(pid));
+        if !job.announced.is_empty() {
+            for &pid in job.announced.keys() {
+                spawn::signal_pid(pid, libc::SIGTERM);
+            }
+            self.stop = Some(StopPhase::Requested {
+                deadline: now + self.cfg.grace,
+                base_seq: self.last_seq,
+            });
+        } else if self.cfg.signal_explicit {
+            spawn::signal_group(job.pid, self.cfg.signal);
+            self.stop = Some(StopPhase::Requested {
+                deadline: now + self.cfg.grace,
+                base_seq: self.last_seq,
+            });
+        } else {
+            self.terminate(job, now);
+        }
+        self.write_status("stopping", Some(job));
+    }
+
+    fn terminate(&mut self, job: &Job, now: Instant) {
+        spawn::signal_group(job.pid, libc::SIGCONT);
+        spawn::signal_group(job.pid, libc::SIGTERM);
+        self.stop = Some(StopPhase::Terminating {
+            deadline: now + self.cfg.kill_after,
+        });
+    }
+
+    fn advance_stop(&mut self, job: &mut Job, now: Instant) {
+        match self.stop {
+            Some(StopPhase::Requested { deadline, base_seq }) => {
+                let committed = self.last_seq > base_seq;
+                if committed && job.announced.is_empty() {
+                    // A job that traps the signal itself saved: now ask it to end.
+                    self.terminate(job, now);
+                } else if now >= deadline {
+                    self.rep.warn(
+                        "grace_expired",
+                        format!(
+                            "the job did not {} within --grace {}; sending SIGTERM",
+                            if committed {
+                                "exit"
+                            } else {
+                                "commit a checkpoint"
+                            },
+                            fmt_dur(self.cfg.grace)
+                        ),
+                        json!({ "committed": committed }),
+                    );
+                    self.terminate(job, now);
+                }
+            }
+            Some(StopPhase::Terminating { deadline }) if now >= deadline => {
+                self.rep.warn(
+                    "kill",
+                    format!(
+                        "the job ignored SIGTERM for {}; sending SIGKILL",
+                        fmt_dur(self.cfg.kill_after)
+                    ),
+                    json!({}),
+                );
+                spawn::signal_group(job.pid, libc::SIGKILL);
+                for p in spawn::descendants() {
+                    spawn::signal_pid(p, libc::SIGKILL);
+                }
+                self.stop = Some(StopPhase::Terminating {
+                    deadline: now + Duration::from_secs(3600),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Looks for checkpoints newer than the newest known; verifies them; prunes.
+    fn rescan(&mut self, job: Option<&mut Job>) {
+        let list = match self.store.list() {
+            Ok(l) => l,
+            Err(e) => {
+                self.rep.warn(
+                    "scan_failed",
+                    format!("cannot list checkpoints: {e}"),
+                    json!({}),
+                );
+                return;
+            }
+        };
+        let newer: Vec<_> = list
+            .into_iter()
+            .filter(|(s, _)| *s > self.last_seq)
+            .collect();
+        if newer.is_empty() {
+            return;
+        }
+        let mut found = None;
+        for (seq, _) in newer.iter().rev() {
+            match self.store.verify(*seq) {
+                Ok(m) => {
+                    found = Some(m);
+                    break;
+                }
+                Err(reason) => {
+                    let moved = self.store.quarantine(*seq, &reason);
+                    self.rep.warn(
+                        "quarantined",
+                        format!(
+                            "new checkpoint {seq} does not verify: {reason}; {}",
+                            match &moved {
+                                Ok(p) => format!("moved aside to {}", p.display()),
+                                Err(e) => format!("could not move it aside: {e}"),
+                            }
+                        ),
+                        json!({ "seq": seq, "reason": reason.to_string() }),
+                    );
+                }
+            }
+        }
+        let Some(m) = found else { return };
+        self.last_seq = m.seq;
+        let dur = self.last_commit_ms.take();
+        self.rep.event(
+            "committed",
+            Some(format!(
+                "checkpoint {} committed{} ({}{})",
+                m.seq,
+                m.step.map(|s| format!(" at step {s}")).unwrap_or_default(),
+                fmt_bytes(m.total_bytes()),
+                dur.map(|d| format!(", saved in {d} ms")).unwrap_or_default()
+            )),
+            json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "files": m.files.len() }),
+        );
+        if let Some(job) = job {
+            if job.next_request.is_some() {
+                job.next_request = self.cfg.every.map(|e| Instant::now() + e);
+            }
+            self.write_status(
+                if self.stop.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                },
+                Some(job),
+            );
+        }
+        match self
+            .store
+            .prune(self.cfg.keep, self.cfg.keep_every, &[self.last_seq])
+        {
+            Ok(gone) if !gone.is_empty() => {
+                self.rep.event(
+                    "pruned",
+                    Some(format!("retention removed checkpoint(s) {gone:?}")),
+                    json!({ "seqs": gone }),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => self
+                .rep
+                .warn("prune_failed", format!("retention failed: {e}"), json!({})),
+        }
+    }
+
+    fn backoff(&mut self, delay: Duration) {
+        let until = Instant::now() + delay;
+        loop {
+            spawn::reap();
+            let now = Instant::now();
+            if now >= until || self.stop_requested {
+                return;
+            }
+            match self.rx.recv_timeout(until - now) {
+                Ok(Ev::Signal(s @ (libc::SIGTERM | libc::SIGINT | libc::SIGHUP))) => {
+                    self.rep.event(
+                        "stop_requested",
+                        Some(format!("received {} while waiting to restart", signame(s))),
+                        json!({ "signal": s }),
+                    );
+                    self.stop_requested = true;
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(until - now),
+            }
+        }
+    }
+
+    fn mark_finished(&mut self, exit: Exit) {
+        let path = self.store.private().join("finished");
+        let tmp = self.store.private().join("finished.tmp");
+        let body =
+            json!({ "t_ms": crate::store::manifest::now_ms(), "exit": exit.as_code() }).to_string();
+        let res = (|| -> std::io::Result<()> {
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::write(&tmp, body)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(self.store.private())?.sync_all()
+        })();
+        if let Err(e) = res {
+            self.rep.warn(
+                "finish_marker",
+                format!(
+                    "cannot record that the job finished in {}: {e}",
+                    path.display()
+                ),
+                json!({}),
+            );
+        }
+    }
+
+    fn write_status(&self, state: &str, job: Option<&Job>) {
+        self.rep.status(&json!({
+            "supervisor_pid": std::process::id(),
+            "state": state,
+            "job_pid": job.map(|j| j.pid),
+            "restarts": self.hist.restarts,
+            "last_seq": if self.last_seq > 0 { Some(self.last_seq) } else { None },
+            "step": job.and_then(|j| j.step),
+            "command": self.cfg.command.iter().map(|s| s.to_string_lossy()).collect::<Vec<_>>(),
+            "updated_ms": crate::store::manifest::now_ms(),
+        }));
+    }
+}
+
+/// `1.2s`, `3m04s`, `250ms`.
+pub fn fmt_dur(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    }
+}
+
+/// `512 B`, `1.5 MiB`.
+pub fn fmt_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Whether `p` lies under the system temp dir (for cleanup of the fallback socket dir).
+pub fn in_temp(p: &Path) -> bool {
+    p.starts_with(std::env::temp_dir())
+}
