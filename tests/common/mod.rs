@@ -1,0 +1,163 @@
+//! Helpers shared by the integration tests: locating the binaries, running `ckpt` with a
+//! hard deadline, polling conditions, random seeds that are printed so a failure can be
+//! replayed, and checking that no process of a job survives.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `ckpt` binary under test.
+pub fn ckpt_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ckpt"))
+}
+
+/// A helper job from `test-programs/` (built by `cargo build --workspace`, which the test
+/// command runs first).
+pub fn test_bin(name: &str) -> PathBuf {
+    let p = ckpt_bin().parent().unwrap().join(name);
+    assert!(p.exists(), "helper job {} is missing; run `cargo build --workspace` before the tests (the README's test command does)", p.display());
+    p
+}
+
+/// A `ckpt` command with a clean environment for the protocol variables.
+pub fn ckpt() -> Command {
+    let mut c = Command::new(ckpt_bin());
+    for k in ["CKPT_DIR", "CKPT_RESTORE", "CKPT_RESTORE_SEQ", "CKPT_RESTORE_STEP", "CKPT_SOCKET", "CKPT_SIGNAL", "CKPT_RESTART_COUNT", "CKPT_PROTOCOL", "CKPT_SUPERVISOR_PID"] {
+        c.env_remove(k);
+    }
+    c
+}
+
+/// The seed for a randomised test: `CKPT_TEST_SEED` if set (to replay), else fresh. Printed.
+pub fn seed(test: &str) -> u64 {
+    let s = std::env::var("CKPT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("{test}: seed {s} (replay with CKPT_TEST_SEED={s})");
+    s
+}
+
+/// A fresh temporary directory, removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("ckpt-test-").tempdir().expect("create temp dir")
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes (then panics with
+/// `what`).
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a child with a hard deadline; on timeout kills it (and its group) and panics.
+pub fn wait_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs a command to completion with a hard deadline, capturing its output.
+pub fn output_deadline(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let out_pipe = child.stdout.take().unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || read_all(out_pipe));
+    let err_t = std::thread::spawn(move || read_all(err_pipe));
+    let status = wait_deadline(&mut child, timeout);
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+}
+
+fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v);
+    v
+}
+
+/// Text of an output stream, for assertions and failure messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Pids of every live (non-zombie) process whose environment holds `CKPT_DIR=<dir>`: the
+/// processes of a job supervised on `dir`, wherever they were re-parented.
+pub fn job_processes(dir: &Path) -> Vec<i32> {
+    let needle = format!("CKPT_DIR={}", dir.display());
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that no process of the job on `dir` is alive (polling briefly: the kernel may
+/// still be tearing a process down).
+pub fn assert_no_survivors(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = job_processes(dir);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            for &p in &left {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            panic!("processes of the job survived ckpt: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The supervisor's status file, if present.
+pub fn status(dir: &Path) -> Option<serde_json::Value> {
+    std::fs::read(dir.join(".ckpt/status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Published checkpoint sequence numbers in `dir`.
+pub fn checkpoints(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("ckpt-")).and_then(|n| n.parse().ok())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Events of the supervisor's log whose `event` is `name`.
+pub fn events(dir: &Path, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(".ckpt/events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == name)
+        .collect()
+}
+
+/// Sends a signal to a pid.
+pub fn signal(pid: u32, sig: i32) {
+    unsafe { libc::kill(pid as i32, sig) };
+}
