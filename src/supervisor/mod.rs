@@ -107,6 +107,8 @@ struct Job {
     announced: BTreeMap<u32, i32>,
     next_request: Option<Instant>,
     step: Option<u64>,
+    /// The "no client, no requests" notice was logged for this launch.
+    skip_logged: bool,
 }
 
 /// Runs the supervisor to the end; returns ckpt's exit code.
@@ -509,6 +511,7 @@ impl Run {
             announced: BTreeMap::new(),
             next_request: None,
             step: None,
+            skip_logged: false,
         };
         self.write_status("running", Some(&job));
         Ok(job)
@@ -518,9 +521,7 @@ impl Run {
     fn supervise(&mut self, job: &mut Job) -> Exit {
         let tick = Duration::from_millis(500);
         let mut last_scan = Instant::now();
-        if self.cfg.signal_explicit {
-            job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-        }
+        job.next_request = self.cfg.every.map(|e| Instant::now() + e);
         if self.stop_requested {
             self.begin_stop(job);
         }
@@ -665,7 +666,14 @@ impl Run {
         } else if self.cfg.signal_explicit {
             spawn::signal_group(job.pid, self.cfg.signal);
         } else {
-            self.rep.event("request_skipped", Some(format!("checkpoint {why} skipped: the job has not announced a client (hint: use a ckpt client library, or pass --signal if the job traps a signal itself)")), json!({ "why": why }));
+            if !job.skip_logged {
+                job.skip_logged = true;
+                self.rep.event(
+                    "request_skipped",
+                    Some(format!("checkpoint {why} skipped: the job has not announced a client, so it is only supervised and restarted (hint: use a ckpt client library, or pass --signal if the job traps the signal itself)")),
+                    json!({ "why": why }),
+                );
+            }
             return;
         }
         self.rep.event(
