@@ -1,0 +1,47 @@
+"""ckpt: the Python client of the ckpt checkpoint/restore supervisor (standard library only).
+
+::
+
+    import ckpt
+    ck = ckpt.Checkpointer()          # first thing: installs handlers, announces itself
+    import torch                      # slow imports after it are safe
+
+    state = ck.restore()              # None on a fresh start, else the object last saved
+    for step in range(start, steps):
+        ...
+        if ck.should_checkpoint():
+            ck.save(state, step=step) # pickle; or: with ck.saving(step=step) as d: ...
+        if ck.should_stop():
+            sys.exit(0)
+
+The protocol and the on-disk format are specified in ``docs/protocol.md``.
+"""
+
+from ._crc import crc32c_accelerated
+from .client import DEFAULT_DIR, STATE_FILE, Checkpointer, RestorePoint, Saved, __version__
+from .errors import CkptError, EnvError, InvalidCheckpoint, ManifestError
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_name
+from .store import Stage, Store, parse_seq, read_manifest, verify_path
+
+__all__ = [
+    "Checkpointer",
+    "RestorePoint",
+    "Saved",
+    "STATE_FILE",
+    "DEFAULT_DIR",
+    "CkptError",
+    "EnvError",
+    "InvalidCheckpoint",
+    "ManifestError",
+    "MANIFEST_NAME",
+    "FileEntry",
+    "Manifest",
+    "check_name",
+    "Stage",
+    "Store",
+    "parse_seq",
+    "read_manifest",
+    "verify_path",
+    "crc32c_accelerated",
+    "__version__",
+]

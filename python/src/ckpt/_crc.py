@@ -1,0 +1,116 @@
+"""The two checksum algorithms of the manifest: ``crc32`` (IEEE, ``zlib.crc32``) and
+``crc32c`` (Castagnoli).
+
+CRC-32C comes from ``google_crc32c`` or ``crc32c`` when one of them is importable; otherwise a
+pure-Python table implementation is used (correct, but only a few MB/s: fine for reading small
+checkpoints written by other clients, which is the only time this client needs it unless asked).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Optional
+
+__all__ = ["ALGOS", "checksum", "Hasher", "crc32c_accelerated", "default_algo"]
+
+#: The algorithm names a manifest may carry.
+ALGOS = ("crc32c", "crc32")
+
+
+def _make_table() -> "list[int]":
+    poly = 0x82F63B78  # reflected Castagnoli polynomial
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE: Optional["list[int]"] = None
+
+
+def _crc32c_py(data: bytes, crc: int = 0) -> int:
+    global _TABLE
+    table = _TABLE
+    if table is None:
+        table = _TABLE = _make_table()
+    c = crc ^ 0xFFFFFFFF
+    for b in memoryview(data).cast("B"):
+        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _load_fast() -> Optional[Callable[[bytes, int], int]]:
+    try:  # pragma: no cover - depends on the environment
+        import google_crc32c  # type: ignore
+
+        if getattr(google_crc32c, "implementation", "c") == "c":
+            return lambda data, crc=0: google_crc32c.extend(crc, bytes(data))
+    except Exception:
+        pass
+    try:  # pragma: no cover - depends on the environment
+        import crc32c as _c  # type: ignore
+
+        return lambda data, crc=0: _c.crc32c(bytes(data), crc)
+    except Exception:
+        pass
+    return None
+
+
+_FAST: Optional[Callable[[bytes, int], int]] = None
+_FAST_LOADED = False
+
+
+def _crc32c_impl() -> Callable[..., int]:
+    global _FAST, _FAST_LOADED
+    if not _FAST_LOADED:
+        _FAST = _load_fast()
+        _FAST_LOADED = True
+    return _FAST or _crc32c_py
+
+
+def crc32c_accelerated() -> bool:
+    """Whether a C implementation of CRC-32C is importable."""
+    _crc32c_impl()
+    return _FAST is not None
+
+
+def default_algo() -> str:
+    """The algorithm this client writes by default: ``crc32c`` when a C implementation is
+    importable, else ``crc32`` (``zlib.crc32``, always fast)."""
+    return "crc32c" if crc32c_accelerated() else "crc32"
+
+
+def checksum(algo: str, data: bytes) -> int:
+    """The checksum of ``data`` under ``algo`` as an unsigned 32-bit integer."""
+    h = Hasher(algo)
+    h.update(data)
+    return h.value
+
+
+class Hasher:
+    """Streaming checksum for either algorithm."""
+
+    __slots__ = ("algo", "_crc", "_fn")
+
+    def __init__(self, algo: str) -> None:
+        if algo == "crc32":
+            self._fn: Callable[..., int] = zlib.crc32
+        elif algo == "crc32c":
+            self._fn = _crc32c_impl()
+        else:
+            raise ValueError(f"unknown checksum algorithm {algo!r} (expected one of {ALGOS})")
+        self.algo = algo
+        self._crc = 0
+
+    def update(self, data: bytes) -> None:
+        """Feeds more bytes."""
+        if data:
+            self._crc = self._fn(data, self._crc) & 0xFFFFFFFF
+
+    @property
+    def value(self) -> int:
+        """The checksum of everything fed so far."""
+        return self._crc

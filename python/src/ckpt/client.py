@@ -1,0 +1,457 @@
+"""The client API: what runs inside a job. Same semantics as the Rust client
+(``src/client.rs``); the protocol it speaks is ``docs/protocol.md``.
+
+Create the :class:`Checkpointer` first thing in the program, before slow imports such as
+``torch``: from that moment on a checkpoint request only sets a flag, and the supervisor
+does not send requests before the client announced itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+from . import protocol as P
+from ._crc import ALGOS, default_algo
+from .errors import CkptError, EnvError, InvalidCheckpoint
+from .manifest import Manifest
+from .store import PathLike, Stage, Store, read_manifest, read_member
+
+__all__ = ["Checkpointer", "RestorePoint", "Saved", "STATE_FILE", "DEFAULT_DIR", "__version__"]
+
+__version__ = "0.1.0"
+
+#: The file :meth:`Checkpointer.save` and :meth:`Checkpointer.restore` use (a pickle).
+STATE_FILE = "state.pickle"
+#: The checkpoint directory when neither ``CKPT_DIR`` nor a path is given.
+DEFAULT_DIR = "checkpoints"
+#: ``writer`` recorded in manifests written by this client.
+WRITER = f"ckpt-python/{__version__}"
+#: ``client`` announced in the hello message.
+CLIENT = f"python/{__version__}"
+
+_HEARTBEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """The checkpoint a run resumes from."""
+
+    seq: int
+    path: Path
+    manifest: Manifest
+
+    @property
+    def step(self) -> Optional[int]:
+        """The step recorded in its manifest, if any."""
+        return self.manifest.step
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a successful save produced."""
+
+    seq: int
+    path: Path
+    step: Optional[int]
+    bytes: int
+    #: Seconds the save took.
+    duration: float
+
+
+def _in_spawned_worker() -> bool:
+    """True inside a child started by ``multiprocessing`` with the spawn/forkserver methods
+    (it re-imports the main module, so an unguarded ``Checkpointer()`` runs there too)."""
+    mp = sys.modules.get("multiprocessing.process")
+    try:
+        return mp is not None and mp.parent_process() is not None  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+class Checkpointer:
+    """A job's handle on checkpointing.
+
+    Reads the environment set by ``ckpt run`` (``CKPT_DIR``, ``CKPT_RESTORE``, ``CKPT_SOCKET``,
+    ``CKPT_SIGNAL``, ...). Without a supervisor it uses ``dir`` (or ``CKPT_DIR``, or
+    ``./checkpoints``), finds the newest checkpoint that verifies itself and warns about bad ones
+    on stderr. Installs handlers for the request signal and SIGTERM (they only set flags), then
+    announces itself to the supervisor.
+
+    Args:
+        dir: checkpoint directory when there is no supervisor (a supervisor's ``CKPT_DIR`` wins).
+        every: standalone only: also request a checkpoint this often (seconds or timedelta).
+        keep: standalone only: keep the newest ``keep`` checkpoints (``ckpt run --keep`` owns
+            retention under a supervisor).
+        checksum: ``"crc32"`` or ``"crc32c"``; default ``crc32c`` when a C implementation
+            (``google_crc32c`` or ``crc32c``) is importable, else ``crc32`` (``zlib``).
+
+    Must be created in the main thread (Python runs signal handlers there). In a process forked
+    from the job (a ``DataLoader`` worker) :meth:`should_checkpoint` is always false, the request
+    signal is ignored and SIGTERM gets its previous disposition back; in a ``multiprocessing``
+    child started by spawn/forkserver a new ``Checkpointer`` is passive (no handlers, no hello).
+    """
+
+    def __init__(
+        self,
+        dir: Optional[PathLike] = None,
+        *,
+        every: Union[float, timedelta, None] = None,
+        keep: Optional[int] = None,
+        checksum: Optional[str] = None,
+    ) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._request = False
+        self._stop = False
+        self._stop_saved = False
+        self._handlers_installed = False
+        self._old: Dict[int, Any] = {}
+        self._step: Optional[int] = None
+        self._last_beat: Optional[float] = None
+        self._last_save = time.monotonic()
+        self.last_saved: Optional[Saved] = None
+        """The result of the most recent successful save of this process."""
+
+        socket_path = P.env(P.ENV_SOCKET)
+        self._supervised = socket_path is not None
+        env_dir = P.env(P.ENV_DIR)
+        if self._supervised and env_dir:
+            d: PathLike = env_dir
+        elif dir is not None:
+            d = dir
+        else:
+            d = env_dir or DEFAULT_DIR
+        self._store = Store(d)
+        if checksum is None:
+            checksum = default_algo()
+        if checksum not in ALGOS:
+            raise CkptError(f"checksum {checksum!r} is not one of {ALGOS}")
+        self._algo = checksum
+        if isinstance(every, timedelta):
+            every = every.total_seconds()
+        if every is not None and every <= 0:
+            raise CkptError("every must be positive")
+        self._every = every
+        self._keep = max(1, int(keep)) if keep is not None else None
+
+        sig_s = P.env(P.ENV_SIGNAL)
+        if sig_s is None:
+            self._signal = int(signal.SIGUSR1)
+        else:
+            sig = P.parse_signal(sig_s)
+            if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):
+                raise EnvError(
+                    f"environment variable {P.ENV_SIGNAL}={sig_s!r} is invalid: not a usable signal "
+                    "number or name; hint: it is set by `ckpt run --signal`"
+                )
+            self._signal = sig
+        rc = P.env(P.ENV_RESTART_COUNT) or "0"
+        if not (rc.isascii() and rc.isdigit()):
+            raise EnvError(f"environment variable {P.ENV_RESTART_COUNT}={rc!r} is invalid: not a whole number")
+        self._restart_count = int(rc)
+
+        self._passive = _in_spawned_worker()
+        self._channel = P.Channel(None if self._passive else socket_path)
+        self._store.create()
+        if not self._passive:
+            self._install_handlers()
+            self._channel.send(
+                {"type": "hello", "v": P.PROTOCOL_VERSION, "pid": self._pid, "signal": self._signal, "client": CLIENT}
+            )
+        try:
+            self._restore = self._find_restore()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise CkptError(
+                "ckpt.Checkpointer() must be created in the main thread (Python runs signal "
+                "handlers only there); hint: create it at the top of the program"
+            )
+        me = weakref.ref(self)
+        pid = self._pid
+
+        def on_request(signum: int, frame: Any) -> None:
+            ck = me()
+            if ck is not None and os.getpid() == pid:
+                ck._request = True
+
+        def on_term(signum: int, frame: Any) -> None:
+            ck = me()
+            if os.getpid() != pid or ck is None:
+                # Not the job's process (or the client is gone): behave as if never installed.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if ck._stop:
+                os._exit(128 + signal.SIGTERM)
+            ck._stop = True
+            # A second SIGTERM while this one is pending terminates at once (status 143), even
+            # while the main thread is stuck in C code where Python handlers cannot run.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        self._old[self._signal] = signal.signal(self._signal, on_request)
+        self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
+        self._handlers_installed = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: _after_fork(me))
+
+    def _find_restore(self) -> Optional[RestorePoint]:
+        if self._supervised:
+            p = P.env(P.ENV_RESTORE)
+            if p is None:
+                return None
+            try:
+                m = read_manifest(p)
+            except InvalidCheckpoint as e:
+                raise e.at(p) from None
+            return RestorePoint(m.seq, Path(p), m)
+
+        def warn(seq: int, e: InvalidCheckpoint) -> None:
+            print(f"ckpt: warning: checkpoint {seq} ({e.path}) is invalid: {e.reason}; skipped", file=sys.stderr)
+
+        if not self._passive:
+            try:
+                self._store.clean_leftovers()
+            except OSError:
+                pass
+        f = self._store.latest_verified(warn)
+        return RestorePoint(f.seq, f.path, f.manifest) if f else None
+
+    def close(self) -> None:
+        """Restores the previous signal handlers and closes the socket. Optional: a job that
+        simply exits needs no clean-up."""
+        if self._handlers_installed and os.getpid() == self._pid:
+            if threading.current_thread() is threading.main_thread():
+                for sig, old in self._old.items():
+                    if old is not None:
+                        signal.signal(sig, old)
+                self._handlers_installed = False
+        self._channel.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- facts ----------------------------------------------------------------------------
+
+    @property
+    def supervised(self) -> bool:
+        """Whether a supervisor (``ckpt run``) runs this job."""
+        return self._supervised
+
+    @property
+    def dir(self) -> Path:
+        """The checkpoint directory."""
+        return self._store.dir
+
+    @property
+    def restart_count(self) -> int:
+        """How many times the supervisor relaunched the job (0 on the first launch)."""
+        return self._restart_count
+
+    @property
+    def signal(self) -> int:
+        """The checkpoint-request signal number."""
+        return self._signal
+
+    @property
+    def checksum(self) -> str:
+        """The checksum algorithm this client writes."""
+        return self._algo
+
+    @property
+    def restore_point(self) -> Optional[RestorePoint]:
+        """The checkpoint this run resumes from, or ``None`` on a fresh start."""
+        return self._restore
+
+    @property
+    def step(self) -> Optional[int]:
+        """The step last given to :meth:`save`, :meth:`saving` or :meth:`progress`."""
+        return self._step
+
+    # --- restoring ------------------------------------------------------------------------
+
+    def restore_dir(self) -> Optional[Path]:
+        """The directory of the checkpoint to resume from (``None`` on a fresh start), for files
+        the job wrote itself: ``torch.load(ck.restore_dir() / "model.pt")``. Verified when it
+        was chosen; :meth:`read_file` re-checks one file as it reads it."""
+        return self._restore.path if self._restore else None
+
+    def read_file(self, name: str) -> bytes:
+        """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
+        size and checksum."""
+        r = self._restore
+        if r is None:
+            raise CkptError("read_file: this run has no checkpoint to restore")
+        entry = r.manifest.file(name)
+        if entry is None:
+            have = ", ".join(f.name for f in r.manifest.files)
+            raise CkptError(f"checkpoint {r.path} has no file {name!r} (it has: {have})")
+        try:
+            return read_member(r.path, entry, r.manifest.checksum)
+        except InvalidCheckpoint as e:
+            raise e.at(str(r.path)) from None
+
+    def restore(self, default: Any = None) -> Any:
+        """The object last saved with :meth:`save` (unpickled), or ``default`` (``None``) on a
+        fresh start. The bytes are verified before they are unpickled. Like any pickle, only load
+        checkpoints you (or your job) wrote."""
+        r = self._restore
+        if r is None:
+            return default
+        if r.manifest.file(STATE_FILE) is None:
+            have = ", ".join(f.name for f in r.manifest.files) or "no files"
+            raise CkptError(
+                f"checkpoint {r.path} (written by {r.manifest.writer}) has no {STATE_FILE} (it has: "
+                f"{have}); hint: it was not written by Checkpointer.save: use restore_dir() or read_file()"
+            )
+        return pickle.loads(self.read_file(STATE_FILE))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _original(self) -> bool:
+        return os.getpid() == self._pid and not self._passive
+
+    def _progress_msg(self) -> None:
+        self._channel.send({"type": "progress", "v": P.PROTOCOL_VERSION, "pid": self._pid, "step": self._step})
+
+    def progress(self, step: int) -> None:
+        """Tells the supervisor the job is at ``step`` (also a heartbeat)."""
+        self._step = step
+        if self._original():
+            self._last_beat = time.monotonic()
+            self._progress_msg()
+
+    def should_checkpoint(self) -> bool:
+        """True when a checkpoint has been requested (request signal, stop request, or the
+        standalone ``every``). Cheap: call it at every safe point. Also a heartbeat (a progress
+        message at most once a second). Always false in a forked child."""
+        if not self._original():
+            return False
+        now = time.monotonic()
+        if self._last_beat is None or now - self._last_beat >= _HEARTBEAT_S:
+            self._last_beat = now
+            self._progress_msg()
+        return (
+            self._request
+            or (self._stop and not self._stop_saved)
+            or (self._every is not None and now - self._last_save >= self._every)
+        )
+
+    def should_stop(self) -> bool:
+        """True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first if
+        :meth:`should_checkpoint` says so, then exit with status 0."""
+        return self._original() and self._stop
+
+    def request_checkpoint(self) -> None:
+        """Makes the next :meth:`should_checkpoint` true, as the request signal does."""
+        self._request = True
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, state: Any, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> Saved:
+        """Pickles ``state`` into ``state.pickle`` as a new checkpoint; returns once it is
+        durable (and the supervisor was told)."""
+        with self.saving(step, meta=meta) as d:
+            stage = self._stage
+            assert stage is not None and stage.path == d
+            with stage.open(STATE_FILE) as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        assert self.last_saved is not None
+        return self.last_saved
+
+    @contextlib.contextmanager
+    def saving(self, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> Iterator[Path]:
+        """Saves files the job writes itself::
+
+            with ck.saving(step=step) as d:
+                torch.save(model.state_dict(), d / "model.pt")
+
+        ``d`` is an empty private directory; when the block ends, every file in it (and in its
+        sub-directories) is checksummed, made durable and published as one checkpoint. If the
+        block raises, nothing is published. The result is in :attr:`last_saved`."""
+        if not self._original():
+            raise CkptError(
+                "save called in a forked child process or multiprocessing worker; only the "
+                "process that created the Checkpointer saves"
+            )
+        if meta is not None and not isinstance(meta, dict):
+            raise CkptError("meta must be a dict of JSON values")
+        with self._lock:
+            if step is not None:
+                self._step = step
+            started = time.monotonic()
+            stopping = self._stop
+            self._request = False
+            stage: Optional[Stage] = None
+            try:
+                stage = Stage(self._store, self._algo)
+                self._stage = stage
+                yield stage.path
+                m = stage.commit(self._step if step is None else step, WRITER, meta)
+            except BaseException as e:
+                if stage is not None:
+                    stage.abort()
+                self._stage = None
+                self._channel.send(
+                    {"type": "save_failed", "v": P.PROTOCOL_VERSION, "pid": self._pid, "error": str(e)[:4096]}
+                )
+                raise
+            self._stage = None
+            now = time.monotonic()
+            self._last_save = now
+            if stopping:
+                self._stop_saved = True
+            saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - started)
+            self.last_saved = saved
+            self._channel.send(
+                {
+                    "type": "committed",
+                    "v": P.PROTOCOL_VERSION,
+                    "pid": self._pid,
+                    "seq": m.seq,
+                    "step": m.step,
+                    "bytes": m.total_bytes,
+                    "duration_ms": int(saved.duration * 1000),
+                }
+            )
+            if self._keep is not None and not self._supervised:
+                try:
+                    self._store.prune(self._keep, protect=(m.seq,))
+                except OSError as e:
+                    print(f"ckpt: warning: retention failed: {e}", file=sys.stderr)
+
+    _stage: Optional[Stage] = None
+
+
+def _after_fork(ref: "weakref.ref[Checkpointer]") -> None:
+    """In a forked child: the request signal is ignored and SIGTERM gets back the disposition it
+    had before the client, so a data-loader worker never acts on a request and still dies when
+    its process group is terminated."""
+    ck = ref()
+    if ck is None or not ck._handlers_installed:
+        return
+    try:
+        signal.signal(ck._signal, signal.SIG_IGN)
+        old = ck._old.get(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass

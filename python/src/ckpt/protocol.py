@@ -1,0 +1,97 @@
+"""The contract between the supervisor and a job (``docs/protocol.md``): environment variable
+names and the JSON datagrams a client sends. Mirrors ``src/protocol.rs``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from typing import Any, Dict, Optional
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ENV_DIR",
+    "ENV_RESTORE",
+    "ENV_RESTORE_SEQ",
+    "ENV_RESTORE_STEP",
+    "ENV_RESTART_COUNT",
+    "ENV_SOCKET",
+    "ENV_SIGNAL",
+    "ENV_PROTOCOL",
+    "ENV_SUPERVISOR_PID",
+    "MAX_MESSAGE_BYTES",
+    "env",
+    "parse_signal",
+    "Channel",
+]
+
+#: Protocol version spoken by this client (``CKPT_PROTOCOL``, every message's ``v``).
+PROTOCOL_VERSION = 1
+
+ENV_DIR = "CKPT_DIR"
+ENV_RESTORE = "CKPT_RESTORE"
+ENV_RESTORE_SEQ = "CKPT_RESTORE_SEQ"
+ENV_RESTORE_STEP = "CKPT_RESTORE_STEP"
+ENV_RESTART_COUNT = "CKPT_RESTART_COUNT"
+ENV_SOCKET = "CKPT_SOCKET"
+ENV_SIGNAL = "CKPT_SIGNAL"
+ENV_PROTOCOL = "CKPT_PROTOCOL"
+ENV_SUPERVISOR_PID = "CKPT_SUPERVISOR_PID"
+
+#: Largest datagram the supervisor reads.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def env(name: str) -> Optional[str]:
+    """An environment variable of the protocol; an empty value means unset."""
+    v = os.environ.get(name)
+    return v if v else None
+
+
+def parse_signal(s: str) -> Optional[int]:
+    """A signal given as a number (``10``) or a name (``USR1``, ``SIGUSR1``, any case)."""
+    s = s.strip()
+    if s.isascii() and s.isdigit():
+        n = int(s)
+        return n if 1 <= n <= 64 else None
+    up = s.upper()
+    name = up[3:] if up.startswith("SIG") else up
+    try:
+        return int(signal.Signals["SIG" + name])
+    except KeyError:
+        return None
+
+
+class Channel:
+    """Fire-and-forget datagrams to the supervisor's socket (``CKPT_SOCKET``). Never blocks
+    and never raises: the supervisor re-reads the directory anyway."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self._sock: Optional[socket.socket] = None
+        if path:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.setblocking(False)
+                self._sock = s
+            except OSError:
+                self._sock = None
+
+    def send(self, msg: Dict[str, Any]) -> bool:
+        """Sends one message (``{"type": ..., "v": 1, ...}``); returns whether it went out."""
+        if self._sock is None or self.path is None:
+            return False
+        data = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+        if len(data) > MAX_MESSAGE_BYTES:
+            return False
+        try:
+            self._sock.sendto(data, self.path)
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
