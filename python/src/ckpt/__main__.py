@@ -19,11 +19,8 @@ def main(argv: List[str]) -> int:
         return 64
     bad = 0
     for p in argv[1:]:
-        targets = (
-            [(None, p)]
-            if os.path.exists(os.path.join(p, "MANIFEST.ckpt")) or parse_seq(os.path.basename(p.rstrip("/")))
-            else [(s, str(q)) for s, q in Store(p).list()]
-        )
+        listed = [] if parse_seq(os.path.basename(p.rstrip("/"))) is not None else Store(p).list()
+        targets = [(s, str(q)) for s, q in listed] or [(None, p)]
         for seq, t in targets:
             try:
                 m = verify_path(t, seq)

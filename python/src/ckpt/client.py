@@ -8,6 +8,7 @@ does not send requests before the client announced itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pickle
@@ -208,6 +209,10 @@ class Checkpointer:
         self._old[self._signal] = signal.signal(self._signal, on_request)
         self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
         self._handlers_installed = True
+        # Python resets its handlers to SIG_DFL while the interpreter shuts down, so a request
+        # arriving after the job's last line would kill a job that finished (and the supervisor
+        # would restart it). From the moment the job is exiting, requests are ignored.
+        atexit.register(_ignore_at_exit, me, self._signal, pid)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=lambda: _after_fork(me))
 
@@ -440,6 +445,16 @@ class Checkpointer:
                     print(f"ckpt: warning: retention failed: {e}", file=sys.stderr)
 
     _stage: Optional[Stage] = None
+
+
+def _ignore_at_exit(ref: "weakref.ref[Checkpointer]", signum: int, pid: int) -> None:
+    ck = ref()
+    if os.getpid() != pid or (ck is not None and not ck._handlers_installed):
+        return
+    try:
+        signal.signal(signum, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
 
 
 def _after_fork(ref: "weakref.ref[Checkpointer]") -> None:
