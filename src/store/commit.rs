@@ -1,4 +1,4 @@
-//! The one durable publish path. Steps (crash analysis of each in `docs/design.md`):
+//! The one durable publish path. Steps (crash analysis of each in `docs/commit-protocol.md`):
 //!
 //! 1. `mkdir DIR/.ckpt/staging/<token>.<pid>` (invisible to readers).
 //! 2. The writer puts its files there; sums are computed inline or by reading back.
@@ -33,9 +33,28 @@ impl Stage {
     pub fn new(store: &Store, algo: Algo) -> Result<Stage> {
         let staging = store.private().join("staging");
         let path = staging.join(token());
+        // Not recursive: a checkpoint directory that vanished (or was replaced by a symlink)
+        // under a running job must make the save fail, not be silently re-created.
+        match fs::symlink_metadata(&staging) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Usage(format!(
+                    "{} is not a directory (a symlink?); ckpt never follows links planted in the checkpoint directory; hint: remove it",
+                    staging.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Usage(format!(
+                    "cannot save: the checkpoint directory {} vanished ({} is missing); hint: do not remove it while a job runs",
+                    store.dir().display(),
+                    staging.display()
+                )))
+            }
+            Err(e) => return Err(Error::io("inspect", staging, e)),
+        }
         store
             .io()
-            .create_dir_all(&path)
+            .create_dir(&path)
             .ctx("create staging directory", &path)?;
         Ok(Stage {
             store: store.clone(),
@@ -148,7 +167,7 @@ impl Stage {
             manifest.seq = self.store.next_seq()?;
             manifest.created_ms = super::manifest::now_ms();
             if attempt > 0 {
-                fs::remove_file(&mpath).ctx("remove", &mpath)?;
+                io.remove_file(&mpath).ctx("remove", &mpath)?;
             }
             io.write_new(&mpath, &manifest.encode())
                 .ctx("write manifest", &mpath)?;

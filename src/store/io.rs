@@ -2,7 +2,7 @@
 //! test can record them and rebuild every state a crash could leave (`tests/crash_states.rs`).
 //! Production code uses [`RealIo`]; nothing in the store writes to disk any other way.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
@@ -11,6 +11,8 @@ use std::path::Path;
 pub trait Io: Send + Sync {
     /// Creates a directory (owner-only), parents included.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Creates one directory (owner-only); its parent must exist. Fails if it exists.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
     /// Creates a new file (owner-only; fails if it exists) holding `data`. Not synced.
     fn write_new(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Flushes a file's data and size to stable storage.
@@ -21,6 +23,8 @@ pub trait Io: Send + Sync {
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a directory tree (no symlink is followed).
     fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Removes one file (a symlink itself, never its target).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The real file system.
@@ -33,6 +37,9 @@ impl Io for RealIo {
             .recursive(true)
             .mode(0o700)
             .create(path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::DirBuilder::new().mode(0o700).create(path)
     }
     fn write_new(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         let mut f = OpenOptions::new()
@@ -51,7 +58,11 @@ impl Io for RealIo {
             .sync_all()
     }
     fn fsync_dir(&self, path: &Path) -> io::Result<()> {
-        File::open(path)?.sync_all()
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(path)?
+            .sync_all()
     }
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
         use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
@@ -77,5 +88,8 @@ impl Io for RealIo {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
         }
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
     }
 }

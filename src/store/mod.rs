@@ -83,24 +83,90 @@ impl Store {
         &*self.io
     }
 
-    /// Creates the directory (0700) and ckpt's private sub-directories.
+    /// Creates the directory (0700) and ckpt's private sub-directories, and makes their
+    /// names durable (each new directory's parent is fsynced: without that, a power loss could
+    /// take a freshly created directory away together with the checkpoints committed in it).
+    /// Refuses a symlink or a non-directory planted where ckpt's own directories belong.
     pub fn create(&self) -> Result<()> {
-        for d in [
-            self.dir.clone(),
-            self.private(),
-            self.private().join("staging"),
-            self.private().join("trash"),
-        ] {
-            self.io.create_dir_all(&d).ctx("create directory", &d)?;
+        // The directories about to be created, and the first existing ancestor.
+        let mut missing = Vec::new();
+        let mut p = self.dir.as_path();
+        loop {
+            match fs::symlink_metadata(p) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    missing.push(p.to_path_buf());
+                    match p.parent() {
+                        Some(q) if !q.as_os_str().is_empty() => p = q,
+                        _ => break,
+                    }
+                }
+                Err(e) => return Err(Error::io("inspect", p, e)),
+            }
         }
-        let meta = fs::symlink_metadata(&self.dir).ctx("inspect", &self.dir)?;
+        self.io
+            .create_dir_all(&self.dir)
+            .ctx("create directory", &self.dir)?;
+        // DIR itself may be a symlink the user chose; everything inside must be real.
+        let meta = fs::metadata(&self.dir).ctx("inspect", &self.dir)?;
         if !meta.is_dir() {
             return Err(Error::Usage(format!(
                 "{} is not a directory; hint: --dir must name a directory",
                 self.dir.display()
             )));
         }
+        let mut to_sync: Vec<PathBuf> = Vec::new();
+        if let Some(top) = missing.last() {
+            if let Some(parent) = top.parent().filter(|q| !q.as_os_str().is_empty()) {
+                // Not ours: a file system that cannot fsync it is no reason to fail.
+                let _ = self.io.fsync_dir(parent);
+            }
+            // Innermost last: each parent of a new directory.
+            to_sync.extend(missing.iter().rev().skip(1).cloned());
+            to_sync.push(self.dir.clone());
+        }
+        for d in [
+            self.private(),
+            self.private().join("staging"),
+            self.private().join("trash"),
+        ] {
+            if self.real_dir(&d)? {
+                let parent = d.parent().map(Path::to_path_buf).unwrap_or_default();
+                if !to_sync.contains(&parent) {
+                    to_sync.push(parent);
+                }
+            }
+        }
+        if fs::symlink_metadata(self.dir.join(QUARANTINE)).is_ok() {
+            self.real_dir(&self.dir.join(QUARANTINE))?;
+        }
+        for d in &to_sync {
+            self.io.fsync_dir(d).ctx("fsync", d)?;
+        }
         Ok(())
+    }
+
+    /// Makes sure `path` is a real directory (not a symlink), creating it (0700) if missing.
+    /// Returns whether it was created (its parent then needs an fsync).
+    pub(crate) fn real_dir(&self, path: &Path) -> Result<bool> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => Ok(false),
+            Ok(_) => Err(Error::Usage(format!(
+                "{} is a symlink or not a directory; ckpt never follows links planted in the checkpoint directory; hint: remove it",
+                path.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match self.io.create_dir(path) {
+                    Ok(()) => Ok(true),
+                    // Created concurrently by another writer.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.real_dir(path).map(|_| false)
+                    }
+                    Err(e) => Err(Error::io("create directory", path, e)),
+                }
+            }
+            Err(e) => Err(Error::io("inspect", path, e)),
+        }
     }
 
     /// `DIR/.ckpt`.
@@ -151,6 +217,10 @@ impl Store {
         let mut n = 0;
         for sub in ["staging", "trash"] {
             let d = self.private().join(sub);
+            // Never list (and delete in) a symlink planted in place of our own directory.
+            if !fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
             let Ok(rd) = fs::read_dir(&d) else { continue };
             for ent in rd.flatten() {
                 let name = ent.file_name();

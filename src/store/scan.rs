@@ -207,9 +207,7 @@ impl Store {
     /// next to it. Never deletes.
     pub fn quarantine(&self, seq: u64, reason: &Invalid) -> Result<PathBuf> {
         let qdir = self.dir().join(QUARANTINE);
-        self.io()
-            .create_dir_all(&qdir)
-            .ctx("create directory", &qdir)?;
+        self.real_dir(&qdir)?;
         let from = self.path_of(seq);
         let to = qdir.join(format!(
             "{}{seq:012}.{}.{}",
@@ -262,9 +260,7 @@ impl Store {
             doomed.push((*seq, path.clone()));
         }
         let trash = self.private().join("trash");
-        self.io()
-            .create_dir_all(&trash)
-            .ctx("create directory", &trash)?;
+        self.real_dir(&trash)?;
         let mut moved = Vec::new();
         for (seq, path) in &doomed {
             let to = trash.join(format!("{}{seq:012}.{}", super::PREFIX, token()));
@@ -275,7 +271,10 @@ impl Store {
             }
         }
         if !moved.is_empty() {
+            // Both sides of the renames: once durable, a pruned checkpoint can never come
+            // back (half deleted) after a crash during the deletion below.
             self.io().fsync_dir(self.dir()).ctx("fsync", self.dir())?;
+            self.io().fsync_dir(&trash).ctx("fsync", &trash)?;
         }
         for (_, to) in &moved {
             self.io().remove_dir_all(to).ctx("remove", to)?;
