@@ -75,7 +75,12 @@ def _in_spawned_worker() -> bool:
     (it re-imports the main module, so an unguarded ``Checkpointer()`` runs there too)."""
     mp = sys.modules.get("multiprocessing.process")
     try:
-        return mp is not None and mp.parent_process() is not None  # type: ignore[attr-defined]
+        if mp is None:
+            return False
+        # While the child re-imports the main module, multiprocessing marks it "inheriting";
+        # afterwards it knows its parent process.
+        cur = mp.current_process()  # type: ignore[attr-defined]
+        return bool(getattr(cur, "_inheriting", False)) or mp.parent_process() is not None  # type: ignore[attr-defined]
     except Exception:
         return False
 
