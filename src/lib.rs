@@ -14,6 +14,8 @@ pub mod cli;
 #[cfg(feature = "supervisor")]
 pub mod demo;
 #[cfg(feature = "supervisor")]
+pub mod integrations;
+#[cfg(feature = "supervisor")]
 pub mod supervisor;
 
 pub use client::{Checkpointer, RestorePoint, Saved};

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Supervise a job: checkpoint it on schedule and on stop, restart it after failures.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Publish files as a new checkpoint (for shell jobs); returns once it is durable.
     Save(save::SaveArgs),
     /// List the checkpoints of a directory (manifests only; `verify` reads everything).
@@ -84,7 +84,7 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
-        Cmd::Run(a) => run::run(a),
+        Cmd::Run(a) => run::run(*a),
         Cmd::Save(a) => save::run(a),
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),

@@ -59,9 +59,32 @@ pub struct RunArgs {
     /// Log events as JSON lines on stderr instead of plain text.
     #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
     pub log_format: LogFormat,
+    /// Inside a Slurm job (SLURM_JOB_ID set): stop before the time limit, treat the warning
+    /// signal as "stop now", requeue after a stop (docs/slurm.md). `off` ignores Slurm.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    pub slurm: SlurmMode,
+    /// Under Slurm, requeue the job after a stop: `auto` when it is requeueable
+    /// (`sbatch --requeue`), `always`, or `never` (then exit 75 for the batch script).
+    #[arg(long, default_value = "auto", value_name = "WHEN")]
+    pub requeue: crate::integrations::slurm::RequeuePolicy,
+    /// Under Slurm, the warning signal (`#SBATCH --signal=B:USR1@120`): checkpoint, stop the
+    /// job, requeue, exit. With USR1 (the default) SIGUSR1 to ckpt no longer means "checkpoint
+    /// now" inside a Slurm job.
+    #[arg(long, default_value = "USR1", value_name = "SIG")]
+    pub slurm_signal: String,
+    /// Under Slurm, stop at least this long before the job's end time (more if recent
+    /// checkpoints were slow: 2 x the longest + 10s); `off` to not watch the end time.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub slurm_margin: String,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlurmMode {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -115,6 +138,31 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         )));
     }
     let (backoff_min, backoff_max) = parse_backoff(&a.backoff).map_err(usage)?;
+    let slurm = match a.slurm {
+        SlurmMode::Off => None,
+        SlurmMode::Auto => {
+            let warning_signal = parse_signal(&a.slurm_signal)
+                .filter(|s| ![libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD].contains(s))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--slurm-signal {:?} is not a usable signal name or number (e.g. USR1, USR2, 10)",
+                        a.slurm_signal
+                    ))
+                })?;
+            let margin = match a.slurm_margin.trim() {
+                "off" | "never" => None,
+                s => Some(
+                    parse_duration(s)
+                        .map_err(|e| usage(format!("--slurm-margin {s:?}: {e}; or `off`")))?,
+                ),
+            };
+            Some(crate::integrations::slurm::Settings {
+                requeue: a.requeue,
+                warning_signal,
+                margin,
+            })
+        }
+    };
     let cfg = Config {
         dir: a.dir.dir,
         command: a.command,
@@ -135,6 +183,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         again: a.again,
         quiet: a.quiet,
         log_json: matches!(a.log_format, LogFormat::Json),
+        slurm,
     };
     crate::supervisor::run(cfg)
 }

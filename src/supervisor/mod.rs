@@ -5,6 +5,7 @@
 pub mod lock;
 pub mod policy;
 pub mod report;
+mod slurm_hooks;
 pub mod spawn;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::integrations::slurm;
 use crate::protocol::{self, Message};
 use crate::store::{Found, Store};
 use policy::{Decision, History, Policy};
@@ -38,6 +40,9 @@ pub mod exit_codes {
     pub const IO: i32 = 74;
     /// Stopped (signal, preemption, time limit) after a checkpoint: run me again.
     pub const TEMPFAIL: i32 = 75;
+    /// Stopped after a checkpoint and requeued through Slurm (`scontrol requeue`): nothing
+    /// left to do, Slurm runs the batch script again (docs/slurm.md).
+    pub const REQUEUED: i32 = 79;
     /// The command exists but cannot be executed.
     pub const CANNOT_EXECUTE: i32 = 126;
     /// The command was not found.
@@ -83,6 +88,8 @@ pub struct Config {
     pub again: bool,
     pub quiet: bool,
     pub log_json: bool,
+    /// Slurm integration (`--slurm auto`); used only when a Slurm job is detected.
+    pub slurm: Option<slurm::Settings>,
 }
 
 enum Ev {
@@ -151,7 +158,11 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
 
     let (tx, rx) = mpsc::channel();
     let socket_path = bind_socket(&store, tx.clone())?;
-    start_signal_thread(tx)?;
+    let session = cfg
+        .slurm
+        .clone()
+        .and_then(|st| slurm::JobEnv::from_process_env().map(|e| slurm::Session::new(e, st)));
+    start_signal_thread(tx, session.as_ref().map(|s| s.settings.warning_signal))?;
     spawn::become_subreaper().map_err(|e| {
         fatal(
             exit_codes::SOFTWARE,
@@ -190,7 +201,9 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         stop: None,
         stop_requested: false,
         last_commit_ms: None,
+        slurm: session,
     };
+    run.slurm_start();
     let code = run.main_loop();
     let _ = std::fs::remove_file(&run.socket_path);
     if let Some(parent) = run
@@ -259,17 +272,19 @@ fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
 
 use std::os::unix::fs::DirBuilderExt;
 
-fn start_signal_thread(tx: Sender<Ev>) -> Result<(), Fatal> {
+fn start_signal_thread(tx: Sender<Ev>, extra: Option<i32>) -> Result<(), Fatal> {
     use signal_hook::consts::*;
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD]).map_err(
-            |e| {
-                fatal(
-                    exit_codes::SOFTWARE,
-                    format!("cannot install signal handlers: {e}"),
-                )
-            },
-        )?;
+    let mut signals = signal_hook::iterator::Signals::new(
+        [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD]
+            .into_iter()
+            .chain(extra),
+    )
+    .map_err(|e| {
+        fatal(
+            exit_codes::SOFTWARE,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })?;
     std::thread::Builder::new()
         .name("ckpt-signals".into())
         .spawn(move || {
@@ -300,6 +315,8 @@ struct Run {
     stop: Option<StopPhase>,
     stop_requested: bool,
     last_commit_ms: Option<u64>,
+    /// Set when running inside a Slurm job with `--slurm auto`.
+    slurm: Option<slurm::Session>,
 }
 
 fn signame(s: i32) -> &'static str {
@@ -317,7 +334,7 @@ impl Run {
                     Some("stopped before relaunching the job; run again to resume".into()),
                     json!({ "code": exit_codes::TEMPFAIL }),
                 );
-                return Ok(exit_codes::TEMPFAIL);
+                return Ok(self.slurm_after_stop());
             }
             let restore = self.pick_restore()?;
             let mut job = self.launch(restore.as_ref())?;
@@ -354,7 +371,7 @@ impl Run {
                     )),
                     json!({ "code": exit_codes::TEMPFAIL, "seq": self.last_seq }),
                 );
-                return Ok(exit_codes::TEMPFAIL);
+                return Ok(self.slurm_after_stop());
             }
             if exit.success() {
                 self.mark_finished(exit);
@@ -537,6 +554,10 @@ impl Run {
             if let Some(t) = job.next_request {
                 wake = wake.min(t);
             }
+            let slurm_stop_at = self.slurm.as_ref().and_then(|s| s.stop_at());
+            if let Some(t) = slurm_stop_at.filter(|_| !self.stop_requested) {
+                wake = wake.min(t);
+            }
             match self.stop {
                 Some(StopPhase::Requested { deadline, .. })
                 | Some(StopPhase::Terminating { deadline }) => wake = wake.min(deadline),
@@ -556,12 +577,32 @@ impl Run {
                             spawn::signal_pid(p, libc::SIGKILL);
                         }
                     } else if !self.stop_requested {
+                        if let (Some(sl), libc::SIGTERM) = (self.slurm.as_mut(), s) {
+                            // Slurm signals every process of the job at once.
+                            sl.job_got_sigterm = true;
+                        }
                         self.rep.event(
                             "stop_requested",
                             Some(format!(
                                 "received {}: checkpointing, then stopping the job",
                                 signame(s)
                             )),
+                            json!({ "signal": s }),
+                        );
+                        self.stop_requested = true;
+                        self.begin_stop(job);
+                    }
+                }
+                Ok(Ev::Signal(s))
+                    if self
+                        .slurm
+                        .as_ref()
+                        .is_some_and(|sl| sl.settings.warning_signal == s) =>
+                {
+                    if !self.stop_requested {
+                        self.rep.event(
+                            "slurm_warning",
+                            Some(format!("received {} (Slurm's warning: the time is nearly up): checkpointing, then stopping the job", signame(s))),
                             json!({ "signal": s }),
                         );
                         self.stop_requested = true;
@@ -595,6 +636,9 @@ impl Run {
             if job.next_request.is_some_and(|t| now >= t) && self.stop.is_none() {
                 self.request(job, "periodic");
             }
+            if !self.stop_requested && slurm_stop_at.is_some_and(|t| now >= t) {
+                self.slurm_time_limit(job);
+            }
             self.advance_stop(job, now);
         }
     }
@@ -607,7 +651,9 @@ impl Run {
                 client,
                 ..
             } => {
-                if !spawn::is_descendant(pid) {
+                let ours =
+                    spawn::is_descendant(pid) || (self.slurm.is_some() && slurm::is_job_peer(pid));
+                if !ours {
                     self.rep.warn(
                         "bad_hello",
                         format!("ignored a hello from pid {pid}: not a process of the job"),
@@ -642,6 +688,9 @@ impl Run {
                 seq, duration_ms, ..
             } => {
                 self.last_commit_ms = Some(duration_ms);
+                if let Some(sl) = self.slurm.as_mut() {
+                    sl.note_save(duration_ms);
+                }
                 let _ = seq;
                 self.rescan(Some(job));
             }
@@ -658,7 +707,8 @@ impl Run {
     /// Asks the job for a checkpoint.
     fn request(&mut self, job: &mut Job, why: &str) {
         job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-        job.announced.retain(|&pid, _| spawn::is_descendant(pid));
+        job.announced
+            .retain(|&pid, _| spawn::is_descendant(pid) || slurm::is_job_peer(pid));
         if !job.announced.is_empty() {
             for (&pid, &sig) in &job.announced {
                 spawn::signal_pid(pid, sig);
@@ -685,10 +735,15 @@ impl Run {
 
     fn begin_stop(&mut self, job: &mut Job) {
         let now = Instant::now();
-        job.announced.retain(|&pid, _| spawn::is_descendant(pid));
+        job.announced
+            .retain(|&pid, _| spawn::is_descendant(pid) || slurm::is_job_peer(pid));
         if !job.announced.is_empty() {
-            for &pid in job.announced.keys() {
-                spawn::signal_pid(pid, libc::SIGTERM);
+            // Under Slurm a SIGTERM reached every process of the job: a second one would
+            // make the clients exit without saving.
+            if !self.slurm.as_ref().is_some_and(|s| s.job_got_sigterm) {
+                for &pid in job.announced.keys() {
+                    spawn::signal_pid(pid, libc::SIGTERM);
+                }
             }
             self.stop = Some(StopPhase::Requested {
                 deadline: now + self.cfg.grace,

@@ -1,0 +1,596 @@
+//! `ckpt run` under a real Slurm (slurmctld + slurmd + munged, started by
+//! `scripts/slurm/start-local-slurm.sh`; Slurm 22.05 from Debian here).
+//!
+//! Without a cluster: when root, the tests start one (about 0.5 s, plus the apt install on the
+//! first run); otherwise they skip, except when `CI` is set: then they FAIL. Every job has a
+//! unique name, every wait a hard deadline, and a guard cancels the job if a test fails.
+//! A requeued job waits cred_expire + 1 = 11 s before it runs again (the script's setting).
+//! Longest test: `time_limit_*` (about 40 s); nextest runs them in parallel.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ckpt::demo::{reference_digest, TrainerArgs};
+use ckpt::integrations::slurm::parse_show_job;
+use common::*;
+
+fn cluster_dir() -> PathBuf {
+    PathBuf::from(std::env::var("CKPT_SLURM_DIR").unwrap_or_else(|_| "/tmp/ckpt-slurm".into()))
+}
+
+fn slurm_conf() -> PathBuf {
+    cluster_dir().join("etc/slurm.conf")
+}
+
+fn slurm_cmd(prog: &str) -> Command {
+    let mut c = Command::new(prog);
+    c.env("SLURM_CONF", slurm_conf());
+    for k in [
+        "CKPT_DIR",
+        "CKPT_RESTORE",
+        "CKPT_RESTORE_SEQ",
+        "CKPT_RESTORE_STEP",
+        "CKPT_SOCKET",
+        "CKPT_SIGNAL",
+        "CKPT_RESTART_COUNT",
+        "CKPT_PROTOCOL",
+        "CKPT_SUPERVISOR_PID",
+    ] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn cluster_up() -> bool {
+    if !slurm_conf().exists() {
+        return false;
+    }
+    let out = slurm_cmd("sinfo").args(["-h", "-o", "%T"]).output();
+    matches!(out, Ok(o) if o.status.success() && ["idle", "mixed", "allocated", "completing"].iter().any(|s| text(&o.stdout).contains(s)))
+}
+
+/// True when a cluster answers (starting it if we may); false to skip. Panics under CI.
+fn ensure_cluster(test: &str) -> bool {
+    if cluster_up() {
+        return true;
+    }
+    let ci = std::env::var_os("CI").is_some();
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut why = String::from("not root, cannot start one");
+    if root {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/start-local-slurm.sh");
+        let t = Instant::now();
+        let out = output_deadline(
+            Command::new(&script).arg(cluster_dir()),
+            Duration::from_secs(900),
+        );
+        eprintln!(
+            "{test}: start-local-slurm.sh took {:?}: {}",
+            t.elapsed(),
+            text(&out.stderr)
+        );
+        if out.status.success() && cluster_up() {
+            return true;
+        }
+        why = format!(
+            "start-local-slurm.sh failed ({}): {}",
+            out.status,
+            text(&out.stderr)
+        );
+    }
+    assert!(
+        !ci,
+        "{test}: CI is set but no Slurm cluster is available: {why}"
+    );
+    eprintln!("{test}: SKIPPED: no Slurm cluster ({why})");
+    false
+}
+
+/// Cancels the job when the test ends, however it ends.
+struct JobGuard(String);
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        let _ = slurm_cmd("scancel").arg(&self.0).output();
+    }
+}
+
+struct T {
+    name: String,
+    work: tempfile::TempDir,
+}
+
+impl T {
+    fn new(test: &str) -> T {
+        let work = tempdir();
+        // slurmd runs jobs as root here; keep the directory readable anyway
+        std::fs::set_permissions(
+            work.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        T {
+            name: format!("ckpt-{test}-{}", std::process::id()),
+            work,
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.work.path().join(p)
+    }
+    /// Submits a batch script (body after the shebang); returns the job id.
+    fn submit(&self, body: &str, args: &[&str]) -> (String, JobGuard) {
+        let script = self.path("job.sh");
+        std::fs::write(&script, format!("#!/bin/bash\n{body}\n")).unwrap();
+        let out = output_deadline(
+            slurm_cmd("sbatch")
+                .arg("--parsable")
+                .arg(format!("--job-name={}", self.name))
+                .arg(format!("--chdir={}", self.work.path().display()))
+                .arg(format!(
+                    "--output={}/job-%a.out",
+                    self.work.path().display()
+                ))
+                .arg("--open-mode=append")
+                .args(args)
+                .arg(&script),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "sbatch failed: {}", text(&out.stderr));
+        let id = text(&out.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        eprintln!(
+            "{}: submitted job {id} in {}",
+            self.name,
+            self.work.path().display()
+        );
+        (id.clone(), JobGuard(id))
+    }
+    fn output(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(self.work.path()).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("job-") && n.ends_with(".out") {
+                s += &format!(
+                    "--- {n}\n{}",
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                );
+            }
+        }
+        s
+    }
+}
+
+fn show_job(id: &str) -> BTreeMap<String, String> {
+    let out = slurm_cmd("scontrol")
+        .args(["show", "job", "-o", id])
+        .output()
+        .expect("scontrol");
+    parse_show_job(&text(&out.stdout))
+}
+
+fn wait_for(t: &T, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!(
+                "{}: timed out after {timeout:?} waiting for: {what}\n{}",
+                t.name,
+                t.output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn scancel_batch_usr1(id: &str) {
+    let out = slurm_cmd("scancel")
+        .args(["-b", "-s", "USR1", id])
+        .output()
+        .expect("scancel");
+    assert!(
+        out.status.success(),
+        "scancel -b -s USR1 {id}: {}",
+        text(&out.stderr)
+    );
+}
+
+const STEPS: u64 = 200;
+const DIM: usize = 32;
+const STEP_MS: u64 = 40;
+
+fn reference(steps: u64) -> String {
+    reference_digest(&TrainerArgs {
+        steps,
+        dim: DIM,
+        seed: 42,
+        step_ms: 0,
+        crash_at: None,
+        digest_file: None,
+    })
+}
+
+fn trainer_cmd(steps: u64, digest: &Path) -> String {
+    format!(
+        "{} __trainer --steps {steps} --dim {DIM} --step-ms {STEP_MS} --digest-file {}",
+        ckpt_bin().display(),
+        digest.display()
+    )
+}
+
+/// The `slurm` events' restart counts, in order.
+fn restart_counts(ck: &Path) -> Vec<u64> {
+    events(ck, "slurm")
+        .iter()
+        .map(|e| e["restart_count"].as_u64().unwrap())
+        .collect()
+}
+
+fn read_digest(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The batch shell gets USR1 (`scancel -b`, as from `--signal=B:USR1@N`): checkpoint, requeue,
+/// a second run with SLURM_RESTART_COUNT=1 resumes and ends with the uninterrupted digest.
+#[test]
+fn warning_signal_checkpoints_requeues_and_resumes() {
+    if !ensure_cluster("warning_signal") {
+        return;
+    }
+    let t = T::new("warn");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let body = format!(
+        "exec {} run --dir {} --every off -- {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(STEPS, &digest)
+    );
+    let t0 = Instant::now();
+    let (id, _g) = t.submit(&body, &["--requeue", "--time=5"]);
+    wait_for(
+        &t,
+        Duration::from_secs(60),
+        "the trainer announced itself",
+        || !events(&ck, "hello").is_empty(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let t_sig = Instant::now();
+    scancel_batch_usr1(&id);
+    wait_for(&t, Duration::from_secs(30), "requeued event", || {
+        !events(&ck, "requeued").is_empty()
+    });
+    eprintln!("{}: USR1 -> requeued in {:?}", t.name, t_sig.elapsed());
+    let req = &events(&ck, "requeued")[0];
+    assert_eq!(req["code"], 79, "{req}");
+    assert!(!events(&ck, "slurm_warning").is_empty());
+    assert!(
+        !events(&ck, "committed").is_empty(),
+        "no checkpoint before the requeue\n{}",
+        t.output()
+    );
+    wait_for(
+        &t,
+        Duration::from_secs(90),
+        "the second run finished",
+        || read_digest(&digest).is_some(),
+    );
+    eprintln!("{}: submit -> finished in {:?}", t.name, t0.elapsed());
+    assert_eq!(
+        read_digest(&digest).unwrap(),
+        reference(STEPS),
+        "digest differs from an uninterrupted run\n{}",
+        t.output()
+    );
+    assert_eq!(restart_counts(&ck), vec![0, 1], "{}", t.output());
+    let launches = events(&ck, "launch");
+    assert!(
+        launches.last().unwrap()["restore_seq"].as_u64().is_some(),
+        "second run did not resume: {launches:?}"
+    );
+    wait_for(&t, Duration::from_secs(30), "JobState=COMPLETED", || {
+        show_job(&id).get("JobState").map(String::as_str) == Some("COMPLETED")
+    });
+    assert_eq!(show_job(&id).get("Restarts").map(String::as_str), Some("1"));
+    assert!(
+        t.output().contains("SLURM_RESTART_COUNT=1"),
+        "{}",
+        t.output()
+    );
+    assert_no_survivors(&ck);
+}
+
+/// No `--signal` at all: ckpt reads the end time (squeue %e on 22.05) and stops `--slurm-margin`
+/// before it, checkpointed, long before Slurm's SIGTERM/SIGKILL; requeued, it resumes.
+/// About 40 s: the shortest time limit is 1 minute.
+#[test]
+fn time_limit_stops_before_the_end_and_resumes() {
+    if !ensure_cluster("time_limit") {
+        return;
+    }
+    let t = T::new("tlim");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let steps = 450; // 18 s of work: more than the first run's ~12 s window
+    let body = format!(
+        "exec {} run --dir {} --every off --slurm-margin 48s -- {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(steps, &digest)
+    );
+    let t0 = Instant::now();
+    let (id, _g) = t.submit(&body, &["--requeue", "--time=1"]);
+    wait_for(
+        &t,
+        Duration::from_secs(60),
+        "slurm_time_limit event",
+        || !events(&ck, "slurm_time_limit").is_empty(),
+    );
+    let ev = &events(&ck, "slurm_time_limit")[0];
+    let left = ev["left_ms"].as_u64().unwrap();
+    eprintln!(
+        "{}: stopped {left} ms before the limit, {:?} after submit",
+        t.name,
+        t0.elapsed()
+    );
+    assert!((40_000..=49_000).contains(&left), "{ev}");
+    let first = events(&ck, "slurm")[0].clone();
+    assert!(first["end_time"].as_u64().is_some(), "{first}");
+    wait_for(&t, Duration::from_secs(30), "requeued event", || {
+        !events(&ck, "requeued").is_empty()
+    });
+    let committed_before = events(&ck, "committed");
+    assert!(
+        !committed_before.is_empty(),
+        "no checkpoint at the time-limit stop\n{}",
+        t.output()
+    );
+    wait_for(
+        &t,
+        Duration::from_secs(90),
+        "the second run finished",
+        || read_digest(&digest).is_some(),
+    );
+    eprintln!("{}: submit -> finished in {:?}", t.name, t0.elapsed());
+    assert_eq!(
+        read_digest(&digest).unwrap(),
+        reference(steps),
+        "{}",
+        t.output()
+    );
+    assert_eq!(restart_counts(&ck), vec![0, 1], "{}", t.output());
+    assert!(events(&ck, "launch").last().unwrap()["restore_seq"]
+        .as_u64()
+        .is_some());
+    assert_eq!(show_job(&id).get("Restarts").map(String::as_str), Some("1"));
+    assert_no_survivors(&ck);
+}
+
+/// Two array tasks; the warning goes to task 1 only: it alone is requeued (`A_1`), task 0
+/// runs through once.
+#[test]
+fn array_task_requeues_alone() {
+    if !ensure_cluster("array") {
+        return;
+    }
+    let t = T::new("array");
+    let body = format!(
+        "exec {} run --dir {}/ck$SLURM_ARRAY_TASK_ID --every off -- {} __trainer --steps {STEPS} --dim {DIM} --step-ms {STEP_MS} --digest-file {}/digest$SLURM_ARRAY_TASK_ID",
+        ckpt_bin().display(),
+        t.work.path().display(),
+        ckpt_bin().display(),
+        t.work.path().display(),
+    );
+    let (array, _g) = t.submit(&body, &["--requeue", "--time=5", "--array=0-1"]);
+    let (ck0, ck1) = (t.path("ck0"), t.path("ck1"));
+    wait_for(&t, Duration::from_secs(60), "task 1 announced", || {
+        !events(&ck1, "hello").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    scancel_batch_usr1(&format!("{array}_1"));
+    wait_for(&t, Duration::from_secs(30), "task 1 requeued", || {
+        !events(&ck1, "requeued").is_empty()
+    });
+    assert_eq!(events(&ck1, "requeued")[0]["target"], format!("{array}_1"));
+    for i in 0..2 {
+        let d = t.path(&format!("digest{i}"));
+        wait_for(
+            &t,
+            Duration::from_secs(90),
+            &format!("task {i} finished"),
+            || read_digest(&d).is_some(),
+        );
+        assert_eq!(
+            read_digest(&d).unwrap(),
+            reference(STEPS),
+            "task {i}\n{}",
+            t.output()
+        );
+    }
+    assert_eq!(
+        restart_counts(&ck0),
+        vec![0],
+        "task 0 must not be requeued\n{}",
+        t.output()
+    );
+    assert_eq!(restart_counts(&ck1), vec![0, 1], "{}", t.output());
+    assert!(events(&ck0, "requeued").is_empty());
+    assert_eq!(
+        show_job(&format!("{array}_0"))
+            .get("Restarts")
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        show_job(&format!("{array}_1"))
+            .get("Restarts")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert_no_survivors(&ck0);
+    assert_no_survivors(&ck1);
+}
+
+/// `ckpt run -- srun trainer` in the batch script: the trainer is a child of slurmstepd, not
+/// of ckpt; ckpt accepts its hello (same Slurm job, same supervisor) and its periodic and
+/// stop requests reach it across srun; the job then requeues and resumes as usual.
+#[test]
+fn srun_step_gets_the_requests() {
+    if !ensure_cluster("srun") {
+        return;
+    }
+    let t = T::new("srun");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let body = format!(
+        "exec {} run --dir {} --every 2s -- srun -n1 {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(STEPS, &digest)
+    );
+    let (id, _g) = t.submit(&body, &["--requeue", "--time=5"]);
+    wait_for(
+        &t,
+        Duration::from_secs(60),
+        "a periodic checkpoint from the srun step",
+        || !events(&ck, "committed").is_empty(),
+    );
+    assert!(
+        events(&ck, "bad_hello").is_empty(),
+        "hello from the srun step was refused\n{}",
+        t.output()
+    );
+    let hello_pid = events(&ck, "hello")[0]["pid"].as_u64().unwrap();
+    let leader = events(&ck, "launch")[0]["pid"].as_u64().unwrap();
+    assert_ne!(
+        hello_pid, leader,
+        "the hello should come from the step, not from srun"
+    );
+    scancel_batch_usr1(&id);
+    wait_for(&t, Duration::from_secs(30), "requeued event", || {
+        !events(&ck, "requeued").is_empty()
+    });
+    wait_for(
+        &t,
+        Duration::from_secs(90),
+        "the second run finished",
+        || read_digest(&digest).is_some(),
+    );
+    assert_eq!(
+        read_digest(&digest).unwrap(),
+        reference(STEPS),
+        "{}",
+        t.output()
+    );
+    assert_eq!(restart_counts(&ck), vec![0, 1], "{}", t.output());
+    assert!(events(&ck, "launch").last().unwrap()["restore_seq"]
+        .as_u64()
+        .is_some());
+    assert_no_survivors(&ck);
+}
+
+/// A job submitted with `--no-requeue`: ckpt checkpoints, says why it cannot requeue, and
+/// exits 75 (here: the job's exit code, since ckpt is the batch shell).
+#[test]
+fn not_requeueable_job_exits_75() {
+    if !ensure_cluster("no_requeue") {
+        return;
+    }
+    let t = T::new("noreq");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let body = format!(
+        "exec {} run --dir {} --every off -- {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(STEPS, &digest)
+    );
+    let (id, _g) = t.submit(&body, &["--no-requeue", "--time=5"]);
+    wait_for(&t, Duration::from_secs(60), "hello", || {
+        !events(&ck, "hello").is_empty()
+    });
+    scancel_batch_usr1(&id);
+    wait_for(&t, Duration::from_secs(30), "not_requeued event", || {
+        !events(&ck, "not_requeued").is_empty()
+    });
+    let ev = &events(&ck, "not_requeued")[0];
+    assert!(
+        ev["detail"].as_str().unwrap().contains("not requeueable"),
+        "{ev}"
+    );
+    wait_for(&t, Duration::from_secs(30), "job ended", || {
+        show_job(&id)
+            .get("JobState")
+            .is_some_and(|s| s == "FAILED" || s == "COMPLETED")
+    });
+    let job = show_job(&id);
+    assert_eq!(
+        job.get("ExitCode").map(String::as_str),
+        Some("75:0"),
+        "{job:?}"
+    );
+    assert!(!events(&ck, "committed").is_empty());
+    assert!(read_digest(&digest).is_none());
+    assert_no_survivors(&ck);
+}
+
+/// No cluster needed: inside a "Slurm job" whose tools are missing (a container), the
+/// warning signal still checkpoints and stops, and ckpt says clearly that it cannot requeue
+/// and exits 75.
+#[test]
+fn missing_scontrol_is_reported_and_exits_75() {
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let empty = dir.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let mut child = ckpt()
+        .env("PATH", &empty)
+        .env("SLURM_JOB_ID", "4242")
+        .env("SLURM_RESTART_COUNT", "3")
+        .env_remove("SLURM_JOB_END_TIME")
+        .args(["run", "--dir"])
+        .arg(&ck)
+        .args(["--every", "off", "--"])
+        .arg(ckpt_bin())
+        .args([
+            "__trainer",
+            "--steps",
+            "100000",
+            "--dim",
+            "8",
+            "--step-ms",
+            "10",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { err_pipe }, &mut s);
+        s
+    });
+    wait_until(Duration::from_secs(20), "hello", || {
+        !events(&ck, "hello").is_empty()
+    });
+    signal(child.id(), libc::SIGUSR1);
+    let st = wait_deadline(&mut child, Duration::from_secs(30));
+    let err = err_t.join().unwrap();
+    assert_eq!(st.code(), Some(75), "{err}");
+    assert!(err.contains("SLURM_RESTART_COUNT=3"), "{err}");
+    assert!(err.contains("`squeue` not found"), "{err}");
+    assert!(err.contains("`scontrol` not found"), "{err}");
+    assert!(err.contains("requeue itself"), "{err}");
+    assert!(!events(&ck, "committed").is_empty(), "{err}");
+    assert_no_survivors(&ck);
+}
