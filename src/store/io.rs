@@ -27,6 +27,17 @@ pub trait Io: Send + Sync {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
 }
 
+/// Replaces `path` with a new owner-only (0600) file holding `data`, never writing through
+/// a symlink planted there: an existing entry is removed first and the file is created
+/// exclusively with `O_NOFOLLOW`. For ckpt's own small files (status, markers). Not synced.
+pub fn write_owner_only(path: &Path, data: &[u8]) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    RealIo.write_new(path, data)
+}
+
 /// The real file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealIo;

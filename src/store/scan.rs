@@ -229,7 +229,8 @@ impl Store {
     }
 
     /// Retention. Removes published checkpoints beyond the newest `keep`, except:
-    /// `protect` (the newest verified checkpoint, tags), and with `keep_every` the oldest
+    /// `protect` (the newest verified checkpoint, tags) and anything newer than the newest of
+    /// `protect`, and with `keep_every` the oldest
     /// checkpoint of each such period of creation time. A checkpoint is first renamed into
     /// `.ckpt/trash` (one atomic step, made durable), then deleted. Returns removed sequences.
     pub fn prune(
@@ -243,10 +244,13 @@ impl Store {
             return Ok(Vec::new());
         }
         let (old, _newest) = all.split_at(all.len() - keep);
+        // Nothing newer than the newest protected (verified) checkpoint goes: such a one is
+        // either being verified or corrupt, and corrupt ones are moved aside, never deleted.
+        let ceiling = protect.iter().max().copied().unwrap_or(u64::MAX);
         let mut buckets = std::collections::HashSet::new();
         let mut doomed = Vec::new();
         for (seq, path) in old {
-            if protect.contains(seq) {
+            if protect.contains(seq) || *seq > ceiling {
                 continue;
             }
             if let Some(every) = keep_every {

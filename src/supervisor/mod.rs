@@ -933,7 +933,7 @@ impl Run {
             json!({ "t_ms": crate::store::manifest::now_ms(), "exit": exit.as_code() }).to_string();
         let res = (|| -> std::io::Result<()> {
             let _ = std::fs::remove_file(&tmp);
-            std::fs::write(&tmp, body)?;
+            crate::store::io::write_owner_only(&tmp, body.as_bytes())?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(self.store.private())?.sync_all()

@@ -36,6 +36,7 @@ impl Reporter {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .ok();
         Reporter {
@@ -77,7 +78,7 @@ impl Reporter {
         let tmp = self
             .status_path
             .with_extension(format!("tmp.{}", std::process::id()));
-        let ok = std::fs::write(&tmp, format!("{status}\n")).is_ok();
+        let ok = crate::store::io::write_owner_only(&tmp, format!("{status}\n").as_bytes()).is_ok();
         if ok {
             let _ = std::fs::rename(&tmp, &self.status_path);
         }
