@@ -442,7 +442,17 @@ class Stage:
         self.store = store
         self.algo = algo
         staging = store.private / "staging"
-        os.makedirs(staging, mode=0o700, exist_ok=True)
+        # Not recreated: a checkpoint directory that vanished (or became a symlink) under a
+        # running job must make the save fail, as in the Rust store.
+        try:
+            st = os.lstat(staging)
+        except FileNotFoundError:
+            raise CkptError(
+                f"cannot save: the checkpoint directory {store.dir} vanished ({staging} is missing); "
+                "hint: do not remove it while a job runs"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise CkptError(f"{staging} is not a directory (a symlink?); ckpt never follows links; hint: remove it")
         self.path = staging / token()
         os.mkdir(self.path, 0o700)
         self._known: Dict[str, Tuple[int, int]] = {}
