@@ -20,18 +20,20 @@
 //! # Ok::<(), ckpt::Error>(())
 //! ```
 
-use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{Error, Invalid, Result};
+use crate::error::{Error, Result};
+use crate::pod::{self, Pod};
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
+use crate::snapshot::Snapshot;
 use crate::store::scan::{open_member, read_manifest};
 use crate::store::{Algo, Manifest, Stage, Store};
 
@@ -74,6 +76,39 @@ pub struct Checkpointer {
     last_beat: Option<Instant>,
     keep: Option<usize>,
     sig_ids: Vec<signal_hook::SigId>,
+    /// The asynchronous save in flight, if any, and the snapshot buffers kept for reuse.
+    bg: Mutex<Background>,
+}
+
+/// What a background save thread returns: its snapshot (for reuse) and the outcome.
+type BgResult = (Snapshot, Result<Saved>);
+
+#[derive(Default)]
+struct Background {
+    pending: Option<JoinHandle<BgResult>>,
+    spare: Option<Snapshot>,
+    /// The outcome of a background save finished by `should_stop`/`save`, not yet returned
+    /// by [`Checkpointer::wait`].
+    outcome: Option<Result<Saved>>,
+}
+
+impl Background {
+    /// Joins the save in flight (if any); keeps its snapshot and outcome.
+    fn finish(&mut self) {
+        if let Some(h) = self.pending.take() {
+            match h.join() {
+                Ok((snap, res)) => {
+                    self.spare = Some(snap);
+                    self.outcome = Some(res);
+                }
+                Err(_) => {
+                    self.outcome = Some(Err(Error::Usage(
+                        "the background save thread panicked (a bug: please report it)".into(),
+                    )))
+                }
+            }
+        }
+    }
 }
 
 fn env_opt(name: &'static str) -> Option<String> {
@@ -187,6 +222,7 @@ impl Checkpointer {
             last_beat: None,
             keep: None,
             sig_ids,
+            bg: Mutex::new(Background::default()),
         };
         ck.send(&Message::Hello {
             v: PROTOCOL_VERSION,
@@ -253,44 +289,83 @@ impl Checkpointer {
             })
     }
 
-    /// Reads one file of the restore checkpoint, verified against the manifest.
+    /// Reads one file of the restore checkpoint, verified against the manifest (size and
+    /// checksum, computed while reading).
     pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        let size = self.entry(name)?.size;
+        let mut bytes = vec![0u8; size as usize];
+        self.read_into(name, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads one file of the restore checkpoint into `dest`, which must have exactly the
+    /// file's size ([`Checkpointer::file_size`]): the fastest restore, straight into memory
+    /// the job already owns, in large reads with the checksum verified inline.
+    pub fn read_into(&self, name: &str, dest: &mut [u8]) -> Result<()> {
+        let entry = self.entry(name)?;
+        let r = self.restore.as_ref().expect("entry() checked");
+        if dest.len() as u64 != entry.size {
+            return Err(Error::Usage(format!(
+                "read_into {name:?}: the buffer holds {} bytes, the file {} bytes",
+                dest.len(),
+                entry.size
+            )));
+        }
+        let mut f = open_member(&r.path, name).map_err(|reason| Error::Invalid {
+            path: r.path.clone(),
+            reason,
+        })?;
+        pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
+    }
+
+    /// The size in bytes of one file of the restore checkpoint.
+    pub fn file_size(&self, name: &str) -> Result<u64> {
+        Ok(self.entry(name)?.size)
+    }
+
+    /// Reads a numeric array saved with [`Stage::write_pod`] (or [`Snapshot::put_pod`]) into
+    /// `dest`, which must have exactly the saved number of elements. Verified inline.
+    pub fn read_pod_into<T: Pod>(&self, name: &str, dest: &mut [T]) -> Result<()> {
+        self.read_into(name, pod::as_bytes_mut(dest))?;
+        pod::fix_endian(dest);
+        Ok(())
+    }
+
+    /// Reads a numeric array saved with [`Stage::write_pod`] (or [`Snapshot::put_pod`]).
+    pub fn read_pod<T: Pod + Default>(&self, name: &str) -> Result<Vec<T>> {
+        let size = self.entry(name)?.size;
+        let each = std::mem::size_of::<T>() as u64;
+        if size % each != 0 {
+            return Err(Error::Usage(format!(
+                "file {name:?} has {size} bytes, not a whole number of {each}-byte elements"
+            )));
+        }
+        let mut v = vec![T::default(); (size / each) as usize];
+        self.read_pod_into(name, &mut v)?;
+        Ok(v)
+    }
+
+    /// [`Checkpointer::read_pod`] for `f32` arrays.
+    pub fn read_f32s(&self, name: &str) -> Result<Vec<f32>> {
+        self.read_pod(name)
+    }
+
+    /// [`Checkpointer::read_pod`] for `f64` arrays.
+    pub fn read_f64s(&self, name: &str) -> Result<Vec<f64>> {
+        self.read_pod(name)
+    }
+
+    fn entry(&self, name: &str) -> Result<&crate::store::FileEntry> {
         let r = self.restore.as_ref().ok_or_else(|| {
             Error::Usage("read_file: this run has no checkpoint to restore".into())
         })?;
-        let inval = |reason| Error::Invalid {
-            path: r.path.clone(),
-            reason,
-        };
-        let entry = r.manifest.files.iter().find(|f| f.name == name).ok_or_else(|| {
+        r.manifest.files.iter().find(|f| f.name == name).ok_or_else(|| {
             Error::Usage(format!(
                 "checkpoint {} has no file {name:?} (it has: {}); hint: was it saved with save_files?",
                 r.path.display(),
                 r.manifest.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
-        })?;
-        let mut f = open_member(&r.path, name).map_err(inval)?;
-        let mut bytes = Vec::with_capacity(entry.size as usize);
-        (&mut f)
-            .take(entry.size + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::io("read", r.path.join(name), e))?;
-        if bytes.len() as u64 != entry.size {
-            return Err(inval(Invalid::Size {
-                name: name.into(),
-                expected: entry.size,
-                actual: bytes.len() as u64,
-            }));
-        }
-        let sum = r.manifest.checksum.checksum(&bytes);
-        if sum != entry.sum {
-            return Err(inval(Invalid::Checksum {
-                name: name.into(),
-                expected: entry.sum,
-                actual: sum,
-            }));
-        }
-        Ok(bytes)
+        })
     }
 
     fn send(&self, m: &Message) {
@@ -341,8 +416,14 @@ impl Checkpointer {
 
     /// True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first
     /// if [`Checkpointer::should_checkpoint`] says so, then exit with status 0.
+    /// When it returns true, a pending background save ([`Checkpointer::save_async`]) has
+    /// finished (it waits for it), so the job may exit at once.
     pub fn should_stop(&self) -> bool {
-        self.is_original_process() && self.stop.load(Ordering::Relaxed)
+        let stop = self.is_original_process() && self.stop.load(Ordering::Relaxed);
+        if stop {
+            self.bg.lock().unwrap_or_else(|e| e.into_inner()).finish();
+        }
+        stop
     }
 
     /// Sets the step recorded by [`Checkpointer::save`].
@@ -360,7 +441,7 @@ impl Checkpointer {
                 path: stage.path().join(STATE_FILE),
                 detail: e.to_string(),
             })?;
-            stage.write_file(STATE_FILE, &bytes)
+            stage.write_large(STATE_FILE, &bytes).map(drop)
         })
     }
 
@@ -394,6 +475,132 @@ impl Checkpointer {
         self.save_inner(step, fill)
     }
 
+    /// Asynchronous [`Checkpointer::save`]: blocks only while `state` is encoded into a
+    /// reusable in-memory snapshot; writing, fsync and publishing run on a background thread.
+    /// A save still in flight is waited for first. See [`Checkpointer::save_async_with`].
+    pub fn save_async<T: Serialize>(&mut self, state: &T) -> Result<()> {
+        let step = self.step;
+        self.save_async_with(step, |snap| snap.put_serde(STATE_FILE, state))
+    }
+
+    /// Asynchronous save of files copied into a [`Snapshot`] by `fill` (e.g.
+    /// [`Snapshot::put_pod`] for weights): the job is blocked only while `fill` copies its
+    /// state into buffers kept from the previous save (memcpy speed once they exist). The
+    /// background thread then writes, fsyncs and publishes exactly like
+    /// [`Checkpointer::save_with`] and tells the supervisor. A second save (async or not)
+    /// waits for the first; [`Checkpointer::should_stop`] and dropping the `Checkpointer`
+    /// wait too, so a job that exits when told to never loses a save in flight.
+    /// [`Checkpointer::wait`] returns the outcome.
+    pub fn save_async_with<F>(&mut self, step: Option<u64>, fill: F) -> Result<()>
+    where
+        F: FnOnce(&mut Snapshot) -> Result<()>,
+    {
+        if !self.is_original_process() {
+            return Err(Error::Usage("save called in a forked child process; only the process that created the Checkpointer saves".into()));
+        }
+        if step.is_some() {
+            self.step = step;
+        }
+        let bg = self.bg.get_mut().unwrap_or_else(|e| e.into_inner());
+        bg.finish();
+        let started = Instant::now();
+        let stopping = self.stop.load(Ordering::Relaxed);
+        self.request.store(false, Ordering::Relaxed);
+        let mut snap = bg.spare.take().unwrap_or_default();
+        snap.clear();
+        if let Err(e) = fill(&mut snap) {
+            bg.spare = Some(snap);
+            return Err(e);
+        }
+        self.last_save = Instant::now();
+        if stopping {
+            self.stop_saved = true;
+        }
+        let store = self.store.clone();
+        let socket = match &self.socket {
+            Some((s, p)) => Some((
+                s.try_clone()
+                    .map_err(|e| Error::io("clone the socket", p, e))?,
+                p.clone(),
+            )),
+            None => None,
+        };
+        let pid = self.pid;
+        let keep = self.keep.filter(|_| socket.is_none());
+        let handle = std::thread::Builder::new()
+            .name("ckpt-save".into())
+            .spawn(move || {
+                let send = |m: &Message| {
+                    if let Some((s, p)) = &socket {
+                        let _ = s.send_to(&m.encode(), p);
+                    }
+                };
+                let result = (|| {
+                    let mut stage = Stage::new(&store, Algo::Crc32c)?;
+                    snap.write_to(&mut stage)?;
+                    stage.commit(
+                        step,
+                        concat!("ckpt-rust/", env!("CARGO_PKG_VERSION")),
+                        Default::default(),
+                    )
+                })();
+                let out = match result {
+                    Ok(m) => {
+                        let saved = Saved {
+                            seq: m.seq,
+                            path: store.path_of(m.seq),
+                            step,
+                            bytes: m.total_bytes(),
+                            duration: started.elapsed(),
+                        };
+                        send(&Message::Committed {
+                            v: PROTOCOL_VERSION,
+                            pid,
+                            seq: m.seq,
+                            step,
+                            bytes: saved.bytes,
+                            duration_ms: saved.duration.as_millis() as u64,
+                        });
+                        if let Some(keep) = keep {
+                            let _ = store.prune(keep, None, &[m.seq]);
+                        }
+                        Ok(saved)
+                    }
+                    Err(e) => {
+                        send(&Message::SaveFailed {
+                            v: PROTOCOL_VERSION,
+                            pid,
+                            error: e.to_string(),
+                        });
+                        Err(e)
+                    }
+                };
+                (snap, out)
+            })
+            .map_err(|e| Error::io("start the background save thread", self.store.dir(), e))?;
+        bg.pending = Some(handle);
+        bg.outcome = None;
+        Ok(())
+    }
+
+    /// Waits for the background save in flight (if any) and returns its outcome: `None` if
+    /// no asynchronous save was made since the last `wait`.
+    pub fn wait(&mut self) -> Result<Option<Saved>> {
+        let bg = self.bg.get_mut().unwrap_or_else(|e| e.into_inner());
+        bg.finish();
+        bg.outcome.take().transpose()
+    }
+
+    /// Whether an asynchronous save is still being written.
+    pub fn save_pending(&self) -> bool {
+        self.bg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+    }
+
     fn save_inner<F>(&mut self, step: Option<u64>, fill: F) -> Result<Saved>
     where
         F: FnOnce(&mut Stage) -> Result<()>,
@@ -401,6 +608,11 @@ impl Checkpointer {
         if !self.is_original_process() {
             return Err(Error::Usage("save called in a forked child process; only the process that created the Checkpointer saves".into()));
         }
+        // Saves publish in order: a background save in flight finishes first.
+        self.bg
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish();
         let started = Instant::now();
         let stopping = self.stop.load(Ordering::Relaxed);
         self.request.store(false, Ordering::Relaxed);
@@ -453,6 +665,14 @@ impl Checkpointer {
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
+        // A save in flight completes before the job goes (never in a forked child, which
+        // does not have the thread).
+        if self.is_original_process() {
+            self.bg
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .finish();
+        }
         for id in self.sig_ids.drain(..) {
             signal_hook::low_level::unregister(id);
         }

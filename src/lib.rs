@@ -6,7 +6,9 @@
 
 pub mod client;
 pub mod error;
+pub mod pod;
 pub mod protocol;
+pub mod snapshot;
 pub mod store;
 
 #[cfg(feature = "supervisor")]
@@ -20,3 +22,5 @@ pub mod supervisor;
 
 pub use client::{Checkpointer, RestorePoint, Saved};
 pub use error::{Error, Result};
+pub use pod::Pod;
+pub use snapshot::Snapshot;

@@ -1,0 +1,236 @@
+//! Correctness of the performance APIs: bulk arrays, inline-verified reads, asynchronous
+//! saves (ordering, waiting, the stop path). No timing assertions here (figures live in
+//! `docs/benchmarks.md`, measured by `ckpt bench` and `scripts/bench`).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use ckpt::{Checkpointer, Error};
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A standalone client on `dir` (no supervisor variables).
+fn open(dir: &Path) -> Checkpointer {
+    for k in ["CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE", "CKPT_SIGNAL"] {
+        assert!(
+            std::env::var_os(k).is_none(),
+            "run the tests without {k} set"
+        );
+    }
+    Checkpointer::open(dir).expect("open")
+}
+
+fn f32s(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.5).collect()
+}
+
+#[test]
+fn bulk_arrays_round_trip_across_chunk_boundaries() {
+    let tmp = tempdir();
+    // 2.5 M f32 = 10 MB: more than one 8 MiB chunk, not a multiple of it.
+    let w = f32s(2_500_003, 7);
+    let m: Vec<f64> = (0..100_001).map(|i| i as f64 / 3.0).collect();
+    let ids: Vec<i64> = (0..4097).map(|i| -i * 1_000_003).collect();
+    let mut ck = open(tmp.path());
+    let saved = ck
+        .save_with(Some(3), |st| {
+            st.write_f32s("weights.f32", &w)?;
+            st.write_f64s("opt/m.f64", &m)?;
+            st.write_pod("ids.i64", &ids)?;
+            st.write_large("empty", &[])?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        saved.bytes,
+        (w.len() * 4 + m.len() * 8 + ids.len() * 8) as u64
+    );
+    drop(ck);
+    let ck = open(tmp.path());
+    assert_eq!(ck.restore_point().unwrap().seq, saved.seq);
+    assert_eq!(ck.read_f32s("weights.f32").unwrap(), w);
+    assert_eq!(ck.read_f64s("opt/m.f64").unwrap(), m);
+    assert_eq!(ck.read_pod::<i64>("ids.i64").unwrap(), ids);
+    assert_eq!(ck.read_file("empty").unwrap(), Vec::<u8>::new());
+    // Raw little-endian bytes on disk: what numpy.fromfile(path, "<f4") reads.
+    let raw = std::fs::read(saved.path.join("weights.f32")).unwrap();
+    assert_eq!(&raw[4..8], &w[1].to_le_bytes());
+    // Into a buffer the job owns; a wrong size is a usage error.
+    let mut dest = vec![0f32; w.len()];
+    ck.read_pod_into("weights.f32", &mut dest).unwrap();
+    assert_eq!(dest, w);
+    let mut short = vec![0f32; 3];
+    assert!(matches!(
+        ck.read_pod_into("weights.f32", &mut short),
+        Err(Error::Usage(_))
+    ));
+    // The verified tree matches what `ckpt verify` checks.
+    ckpt::store::Store::new(tmp.path())
+        .verify(saved.seq)
+        .unwrap();
+}
+
+#[test]
+fn corrupt_or_truncated_bulk_files_are_refused_on_read() {
+    let tmp = tempdir();
+    let w = f32s(3_000_000, 1);
+    let mut ck = open(tmp.path());
+    let saved = ck
+        .save_with(None, |st| {
+            st.write_f32s("a.f32", &w)?;
+            st.write_f32s("b.f32", &w)?;
+            Ok(())
+        })
+        .unwrap();
+    drop(ck);
+    let ck = open(tmp.path());
+    // One flipped bit in the last chunk of a.
+    let a = saved.path.join("a.f32");
+    let mut bytes = std::fs::read(&a).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x10;
+    std::fs::write(&a, &bytes).unwrap();
+    let err = ck.read_f32s("a.f32").unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    // b truncated by one element.
+    let b = saved.path.join("b.f32");
+    let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.set_len((w.len() as u64 - 1) * 4).unwrap();
+    let err = ck.read_f32s("b.f32").unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+}
+
+#[test]
+fn async_saves_publish_in_order_and_a_second_save_waits_for_the_first() {
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path());
+    let mut ck = open(tmp.path());
+    let mut w = f32s(4_000_000, 2); // 16 MB: the save is still in flight when we look
+    for round in 1..=4u64 {
+        w[0] = round as f32;
+        ck.save_async_with(Some(round), |s| {
+            s.put_pod("w.f32", &w)?;
+            s.put_serde(ckpt::client::STATE_FILE, &round)
+        })
+        .unwrap();
+        // The job may change its state right away: the snapshot is a copy.
+        w[0] = -1.0;
+        // The previous save is published by the time this one was accepted.
+        let listed: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(listed.len() as u64, round - 1, "listed {listed:?}");
+    }
+    let last = ck.wait().unwrap().expect("the last save's outcome");
+    assert_eq!(last.step, Some(4));
+    assert!(ck.wait().unwrap().is_none(), "nothing pending any more");
+    let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs.len(), 4);
+    assert_eq!(*seqs.last().unwrap(), last.seq);
+    for (i, seq) in seqs.iter().enumerate() {
+        let m = store.verify(*seq).unwrap();
+        assert_eq!(m.step, Some(i as u64 + 1), "steps in commit order");
+    }
+    drop(ck);
+    let ck = open(tmp.path());
+    let restored: u64 = ck.restore().unwrap().unwrap();
+    assert_eq!(restored, 4);
+    let r = ck.read_f32s("w.f32").unwrap();
+    assert_eq!(
+        r[0], 4.0,
+        "the snapshot, not the state changed after the call"
+    );
+    assert_eq!(r[1..], w[1..]);
+}
+
+#[test]
+fn a_synchronous_save_and_drop_wait_for_a_pending_async_save() {
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path());
+    let w = f32s(4_000_000, 3);
+    let mut ck = open(tmp.path());
+    ck.save_async_with(Some(1), |s| s.put_pod("w.f32", &w))
+        .unwrap();
+    let s2 = ck.save_at(2, &2u64).unwrap();
+    let seqs: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs.len(), 2);
+    assert_eq!(s2.seq, seqs[1], "the synchronous save came second");
+    assert_eq!(store.verify(seqs[0]).unwrap().step, Some(1));
+    // The outcome of the async save is still reported.
+    assert_eq!(ck.wait().unwrap().unwrap().step, Some(1));
+    ck.save_async_with(Some(3), |s| s.put_pod("w.f32", &w))
+        .unwrap();
+    drop(ck); // waits
+    let newest = store.list().unwrap().last().unwrap().0;
+    assert_eq!(store.verify(newest).unwrap().step, Some(3));
+}
+
+#[test]
+fn a_failed_async_save_is_reported_by_wait_and_the_job_goes_on() {
+    let tmp = tempdir();
+    let mut ck = open(tmp.path());
+    // A bad name fails while copying, before anything runs in the background.
+    let err = ck
+        .save_async_with(None, |s| s.put("../evil", b"x"))
+        .unwrap_err();
+    assert!(matches!(err, Error::Name(_)), "{err}");
+    // The same name twice in one snapshot is refused too.
+    let err = ck
+        .save_async_with(None, |s| {
+            s.put("a", b"1")?;
+            s.put("a", b"2")
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("already has"), "{err}");
+    // The staging directory vanishes: the background commit fails, wait() says so.
+    ck.save_async_with(Some(1), |s| s.put("a", b"1")).unwrap();
+    ck.wait().unwrap().unwrap();
+    std::fs::remove_dir_all(tmp.path().join(".ckpt/staging")).unwrap();
+    ck.save_async_with(Some(2), |s| s.put("a", b"2")).unwrap();
+    assert!(ck.wait().is_err());
+    std::fs::create_dir(tmp.path().join(".ckpt/staging")).unwrap();
+    ck.save_async_with(Some(3), |s| s.put("a", b"3")).unwrap();
+    assert_eq!(ck.wait().unwrap().unwrap().step, Some(3));
+}
+
+#[test]
+fn stopping_under_ckpt_run_waits_for_the_pending_background_save() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let mut child = ckpt()
+        .args(["run", "--every", "off", "-q", "--grace", "20s", "--dir"])
+        .arg(&dir)
+        .arg("--")
+        .arg(test_bin("async_saver"))
+        .args(["--mib", "64"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(T, "the job to announce its client", || {
+        !events(&dir, "hello").is_empty()
+    });
+    signal(child.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut child, T);
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(st.code(), Some(75), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("stopped at step"))
+        .unwrap_or_else(|| panic!("job output: {out}"));
+    let step: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    // The checkpoint of the stop step is published and verifies: the job's exit waited.
+    let store = ckpt::store::Store::new(&dir);
+    let newest = store.list().unwrap().last().expect("a checkpoint").0;
+    let m = store.verify(newest).unwrap();
+    assert_eq!(m.step, Some(step), "{out}");
+    assert!(m.total_bytes() > 64 << 20, "weights + the step");
+    assert!(!events(&dir, "committed").is_empty());
+    assert_no_survivors(&dir);
+    // And it restores: the weights match the step.
+    let ck = open(&dir);
+    assert_eq!(ck.restore::<u64>().unwrap(), Some(step));
+    let w = ck.read_f32s("weights.f32").unwrap();
+    assert!(w.iter().all(|&x| x == step as f32));
+}
