@@ -594,3 +594,82 @@ fn missing_scontrol_is_reported_and_exits_75() {
     assert!(!events(&ck, "committed").is_empty(), "{err}");
     assert_no_survivors(&ck);
 }
+
+/// The time limit itself, with the end-time watch off (`--slurm-margin off`): at the limit
+/// Slurm sends SIGTERM to every process of the job (ckpt and the trainer), SIGKILL KillWait
+/// (30 s) later. The trainer's client saves on that one SIGTERM (ckpt must not send a second
+/// one, which would make the client exit at once); ckpt requeues; the next run resumes.
+/// LONG: the limit fires 60-90 s after the start (Slurm checks every 30 s).
+#[test]
+fn time_limit_sigterm_checkpoints_before_sigkill() {
+    if !ensure_cluster("time_limit_sigterm") {
+        return;
+    }
+    let t = T::new("tterm");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let steps = 2_500; // 100 s of work: the limit always comes first
+    let body = format!(
+        "exec {} run --dir {} --every off --slurm-margin off -- {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(steps, &digest)
+    );
+    let t0 = Instant::now();
+    let (id, _g) = t.submit(&body, &["--requeue", "--time=1"]);
+    wait_for(
+        &t,
+        Duration::from_secs(150),
+        "stop at the time limit",
+        || !events(&ck, "stop_requested").is_empty(),
+    );
+    eprintln!(
+        "{}: SIGTERM at the limit {:?} after submit",
+        t.name,
+        t0.elapsed()
+    );
+    wait_for(
+        &t,
+        Duration::from_secs(40),
+        "ckpt's verdict after the stop",
+        || !events(&ck, "requeued").is_empty() || !events(&ck, "not_requeued").is_empty(),
+    );
+    let committed = events(&ck, "committed");
+    assert!(
+        !committed.is_empty(),
+        "no checkpoint after SIGTERM\n{}",
+        t.output()
+    );
+    let exits = events(&ck, "exit");
+    assert_eq!(
+        exits[0]["signaled"],
+        false,
+        "the trainer was killed, not stopped: {exits:?}\n{}",
+        t.output()
+    );
+    assert!(
+        !events(&ck, "requeued").is_empty(),
+        "not requeued: {:?}\n{}",
+        events(&ck, "not_requeued"),
+        t.output()
+    );
+    // the second run resumes; stop it early with the warning, we only need the resume
+    wait_for(
+        &t,
+        Duration::from_secs(60),
+        "the second run launched",
+        || events(&ck, "launch").len() >= 2,
+    );
+    let l = events(&ck, "launch");
+    assert_eq!(
+        l[1]["restore_seq"],
+        committed.last().unwrap()["seq"],
+        "{l:?}"
+    );
+    assert_eq!(restart_counts(&ck), vec![0, 1]);
+    let _ = slurm_cmd("scancel").arg(&id).output();
+    wait_for(&t, Duration::from_secs(60), "job processes gone", || {
+        job_processes(&ck).is_empty()
+    });
+    eprintln!("{}: done in {:?}", t.name, t0.elapsed());
+}
