@@ -4,6 +4,7 @@ mod demo;
 mod inspect;
 mod run;
 mod save;
+mod service;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +46,9 @@ pub enum Cmd {
     List(inspect::ListArgs),
     /// Fully verify checkpoints (sizes and checksums); non-zero exit if any is bad.
     Verify(inspect::VerifyArgs),
+    /// Print (or --install) a systemd unit that runs a job under `ckpt run` and resumes it
+    /// after a reboot (docs/cloud.md).
+    Service(service::ServiceArgs),
     /// Run the built-in demo: a toy training job, crashed twice on purpose, resumed, and
     /// its final digest compared with an uninterrupted run.
     Demo(demo::DemoArgs),
@@ -89,6 +93,7 @@ pub fn main() -> i32 {
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Service(a) => service::run(a),
         Cmd::Trainer(a) => demo::trainer(a),
     };
     match result {

@@ -76,6 +76,25 @@ pub struct RunArgs {
     /// checkpoints were slow: 2 x the longest + 10s); `off` to not watch the end time.
     #[arg(long, default_value = "60s", value_name = "DURATION")]
     pub slurm_margin: String,
+    /// Watch the cloud's metadata service for a spot/preemption notice and, when one comes,
+    /// checkpoint at once, stop the job and exit 75 (docs/cloud.md). `auto` detects the
+    /// cloud from DMI data and does nothing off-cloud.
+    #[arg(long, value_enum, value_name = "CLOUD")]
+    pub preemption_notice: Option<crate::integrations::cloud::Choice>,
+    /// How often to poll the metadata service (GCP long-polls: it answers at once anyway).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub preemption_poll: Duration,
+    /// The warning to plan for instead of the cloud's documented one (AWS 2m, GCP and Azure
+    /// 30s); a notice's own deadline still counts.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub preemption_window: Option<Duration>,
+    /// Base URL of the metadata service (plain http), e.g. for a proxy or a test server;
+    /// default http://169.254.169.254 (AWS, Azure), http://metadata.google.internal (GCP).
+    #[arg(long, env = "CKPT_METADATA_URL", value_name = "URL")]
+    pub metadata_url: Option<String>,
+    /// Timeout of one metadata request.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub metadata_timeout: Duration,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -163,6 +182,29 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             })
         }
     };
+    let preemption = match a.preemption_notice {
+        None => None,
+        Some(choice) => {
+            if let Some(u) = &a.metadata_url {
+                if !u.starts_with("http://") {
+                    return Err(usage(format!(
+                        "--metadata-url {u:?}: only plain http:// URLs are supported (metadata services are not https)"
+                    )));
+                }
+            }
+            if a.preemption_poll.is_zero() || a.metadata_timeout.is_zero() {
+                return Err(usage(
+                    "--preemption-poll and --metadata-timeout must be above zero".into(),
+                ));
+            }
+            let mut p = crate::integrations::cloud::Settings::new(choice);
+            p.base_url = a.metadata_url.clone();
+            p.poll = a.preemption_poll;
+            p.timeout = a.metadata_timeout;
+            p.window = a.preemption_window;
+            Some(p)
+        }
+    };
     let cfg = Config {
         dir: a.dir.dir,
         command: a.command,
@@ -184,6 +226,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         quiet: a.quiet,
         log_json: matches!(a.log_format, LogFormat::Json),
         slurm,
+        preemption,
     };
     crate::supervisor::run(cfg)
 }

@@ -7,6 +7,7 @@ pub mod policy;
 pub mod report;
 mod slurm_hooks;
 pub mod spawn;
+pub mod stop_soon;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -90,12 +91,16 @@ pub struct Config {
     pub log_json: bool,
     /// Slurm integration (`--slurm auto`); used only when a Slurm job is detected.
     pub slurm: Option<slurm::Settings>,
+    /// Cloud preemption notices to watch for (`--preemption-notice`).
+    pub preemption: Option<crate::integrations::cloud::Settings>,
 }
 
 enum Ev {
     Signal(i32),
     Msg(Message),
     BadMsg(String),
+    /// From an integration's watcher thread (e.g. a cloud preemption notice).
+    External(stop_soon::External),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +163,9 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
 
     let (tx, rx) = mpsc::channel();
     let socket_path = bind_socket(&store, tx.clone())?;
+    if let Some(p) = cfg.preemption.clone() {
+        crate::integrations::cloud::start(p, stop_soon::Notifier::new(tx.clone()));
+    }
     let session = cfg
         .slurm
         .clone()
@@ -190,6 +198,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         json!({ "pid": std::process::id(), "command": cmdline, "dir": store.dir() }),
     );
 
+    let notices = stop_soon::Notices::load(&store.private());
     let mut run = Run {
         cfg,
         store,
@@ -202,6 +211,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         stop_requested: false,
         last_commit_ms: None,
         slurm: session,
+        notices,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -317,6 +327,7 @@ struct Run {
     last_commit_ms: Option<u64>,
     /// Set when running inside a Slurm job with `--slurm auto`.
     slurm: Option<slurm::Session>,
+    notices: stop_soon::Notices,
 }
 
 fn signame(s: i32) -> &'static str {
@@ -334,6 +345,7 @@ impl Run {
                     Some("stopped before relaunching the job; run again to resume".into()),
                     json!({ "code": exit_codes::TEMPFAIL }),
                 );
+                self.notice_after_stop();
                 return Ok(self.slurm_after_stop());
             }
             let restore = self.pick_restore()?;
@@ -371,6 +383,7 @@ impl Run {
                     )),
                     json!({ "code": exit_codes::TEMPFAIL, "seq": self.last_seq }),
                 );
+                self.notice_after_stop();
                 return Ok(self.slurm_after_stop());
             }
             if exit.success() {
@@ -612,6 +625,7 @@ impl Run {
                 Ok(Ev::Signal(libc::SIGUSR1)) => self.request(job, "on demand (SIGUSR1 to ckpt)"),
                 Ok(Ev::Signal(_)) => {}
                 Ok(Ev::Msg(m)) => self.on_message(job, m),
+                Ok(Ev::External(x)) => self.on_external(Some(job), x),
                 Ok(Ev::BadMsg(e)) => {
                     bad_msgs += 1;
                     if bad_msgs <= 5 || bad_msgs.is_power_of_two() {
@@ -746,13 +760,13 @@ impl Run {
                 }
             }
             self.stop = Some(StopPhase::Requested {
-                deadline: now + self.cfg.grace,
+                deadline: self.stop_deadline(now),
                 base_seq: self.last_seq,
             });
         } else if self.cfg.signal_explicit {
             spawn::signal_group(job.pid, self.cfg.signal);
             self.stop = Some(StopPhase::Requested {
-                deadline: now + self.cfg.grace,
+                deadline: self.stop_deadline(now),
                 base_seq: self.last_seq,
             });
         } else {
@@ -860,6 +874,7 @@ impl Run {
         let Some(m) = found else { return };
         self.last_seq = m.seq;
         let dur = self.last_commit_ms.take();
+        self.notice_committed(m.seq, dur, None);
         self.rep.event(
             "committed",
             Some(format!(
@@ -919,6 +934,7 @@ impl Run {
                     );
                     self.stop_requested = true;
                 }
+                Ok(Ev::External(x)) => self.on_external(None, x),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => return,
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(until - now),
