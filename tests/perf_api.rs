@@ -234,3 +234,46 @@ fn stopping_under_ckpt_run_waits_for_the_pending_background_save() {
     let w = ck.read_f32s("weights.f32").unwrap();
     assert!(w.iter().all(|&x| x == step as f32));
 }
+
+#[test]
+fn every_auto_picks_the_young_daly_interval_from_the_measured_save_and_logs_why() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let mut child = ckpt()
+        .args(["run", "--every", "auto", "--mtbf", "2h", "-q", "--dir"])
+        .arg(&dir)
+        .arg("--")
+        .arg(test_bin("async_saver"))
+        .args(["--mib", "4"])
+        .spawn()
+        .unwrap();
+    wait_until(T, "the job to announce its client", || {
+        !events(&dir, "hello").is_empty()
+    });
+    signal(child.id(), libc::SIGUSR1);
+    wait_until(T, "the interval choice", || {
+        !events(&dir, "interval").is_empty()
+    });
+    signal(child.id(), libc::SIGTERM);
+    assert_eq!(wait_deadline(&mut child, T).code(), Some(75));
+    let ev = &events(&dir, "interval")[0];
+    let cost = ev["cost_ms"].as_f64().unwrap() / 1e3;
+    let every = ev["every_ms"].as_f64().unwrap() / 1e3;
+    assert_eq!(ev["mtbf_source"], "given");
+    assert_eq!(ev["mtbf_ms"], 7_200_000);
+    let yd = (2.0 * cost.max(0.001) * 7200.0).sqrt();
+    assert!(
+        (ev["young_daly_ms"].as_f64().unwrap() / 1e3 - yd).abs() < 0.01,
+        "{ev}"
+    );
+    assert!(every >= 30.0 && (every - yd.max(30.0)).abs() < 0.01, "{ev}");
+    // A bad combination is a usage error.
+    let out = output_deadline(
+        ckpt()
+            .args(["run", "--every", "10m", "--mtbf", "1h", "--dir"])
+            .arg(&dir)
+            .args(["--", "true"]),
+        T,
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+}

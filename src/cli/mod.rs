@@ -1,5 +1,6 @@
 //! Command-line interface: clap definitions and one file per subcommand.
 
+mod bench;
 mod demo;
 mod inspect;
 mod run;
@@ -49,6 +50,8 @@ pub enum Cmd {
     /// Print (or --install) a systemd unit that runs a job under `ckpt run` and resumes it
     /// after a reboot (docs/cloud.md).
     Service(service::ServiceArgs),
+    /// Measure checkpoint costs on this storage (vs dd) and recommend an interval.
+    Bench(bench::BenchArgs),
     /// Run the built-in demo: a toy training job, crashed twice on purpose, resumed, and
     /// its final digest compared with an uninterrupted run.
     Demo(demo::DemoArgs),
@@ -93,6 +96,7 @@ pub fn main() -> i32 {
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Service(a) => service::run(a),
         Cmd::Trainer(a) => demo::trainer(a),
     };

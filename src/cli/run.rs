@@ -19,9 +19,15 @@ use crate::supervisor::{exit_codes, Config, Fatal};
 pub struct RunArgs {
     #[command(flatten)]
     pub dir: DirArg,
-    /// Request a checkpoint this often (e.g. 30s, 10m, 2h; `off` for never).
+    /// Request a checkpoint this often (e.g. 30s, 10m, 2h; `off` for never; `auto`: the
+    /// Young/Daly interval sqrt(2 x C x MTBF) from each save's measured cost C, starting at
+    /// 5m until the first save is measured, explained in the log).
     #[arg(long, default_value = "10m", value_name = "DURATION")]
     pub every: String,
+    /// Mean time between failures for `--every auto` (default: learned from the failures
+    /// seen in this run, else 24h).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub mtbf: Option<Duration>,
     /// Signal that requests a checkpoint. Given explicitly, it is also sent to jobs that
     /// trap it themselves without announcing a client (shell traps).
     #[arg(long, value_name = "SIG")]
@@ -135,9 +141,18 @@ pub fn parse_backoff(s: &str) -> Result<(Duration, Duration), String> {
 }
 
 pub fn run(a: RunArgs) -> Result<i32, Fatal> {
+    let auto_every = (a.every.trim() == "auto")
+        .then_some(crate::supervisor::interval::AutoEvery { mtbf: a.mtbf });
+    if a.mtbf.is_some() && auto_every.is_none() {
+        return Err(usage("--mtbf is only used with --every auto".into()));
+    }
     let every = match a.every.trim() {
         "off" | "never" | "0" => None,
-        s => Some(parse_duration(s).map_err(|e| usage(format!("--every {s:?}: {e}; or `off`")))?),
+        "auto" => Some(crate::supervisor::interval::AUTO_INITIAL),
+        s => Some(
+            parse_duration(s)
+                .map_err(|e| usage(format!("--every {s:?}: {e}; or `off` or `auto`")))?,
+        ),
     };
     let (signal, signal_explicit) = match &a.signal {
         Some(s) => (
@@ -209,6 +224,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         dir: a.dir.dir,
         command: a.command,
         every,
+        auto_every,
         signal,
         signal_explicit,
         grace: a.grace,

@@ -2,6 +2,7 @@
 //! and timers; the job's state lives in [`Run`]. Process model and each failure case:
 //! `docs/design.md`.
 
+pub mod interval;
 pub mod lock;
 pub mod policy;
 pub mod report;
@@ -75,8 +76,11 @@ fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
 pub struct Config {
     pub dir: PathBuf,
     pub command: Vec<OsString>,
-    /// Periodic request interval; `None` for none.
+    /// Periodic request interval; `None` for none. With `auto_every` it is the current
+    /// choice, adjusted after every commit.
     pub every: Option<Duration>,
+    /// `--every auto`: the interval follows the Young/Daly rule (`interval.rs`).
+    pub auto_every: Option<interval::AutoEvery>,
     pub signal: i32,
     /// `--signal` was given: the job traps it itself even without announcing a client.
     pub signal_explicit: bool,
@@ -702,6 +706,7 @@ impl Run {
                 seq, duration_ms, ..
             } => {
                 self.last_commit_ms = Some(duration_ms);
+                self.auto_adjust(duration_ms);
                 if let Some(sl) = self.slurm.as_mut() {
                     sl.note_save(duration_ms);
                 }

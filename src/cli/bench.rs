@@ -1,0 +1,418 @@
+//! `ckpt bench`: measures checkpoint costs on the user's own storage, side by side with the
+//! raw baselines, and recommends an interval. Method and figures: `docs/benchmarks.md`.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::parse_duration;
+use crate::store::{Algo, Stage, Store};
+use crate::supervisor::interval::{auto_interval, young_daly, DEFAULT_MTBF};
+use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
+
+/// Measure checkpoint costs on this storage.
+///
+/// Runs, in one go and on the same directory: raw sequential write+fsync (`dd bs=4M
+/// conv=fsync`, or an equivalent in-process writer when dd is missing) and cold read
+/// baselines; ckpt's save (bulk array path) and restore (verified inline); the stall of an
+/// asynchronous save next to a plain in-memory copy of the state; the latency of a small
+/// durable commit. Prints medians over --runs, the ratios, and the interval the Young/Daly
+/// rule recommends. Cold reads need root (to drop the page cache); otherwise reads are warm
+/// and marked so.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Directory on the storage to measure (a temporary sub-directory is used and removed).
+    #[arg(long, short = 'd', default_value = ".", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// State size (e.g. 256MiB, 1GiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub size: u64,
+    /// Rounds; the medians are printed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub runs: u32,
+    /// Mean time between failures for the recommended interval (default 24h).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub mtbf: Option<Duration>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `256MiB`, `1GiB`, `512M`, `1G`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 256MiB or 1GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit (use KiB, MiB, GiB)")),
+    };
+    let v = (n * mult as f64) as u64;
+    if v < 1 << 20 {
+        return Err(format!("{s:?}: at least 1MiB"));
+    }
+    Ok(v)
+}
+
+fn io_fail(what: &str, p: &Path, e: impl std::fmt::Display) -> Fatal {
+    Fatal {
+        code: exit_codes::IO,
+        msg: format!("bench: {what} {}: {e}", p.display()),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Drops the page cache (root only). Returns whether it worked.
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+fn dd_available() -> bool {
+    Command::new("dd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Raw sequential write + fsync of `size` bytes: `dd if=/dev/zero bs=4M conv=fsync`, or the
+/// same pattern in process (4 MiB writes from one reused buffer, then fsync).
+fn raw_write(path: &Path, size: u64, use_dd: bool) -> Result<Duration, Fatal> {
+    let _ = fs::remove_file(path);
+    let t = Instant::now();
+    if use_dd {
+        let st = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", path.display()))
+            .args(["bs=4M", "conv=fsync"])
+            .arg(format!("count={}", size.div_ceil(4 << 20)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| io_fail("run dd for", path, e))?;
+        if !st.success() {
+            return Err(io_fail("dd failed writing", path, st));
+        }
+    } else {
+        let mut f = File::create(path).map_err(|e| io_fail("create", path, e))?;
+        let buf = vec![0u8; 4 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.write_all(&buf[..n])
+                .map_err(|e| io_fail("write", path, e))?;
+            left -= n as u64;
+        }
+        f.sync_all().map_err(|e| io_fail("fsync", path, e))?;
+    }
+    Ok(t.elapsed())
+}
+
+/// Raw sequential read (4 MiB reads into one reused buffer), like `dd bs=4M of=/dev/null`.
+fn raw_read(path: &Path, use_dd: bool) -> Result<Duration, Fatal> {
+    let t = Instant::now();
+    if use_dd {
+        let st = Command::new("dd")
+            .arg(format!("if={}", path.display()))
+            .args(["of=/dev/null", "bs=4M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| io_fail("run dd for", path, e))?;
+        if !st.success() {
+            return Err(io_fail("dd failed reading", path, st));
+        }
+    } else {
+        let mut f = File::open(path).map_err(|e| io_fail("open", path, e))?;
+        let mut buf = vec![0u8; 4 << 20];
+        while f.read(&mut buf).map_err(|e| io_fail("read", path, e))? > 0 {}
+    }
+    Ok(t.elapsed())
+}
+
+struct Progress(bool);
+impl Progress {
+    fn say(&self, s: &str) {
+        if self.0 {
+            eprint!("\rckpt bench: {s:<60}");
+            let _ = std::io::stderr().flush();
+        }
+    }
+    fn done(&self) {
+        if self.0 {
+            eprint!("\r{:<75}\r", "");
+        }
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<i32, Fatal> {
+    // Measure standalone even when started under `ckpt run`.
+    for k in ["CKPT_SOCKET", "CKPT_DIR", "CKPT_RESTORE"] {
+        std::env::remove_var(k);
+    }
+    let work = a.dir.join(format!(".ckpt-bench.{}", std::process::id()));
+    fs::create_dir_all(&work).map_err(|e| io_fail("create", &work, e))?;
+    let res = measure(&a, &work);
+    let _ = fs::remove_dir_all(&work);
+    res
+}
+
+fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
+    use std::io::IsTerminal;
+    let prog = Progress(
+        std::io::stderr().is_terminal() || std::env::var_os("CKPT_BENCH_PROGRESS").is_some(),
+    );
+    let size = a.size - a.size % 4;
+    let n = (size / 4) as usize;
+    let use_dd = dd_available();
+    let root = drop_caches();
+    let gb = |d: Duration| size as f64 / d.as_secs_f64() / 1e9;
+
+    prog.say("preparing the state");
+    // A deterministic, incompressible state, touched (like a job's weights).
+    let mut x: u32 = 0x9e37_79b9;
+    let state: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            f32::from_bits(x & 0xbfff_ffff)
+        })
+        .collect();
+    let mut copy = vec![0f32; n];
+    let mut restored = vec![0f32; n];
+
+    let store = Store::new(work.join("ck"));
+    store
+        .create()
+        .map_err(|e| io_fail("create", store.dir(), e))?;
+    let raw = work.join("raw.bin");
+    let (mut w_dd, mut w_ck, mut r_dd, mut r_ck, mut r_ck_fresh) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut serde_save = vec![];
+    let mut ck = crate::Checkpointer::open(work.join("async")).map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: format!("bench: {e}"),
+    })?;
+
+    for round in 1..=a.runs {
+        let tag = format!("round {round}/{}", a.runs);
+        prog.say(&format!("{tag}: raw write+fsync"));
+        w_dd.push(gb(raw_write(&raw, size, use_dd)?));
+
+        prog.say(&format!("{tag}: ckpt save"));
+        let t = Instant::now();
+        let mut stage = Stage::new(&store, Algo::Crc32c).map_err(|e| fail(&e))?;
+        stage
+            .write_f32s("weights.f32", &state)
+            .map_err(|e| fail(&e))?;
+        let m = stage
+            .commit(Some(round as u64), "ckpt-bench", Default::default())
+            .map_err(|e| fail(&e))?;
+        w_ck.push(gb(t.elapsed()));
+        let cpath = store.path_of(m.seq);
+
+        prog.say(&format!("{tag}: raw read"));
+        drop_caches();
+        r_dd.push(gb(raw_read(&raw, use_dd)?));
+        prog.say(&format!("{tag}: ckpt restore"));
+        drop_caches();
+        let entry = m.files[0].clone();
+        let t = Instant::now();
+        let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
+        crate::pod::read_verified(
+            &mut f,
+            &cpath,
+            &entry,
+            m.checksum,
+            crate::pod::as_bytes_mut(&mut restored),
+        )
+        .map_err(|e| fail(&e))?;
+        r_ck.push(gb(t.elapsed()));
+        if round == 1 && restored != state {
+            return Err(fail(&"restored state differs from the saved state (a bug)"));
+        }
+        drop_caches();
+        let t = Instant::now();
+        let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
+        let mut fresh = vec![0f32; n];
+        crate::pod::read_verified(
+            &mut f,
+            &cpath,
+            &entry,
+            m.checksum,
+            crate::pod::as_bytes_mut(&mut fresh),
+        )
+        .map_err(|e| fail(&e))?;
+        r_ck_fresh.push(gb(t.elapsed()));
+        drop(fresh);
+
+        prog.say(&format!("{tag}: memcpy and async save"));
+        let t = Instant::now();
+        copy.copy_from_slice(&state);
+        memcpy.push(t.elapsed().as_secs_f64());
+        std::hint::black_box(&copy);
+        // The async save: the stall is the call; the rest runs in the background.
+        let t = Instant::now();
+        ck.save_async_with(Some(round as u64), |s| s.put_pod("weights.f32", &state))
+            .map_err(|e| fail(&e))?;
+        let d = t.elapsed().as_secs_f64();
+        if round == 1 {
+            stall_first.push(d);
+        } else {
+            stall.push(d);
+        }
+        let saved = ck.wait().map_err(|e| fail(&e))?.expect("a pending save");
+        async_total.push(saved.duration.as_secs_f64());
+
+        prog.say(&format!("{tag}: small commits"));
+        for i in 0..10 {
+            let t = Instant::now();
+            let mut stage = Stage::new(&store, Algo::Crc32c).map_err(|e| fail(&e))?;
+            stage
+                .write_file("step", &[i as u8; 4096])
+                .map_err(|e| fail(&e))?;
+            stage
+                .commit(None, "ckpt-bench", Default::default())
+                .map_err(|e| fail(&e))?;
+            commit.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        // Keep the directory small between rounds.
+        let _ = store.prune(1, None, &[]);
+        let _ = Store::new(work.join("async")).prune(1, None, &[]);
+        if round == 1 {
+            prog.say(&format!("{tag}: serde (postcard) save, for comparison"));
+            let t = Instant::now();
+            let bytes = postcard::to_stdvec(&state).map_err(|e| fail(&e))?;
+            let mut stage = Stage::new(&store, Algo::Crc32c).map_err(|e| fail(&e))?;
+            stage
+                .write_large("state.postcard", &bytes)
+                .map_err(|e| fail(&e))?;
+            stage
+                .commit(None, "ckpt-bench", Default::default())
+                .map_err(|e| fail(&e))?;
+            serde_save.push(gb(t.elapsed()));
+            let _ = store.prune(1, None, &[]);
+        }
+    }
+    prog.done();
+    let _ = fs::remove_file(&raw);
+
+    let w_dd = median(&mut w_dd);
+    let w_ck = median(&mut w_ck);
+    let r_dd = median(&mut r_dd);
+    let r_ck = median(&mut r_ck);
+    let r_ck_fresh = median(&mut r_ck_fresh);
+    let memcpy = median(&mut memcpy);
+    let stall_first = median(&mut stall_first);
+    let stall = if stall.is_empty() {
+        stall_first
+    } else {
+        median(&mut stall)
+    };
+    let async_total = median(&mut async_total);
+    let commit = median(&mut commit);
+    let serde_save = median(&mut serde_save);
+    let save_s = size as f64 / (w_ck * 1e9);
+    let mtbf = a.mtbf.unwrap_or(DEFAULT_MTBF);
+    let rec_sync = auto_interval(Duration::from_secs_f64(save_s), mtbf);
+    let rec_async = auto_interval(Duration::from_secs_f64(stall), mtbf);
+    let raw_rec_async = young_daly(Duration::from_secs_f64(stall), mtbf);
+    let out = json!({
+        "size_bytes": size,
+        "runs": a.runs,
+        "baseline": if use_dd { "dd bs=4M conv=fsync (if=/dev/zero); dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
+        "cold_reads": root,
+        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "serde_postcard_save": serde_save },
+        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh },
+        "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
+        "commit_ms_median": commit,
+        "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
+        "mtbf_s": mtbf.as_secs_f64(),
+        "recommended_every_s": { "sync": rec_sync.as_secs_f64(), "async": rec_async.as_secs_f64() },
+    });
+    if a.json {
+        println!("{out:#}");
+        return Ok(0);
+    }
+    let rd = if root {
+        "cold"
+    } else {
+        "WARM (not root: page cache not dropped)"
+    };
+    let base = if use_dd { "dd" } else { "raw" };
+    println!(
+        "ckpt bench: {} state in {}, median of {} round(s)",
+        fmt_bytes(size),
+        a.dir.display(),
+        a.runs
+    );
+    println!("  write+fsync  {base:<4} {w_dd:>6.2} GB/s   ckpt save    {w_ck:>6.2} GB/s   ratio {:.2}  (serde/postcard save: {serde_save:.2} GB/s)", w_ck / w_dd);
+    println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
+    println!(
+        "  async save   memcpy {}   stall {}   ratio {:.2}   (first save, fresh buffers: {}; in background: {})",
+        fmt_secs(memcpy),
+        fmt_secs(stall),
+        stall / memcpy,
+        fmt_secs(stall_first),
+        fmt_secs(async_total)
+    );
+    println!("  small commit {commit:.2} ms (median; 4 KiB file, fsyncs, rename, dir fsync)");
+    println!(
+        "  overhead at --every 60s: {:.2}% with save, {:.3}% with save_async",
+        100.0 * save_s / 60.0,
+        100.0 * stall / 60.0
+    );
+    println!(
+        "  recommended --every (Young/Daly sqrt(2 x C x MTBF), MTBF {}{}): {} for synchronous saves (C = {}), {} for save_async (C = {}{})",
+        fmt_dur(mtbf),
+        if a.mtbf.is_none() { ", default; set --mtbf" } else { "" },
+        fmt_dur(rec_sync),
+        fmt_secs(save_s),
+        fmt_dur(rec_async),
+        fmt_secs(stall),
+        if rec_async != raw_rec_async { format!("; unclamped {}", fmt_dur(raw_rec_async)) } else { String::new() },
+    );
+    Ok(0)
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> Fatal {
+    Fatal {
+        code: exit_codes::IO,
+        msg: format!("bench: {e}"),
+    }
+}

@@ -1,0 +1,186 @@
+//! Choosing the checkpoint interval: the Young/Daly rule, and `ckpt run --every auto`.
+//!
+//! With a checkpoint costing `C` of the job's time and failures arriving every `MTBF` on
+//! average, the interval that minimises the expected lost time (work redone after a failure
+//! plus checkpoint overhead) is about `sqrt(2 * C * MTBF)` (Young 1974, Daly 2006; a good
+//! approximation while `C` is much shorter than `MTBF`).
+
+use std::time::Duration;
+
+/// Shortest interval `--every auto` ever picks (a checkpoint costing microseconds must not
+/// turn into a request storm).
+pub const AUTO_MIN: Duration = Duration::from_secs(30);
+/// Longest interval `--every auto` ever picks.
+pub const AUTO_MAX: Duration = Duration::from_secs(6 * 3600);
+/// The interval used until a first checkpoint has been measured: conservative (one early
+/// checkpoint gives the measurement).
+pub const AUTO_INITIAL: Duration = Duration::from_secs(5 * 60);
+/// MTBF assumed when none is given and ckpt has seen no failure on the directory.
+pub const DEFAULT_MTBF: Duration = Duration::from_secs(24 * 3600);
+
+/// The Young/Daly optimum `sqrt(2 * cost * mtbf)`.
+pub fn young_daly(cost: Duration, mtbf: Duration) -> Duration {
+    Duration::from_secs_f64((2.0 * cost.as_secs_f64() * mtbf.as_secs_f64()).sqrt())
+}
+
+/// `young_daly` clamped to [`AUTO_MIN`, `AUTO_MAX`].
+pub fn auto_interval(cost: Duration, mtbf: Duration) -> Duration {
+    young_daly(cost, mtbf).clamp(AUTO_MIN, AUTO_MAX)
+}
+
+/// Where the MTBF of `--every auto` comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MtbfSource {
+    /// `--mtbf`.
+    Given(Duration),
+    /// Learned: run time divided by the failures seen (at least one).
+    Learned { run: Duration, failures: u32 },
+    /// Nothing known yet: [`DEFAULT_MTBF`].
+    Default,
+}
+
+impl MtbfSource {
+    /// The MTBF value.
+    pub fn value(self) -> Duration {
+        match self {
+            MtbfSource::Given(d) => d,
+            MtbfSource::Learned { run, failures } => run / failures.max(1),
+            MtbfSource::Default => DEFAULT_MTBF,
+        }
+    }
+
+    /// Picks the source: `--mtbf` wins; else failures seen over `run` time; else the default.
+    pub fn pick(given: Option<Duration>, run: Duration, failures: u32) -> MtbfSource {
+        match given {
+            Some(d) => MtbfSource::Given(d),
+            None if failures > 0 => MtbfSource::Learned { run, failures },
+            None => MtbfSource::Default,
+        }
+    }
+
+    /// For the log.
+    pub fn describe(self) -> String {
+        match self {
+            MtbfSource::Given(d) => format!("MTBF {} (--mtbf)", super::fmt_dur(d)),
+            MtbfSource::Learned { run, failures } => format!(
+                "MTBF {} (learned: {failures} failure(s) in {} of running)",
+                super::fmt_dur(self.value()),
+                super::fmt_dur(run)
+            ),
+            MtbfSource::Default => format!(
+                "MTBF {} (default; no failure seen yet, pass --mtbf to set it)",
+                super::fmt_dur(DEFAULT_MTBF)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn young_daly_matches_the_formula() {
+        // C = 1 s, MTBF = 24 h: sqrt(2 * 86400) = 415.7 s.
+        let d = young_daly(Duration::from_secs(1), Duration::from_secs(86400));
+        assert!((d.as_secs_f64() - 415.69).abs() < 0.01, "{d:?}");
+        assert_eq!(
+            auto_interval(Duration::from_micros(1), Duration::from_secs(60)),
+            AUTO_MIN
+        );
+        assert_eq!(
+            auto_interval(Duration::from_secs(3600), Duration::from_secs(1 << 30)),
+            AUTO_MAX
+        );
+    }
+
+    #[test]
+    fn process_age_is_sane() {
+        let a = process_age();
+        assert!(a < Duration::from_secs(24 * 3600), "{a:?}");
+    }
+
+    #[test]
+    fn mtbf_source_precedence() {
+        let h = Duration::from_secs(3600);
+        assert_eq!(MtbfSource::pick(Some(h), h * 5, 2).value(), h);
+        assert_eq!(MtbfSource::pick(None, h * 6, 3).value(), h * 2);
+        assert_eq!(MtbfSource::pick(None, h, 0).value(), DEFAULT_MTBF);
+    }
+}
+
+/// How long this process (the supervisor) has been running, from `/proc`.
+pub fn process_age() -> Duration {
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let start = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        // Field 22 (starttime), counted after the parenthesised command name.
+        let rest = &s[s.rfind(')')? + 2..];
+        rest.split_whitespace().nth(19)?.parse::<f64>().ok()
+    });
+    let up = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    match (start, up) {
+        (Some(st), Some(up)) => Duration::from_secs_f64((up - st / ticks).max(0.0)),
+        _ => Duration::ZERO,
+    }
+}
+
+/// `ckpt run --every auto`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoEvery {
+    /// `--mtbf`, if given.
+    pub mtbf: Option<Duration>,
+}
+
+impl super::Run {
+    /// After a commit that took `duration_ms`: with `--every auto`, sets the request interval
+    /// to the Young/Daly optimum for the measured cost and logs why (when it changes by more
+    /// than 10%, and always the first time).
+    pub(super) fn auto_adjust(&mut self, duration_ms: u64) {
+        let Some(auto) = self.cfg.auto_every else {
+            return;
+        };
+        let cost = Duration::from_millis(duration_ms.max(1));
+        let src = MtbfSource::pick(auto.mtbf, process_age(), self.hist.restarts);
+        let mtbf = src.value();
+        let raw = young_daly(cost, mtbf);
+        let every = raw.clamp(AUTO_MIN, AUTO_MAX);
+        let old = self.cfg.every;
+        let changed = old.is_none_or(|o| {
+            let r = every.as_secs_f64() / o.as_secs_f64().max(1e-9);
+            !(0.9..=1.1).contains(&r)
+        });
+        if !changed {
+            return;
+        }
+        self.cfg.every = Some(every);
+        let clamp = if every != raw {
+            format!(
+                " (sqrt(2 x C x MTBF) = {}, kept within {}..{})",
+                super::fmt_dur(raw),
+                super::fmt_dur(AUTO_MIN),
+                super::fmt_dur(AUTO_MAX)
+            )
+        } else {
+            String::new()
+        };
+        self.rep.event(
+            "interval",
+            Some(format!(
+                "--every auto: checkpoint every {} = sqrt(2 x C x MTBF) with C = {} (the last save), {}{clamp}; was {}",
+                super::fmt_dur(every),
+                super::fmt_dur(cost),
+                src.describe(),
+                old.map(super::fmt_dur).unwrap_or_else(|| "off".into()),
+            )),
+            serde_json::json!({
+                "every_ms": every.as_millis() as u64,
+                "cost_ms": duration_ms,
+                "mtbf_ms": mtbf.as_millis() as u64,
+                "mtbf_source": match src { MtbfSource::Given(_) => "given", MtbfSource::Learned { .. } => "learned", MtbfSource::Default => "default" },
+                "young_daly_ms": raw.as_millis() as u64,
+            }),
+        );
+    }
+}
