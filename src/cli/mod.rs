@@ -1,7 +1,9 @@
 //! Command-line interface: clap definitions and one file per subcommand.
 
 mod bench;
+mod control;
 mod demo;
+mod history;
 mod inspect;
 mod run;
 mod save;
@@ -47,11 +49,28 @@ pub enum Cmd {
     List(inspect::ListArgs),
     /// Fully verify checkpoints (sizes and checksums); non-zero exit if any is bad.
     Verify(inspect::VerifyArgs),
+    /// Show what a running supervisor and its job are doing.
+    Status(control::StatusArgs),
+    /// Ask the running job for a checkpoint now (`--wait`: until it is durable).
+    Checkpoint(control::CheckpointArgs),
+    /// Checkpoint and stop a running supervisor (it exits 75: run me again).
+    Stop(control::StopArgs),
+    /// Measure checkpoint costs on this storage (vs dd) and recommend an interval.
+    Bench(bench::BenchArgs),
+    /// Show the supervisor's event log.
+    Log(history::LogArgs),
+    /// Overhead, lost work, restarts and goodput of the runs on a directory.
+    Stats(history::StatsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `ckpt man | man -l -`.
+    Man,
     /// Print (or --install) a systemd unit that runs a job under `ckpt run` and resumes it
     /// after a reboot (docs/cloud.md).
     Service(service::ServiceArgs),
-    /// Measure checkpoint costs on this storage (vs dd) and recommend an interval.
-    Bench(bench::BenchArgs),
     /// Run the built-in demo: a toy training job, crashed twice on purpose, resumed, and
     /// its final digest compared with an uninterrupted run.
     Demo(demo::DemoArgs),
@@ -96,7 +115,30 @@ pub fn main() -> i32 {
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Status(a) => control::status(a),
+        Cmd::Checkpoint(a) => control::checkpoint(a),
+        Cmd::Stop(a) => control::stop(a),
+        Cmd::Log(a) => history::log(a),
+        Cmd::Stats(a) => history::stats(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "ckpt",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Cmd::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            page.render(&mut std::io::stdout())
+                .map(|_| 0)
+                .map_err(|e| Fatal {
+                    code: exit_codes::IO,
+                    msg: e.to_string(),
+                })
+        }
         Cmd::Service(a) => service::run(a),
         Cmd::Trainer(a) => demo::trainer(a),
     };

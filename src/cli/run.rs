@@ -82,6 +82,18 @@ pub struct RunArgs {
     /// checkpoints were slow: 2 x the longest + 10s); `off` to not watch the end time.
     #[arg(long, default_value = "60s", value_name = "DURATION")]
     pub slurm_margin: String,
+    /// Treat a job whose client reports no progress for this long as hung: kill it and
+    /// restart it from the newest checkpoint (clients report at every should_checkpoint()
+    /// call). Off by default; never applies to jobs without a client.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub hang_timeout: Option<Duration>,
+    /// Signal a hung job gets 2s before SIGKILL, for a stack dump (e.g. QUIT for the JVM,
+    /// USR2 with Python's faulthandler.register).
+    #[arg(long, value_name = "SIG")]
+    pub hang_signal: Option<String>,
+    /// Treat a requested checkpoint that does not commit within this long as a hang.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub checkpoint_timeout: Option<Duration>,
     /// Watch the cloud's metadata service for a spot/preemption notice and, when one comes,
     /// checkpoint at once, stop the job and exit 75 (docs/cloud.md). `auto` detects the
     /// cloud from DMI data and does nothing off-cloud.
@@ -197,6 +209,14 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             })
         }
     };
+    let hang_signal = match &a.hang_signal {
+        Some(s) => Some(parse_signal(s).ok_or_else(|| {
+            usage(format!(
+                "--hang-signal {s:?} is not a signal name or number (e.g. QUIT, USR2)"
+            ))
+        })?),
+        None => None,
+    };
     let preemption = match a.preemption_notice {
         None => None,
         Some(choice) => {
@@ -221,6 +241,9 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         }
     };
     let cfg = Config {
+        hang_timeout: a.hang_timeout,
+        hang_signal,
+        checkpoint_timeout: a.checkpoint_timeout,
         dir: a.dir.dir,
         command: a.command,
         every,

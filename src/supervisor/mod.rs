@@ -2,6 +2,7 @@
 //! and timers; the job's state lives in [`Run`]. Process model and each failure case:
 //! `docs/design.md`.
 
+pub mod control;
 pub mod interval;
 pub mod lock;
 pub mod policy;
@@ -42,6 +43,8 @@ pub mod exit_codes {
     pub const IO: i32 = 74;
     /// Stopped (signal, preemption, time limit) after a checkpoint: run me again.
     pub const TEMPFAIL: i32 = 75;
+    /// `ckpt status/checkpoint/stop`: no supervisor runs on that directory.
+    pub const NOT_RUNNING: i32 = 69;
     /// Stopped after a checkpoint and requeued through Slurm (`scontrol requeue`): nothing
     /// left to do, Slurm runs the batch script again (docs/slurm.md).
     pub const REQUEUED: i32 = 79;
@@ -95,6 +98,12 @@ pub struct Config {
     pub log_json: bool,
     /// Slurm integration (`--slurm auto`); used only when a Slurm job is detected.
     pub slurm: Option<slurm::Settings>,
+    /// A job with a client that reports no progress for this long is treated as failed.
+    pub hang_timeout: Option<Duration>,
+    /// Signal sent to a hung job before it is killed (for a stack dump), if any.
+    pub hang_signal: Option<i32>,
+    /// A requested checkpoint not committed within this long is treated as a hang.
+    pub checkpoint_timeout: Option<Duration>,
     /// Cloud preemption notices to watch for (`--preemption-notice`).
     pub preemption: Option<crate::integrations::cloud::Settings>,
 }
@@ -103,6 +112,7 @@ enum Ev {
     Signal(i32),
     Msg(Message),
     BadMsg(String),
+    Control(control::ControlEvent),
     /// From an integration's watcher thread (e.g. a cloud preemption notice).
     External(stop_soon::External),
 }
@@ -125,6 +135,12 @@ struct Job {
     step: Option<u64>,
     /// The "no client, no requests" notice was logged for this launch.
     skip_logged: bool,
+    /// Last sign of life from a client (any message), for hang detection.
+    last_beat: Instant,
+    /// A checkpoint was requested at this time and has not committed yet.
+    pending_since: Option<Instant>,
+    /// The job was declared hung; SIGKILL at this time.
+    kill_at: Option<Instant>,
 }
 
 /// Runs the supervisor to the end; returns ckpt's exit code.
@@ -167,6 +183,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
 
     let (tx, rx) = mpsc::channel();
     let socket_path = bind_socket(&store, tx.clone())?;
+    let control_path = bind_control(&store, tx.clone())?;
     if let Some(p) = cfg.preemption.clone() {
         crate::integrations::cloud::start(p, stop_soon::Notifier::new(tx.clone()));
     }
@@ -215,11 +232,20 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         stop_requested: false,
         last_commit_ms: None,
         slurm: session,
+        control_path,
+        started: Instant::now(),
+        waits: Vec::new(),
+        bad_controls: 0,
         notices,
+        last_commit: None,
     };
     run.slurm_start();
     let code = run.main_loop();
+    run.answer_waits(Err(
+        "the supervisor stopped before a checkpoint committed".into()
+    ));
     let _ = std::fs::remove_file(&run.socket_path);
+    let _ = std::fs::remove_file(&run.control_path);
     if let Some(parent) = run
         .socket_path
         .parent()
@@ -230,26 +256,49 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     code
 }
 
-fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
-    let mut path = store.private().join("sock");
-    if path.as_os_str().len() > 100 {
-        // sun_path holds 108 bytes; fall back to a private temp directory.
-        let d = std::env::temp_dir().join(format!(
-            "ckpt-{}-{}",
-            std::process::id(),
-            crate::store::manifest::now_ms()
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&d)
-            .map_err(|e| {
-                fatal(
-                    exit_codes::CANT_CREATE,
-                    format!("cannot create {}: {e}", d.display()),
-                )
-            })?;
-        path = d.join("sock");
+/// A socket path in `DIR/.ckpt`, or in a private temp directory when that path would not fit
+/// in `sun_path` (108 bytes).
+fn socket_path(store: &Store, name: &str) -> Result<PathBuf, Fatal> {
+    let path = store.private().join(name);
+    if path.as_os_str().len() <= 100 {
+        return Ok(path);
     }
+    let d = std::env::temp_dir().join(format!(
+        "ckpt-{}-{}-{name}",
+        std::process::id(),
+        crate::store::manifest::now_ms()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&d)
+        .map_err(|e| {
+            fatal(
+                exit_codes::CANT_CREATE,
+                format!("cannot create {}: {e}", d.display()),
+            )
+        })?;
+    Ok(d.join(name))
+}
+
+fn bind_control(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
+    let path = socket_path(store, "control.sock")?;
+    let tx = std::sync::Mutex::new(tx);
+    control::serve(&path, move |ev| {
+        tx.lock()
+            .map(|t| t.send(Ev::Control(ev)).is_ok())
+            .unwrap_or(false)
+    })
+    .map_err(|e| {
+        fatal(
+            exit_codes::CANT_CREATE,
+            format!("cannot bind control socket {}: {e}", path.display()),
+        )
+    })?;
+    Ok(path)
+}
+
+fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
+    let path = socket_path(store, "sock")?;
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).map_err(|e| {
         fatal(
@@ -331,7 +380,14 @@ struct Run {
     last_commit_ms: Option<u64>,
     /// Set when running inside a Slurm job with `--slurm auto`.
     slurm: Option<slurm::Session>,
+    control_path: PathBuf,
+    started: Instant,
+    /// `ckpt checkpoint --wait` callers: answered when a checkpoint above the sequence commits.
+    waits: Vec<(u64, Sender<serde_json::Value>)>,
+    bad_controls: u64,
     notices: stop_soon::Notices,
+    /// The newest committed checkpoint this supervisor saw (for `ckpt status`).
+    last_commit: Option<serde_json::Value>,
 }
 
 fn signame(s: i32) -> &'static str {
@@ -355,6 +411,7 @@ impl Run {
             let restore = self.pick_restore()?;
             let mut job = self.launch(restore.as_ref())?;
             let exit = self.supervise(&mut job);
+            self.rep.live(None);
             let (reaped, left) = spawn::kill_tree(Some(job.pid), Duration::from_secs(10));
             drop(reaped);
             if !left.is_empty() {
@@ -546,6 +603,9 @@ impl Run {
             next_request: None,
             step: None,
             skip_logged: false,
+            last_beat: Instant::now(),
+            pending_since: None,
+            kill_at: None,
         };
         self.write_status("running", Some(&job));
         Ok(job)
@@ -555,6 +615,7 @@ impl Run {
     fn supervise(&mut self, job: &mut Job) -> Exit {
         let tick = Duration::from_millis(500);
         let mut last_scan = Instant::now();
+        let mut last_live = Instant::now();
         job.next_request = self.cfg.every.map(|e| Instant::now() + e);
         if self.stop_requested {
             self.begin_stop(job);
@@ -629,6 +690,7 @@ impl Run {
                 Ok(Ev::Signal(libc::SIGUSR1)) => self.request(job, "on demand (SIGUSR1 to ckpt)"),
                 Ok(Ev::Signal(_)) => {}
                 Ok(Ev::Msg(m)) => self.on_message(job, m),
+                Ok(Ev::Control(ev)) => self.on_control(Some(job), ev),
                 Ok(Ev::External(x)) => self.on_external(Some(job), x),
                 Ok(Ev::BadMsg(e)) => {
                     bad_msgs += 1;
@@ -653,6 +715,12 @@ impl Run {
             }
             if job.next_request.is_some_and(|t| now >= t) && self.stop.is_none() {
                 self.request(job, "periodic");
+            }
+            self.check_hang(job, now);
+            if now.duration_since(last_live) >= Duration::from_secs(1) {
+                last_live = now;
+                let line = self.live_line(job);
+                self.rep.live(Some(line));
             }
             if !self.stop_requested && slurm_stop_at.is_some_and(|t| now >= t) {
                 self.slurm_time_limit(job);
@@ -698,6 +766,7 @@ impl Run {
                 }
             }
             Message::Progress { step, .. } => {
+                job.last_beat = Instant::now();
                 if step.is_some() {
                     job.step = step;
                 }
@@ -711,14 +780,18 @@ impl Run {
                     sl.note_save(duration_ms);
                 }
                 let _ = seq;
+                job.last_beat = Instant::now();
                 self.rescan(Some(job));
             }
             Message::SaveFailed { pid, error, .. } => {
+                job.last_beat = Instant::now();
+                job.pending_since = None;
                 self.rep.warn(
                     "save_failed",
                     format!("job process {pid} could not save a checkpoint: {error}"),
                     json!({ "pid": pid, "error": error }),
                 );
+                self.answer_waits(Err(format!("the job could not save a checkpoint: {error}")));
             }
         }
     }
@@ -745,6 +818,7 @@ impl Run {
             }
             return;
         }
+        job.pending_since.get_or_insert_with(Instant::now);
         self.rep.event(
             "request",
             Some(format!("requested a checkpoint ({why})")),
@@ -879,7 +953,10 @@ impl Run {
         let Some(m) = found else { return };
         self.last_seq = m.seq;
         let dur = self.last_commit_ms.take();
-        self.notice_committed(m.seq, dur, None);
+        self.notice_committed(m.seq, dur, job.as_ref().and_then(|j| j.pending_since));
+        let info = json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "created_ms": m.created_ms });
+        self.answer_waits(Ok(info.clone()));
+        self.last_commit = Some(info);
         self.rep.event(
             "committed",
             Some(format!(
@@ -892,6 +969,7 @@ impl Run {
             json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "files": m.files.len() }),
         );
         if let Some(job) = job {
+            job.pending_since = None;
             if job.next_request.is_some() {
                 job.next_request = self.cfg.every.map(|e| Instant::now() + e);
             }
@@ -939,6 +1017,7 @@ impl Run {
                     );
                     self.stop_requested = true;
                 }
+                Ok(Ev::Control(ev)) => self.on_control(None, ev),
                 Ok(Ev::External(x)) => self.on_external(None, x),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => return,
@@ -971,8 +1050,235 @@ impl Run {
         }
     }
 
+    /// Handles a request on the control socket; `job` is `None` between launches.
+    fn on_control(&mut self, job: Option<&mut Job>, ev: control::ControlEvent) {
+        use control::{ControlEvent, Request};
+        match ev {
+            ControlEvent::Refused { uid, pid } => self.rep.warn(
+                "control_refused",
+                format!("refused a control connection from uid {uid} (pid {pid}): only the supervisor's own user may control it"),
+                json!({ "uid": uid, "pid": pid }),
+            ),
+            ControlEvent::Malformed(e) => {
+                self.bad_controls += 1;
+                if self.bad_controls <= 5 || self.bad_controls.is_power_of_two() {
+                    self.rep.warn("bad_control", format!("answered a malformed control request with an error: {e}"), json!({ "error": e }));
+                }
+            }
+            ControlEvent::Request(Request::Status {}, reply) => {
+                let _ = reply.send(self.status_json(job.as_deref()));
+            }
+            ControlEvent::Request(Request::Checkpoint { wait }, reply) => {
+                let Some(job) = job else {
+                    let _ = reply.send(json!({ "ok": false, "error": "no job is running right now (ckpt is waiting to restart it); try again shortly" }));
+                    return;
+                };
+                if job.announced.is_empty() && !self.cfg.signal_explicit {
+                    let _ = reply.send(json!({ "ok": false, "error": "the job has not announced a ckpt client, so it cannot be asked to checkpoint (hint: use a client library, or run it with --signal if it traps the signal itself)" }));
+                    return;
+                }
+                self.rep.event("control", Some("checkpoint requested through the control socket".into()), json!({ "cmd": "checkpoint" }));
+                self.request(job, "requested by `ckpt checkpoint`");
+                if wait {
+                    self.waits.push((self.last_seq, reply));
+                } else {
+                    let _ = reply.send(json!({ "ok": true, "requested": true }));
+                }
+            }
+            ControlEvent::Request(Request::Stop { checkpoint }, reply) => {
+                let _ = reply.send(json!({ "ok": true, "stopping": true, "supervisor_pid": std::process::id() }));
+                if self.stop_requested {
+                    return;
+                }
+                self.rep.event(
+                    "stop_requested",
+                    Some(format!("stop requested through the control socket{}", if checkpoint { ": checkpointing, then stopping the job" } else { " without a checkpoint" })),
+                    json!({ "checkpoint": checkpoint }),
+                );
+                self.stop_requested = true;
+                if let Some(job) = job {
+                    if checkpoint {
+                        self.begin_stop(job);
+                    } else {
+                        // A client treats SIGTERM as "checkpoint, then exit": without a
+                        // checkpoint the only honest stop is SIGKILL.
+                        spawn::signal_group(job.pid, libc::SIGKILL);
+                        for p in spawn::descendants() {
+                            spawn::signal_pid(p, libc::SIGKILL);
+                        }
+                        self.write_status("stopping", Some(job));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers `ckpt checkpoint --wait` callers: on success those waiting for a sequence
+    /// below the new one; on failure all of them.
+    fn answer_waits(&mut self, result: Result<serde_json::Value, String>) {
+        let waits = std::mem::take(&mut self.waits);
+        for (base, reply) in waits {
+            match &result {
+                Ok(info) if info["seq"].as_u64().is_some_and(|s| s > base) => {
+                    let _ = reply.send(json!({ "ok": true, "checkpoint": info }));
+                }
+                Ok(_) => self.waits.push((base, reply)),
+                Err(e) => {
+                    let _ = reply.send(json!({ "ok": false, "error": e }));
+                }
+            }
+        }
+    }
+
+    /// Hang detection: no progress from a client for `--hang-timeout`, or a requested
+    /// checkpoint not committed within `--checkpoint-timeout`. A hung job gets the
+    /// `--hang-signal` (for a stack dump) and is SIGKILLed 2 s later: a failure, so the
+    /// restart policy relaunches it from the newest checkpoint.
+    fn check_hang(&mut self, job: &mut Job, now: Instant) {
+        if let Some(t) = job.kill_at {
+            if now >= t {
+                job.kill_at = Some(now + Duration::from_secs(3600));
+                spawn::signal_group(job.pid, libc::SIGKILL);
+                for p in spawn::descendants() {
+                    spawn::signal_pid(p, libc::SIGKILL);
+                }
+            }
+            return;
+        }
+        if self.stop_requested {
+            return;
+        }
+        let silent = now.duration_since(job.last_beat);
+        let why = match (
+            self.cfg.hang_timeout,
+            self.cfg.checkpoint_timeout,
+            job.pending_since,
+        ) {
+            (Some(h), _, _) if !job.announced.is_empty() && silent >= h => {
+                format!(
+                    "no progress reported for {} (--hang-timeout {})",
+                    fmt_dur(silent),
+                    fmt_dur(h)
+                )
+            }
+            (_, Some(c), Some(since)) if now.duration_since(since) >= c => {
+                format!(
+                    "a requested checkpoint did not commit within --checkpoint-timeout {}",
+                    fmt_dur(c)
+                )
+            }
+            _ => return,
+        };
+        let dump = self.cfg.hang_signal;
+        self.rep.warn(
+            "hang",
+            format!(
+                "the job is hung: {why}; {}killing it and restarting from the newest checkpoint",
+                dump.map(|s| format!("sending {} for a stack dump, then ", signame(s)))
+                    .unwrap_or_default()
+            ),
+            json!({ "reason": why, "pid": job.pid }),
+        );
+        match dump {
+            Some(sig) => {
+                spawn::signal_group(job.pid, sig);
+                job.kill_at = Some(now + Duration::from_secs(2));
+            }
+            None => job.kill_at = Some(now),
+        }
+        self.answer_waits(Err(format!("the job hung: {why}")));
+    }
+
+    /// The live status line shown on a terminal.
+    fn live_line(&self, job: &Job) -> String {
+        let mut l = format!(
+            "ckpt: job pid {} up {}",
+            job.pid,
+            fmt_dur(Duration::from_secs(job.started.elapsed().as_secs()))
+        );
+        if let Some(step) = job.step {
+            l.push_str(&format!(" | step {step}"));
+        }
+        match &self.last_commit {
+            Some(c) => {
+                let age = crate::store::manifest::now_ms()
+                    .saturating_sub(c["created_ms"].as_u64().unwrap_or(0));
+                l.push_str(&format!(
+                    " | checkpoint {} {} ago",
+                    c["seq"],
+                    fmt_dur(Duration::from_secs(age / 1000))
+                ));
+            }
+            None => l.push_str(" | no checkpoint yet"),
+        }
+        if let Some(t) = job
+            .next_request
+            .filter(|_| !job.announced.is_empty() || self.cfg.signal_explicit)
+        {
+            l.push_str(&format!(
+                " | next in {}",
+                fmt_dur(Duration::from_secs(
+                    t.saturating_duration_since(Instant::now()).as_secs()
+                ))
+            ));
+        }
+        if self.stop_requested {
+            l.push_str(" | stopping");
+        }
+        l
+    }
+
+    /// The full answer to `ckpt status`.
+    fn status_json(&self, job: Option<&Job>) -> serde_json::Value {
+        let now = Instant::now();
+        let state = match (job, self.stop.is_some() || self.stop_requested) {
+            (None, true) => "stopping",
+            (None, false) => "backing_off",
+            (Some(_), true) => "stopping",
+            (Some(j), false) if j.pending_since.is_some() => "checkpointing",
+            (Some(j), false)
+                if j.announced.is_empty() && j.started.elapsed() < Duration::from_secs(2) =>
+            {
+                "starting"
+            }
+            (Some(_), false) => "running",
+        };
+        let tree = job.map(|_| {
+            let (n, cpu, rss) = spawn::tree_usage();
+            json!({ "processes": n, "cpu_seconds": cpu, "rss_bytes": rss })
+        });
+        let last = self.last_commit.clone().map(|mut c| {
+            if let Some(created) = c["created_ms"].as_u64() {
+                c["age_seconds"] =
+                    json!(crate::store::manifest::now_ms().saturating_sub(created) as f64 / 1000.0);
+            }
+            c
+        });
+        json!({
+            "ok": true,
+            "supervisor_pid": std::process::id(),
+            "dir": self.store.dir(),
+            "command": self.cfg.command.iter().map(|s| s.to_string_lossy()).collect::<Vec<_>>(),
+            "state": state,
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "restarts": self.hist.restarts,
+            "job": job.map(|j| json!({
+                "pid": j.pid,
+                "uptime_seconds": j.started.elapsed().as_secs_f64(),
+                "clients": j.announced.keys().collect::<Vec<_>>(),
+                "step": j.step,
+                "last_progress_seconds_ago": now.duration_since(j.last_beat).as_secs_f64(),
+                "next_request_in_seconds": j.next_request.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+            })),
+            "tree": tree,
+            "last_checkpoint": last,
+            "newest_seq": if self.last_seq > 0 { Some(self.last_seq) } else { None },
+        })
+    }
+
     fn write_status(&self, state: &str, job: Option<&Job>) {
         self.rep.status(&json!({
+            "control_socket": self.control_path,
             "supervisor_pid": std::process::id(),
             "state": state,
             "job_pid": job.map(|j| j.pid),

@@ -18,6 +18,10 @@ pub struct Reporter {
     status_path: PathBuf,
     quiet: bool,
     json: bool,
+    /// stderr is a terminal: keep a live status line at the bottom.
+    tty: bool,
+    /// The status line currently drawn, if any.
+    live: Option<String>,
 }
 
 /// Rotate the event log above this size (the old one becomes `events.jsonl.1`).
@@ -39,11 +43,18 @@ impl Reporter {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .ok();
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal()
+            && !quiet
+            && !json
+            && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
         Reporter {
             log,
             status_path: private.join("status.json"),
             quiet,
             json,
+            tty,
+            live: None,
         }
     }
 
@@ -56,12 +67,37 @@ impl Reporter {
         if self.json {
             eprintln!("{obj}");
         } else if let (Some(h), false) = (&human, self.quiet) {
+            if self.live.is_some() {
+                eprint!("\r\x1b[K");
+            }
             eprintln!("ckpt: {h}");
+            if let Some(l) = &self.live {
+                eprint!("{l}");
+            }
         }
         if let Some(f) = &mut self.log {
             let mut line = obj.to_string();
             line.push('\n');
             let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    /// Redraws the live status line (terminals only; a no-op otherwise).
+    pub fn live(&mut self, text: Option<String>) {
+        if !self.tty {
+            return;
+        }
+        match text {
+            Some(t) => {
+                let t: String = t.chars().take(120).collect();
+                eprint!("\r\x1b[K{t}");
+                self.live = Some(t);
+            }
+            None => {
+                if self.live.take().is_some() {
+                    eprint!("\r\x1b[K");
+                }
+            }
         }
     }
 

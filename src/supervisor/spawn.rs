@@ -180,3 +180,20 @@ pub fn kill_tree(pgid: Option<u32>, deadline: Duration) -> (Vec<(u32, Exit)>, Ve
         reaped.extend(reap());
     }
 }
+
+/// Number of processes, CPU seconds (user + system) and resident bytes of this process's
+/// descendants (the job's tree), from /proc.
+pub fn tree_usage() -> (usize, f64, u64) {
+    let tps = procfs::ticks_per_second() as f64;
+    let page = procfs::page_size();
+    let mut n = 0;
+    let (mut cpu, mut rss) = (0.0, 0u64);
+    for pid in descendants() {
+        if let Ok(stat) = procfs::process::Process::new(pid as i32).and_then(|p| p.stat()) {
+            n += 1;
+            cpu += (stat.utime + stat.stime) as f64 / tps;
+            rss += stat.rss * page;
+        }
+    }
+    (n, cpu, rss)
+}

@@ -23,7 +23,17 @@ pub fn test_bin(name: &str) -> PathBuf {
 /// A `ckpt` command with a clean environment for the protocol variables.
 pub fn ckpt() -> Command {
     let mut c = Command::new(ckpt_bin());
-    for k in ["CKPT_DIR", "CKPT_RESTORE", "CKPT_RESTORE_SEQ", "CKPT_RESTORE_STEP", "CKPT_SOCKET", "CKPT_SIGNAL", "CKPT_RESTART_COUNT", "CKPT_PROTOCOL", "CKPT_SUPERVISOR_PID"] {
+    for k in [
+        "CKPT_DIR",
+        "CKPT_RESTORE",
+        "CKPT_RESTORE_SEQ",
+        "CKPT_RESTORE_STEP",
+        "CKPT_SOCKET",
+        "CKPT_SIGNAL",
+        "CKPT_RESTART_COUNT",
+        "CKPT_PROTOCOL",
+        "CKPT_SUPERVISOR_PID",
+    ] {
         c.env_remove(k);
     }
     c
@@ -31,14 +41,20 @@ pub fn ckpt() -> Command {
 
 /// The seed for a randomised test: `CKPT_TEST_SEED` if set (to replay), else fresh. Printed.
 pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("CKPT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    let s = std::env::var("CKPT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("{test}: seed {s} (replay with CKPT_TEST_SEED={s})");
     s
 }
 
 /// A fresh temporary directory, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ckpt-test-").tempdir().expect("create temp dir")
+    tempfile::Builder::new()
+        .prefix("ckpt-test-")
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes (then panics with
@@ -47,7 +63,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
     }
@@ -71,13 +90,21 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
 
 /// Runs a command to completion with a hard deadline, capturing its output.
 pub fn output_deadline(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let out_pipe = child.stdout.take().unwrap();
     let err_pipe = child.stderr.take().unwrap();
     let out_t = std::thread::spawn(move || read_all(out_pipe));
     let err_t = std::thread::spawn(move || read_all(err_pipe));
     let status = wait_deadline(&mut child, timeout);
-    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
 }
 
 fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
@@ -97,12 +124,18 @@ pub fn job_processes(dir: &Path) -> Vec<i32> {
     let needle = format!("CKPT_DIR={}", dir.display());
     let mut out = Vec::new();
     for ent in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() as i32 {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
             continue;
         }
         if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
@@ -135,13 +168,24 @@ pub fn assert_no_survivors(dir: &Path) {
 
 /// The supervisor's status file, if present.
 pub fn status(dir: &Path) -> Option<serde_json::Value> {
-    std::fs::read(dir.join(".ckpt/status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(dir.join(".ckpt/status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Published checkpoint sequence numbers in `dir`.
 pub fn checkpoints(dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("ckpt-")).and_then(|n| n.parse().ok())).collect())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("ckpt-"))
+                        .and_then(|n| n.parse().ok())
+                })
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

@@ -1,0 +1,244 @@
+//! `ckpt status`, `ckpt checkpoint`, `ckpt stop`: talk to a running supervisor through its
+//! control socket (`docs/protocol.md`, "Control socket").
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{parse_duration, DirArg};
+use crate::store::Store;
+use crate::supervisor::control::{self, Request};
+use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
+
+/// Show what a running supervisor and its job are doing.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Print the supervisor's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Ask the job for a checkpoint now.
+#[derive(Debug, clap::Args)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Return only once the checkpoint is durable (or say why it failed).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait, give up after this long (exit 75).
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Checkpoint, stop the job, and let the supervisor exit 75 ("run me again").
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Stop at once with SIGKILL, without a checkpoint (work since the last one is lost).
+    #[arg(long)]
+    pub no_checkpoint: bool,
+    /// Return at once instead of waiting for the supervisor to exit.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the supervisor to exit.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+fn call(dir: &DirArg, req: &Request, timeout: Option<Duration>) -> Result<Value, Fatal> {
+    let store = Store::new(&dir.dir);
+    let path = control::socket_path_for(&store.private());
+    let answer = control::call(&path, req, timeout).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+                "no ckpt supervisor is running on {} (no one listens on {})",
+                store.dir().display(),
+                path.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied on {}; hint: run as the user who started `ckpt run`",
+                path.display()
+            ),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "the supervisor on {} did not answer in time",
+                store.dir().display()
+            ),
+            _ => format!(
+                "cannot talk to the supervisor on {} ({}): {e}",
+                store.dir().display(),
+                path.display()
+            ),
+        };
+        Fatal {
+            code: exit_codes::NOT_RUNNING,
+            msg: why,
+        }
+    })?;
+    if answer["ok"] != Value::Bool(true) {
+        let e = answer["error"]
+            .as_str()
+            .unwrap_or("unknown error")
+            .to_string();
+        return Err(Fatal {
+            code: exit_codes::TEMPFAIL,
+            msg: e,
+        });
+    }
+    Ok(answer)
+}
+
+fn secs(v: &Value) -> Option<Duration> {
+    v.as_f64()
+        .filter(|s| *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
+    let v = call(&a.dir, &Request::Status {}, Some(Duration::from_secs(10)))?;
+    if a.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    let restarts = v["restarts"].as_u64().unwrap_or(0);
+    println!(
+        "supervisor pid {} on {}: {} (up {}, {} restart{})",
+        v["supervisor_pid"],
+        v["dir"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        secs(&v["uptime_seconds"]).map(fmt_dur).unwrap_or_default(),
+        restarts,
+        if restarts == 1 { "" } else { "s" }
+    );
+    let cmd: Vec<&str> = v["command"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    println!("  command:         {}", cmd.join(" "));
+    if let Some(j) = v["job"].as_object() {
+        let mut line = format!(
+            "pid {}, up {}",
+            j["pid"],
+            secs(&j["uptime_seconds"]).map(fmt_dur).unwrap_or_default()
+        );
+        if let Some(step) = j["step"].as_u64() {
+            line.push_str(&format!(", step {step}"));
+        }
+        let clients = j["clients"].as_array().map(|a| a.len()).unwrap_or(0);
+        line.push_str(&if clients == 0 {
+            ", no client announced".to_string()
+        } else {
+            format!(
+                ", {clients} client(s), last heard {} ago",
+                secs(&j["last_progress_seconds_ago"])
+                    .map(fmt_dur)
+                    .unwrap_or_default()
+            )
+        });
+        println!("  job:             {line}");
+        if let Some(n) = secs(&j["next_request_in_seconds"]) {
+            println!("  next request in: {}", fmt_dur(n));
+        }
+    }
+    match v["last_checkpoint"].as_object() {
+        Some(c) => println!(
+            "  last checkpoint: {}{}, {}, {} ago{}",
+            c["seq"],
+            c["step"]
+                .as_u64()
+                .map(|s| format!(" at step {s}"))
+                .unwrap_or_default(),
+            fmt_bytes(c["bytes"].as_u64().unwrap_or(0)),
+            secs(&c["age_seconds"]).map(fmt_dur).unwrap_or_default(),
+            c["duration_ms"]
+                .as_u64()
+                .map(|d| format!(", saved in {d} ms"))
+                .unwrap_or_default()
+        ),
+        None => println!(
+            "  last checkpoint: none committed in this run{}",
+            v["newest_seq"]
+                .as_u64()
+                .map(|s| format!(" (resumed from {s})"))
+                .unwrap_or_default()
+        ),
+    }
+    if let Some(t) = v["tree"].as_object() {
+        println!(
+            "  job tree:        {} process(es), {} CPU, {} resident",
+            t["processes"],
+            secs(&t["cpu_seconds"]).map(fmt_dur).unwrap_or_default(),
+            fmt_bytes(t["rss_bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    Ok(0)
+}
+
+pub fn checkpoint(a: CheckpointArgs) -> Result<i32, Fatal> {
+    let v = call(
+        &a.dir,
+        &Request::Checkpoint { wait: a.wait },
+        a.wait.then_some(a.timeout),
+    )?;
+    if a.json {
+        println!("{v}");
+    } else if let Some(c) = v["checkpoint"].as_object() {
+        eprintln!(
+            "ckpt: checkpoint {} is durable{} ({})",
+            c["seq"],
+            c["step"]
+                .as_u64()
+                .map(|s| format!(" at step {s}"))
+                .unwrap_or_default(),
+            fmt_bytes(c["bytes"].as_u64().unwrap_or(0))
+        );
+    } else {
+        eprintln!("ckpt: checkpoint requested");
+    }
+    Ok(0)
+}
+
+/// Whether `pid` is alive and not a zombie (an exited supervisor whose parent has not reaped
+/// it yet is done).
+fn running(pid: i32) -> bool {
+    match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
+        Ok(stat) => stat.state != 'Z' && stat.state != 'X',
+        Err(_) => false,
+    }
+}
+
+pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
+    let v = call(
+        &a.dir,
+        &Request::Stop {
+            checkpoint: !a.no_checkpoint,
+        },
+        Some(Duration::from_secs(10)),
+    )?;
+    let pid = v["supervisor_pid"].as_i64().unwrap_or(0) as i32;
+    if a.no_wait {
+        eprintln!("ckpt: supervisor {pid} is stopping");
+        return Ok(0);
+    }
+    let deadline = Instant::now() + a.timeout;
+    while running(pid) {
+        if Instant::now() > deadline {
+            return Err(Fatal {
+                code: exit_codes::TEMPFAIL,
+                msg: format!(
+                    "supervisor {pid} is still running after {}",
+                    fmt_dur(a.timeout)
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("ckpt: supervisor {pid} stopped; run the same `ckpt run` again to resume");
+    Ok(0)
+}

@@ -1,0 +1,331 @@
+//! `ckpt log` and `ckpt stats`: what happened, from the event log `DIR/.ckpt/events.jsonl`
+//! (and its rotated predecessor `events.jsonl.1`).
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::DirArg;
+use crate::store::Store;
+use crate::supervisor::{exit_codes, fmt_dur, Fatal};
+
+/// Show the event log.
+#[derive(Debug, clap::Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Keep printing new events as they are written (until interrupted).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print the raw JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Only the last N events.
+    #[arg(long, short = 'n', value_name = "N")]
+    pub lines: Option<usize>,
+}
+
+/// Summarise the run: overhead, lost work, restarts, goodput, and a suggested interval.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn log_paths(dir: &DirArg) -> Result<(PathBuf, PathBuf), Fatal> {
+    let store = Store::new(&dir.dir);
+    let p = store.private().join("events.jsonl");
+    if !p.exists() {
+        return Err(Fatal {
+            code: exit_codes::USAGE,
+            msg: format!(
+                "no event log at {}; hint: is {} a directory used by `ckpt run`?",
+                p.display(),
+                store.dir().display()
+            ),
+        });
+    }
+    Ok((store.private().join("events.jsonl.1"), p))
+}
+
+fn read_events(dir: &DirArg) -> Result<Vec<Value>, Fatal> {
+    let (old, cur) = log_paths(dir)?;
+    let mut out = Vec::new();
+    for p in [old, cur] {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            out.extend(
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// One event as a human line: UTC time, event name, then its fields as key=value.
+pub fn human(e: &Value) -> String {
+    let t = e["t_ms"].as_u64().unwrap_or(0);
+    let when = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(t));
+    let mut line = format!("{when}  {:<16}", e["event"].as_str().unwrap_or("?"));
+    if let Some(obj) = e.as_object() {
+        for (k, v) in obj {
+            if k == "t_ms" || k == "event" {
+                continue;
+            }
+            match v {
+                Value::String(s) => line.push_str(&format!(" {k}={s:?}")),
+                Value::Null => {}
+                _ => line.push_str(&format!(" {k}={v}")),
+            }
+        }
+    }
+    line
+}
+
+pub fn log(a: LogArgs) -> Result<i32, Fatal> {
+    let events = read_events(&a.dir)?;
+    let skip = a.lines.map(|n| events.len().saturating_sub(n)).unwrap_or(0);
+    for e in &events[skip..] {
+        println!("{}", if a.json { e.to_string() } else { human(e) });
+    }
+    if !a.follow {
+        return Ok(0);
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let (_, cur) = log_paths(&a.dir)?;
+    let mut f = std::fs::File::open(&cur).map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: format!("cannot open {}: {e}", cur.display()),
+    })?;
+    let mut pos = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let mut partial = String::new();
+    loop {
+        let len = std::fs::metadata(&cur).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Rotated: start over on the new file.
+            f = std::fs::File::open(&cur).map_err(|e| Fatal {
+                code: exit_codes::IO,
+                msg: e.to_string(),
+            })?;
+            pos = 0;
+        }
+        if len > pos {
+            let _ = f.seek(SeekFrom::Start(pos));
+            let mut r = BufReader::new(&f);
+            loop {
+                let mut l = String::new();
+                match r.read_line(&mut l) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        pos += n as u64;
+                        partial.push_str(&l);
+                        if partial.ends_with('\n') {
+                            if let Ok(e) = serde_json::from_str::<Value>(partial.trim_end()) {
+                                println!("{}", if a.json { e.to_string() } else { human(&e) });
+                                let _ = std::io::Write::flush(&mut std::io::stdout());
+                            }
+                            partial.clear();
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The figures of `ckpt stats`, from a list of events.
+pub fn compute_stats(events: &[Value]) -> Value {
+    let t = |e: &Value| e["t_ms"].as_u64().unwrap_or(0);
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return json!({ "events": 0 });
+    };
+    let wall_ms = t(last).saturating_sub(t(first));
+    let mut ckpt_ms = 0u64;
+    let mut ckpt_known = 0u64;
+    let mut commits = 0u64;
+    let mut failures = 0u64;
+    let mut lost_ms = 0u64;
+    let mut backoff_ms = 0u64;
+    let mut restarts = 0u64;
+    let mut launches = 0u64;
+    let mut stops = 0u64;
+    let mut lost_each = Vec::new();
+    // Per launch: when it started and when it last committed.
+    let mut launch_t = None;
+    let mut last_commit_t: Option<u64> = None;
+    for e in events {
+        match e["event"].as_str().unwrap_or("") {
+            "launch" => {
+                launches += 1;
+                launch_t = Some(t(e));
+                last_commit_t = None;
+            }
+            "committed" => {
+                commits += 1;
+                last_commit_t = Some(t(e));
+                if let Some(d) = e["duration_ms"].as_u64() {
+                    ckpt_ms += d;
+                    ckpt_known += 1;
+                }
+            }
+            "exit" => {
+                let failed = e["exit"].as_i64().unwrap_or(0) != 0;
+                if failed {
+                    failures += 1;
+                    let since = last_commit_t.or(launch_t).unwrap_or(t(e));
+                    let lost = t(e).saturating_sub(since);
+                    lost_ms += lost;
+                    lost_each.push(lost);
+                }
+            }
+            "restart" => {
+                restarts += 1;
+                backoff_ms += e["delay_ms"].as_u64().unwrap_or(0);
+            }
+            "stopped" => stops += 1,
+            _ => {}
+        }
+    }
+    let pct = |x: u64| {
+        if wall_ms > 0 {
+            100.0 * x as f64 / wall_ms as f64
+        } else {
+            0.0
+        }
+    };
+    let useful = wall_ms.saturating_sub(lost_ms + ckpt_ms + backoff_ms);
+    let mean_ckpt = if ckpt_known > 0 {
+        Some(ckpt_ms as f64 / ckpt_known as f64)
+    } else {
+        None
+    };
+    let mtbf_ms = if failures > 0 {
+        Some(wall_ms as f64 / failures as f64)
+    } else {
+        None
+    };
+    // Young/Daly: the interval that minimises expected overhead + lost work.
+    let suggested = match (mean_ckpt, mtbf_ms) {
+        (Some(c), Some(m)) => Some((2.0 * c * m).sqrt() / 1000.0),
+        _ => None,
+    };
+    json!({
+        "events": events.len(),
+        "wall_seconds": wall_ms as f64 / 1000.0,
+        "launches": launches,
+        "restarts": restarts,
+        "failures": failures,
+        "stops": stops,
+        "checkpoints": commits,
+        "checkpoint_seconds": ckpt_ms as f64 / 1000.0,
+        "checkpoint_overhead_percent": pct(ckpt_ms),
+        "mean_checkpoint_ms": mean_ckpt,
+        "lost_work_seconds": lost_ms as f64 / 1000.0,
+        "lost_work_per_failure_seconds": lost_each.iter().map(|l| *l as f64 / 1000.0).collect::<Vec<_>>(),
+        "backoff_seconds": backoff_ms as f64 / 1000.0,
+        "goodput_percent": pct(useful),
+        "mtbf_seconds": mtbf_ms.map(|m| m / 1000.0),
+        "suggested_interval_seconds": suggested,
+    })
+}
+
+pub fn stats(a: StatsArgs) -> Result<i32, Fatal> {
+    let s = compute_stats(&read_events(&a.dir)?);
+    if a.json {
+        println!("{s}");
+        return Ok(0);
+    }
+    let d = |k: &str| {
+        s[k].as_f64()
+            .map(|x| fmt_dur(Duration::from_secs_f64(x.max(0.0))))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "wall time:          {}  ({} launches, {} restarts, {} failures, {} stops)",
+        d("wall_seconds"),
+        s["launches"],
+        s["restarts"],
+        s["failures"],
+        s["stops"]
+    );
+    println!(
+        "checkpoints:        {} taking {} ({:.2}% overhead{})",
+        s["checkpoints"],
+        d("checkpoint_seconds"),
+        s["checkpoint_overhead_percent"].as_f64().unwrap_or(0.0),
+        s["mean_checkpoint_ms"]
+            .as_f64()
+            .map(|m| format!(", {m:.0} ms each on average"))
+            .unwrap_or_default()
+    );
+    let each: Vec<String> = s["lost_work_per_failure_seconds"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| fmt_dur(Duration::from_secs_f64(x)))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "work lost:          {}{}",
+        d("lost_work_seconds"),
+        if each.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", each.join(", "))
+        }
+    );
+    println!("waiting to restart: {}", d("backoff_seconds"));
+    println!(
+        "goodput:            {:.1}% of the wall time was useful work",
+        s["goodput_percent"].as_f64().unwrap_or(0.0)
+    );
+    match s["suggested_interval_seconds"].as_f64() {
+        Some(i) => println!(
+            "suggested --every:  {} (Young/Daly: sqrt(2 x checkpoint cost x MTBF {}))",
+            fmt_dur(Duration::from_secs_f64(i)),
+            d("mtbf_seconds")
+        ),
+        None => println!("suggested --every:  needs at least one failure and one timed checkpoint"),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_add_up() {
+        let ev = |t: u64, e: &str, extra: Value| {
+            let mut v = json!({ "t_ms": t, "event": e });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let events = vec![
+            ev(0, "start", json!({})),
+            ev(0, "launch", json!({})),
+            ev(10_000, "committed", json!({ "duration_ms": 1000 })),
+            ev(15_000, "exit", json!({ "exit": 137 })),
+            ev(15_000, "restart", json!({ "delay_ms": 1000 })),
+            ev(16_000, "launch", json!({})),
+            ev(20_000, "exit", json!({ "exit": 0 })),
+        ];
+        let s = compute_stats(&events);
+        assert_eq!(s["failures"], 1);
+        assert_eq!(s["lost_work_seconds"], 5.0);
+        assert_eq!(s["checkpoint_overhead_percent"], 5.0);
+        assert_eq!(s["goodput_percent"], 65.0);
+        // sqrt(2 * 1000 ms * 20000 ms) = 6324.6 ms
+        assert!((s["suggested_interval_seconds"].as_f64().unwrap() - 6.3245).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,211 @@
+//! The control endpoint of a running supervisor: a Unix stream socket
+//! (`DIR/.ckpt/control.sock`, or a private temp directory when that path is too long; the
+//! path in use is in `status.json` as `control_socket`). Owner-only, and every peer's uid is
+//! checked with SO_PEERCRED: anyone but the supervisor's own uid is refused and logged.
+//!
+//! Wire format (specified in `docs/protocol.md`, "Control socket"): the client sends one JSON
+//! object terminated by `\n` (at most 64 KiB), the supervisor answers with one JSON object
+//! terminated by `\n` and closes. Every answer has `"ok": true|false`; errors carry `"error"`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Largest request accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Connections served at once; more are answered with an error.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The supervisor's and the job's state. (A struct variant, so that unknown fields are
+    /// refused like everywhere else.)
+    Status {},
+    /// Request a checkpoint now; with `wait`, answer once it is durable (or failed).
+    Checkpoint {
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Stop: checkpoint first unless `checkpoint` is false; the supervisor then exits 75.
+    Stop {
+        #[serde(default = "yes")]
+        checkpoint: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the control thread hands to the supervisor's loop.
+pub enum ControlEvent {
+    /// A request from an authorised peer and where to send the answer.
+    Request(Request, Sender<Value>),
+    /// A peer of another uid was refused.
+    Refused { uid: u32, pid: i32 },
+    /// A malformed or oversized request (already answered with an error).
+    Malformed(String),
+}
+
+/// Parses one request line.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, String> {
+    if bytes.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request exceeds {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        format!("not a valid control request ({e}); expected e.g. {{\"cmd\":\"status\"}}")
+    })
+}
+
+fn peer(stream: &UnixStream) -> Option<(u32, i32)> {
+    let cred =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some((cred.uid(), cred.pid()))
+}
+
+fn answer(mut stream: &UnixStream, v: &Value) {
+    let mut line = v.to_string();
+    line.push('\n');
+    let _ = stream.write_all(line.as_bytes());
+}
+
+/// Binds the socket (removing a stale one: the caller holds the directory lock) and serves it
+/// on a thread. `forward` returns false once the supervisor is gone.
+pub fn serve<F>(path: &Path, forward: F) -> std::io::Result<()>
+where
+    F: Fn(ControlEvent) -> bool + Send + Sync + 'static,
+{
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let forward = Arc::new(forward);
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new().name("ckpt-control".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let Some((uid, pid)) = peer(&stream) else { continue };
+            if uid != me {
+                answer(&stream, &json!({ "ok": false, "error": format!("permission denied: this supervisor belongs to uid {me}, you are uid {uid}") }));
+                if !forward(ControlEvent::Refused { uid, pid }) {
+                    return;
+                }
+                continue;
+            }
+            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                answer(&stream, &json!({ "ok": false, "error": "too many control connections; try again" }));
+                continue;
+            }
+            active.fetch_add(1, Ordering::SeqCst);
+            let (forward, active) = (forward.clone(), active.clone());
+            let _ = std::thread::Builder::new().name("ckpt-control-conn".into()).spawn(move || {
+                handle(stream, &*forward);
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(stream: UnixStream, forward: &(dyn Fn(ControlEvent) -> bool + Send + Sync)) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = Vec::new();
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_BYTES as u64 + 1));
+    let req = match reader.read_until(b'\n', &mut line) {
+        Ok(_) if line.len() > MAX_REQUEST_BYTES => {
+            Err(format!("request exceeds {MAX_REQUEST_BYTES} bytes"))
+        }
+        Ok(0) => Err("empty request".to_string()),
+        Ok(_) => parse_request(line.strip_suffix(b"\n").unwrap_or(&line)),
+        Err(e) => Err(format!("cannot read the request: {e}")),
+    };
+    match req {
+        Ok(req) => {
+            let (tx, rx) = mpsc::channel();
+            if !forward(ControlEvent::Request(req, tx)) {
+                answer(
+                    &stream,
+                    &json!({ "ok": false, "error": "the supervisor is shutting down" }),
+                );
+                return;
+            }
+            let v = rx.recv().unwrap_or_else(
+                |_| json!({ "ok": false, "error": "the supervisor ended before answering" }),
+            );
+            answer(&stream, &v);
+        }
+        Err(e) => {
+            answer(&stream, &json!({ "ok": false, "error": e }));
+            forward(ControlEvent::Malformed(e));
+        }
+    }
+}
+
+/// Where the control socket of the supervisor on `private` (`DIR/.ckpt`) lives.
+pub fn socket_path_for(private: &Path) -> PathBuf {
+    let default = private.join("control.sock");
+    let from_status = std::fs::read(private.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["control_socket"].as_str().map(PathBuf::from));
+    from_status.unwrap_or(default)
+}
+
+/// Client side: sends `req`, returns the answer. `timeout` bounds the whole exchange.
+pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut resp = Vec::new();
+    BufReader::new((&s).take(16 << 20)).read_until(b'\n', &mut resp)?;
+    serde_json::from_slice(&resp).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad answer from the supervisor: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(
+            parse_request(br#"{"cmd":"status"}"#),
+            Ok(Request::Status {})
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"checkpoint","wait":true}"#),
+            Ok(Request::Checkpoint { wait: true })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"stop"}"#),
+            Ok(Request::Stop { checkpoint: true })
+        );
+        for bad in [
+            &b"{"[..],
+            b"{\"cmd\":\"rm -rf\"}",
+            b"{\"cmd\":\"status\",\"x\":1}",
+            b"\xff\xfe",
+            b"[]",
+            b"null",
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_request(&vec![b' '; MAX_REQUEST_BYTES + 1]).is_err());
+    }
+}
