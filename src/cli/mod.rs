@@ -22,6 +22,8 @@ EXIT CODES (ckpt run):
   75   stopped after a checkpoint (signal, preemption, time limit): run again to resume
   64   usage error          65  no checkpoint verifies / verify found bad ones
   73   directory cannot be created, locked or written      74  I/O error
+  69   (status/checkpoint/stop) no supervisor runs on that directory
+  79   under Slurm: stopped after a checkpoint and already requeued by ckpt
   126  command not executable   127  command not found
   N    the job's own code (or 128+signal) when ckpt gives up restarting it
 
