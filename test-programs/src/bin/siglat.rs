@@ -16,7 +16,7 @@ fn mono_ns() -> u64 {
 
 fn main() {
     if std::env::args().any(|a| a == "--child") {
-        let dir = std::env::args().last().unwrap();
+        let dir = std::env::args().next_back().unwrap();
         let mut ck = ckpt::Checkpointer::open(dir).expect("client");
         println!("ready");
         loop {
