@@ -125,6 +125,10 @@ pub struct Manifest {
     pub checksum: Algo,
     /// Every file of the checkpoint, sorted by name.
     pub files: Vec<FileEntry>,
+    /// Number of ranks of a multi-rank checkpoint (files `rank-NNNNN/<name>`, one shard per
+    /// rank; `docs/multi-rank.md`); omitted for a single process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
     /// Free-form user metadata (a JSON object).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub meta: serde_json::Map<String, serde_json::Value>,
@@ -215,6 +219,7 @@ impl Manifest {
             writer: writer.to_string(),
             checksum,
             files,
+            world_size: None,
             meta: Default::default(),
         }
     }

@@ -1,0 +1,816 @@
+//! Multi-process (multi-rank) jobs: every rank saves its shard of the same checkpoint, at one
+//! agreed step, and the checkpoint is published only when every shard is durable. The
+//! protocol lives entirely in files of the shared checkpoint directory (no network, no
+//! coordinator process), so it works across nodes on a shared file system. Specified, with
+//! its crash analysis and the file-system requirements, in `docs/multi-rank.md`.
+//!
+//! ```text
+//! DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
+//!   00000003/                             save round 3 of that launch
+//!     propose-00002                       rank 2's proposal {"step":S,"stop":B}
+//!     stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
+//!       rank-00002/<files>                rank 2's shard, fsynced
+//!       MANIFEST.ckpt                     written by the publisher only
+//!     done-00002                          rank 2's shard is durable: its file list and sums
+//!     publisher                           claimed (O_EXCL) by the rank that publishes
+//!     published                           {"seq":N}: the round's outcome
+//!     aborted                             the other outcome (the stage was removed)
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::store::scan::read_manifest;
+use crate::store::{Algo, FileEntry, Manifest, Stage, Store, MANIFEST_NAME};
+
+/// Explicit rank (wins over every launcher's variables).
+pub const ENV_RANK: &str = "CKPT_RANK";
+/// Explicit world size (number of ranks), with [`ENV_RANK`].
+pub const ENV_WORLD_SIZE: &str = "CKPT_WORLD_SIZE";
+/// Explicit local rank (rank on this node); informational.
+pub const ENV_LOCAL_RANK: &str = "CKPT_LOCAL_RANK";
+/// Identifier of this launch, the same on every rank (defaults to the supervisor's pid and
+/// restart count, else the launcher's job id).
+pub const ENV_RUN_ID: &str = "CKPT_RUN_ID";
+/// `1`: restoring a checkpoint saved with another world size is allowed; the job reads the
+/// whole checkpoint itself ([`crate::Checkpointer::read_shard_file`]) and reshards.
+pub const ENV_RESHARD: &str = "CKPT_RESHARD";
+/// Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+pub const ENV_ROUND_TIMEOUT: &str = "CKPT_ROUND_TIMEOUT";
+/// Steps a rank may still run after proposing before it must know the agreed step (0).
+/// Jobs whose ranks synchronise every step (collectives) should set 2 or more.
+pub const ENV_ROUND_LOOKAHEAD: &str = "CKPT_ROUND_LOOKAHEAD";
+
+/// How often a rank without a request of its own looks for a round started by another rank.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The launcher variables, in order of preference: explicit, torchrun, srun, Open MPI, PMI.
+const SOURCES: &[(&str, &str, &str, &str)] = &[
+    (ENV_RANK, ENV_WORLD_SIZE, ENV_LOCAL_RANK, "CKPT_RANK"),
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "torchrun"),
+    // SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script also has SLURM_PROCID=0 and
+    // SLURM_NTASKS, but it is not a rank of an srun step.
+    (
+        "SLURM_PROCID",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_LOCALID",
+        "srun",
+    ),
+    (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "mpirun",
+    ),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "PMI"),
+];
+
+fn env_opt(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// This process's place in a multi-process job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    /// 0-based rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub size: u32,
+    /// Rank on this node, when the launcher says.
+    pub local_rank: Option<u32>,
+    /// Where it came from (`"torchrun"`, `"srun"`, `"mpirun"`, `"PMI"`, `"CKPT_RANK"`, `"api"`).
+    pub source: &'static str,
+}
+
+impl World {
+    /// An explicit world; `rank` must be below `size`.
+    pub fn new(rank: u32, size: u32) -> Result<World> {
+        if size == 0 || rank >= size {
+            return Err(Error::Usage(format!(
+                "rank {rank} of a world of {size}: the rank must be below the world size"
+            )));
+        }
+        Ok(World {
+            rank,
+            size,
+            local_rank: None,
+            source: "api",
+        })
+    }
+
+    /// The rank and world size from the launcher's environment (`CKPT_RANK`/`CKPT_WORLD_SIZE`,
+    /// torchrun's `RANK`/`WORLD_SIZE`, srun's `SLURM_PROCID`/`SLURM_STEP_NUM_TASKS`, Open MPI's
+    /// `OMPI_COMM_WORLD_RANK`/`OMPI_COMM_WORLD_SIZE`, `PMI_RANK`/`PMI_SIZE`); `None` when no
+    /// launcher set them.
+    pub fn from_env() -> Result<Option<World>> {
+        for &(r, s, l, source) in SOURCES {
+            let (Some(rv), Some(sv)) = (env_opt(r), env_opt(s)) else {
+                continue;
+            };
+            let parse = |name: &'static str, v: &str| {
+                v.trim().parse::<u32>().map_err(|_| Error::Env {
+                    name,
+                    value: v.to_string(),
+                    why: "not a whole number".into(),
+                })
+            };
+            // The names are 'static in SOURCES.
+            let rank = parse(r, &rv)?;
+            let size = parse(s, &sv)?;
+            if size == 0 || rank >= size {
+                return Err(Error::Env {
+                    name: r,
+                    value: rv,
+                    why: format!("rank {rank} is not below the world size {s}={size}"),
+                });
+            }
+            let local_rank = env_opt(l).and_then(|v| v.trim().parse().ok());
+            return Ok(Some(World {
+                rank,
+                size,
+                local_rank,
+                source,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The directory of this rank's shard inside a checkpoint: `rank-00003`.
+    pub fn shard_dir(&self) -> String {
+        shard_name(self.rank)
+    }
+}
+
+/// `rank-NNNNN`: the directory of rank `rank`'s shard inside a checkpoint.
+pub fn shard_name(rank: u32) -> String {
+    format!("rank-{rank:05}")
+}
+
+/// Refuses a restore checkpoint saved with another world size (unless resharding).
+pub fn check_world(manifest: &Manifest, path: &Path, size: u32, reshard: bool) -> Result<()> {
+    let saved = manifest.world_size.unwrap_or(1);
+    if saved == size || reshard {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "cannot restore {}: it was saved by a job of {saved} rank(s), this job runs with {size} rank(s); ckpt restores a checkpoint only with the world size that saved it; hint: run with {saved} rank(s), or set {ENV_RESHARD}=1 and reshard it yourself (read every shard with read_shard_file)",
+        path.display()
+    )))
+}
+
+/// The identifier of this launch, shared by all its ranks: `CKPT_RUN_ID`, else the
+/// supervisor's restart count and pid, else the launcher's job id. The text after the last dot
+/// is a pid (`0` when unknown): the supervisor removes rounds of dead supervisors at start.
+pub fn epoch_from_env() -> Result<String> {
+    fn clean(s: &str) -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(96)
+            .collect()
+    }
+    if let Some(id) = env_opt(ENV_RUN_ID) {
+        return Ok(format!("{}.0", clean(&id)));
+    }
+    if let Some(pid) = env_opt(crate::protocol::ENV_SUPERVISOR_PID) {
+        let restart = env_opt(crate::protocol::ENV_RESTART_COUNT).unwrap_or_else(|| "0".into());
+        return Ok(format!("r{}.{}", clean(&restart), clean(&pid)));
+    }
+    for (a, b) in [
+        ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
+        ("SLURM_JOB_ID", "SLURM_STEP_ID"),
+        ("OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_ess_jobid"),
+        ("PMIX_NAMESPACE", "PMIX_NAMESPACE"),
+    ] {
+        if let Some(x) = env_opt(a) {
+            return Ok(format!(
+                "{}-{}.0",
+                clean(&x),
+                clean(&env_opt(b).unwrap_or_default())
+            ));
+        }
+    }
+    Err(Error::Usage(format!(
+        "a multi-rank job needs an identifier shared by all its ranks; hint: run it under `ckpt run`, or set {ENV_RUN_ID} to the same value on every rank (a new value for each launch)"
+    )))
+}
+
+/// What the ranks agreed on in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The step at which every rank saves: the highest proposal.
+    pub step: u64,
+    /// Some rank was asked to stop: every rank stops after the round publishes.
+    pub stop: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShardDone {
+    rank: u32,
+    step: u64,
+    checksum: Algo,
+    files: Vec<FileEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Published {
+    seq: u64,
+}
+
+enum State {
+    Open,
+    Agreed(Target),
+    Aborted,
+}
+
+struct Joined {
+    proposal: u64,
+    target: Option<Target>,
+}
+
+/// One rank's side of the save rounds (held by [`crate::Checkpointer`]).
+pub struct MultiRank {
+    world: World,
+    store: Store,
+    /// `DIR/.ckpt/rounds/<epoch>`.
+    dir: PathBuf,
+    /// The round this rank is in or will join next.
+    k: u64,
+    joined: Option<Joined>,
+    last_poll: Option<Instant>,
+    timeout: Duration,
+    lookahead: u64,
+    /// The last round this rank took part in published with `stop`.
+    stop_agreed: bool,
+    /// This rank published the last round (it alone tells the supervisor).
+    published_last: bool,
+}
+
+impl std::fmt::Debug for MultiRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiRank")
+            .field("world", &self.world)
+            .field("dir", &self.dir)
+            .field("round", &self.k)
+            .finish()
+    }
+}
+
+impl MultiRank {
+    /// Joins the rounds of this launch (`epoch`). Rank 0 removes the rounds of earlier
+    /// launches (their processes are gone: a launch ends with all its ranks).
+    pub fn new(store: &Store, world: World, epoch: &str) -> Result<MultiRank> {
+        let rounds = store.private().join("rounds");
+        store.real_dir(&rounds)?;
+        let dir = rounds.join(epoch);
+        store.real_dir(&dir)?;
+        if world.rank == 0 {
+            if let Ok(rd) = fs::read_dir(&rounds) {
+                for ent in rd.flatten() {
+                    if ent.file_name().to_str() != Some(epoch) {
+                        let _ = store.io().remove_dir_all(&ent.path());
+                    }
+                }
+            }
+        }
+        let timeout = env_opt(ENV_ROUND_TIMEOUT)
+            .map(|v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0 && s.is_finite())
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| Error::Env {
+                        name: ENV_ROUND_TIMEOUT,
+                        value: v.clone(),
+                        why: "not a positive number of seconds".into(),
+                    })
+            })
+            .transpose()?
+            .unwrap_or(Duration::from_secs(300));
+        let lookahead = env_opt(ENV_ROUND_LOOKAHEAD)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| Error::Env {
+                    name: ENV_ROUND_LOOKAHEAD,
+                    value: v.clone(),
+                    why: "not a whole number of steps".into(),
+                })
+            })
+            .transpose()?
+            .unwrap_or(0);
+        Ok(MultiRank {
+            world,
+            store: store.clone(),
+            dir,
+            k: 1,
+            joined: None,
+            last_poll: None,
+            timeout,
+            lookahead,
+            stop_agreed: false,
+            published_last: false,
+        })
+    }
+
+    /// This rank.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// A round with stop published (every rank then stops).
+    pub fn stop_agreed(&self) -> bool {
+        self.stop_agreed
+    }
+
+    /// This rank published the last checkpoint.
+    pub fn published_last(&self) -> bool {
+        self.published_last
+    }
+
+    /// Overrides the round timeout.
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    fn round(&self, k: u64) -> PathBuf {
+        self.dir.join(format!("{k:08}"))
+    }
+
+    /// The safe-point decision. `want`: this rank has a request of its own (signal, stop,
+    /// interval); `stop`: it was asked to stop; `step`: the step just completed. Returns true
+    /// exactly at the agreed step of the round this rank is in.
+    pub fn poll(&mut self, want: bool, stop: bool, step: u64) -> Result<bool> {
+        if self.joined.is_none() {
+            if !want && self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
+                return Ok(false);
+            }
+            self.last_poll = Some(Instant::now());
+            if !want && !self.round(self.k).exists() {
+                return Ok(false);
+            }
+            if !self.join(step.saturating_add(self.lookahead), stop, want)? {
+                return Ok(false);
+            }
+        }
+        let Some(j) = &self.joined else {
+            return Ok(false);
+        };
+        if j.target.is_none() {
+            let proposal = j.proposal;
+            let state = if step >= proposal {
+                // This rank may not pass its proposal before it knows the agreed step.
+                self.wait_target()?
+            } else if self.last_poll.is_none_or(|t| t.elapsed() >= POLL) {
+                self.last_poll = Some(Instant::now());
+                self.state(self.k)?
+            } else {
+                State::Open
+            };
+            match state {
+                State::Open => return Ok(false),
+                State::Aborted => {
+                    self.conclude();
+                    return Ok(false);
+                }
+                State::Agreed(t) => {
+                    if let Some(j) = self.joined.as_mut() {
+                        j.target = Some(t);
+                    }
+                }
+            }
+        }
+        let t = self
+            .joined
+            .as_ref()
+            .and_then(|j| j.target)
+            .expect("target set above");
+        if step > t.step {
+            // Impossible by construction (no rank passes its own proposal before agreement);
+            // never save a different step.
+            self.abort(self.k);
+            self.conclude();
+            return Err(Error::Usage(format!(
+                "rank {} is at step {step}, past the agreed step {}; the save round was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)",
+                self.world.rank, t.step
+            )));
+        }
+        Ok(step == t.step)
+    }
+
+    /// Proposes in the current round (creating it if needed); skips rounds that concluded.
+    /// Returns false when the round is already concluded and this rank has no request.
+    fn join(&mut self, proposal: u64, stop: bool, want: bool) -> Result<bool> {
+        loop {
+            let r = self.round(self.k);
+            self.ensure_round(&r)?;
+            if r.join("aborted").exists() || r.join("published").exists() {
+                // Concluded without this rank: it cannot have published (this rank's shard
+                // is missing); skip it.
+                self.k += 1;
+                if !want {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let name = format!("propose-{:05}", self.world.rank);
+            let tmp = r.join(format!(".{name}.{}", crate::store::token()));
+            let body = serde_json::to_vec(&Target {
+                step: proposal,
+                stop,
+            })
+            .expect("serialises");
+            self.store
+                .io()
+                .write_new(&tmp, &body)
+                .ctx("write proposal", &tmp)?;
+            fs::rename(&tmp, r.join(&name)).ctx("write proposal", &r.join(&name))?;
+            self.joined = Some(Joined {
+                proposal,
+                target: None,
+            });
+            return Ok(true);
+        }
+    }
+
+    /// Creates round directory `r` with its `stage/` in one rename (so that a stage removed by
+    /// an abort is never re-created).
+    fn ensure_round(&self, r: &Path) -> Result<()> {
+        if fs::symlink_metadata(r).is_ok() {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".new-{}", crate::store::token()));
+        let io = self.store.io();
+        io.create_dir(&tmp).ctx("create round", &tmp)?;
+        io.create_dir(&tmp.join("stage"))
+            .ctx("create round", &tmp)?;
+        match io.rename_noreplace(&tmp, r) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let _ = io.remove_dir_all(&tmp);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = io.remove_dir_all(&tmp);
+                Err(Error::io("create round", r, e))
+            }
+        }
+    }
+
+    fn state(&self, k: u64) -> Result<State> {
+        let r = self.round(k);
+        if r.join("aborted").exists() {
+            return Ok(State::Aborted);
+        }
+        let mut t = Target {
+            step: 0,
+            stop: false,
+        };
+        for rank in 0..self.world.size {
+            let p = r.join(format!("propose-{rank:05}"));
+            match fs::read(&p) {
+                Ok(b) => {
+                    let x: Target = serde_json::from_slice(&b)
+                        .map_err(|e| Error::Usage(format!("bad proposal {}: {e}", p.display())))?;
+                    t.step = t.step.max(x.step);
+                    t.stop |= x.stop;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::Open),
+                Err(e) => return Err(Error::io("read proposal", p, e)),
+            }
+        }
+        Ok(State::Agreed(t))
+    }
+
+    /// Waits for every rank's proposal; abandons the round after the timeout.
+    fn wait_target(&mut self) -> Result<State> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.state(self.k)? {
+                State::Open if start.elapsed() >= self.timeout => {
+                    eprintln!(
+                        "ckpt: warning: rank {}: not every rank proposed a step in save round {} within {:?}; abandoning the round",
+                        self.world.rank, self.k, self.timeout
+                    );
+                    self.abort(self.k);
+                    return Ok(State::Aborted);
+                }
+                State::Open => {}
+                s => return Ok(s),
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Abandons round `k`: the stage (and every shard in it) goes, `aborted` records it. The
+    /// rename of the stage is the arbiter against a concurrent publish.
+    fn abort(&self, k: u64) {
+        let r = self.round(k);
+        let io = self.store.io();
+        let trash = r.join(format!("trash-{}", crate::store::token()));
+        if io.rename_noreplace(&r.join("stage"), &trash).is_ok() {
+            let _ = io.write_new(&r.join("aborted"), b"");
+            let _ = io.remove_dir_all(&trash);
+        }
+    }
+
+    /// This rank leaves the job (its `Checkpointer` is dropped: it finished or is exiting).
+    /// A round it is in is abandoned (it will never write its shard), and it proposes "never"
+    /// (`u64::MAX`) in the next round, so a request that reaches the other ranks after it left
+    /// never makes them wait for it: they cannot reach that step, so they never save.
+    pub fn leave(&mut self) {
+        if self.joined.is_some() {
+            self.abort(self.k);
+            self.conclude();
+        }
+        let _ = self.join(u64::MAX, false, true);
+    }
+
+    fn conclude(&mut self) {
+        self.joined = None;
+        self.k += 1;
+        self.last_poll = None;
+    }
+
+    /// Saves this rank's shard: `stage` (filled by the job) becomes `rank-NNNNN/` of the
+    /// round's checkpoint. Returns the published manifest once every shard is durable and the
+    /// checkpoint is visible, or an error when the round was abandoned.
+    pub fn commit_shard(
+        &mut self,
+        stage: Stage,
+        algo: Algo,
+        step: Option<u64>,
+        stop: bool,
+        writer: &str,
+    ) -> Result<Manifest> {
+        self.published_last = false;
+        let Some(step) = step else {
+            return Err(Error::Usage(
+                "a multi-rank save needs the step (save_at, set_step or should_checkpoint_at): the ranks agree on it".into(),
+            ));
+        };
+        if self.joined.is_none() {
+            // An explicit save without a request: every rank must make it at the same step.
+            self.join(step, stop, true)?;
+        }
+        let k = self.k;
+        let t = match self.joined.as_ref().and_then(|j| j.target) {
+            Some(t) => t,
+            None => match self.wait_target()? {
+                State::Agreed(t) => t,
+                _ => {
+                    self.conclude();
+                    return Err(self.abandoned(k, "not every rank proposed a step"));
+                }
+            },
+        };
+        if t.step != step {
+            self.abort(k);
+            self.conclude();
+            return Err(Error::Usage(format!(
+                "rank {} saved at step {step} but the ranks agreed on step {} in save round {k}; the round was abandoned, nothing was published (hint: call save only when should_checkpoint() says so, or at the same step on every rank)",
+                self.world.rank, t.step
+            )));
+        }
+        let res = self.write_shard(k, stage, algo, t, writer);
+        self.conclude();
+        let m = res?;
+        if t.stop {
+            self.stop_agreed = true;
+        }
+        Ok(m)
+    }
+
+    fn abandoned(&self, k: u64, why: &str) -> Error {
+        Error::Usage(format!(
+            "save round {k} of {} was abandoned ({why}): no checkpoint was published, the shards were removed",
+            self.dir.display()
+        ))
+    }
+
+    fn write_shard(
+        &mut self,
+        k: u64,
+        stage: Stage,
+        algo: Algo,
+        t: Target,
+        writer: &str,
+    ) -> Result<Manifest> {
+        let r = self.round(k);
+        let io = self.store.io();
+        let (src, known) = stage.into_parts();
+        // Seal the shard: sums, fsync of every file and directory, like a single-rank stage.
+        let sealed = (|| {
+            let mut files = Vec::new();
+            let mut dirs = Vec::new();
+            walk(&src, &src, &mut files, &mut dirs)?;
+            let mut entries = Vec::with_capacity(files.len());
+            for (name, path) in files {
+                crate::store::manifest::check_name(&name).map_err(Error::Name)?;
+                let e = match known.iter().find(|e| e.name == name) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let (size, sum) = crate::store::commit::checksum_file(&path, algo)?;
+                        FileEntry { name, size, sum }
+                    }
+                };
+                io.fsync_file(&path).ctx("fsync", &path)?;
+                entries.push(e);
+            }
+            for d in dirs.iter().rev() {
+                io.fsync_dir(d).ctx("fsync", d)?;
+            }
+            Ok::<_, Error>(entries)
+        })();
+        let entries = match sealed {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = io.remove_dir_all(&src);
+                self.abort(k);
+                return Err(e);
+            }
+        };
+        let dest = r.join("stage").join(self.world.shard_dir());
+        if let Err(e) = io.rename_noreplace(&src, &dest) {
+            let _ = io.remove_dir_all(&src);
+            if !r.join("stage").exists() {
+                return Err(self.abandoned(k, "another rank gave up waiting"));
+            }
+            self.abort(k);
+            return Err(Error::io("move the shard into", &dest, e));
+        }
+        let done_tmp = r.join(format!(".done.{}", crate::store::token()));
+        let done = r.join(format!("done-{:05}", self.world.rank));
+        let body = serde_json::to_vec(&ShardDone {
+            rank: self.world.rank,
+            step: t.step,
+            checksum: algo,
+            files: entries,
+        })
+        .expect("serialises");
+        let marked = (|| {
+            // The shard's directory entry in the stage must be durable before it counts.
+            io.fsync_dir(&dest).ctx("fsync", &dest)?;
+            io.fsync_dir(&r.join("stage"))
+                .ctx("fsync", &r.join("stage"))?;
+            io.write_new(&done_tmp, &body).ctx("write", &done_tmp)?;
+            fs::rename(&done_tmp, &done).ctx("write", &done)
+        })();
+        if let Err(e) = marked {
+            self.abort(k);
+            return Err(e);
+        }
+        let all_done = (0..self.world.size).all(|i| r.join(format!("done-{i:05}")).exists());
+        if all_done && io.write_new(&r.join("publisher"), b"").is_ok() {
+            match self.publish(k, t, writer) {
+                Ok(m) => {
+                    self.published_last = true;
+                    // Every rank has finished with the previous round (it joined this one).
+                    if k > 1 {
+                        let _ = io.remove_dir_all(&self.round(k - 1));
+                    }
+                    return Ok(m);
+                }
+                Err(e) => {
+                    self.abort(k);
+                    return Err(e);
+                }
+            }
+        }
+        // Wait for the outcome.
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut gave_up = false;
+        loop {
+            if let Ok(b) = fs::read(r.join("published")) {
+                let p: Published = serde_json::from_slice(&b)
+                    .map_err(|e| Error::Usage(format!("bad round outcome: {e}")))?;
+                let path = self.store.path_of(p.seq);
+                return read_manifest(&path).map_err(|reason| Error::Invalid { path, reason });
+            }
+            if r.join("aborted").exists() {
+                return Err(self.abandoned(k, "a rank did not finish its shard in time"));
+            }
+            if start.elapsed() >= self.timeout {
+                if gave_up {
+                    return Err(
+                        self.abandoned(k, "its outcome is unknown: the publishing rank vanished")
+                    );
+                }
+                eprintln!(
+                    "ckpt: warning: rank {}: not every shard of save round {k} was durable within {:?}; abandoning the round",
+                    self.world.rank, self.timeout
+                );
+                self.abort(k);
+                gave_up = true;
+                continue;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes the top-level manifest listing every shard's files and publishes the stage with
+    /// the single atomic rename.
+    fn publish(&self, k: u64, t: Target, writer: &str) -> Result<Manifest> {
+        let r = self.round(k);
+        let io = self.store.io();
+        let stage = r.join("stage");
+        let mut entries = Vec::new();
+        let mut algo = None;
+        for rank in 0..self.world.size {
+            let p = r.join(format!("done-{rank:05}"));
+            let b = fs::read(&p).ctx("read", &p)?;
+            let d: ShardDone = serde_json::from_slice(&b)
+                .map_err(|e| Error::Usage(format!("bad shard record {}: {e}", p.display())))?;
+            if d.rank != rank || d.step != t.step || algo.is_some_and(|a| a != d.checksum) {
+                return Err(Error::Usage(format!(
+                    "shard record {} does not match the round (rank {}, step {})",
+                    p.display(),
+                    d.rank,
+                    d.step
+                )));
+            }
+            algo = Some(d.checksum);
+            let prefix = shard_name(rank);
+            entries.extend(d.files.into_iter().map(|f| FileEntry {
+                name: format!("{prefix}/{}", f.name),
+                ..f
+            }));
+        }
+        let algo = algo.unwrap_or(Algo::Crc32c);
+        let mut manifest = Manifest::new(0, Some(t.step), writer, algo, entries);
+        manifest.world_size = Some(self.world.size);
+        let mpath = stage.join(MANIFEST_NAME);
+        for attempt in 0..1000 {
+            manifest.seq = self.store.next_seq()?;
+            manifest.created_ms = crate::store::manifest::now_ms();
+            if attempt > 0 {
+                io.remove_file(&mpath).ctx("remove", &mpath)?;
+            }
+            io.write_new(&mpath, &manifest.encode())
+                .ctx("write manifest", &mpath)?;
+            io.fsync_file(&mpath).ctx("fsync", &mpath)?;
+            io.fsync_dir(&stage).ctx("fsync", &stage)?;
+            let dest = self.store.path_of(manifest.seq);
+            match io.rename_noreplace(&stage, &dest) {
+                Ok(()) => {
+                    io.fsync_dir(self.store.dir())
+                        .ctx("fsync", self.store.dir())?;
+                    let body =
+                        serde_json::to_vec(&Published { seq: manifest.seq }).expect("serialises");
+                    let tmp = r.join(format!(".published.{}", crate::store::token()));
+                    io.write_new(&tmp, &body).ctx("write", &tmp)?;
+                    fs::rename(&tmp, r.join("published")).ctx("write", &r.join("published"))?;
+                    return Ok(manifest);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io("publish (rename) the round's stage", &stage, e)),
+            }
+        }
+        Err(Error::Usage(format!(
+            "could not claim a sequence number in {} after 1000 tries",
+            self.store.dir().display()
+        )))
+    }
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<(String, PathBuf)>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<()> {
+    dirs.push(dir.to_path_buf());
+    for ent in fs::read_dir(dir).ctx("list", dir)? {
+        let ent = ent.ctx("list", dir)?;
+        let path = ent.path();
+        let ft = ent.file_type().ctx("inspect", &path)?;
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        if ft.is_dir() {
+            walk(root, &path, files, dirs)?;
+        } else if ft.is_file() {
+            files.push((rel, path));
+        } else {
+            return Err(Error::Usage(format!(
+                "{} is not a regular file (a symlink, socket or device); hint: copy the file into the checkpoint instead, ckpt never follows links",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
