@@ -6,7 +6,6 @@
 
 pub mod client;
 pub mod error;
-pub mod multi_rank;
 pub mod pod;
 pub mod protocol;
 pub mod snapshot;
@@ -21,8 +20,7 @@ pub mod integrations;
 #[cfg(feature = "supervisor")]
 pub mod supervisor;
 
-pub use client::{Checkpointer, RestorePoint, Saved};
+pub use client::{Checkpointer, RestorePoint, Saved, Start};
 pub use error::{Error, Result};
-pub use multi_rank::World;
 pub use pod::Pod;
 pub use snapshot::Snapshot;

@@ -25,6 +25,26 @@ pub const ENV_PROTOCOL: &str = "CKPT_PROTOCOL";
 /// Pid of the supervisor.
 pub const ENV_SUPERVISOR_PID: &str = "CKPT_SUPERVISOR_PID";
 
+/// How this launch starts: [`START_FRESH`], [`START_RESUME`] or [`START_BRANCH`].
+pub const ENV_START: &str = "CKPT_START";
+/// Nothing to restore.
+pub const START_FRESH: &str = "fresh";
+/// Restoring a checkpoint of this run (after a stop, crash or rollback).
+pub const START_RESUME: &str = "resume";
+/// Restoring a checkpoint copied from another run by `ckpt run --from` (its manifest's
+/// `meta.parent` names the source): the job may apply new settings (hyperparameters).
+pub const START_BRANCH: &str = "branch";
+
+/// The `CKPT_START` value for a launch restoring `restore` (by its manifest): `branch` when
+/// it carries `meta.parent`, `resume` otherwise, `fresh` without one.
+pub fn start_kind(restore: Option<&crate::store::Manifest>) -> &'static str {
+    match restore {
+        None => START_FRESH,
+        Some(m) if m.meta.get("parent").is_some_and(|p| p.is_object()) => START_BRANCH,
+        Some(_) => START_RESUME,
+    }
+}
+
 /// Largest datagram the supervisor reads; longer ones are refused.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 

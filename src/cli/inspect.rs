@@ -25,7 +25,7 @@ pub struct VerifyArgs {
     /// Print a JSON array of results on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Checkpoint sequence numbers (default: all), or `latest`.
+    /// Checkpoints (default: all): IDs, names (tags), `latest` or `latest~N`.
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
 }
@@ -49,17 +49,33 @@ fn when(ms: u64) -> String {
         .to_string()
 }
 
+fn tag_text(v: &serde_json::Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 pub fn list(a: ListArgs) -> Result<i32, Fatal> {
     let store = open(&a.dir)?;
     let list = store.list().map_err(|e| Fatal {
         code: exit_codes::IO,
         msg: e.to_string(),
     })?;
+    let mut tags = store.tags_by_seq().map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: e.to_string(),
+    })?;
     let mut rows = Vec::new();
     for (seq, path) in &list {
+        let t = tags.remove(seq).unwrap_or_default();
         rows.push(match read_manifest(path) {
-            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "path": path, "manifest_ok": true }),
-            Err(e) => json!({ "seq": seq, "path": path, "manifest_ok": false, "error": e.to_string() }),
+            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "path": path, "manifest_ok": true, "tags": t, "parent": m.meta.get("parent") }),
+            Err(e) => json!({ "seq": seq, "path": path, "manifest_ok": false, "error": e.to_string(), "tags": t }),
         });
     }
     if a.json {
@@ -71,28 +87,30 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
         return Ok(0);
     }
     println!(
-        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  WRITER",
-        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES"
+        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}  TAGS",
+        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES", "WRITER"
     );
     for r in rows {
         if r["manifest_ok"] == json!(true) {
             println!(
-                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {}",
-                r["seq"],
+                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}  {}",
+                r["seq"].to_string(),
                 r["step"]
                     .as_u64()
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into()),
                 when(r["created_ms"].as_u64().unwrap_or(0)),
                 fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
-                r["files"],
-                r["writer"].as_str().unwrap_or("")
+                r["files"].to_string(),
+                r["writer"].as_str().unwrap_or(""),
+                tag_text(&r["tags"])
             );
         } else {
             println!(
-                "{:>8}  INVALID: {}",
-                r["seq"],
-                r["error"].as_str().unwrap_or("")
+                "{:>8}  INVALID: {}  {}",
+                r["seq"].to_string(),
+                r["error"].as_str().unwrap_or(""),
+                tag_text(&r["tags"])
             );
         }
     }
@@ -110,29 +128,8 @@ pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
         targets = list.clone();
     } else {
         for id in &a.ids {
-            let seq = if id == "latest" {
-                list.last().map(|(s, _)| *s).ok_or_else(|| Fatal {
-                    code: exit_codes::DATA,
-                    msg: format!("no checkpoints in {}", store.dir().display()),
-                })?
-            } else {
-                id.parse::<u64>().map_err(|_| Fatal {
-                    code: exit_codes::USAGE,
-                    msg: format!("{id:?} is not a checkpoint id (a sequence number, or `latest`)"),
-                })?
-            };
-            match list.iter().find(|(s, _)| *s == seq) {
-                Some(t) => targets.push(t.clone()),
-                None => {
-                    return Err(Fatal {
-                        code: exit_codes::DATA,
-                        msg: format!(
-                            "no checkpoint {seq} in {}; hint: `ckpt list` shows them",
-                            store.dir().display()
-                        ),
-                    })
-                }
-            }
+            let r = super::versions::resolve(&store, id)?;
+            targets.push((r.seq, r.path));
         }
     }
     let mut bad = 0;

@@ -8,6 +8,7 @@ mod inspect;
 mod run;
 mod save;
 mod service;
+mod versions;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,6 +52,22 @@ pub enum Cmd {
     List(inspect::ListArgs),
     /// Fully verify checkpoints (sizes and checksums); non-zero exit if any is bad.
     Verify(inspect::VerifyArgs),
+    /// Name a checkpoint (a version); named checkpoints are never pruned (docs/versions.md).
+    Tag(versions::TagArgs),
+    /// Remove a checkpoint's name.
+    Untag(versions::UntagArgs),
+    /// Show a checkpoint: files, sizes, checksums, step, parent, metadata.
+    Show(versions::ShowArgs),
+    /// Which files differ between two checkpoints (also across directories: DIR:REF).
+    Diff(versions::DiffArgs),
+    /// Copy a checkpoint out, verified, with its manifest (deployment, archiving).
+    Export(versions::ExportArgs),
+    /// Bring a checkpoint directory in as a new checkpoint, verified.
+    Import(versions::ImportArgs),
+    /// Set checkpoints newer than ID aside (rolled-back/) so the next run resumes from ID.
+    Rollback(versions::RollbackArgs),
+    /// Show or apply retention, and remove old quarantine/staging/trash leftovers.
+    Gc(versions::GcArgs),
     /// Show what a running supervisor and its job are doing.
     Status(control::StatusArgs),
     /// Ask the running job for a checkpoint now (`--wait`: until it is durable).
@@ -116,6 +133,14 @@ pub fn main() -> i32 {
         Cmd::Save(a) => save::run(a),
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),
+        Cmd::Tag(a) => versions::tag(a),
+        Cmd::Untag(a) => versions::untag(a),
+        Cmd::Show(a) => versions::show(a),
+        Cmd::Diff(a) => versions::diff(a),
+        Cmd::Export(a) => versions::export(a),
+        Cmd::Import(a) => versions::import(a),
+        Cmd::Rollback(a) => versions::rollback(a),
+        Cmd::Gc(a) => versions::gc(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Status(a) => control::status(a),
         Cmd::Checkpoint(a) => control::checkpoint(a),

@@ -113,6 +113,12 @@ pub struct RunArgs {
     /// Timeout of one metadata request.
     #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     pub metadata_timeout: Duration,
+    /// Start from this checkpoint: `SRC_DIR[:ID|NAME|latest~N]` branches a new run (its first
+    /// launch restores a verified copy, hard-linked where possible, with CKPT_START=branch;
+    /// the source is untouched); `:REF` or a bare `latest~N` rolls this directory back
+    /// (newer checkpoints go to rolled-back/, never deleted). See docs/versions.md.
+    #[arg(long, value_name = "SRC")]
+    pub from: Option<String>,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -266,6 +272,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         log_json: matches!(a.log_format, LogFormat::Json),
         slurm,
         preemption,
+        from: a.from,
     };
     crate::supervisor::run(cfg)
 }

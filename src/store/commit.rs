@@ -136,6 +136,59 @@ impl Stage {
         w.finish()
     }
 
+    /// Adds the file `src`, known to hold `expected` (it was just verified), under `name`:
+    /// with `share`, as a hard link or else a reflink (no data copied; checkpoints are
+    /// immutable, so sharing is safe), else (or when the file system cannot) as a copy whose
+    /// size and checksum are compared with `expected` while it is written.
+    pub fn add_verified(
+        &mut self,
+        name: &str,
+        src: &Path,
+        expected: &FileEntry,
+        share: bool,
+    ) -> Result<Shared> {
+        if share {
+            let p = self.target(name)?;
+            let mut how = None;
+            if self.store.io().hard_link(src, &p).is_ok() {
+                how = Some(Shared::Linked);
+            } else if self.store.io().reflink(src, &p).is_ok() {
+                how = Some(Shared::Reflinked);
+            }
+            if let Some(how) = how {
+                self.known.push(FileEntry {
+                    name: name.to_string(),
+                    ..expected.clone()
+                });
+                return Ok(how);
+            }
+        }
+        let size = self.copy_from(name, src)?;
+        let sum = self.known.last().map(|e| e.sum).unwrap_or_default();
+        let reason = if size != expected.size {
+            Some(crate::error::Invalid::Size {
+                name: expected.name.clone(),
+                expected: expected.size,
+                actual: size,
+            })
+        } else if sum != expected.sum {
+            Some(crate::error::Invalid::Checksum {
+                name: expected.name.clone(),
+                expected: expected.sum,
+                actual: sum,
+            })
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::Invalid {
+                path: src.to_path_buf(),
+                reason,
+            }),
+            None => Ok(Shared::Copied),
+        }
+    }
+
     /// Makes the checkpoint durable and visible. Returns its manifest.
     pub fn commit(
         mut self,
@@ -203,13 +256,6 @@ impl Stage {
         )))
     }
 
-    /// Hands the staged directory and the sums computed while writing to a multi-rank save
-    /// (`crate::multi_rank`), which seals and moves it; the stage no longer removes itself.
-    pub(crate) fn into_parts(mut self) -> (PathBuf, Vec<FileEntry>) {
-        self.done = true;
-        (self.path.clone(), std::mem::take(&mut self.known))
-    }
-
     /// Discards the staged files.
     pub fn abort(mut self) {
         self.cleanup();
@@ -227,6 +273,17 @@ impl Drop for Stage {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// How [`Stage::add_verified`] brought a file in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// A hard link to the source file.
+    Linked,
+    /// A reflink (copy-on-write clone) of the source file.
+    Reflinked,
+    /// A full copy, checked against the source's size and checksum.
+    Copied,
 }
 
 /// Streaming writer into a staged file; computes the checksum inline.

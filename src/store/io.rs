@@ -25,6 +25,46 @@ pub trait Io: Send + Sync {
     fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Removes one file (a symlink itself, never its target).
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Renames `from` to `to`, atomically replacing a file at `to` (ckpt's own small files,
+    /// e.g. the tag file).
+    fn rename_replace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    /// Makes `to` a new hard link to the file `from` (branching: checkpoints are immutable,
+    /// so two runs can share a file's data). Fails with `CrossesDevices` across file systems.
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::hard_link(from, to)
+    }
+    /// Creates the new file `to` sharing `from`'s data blocks (`FICLONE`: Btrfs, XFS,
+    /// bcachefs...). Fails (and leaves nothing behind) where the file system cannot.
+    fn reflink(&self, from: &Path, to: &Path) -> io::Result<()> {
+        reflink(from, to)
+    }
+}
+
+/// `ioctl(FICLONE)` into a new owner-only file; the new file is removed again on failure.
+pub fn reflink(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    let src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)?;
+    // SAFETY: both descriptors are open for the duration of the call.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        drop(dst);
+        let _ = fs::remove_file(to);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Replaces `path` with a new owner-only (0600) file holding `data`, never writing through

@@ -5,6 +5,8 @@
 //! DIR/                         created 0700
 //!   ckpt-000000000042/         a published checkpoint: the job's files + MANIFEST.ckpt
 //!   quarantine/                checkpoints that failed verification, moved aside, never deleted
+//!   rolled-back/               checkpoints newer than a rollback target, set aside, never deleted
+//!   .ckpt/tags.json            checkpoint names (tags); tagged checkpoints are never pruned
 //!   .ckpt/lock                 flock held by the supervisor; its text names the holder
 //!   .ckpt/staging/<pid>.<n>/   a save in progress (invisible; cleaned when its writer is dead)
 //!   .ckpt/trash/               checkpoints being pruned (invisible; cleaned on next start)
@@ -16,6 +18,8 @@ pub mod commit;
 pub mod io;
 pub mod manifest;
 pub mod scan;
+pub mod tags;
+pub mod transfer;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -33,6 +37,8 @@ pub const PREFIX: &str = "ckpt-";
 pub const PRIVATE: &str = ".ckpt";
 /// Where corrupt checkpoints are moved.
 pub const QUARANTINE: &str = "quarantine";
+/// Where `ckpt rollback` sets newer checkpoints aside (never deleted).
+pub const ROLLED_BACK: &str = "rolled-back";
 
 /// A checkpoint directory.
 #[derive(Clone)]
@@ -197,14 +203,16 @@ impl Store {
         Ok(out)
     }
 
-    /// The sequence number a new checkpoint should take: above every published and
-    /// quarantined one, so numbers are never reused.
+    /// The sequence number a new checkpoint should take: above every published, quarantined
+    /// and rolled-back one, so numbers are never reused.
     pub fn next_seq(&self) -> Result<u64> {
         let mut max = self.list()?.last().map(|(s, _)| *s).unwrap_or(0);
-        if let Ok(rd) = fs::read_dir(self.dir.join(QUARANTINE)) {
-            for ent in rd.flatten() {
-                if let Some(s) = ent.file_name().to_str().and_then(|n| parse_seq(n, true)) {
-                    max = max.max(s);
+        for aside in [QUARANTINE, ROLLED_BACK] {
+            if let Ok(rd) = fs::read_dir(self.dir.join(aside)) {
+                for ent in rd.flatten() {
+                    if let Some(s) = ent.file_name().to_str().and_then(|n| parse_seq(n, true)) {
+                        max = max.max(s);
+                    }
                 }
             }
         }
@@ -215,7 +223,8 @@ impl Store {
     /// entries went. Safe while other writers are saving: a live writer's staging stays.
     pub fn clean_leftovers(&self) -> Result<usize> {
         let mut n = 0;
-        for sub in ["staging", "trash"] {
+        // Save rounds of multi-rank jobs are named `<epoch>.<supervisor pid>` (docs/multi-rank.md).
+        for sub in ["staging", "trash", "rounds"] {
             let d = self.private().join(sub);
             // Never list (and delete in) a symlink planted in place of our own directory.
             if !fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {

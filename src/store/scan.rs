@@ -229,39 +229,23 @@ impl Store {
     }
 
     /// Retention. Removes published checkpoints beyond the newest `keep`, except:
-    /// `protect` (the newest verified checkpoint, tags) and anything newer than the newest of
-    /// `protect`, and with `keep_every` the oldest
-    /// checkpoint of each such period of creation time. A checkpoint is first renamed into
-    /// `.ckpt/trash` (one atomic step, made durable), then deleted. Returns removed sequences.
+    /// `protect` (the newest verified checkpoint) and anything newer than the newest of
+    /// `protect`, tagged checkpoints (read here from `.ckpt/tags.json`, so every caller is
+    /// covered), and with `keep_every` the oldest checkpoint of each such period of creation
+    /// time. A checkpoint is first renamed into `.ckpt/trash` (one atomic step, made durable),
+    /// then deleted. Returns removed sequences.
     pub fn prune(
         &self,
         keep: usize,
         keep_every: Option<Duration>,
         protect: &[u64],
     ) -> Result<Vec<u64>> {
-        let all = self.list()?;
-        if all.len() <= keep {
+        // Shared with other prunes, exclusive with `ckpt tag`: a tag either lands before the
+        // plan reads the tags, or after the renames below (then `ckpt tag` sees it gone).
+        let _tag_lock = self.tag_lock(false, false)?;
+        let doomed = self.prune_plan(keep, keep_every, protect)?;
+        if doomed.is_empty() {
             return Ok(Vec::new());
-        }
-        let (old, _newest) = all.split_at(all.len() - keep);
-        // Nothing newer than the newest protected (verified) checkpoint goes: such a one is
-        // either being verified or corrupt, and corrupt ones are moved aside, never deleted.
-        let ceiling = protect.iter().max().copied().unwrap_or(u64::MAX);
-        let mut buckets = std::collections::HashSet::new();
-        let mut doomed = Vec::new();
-        for (seq, path) in old {
-            if protect.contains(seq) || *seq > ceiling {
-                continue;
-            }
-            if let Some(every) = keep_every {
-                let period = every.as_millis().max(1) as u64;
-                if let Ok(m) = read_manifest(path) {
-                    if buckets.insert(m.created_ms / period) {
-                        continue;
-                    }
-                }
-            }
-            doomed.push((*seq, path.clone()));
         }
         let trash = self.private().join("trash");
         self.real_dir(&trash)?;
@@ -284,5 +268,41 @@ impl Store {
             self.io().remove_dir_all(to).ctx("remove", to)?;
         }
         Ok(moved.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// What [`Store::prune`] would remove now (`ckpt gc --dry-run`), ascending. Fails when the
+    /// tag file cannot be read: a tagged checkpoint must never be removed by mistake.
+    pub fn prune_plan(
+        &self,
+        keep: usize,
+        keep_every: Option<Duration>,
+        protect: &[u64],
+    ) -> Result<Vec<(u64, PathBuf)>> {
+        let all = self.list()?;
+        if all.len() <= keep {
+            return Ok(Vec::new());
+        }
+        let tagged: std::collections::HashSet<u64> = self.tags()?.into_values().collect();
+        let (old, _newest) = all.split_at(all.len() - keep);
+        // Nothing newer than the newest protected (verified) checkpoint goes: such a one is
+        // either being verified or corrupt, and corrupt ones are moved aside, never deleted.
+        let ceiling = protect.iter().max().copied().unwrap_or(u64::MAX);
+        let mut buckets = std::collections::HashSet::new();
+        let mut doomed = Vec::new();
+        for (seq, path) in old {
+            if protect.contains(seq) || *seq > ceiling || tagged.contains(seq) {
+                continue;
+            }
+            if let Some(every) = keep_every {
+                let period = every.as_millis().max(1) as u64;
+                if let Ok(m) = read_manifest(path) {
+                    if buckets.insert(m.created_ms / period) {
+                        continue;
+                    }
+                }
+            }
+            doomed.push((*seq, path.clone()));
+        }
+        Ok(doomed)
     }
 }

@@ -2,6 +2,7 @@
 //! and timers; the job's state lives in [`Run`]. Process model and each failure case:
 //! `docs/design.md`.
 
+pub mod branch;
 pub mod control;
 pub mod interval;
 pub mod lock;
@@ -106,6 +107,9 @@ pub struct Config {
     pub checkpoint_timeout: Option<Duration>,
     /// Cloud preemption notices to watch for (`--preemption-notice`).
     pub preemption: Option<crate::integrations::cloud::Settings>,
+    /// `--from`: seed the first launch from another run's checkpoint, or roll back
+    /// (`branch.rs`).
+    pub from: Option<String>,
 }
 
 enum Ev {
@@ -161,6 +165,9 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     let _lock = lock::DirLock::acquire(&store, &cmdline)
         .map_err(|e| fatal(exit_codes::CANT_CREATE, e.to_string()))?;
     let mut rep = Reporter::new(store.private(), cfg.quiet, cfg.log_json);
+    if let Some(from) = &cfg.from {
+        branch::apply(&store, from, &mut rep)?;
+    }
 
     let finished = store.private().join("finished");
     if finished.exists() {
@@ -408,6 +415,11 @@ impl Run {
                 self.notice_after_stop();
                 return Ok(self.slurm_after_stop());
             }
+            // Every process of the previous launch is gone: a rank killed while writing its
+            // shard leaves a staging directory of a dead pid (docs/multi-rank.md).
+            if self.hist.restarts > 0 {
+                let _ = self.store.clean_leftovers();
+            }
             let restore = self.pick_restore()?;
             let mut job = self.launch(restore.as_ref())?;
             let exit = self.supervise(&mut job);
@@ -547,6 +559,10 @@ impl Run {
                 std::process::id().to_string().into(),
             ),
         ];
+        env.push((
+            protocol::ENV_START.into(),
+            protocol::start_kind(restore.map(|f| &f.manifest)).into(),
+        ));
         // Empty values mean "unset" to every client (see docs/protocol.md).
         match restore {
             Some(f) => {

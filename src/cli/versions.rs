@@ -1,0 +1,632 @@
+//! Versions and experiments: `ckpt tag/untag/show/diff/export/import/rollback/gc`
+//! (docs/versions.md). Every checkpoint argument goes through [`Store::resolve`]:
+//! `ID | NAME | latest | latest~N`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{parse_duration, DirArg};
+use crate::store::manifest::Manifest;
+use crate::store::scan::{read_manifest, verify_path};
+use crate::store::tags::{check_tag_name, Resolved};
+use crate::store::{Store, PRIVATE, QUARANTINE, ROLLED_BACK};
+use crate::supervisor::branch::{ref_fatal, rollback as do_rollback, store_fatal};
+use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
+
+fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
+    Fatal {
+        code,
+        msg: msg.into(),
+    }
+}
+
+/// The store of `--dir`, which must exist.
+pub fn open(dir: &Path) -> Result<Store, Fatal> {
+    let store = Store::new(dir);
+    if !store.dir().is_dir() {
+        return Err(fatal(
+            exit_codes::USAGE,
+            format!(
+                "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
+                store.dir().display()
+            ),
+        ));
+    }
+    Ok(store)
+}
+
+/// Resolves `r` in `store` with a clear error.
+pub fn resolve(store: &Store, r: &str) -> Result<Resolved, Fatal> {
+    store
+        .resolve(r)
+        .map_err(|e| ref_fatal("unknown checkpoint", e))
+}
+
+/// `REF` in `--dir`, or `DIR:REF` in another directory.
+fn resolve_anywhere(default: &Path, arg: &str) -> Result<(Store, Resolved), Fatal> {
+    let (dir, r) = match arg.rsplit_once(':') {
+        Some((d, r)) if !d.is_empty() => {
+            (PathBuf::from(d), if r.is_empty() { "latest" } else { r })
+        }
+        Some((_, r)) => (default.to_path_buf(), r),
+        None => (default.to_path_buf(), arg),
+    };
+    let store = open(&dir)?;
+    let res = resolve(&store, r)?;
+    Ok((store, res))
+}
+
+fn manifest_of(res: &Resolved) -> Result<Manifest, Fatal> {
+    read_manifest(&res.path).map_err(|e| {
+        fatal(
+            exit_codes::DATA,
+            format!("checkpoint {} ({}): {e}", res.seq, res.path.display()),
+        )
+    })
+}
+
+/// Name a checkpoint; a named checkpoint is never removed by retention.
+#[derive(Debug, clap::Args)]
+pub struct TagArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// The checkpoint: ID, NAME, `latest` or `latest~N`.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The new name (letters, digits, `.`, `_`, `+`, `-`; not all digits, not `latest`).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Move the name if it already names another checkpoint.
+    #[arg(long, short = 'f')]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn tag(a: TagArgs) -> Result<i32, Fatal> {
+    check_tag_name(&a.name).map_err(|m| fatal(exit_codes::USAGE, m))?;
+    let store = open(&a.dir.dir)?;
+    resolve(&store, &a.id)?;
+    // Resolved (again) under the tag lock: retention cannot remove it between check and write.
+    let res: Result<(u64, Option<u64>), Fatal> = store
+        .update_tags(|tags| {
+            let r = store
+                .resolve(&a.id)
+                .map_err(|e| crate::Error::Usage(format!("checkpoint vanished meanwhile (pruned?): {e}")))?;
+            let old = tags.get(&a.name).copied();
+            if let Some(old) = old.filter(|o| *o != r.seq && !a.force) {
+                return Err(crate::Error::Usage(format!(
+                    "tag {:?} already names checkpoint {old}; hint: pass --force to move it to {}, or choose another name",
+                    a.name, r.seq
+                )));
+            }
+            tags.insert(a.name.clone(), r.seq);
+            Ok((r.seq, old))
+        })
+        .map_err(|e| store_fatal("cannot tag", e));
+    let (seq, old) = res?;
+    if a.json {
+        println!("{}", json!({ "tag": a.name, "seq": seq, "previous": old }));
+    } else {
+        match old {
+            Some(o) if o != seq => println!("moved tag {} from checkpoint {o} to {seq}", a.name),
+            _ => println!("tagged checkpoint {seq} as {}", a.name),
+        }
+    }
+    Ok(0)
+}
+
+/// Remove a name (the checkpoint stays, and is again subject to retention).
+#[derive(Debug, clap::Args)]
+pub struct UntagArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir.dir)?;
+    let seq = store
+        .update_tags(|tags| match tags.remove(&a.name) {
+            Some(s) => Ok(s),
+            None => Err(crate::Error::Usage(format!(
+                "no tag {:?} in {}; tags: {}",
+                a.name,
+                store.dir().display(),
+                if tags.is_empty() {
+                    "none".to_string()
+                } else {
+                    tags.iter()
+                        .map(|(n, s)| format!("{n}={s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ))),
+        })
+        .map_err(|e| store_fatal("cannot untag", e))?;
+    if a.json {
+        println!("{}", json!({ "tag": a.name, "seq": seq }));
+    } else {
+        println!("removed tag {} (checkpoint {seq} stays)", a.name);
+    }
+    Ok(0)
+}
+
+/// Show one checkpoint: manifest, files, sizes, checksums, step, parent, metadata.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// ID, NAME, `latest` or `latest~N` (or DIR:REF).
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Also verify every file (reads all data).
+    #[arg(long)]
+    pub verify: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
+    let (store, res) = resolve_anywhere(&a.dir.dir, &a.id)?;
+    let m = manifest_of(&res)?;
+    let tags = store
+        .tags_by_seq()
+        .map_err(|e| store_fatal("cannot read tags", e))?
+        .remove(&res.seq)
+        .unwrap_or_default();
+    let verified = a.verify.then(|| verify_path(&res.path, Some(res.seq)));
+    let files: Vec<Value> = m
+        .files
+        .iter()
+        .map(|f| json!({ "name": f.name, "size": f.size, "sum": format!("{:08x}", f.sum) }))
+        .collect();
+    if a.json {
+        let mut v = json!({
+            "seq": res.seq, "path": res.path, "tags": tags, "step": m.step, "created_ms": m.created_ms,
+            "writer": m.writer, "checksum": m.checksum.name(), "bytes": m.total_bytes(),
+            "files": files, "meta": m.meta, "parent": m.meta.get("parent"),
+        });
+        if let Some(r) = &verified {
+            v["verified"] = json!(r.is_ok());
+            if let Err(e) = r {
+                v["error"] = json!(e.to_string());
+            }
+        }
+        println!("{v}");
+    } else {
+        println!("checkpoint {} ({})", res.seq, res.path.display());
+        if !tags.is_empty() {
+            println!("  tags:     {}", tags.join(", "));
+        }
+        println!(
+            "  step:     {}",
+            m.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+        );
+        println!(
+            "  created:  {}",
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + Duration::from_millis(m.created_ms)
+            )
+        );
+        println!("  writer:   {}", m.writer);
+        if let Some(p) = m.meta.get("parent") {
+            println!(
+                "  parent:   checkpoint {} of {}{}",
+                p["seq"],
+                p["dir"].as_str().unwrap_or("?"),
+                p["step"]
+                    .as_u64()
+                    .map(|s| format!(" (step {s})"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(p) = m.meta.get("imported_from") {
+            println!("  imported: from {}", p["path"].as_str().unwrap_or("?"));
+        }
+        let user: serde_json::Map<_, _> = m
+            .meta
+            .iter()
+            .filter(|(k, _)| *k != "parent" && *k != "imported_from")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !user.is_empty() {
+            println!("  meta:     {}", Value::Object(user));
+        }
+        println!(
+            "  files:    {} ({}, {})",
+            m.files.len(),
+            fmt_bytes(m.total_bytes()),
+            m.checksum.name()
+        );
+        for f in &m.files {
+            println!("    {:>10}  {:08x}  {}", fmt_bytes(f.size), f.sum, f.name);
+        }
+        if let Some(r) = &verified {
+            match r {
+                Ok(_) => println!("  verified: ok"),
+                Err(e) => println!("  verified: INVALID: {e}"),
+            }
+        }
+    }
+    Ok(match verified {
+        Some(Err(_)) => exit_codes::DATA,
+        _ => 0,
+    })
+}
+
+/// Which files differ between two checkpoints (added, removed, changed; sizes).
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// The first checkpoint: ID, NAME, `latest`, `latest~N`, or DIR:REF for another directory.
+    #[arg(value_name = "A")]
+    pub a: String,
+    /// The second checkpoint, as A.
+    #[arg(value_name = "B")]
+    pub b: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
+    let (_, ra) = resolve_anywhere(&a.dir.dir, &a.a)?;
+    let (_, rb) = resolve_anywhere(&a.dir.dir, &a.b)?;
+    let (ma, mb) = (manifest_of(&ra)?, manifest_of(&rb)?);
+    let mut rows = Vec::new();
+    let (mut added, mut removed, mut changed, mut same) = (0, 0, 0, 0);
+    for fa in &ma.files {
+        match mb.files.iter().find(|f| f.name == fa.name) {
+            None => {
+                removed += 1;
+                rows.push(json!({ "name": fa.name, "status": "removed", "size_a": fa.size }));
+            }
+            Some(fb) => {
+                let equal = fa.size == fb.size
+                    && if ma.checksum == mb.checksum {
+                        fa.sum == fb.sum
+                    } else {
+                        // Different algorithms: checksum B's file the way A's was.
+                        crate::store::commit::checksum_file(&rb.path.join(&fb.name), ma.checksum)
+                            .map(|(_, s)| s == fa.sum)
+                            .unwrap_or(false)
+                    };
+                let status = if equal { "same" } else { "changed" };
+                if equal {
+                    same += 1;
+                } else {
+                    changed += 1;
+                }
+                rows.push(
+                    json!({ "name": fa.name, "status": status, "size_a": fa.size, "size_b": fb.size }),
+                );
+            }
+        }
+    }
+    for fb in &mb.files {
+        if !ma.files.iter().any(|f| f.name == fb.name) {
+            added += 1;
+            rows.push(json!({ "name": fb.name, "status": "added", "size_b": fb.size }));
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "a": { "seq": ra.seq, "path": ra.path, "step": ma.step },
+                "b": { "seq": rb.seq, "path": rb.path, "step": mb.step },
+                "files": rows, "added": added, "removed": removed, "changed": changed, "same": same,
+            })
+        );
+        return Ok(0);
+    }
+    let sz = |v: &Value| v.as_u64().map(fmt_bytes).unwrap_or_else(|| "-".into());
+    println!(
+        "A: checkpoint {} (step {})  {}",
+        ra.seq,
+        ma.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        ra.path.display()
+    );
+    println!(
+        "B: checkpoint {} (step {})  {}",
+        rb.seq,
+        mb.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+        rb.path.display()
+    );
+    for r in &rows {
+        if r["status"] == "same" {
+            continue;
+        }
+        println!(
+            "{:<8} {:>10} -> {:<10} {}",
+            r["status"].as_str().unwrap_or(""),
+            sz(&r["size_a"]),
+            sz(&r["size_b"]),
+            r["name"].as_str().unwrap_or("")
+        );
+    }
+    println!("{changed} changed, {added} added, {removed} removed, {same} the same");
+    Ok(0)
+}
+
+/// Copy a checkpoint out (verified, with its manifest) for deployment or archiving.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// ID, NAME, `latest` or `latest~N`.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// A new directory to create.
+    #[arg(long, value_name = "PATH")]
+    pub to: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir.dir)?;
+    let res = resolve(&store, &a.id)?;
+    let m =
+        crate::store::transfer::export_to(&res.path, Some(res.seq), &a.to, &crate::store::RealIo)
+            .map_err(|e| store_fatal(&format!("cannot export checkpoint {}", res.seq), e))?;
+    let to = std::path::absolute(&a.to).unwrap_or(a.to.clone());
+    if a.json {
+        println!(
+            "{}",
+            json!({ "seq": res.seq, "step": m.step, "to": to, "files": m.files.len(), "bytes": m.total_bytes() })
+        );
+    } else {
+        println!(
+            "exported checkpoint {} ({} in {} files) to {}, verified",
+            res.seq,
+            fmt_bytes(m.total_bytes()),
+            m.files.len(),
+            to.display()
+        );
+    }
+    Ok(0)
+}
+
+/// Bring an exported (or any) checkpoint directory back as a new checkpoint, verified.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// A checkpoint directory (with MANIFEST.ckpt), e.g. made by `ckpt export`.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Hard-link (or reflink) the files instead of copying them, where the file system allows.
+    #[arg(long)]
+    pub link: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
+    let store = Store::new(&a.dir.dir);
+    let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
+    let src_m = read_manifest(&src).map_err(|e| {
+        fatal(
+            exit_codes::DATA,
+            format!("cannot import {}: {e}", src.display()),
+        )
+    })?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "imported_from".into(),
+        json!({ "path": src, "seq": src_m.seq, "step": src_m.step, "created_ms": src_m.created_ms, "parent": src_m.meta.get("parent") }),
+    );
+    extra.insert("parent".into(), Value::Null);
+    let imp = store
+        .import_from(&src, None, extra, a.link)
+        .map_err(|e| store_fatal(&format!("cannot import {}", src.display()), e))?;
+    if a.json {
+        println!(
+            "{}",
+            json!({ "seq": imp.manifest.seq, "step": imp.manifest.step, "path": imp.path, "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied })
+        );
+    } else {
+        println!(
+            "imported {} as checkpoint {} ({} in {} files), verified",
+            src.display(),
+            imp.manifest.seq,
+            fmt_bytes(imp.manifest.total_bytes()),
+            imp.manifest.files.len()
+        );
+    }
+    Ok(0)
+}
+
+/// Roll a directory back: checkpoints newer than ID go to rolled-back/ (never deleted), so
+/// the next `ckpt run` resumes from ID. Refused while a supervisor runs on the directory.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// ID, NAME, `latest~N`.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir.dir)?;
+    store
+        .create()
+        .map_err(|e| store_fatal("cannot prepare the directory", e))?;
+    let _lock = crate::supervisor::lock::DirLock::acquire(&store, "ckpt rollback")
+        .map_err(|e| fatal(exit_codes::CANT_CREATE, format!("cannot roll back: {e}")))?;
+    let r = do_rollback(&store, &a.id)?;
+    let moved: Vec<Value> = r
+        .moved
+        .iter()
+        .map(|(s, p)| json!({ "seq": s, "to": p }))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags })
+        );
+    } else {
+        println!(
+            "rolled back to checkpoint {}{}; {} newer checkpoint(s) set aside in {}",
+            r.seq,
+            r.step.map(|s| format!(" (step {s})")).unwrap_or_default(),
+            r.moved.len(),
+            store.dir().join(ROLLED_BACK).display()
+        );
+        for t in &r.dangling_tags {
+            eprintln!("ckpt: warning: tag {t} names a checkpoint now in rolled-back/; `ckpt import` it to use it again");
+        }
+    }
+    Ok(0)
+}
+
+/// What retention would remove, and leftovers (quarantine, staging, trash) older than an age.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    /// Apply retention: keep the newest N checkpoints (tagged ones and the newest verified
+    /// one are always kept).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    pub keep: Option<u64>,
+    /// With --keep, also keep the oldest checkpoint of each such period.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub keep_every: Option<Duration>,
+    /// Remove quarantined checkpoints, dead writers' staging and trash set aside longer ago
+    /// than this.
+    #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
+    pub older_than: Duration,
+    /// Also remove rolled-back checkpoints older than --older-than.
+    #[arg(long)]
+    pub rolled_back: bool,
+    /// Only show what would be removed.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
+    let store = open(&a.dir.dir)?;
+    let mut retention: Vec<(u64, PathBuf)> = Vec::new();
+    if let Some(keep) = a.keep {
+        let newest = store
+            .latest_verified(false, |_| {})
+            .map_err(|e| store_fatal("cannot scan checkpoints", e))?;
+        let protect: Vec<u64> = newest.iter().map(|f| f.seq).collect();
+        retention = store
+            .prune_plan(keep as usize, a.keep_every, &protect)
+            .map_err(|e| store_fatal("cannot plan retention", e))?;
+        if !a.dry_run {
+            let gone = store
+                .prune(keep as usize, a.keep_every, &protect)
+                .map_err(|e| store_fatal("retention failed", e))?;
+            retention.retain(|(s, _)| gone.contains(s));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut leftovers: Vec<(String, PathBuf, i64)> = Vec::new();
+    let mut places = vec![
+        ("quarantine", store.dir().join(QUARANTINE)),
+        ("staging", store.dir().join(PRIVATE).join("staging")),
+        ("trash", store.dir().join(PRIVATE).join("trash")),
+    ];
+    if a.rolled_back {
+        places.push(("rolled-back", store.dir().join(ROLLED_BACK)));
+    }
+    for (kind, d) in places {
+        if !std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for ent in rd.flatten() {
+            let Ok(md) = std::fs::symlink_metadata(ent.path()) else {
+                continue;
+            };
+            // ctime: when it was moved here (a rename updates it), not when it was written.
+            let age = now - md.ctime().max(md.mtime());
+            if age < a.older_than.as_secs() as i64 {
+                continue;
+            }
+            if kind == "staging" {
+                let pid = ent
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.split('.').next_back())
+                    .and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(crate::store::pid_alive) {
+                    continue;
+                }
+            }
+            leftovers.push((kind.to_string(), ent.path(), age));
+        }
+    }
+    leftovers.sort();
+    let mut removed = 0;
+    if !a.dry_run {
+        for (_, p, _) in &leftovers {
+            let r = if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            match r {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(fatal(
+                        exit_codes::IO,
+                        format!("cannot remove {}: {e}", p.display()),
+                    ))
+                }
+            }
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "dry_run": a.dry_run,
+                "retention": retention.iter().map(|(s, p)| json!({ "seq": s, "path": p })).collect::<Vec<_>>(),
+                "leftovers": leftovers.iter().map(|(k, p, age)| json!({ "kind": k, "path": p, "age_s": age })).collect::<Vec<_>>(),
+                "removed_leftovers": removed,
+            })
+        );
+        return Ok(0);
+    }
+    let verb = if a.dry_run { "would remove" } else { "removed" };
+    if a.keep.is_some() {
+        let seqs: Vec<u64> = retention.iter().map(|(s, _)| *s).collect();
+        println!("retention: {verb} checkpoint(s) {seqs:?}");
+    }
+    for (k, p, age) in &leftovers {
+        println!(
+            "{verb} {k} {} (set aside {} ago)",
+            p.display(),
+            humantime::format_duration(Duration::from_secs(*age as u64))
+        );
+    }
+    if leftovers.is_empty() {
+        println!(
+            "no quarantine, staging or trash leftovers older than {}",
+            humantime::format_duration(a.older_than)
+        );
+    }
+    Ok(0)
+}
