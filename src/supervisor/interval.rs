@@ -112,11 +112,13 @@ mod tests {
 /// How long this process (the supervisor) has been running, from `/proc`.
 pub fn process_age() -> Duration {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let start = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
-        // Field 22 (starttime), counted after the parenthesised command name.
-        let rest = &s[s.rfind(')')? + 2..];
-        rest.split_whitespace().nth(19)?.parse::<f64>().ok()
-    });
+    let start = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Field 22 (starttime), counted after the parenthesised command name.
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split_whitespace().nth(19)?.parse::<f64>().ok()
+        });
     let up = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
