@@ -87,6 +87,10 @@ pub struct Checkpointer {
     last_beat: Option<Instant>,
     keep: Option<usize>,
     sig_ids: Vec<signal_hook::SigId>,
+    /// Multi-rank jobs: this rank's side of the save rounds (`docs/multi-rank.md`).
+    multi: Option<crate::multi_rank::MultiRank>,
+    /// Restore of another world size allowed (`CKPT_RESHARD=1`): shards are read by rank.
+    reshard: bool,
     /// The asynchronous save in flight, if any, and the snapshot buffers kept for reuse.
     bg: Mutex<Background>,
 }
@@ -141,6 +145,17 @@ impl Checkpointer {
     /// Like [`Checkpointer::from_env`] but with an explicit directory (the environment's
     /// `CKPT_DIR` still wins under a supervisor, which owns the directory).
     pub fn open(dir: impl AsRef<Path>) -> Result<Checkpointer> {
+        Self::open_with_world(dir, crate::multi_rank::World::from_env()?)
+    }
+
+    /// Like [`Checkpointer::open`] for one rank of a multi-process job with an explicit rank
+    /// and world size (instead of the launcher's environment): every rank saves its shard of
+    /// the same checkpoint at one agreed step, and restores its own shard
+    /// (`docs/multi-rank.md`). `None` or a world of 1 is an ordinary single-process job.
+    pub fn open_with_world(
+        dir: impl AsRef<Path>,
+        world: Option<crate::multi_rank::World>,
+    ) -> Result<Checkpointer> {
         let socket_path = env_opt(protocol::ENV_SOCKET).map(PathBuf::from);
         let supervised = socket_path.is_some();
         let dir = match (supervised, env_opt(protocol::ENV_DIR)) {
@@ -191,6 +206,19 @@ impl Checkpointer {
                 })
         };
 
+        let reshard = env_opt(crate::multi_rank::ENV_RESHARD).is_some_and(|v| v != "0");
+        if let Some(r) = &restore {
+            let size = world.map_or(1, |w| w.size);
+            crate::multi_rank::check_world(&r.manifest, &r.path, size, reshard)?;
+        }
+        let multi = match world {
+            Some(w) if w.size > 1 => Some(crate::multi_rank::MultiRank::new(
+                &store,
+                w,
+                &crate::multi_rank::epoch_from_env()?,
+            )?),
+            _ => None,
+        };
         let request = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let mut sig_ids = Vec::new();
@@ -234,13 +262,15 @@ impl Checkpointer {
             keep: None,
             sig_ids,
             bg: Mutex::new(Background::default()),
+            multi,
+            reshard,
         };
         ck.send(&Message::Hello {
             v: PROTOCOL_VERSION,
             pid: ck.pid,
             signal,
             client: concat!("rust/", env!("CARGO_PKG_VERSION")).into(),
-            rank: None,
+            rank: world.map(|w| w.rank),
         });
         Ok(ck)
     }
@@ -338,7 +368,7 @@ impl Checkpointer {
                 entry.size
             )));
         }
-        let mut f = open_member(&r.path, name).map_err(|reason| Error::Invalid {
+        let mut f = open_member(&r.path, &entry.name).map_err(|reason| Error::Invalid {
             path: r.path.clone(),
             reason,
         })?;
@@ -382,7 +412,45 @@ impl Checkpointer {
         self.read_pod(name)
     }
 
+    /// This rank's world (`None` for a single-process job).
+    pub fn world(&self) -> Option<crate::multi_rank::World> {
+        self.multi.as_ref().map(|m| m.world())
+    }
+
+    /// Reads file `name` of rank `rank`'s shard of the restore checkpoint (verified inline):
+    /// for a job that reshards a checkpoint saved with another world size (`CKPT_RESHARD=1`).
+    pub fn read_shard_file(&self, rank: u32, name: &str) -> Result<Vec<u8>> {
+        let full = format!("{}/{name}", crate::multi_rank::shard_name(rank));
+        let r = self.restore.as_ref().ok_or_else(|| {
+            Error::Usage("read_shard_file: this run has no checkpoint to restore".into())
+        })?;
+        let entry = r
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.name == full)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "checkpoint {} has no file {full:?}",
+                    r.path.display()
+                ))
+            })?;
+        let mut bytes = vec![0u8; entry.size as usize];
+        let mut f = open_member(&r.path, &full).map_err(|reason| Error::Invalid {
+            path: r.path.clone(),
+            reason,
+        })?;
+        pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, &mut bytes)?;
+        Ok(bytes)
+    }
+
     fn entry(&self, name: &str) -> Result<&crate::store::FileEntry> {
+        // A rank reads its own shard, `rank-NNNNN/<name>`.
+        let name = match (&self.multi, self.reshard) {
+            (Some(m), false) => format!("{}/{name}", m.world().shard_dir()),
+            _ => name.to_string(),
+        };
+        let name = name.as_str();
         let r = self.restore.as_ref().ok_or_else(|| {
             Error::Usage("read_file: this run has no checkpoint to restore".into())
         })?;
@@ -436,9 +504,28 @@ impl Checkpointer {
                 step: self.step,
             });
         }
-        self.request.load(Ordering::Relaxed)
-            || (self.stop.load(Ordering::Relaxed) && !self.stop_saved)
-            || self.interval.is_some_and(|i| self.last_save.elapsed() >= i)
+        let stop = self.stop.load(Ordering::Relaxed) && !self.stop_saved;
+        let want = self.request.load(Ordering::Relaxed)
+            || stop
+            || self.interval.is_some_and(|i| self.last_save.elapsed() >= i);
+        match self.multi.as_mut() {
+            // The ranks turn the request into one agreed step: true only there.
+            Some(m) => m
+                .poll(want, stop, self.step.unwrap_or(0))
+                .unwrap_or_else(|e| {
+                    eprintln!("ckpt: warning: {e}");
+                    false
+                }),
+            None => want,
+        }
+    }
+
+    /// [`Checkpointer::should_checkpoint`] after completing `step` (records it first). In a
+    /// multi-rank job the step is how ranks agree where to save: use this (or
+    /// [`Checkpointer::set_step`]) there.
+    pub fn should_checkpoint_at(&mut self, step: u64) -> bool {
+        self.step = Some(step);
+        self.should_checkpoint()
     }
 
     /// True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first
@@ -446,7 +533,12 @@ impl Checkpointer {
     /// When it returns true, a pending background save ([`Checkpointer::save_async`]) has
     /// finished (it waits for it), so the job may exit at once.
     pub fn should_stop(&self) -> bool {
-        let stop = self.is_original_process() && self.stop.load(Ordering::Relaxed);
+        // Ranks stop together, after a round that agreed to stop has published.
+        let asked = match &self.multi {
+            Some(m) => m.stop_agreed(),
+            None => self.stop.load(Ordering::Relaxed),
+        };
+        let stop = self.is_original_process() && asked;
         if stop {
             self.bg.lock().unwrap_or_else(|e| e.into_inner()).finish();
         }
@@ -527,6 +619,15 @@ impl Checkpointer {
         }
         if step.is_some() {
             self.step = step;
+        }
+        if self.multi.is_some() {
+            // A multi-rank save waits for the other ranks anyway: it runs in the foreground.
+            let mut snap = Snapshot::default();
+            fill(&mut snap)?;
+            let out = self.save_inner(step, |stage| snap.write_to(stage));
+            let failed = out.as_ref().err().map(|e| Error::Usage(e.to_string()));
+            self.bg.get_mut().unwrap_or_else(|e| e.into_inner()).outcome = Some(out);
+            return failed.map_or(Ok(()), Err);
         }
         let bg = self.bg.get_mut().unwrap_or_else(|e| e.into_inner());
         bg.finish();
@@ -643,18 +744,26 @@ impl Checkpointer {
         let started = Instant::now();
         let stopping = self.stop.load(Ordering::Relaxed);
         self.request.store(false, Ordering::Relaxed);
+        let stop_wanted = stopping && !self.stop_saved;
         let result = (|| {
             let mut stage = Stage::new(&self.store, Algo::Crc32c)?;
             fill(&mut stage)?;
-            stage.commit(
-                step,
-                concat!("ckpt-rust/", env!("CARGO_PKG_VERSION")),
-                Default::default(),
-            )
+            let writer = concat!("ckpt-rust/", env!("CARGO_PKG_VERSION"));
+            match self.multi.as_mut() {
+                // This rank's shard; published once every rank's shard is durable.
+                Some(mr) => mr.commit_shard(stage, Algo::Crc32c, step, stop_wanted, writer),
+                None => stage.commit(step, writer, Default::default()),
+            }
         })();
+        // In a multi-rank job only the rank that published reports and prunes.
+        let reporter = self.multi.as_ref().is_none_or(|mr| mr.published_last());
         match result {
             Ok(m) => {
                 self.last_save = Instant::now();
+                let stopping = match &self.multi {
+                    Some(mr) => mr.stop_agreed(),
+                    None => stopping,
+                };
                 if stopping {
                     self.stop_saved = true;
                 }
@@ -665,16 +774,18 @@ impl Checkpointer {
                     bytes: m.total_bytes(),
                     duration: started.elapsed(),
                 };
-                self.send(&Message::Committed {
-                    v: PROTOCOL_VERSION,
-                    pid: self.pid,
-                    seq: m.seq,
-                    step,
-                    bytes: saved.bytes,
-                    duration_ms: saved.duration.as_millis() as u64,
-                });
-                if let (Some(keep), false) = (self.keep, self.supervised()) {
-                    let _ = self.store.prune(keep, None, &[m.seq]);
+                if reporter {
+                    self.send(&Message::Committed {
+                        v: PROTOCOL_VERSION,
+                        pid: self.pid,
+                        seq: m.seq,
+                        step,
+                        bytes: saved.bytes,
+                        duration_ms: saved.duration.as_millis() as u64,
+                    });
+                    if let (Some(keep), false) = (self.keep, self.supervised()) {
+                        let _ = self.store.prune(keep, None, &[m.seq]);
+                    }
                 }
                 Ok(saved)
             }
@@ -699,6 +810,10 @@ impl Drop for Checkpointer {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .finish();
+        }
+        let original = self.is_original_process();
+        if let (Some(m), true) = (self.multi.as_mut(), original) {
+            m.leave();
         }
         for id in self.sig_ids.drain(..) {
             signal_hook::low_level::unregister(id);

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+pub mod multi_rank;
 pub mod pod;
 pub mod protocol;
 pub mod snapshot;
@@ -22,5 +23,6 @@ pub mod supervisor;
 
 pub use client::{Checkpointer, RestorePoint, Saved, Start};
 pub use error::{Error, Result};
+pub use multi_rank::World;
 pub use pod::Pod;
 pub use snapshot::Snapshot;

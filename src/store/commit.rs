@@ -256,6 +256,13 @@ impl Stage {
         )))
     }
 
+    /// Hands the staged directory and the sums computed while writing to a multi-rank save
+    /// (`crate::multi_rank`), which seals and moves it; the stage no longer removes itself.
+    pub(crate) fn into_parts(mut self) -> (PathBuf, Vec<FileEntry>) {
+        self.done = true;
+        (self.path.clone(), std::mem::take(&mut self.known))
+    }
+
     /// Discards the staged files.
     pub fn abort(mut self) {
         self.cleanup();
