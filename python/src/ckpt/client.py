@@ -273,6 +273,20 @@ class Checkpointer:
         return self._store.dir
 
     @property
+    def start(self) -> str:
+        """How this launch starts: ``"fresh"``, ``"resume"``, or ``"branch"`` when it restores a
+        checkpoint copied from another run (``ckpt run --from``): the job may then apply new
+        settings (hyperparameters). From ``CKPT_START`` under a supervisor; standalone, from
+        the restore checkpoint's ``meta.parent``."""
+        v = P.env(P.ENV_START) if self._supervised else None
+        if v in (P.START_FRESH, P.START_RESUME, P.START_BRANCH):
+            return v
+        if self._restore is None:
+            return P.START_FRESH
+        parent = (self._restore.manifest.meta or {}).get("parent")
+        return P.START_BRANCH if isinstance(parent, dict) else P.START_RESUME
+
+    @property
     def restart_count(self) -> int:
         """How many times the supervisor relaunched the job (0 on the first launch)."""
         return self._restart_count

@@ -20,6 +20,10 @@ __all__ = [
     "ENV_SIGNAL",
     "ENV_PROTOCOL",
     "ENV_SUPERVISOR_PID",
+    "ENV_START",
+    "START_FRESH",
+    "START_RESUME",
+    "START_BRANCH",
     "MAX_MESSAGE_BYTES",
     "env",
     "parse_signal",
@@ -38,6 +42,12 @@ ENV_SOCKET = "CKPT_SOCKET"
 ENV_SIGNAL = "CKPT_SIGNAL"
 ENV_PROTOCOL = "CKPT_PROTOCOL"
 ENV_SUPERVISOR_PID = "CKPT_SUPERVISOR_PID"
+#: How a launch starts: ``fresh``, ``resume`` or ``branch`` (a checkpoint copied from another
+#: run by ``ckpt run --from``, whose manifest's ``meta.parent`` names the source).
+ENV_START = "CKPT_START"
+START_FRESH = "fresh"
+START_RESUME = "resume"
+START_BRANCH = "branch"
 
 #: Largest datagram the supervisor reads.
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import re
 import shutil
@@ -48,6 +49,10 @@ PREFIX = "ckpt-"
 PRIVATE = ".ckpt"
 #: Where checkpoints that failed verification are moved (by the supervisor).
 QUARANTINE = "quarantine"
+#: Where ``ckpt rollback`` sets newer checkpoints aside (never deleted).
+ROLLED_BACK = "rolled-back"
+#: Checkpoint names (tags) in ``DIR/.ckpt``; tagged checkpoints are never pruned.
+TAGS_FILE = "tags.json"
 
 _SEQ = re.compile(r"ckpt-([0-9]{1,20})")
 _SEQ_SUFFIX = re.compile(r"ckpt-([0-9]{1,20})(?:\..*)?", re.S)
@@ -338,16 +343,28 @@ class Store:
         return out
 
     def next_seq(self) -> int:
-        """The number a new checkpoint should take: above every published and quarantined one."""
+        """The number a new checkpoint should take: above every published, quarantined and
+        rolled-back one."""
         top = max((s for s, _ in self.list()), default=0)
-        try:
-            for n in os.listdir(self.dir / QUARANTINE):
-                s = parse_seq(n, suffix_ok=True)
-                if s is not None:
-                    top = max(top, s)
-        except OSError:
-            pass
+        for aside in (QUARANTINE, ROLLED_BACK):
+            try:
+                for n in os.listdir(self.dir / aside):
+                    s = parse_seq(n, suffix_ok=True)
+                    if s is not None:
+                        top = max(top, s)
+            except OSError:
+                pass
         return top + 1
+
+    def tagged(self) -> set:
+        """Sequence numbers named by a tag (``.ckpt/tags.json``); retention never removes
+        them. Raises if the tag file exists but cannot be read (never prune blindly)."""
+        try:
+            with open(self.private / TAGS_FILE, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return set()
+        return {int(v) for v in doc["tags"].values()}
 
     def verify(self, seq: int) -> Manifest:
         """Fully verifies checkpoint ``seq``."""
@@ -392,8 +409,9 @@ class Store:
         trash = self.private / "trash"
         os.makedirs(trash, mode=0o700, exist_ok=True)
         moved = []
+        tagged = self.tagged()
         for seq, path in all_[: len(all_) - keep]:
-            if seq in protect:
+            if seq in protect or seq in tagged:
                 continue
             to = trash / f"{PREFIX}{seq:012d}.{token()}"
             try:
