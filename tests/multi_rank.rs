@@ -1,0 +1,582 @@
+//! Multi-rank jobs (docs/multi-rank.md): 4 and 8 local ranks started by a plain launcher
+//! (`rank_launcher`, which forwards signals like torchrun/mpirun), random SIGKILLs of one rank,
+//! of all ranks and of the launcher, mid-save and between saves; the resumed job must end with
+//! the digest of an uninterrupted run and no restore may ever see a partial checkpoint. Also:
+//! a rank dying mid-save without a launcher to stop the others (the round is abandoned by
+//! timeout and its shards removed), a world-size mismatch, and `srun -n 4` on the local Slurm
+//! cluster (skipped without one unless `CI` is set).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn trainer_args(steps: u64, out: &Path) -> Vec<String> {
+    vec![
+        test_bin("rank_trainer").display().to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--step-ms".into(),
+        "3".into(),
+        "--save-ms".into(),
+        "40".into(),
+        "--pad-kib".into(),
+        "64".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]
+}
+
+fn reference(world: u32, steps: u64) -> String {
+    let out = Command::new(test_bin("rank_trainer"))
+        .args(["--reference", "--world", &world.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+fn combined(world: u32, out: &Path) -> String {
+    let ds: Vec<String> = (0..world)
+        .map(|r| {
+            std::fs::read_to_string(out.join(format!("digest-{r}")))
+                .unwrap_or_else(|_| panic!("rank {r} wrote no digest"))
+        })
+        .collect();
+    let o = Command::new(test_bin("rank_trainer"))
+        .args(["--combine", &ds.join(",")])
+        .output()
+        .unwrap();
+    text(&o.stdout).trim().to_string()
+}
+
+/// The job's processes on `dir`: (pid, rank) with `None` for the launcher.
+fn job_ranks(dir: &Path) -> Vec<(i32, Option<u32>)> {
+    job_processes(dir)
+        .into_iter()
+        .map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let rank = env
+                .split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"RANK="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+            (pid, rank)
+        })
+        .collect()
+}
+
+/// Some rank is writing its shard (staging) or its shard waits in a round's stage.
+fn mid_save(dir: &Path) -> bool {
+    // Staging directories of live writers (`<token>.<pid>`; dead ones wait for cleanup).
+    let staging = std::fs::read_dir(dir.join(".ckpt/staging"))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.rsplit('.').next())
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            })
+        })
+        .unwrap_or(false);
+    staging || !stage_shards(dir).is_empty()
+}
+
+/// Shard directories sitting in the stage of any round.
+fn stage_shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for epoch in std::fs::read_dir(dir.join(".ckpt/rounds"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for round in std::fs::read_dir(epoch.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(round.path().join("stage"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if e.file_name().to_string_lossy().starts_with("rank-") {
+                    v.push(e.path());
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Every published checkpoint verifies and holds exactly one shard per rank.
+fn assert_complete_checkpoints(dir: &Path, world: u32) {
+    let store = ckpt::store::Store::new(dir);
+    for seq in checkpoints(dir) {
+        let m = store
+            .verify(seq)
+            .unwrap_or_else(|e| panic!("checkpoint {seq} does not verify: {e}"));
+        assert_eq!(m.world_size, Some(world), "checkpoint {seq}: world_size");
+        for r in 0..world {
+            let name = format!("rank-{r:05}/state.bin");
+            assert!(
+                m.files.iter().any(|f| f.name == name),
+                "checkpoint {seq} lacks {name}"
+            );
+        }
+    }
+}
+
+/// Every restore any rank made saw all shards of a checkpoint of this world size.
+fn assert_restores_complete(out: &Path, world: u32) -> usize {
+    let log = std::fs::read_to_string(out.join("restores.log")).unwrap_or_default();
+    for l in log.lines() {
+        assert!(
+            l.ends_with(&format!("world {world} shards {world}")),
+            "a partial or foreign checkpoint was restored: {l}"
+        );
+    }
+    log.lines().count()
+}
+
+/// Runs the job under `ckpt run` with a plain launcher and `kills` random SIGKILLs.
+fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
+    let seed = seed(test);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut cmd = ckpt();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--every",
+        "150ms",
+        "--backoff",
+        "20ms..100ms",
+    ])
+    .args(["--max-failures", "30", "--dir"])
+    .arg(&dir)
+    .arg("--")
+    .arg(test_bin("rank_launcher"))
+    .args(["--n", &world.to_string(), "--"])
+    .args(trainer_args(steps, &out))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { err_pipe }, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(100);
+    let mut done_kills = 0;
+    'kills: for i in 0..kills {
+        let what = ["one rank", "all ranks", "the launcher"][rng.usize(..3)];
+        let mid = rng.bool();
+        let base = checkpoints(&dir).len();
+        // Wait for the moment: a save in progress, or a new checkpoint and no save running.
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break 'kills;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{test}: job did not finish in time"
+            );
+            let ready = if mid {
+                mid_save(&dir)
+            } else {
+                checkpoints(&dir).len() > base && !mid_save(&dir)
+            };
+            let procs = job_ranks(&dir);
+            if ready && procs.iter().filter(|p| p.1.is_some()).count() == world as usize {
+                let targets: Vec<i32> = match what {
+                    "one rank" => {
+                        let ranks: Vec<i32> = procs
+                            .iter()
+                            .filter(|p| p.1.is_some())
+                            .map(|p| p.0)
+                            .collect();
+                        vec![ranks[rng.usize(..ranks.len())]]
+                    }
+                    "all ranks" => procs
+                        .iter()
+                        .filter(|p| p.1.is_some())
+                        .map(|p| p.0)
+                        .collect(),
+                    _ => procs
+                        .iter()
+                        .filter(|p| p.1.is_none())
+                        .map(|p| p.0)
+                        .collect(),
+                };
+                for &p in &targets {
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                eprintln!(
+                    "{test}: kill {i}: SIGKILL {what} {targets:?} {} (checkpoints {:?})",
+                    if mid { "mid-save" } else { "between saves" },
+                    checkpoints(&dir)
+                );
+                done_kills += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The next launch is up (every rank alive again) before the next kill.
+        let launches = events(&dir, "launch").len();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break 'kills;
+            }
+            assert!(Instant::now() < deadline, "{test}: no relaunch");
+            if events(&dir, "launch").len() > launches {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let st = wait_deadline(
+        &mut child,
+        deadline.saturating_duration_since(Instant::now()),
+    );
+    let err = err_t.join().unwrap();
+    assert!(st.success(), "{test}: ckpt run failed ({st}):\n{err}");
+    assert_eq!(
+        combined(world, &out),
+        reference(world, steps),
+        "{test}: the resumed job's global digest differs from an uninterrupted run\n{err}"
+    );
+    let restores = assert_restores_complete(&out, world);
+    assert_complete_checkpoints(&dir, world);
+    assert_no_survivors(&dir);
+    eprintln!(
+        "{test}: {done_kills} kills, {} launches, {restores} shard restores, checkpoints {:?}",
+        events(&dir, "launch").len(),
+        checkpoints(&dir)
+    );
+    assert!(done_kills > 0, "{test}: no kill happened");
+}
+
+#[test]
+fn four_ranks_random_kills_resume_to_the_same_digest() {
+    random_kills("four_ranks", 4, 700, 5);
+}
+
+#[test]
+fn eight_ranks_random_kills_resume_to_the_same_digest() {
+    random_kills("eight_ranks", 8, 600, 4);
+}
+
+/// Ranks started directly (no launcher to stop the others): rank 1 dies while writing its
+/// shard; the others give up on the round after CKPT_ROUND_TIMEOUT, nothing is published,
+/// their shards are removed, they finish; the dead rank's staging goes at the next start.
+#[test]
+fn rank_dying_mid_save_leaves_no_partial_checkpoint() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let world = 4u32;
+    let mut args = trainer_args(1500, &out);
+    args[6] = "400".into(); // --save-ms: a long save to kill rank 1 in
+    let mut kids: Vec<_> = (0..world)
+        .map(|r| {
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..])
+                .env("CKPT_DIR", &dir)
+                .env("CKPT_RUN_ID", "standalone-test")
+                .env("CKPT_ROUND_TIMEOUT", "1")
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string());
+            for k in ["CKPT_SOCKET", "CKPT_RESTORE", "CKPT_SUPERVISOR_PID"] {
+                c.env_remove(k);
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    // Request only once every rank caught SIGUSR1 (SigCgt in /proc/<pid>/status).
+    let catches_usr1 = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
+    };
+    wait_until(Duration::from_secs(10), "every rank's handlers", || {
+        kids.iter().all(|k| catches_usr1(k.id()))
+    });
+    for k in &kids {
+        signal(k.id(), libc::SIGUSR1);
+    }
+    // Rank 1 is in its 400 ms save (its staging dir exists): kill it there.
+    let pid1 = kids[1].id() as i32;
+    wait_until(Duration::from_secs(10), "rank 1 writing its shard", || {
+        std::fs::read_dir(dir.join(".ckpt/staging"))
+            .map(|rd| {
+                rd.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .ends_with(&format!(".{pid1}"))
+                })
+            })
+            .unwrap_or(false)
+    });
+    signal(kids[1].id(), libc::SIGKILL);
+    let _ = kids[1].wait();
+    // The others finish their shards, wait, abandon the round and run to the end.
+    for (r, k) in kids.iter_mut().enumerate() {
+        if r == 1 {
+            continue;
+        }
+        let st = wait_deadline(k, Duration::from_secs(30));
+        assert!(st.success(), "rank {r}: {st}");
+    }
+    assert!(
+        checkpoints(&dir).is_empty(),
+        "a checkpoint was published without rank 1's shard: {:?}",
+        checkpoints(&dir)
+    );
+    assert!(
+        stage_shards(&dir).is_empty(),
+        "shards left: {:?}",
+        stage_shards(&dir)
+    );
+    let aborted = std::fs::read_dir(dir.join(".ckpt/rounds/standalone-test.0"))
+        .unwrap()
+        .flatten()
+        .filter(|r| r.path().join("aborted").exists())
+        .count();
+    assert!(aborted >= 1, "the round was not recorded as abandoned");
+    // The dead rank's own staging directory (dead pid) goes with the supervisor's cleanup.
+    let store = ckpt::store::Store::new(&dir);
+    assert!(store.clean_leftovers().unwrap() >= 1);
+    assert_eq!(
+        std::fs::read_dir(dir.join(".ckpt/staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+/// A checkpoint of 4 ranks is refused by a job of 2, naming both sizes.
+#[test]
+fn restore_with_another_world_size_is_refused() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let run = |n: u32, again: bool| {
+        let mut c = ckpt();
+        c.args(["run", "--every", "100ms", "--max-failures", "1", "--dir"])
+            .arg(&dir);
+        if again {
+            c.arg("--again");
+        }
+        c.arg("--")
+            .arg(test_bin("rank_launcher"))
+            .args(["--n", &n.to_string(), "--"])
+            .args(trainer_args(200, &out));
+        output_deadline(&mut c, Duration::from_secs(60))
+    };
+    let first = run(4, false);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(!checkpoints(&dir).is_empty());
+    let second = run(2, true);
+    let err = text(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "a 2-rank job restored a 4-rank checkpoint: {err}"
+    );
+    assert!(
+        err.contains("saved by a job of 4 rank(s), this job runs with 2 rank(s)"),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}
+
+// ---- srun -n 4 on the local Slurm cluster (helpers as in tests/slurm.rs) ----
+
+fn cluster_dir() -> PathBuf {
+    PathBuf::from(std::env::var("CKPT_SLURM_DIR").unwrap_or_else(|_| "/tmp/ckpt-slurm".into()))
+}
+
+fn slurm_cmd(prog: &str) -> Command {
+    let mut c = Command::new(prog);
+    c.env("SLURM_CONF", cluster_dir().join("etc/slurm.conf"));
+    for k in [
+        "CKPT_DIR",
+        "CKPT_RESTORE",
+        "CKPT_SOCKET",
+        "CKPT_SUPERVISOR_PID",
+    ] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn cluster_up() -> bool {
+    if !cluster_dir().join("etc/slurm.conf").exists() {
+        return false;
+    }
+    let out = slurm_cmd("sinfo").args(["-h", "-o", "%T"]).output();
+    matches!(out, Ok(o) if o.status.success() && ["idle", "mixed", "allocated", "completing"].iter().any(|s| text(&o.stdout).contains(s)))
+}
+
+/// True when a cluster answers (starting it if root); false to skip. Fails under CI.
+fn ensure_cluster(test: &str) -> bool {
+    if cluster_up() {
+        return true;
+    }
+    let ci = std::env::var_os("CI").is_some();
+    let mut why = String::from("not root, cannot start one");
+    if unsafe { libc::geteuid() } == 0 {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/start-local-slurm.sh");
+        let out = output_deadline(
+            Command::new(&script).arg(cluster_dir()),
+            Duration::from_secs(900),
+        );
+        if out.status.success() && cluster_up() {
+            return true;
+        }
+        why = format!("start-local-slurm.sh failed: {}", text(&out.stderr));
+    }
+    assert!(
+        !ci,
+        "{test}: CI is set but no Slurm cluster is available: {why}"
+    );
+    eprintln!("{test}: SKIPPED: no Slurm cluster ({why})");
+    false
+}
+
+struct Cancel(String);
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        let _ = slurm_cmd("scancel").arg(&self.0).output();
+    }
+}
+
+/// `ckpt run -- srun -K -n 4 rank_trainer` in a batch job: one rank is SIGKILLed mid-save;
+/// srun ends the step, ckpt relaunches it, and the ranks resume from their own shards.
+#[test]
+fn srun_four_ranks_kill_one_mid_save() {
+    let test = "srun_four_ranks";
+    if !ensure_cluster(test) {
+        return;
+    }
+    let seed = seed(test);
+    let tmp = tempdir();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let steps = 800;
+    let script = tmp.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nexec {} run --every 300ms --backoff 20ms..100ms --max-failures 10 --dir {} -- srun -K -n 4 {}\n",
+            ckpt_bin().display(),
+            dir.display(),
+            trainer_args(steps, &out).join(" ")
+        ),
+    )
+    .unwrap();
+    let name = format!("ckpt-multirank-{}", std::process::id());
+    let sb = output_deadline(
+        slurm_cmd("sbatch")
+            .arg("--parsable")
+            .arg(format!("--job-name={name}"))
+            .arg("-n4")
+            .arg("--time=2")
+            .arg(format!("--chdir={}", tmp.path().display()))
+            .arg(format!("--output={}/job.out", tmp.path().display()))
+            .arg(&script),
+        Duration::from_secs(30),
+    );
+    assert!(sb.status.success(), "sbatch: {}", text(&sb.stderr));
+    let id = text(&sb.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let _cancel = Cancel(id.clone());
+    let log = || std::fs::read_to_string(tmp.path().join("job.out")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = || tmp.path().join("ckpt/.ckpt/finished").exists();
+    // Kill one rank in the middle of a save, after a first checkpoint exists.
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let victim = rng.u32(..4);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: no save to kill in\n{}",
+            log()
+        );
+        if finished() {
+            break;
+        }
+        if !checkpoints(&dir).is_empty() && mid_save(&dir) {
+            let pids: Vec<i32> = job_processes(&dir)
+                .into_iter()
+                .filter(|&p| {
+                    std::fs::read(format!("/proc/{p}/environ"))
+                        .unwrap_or_default()
+                        .split(|&b| b == 0)
+                        .any(|kv| kv == format!("SLURM_PROCID={victim}").as_bytes())
+                })
+                .filter(|&p| {
+                    std::fs::read_link(format!("/proc/{p}/exe"))
+                        .is_ok_and(|e| e.ends_with("rank_trainer"))
+                })
+                .collect();
+            if let Some(&p) = pids.first() {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+                eprintln!(
+                    "{test}: SIGKILL rank {victim} (pid {p}) mid-save, checkpoints {:?}",
+                    checkpoints(&dir)
+                );
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    while !finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: job did not finish\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        combined(4, &out),
+        reference(4, steps),
+        "{test}: digest differs\n{}",
+        log()
+    );
+    let restores = assert_restores_complete(&out, 4);
+    assert_complete_checkpoints(&dir, 4);
+    eprintln!(
+        "{test}: {restores} shard restores, checkpoints {:?}, launches {}",
+        checkpoints(&dir),
+        events(&dir, "launch").len()
+    );
+    assert!(
+        restores >= 4,
+        "{test}: the relaunched ranks did not restore\n{}",
+        log()
+    );
+}
