@@ -59,6 +59,8 @@ case "$DIR" in /*) ;; *) DIR="$(pwd)/$DIR" ;; esac
 # one start at a time (tests start the cluster from several processes at once)
 exec 9>"$DIR.lock"
 flock -w 900 9 || die "could not lock $DIR.lock within 900s"
+# (the daemons below are started with 9>&-: a daemon that inherited the lock would hold it
+# for its whole life and every later call would wait here)
 
 # ---------------------------------------------------------------- install
 need_install=0
@@ -186,7 +188,7 @@ fi
 chown root:root "$KEY"; chmod 400 "$KEY"
 rm -f "$SOCK" "$SOCK.lock"
 munged --socket="$SOCK" --key-file="$KEY" --pid-file="$RUN/munged.pid" \
-       --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" \
+       --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" 9>&- \
     || die "munged failed to start: $(tail -n 3 "$DIR/log/munged.log" 2>/dev/null)"
 for _ in $(seq 1 50); do pid_ok munged "$RUN/munged.pid" >/dev/null && [ -S "$SOCK" ] && break; sleep 0.1; done
 munge -S "$SOCK" -n </dev/null | unmunge -S "$SOCK" >/dev/null \
@@ -273,7 +275,7 @@ fi
 
 # ------------------------------------------------------------ daemons
 # Both daemons fork, detach (close stdio) and write their pid files.
-slurmctld -f "$CONF" || die "slurmctld failed: $(tail -n 5 "$DIR/log/slurmctld.log" 2>/dev/null)"
+slurmctld -f "$CONF" 9>&- || die "slurmctld failed: $(tail -n 5 "$DIR/log/slurmctld.log" 2>/dev/null)"
 deadline=$(( $(date +%s) + TIMEOUT ))
 until scontrol ping 2>/dev/null | grep -q 'UP'; do
     pid_ok slurmctld "$RUN/slurmctld.pid" >/dev/null || [ ! -s "$RUN/slurmctld.pid" ] ||
@@ -283,7 +285,7 @@ until scontrol ping 2>/dev/null | grep -q 'UP'; do
 done
 log "slurmctld up (pid $(pid_ok slurmctld "$RUN/slurmctld.pid"))"
 
-slurmd -f "$CONF" -N "$NODE" || die "slurmd failed: $(tail -n 5 "$DIR/log/slurmd.log" 2>/dev/null)"
+slurmd -f "$CONF" -N "$NODE" 9>&- || die "slurmd failed: $(tail -n 5 "$DIR/log/slurmd.log" 2>/dev/null)"
 for _ in $(seq 1 50); do pid_ok slurmd "$RUN/slurmd.pid" >/dev/null && break; sleep 0.1; done
 pid_ok slurmd "$RUN/slurmd.pid" >/dev/null || die "slurmd not running: $(tail -n 5 "$DIR/log/slurmd.log")"
 log "slurmd up (pid $(pid_ok slurmd "$RUN/slurmd.pid"))"
