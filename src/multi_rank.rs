@@ -613,7 +613,8 @@ impl MultiRank {
         let sealed = (|| {
             let mut files = Vec::new();
             let mut dirs = Vec::new();
-            walk(&src, &src, &mut files, &mut dirs)?;
+            dirs.push(src.clone());
+            crate::store::commit::walk(&src, &src, &mut files, &mut dirs)?;
             let mut entries = Vec::with_capacity(files.len());
             for (name, path) in files {
                 crate::store::manifest::check_name(&name).map_err(Error::Name)?;
@@ -783,34 +784,4 @@ impl MultiRank {
             self.store.dir().display()
         )))
     }
-}
-
-fn walk(
-    root: &Path,
-    dir: &Path,
-    files: &mut Vec<(String, PathBuf)>,
-    dirs: &mut Vec<PathBuf>,
-) -> Result<()> {
-    dirs.push(dir.to_path_buf());
-    for ent in fs::read_dir(dir).ctx("list", dir)? {
-        let ent = ent.ctx("list", dir)?;
-        let path = ent.path();
-        let ft = ent.file_type().ctx("inspect", &path)?;
-        let rel = path
-            .strip_prefix(root)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
-        if ft.is_dir() {
-            walk(root, &path, files, dirs)?;
-        } else if ft.is_file() {
-            files.push((rel, path));
-        } else {
-            return Err(Error::Usage(format!(
-                "{} is not a regular file (a symlink, socket or device); hint: copy the file into the checkpoint instead, ckpt never follows links",
-                path.display()
-            )));
-        }
-    }
-    Ok(())
 }

@@ -389,7 +389,9 @@ pub fn checksum_file(path: &Path, algo: Algo) -> Result<(u64, u32)> {
     Ok((size, h.finish()))
 }
 
-fn walk(
+/// Every regular file under `dir` (relative name, path) and every sub-directory; refuses
+/// symlinks, sockets and devices, and a file named like the manifest at the top.
+pub(crate) fn walk(
     root: &Path,
     dir: &Path,
     files: &mut Vec<(String, PathBuf)>,
