@@ -26,9 +26,10 @@ from . import protocol as P
 from ._crc import ALGOS, default_algo
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
+from .multi_rank import ENV_RESHARD, MultiRank, World, check_world, epoch_from_env, shard_name
 from .store import PathLike, Stage, Store, read_manifest, read_member
 
-__all__ = ["Checkpointer", "RestorePoint", "Saved", "STATE_FILE", "DEFAULT_DIR", "__version__"]
+__all__ = ["Checkpointer", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -100,7 +101,14 @@ class Checkpointer:
         keep: standalone only: keep the newest ``keep`` checkpoints (``ckpt run --keep`` owns
             retention under a supervisor).
         checksum: ``"crc32"`` or ``"crc32c"``; default ``crc32c`` when a C implementation
-            (``google_crc32c`` or ``crc32c``) is importable, else ``crc32`` (``zlib``).
+            (``google_crc32c`` or ``crc32c``) is importable, else ``crc32`` (``zlib``). In a
+            multi-rank job the default is always ``crc32c``: every rank (Python or Rust) must
+            write the same algorithm, whatever is installed on its node.
+        world: the rank and world size of a multi-process job; default from the launcher's
+            environment (``CKPT_RANK``/``CKPT_WORLD_SIZE``, torchrun's ``RANK``/``WORLD_SIZE``,
+            srun's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``, Open MPI, PMI). With more than one
+            rank, every rank saves its shard of one checkpoint at an agreed step and restores
+            its own shard (``docs/multi-rank.md``).
 
     Must be created in the main thread (Python runs signal handlers there). In a process forked
     from the job (a ``DataLoader`` worker) :meth:`should_checkpoint` is always false, the request
@@ -115,6 +123,7 @@ class Checkpointer:
         every: Union[float, timedelta, None] = None,
         keep: Optional[int] = None,
         checksum: Optional[str] = None,
+        world: Optional[World] = None,
     ) -> None:
         self._pid = os.getpid()
         self._lock = threading.RLock()
@@ -139,8 +148,11 @@ class Checkpointer:
         else:
             d = env_dir or DEFAULT_DIR
         self._store = Store(d)
+        if world is None:
+            world = World.from_env()
+        multi = world is not None and world.size > 1
         if checksum is None:
-            checksum = default_algo()
+            checksum = "crc32c" if multi else default_algo()
         if checksum not in ALGOS:
             raise CkptError(f"checksum {checksum!r} is not one of {ALGOS}")
         self._algo = checksum
@@ -167,16 +179,28 @@ class Checkpointer:
             raise EnvError(f"environment variable {P.ENV_RESTART_COUNT}={rc!r} is invalid: not a whole number")
         self._restart_count = int(rc)
 
+        self._world = world
+        self._multi: Optional[MultiRank] = None
+        self._reshard = (P.env(ENV_RESHARD) or "0") != "0"
         self._passive = _in_spawned_worker()
         self._channel = P.Channel(None if self._passive else socket_path)
         self._store.create()
         if not self._passive:
             self._install_handlers()
-            self._channel.send(
-                {"type": "hello", "v": P.PROTOCOL_VERSION, "pid": self._pid, "signal": self._signal, "client": CLIENT}
-            )
+            hello: Dict[str, Any] = {
+                "type": "hello", "v": P.PROTOCOL_VERSION, "pid": self._pid, "signal": self._signal, "client": CLIENT
+            }
+            if world is not None:
+                hello["rank"] = world.rank
+            self._channel.send(hello)
         try:
             self._restore = self._find_restore()
+            if self._restore is not None:
+                check_world(self._restore.manifest, self._restore.path, world.size if world else 1, self._reshard)
+            if multi and not self._passive:
+                assert world is not None
+                self._multi = MultiRank(self._store, world, epoch_from_env())
+                atexit.register(_leave_at_exit, weakref.ref(self), self._pid)
         except BaseException:
             self.close()
             raise
@@ -235,7 +259,9 @@ class Checkpointer:
         def warn(seq: int, e: InvalidCheckpoint) -> None:
             print(f"ckpt: warning: checkpoint {seq} ({e.path}) is invalid: {e.reason}; skipped", file=sys.stderr)
 
-        if not self._passive:
+        # Ranks on other nodes have pids this node cannot check: leftovers of a multi-rank job
+        # are the supervisor's to clean.
+        if not self._passive and (self._world is None or self._world.size <= 1):
             try:
                 self._store.clean_leftovers()
             except OSError:
@@ -245,11 +271,17 @@ class Checkpointer:
 
     def close(self) -> None:
         """Restores the previous signal handlers and closes the socket. Optional: a job that
-        simply exits needs no clean-up."""
+        simply exits needs no clean-up. A rank of a multi-rank job leaves the save rounds (it
+        also does so at exit), so that the other ranks never wait for it."""
+        self._leave()
         if self._handlers_installed and os.getpid() == self._pid:
             if threading.current_thread() is threading.main_thread():
                 for sig, old in self._old.items():
-                    if old is not None:
+                    if sig == self._signal and old in (signal.SIG_DFL, None):
+                        # This pid said hello: the supervisor may still send requests until it
+                        # exits, and the default action of the request signal would kill it.
+                        signal.signal(sig, signal.SIG_IGN)
+                    elif old is not None:
                         signal.signal(sig, old)
                 self._handlers_installed = False
         self._channel.close()
@@ -260,7 +292,31 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _leave(self) -> None:
+        m = self._multi
+        if m is not None and os.getpid() == self._pid:
+            self._multi = None
+            self._left = m
+            m.leave()
+
+    _left: Optional[MultiRank] = None
+
     # --- facts ----------------------------------------------------------------------------
+
+    @property
+    def world(self) -> Optional[World]:
+        """This rank's place in a multi-process job (``None`` for a single process)."""
+        return self._world
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 for a single process)."""
+        return self._world.rank if self._world else 0
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (1 for a single process)."""
+        return self._world.size if self._world else 1
 
     @property
     def supervised(self) -> bool:
@@ -313,15 +369,38 @@ class Checkpointer:
 
     # --- restoring ------------------------------------------------------------------------
 
+    def _sharded(self) -> bool:
+        """Names map to this rank's shard (``rank-NNNNN/<name>``)."""
+        return self._world is not None and self._world.size > 1 and not self._reshard
+
     def restore_dir(self) -> Optional[Path]:
         """The directory of the checkpoint to resume from (``None`` on a fresh start), for files
         the job wrote itself: ``torch.load(ck.restore_dir() / "model.pt")``. Verified when it
-        was chosen; :meth:`read_file` re-checks one file as it reads it."""
-        return self._restore.path if self._restore else None
+        was chosen; :meth:`read_file` re-checks one file as it reads it. In a multi-rank job it
+        is this rank's own shard, ``<checkpoint>/rank-NNNNN`` (with ``CKPT_RESHARD=1``: the
+        whole checkpoint, one ``rank-NNNNN`` directory per saving rank)."""
+        if self._restore is None:
+            return None
+        if self._sharded():
+            assert self._world is not None
+            return self._restore.path / self._world.shard_dir
+        return self._restore.path
 
     def read_file(self, name: str) -> bytes:
         """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
-        size and checksum."""
+        size and checksum (in a multi-rank job: of this rank's own shard)."""
+        if self._sharded():
+            assert self._world is not None
+            name = f"{self._world.shard_dir}/{name}"
+        return self._read_listed(name)
+
+    def read_shard_file(self, rank: int, name: str) -> bytes:
+        """Reads file ``name`` of rank ``rank``'s shard of the restore checkpoint (verified): for
+        a job that reshards a checkpoint saved with another world size (``CKPT_RESHARD=1``;
+        ``restore_point.manifest.world_size`` says how many shards there are)."""
+        return self._read_listed(f"{shard_name(rank)}/{name}")
+
+    def _read_listed(self, name: str) -> bytes:
         r = self._restore
         if r is None:
             raise CkptError("read_file: this run has no checkpoint to restore")
@@ -341,7 +420,8 @@ class Checkpointer:
         r = self._restore
         if r is None:
             return default
-        if r.manifest.file(STATE_FILE) is None:
+        own = f"{self._world.shard_dir}/{STATE_FILE}" if self._sharded() and self._world else STATE_FILE
+        if r.manifest.file(own) is None:
             have = ", ".join(f.name for f in r.manifest.files) or "no files"
             raise CkptError(
                 f"checkpoint {r.path} (written by {r.manifest.writer}) has no {STATE_FILE} (it has: "
@@ -364,26 +444,52 @@ class Checkpointer:
             self._last_beat = time.monotonic()
             self._progress_msg()
 
-    def should_checkpoint(self) -> bool:
+    def should_checkpoint(self, step: Optional[int] = None) -> bool:
         """True when a checkpoint has been requested (request signal, stop request, or the
         standalone ``every``). Cheap: call it at every safe point. Also a heartbeat (a progress
-        message at most once a second). Always false in a forked child."""
+        message at most once a second). Always false in a forked child.
+
+        ``step``: the step just completed (recorded as by :meth:`progress`). A multi-rank job
+        must give it (here or with :meth:`progress`): the ranks turn a request into one agreed
+        step, and this is true on every rank at that step only."""
+        if step is not None:
+            self._step = step
         if not self._original():
             return False
         now = time.monotonic()
         if self._last_beat is None or now - self._last_beat >= _HEARTBEAT_S:
             self._last_beat = now
             self._progress_msg()
-        return (
+        stop = self._stop and not self._stop_saved
+        want = (
             self._request
-            or (self._stop and not self._stop_saved)
+            or stop
             or (self._every is not None and now - self._last_save >= self._every)
         )
+        m = self._multi
+        if m is None:
+            return want
+        if self._step is None:
+            raise CkptError(
+                "a multi-rank job must say which step it completed: should_checkpoint(step=...) "
+                "(or progress(step)); the ranks agree on the step to save"
+            )
+        try:
+            return m.poll(want, stop, self._step)
+        except (CkptError, OSError) as e:
+            print(f"ckpt: warning: {e}", file=sys.stderr)
+            return False
 
     def should_stop(self) -> bool:
         """True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first if
-        :meth:`should_checkpoint` says so, then exit with status 0."""
-        return self._original() and self._stop
+        :meth:`should_checkpoint` says so, then exit with status 0. In a multi-rank job all
+        ranks stop together: after the save round that agreed to stop has published."""
+        if not self._original():
+            return False
+        if self._world is not None and self._world.size > 1:
+            m = self._multi or self._left
+            return m is not None and m.stop_agreed
+        return self._stop
 
     def request_checkpoint(self) -> None:
         """Makes the next :meth:`should_checkpoint` true, as the request signal does."""
@@ -426,11 +532,22 @@ class Checkpointer:
             stopping = self._stop
             self._request = False
             stage: Optional[Stage] = None
+            multi = self._multi
+            if multi is None and self._world is not None and self._world.size > 1:
+                raise CkptError("save called after close(): this rank has left the job's save rounds")
+            if multi is not None and meta:
+                raise CkptError("meta is not supported in a multi-rank save (the ranks write one manifest)")
             try:
                 stage = Stage(self._store, self._algo)
                 self._stage = stage
                 yield stage.path
-                m = stage.commit(self._step if step is None else step, WRITER, meta)
+                if multi is not None:
+                    # This rank's shard; published once every rank's shard is durable.
+                    m = multi.commit_shard(
+                        stage, self._step if step is None else step, stopping and not self._stop_saved, WRITER
+                    )
+                else:
+                    m = stage.commit(self._step if step is None else step, WRITER, meta)
             except BaseException as e:
                 if stage is not None:
                     stage.abort()
@@ -442,10 +559,15 @@ class Checkpointer:
             self._stage = None
             now = time.monotonic()
             self._last_save = now
+            if multi is not None:
+                stopping = multi.stop_agreed
             if stopping:
                 self._stop_saved = True
             saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - started)
             self.last_saved = saved
+            if multi is not None and not multi.published_last:
+                # In a multi-rank job only the rank that published reports and prunes.
+                return
             self._channel.send(
                 {
                     "type": "committed",
@@ -474,6 +596,16 @@ def _ignore_at_exit(ref: "weakref.ref[Checkpointer]", signum: int, pid: int) -> 
         signal.signal(signum, signal.SIG_IGN)
     except (ValueError, OSError):
         pass
+
+
+def _leave_at_exit(ref: "weakref.ref[Checkpointer]", pid: int) -> None:
+    """A rank that exits leaves the save rounds (as dropping the Rust client does)."""
+    ck = ref()
+    if ck is not None and os.getpid() == pid:
+        try:
+            ck._leave()
+        except Exception:
+            pass
 
 
 def _after_fork(ref: "weakref.ref[Checkpointer]") -> None:

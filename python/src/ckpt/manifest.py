@@ -116,6 +116,9 @@ class Manifest:
     meta: Dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
+    #: Number of ranks of a multi-rank checkpoint (files ``rank-NNNNN/<name>``, one shard per
+    #: rank; ``docs/multi-rank.md``); ``None`` for a single process (= 1).
+    world_size: Optional[int] = None
 
     @property
     def total_bytes(self) -> int:
@@ -145,6 +148,8 @@ class Manifest:
             {"name": f.name, "size": f.size, "sum": f.sum}
             for f in sorted(self.files, key=lambda f: f.name.encode("utf-8"))
         ]
+        if self.world_size is not None:
+            obj["world_size"] = self.world_size
         if self.meta:
             obj["meta"] = self.meta
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
@@ -249,6 +254,9 @@ def _decode(data: bytes) -> Manifest:
         raise _shape("writer must be a string")
     if obj["checksum"] not in ALGOS:
         raise _shape(f"unknown checksum algorithm {json.dumps(obj['checksum'])}")
+    world_size = obj.get("world_size")
+    if world_size is not None and not _is_uint(world_size, 0xFFFFFFFF):
+        raise _shape("world_size must be null or an unsigned 32-bit integer")
     meta = obj.get("meta", {})
     if meta is None or not isinstance(meta, dict):
         raise _shape("meta must be a JSON object")
@@ -286,4 +294,5 @@ def _decode(data: bytes) -> Manifest:
         meta=meta,
         format=FORMAT,
         version=version,
+        world_size=world_size,
     )

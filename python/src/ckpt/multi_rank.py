@@ -1,0 +1,663 @@
+"""Multi-process (multi-rank) jobs: every rank saves its shard of the same checkpoint, at one
+agreed step, and the checkpoint is published only when every shard is durable. The protocol
+lives entirely in files of the shared checkpoint directory (no network, no coordinator), and
+is byte-compatible with the Rust client (``src/multi_rank.rs``): Rust and Python ranks may
+take part in the same rounds. Specified in ``docs/multi-rank.md``.
+
+::
+
+    DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
+      00000003/                             save round 3 of that launch
+        propose-00002                       rank 2's proposal {"step":S,"stop":B}
+        stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
+          rank-00002/<files>                rank 2's shard, fsynced
+          MANIFEST.ckpt                     written by the publisher only
+        done-00002                          rank 2's shard is durable: its file list and sums
+        publisher                           claimed (O_EXCL) by the rank that publishes
+        published                           {"seq":N}: the round's outcome
+        aborted                             the other outcome (the stage was removed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import protocol as P
+from ._crc import Hasher
+from .errors import CkptError, EnvError, InvalidCheckpoint
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_name, now_ms
+from .store import Stage, Store, _fsync_path, _rmtree, read_manifest, rename_noreplace, token
+
+__all__ = [
+    "ENV_RANK",
+    "ENV_WORLD_SIZE",
+    "ENV_LOCAL_RANK",
+    "ENV_RUN_ID",
+    "ENV_RESHARD",
+    "ENV_ROUND_TIMEOUT",
+    "ENV_ROUND_LOOKAHEAD",
+    "World",
+    "shard_name",
+    "check_world",
+    "epoch_from_env",
+    "MultiRank",
+]
+
+#: Explicit rank (wins over every launcher's variables).
+ENV_RANK = "CKPT_RANK"
+#: Explicit world size (number of ranks), with ``CKPT_RANK``.
+ENV_WORLD_SIZE = "CKPT_WORLD_SIZE"
+#: Explicit local rank (rank on this node); informational.
+ENV_LOCAL_RANK = "CKPT_LOCAL_RANK"
+#: Identifier of this launch, the same on every rank.
+ENV_RUN_ID = "CKPT_RUN_ID"
+#: ``1``: restoring a checkpoint saved with another world size is allowed; the job reads the
+#: whole checkpoint itself (:meth:`Checkpointer.read_shard_file`) and reshards.
+ENV_RESHARD = "CKPT_RESHARD"
+#: Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+ENV_ROUND_TIMEOUT = "CKPT_ROUND_TIMEOUT"
+#: Steps a rank may still run after proposing before it must know the agreed step (0).
+ENV_ROUND_LOOKAHEAD = "CKPT_ROUND_LOOKAHEAD"
+
+#: How often a rank without a request of its own looks for a round started by another rank.
+POLL_S = 0.1
+_U64 = (1 << 64) - 1
+
+#: The launcher variables, in order of preference: explicit, torchrun, srun, Open MPI, PMI.
+#: SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script also has SLURM_PROCID=0 and
+#: SLURM_NTASKS, but it is not a rank of an srun step.
+SOURCES: Tuple[Tuple[str, str, str, str], ...] = (
+    (ENV_RANK, ENV_WORLD_SIZE, ENV_LOCAL_RANK, "CKPT_RANK"),
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "torchrun"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "srun"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "mpirun"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "PMI"),
+)
+
+
+def _whole(name: str, v: str) -> int:
+    t = v.strip()
+    if not (t.isascii() and t.isdigit()) or int(t) > 0xFFFFFFFF:
+        raise EnvError(f"environment variable {name}={v!r} is invalid: not a whole number")
+    return int(t)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a multi-process job."""
+
+    #: 0-based rank.
+    rank: int
+    #: Number of ranks.
+    size: int
+    #: Rank on this node, when the launcher says.
+    local_rank: Optional[int] = None
+    #: Where it came from (``"torchrun"``, ``"srun"``, ``"mpirun"``, ``"PMI"``, ``"CKPT_RANK"``,
+    #: ``"api"``).
+    source: str = "api"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rank, int) and isinstance(self.size, int)) or self.size <= 0 or not 0 <= self.rank < self.size:
+            raise CkptError(f"rank {self.rank} of a world of {self.size}: the rank must be below the world size")
+
+    @staticmethod
+    def from_env() -> Optional["World"]:
+        """The rank and world size from the launcher's environment (same order as the Rust
+        client); ``None`` when no launcher set them."""
+        for r, s, l, source in SOURCES:
+            rv, sv = P.env(r), P.env(s)
+            if rv is None or sv is None:
+                continue
+            rank = _whole(r, rv)
+            size = _whole(s, sv)
+            if size == 0 or rank >= size:
+                raise EnvError(
+                    f"environment variable {r}={rv!r} is invalid: rank {rank} is not below the world size {s}={size}"
+                )
+            lv = P.env(l)
+            local = int(lv.strip()) if lv is not None and lv.strip().isascii() and lv.strip().isdigit() else None
+            return World(rank, size, local, source)
+        return None
+
+    @property
+    def shard_dir(self) -> str:
+        """The directory of this rank's shard inside a checkpoint: ``rank-00003``."""
+        return shard_name(self.rank)
+
+
+def shard_name(rank: int) -> str:
+    """``rank-NNNNN``: the directory of rank ``rank``'s shard inside a checkpoint."""
+    return f"rank-{rank:05d}"
+
+
+def check_world(manifest: Manifest, path: "os.PathLike[str] | str", size: int, reshard: bool) -> None:
+    """Refuses a restore checkpoint saved with another world size (unless resharding)."""
+    saved = manifest.world_size if manifest.world_size is not None else 1
+    if saved == size or reshard:
+        return
+    raise CkptError(
+        f"cannot restore {os.fspath(path)}: it was saved by a job of {saved} rank(s), this job runs with "
+        f"{size} rank(s); ckpt restores a checkpoint only with the world size that saved it; hint: run "
+        f"with {saved} rank(s), or set {ENV_RESHARD}=1 and reshard it yourself (read every shard with "
+        "read_shard_file)"
+    )
+
+
+_CLEAN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _clean(s: str) -> str:
+    return _CLEAN.sub("_", s)[:96]
+
+
+def epoch_from_env() -> str:
+    """The identifier of this launch, shared by all its ranks (as in the Rust client):
+    ``CKPT_RUN_ID``, else the supervisor's restart count and pid, else the launcher's job id."""
+    rid = P.env(ENV_RUN_ID)
+    if rid is not None:
+        return f"{_clean(rid)}.0"
+    pid = P.env(P.ENV_SUPERVISOR_PID)
+    if pid is not None:
+        return f"r{_clean(P.env(P.ENV_RESTART_COUNT) or '0')}.{_clean(pid)}"
+    for a, b in (
+        ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
+        ("SLURM_JOB_ID", "SLURM_STEP_ID"),
+        ("OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_ess_jobid"),
+        ("PMIX_NAMESPACE", "PMIX_NAMESPACE"),
+    ):
+        x = P.env(a)
+        if x is not None:
+            return f"{_clean(x)}-{_clean(P.env(b) or '')}.0"
+    raise CkptError(
+        "a multi-rank job needs an identifier shared by all its ranks; hint: run it under `ckpt run`, "
+        f"or set {ENV_RUN_ID} to the same value on every rank (a new value for each launch)"
+    )
+
+
+def _dumps(obj: object) -> bytes:
+    """Compact JSON, as serde_json writes it (the Rust ranks read these files)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _real_dir(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.mkdir(path, 0o700)
+            return
+        except FileExistsError:
+            st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CkptError(
+            f"{path} is a symlink or not a directory; ckpt never follows links planted in the "
+            "checkpoint directory; hint: remove it"
+        )
+
+
+def _env_timeout() -> float:
+    v = P.env(ENV_ROUND_TIMEOUT)
+    if v is None:
+        return 300.0
+    try:
+        t = float(v)
+    except ValueError:
+        t = -1.0
+    if not (t > 0 and t != float("inf")):
+        raise EnvError(f"environment variable {ENV_ROUND_TIMEOUT}={v!r} is invalid: not a positive number of seconds")
+    return t
+
+
+def _env_lookahead() -> int:
+    v = P.env(ENV_ROUND_LOOKAHEAD)
+    if v is None:
+        return 0
+    if not (v.isascii() and v.isdigit()):
+        raise EnvError(f"environment variable {ENV_ROUND_LOOKAHEAD}={v!r} is invalid: not a whole number of steps")
+    return int(v)
+
+
+@dataclass
+class Target:
+    """What the ranks agreed on in a round."""
+
+    #: The step at which every rank saves: the highest proposal.
+    step: int
+    #: Some rank was asked to stop: every rank stops after the round publishes.
+    stop: bool
+
+
+_OPEN = "open"
+_ABORTED = "aborted"
+
+
+@dataclass
+class _Joined:
+    proposal: int
+    target: Optional[Target] = None
+
+
+class MultiRank:
+    """One rank's side of the save rounds (held by :class:`ckpt.Checkpointer`)."""
+
+    def __init__(self, store: Store, world: World, epoch: str) -> None:
+        rounds = store.private / "rounds"
+        _real_dir(rounds)
+        self.dir = rounds / epoch
+        _real_dir(self.dir)
+        if world.rank == 0:
+            # Rounds of earlier launches: their processes are gone (a launch ends with all its
+            # ranks).
+            try:
+                for name in os.listdir(rounds):
+                    if name != epoch:
+                        _rmtree(rounds / name)
+            except OSError:
+                pass
+        self.world = world
+        self.store = store
+        self.k = 1
+        self.joined: Optional[_Joined] = None
+        self.last_poll: Optional[float] = None
+        self.timeout = _env_timeout()
+        self.lookahead = _env_lookahead()
+        #: The last round this rank took part in published with ``stop``.
+        self.stop_agreed = False
+        #: This rank published the last round (it alone tells the supervisor).
+        self.published_last = False
+
+    def __repr__(self) -> str:
+        return f"MultiRank(world={self.world}, dir={str(self.dir)!r}, round={self.k})"
+
+    def round(self, k: int) -> Path:
+        return self.dir / f"{k:08d}"
+
+    # --- agreeing on a step ----------------------------------------------------------------
+
+    def poll(self, want: bool, stop: bool, step: int) -> bool:
+        """The safe-point decision. ``want``: this rank has a request of its own; ``stop``: it
+        was asked to stop; ``step``: the step just completed. True exactly at the agreed step of
+        the round this rank is in."""
+        if self.joined is None:
+            now = time.monotonic()
+            if not want and self.last_poll is not None and now - self.last_poll < POLL_S:
+                return False
+            self.last_poll = now
+            if not want and not os.path.lexists(self.round(self.k)):
+                return False
+            if not self._join(min(step + self.lookahead, _U64), stop, want):
+                return False
+        j = self.joined
+        if j is None:
+            return False
+        if j.target is None:
+            if step >= j.proposal:
+                # This rank may not pass its proposal before it knows the agreed step.
+                state = self._wait_target()
+            elif self.last_poll is None or time.monotonic() - self.last_poll >= POLL_S:
+                self.last_poll = time.monotonic()
+                state = self._state(self.k)
+            else:
+                state = _OPEN
+            if state == _OPEN:
+                return False
+            if state == _ABORTED:
+                self._conclude()
+                return False
+            assert isinstance(state, Target)
+            j.target = state
+        t = j.target
+        if step > t.step:
+            # Impossible by construction; never save a different step.
+            self._abort(self.k)
+            self._conclude()
+            raise CkptError(
+                f"rank {self.world.rank} is at step {step}, past the agreed step {t.step}; the save round "
+                f"was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)"
+            )
+        return step == t.step
+
+    def _join(self, proposal: int, stop: bool, want: bool) -> bool:
+        """Proposes in the current round (creating it if needed); skips rounds that concluded.
+        False when the round is already concluded and this rank has no request."""
+        while True:
+            r = self.round(self.k)
+            self._ensure_round(r)
+            if os.path.lexists(r / "aborted") or os.path.lexists(r / "published"):
+                # Concluded without this rank (its shard is missing): skip it.
+                self.k += 1
+                if not want:
+                    return False
+                continue
+            name = f"propose-{self.world.rank:05d}"
+            tmp = r / f".{name}.{token()}"
+            _write_new(tmp, _dumps({"step": proposal, "stop": bool(stop)}))
+            os.rename(tmp, r / name)
+            self.joined = _Joined(proposal)
+            return True
+
+    def _ensure_round(self, r: Path) -> None:
+        """Creates round directory ``r`` with its ``stage/`` in one rename (so that a stage
+        removed by an abort is never re-created)."""
+        if os.path.lexists(r):
+            return
+        tmp = self.dir / f".new-{token()}"
+        os.mkdir(tmp, 0o700)
+        try:
+            os.mkdir(tmp / "stage", 0o700)
+            rename_noreplace(tmp, r)
+        except FileExistsError:
+            _rmtree(tmp)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+
+    def _state(self, k: int) -> object:
+        r = self.round(k)
+        if os.path.lexists(r / "aborted"):
+            return _ABORTED
+        t = Target(0, False)
+        for rank in range(self.world.size):
+            p = r / f"propose-{rank:05d}"
+            try:
+                with open(p, "rb") as f:
+                    b = f.read()
+            except FileNotFoundError:
+                return _OPEN
+            try:
+                x = json.loads(b)
+                step, stop = x["step"], x["stop"]
+                if not isinstance(step, int) or not isinstance(stop, bool):
+                    raise ValueError("step must be an integer and stop a boolean")
+            except (ValueError, KeyError, TypeError) as e:
+                raise CkptError(f"bad proposal {p}: {e}") from None
+            t.step = max(t.step, step)
+            t.stop = t.stop or stop
+        return t
+
+    def _wait_target(self) -> object:
+        """Waits for every rank's proposal; abandons the round after the timeout."""
+        start = time.monotonic()
+        pause = 0.001
+        while True:
+            s = self._state(self.k)
+            if s == _OPEN and time.monotonic() - start >= self.timeout:
+                print(
+                    f"ckpt: warning: rank {self.world.rank}: not every rank proposed a step in save round "
+                    f"{self.k} within {self.timeout}s; abandoning the round",
+                    file=sys.stderr,
+                )
+                self._abort(self.k)
+                return _ABORTED
+            if s != _OPEN:
+                return s
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _abort(self, k: int) -> None:
+        """Abandons round ``k``: the stage (and every shard in it) goes, ``aborted`` records it.
+        The rename of the stage is the arbiter against a concurrent publish."""
+        r = self.round(k)
+        trash = r / f"trash-{token()}"
+        try:
+            rename_noreplace(r / "stage", trash)
+        except OSError:
+            return
+        try:
+            _write_new(r / "aborted", b"")
+        except OSError:
+            pass
+        _rmtree(trash)
+
+    def leave(self) -> None:
+        """This rank leaves the job: a round it is in is abandoned, and it proposes "never"
+        (2**64-1) in the next round, so a later request never makes the others wait for it."""
+        try:
+            if self.joined is not None:
+                self._abort(self.k)
+                self._conclude()
+            self._join(_U64, False, True)
+        except OSError:
+            pass
+
+    def _conclude(self) -> None:
+        self.joined = None
+        self.k += 1
+        self.last_poll = None
+
+    # --- the shard commit ------------------------------------------------------------------
+
+    def _abandoned(self, k: int, why: str) -> CkptError:
+        return CkptError(
+            f"save round {k} of {self.dir} was abandoned ({why}): no checkpoint was published, the shards were removed"
+        )
+
+    def commit_shard(self, stage: Stage, step: Optional[int], stop: bool, writer: str) -> Manifest:
+        """Saves this rank's shard: ``stage`` (filled by the job) becomes ``rank-NNNNN/`` of the
+        round's checkpoint. Returns the published manifest once every shard is durable and the
+        checkpoint is visible; raises when the round was abandoned."""
+        self.published_last = False
+        if step is None:
+            stage.abort()
+            raise CkptError(
+                "a multi-rank save needs the step (save(state, step=...), saving(step=...)): the ranks agree on it"
+            )
+        if self.joined is None:
+            # An explicit save without a request: every rank must make it at the same step.
+            self._join(step, stop, True)
+        k = self.k
+        assert self.joined is not None
+        t = self.joined.target
+        if t is None:
+            s = self._wait_target()
+            if not isinstance(s, Target):
+                stage.abort()
+                self._conclude()
+                raise self._abandoned(k, "not every rank proposed a step")
+            t = s
+        if t.step != step:
+            stage.abort()
+            self._abort(k)
+            self._conclude()
+            raise CkptError(
+                f"rank {self.world.rank} saved at step {step} but the ranks agreed on step {t.step} in save "
+                f"round {k}; the round was abandoned, nothing was published (hint: call save only when "
+                "should_checkpoint() says so, or at the same step on every rank)"
+            )
+        try:
+            m = self._write_shard(k, stage, t, writer)
+        finally:
+            self._conclude()
+        if t.stop:
+            self.stop_agreed = True
+        return m
+
+    def _seal(self, stage: Stage) -> List[FileEntry]:
+        files, dirs = stage._walk()
+        entries = []
+        for name, p in files:
+            check_name(name)
+            known = stage._known.get(name)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                if known is None or os.fstat(fd).st_size != known[0]:
+                    h = Hasher(stage.algo)
+                    size = 0
+                    while True:
+                        b = os.read(fd, 1 << 20)
+                        if not b:
+                            break
+                        h.update(b)
+                        size += len(b)
+                    known = (size, h.value)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(FileEntry(name, known[0], known[1]))
+        for d in reversed(dirs):
+            _fsync_path(d, directory=True)
+        _fsync_path(stage.path, directory=True)
+        return entries
+
+    def _write_shard(self, k: int, stage: Stage, t: Target, writer: str) -> Manifest:
+        r = self.round(k)
+        try:
+            entries = self._seal(stage)
+        except BaseException:
+            stage.abort()
+            self._abort(k)
+            raise
+        dest = r / "stage" / self.world.shard_dir
+        try:
+            rename_noreplace(stage.path, dest)
+        except OSError as e:
+            stage.abort()
+            if not os.path.lexists(r / "stage"):
+                raise self._abandoned(k, "another rank gave up waiting") from None
+            self._abort(k)
+            raise CkptError(f"cannot move the shard into {dest}: {e}") from None
+        stage.done = True
+        body = _dumps(
+            {
+                "rank": self.world.rank,
+                "step": t.step,
+                "checksum": stage.algo,
+                "files": [{"name": f.name, "size": f.size, "sum": f.sum} for f in entries],
+            }
+        )
+        try:
+            # The shard's directory entry in the stage must be durable before it counts.
+            _fsync_path(dest, directory=True)
+            _fsync_path(r / "stage", directory=True)
+            tmp = r / f".done.{token()}"
+            _write_new(tmp, body)
+            os.rename(tmp, r / f"done-{self.world.rank:05d}")
+        except BaseException:
+            self._abort(k)
+            raise
+        all_done = all(os.path.lexists(r / f"done-{i:05d}") for i in range(self.world.size))
+        claimed = False
+        if all_done:
+            try:
+                _write_new(r / "publisher", b"")
+                claimed = True
+            except OSError:
+                pass
+        if claimed:
+            try:
+                m = self._publish(k, t, writer)
+            except BaseException:
+                self._abort(k)
+                raise
+            self.published_last = True
+            if k > 1:
+                # Every rank has finished with the previous round (it joined this one).
+                _rmtree(self.round(k - 1))
+            return m
+        # Wait for the outcome.
+        start = time.monotonic()
+        pause = 0.001
+        gave_up = False
+        while True:
+            try:
+                with open(r / "published", "rb") as f:
+                    b = f.read()
+            except FileNotFoundError:
+                b = None
+            if b is not None:
+                try:
+                    seq = json.loads(b)["seq"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CkptError(f"bad round outcome: {e}") from None
+                path = self.store.path_of(seq)
+                try:
+                    return read_manifest(path)
+                except InvalidCheckpoint as e:
+                    raise e.at(str(path)) from None
+            if os.path.lexists(r / "aborted"):
+                raise self._abandoned(k, "a rank did not finish its shard in time")
+            if time.monotonic() - start >= self.timeout:
+                if gave_up:
+                    raise self._abandoned(k, "its outcome is unknown: the publishing rank vanished")
+                print(
+                    f"ckpt: warning: rank {self.world.rank}: not every shard of save round {k} was durable "
+                    f"within {self.timeout}s; abandoning the round",
+                    file=sys.stderr,
+                )
+                self._abort(k)
+                gave_up = True
+                continue
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _publish(self, k: int, t: Target, writer: str) -> Manifest:
+        """Writes the top-level manifest listing every shard's files and publishes the stage
+        with the single atomic rename."""
+        r = self.round(k)
+        stage = r / "stage"
+        entries: List[FileEntry] = []
+        algo: Optional[str] = None
+        for rank in range(self.world.size):
+            p = r / f"done-{rank:05d}"
+            with open(p, "rb") as f:
+                b = f.read()
+            try:
+                d = json.loads(b)
+                d_rank, d_step, d_algo, d_files = d["rank"], d["step"], d["checksum"], d["files"]
+                files = [FileEntry(x["name"], x["size"], x["sum"]) for x in d_files]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CkptError(f"bad shard record {p}: {e}") from None
+            if d_rank != rank or d_step != t.step or (algo is not None and algo != d_algo):
+                raise CkptError(
+                    f"shard record {p} does not match the round (rank {d_rank}, step {d_step}, checksum {d_algo}); "
+                    "hint: every rank must use the same checksum algorithm (crc32c by default)"
+                )
+            algo = d_algo
+            prefix = shard_name(rank)
+            entries.extend(FileEntry(f"{prefix}/{f.name}", f.size, f.sum) for f in files)
+        manifest = Manifest(
+            seq=0,
+            created_ms=0,
+            writer=writer,
+            checksum=algo or "crc32c",
+            files=entries,
+            step=t.step,
+            world_size=self.world.size,
+        )
+        mpath = stage / MANIFEST_NAME
+        for attempt in range(1000):
+            manifest.seq = self.store.next_seq()
+            manifest.created_ms = now_ms()
+            if attempt > 0:
+                os.unlink(mpath)
+            _write_new(mpath, manifest.encode())
+            _fsync_path(mpath)
+            _fsync_path(stage, directory=True)
+            try:
+                rename_noreplace(stage, self.store.path_of(manifest.seq))
+            except FileExistsError:
+                continue
+            _fsync_path(self.store.dir, directory=True)
+            tmp = r / f".published.{token()}"
+            _write_new(tmp, _dumps({"seq": manifest.seq}))
+            os.rename(tmp, r / "published")
+            return manifest
+        raise CkptError(f"could not claim a sequence number in {self.store.dir} after 1000 tries")

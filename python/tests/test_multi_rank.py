@@ -1,0 +1,334 @@
+"""Multi-rank Python jobs (docs/multi-rank.md): 4 Python ranks under a small torchrun-like
+launcher (``test-programs/python_rank_launcher.py``) run by the real ``ckpt run``, with random
+SIGKILLs of one rank, of all ranks and of the launcher (seeds printed, ``CKPT_TEST_SEED`` to
+replay); the resumed job must end with the digest of an uninterrupted run, no restore may see a
+partial checkpoint, nothing survives. Rust and Python ranks share checkpoints (and rounds):
+Rust-written checkpoints restore in Python ranks, Python-written ones in Rust ranks, a mixed
+job publishes checkpoints that ``ckpt verify`` accepts. Plus: world-size refusal and
+``CKPT_RESHARD``, a rank dying mid-save with nobody to end the others, rank discovery order."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import pytest
+
+from conftest import (
+    REPO, assert_no_survivors, ckpt_bin, clean_env, events, job_processes, run, rust_bin, wait_until,
+)
+
+from ckpt import CkptError, World, read_manifest, verify_path
+from ckpt.multi_rank import epoch_from_env
+
+PY = sys.executable
+TRAINER = REPO / "test-programs" / "python_rank_trainer.py"
+LAUNCHER = REPO / "test-programs" / "python_rank_launcher.py"
+
+
+def trainer(steps: int, out: Path, save_ms: int = 40, fmt: str = "bin") -> List[str]:
+    return [PY, str(TRAINER), "--steps", str(steps), "--step-ms", "3", "--save-ms", str(save_ms),
+            "--pad-kib", "8", "--format", fmt, "--out", str(out)]
+
+
+def reference(world: int, steps: int) -> str:
+    r = run([PY, TRAINER, "--reference", "--world", world, "--steps", steps], 30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def combined(world: int, out: Path) -> str:
+    ds = []
+    for r in range(world):
+        p = out / f"digest-{r}"
+        assert p.exists(), f"rank {r} wrote no digest"
+        ds.append(p.read_text())
+    res = run([PY, TRAINER, "--combine", ",".join(ds)], 30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def checkpoints(d: Path) -> List[int]:
+    try:
+        return sorted(int(n[5:]) for n in os.listdir(d) if n.startswith("ckpt-") and n[5:].isdigit())
+    except OSError:
+        return []
+
+
+def job_ranks(d: Path) -> List[Tuple[int, Optional[int]]]:
+    """The job's processes: (pid, rank), rank ``None`` for the launcher."""
+    out = []
+    for pid in job_processes(d):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = next((int(kv[5:]) for kv in env if kv.startswith(b"RANK=")), None)
+        out.append((pid, rank))
+    return out
+
+
+def stage_shards(d: Path) -> List[Path]:
+    """Shard directories waiting in the stage of any save round."""
+    out = []
+    for stage in (d / ".ckpt" / "rounds").glob("*/*/stage"):
+        out.extend(p for p in stage.glob("rank-*"))
+    return out
+
+
+def mid_save(d: Path) -> bool:
+    """Some rank is writing its shard (live staging dir) or a shard waits in a round."""
+    try:
+        names = os.listdir(d / ".ckpt" / "staging")
+    except OSError:
+        names = []
+    live = any(n.rsplit(".", 1)[-1].isdigit() and os.path.exists(f"/proc/{n.rsplit('.', 1)[-1]}") for n in names)
+    return live or bool(stage_shards(d))
+
+
+def assert_complete_checkpoints(d: Path, world: int) -> None:
+    """Every published checkpoint verifies and holds exactly one shard per rank."""
+    for seq in checkpoints(d):
+        m = verify_path(d / f"ckpt-{seq:012d}", seq)
+        assert m.world_size == world, f"checkpoint {seq}: world_size {m.world_size}"
+        states = sorted(f.name for f in m.files if f.name.endswith("/state.bin") or f.name.endswith("/state.pickle"))
+        assert [s.split("/")[0] for s in states] == [f"rank-{r:05d}" for r in range(world)], (seq, states)
+
+
+def assert_restores_complete(out: Path, world: int) -> int:
+    try:
+        lines = (out / "restores.log").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        assert line.endswith(f"world {world} shards {world}"), f"a partial or foreign checkpoint was restored: {line}"
+    return len(lines)
+
+
+def ckpt_verify(d: Path) -> str:
+    r = run([ckpt_bin(), "verify", "--dir", d], 60)
+    assert r.returncode == 0, f"ckpt verify failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def launch_cmd(d: Path, n: int, prog: List[str], *opts: str) -> List[str]:
+    return [str(ckpt_bin()), "run", "--quiet", "--backoff", "20ms..100ms", "--dir", str(d), *opts, "--",
+            PY, str(LAUNCHER), "--n", str(n), "--", *prog]
+
+
+def test_four_python_ranks_random_kills_resume_to_the_same_digest(tmp_path, bg, seed):
+    rnd = random.Random(seed)
+    world, steps = 4, 600
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    sup = bg(launch_cmd(d, world, trainer(steps, out), "--every", "150ms", "--max-failures", "30"), timeout=80)
+    deadline = time.monotonic() + 70
+    kills = 0
+    for i in range(4):
+        what = rnd.choice(["one rank", "all ranks", "the launcher"])
+        mid = rnd.random() < 0.5
+        base = len(checkpoints(d))
+        target: List[int] = []
+        while sup.p.poll() is None:
+            assert time.monotonic() < deadline, f"job did not finish in time\n{sup.stderr}"
+            ready = mid_save(d) if mid else (len(checkpoints(d)) > base and not mid_save(d))
+            procs = job_ranks(d)
+            ranks = [p for p, r in procs if r is not None]
+            if ready and len(ranks) == world:
+                if what == "one rank":
+                    target = [rnd.choice(ranks)]
+                elif what == "all ranks":
+                    target = ranks
+                else:
+                    target = [p for p, r in procs if r is None]
+                break
+            time.sleep(0.001)
+        if not target:
+            break
+        launches = len([e for e in events(d) if e["event"] == "launch"])
+        for p in target:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        kills += 1
+        msg = f"kill {i}: SIGKILL {what} {target} {'mid-save' if mid else 'between saves'} (checkpoints {checkpoints(d)})"
+        print(msg)
+        sys.stderr.write(msg + "\n")
+        # The next launch is up before the next kill.
+        wait_until(lambda: sup.p.poll() is not None
+                   or len([e for e in events(d) if e["event"] == "launch"]) > launches, 30, "a relaunch")
+    code = sup.wait()
+    assert code == 0, sup.stderr
+    assert kills > 0, "no kill happened"
+    assert combined(world, out) == reference(world, steps), sup.stderr
+    restores = assert_restores_complete(out, world)
+    assert_complete_checkpoints(d, world)
+    assert_no_survivors(d)
+    assert not stage_shards(d)
+    print(f"{kills} kills, {restores} shard restores, checkpoints {checkpoints(d)}")
+
+
+def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
+    """Rust ranks save; Python ranks of the same world size resume from their shards; then a
+    job with Rust ranks 0 and 2 and Python ranks 1 and 3 resumes from the Python checkpoint
+    and saves in the same rounds. The digest equals an uninterrupted run; ckpt verify passes."""
+    world = 4
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    rust = [str(rust_bin("rank_trainer")), "--step-ms", "3", "--pad-kib", "8", "--out", str(out)]
+    py = trainer(0, out, save_ms=0)
+
+    def job(steps: int, launcher: List[str], prog: List[str], again: bool) -> None:
+        cmd = [str(ckpt_bin()), "run", "--quiet", "--every", "100ms", "--max-failures", "1", "--dir", str(d)]
+        if again:
+            cmd.append("--again")
+        r = run(cmd + ["--"] + launcher + prog + ["--steps", str(steps)], 60)
+        assert r.returncode == 0, r.stderr
+
+    # 1. Rust ranks (Rust launcher).
+    job(150, [str(rust_bin("rank_launcher")), "--n", str(world), "--"], rust, False)
+    rust_seqs = checkpoints(d)
+    assert rust_seqs, "the Rust ranks saved nothing"
+    assert read_manifest(d / f"ckpt-{rust_seqs[-1]:012d}").writer.startswith("ckpt-rust/")
+    # 2. Python ranks resume from the Rust checkpoint.
+    job(300, [PY, str(LAUNCHER), "--n", str(world), "--"], py, True)
+    log = (out / "restores.log").read_text().splitlines()
+    assert len(log) == world and all(f"seq {rust_seqs[-1]} " in l for l in log), log
+    py_seqs = [s for s in checkpoints(d) if s > rust_seqs[-1]]
+    assert py_seqs, "the Python ranks saved nothing"
+    assert read_manifest(d / f"ckpt-{py_seqs[-1]:012d}").writer.startswith("ckpt-python/")
+    ckpt_verify(d)
+    # 3. Mixed: even ranks Rust, odd ranks Python, resuming from the Python checkpoint.
+    mixed = (
+        f'if [ $((RANK % 2)) = 0 ]; then exec {" ".join(rust)} "$@"; else exec {" ".join(py)} "$@"; fi'
+    )
+    job(450, [PY, str(LAUNCHER), "--n", str(world), "--", "sh", "-c", mixed, "sh"], [], True)
+    log = (out / "restores.log").read_text().splitlines()[world:]
+    assert len(log) == world and all(f"seq {py_seqs[-1]} " in l for l in log), log
+    mixed_seqs = [s for s in checkpoints(d) if s > py_seqs[-1]]
+    assert mixed_seqs, "the mixed job saved nothing"
+    assert combined(world, out) == reference(world, 450)
+    assert_restores_complete(out, world)
+    assert_complete_checkpoints(d, world)
+    text = ckpt_verify(d)
+    print(text)
+    assert_no_survivors(d)
+
+
+def standalone_env(d: Path, rank: int, size: int, **extra: str) -> dict:
+    return clean_env(CKPT_DIR=str(d), CKPT_RANK=str(rank), CKPT_WORLD_SIZE=str(size), CKPT_RUN_ID="t", **extra)
+
+
+def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    r = run([ckpt_bin(), "run", "--quiet", "--every", "100ms", "--max-failures", "1", "--dir", d, "--",
+             PY, LAUNCHER, "--n", "4", "--", *trainer(200, out, save_ms=0, fmt="pickle")], 60)
+    assert r.returncode == 0, r.stderr
+    assert checkpoints(d)
+    assert_complete_checkpoints(d, 4)
+    # A 2-rank Python job refuses the 4-rank checkpoint, naming both sizes.
+    r = run([ckpt_bin(), "run", "--again", "--max-failures", "1", "--dir", d, "--",
+             PY, LAUNCHER, "--n", "2", "--", *trainer(300, out)], 60)
+    assert r.returncode != 0
+    assert "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr, r.stderr
+    assert_no_survivors(d)
+    # With CKPT_RESHARD=1 a job of 2 gets the whole checkpoint and reads every shard.
+    job = (
+        "import ckpt, pickle\n"
+        "ck = ckpt.Checkpointer()\n"
+        "rp = ck.restore_point\n"
+        "n = rp.manifest.world_size\n"
+        "states = [pickle.loads(ck.read_shard_file(r, 'state.pickle')) for r in range(n)]\n"
+        "assert [s['rank'] for s in states] == list(range(n)), states\n"
+        "assert sorted(p.name for p in ck.restore_dir().iterdir() if p.is_dir()) == [f'rank-{r:05d}' for r in range(n)]\n"
+        "print('resharded', n, ck.rank, ck.world_size, states[0]['step'])\n"
+    )
+    for rank in range(2):
+        r = run([PY, "-c", job], 30, env=standalone_env(d, rank, 2, CKPT_RESHARD="1"))
+        assert r.returncode == 0, r.stderr
+        assert f"resharded 4 {rank} 2" in r.stdout
+    # Without it, the same standalone job is refused too.
+    r = run([PY, "-c", "import ckpt; ckpt.Checkpointer()"], 30, env=standalone_env(d, 0, 2))
+    assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
+
+
+def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg):
+    """Ranks without a launcher: rank 1 dies while writing its shard; the others abandon the
+    round after CKPT_ROUND_TIMEOUT, nothing is published and their shards are removed."""
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    world = 4
+    kids = [bg(trainer(1200, out, save_ms=400), timeout=40,
+               env=standalone_env(d, r, world, CKPT_ROUND_TIMEOUT="1")) for r in range(world)]
+
+    def catches_usr1(pid: int) -> bool:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
+        except OSError:
+            pass
+        return False
+
+    wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
+    for k in kids:
+        os.kill(k.pid, signal.SIGUSR1)
+    pid1 = kids[1].pid
+    wait_until(lambda: any(n.endswith(f".{pid1}") for n in os.listdir(d / ".ckpt" / "staging")), 20,
+               "rank 1 writing its shard")
+    os.kill(pid1, signal.SIGKILL)
+    kids[1].p.wait()
+    for r, k in enumerate(kids):
+        if r != 1:
+            assert k.wait() == 0, f"rank {r}: {k.stderr}"
+            assert "abandon" in k.stderr, k.stderr
+    assert checkpoints(d) == [], "a checkpoint was published without rank 1's shard"
+    assert not stage_shards(d), stage_shards(d)
+    rounds = list((d / ".ckpt" / "rounds" / "t.0").iterdir())
+    assert any((r / "aborted").exists() for r in rounds), rounds
+    assert_no_survivors(d)
+
+
+def test_rank_discovery_order(monkeypatch):
+    for k in ["CKPT_RANK", "CKPT_WORLD_SIZE", "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+              "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+              "CKPT_RUN_ID", "CKPT_SUPERVISOR_PID", "CKPT_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
+              "SLURM_JOB_ID", "SLURM_STEP_ID", "OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"]:
+        monkeypatch.delenv(k, raising=False)
+    assert World.from_env() is None
+    # A batch script has SLURM_PROCID and SLURM_NTASKS but is not a rank of a step.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert World.from_env() is None
+    steps = [
+        ("PMI_RANK", "PMI_SIZE", 5, 6, "PMI"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", 4, 6, "mpirun"),
+        ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", 3, 6, "srun"),
+        ("RANK", "WORLD_SIZE", 2, 6, "torchrun"),
+        ("CKPT_RANK", "CKPT_WORLD_SIZE", 1, 6, "CKPT_RANK"),
+    ]
+    for r, s, rank, size, source in steps:  # each higher-priority source wins over the previous
+        monkeypatch.setenv(r, str(rank))
+        monkeypatch.setenv(s, str(size))
+        w = World.from_env()
+        assert w is not None and (w.rank, w.size, w.source) == (rank, size, source)
+    monkeypatch.setenv("CKPT_RANK", "6")
+    with pytest.raises(CkptError, match="not below the world size"):
+        World.from_env()
+    # The launch id: CKPT_RUN_ID, else the supervisor's restart count and pid, else the launcher's.
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert epoch_from_env() == "77-3.0"
+    monkeypatch.setenv("CKPT_SUPERVISOR_PID", "1234")
+    monkeypatch.setenv("CKPT_RESTART_COUNT", "2")
+    assert epoch_from_env() == "r2.1234"
+    monkeypatch.setenv("CKPT_RUN_ID", "my run/1")
+    assert epoch_from_env() == "my_run_1.0"
