@@ -332,3 +332,30 @@ def test_rank_discovery_order(monkeypatch):
     assert epoch_from_env() == "r2.1234"
     monkeypatch.setenv("CKPT_RUN_ID", "my run/1")
     assert epoch_from_env() == "my_run_1.0"
+
+
+def test_launcher_without_a_handler_is_never_signalled(tmp_path):
+    """The supervisor signals the ranks that announced themselves, never the launcher: a bash
+    launcher script with no trap (SIGUSR1 would kill it) runs 2 ranks to the end under
+    frequent requests, with no restart, and the ranks still checkpoint together."""
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    prog = " ".join(trainer(500, out, save_ms=5))
+    script = tmp_path / "launch.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"RANK=0 WORLD_SIZE=2 {prog} &\n"
+        f"RANK=1 WORLD_SIZE=2 {prog} &\n"
+        "wait -n && wait -n\n"
+    )
+    script.chmod(0o755)
+    r = run([ckpt_bin(), "run", "--quiet", "--every", "100ms", "--max-failures", "1", "--dir", d, "--", script], 60)
+    assert r.returncode == 0, r.stderr
+    ev = events(d)
+    assert len([e for e in ev if e["event"] == "launch"]) == 1, ev
+    assert len([e for e in ev if e["event"] == "request"]) >= 3, ev
+    assert not any(e["event"] == "exit" and e.get("signaled") for e in ev), ev
+    assert checkpoints(d), "no checkpoint"
+    assert_complete_checkpoints(d, 2)
+    assert combined(2, out) == reference(2, 500)
+    assert_no_survivors(d)
