@@ -152,6 +152,7 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<i32, crate::Error> {
     }
     while s.step < a.steps {
         s.step();
+        ck.set_step(s.step);
         if a.crash_at == Some(s.step) && ck.restart_count() == 0 {
             eprintln!("trainer: crashing on purpose at step {} (abort)", s.step);
             std::process::abort();

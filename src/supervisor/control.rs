@@ -167,9 +167,14 @@ pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> std::io:
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    // A supervisor that refuses the peer answers and closes without reading: the write may
+    // then fail with EPIPE while its answer is already waiting to be read.
+    let written = s.write_all(&line);
     let mut resp = Vec::new();
     BufReader::new((&s).take(16 << 20)).read_until(b'\n', &mut resp)?;
+    if resp.is_empty() {
+        written?;
+    }
     serde_json::from_slice(&resp).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,

@@ -1212,18 +1212,20 @@ impl Run {
             job.pid,
             fmt_dur(Duration::from_secs(job.started.elapsed().as_secs()))
         );
-        if let Some(step) = job.step {
+        let committed_step = self.last_commit.as_ref().and_then(|c| c["step"].as_u64());
+        if let Some(step) = job.step.max(committed_step) {
             l.push_str(&format!(" | step {step}"));
         }
         match &self.last_commit {
             Some(c) => {
                 let age = crate::store::manifest::now_ms()
                     .saturating_sub(c["created_ms"].as_u64().unwrap_or(0));
-                l.push_str(&format!(
-                    " | checkpoint {} {} ago",
-                    c["seq"],
-                    fmt_dur(Duration::from_secs(age / 1000))
-                ));
+                let age = if age < 1000 {
+                    "just now".to_string()
+                } else {
+                    format!("{} ago", fmt_dur(Duration::from_secs(age / 1000)))
+                };
+                l.push_str(&format!(" | checkpoint {} {age}", c["seq"]));
             }
             None => l.push_str(" | no checkpoint yet"),
         }
