@@ -351,7 +351,7 @@ impl Checkpointer {
     pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
         let size = self.entry(name)?.size;
         let mut bytes = vec![0u8; size as usize];
-        self.read_into(name, &mut bytes)?;
+        self.read_into_opt(name, &mut bytes, true)?;
         Ok(bytes)
     }
 
@@ -359,6 +359,11 @@ impl Checkpointer {
     /// file's size ([`Checkpointer::file_size`]): the fastest restore, straight into memory
     /// the job already owns, in large reads with the checksum verified inline.
     pub fn read_into(&self, name: &str, dest: &mut [u8]) -> Result<()> {
+        self.read_into_opt(name, dest, false)
+    }
+
+    /// [`Checkpointer::read_into`]; `fresh`: `dest` was just allocated and never touched.
+    fn read_into_opt(&self, name: &str, dest: &mut [u8], fresh: bool) -> Result<()> {
         let entry = self.entry(name)?;
         let r = self.restore.as_ref().expect("entry() checked");
         if dest.len() as u64 != entry.size {
@@ -372,7 +377,11 @@ impl Checkpointer {
             path: r.path.clone(),
             reason,
         })?;
-        pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
+        if fresh {
+            pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, dest)
+        } else {
+            pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
+        }
     }
 
     /// The size in bytes of one file of the restore checkpoint.
@@ -398,7 +407,8 @@ impl Checkpointer {
             )));
         }
         let mut v = vec![T::default(); (size / each) as usize];
-        self.read_pod_into(name, &mut v)?;
+        self.read_into_opt(name, pod::as_bytes_mut(&mut v), true)?;
+        pod::fix_endian(&mut v);
         Ok(v)
     }
 
@@ -440,7 +450,7 @@ impl Checkpointer {
             path: r.path.clone(),
             reason,
         })?;
-        pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, &mut bytes)?;
+        pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, &mut bytes)?;
         Ok(bytes)
     }
 

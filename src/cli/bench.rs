@@ -279,7 +279,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         let t = Instant::now();
         let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
         let mut fresh = vec![0f32; n];
-        crate::pod::read_verified(
+        crate::pod::read_verified_fresh(
             &mut f,
             &cpath,
             &entry,
