@@ -96,7 +96,8 @@ fn main() {
     let sb: u64 = b.iter().sum();
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
-    let med = sorted[sorted.len() / 2];
+    let k = sorted.len();
+    let med = (sorted[(k - 1) / 2] + sorted[k / 2]) / 2.0;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!(
         "{{\"measure\":\"checkpoint_overhead_ab\",\"state_mib\":{mib},\"every_s\":{},\"pairs\":{pairs},\
