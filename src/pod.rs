@@ -11,7 +11,9 @@
 //! [`CHUNK`]-byte `write(2)` calls, each followed by `sync_file_range(SYNC_FILE_RANGE_WRITE)`
 //! so that writeback overlaps the writing instead of starting at the final `fsync`; reads go
 //! in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
-//! computed behind them.
+//! computed behind them, or in [`BOUNCE`]-byte reads through a page-aligned scratch buffer
+//! when the destination sits where the kernel copies slowly (`read_verified`); a fresh
+//! destination has its pages faulted in by a helper thread (`read_verified_fresh`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -25,7 +27,7 @@ use crate::store::{Algo, Stage, StageWriter};
 /// syscall and the write-behind hint, small enough to stay in cache for the checksum.
 pub const CHUNK: usize = 8 << 20;
 
-/// Size of one read through the page-aligned scratch buffer of [`read_verified`] when the
+/// Size of one read through the page-aligned scratch buffer of `read_verified` when the
 /// destination is at a slow alignment: small enough to stay in cache for the copy out.
 pub const BOUNCE: usize = 4 << 20;
 
