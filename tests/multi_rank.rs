@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::slurm::*;
 use common::*;
 
 fn trainer_args(steps: u64, out: &Path) -> Vec<String> {
@@ -416,60 +417,7 @@ fn restore_with_another_world_size_is_refused() {
     assert_no_survivors(&dir);
 }
 
-// ---- srun -n 4 on the local Slurm cluster (helpers as in tests/slurm.rs) ----
-
-fn cluster_dir() -> PathBuf {
-    PathBuf::from(std::env::var("CKPT_SLURM_DIR").unwrap_or_else(|_| "/tmp/ckpt-slurm".into()))
-}
-
-fn slurm_cmd(prog: &str) -> Command {
-    let mut c = Command::new(prog);
-    c.env("SLURM_CONF", cluster_dir().join("etc/slurm.conf"));
-    for k in [
-        "CKPT_DIR",
-        "CKPT_RESTORE",
-        "CKPT_SOCKET",
-        "CKPT_SUPERVISOR_PID",
-    ] {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn cluster_up() -> bool {
-    if !cluster_dir().join("etc/slurm.conf").exists() {
-        return false;
-    }
-    let out = slurm_cmd("sinfo").args(["-h", "-o", "%T"]).output();
-    matches!(out, Ok(o) if o.status.success() && ["idle", "mixed", "allocated", "completing"].iter().any(|s| text(&o.stdout).contains(s)))
-}
-
-/// True when a cluster answers (starting it if root); false to skip. Fails under CI.
-fn ensure_cluster(test: &str) -> bool {
-    if cluster_up() {
-        return true;
-    }
-    let ci = std::env::var_os("CI").is_some();
-    let mut why = String::from("not root, cannot start one");
-    if unsafe { libc::geteuid() } == 0 {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/start-local-slurm.sh");
-        let out = output_deadline(
-            Command::new(&script).arg(cluster_dir()),
-            Duration::from_secs(900),
-        );
-        if out.status.success() && cluster_up() {
-            return true;
-        }
-        why = format!("start-local-slurm.sh failed: {}", text(&out.stderr));
-    }
-    assert!(
-        !ci,
-        "{test}: CI is set but no Slurm cluster is available: {why}"
-    );
-    eprintln!("{test}: SKIPPED: no Slurm cluster ({why})");
-    false
-}
+// ---- srun -n 4 on the local Slurm cluster (helpers in tests/common/slurm.rs) ----
 
 struct Cancel(String);
 impl Drop for Cancel {

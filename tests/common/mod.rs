@@ -3,6 +3,8 @@
 //! replayed, and checking that no process of a job survives.
 #![allow(dead_code)]
 
+pub mod slurm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +25,13 @@ pub fn test_bin(name: &str) -> PathBuf {
 /// A `ckpt` command with a clean environment for the protocol variables.
 pub fn ckpt() -> Command {
     let mut c = Command::new(ckpt_bin());
+    clear_ckpt_env(&mut c);
+    c
+}
+
+/// Removes the protocol variables, so that a test run under a supervisor (or by hand with
+/// them exported) does not leak them into the process under test.
+pub fn clear_ckpt_env(c: &mut Command) {
     for k in [
         "CKPT_DIR",
         "CKPT_RESTORE",
@@ -36,7 +45,6 @@ pub fn ckpt() -> Command {
     ] {
         c.env_remove(k);
     }
-    c
 }
 
 /// The seed for a randomised test: `CKPT_TEST_SEED` if set (to replay), else fresh. Printed.
