@@ -595,3 +595,64 @@ fn list_and_verify_report_checkpoints_as_json() {
     assert_eq!(out.status.code(), Some(65));
     assert!(text(&out.stderr).contains("no checkpoint 99"));
 }
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn the_supervisor_idles_while_it_waits_for_a_stop() {
+    // Regression: a periodic request held back by the stop made every wait return at once,
+    // so ckpt spun at 100% CPU for the whole grace period.
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let pidf = tmp.path().join("pid");
+    let mut child = ckpt()
+        .args([
+            "run",
+            "-q",
+            "--signal",
+            "USR1",
+            "--every",
+            "50ms",
+            "--grace",
+            "3s",
+            "--kill-after",
+            "1s",
+            "--dir",
+        ])
+        .arg(&dir)
+        .arg("--")
+        .arg(test_bin("ignorer"))
+        .arg("--pid-file")
+        .arg(&pidf)
+        .spawn()
+        .unwrap();
+    wait_until(T, "the ignorer to start", || pidf.exists());
+    wait_until(T, "a periodic request to be due", || {
+        !events(&dir, "request").is_empty()
+    });
+    signal(child.id(), libc::SIGTERM);
+    wait_until(T, "the stop to begin", || {
+        !events(&dir, "stop_requested").is_empty()
+    });
+    let before = cpu_seconds(child.id());
+    // A measuring window inside the 3 s grace, not a synchronisation.
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_seconds(child.id()) - before;
+    assert_eq!(wait_deadline(&mut child, T).code(), Some(75));
+    assert!(
+        used < 0.5,
+        "ckpt used {used:.2} CPU seconds in 1.5 s of waiting: a busy loop"
+    );
+    assert_no_survivors(&dir);
+}

@@ -645,7 +645,9 @@ impl Run {
             }
             let now = Instant::now();
             let mut wake = now + tick;
-            if let Some(t) = job.next_request {
+            // Only deadlines that the loop acts on: a periodic request that is due but held back
+            // by a stop would otherwise make every wait return at once (a busy loop).
+            if let Some(t) = job.next_request.filter(|_| self.stop.is_none()) {
                 wake = wake.min(t);
             }
             let slurm_stop_at = self.slurm.as_ref().and_then(|s| s.stop_at());
