@@ -325,20 +325,6 @@ fn azure(phase: Arc<Phase>) -> Server {
 // ---------------------------------------------------------------------------------------
 // Helpers.
 
-fn trainer(steps: u64, step_ms: u64, digest: &Path) -> Vec<String> {
-    vec![
-        test_bin("trainer").display().to_string(),
-        "--steps".into(),
-        steps.to_string(),
-        "--dim".into(),
-        "64".into(),
-        "--step-ms".into(),
-        step_ms.to_string(),
-        "--digest-file".into(),
-        digest.display().to_string(),
-    ]
-}
-
 fn slow_saver(save_ms: u64) -> Vec<String> {
     vec![
         test_bin("slow_saver").display().to_string(),
@@ -486,7 +472,7 @@ fn aws_notice_checkpoints_before_the_deadline_and_the_unit_resumes() {
         "off".into(),
         "--".into(),
     ];
-    args.extend(trainer(steps, 2, &digest));
+    args.extend(trainer_args(steps, 64, 2, &digest));
     let unit = service_unit(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let exec = exec_words(unit_value(&unit, "ExecStart")[0]);
     assert_eq!(
@@ -536,14 +522,7 @@ fn aws_notice_checkpoints_before_the_deadline_and_the_unit_resumes() {
     let (code, err) = finish(boot(0));
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("resuming from checkpoint"), "{err}");
-    let want = ckpt::demo::reference_digest(&ckpt::demo::TrainerArgs {
-        steps,
-        dim: 64,
-        seed: 42,
-        step_ms: 0,
-        crash_at: None,
-        digest_file: None,
-    });
+    let want = reference(steps, 64);
     assert_eq!(std::fs::read_to_string(&digest).unwrap().trim(), want);
     assert_no_survivors(&dir);
 }

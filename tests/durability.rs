@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ckpt::demo::{reference_digest, TrainState, TrainerArgs};
+use ckpt::demo::TrainState;
 use ckpt::store::{Algo, Manifest, Stage, Store, MANIFEST_NAME};
 use common::*;
 
@@ -36,17 +36,6 @@ fn trainer_args(steps: u64, dim: usize, step_ms: u64, digest: Option<&Path>) -> 
         v.push(d.display().to_string());
     }
     v
-}
-
-fn reference(steps: u64, dim: usize) -> String {
-    reference_digest(&TrainerArgs {
-        steps,
-        dim,
-        seed: SEED,
-        step_ms: 0,
-        crash_at: None,
-        digest_file: None,
-    })
 }
 
 /// Publishes a trainer checkpoint at `step` through the library (as the job would).

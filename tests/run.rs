@@ -3,38 +3,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn trainer_args(steps: u64, step_ms: u64, digest: &Path) -> Vec<String> {
-    vec![
-        test_bin("trainer").display().to_string(),
-        "--steps".into(),
-        steps.to_string(),
-        "--dim".into(),
-        "64".into(),
-        "--step-ms".into(),
-        step_ms.to_string(),
-        "--digest-file".into(),
-        digest.display().to_string(),
-    ]
-}
-
-fn reference(steps: u64) -> String {
-    ckpt::demo::reference_digest(&ckpt::demo::TrainerArgs {
-        steps,
-        dim: 64,
-        seed: 42,
-        step_ms: 0,
-        crash_at: None,
-        digest_file: None,
-    })
-}
 
 #[test]
 fn sigkill_at_random_instants_resumes_bit_identical() {
@@ -58,7 +32,7 @@ fn sigkill_at_random_instants_resumes_bit_identical() {
         ])
         .arg(&dir)
         .arg("--")
-        .args(trainer_args(steps, 2, &digest))
+        .args(trainer_args(steps, 64, 2, &digest))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -84,7 +58,7 @@ fn sigkill_at_random_instants_resumes_bit_identical() {
     let got = std::fs::read_to_string(&digest).unwrap();
     assert_eq!(
         got.trim(),
-        reference(steps),
+        reference(steps, 64),
         "digest differs after {kills} SIGKILLs (seed {seed})"
     );
     assert_no_survivors(&dir);
@@ -188,7 +162,7 @@ fn sigterm_to_ckpt_checkpoints_exits_75_and_the_next_run_resumes() {
         .args(["run", "--every", "off", "-q", "--dir"])
         .arg(&dir)
         .arg("--")
-        .args(trainer_args(steps, 10, &digest))
+        .args(trainer_args(steps, 64, 10, &digest))
         .spawn()
         .unwrap();
     wait_until(T, "the trainer to announce its client", || {
@@ -207,7 +181,7 @@ fn sigterm_to_ckpt_checkpoints_exits_75_and_the_next_run_resumes() {
             .args(["run", "--every", "off", "--dir"])
             .arg(&dir)
             .arg("--")
-            .args(trainer_args(steps, 0, &digest)),
+            .args(trainer_args(steps, 64, 0, &digest)),
         T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -218,7 +192,7 @@ fn sigterm_to_ckpt_checkpoints_exits_75_and_the_next_run_resumes() {
     );
     assert_eq!(
         std::fs::read_to_string(&digest).unwrap().trim(),
-        reference(steps)
+        reference(steps, 64)
     );
 }
 

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt::demo::{reference_digest, TrainerArgs};
 use ckpt::integrations::slurm::parse_show_job;
 use common::slurm::*;
 use common::*;
@@ -133,17 +132,6 @@ const STEPS: u64 = 200;
 const DIM: usize = 32;
 const STEP_MS: u64 = 40;
 
-fn reference(steps: u64) -> String {
-    reference_digest(&TrainerArgs {
-        steps,
-        dim: DIM,
-        seed: 42,
-        step_ms: 0,
-        crash_at: None,
-        digest_file: None,
-    })
-}
-
 fn trainer_cmd(steps: u64, digest: &Path) -> String {
     format!(
         "{} __trainer --steps {steps} --dim {DIM} --step-ms {STEP_MS} --digest-file {}",
@@ -215,7 +203,7 @@ fn warning_signal_checkpoints_requeues_and_resumes() {
     eprintln!("{}: submit -> finished in {:?}", t.name, t0.elapsed());
     assert_eq!(
         read_digest(&digest).unwrap(),
-        reference(STEPS),
+        reference(STEPS, DIM),
         "digest differs from an uninterrupted run\n{}",
         t.output()
     );
@@ -291,7 +279,7 @@ fn time_limit_stops_before_the_end_and_resumes() {
     eprintln!("{}: submit -> finished in {:?}", t.name, t0.elapsed());
     assert_eq!(
         read_digest(&digest).unwrap(),
-        reference(steps),
+        reference(steps, DIM),
         "{}",
         t.output()
     );
@@ -339,7 +327,7 @@ fn array_task_requeues_alone() {
         );
         assert_eq!(
             read_digest(&d).unwrap(),
-            reference(STEPS),
+            reference(STEPS, DIM),
             "task {i}\n{}",
             t.output()
         );
@@ -415,7 +403,7 @@ fn srun_step_gets_the_requests() {
     );
     assert_eq!(
         read_digest(&digest).unwrap(),
-        reference(STEPS),
+        reference(STEPS, DIM),
         "{}",
         t.output()
     );

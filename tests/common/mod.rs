@@ -213,3 +213,30 @@ pub fn events(dir: &Path, name: &str) -> Vec<serde_json::Value> {
 pub fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
+
+/// The command line of the `trainer` helper job (seed 42) writing its final digest to `digest`.
+pub fn trainer_args(steps: u64, dim: usize, step_ms: u64, digest: &Path) -> Vec<String> {
+    vec![
+        test_bin("trainer").display().to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--dim".into(),
+        dim.to_string(),
+        "--step-ms".into(),
+        step_ms.to_string(),
+        "--digest-file".into(),
+        digest.display().to_string(),
+    ]
+}
+
+/// The digest of an uninterrupted trainer run (seed 42), computed in-process.
+pub fn reference(steps: u64, dim: usize) -> String {
+    ckpt::demo::reference_digest(&ckpt::demo::TrainerArgs {
+        steps,
+        dim,
+        seed: 42,
+        step_ms: 0,
+        crash_at: None,
+        digest_file: None,
+    })
+}
