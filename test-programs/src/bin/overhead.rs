@@ -6,7 +6,11 @@
 //! This is exactly the loss of a job checkpointing every `--every` seconds (one save per
 //! interval), without the interval's length of waiting for a single data point.
 //!
-//!   overhead --dir DIR [--mib 512] [--every 60] [--pairs 3]
+//!   overhead --dir DIR [--mib 512] [--every 60] [--pairs 3] [--seed N]
+//!
+//! Which phase of a pair runs first is drawn at random (seed printed; `--seed` replays an
+//! order), so neither side systematically follows a save or inherits the disk's write-back
+//! of the previous phase.
 //!
 //! One untimed save first: a job's first save allocates the snapshot buffers (page faults);
 //! every later save reuses them, which is the steady state measured here. After each B phase
@@ -45,6 +49,15 @@ fn compute(state: &mut [f32], at: &mut usize, d: Duration) -> u64 {
     n
 }
 
+/// SplitMix64: enough to shuffle the phase order reproducibly from a printed seed.
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -59,6 +72,13 @@ fn main() {
         arg("--every").map_or(60.0, |s| s.parse().expect("--every SECONDS")),
     );
     let pairs = num("--pairs", 3);
+    let seed = num(
+        "--seed",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    );
+    let mut rng = seed;
     let mut ck = ckpt::Checkpointer::open(&dir).expect("open").with_keep(2);
     let mut state: Vec<f32> = (0..mib << 18).map(|i| (i % 1000) as f32 * 1e-3).collect();
     let mut at = 0;
@@ -71,9 +91,17 @@ fn main() {
     let (mut a, mut b, mut stalls, mut totals, mut ratios) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut late = 0;
+    let mut order = String::new();
     for p in 0..pairs {
-        // Alternate which phase comes first.
-        for phase in if p % 2 == 0 { ["A", "B"] } else { ["B", "A"] } {
+        let phases = if splitmix64(&mut rng) & 1 == 0 {
+            ["A", "B"]
+        } else {
+            ["B", "A"]
+        };
+        order.push_str(phases[0]);
+        order.push_str(phases[1]);
+        order.push(' ');
+        for phase in phases {
             if phase == "A" {
                 a.push(compute(&mut state, &mut at, every));
                 continue;
@@ -103,7 +131,8 @@ fn main() {
         "{{\"measure\":\"checkpoint_overhead_ab\",\"state_mib\":{mib},\"every_s\":{},\"pairs\":{pairs},\
 \"units_a\":{a:?},\"units_b\":{b:?},\"overhead_percent\":{:.3},\"overhead_percent_median_pair\":{:.3},\
 \"stall_s_mean\":{:.4},\"stall_s_max\":{:.4},\"background_save_s_mean\":{:.3},\"saves_still_running_at_phase_end\":{late},\
-\"stall_over_interval_percent\":{:.3},\"loadavg_start\":{load_start},\"loadavg_end\":{}}}",
+\"stall_over_interval_percent\":{:.3},\"ratios_b_over_a\":{ratios:?},\"order\":\"{}\",\"seed\":{seed},\
+\"loadavg_start\":{load_start},\"loadavg_end\":{}}}",
         every.as_secs_f64(),
         100.0 * (1.0 - sb as f64 / sa as f64),
         100.0 * (1.0 - med),
@@ -111,6 +140,7 @@ fn main() {
         stalls.iter().cloned().fold(0.0, f64::max),
         mean(&totals),
         100.0 * mean(&stalls) / every.as_secs_f64(),
+        order.trim_end(),
         loadavg()
     );
 }
