@@ -13,7 +13,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -333,7 +333,7 @@ fn slow_saver(save_ms: u64) -> Vec<String> {
     ]
 }
 
-fn spawn_run(dir: &Path, opts: &[&str], cmd: &[String]) -> Child {
+fn spawn_run(dir: &Path, opts: &[&str], cmd: &[String]) -> Running {
     ckpt()
         .arg("run")
         .arg("--dir")
@@ -344,12 +344,11 @@ fn spawn_run(dir: &Path, opts: &[&str], cmd: &[String]) -> Child {
         .args(cmd)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 /// Waits for the exit with a hard deadline; returns the code and stderr.
-fn finish(mut child: Child) -> (Option<i32>, String) {
+fn finish(mut child: Running) -> (Option<i32>, String) {
     let mut err = child.stderr.take().unwrap();
     let t = std::thread::spawn(move || {
         let mut s = String::new();
@@ -487,8 +486,7 @@ fn aws_notice_checkpoints_before_the_deadline_and_the_unit_resumes() {
             .current_dir(tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     };
 
     let child = boot(0);

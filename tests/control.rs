@@ -6,14 +6,14 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn start(dir: &Path, extra: &[&str], job: &str, job_args: &[&str]) -> Child {
+fn start(dir: &Path, extra: &[&str], job: &str, job_args: &[&str]) -> Running {
     let child = ckpt()
         .arg("run")
         .args(extra)
@@ -23,8 +23,7 @@ fn start(dir: &Path, extra: &[&str], job: &str, job_args: &[&str]) -> Child {
         .arg(test_bin(job))
         .args(job_args)
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the job's client to announce itself", || {
         !events(dir, "hello").is_empty()
     });
@@ -351,8 +350,7 @@ fn log_follow_prints_new_events() {
         .args(["log", "--follow", "--dir"])
         .arg(&dir)
         .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let mut stdout = follow.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut buf = Vec::new();

@@ -486,7 +486,7 @@ fn power_loss_at_random_instants() {
         *epochs += 1;
     };
     while kills < iters {
-        let mut sup = cmd(&dir).spawn().unwrap();
+        let mut sup = cmd(&dir).spawn_guarded();
         // Startup takes some ms; the job saves every 25 ms or so.
         let delay = Duration::from_micros(rng.u64(0..120_000));
         let until = Instant::now() + delay;
@@ -584,13 +584,7 @@ impl Drop for Mount {
     }
 }
 
-fn spawn_saver(
-    dir: &Path,
-    progress: &Path,
-    sizes: &str,
-    every: &str,
-    steps: u64,
-) -> std::process::Child {
+fn spawn_saver(dir: &Path, progress: &Path, sizes: &str, every: &str, steps: u64) -> Running {
     ckpt()
         .arg("run")
         .arg("--dir")
@@ -610,8 +604,7 @@ fn spawn_saver(
         .arg(progress)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 fn lines(p: &Path) -> Vec<String> {
@@ -622,7 +615,7 @@ fn lines(p: &Path) -> Vec<String> {
         .collect()
 }
 
-fn finish_saver(mut sup: std::process::Child, dir: &Path) -> String {
+fn finish_saver(mut sup: Running, dir: &Path) -> String {
     let st = wait_deadline(&mut sup, Duration::from_secs(60));
     let mut err = String::new();
     use std::io::Read;

@@ -301,8 +301,7 @@ fn stopping_under_ckpt_run_waits_for_the_pending_background_save() {
         .arg(test_bin("async_saver"))
         .args(["--mib", "64"])
         .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the job to announce its client", || {
         !events(&dir, "hello").is_empty()
     });
@@ -341,8 +340,7 @@ fn every_auto_picks_the_young_daly_interval_from_the_measured_save_and_logs_why(
         .arg("--")
         .arg(test_bin("async_saver"))
         .args(["--mib", "4"])
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the job to announce its client", || {
         !events(&dir, "hello").is_empty()
     });

@@ -34,8 +34,7 @@ fn sigkill_at_random_instants_resumes_bit_identical() {
         .arg("--")
         .args(trainer_args(steps, 64, 2, &digest))
         .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let mut kills = 0;
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() && kills < 8 {
@@ -163,8 +162,7 @@ fn sigterm_to_ckpt_checkpoints_exits_75_and_the_next_run_resumes() {
         .arg(&dir)
         .arg("--")
         .args(trainer_args(steps, 64, 10, &digest))
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the trainer to announce its client", || {
         !events(&dir, "hello").is_empty()
     });
@@ -206,8 +204,7 @@ fn sigusr1_to_ckpt_requests_a_checkpoint_now() {
         .arg("--")
         .arg(test_bin("slow_saver"))
         .args(["--save-ms", "0"])
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "hello", || !events(&dir, "hello").is_empty());
     assert!(checkpoints(&dir).is_empty());
     signal(child.id(), libc::SIGUSR1);
@@ -235,7 +232,7 @@ fn no_process_of_the_job_survives_ckpt() {
         if exit_first {
             cmd.arg("--exit");
         }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn_guarded();
         wait_until(T, "the grandchild pid", || {
             std::fs::read_to_string(&pidf).is_ok_and(|s| !s.is_empty())
         });
@@ -275,8 +272,7 @@ fn a_job_that_ignores_sigterm_is_sigkilled_after_the_grace() {
         .arg("--pid-file")
         .arg(&pidf)
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the ignorer to start", || pidf.exists());
     let t = Instant::now();
     signal(child.id(), libc::SIGTERM);
@@ -318,8 +314,7 @@ fn a_second_interrupt_forces_an_immediate_stop() {
         .arg(test_bin("ignorer"))
         .arg("--pid-file")
         .arg(&pidf)
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the ignorer to start", || pidf.exists());
     signal(child.id(), libc::SIGINT);
     wait_until(T, "the stop to begin", || {
@@ -391,7 +386,7 @@ fn a_shell_job_using_ckpt_save_resumes_from_its_files() {
             .args(["--", "bash", "-c", SHELL_JOB]);
         c
     };
-    let mut child = run(100_000).spawn().unwrap();
+    let mut child = run(100_000).spawn_guarded();
     wait_until(T, "two shell checkpoints", || checkpoints(&dir).len() >= 2);
     signal(child.id(), libc::SIGTERM);
     assert_eq!(wait_deadline(&mut child, T).code(), Some(75));
@@ -609,8 +604,7 @@ fn the_supervisor_idles_while_it_waits_for_a_stop() {
         .arg(test_bin("ignorer"))
         .arg("--pid-file")
         .arg(&pidf)
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "the ignorer to start", || pidf.exists());
     wait_until(T, "a periodic request to be due", || {
         !events(&dir, "request").is_empty()

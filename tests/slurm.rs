@@ -487,8 +487,7 @@ fn missing_scontrol_is_reported_and_exits_75() {
             "10",
         ])
         .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let err_pipe = child.stderr.take().unwrap();
     let err_t = std::thread::spawn(move || {
         let mut s = String::new();

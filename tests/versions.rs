@@ -220,8 +220,7 @@ fn branch_sees_parent_state_and_new_settings_while_parent_keeps_going() {
         .arg(&pprog)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     wait_until(T, "two parent checkpoints", || {
         checkpoints(&parent).len() >= 2
     });

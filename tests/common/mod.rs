@@ -96,6 +96,84 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// A supervisor (or any process of a test) that must not outlive the test: on drop, when the
+/// test ended early (a failed assertion panics), it is SIGKILLed and so is every process of
+/// its job on `dir` (found by `CKPT_DIR` in their environment). Derefs to the [`Child`].
+pub struct Running {
+    child: Child,
+    dir: Option<PathBuf>,
+}
+
+/// Spawns a command whose process must not outlive the test (see [`Running`]). The job's
+/// directory is the argument of `--dir` (or `CKPT_DIR` in the command's environment).
+pub trait SpawnGuarded {
+    fn spawn_guarded(&mut self) -> Running;
+}
+
+impl SpawnGuarded for Command {
+    fn spawn_guarded(&mut self) -> Running {
+        let args: Vec<&std::ffi::OsStr> = self.get_args().collect();
+        let dir = args
+            .iter()
+            .position(|a| *a == "--dir")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .or_else(|| {
+                self.get_envs()
+                    .find(|(k, _)| *k == "CKPT_DIR")
+                    .and_then(|(_, v)| v.map(PathBuf::from))
+            });
+        Running {
+            child: self.spawn().expect("spawn"),
+            dir,
+        }
+    }
+}
+
+impl Running {
+    /// Like [`Child::wait_with_output`] (no deadline: use it where the process was already
+    /// told to exit).
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let out_pipe = self.child.stdout.take();
+        let err_pipe = self.child.stderr.take();
+        let out_t = std::thread::spawn(move || out_pipe.map(read_all).unwrap_or_default());
+        let err_t = std::thread::spawn(move || err_pipe.map(read_all).unwrap_or_default());
+        let status = self.child.wait()?;
+        Ok(Output {
+            status,
+            stdout: out_t.join().unwrap(),
+            stderr: err_t.join().unwrap(),
+        })
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+        if let Some(dir) = self.dir.take() {
+            for p in job_processes(&dir) {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Runs a command to completion with a hard deadline, capturing its output.
 pub fn output_deadline(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd
