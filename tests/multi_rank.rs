@@ -171,7 +171,7 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
     .args(trainer_args(steps, &out))
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn_guarded();
     let err_pipe = child.stderr.take().unwrap();
     let err_t = std::thread::spawn(move || {
         let mut s = String::new();
@@ -191,7 +191,8 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
             }
             assert!(
                 Instant::now() < deadline,
-                "{test}: job did not finish in time"
+                "{test}: no moment for kill {i} came in time\n{}",
+                diagnose(&dir)
             );
             let ready = if mid {
                 mid_save(&dir)
@@ -239,7 +240,11 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
             if child.try_wait().unwrap().is_some() {
                 break 'kills;
             }
-            assert!(Instant::now() < deadline, "{test}: no relaunch");
+            assert!(
+                Instant::now() < deadline,
+                "{test}: no relaunch\n{}",
+                diagnose(&dir)
+            );
             if events(&dir, "launch").len() > launches {
                 break;
             }
@@ -252,17 +257,23 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
             break st;
         }
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap_or_default();
-            let rounds = walk_names(&dir.join(".ckpt/rounds"));
+            let diag = diagnose(&dir);
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             let _ = child.wait();
             let err = err_t.join().unwrap();
-            panic!("{test}: job did not finish in time\n--- stderr\n{err}\n--- events\n{log}\n--- rounds\n{rounds}");
+            panic!("{test}: job did not finish in time\n--- stderr\n{err}\n{diag}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let err = err_t.join().unwrap();
     assert!(st.success(), "{test}: ckpt run failed ({st}):\n{err}");
+    // The launcher takes every rank down with a killed one: no live rank ever waits for a
+    // dead one, so no round may time out (that would be a stall of CKPT_ROUND_TIMEOUT).
+    assert!(
+        !err.contains("abandoning the round"),
+        "{test}: a save round timed out although every rank was alive:\n{err}\n--- rounds\n{}",
+        walk_names(&dir.join(".ckpt/rounds"))
+    );
     assert_eq!(
         combined(world, &out),
         reference(world, steps),
@@ -313,7 +324,7 @@ fn rank_dying_mid_save_leaves_no_partial_checkpoint() {
             for k in ["CKPT_SOCKET", "CKPT_RESTORE", "CKPT_SUPERVISOR_PID"] {
                 c.env_remove(k);
             }
-            c.spawn().unwrap()
+            c.spawn_guarded()
         })
         .collect();
     // Request only once every rank caught SIGUSR1 (SigCgt in /proc/<pid>/status).
@@ -545,11 +556,22 @@ fn srun_four_ranks_kill_one_mid_save() {
 }
 
 /// Every path under `dir`, one per line (for failure reports).
+/// The event log and the round files of the job on `dir`, for a failure message.
+fn diagnose(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap_or_default();
+    let rounds = walk_names(&dir.join(".ckpt/rounds"));
+    format!("--- events\n{log}\n--- rounds\n{rounds}")
+}
+
 fn walk_names(dir: &Path) -> String {
     let mut out = String::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
-            out.push_str(&format!("{}\n", e.path().display()));
+            let body = match std::fs::read(e.path()) {
+                Ok(b) if b.len() <= 200 && e.path().is_file() => format!(" {}", text(&b).trim()),
+                _ => String::new(),
+            };
+            out.push_str(&format!("{}{body}\n", e.path().display()));
             if e.path().is_dir() {
                 out.push_str(&walk_names(&e.path()));
             }
