@@ -543,9 +543,10 @@ impl Checkpointer {
     /// When it returns true, a pending background save ([`Checkpointer::save_async`]) has
     /// finished (it waits for it), so the job may exit at once.
     pub fn should_stop(&self) -> bool {
-        // Ranks stop together, after a round that agreed to stop has published.
+        // Ranks stop together, after a round that agreed to stop has published; once a rank
+        // has left the launch no round can publish, and a rank asked to stop just stops.
         let asked = match &self.multi {
-            Some(m) => m.stop_agreed(),
+            Some(m) => m.stop_agreed() || (m.rank_left() && self.stop.load(Ordering::Relaxed)),
             None => self.stop.load(Ordering::Relaxed),
         };
         let stop = self.is_original_process() && asked;

@@ -15,6 +15,8 @@
 //!     publisher                           claimed (O_EXCL) by the rank that publishes
 //!     published                           {"seq":N}: the round's outcome
 //!     aborted                             the other outcome (the stage was removed)
+//!   left                                  some rank left the launch (dropped its client):
+//!                                         no round of this launch can complete any more
 //! ```
 
 use std::fs;
@@ -254,6 +256,8 @@ pub struct MultiRank {
     stop_agreed: bool,
     /// This rank published the last round (it alone tells the supervisor).
     published_last: bool,
+    /// Some rank of this launch left (`<epoch>/left` exists): no round can complete.
+    left_seen: bool,
 }
 
 impl std::fmt::Debug for MultiRank {
@@ -318,6 +322,7 @@ impl MultiRank {
             lookahead,
             stop_agreed: false,
             published_last: false,
+            left_seen: false,
         })
     }
 
@@ -334,6 +339,25 @@ impl MultiRank {
     /// This rank published the last checkpoint.
     pub fn published_last(&self) -> bool {
         self.published_last
+    }
+
+    /// Some rank of this launch has left (finished or is exiting): no checkpoint of this
+    /// launch can complete any more, so a rank asked to stop stops without one.
+    pub fn rank_left(&self) -> bool {
+        self.left_seen
+    }
+
+    /// The marker a leaving rank creates in the launch's directory.
+    fn left_marker(&self) -> PathBuf {
+        self.dir.join("left")
+    }
+
+    /// Whether some rank left; sticky once seen (one `stat` per call until then).
+    fn someone_left(&mut self) -> bool {
+        if !self.left_seen && fs::symlink_metadata(self.left_marker()).is_ok() {
+            self.left_seen = true;
+        }
+        self.left_seen
     }
 
     /// Overrides the round timeout.
@@ -409,6 +433,10 @@ impl MultiRank {
     /// Proposes in the current round (creating it if needed); skips rounds that concluded.
     /// Returns false when the round is already concluded and this rank has no request.
     fn join(&mut self, proposal: u64, stop: bool, want: bool) -> Result<bool> {
+        if self.someone_left() {
+            // A rank that left never writes a shard again: nothing can be published.
+            return Ok(false);
+        }
         loop {
             let r = self.round(self.k);
             self.ensure_round(&r)?;
@@ -465,9 +493,14 @@ impl MultiRank {
         }
     }
 
-    fn state(&self, k: u64) -> Result<State> {
+    fn state(&mut self, k: u64) -> Result<State> {
         let r = self.round(k);
         if r.join("aborted").exists() {
+            return Ok(State::Aborted);
+        }
+        if self.someone_left() {
+            // The rank that left will never propose: abandon rather than wait for it.
+            self.abort(k);
             return Ok(State::Aborted);
         }
         let mut t = Target {
@@ -524,16 +557,32 @@ impl MultiRank {
         }
     }
 
-    /// This rank leaves the job (its `Checkpointer` is dropped: it finished or is exiting).
-    /// A round it is in is abandoned (it will never write its shard), and it proposes "never"
-    /// (`u64::MAX`) in the next round, so a request that reaches the other ranks after it left
-    /// never makes them wait for it: they cannot reach that step, so they never save.
+    /// This rank leaves the launch (its `Checkpointer` is dropped: it finished or is
+    /// exiting). A round it is in is abandoned (it will never write its shard), and it creates
+    /// `<epoch>/left`: every other rank then abandons the round it waits in and joins no
+    /// further round, since no checkpoint of this launch can hold every shard any more. (One
+    /// marker for every later round: a "never" proposal in the next round only, as before,
+    /// left the rounds after that one waiting for the departed rank until the round timeout.)
     pub fn leave(&mut self) {
         if self.joined.is_some() {
             self.abort(self.k);
             self.conclude();
         }
-        let _ = self.join(u64::MAX, false, true);
+        let marker = self.left_marker();
+        match self
+            .store
+            .io()
+            .write_new(&marker, format!("{}\n", self.world.rank).as_bytes())
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => eprintln!(
+                "ckpt: warning: rank {}: cannot mark that it left ({}: {e}); the other ranks' next save round will time out",
+                self.world.rank,
+                marker.display()
+            ),
+        }
+        self.left_seen = true;
     }
 
     fn conclude(&mut self) {
@@ -561,7 +610,12 @@ impl MultiRank {
         };
         if self.joined.is_none() {
             // An explicit save without a request: every rank must make it at the same step.
-            self.join(step, stop, true)?;
+            if !self.join(step, stop, true)? {
+                return Err(Error::Usage(format!(
+                    "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its client was dropped or closed; see {}); hint: keep every rank's client open until the job's last save",
+                    self.left_marker().display()
+                )));
+            }
         }
         let k = self.k;
         let t = match self.joined.as_ref().and_then(|j| j.target) {

@@ -359,3 +359,47 @@ def test_launcher_without_a_handler_is_never_signalled(tmp_path):
     assert_complete_checkpoints(d, 2)
     assert combined(2, out) == reference(2, 500)
     assert_no_survivors(d)
+
+
+def test_ranks_that_left_are_never_waited_for(tmp_path):
+    """The Python side of tests/multi_rank.rs ranks_that_left_are_never_waited_for: rank 2
+    leaves, rank 1 takes part in a round and leaves while rank 0 still waits for the outcome;
+    rank 0's later requests must not wait for the departed ranks (before the fix they waited
+    until CKPT_ROUND_TIMEOUT), and an explicit save fails with a message naming the cause."""
+    import threading
+
+    from ckpt.multi_rank import MultiRank
+    from ckpt.store import Stage, Store
+
+    store = Store(tmp_path / "ckpt")
+    store.create()
+
+    def rank(r: int) -> MultiRank:
+        m = MultiRank(store, World(r, 3), "leave-test.0")
+        m.timeout = 30.0
+        return m
+
+    r0, r1, r2 = rank(0), rank(1), rank(2)
+    r2.leave()
+    results: List[Tuple[bool, float]] = []
+
+    def rank0() -> None:
+        for step in range(10, 20):
+            t = time.monotonic()
+            results.append((r0.poll(True, False, step), time.monotonic() - t))
+
+    th = threading.Thread(target=rank0)
+    th.start()
+    time.sleep(0.2)
+    t = time.monotonic()
+    assert not r1.poll(True, False, 10), "a save was agreed without rank 2"
+    assert time.monotonic() - t < 5
+    r1.leave()
+    th.join(60)
+    assert not th.is_alive()
+    assert all(not v for v, _ in results), "rank 0 agreed to save after ranks 1 and 2 left"
+    assert max(d for _, d in results) < 5, f"rank 0 waited for a rank that left: {results}"
+    assert r0.rank_left
+    with pytest.raises(CkptError, match="a rank left"):
+        r0.commit_shard(Stage(store, "crc32c"), 20, False, "test")
+    assert not [n for n in os.listdir(store.dir) if n.startswith("ckpt-")]

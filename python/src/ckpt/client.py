@@ -488,7 +488,8 @@ class Checkpointer:
             return False
         if self._world is not None and self._world.size > 1:
             m = self._multi or self._left
-            return m is not None and m.stop_agreed
+            # Once a rank left the launch no round can publish: a rank asked to stop just stops.
+            return m is not None and (m.stop_agreed or (m.rank_left and self._stop))
         return self._stop
 
     def request_checkpoint(self) -> None:

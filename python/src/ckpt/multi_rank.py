@@ -283,12 +283,23 @@ class MultiRank:
         self.stop_agreed = False
         #: This rank published the last round (it alone tells the supervisor).
         self.published_last = False
+        #: Some rank of this launch left (``<epoch>/left`` exists): no round can complete.
+        self.rank_left = False
 
     def __repr__(self) -> str:
         return f"MultiRank(world={self.world}, dir={str(self.dir)!r}, round={self.k})"
 
     def round(self, k: int) -> Path:
         return self.dir / f"{k:08d}"
+
+    def _left_marker(self) -> Path:
+        return self.dir / "left"
+
+    def _someone_left(self) -> bool:
+        """Whether some rank left the launch; sticky once seen."""
+        if not self.rank_left and os.path.lexists(self._left_marker()):
+            self.rank_left = True
+        return self.rank_left
 
     # --- agreeing on a step ----------------------------------------------------------------
 
@@ -337,7 +348,10 @@ class MultiRank:
 
     def _join(self, proposal: int, stop: bool, want: bool) -> bool:
         """Proposes in the current round (creating it if needed); skips rounds that concluded.
-        False when the round is already concluded and this rank has no request."""
+        False when the round is already concluded and this rank has no request, or when some
+        rank left the launch (it never writes a shard again: nothing can be published)."""
+        if self._someone_left():
+            return False
         while True:
             r = self.round(self.k)
             self._ensure_round(r)
@@ -373,6 +387,10 @@ class MultiRank:
     def _state(self, k: int) -> object:
         r = self.round(k)
         if os.path.lexists(r / "aborted"):
+            return _ABORTED
+        if self._someone_left():
+            # The rank that left will never propose: abandon rather than wait for it.
+            self._abort(k)
             return _ABORTED
         t = Target(0, False)
         for rank in range(self.world.size):
@@ -428,15 +446,26 @@ class MultiRank:
         _rmtree(trash)
 
     def leave(self) -> None:
-        """This rank leaves the job: a round it is in is abandoned, and it proposes "never"
-        (2**64-1) in the next round, so a later request never makes the others wait for it."""
+        """This rank leaves the launch: a round it is in is abandoned (it will never write its
+        shard), and it creates ``<epoch>/left``: every other rank then abandons the round it
+        waits in and joins no further round (docs/multi-rank.md, "Ending")."""
         try:
             if self.joined is not None:
                 self._abort(self.k)
                 self._conclude()
-            self._join(_U64, False, True)
         except OSError:
             pass
+        try:
+            _write_new(self._left_marker(), f"{self.world.rank}\n".encode())
+        except FileExistsError:
+            pass
+        except OSError as e:
+            print(
+                f"ckpt: warning: rank {self.world.rank}: cannot mark that it left ({self._left_marker()}: {e}); "
+                "the other ranks' next save round will time out",
+                file=sys.stderr,
+            )
+        self.rank_left = True
 
     def _conclude(self) -> None:
         self.joined = None
@@ -462,7 +491,13 @@ class MultiRank:
             )
         if self.joined is None:
             # An explicit save without a request: every rank must make it at the same step.
-            self._join(step, stop, True)
+            if not self._join(step, stop, True):
+                stage.abort()
+                raise CkptError(
+                    "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its "
+                    f"client was closed; see {self._left_marker()}); hint: keep every rank's client open "
+                    "until the job's last save"
+                )
         k = self.k
         assert self.joined is not None
         t = self.joined.target
