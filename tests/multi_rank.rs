@@ -300,6 +300,71 @@ fn eight_ranks_random_kills_resume_to_the_same_digest() {
     random_kills("eight_ranks", 8, 600, 4);
 }
 
+/// Ranks that finish at different times (seen in the 8-rank test under load, seed
+/// 16304337529064726944): rank 2 leaves, rank 1 takes part in a round and leaves too, then
+/// rank 0 still gets requests. Nobody may wait for the departed ranks (before the fix, a
+/// departed rank was represented only by a "never" proposal in the one round after it left:
+/// once that round was abandoned by the next rank to leave, every later round waited for it
+/// until CKPT_ROUND_TIMEOUT). Also: an explicit save after a rank left fails with a clear
+/// message instead of waiting.
+#[test]
+fn ranks_that_left_are_never_waited_for() {
+    use ckpt::multi_rank::{MultiRank, World};
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
+    store.create().unwrap();
+    let rank = |r: u32| {
+        let mut m = MultiRank::new(&store, World::new(r, 3).unwrap(), "leave-test.0").unwrap();
+        // Long enough that any wait for a departed rank shows as a failure below.
+        m.set_timeout(Duration::from_secs(30));
+        m
+    };
+    let (mut r0, mut r1, mut r2) = (rank(0), rank(1), rank(2));
+    r2.leave();
+    let quick = |what: &str, f: &mut dyn FnMut() -> bool| {
+        let t = Instant::now();
+        let v = f();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{what} waited {:?} for a rank that left",
+            t.elapsed()
+        );
+        v
+    };
+    // Both remaining ranks are asked to checkpoint; rank 1, which finishes right after its
+    // step 10, leaves as soon as its poll returns, while rank 0 still waits for the round's
+    // outcome (the sequence of the 8-rank failure: the next rank to leave abandons the round).
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let mut v = vec![];
+            for step in 10..20 {
+                v.push(quick("rank 0's poll", &mut || {
+                    r0.poll(true, false, step).unwrap()
+                }));
+            }
+            v
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !quick("rank 1's poll", &mut || r1.poll(true, false, 10).unwrap()),
+            "a save was agreed without rank 2"
+        );
+        r1.leave();
+        assert!(
+            a.join().unwrap().iter().all(|v| !v),
+            "rank 0 agreed to save after ranks 1 and 2 left"
+        );
+    });
+    assert!(r0.rank_left());
+    let stage = ckpt::store::Stage::new(&store, ckpt::store::Algo::Crc32c).unwrap();
+    let err = r0
+        .commit_shard(stage, ckpt::store::Algo::Crc32c, Some(20), false, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a rank left"), "{err}");
+    assert!(checkpoints(store.dir()).is_empty());
+}
+
 /// Ranks started directly (no launcher to stop the others): rank 1 dies while writing its
 /// shard; the others give up on the round after CKPT_ROUND_TIMEOUT, nothing is published,
 /// their shards are removed, they finish; the dead rank's staging goes at the next start.
@@ -441,7 +506,16 @@ impl Drop for Cancel {
 /// srun ends the step, ckpt relaunches it, and the ranks resume from their own shards.
 #[test]
 fn srun_four_ranks_kill_one_mid_save() {
-    let test = "srun_four_ranks";
+    srun_four_ranks("srun_four_ranks", false);
+}
+
+/// The same with the Python client's ranks (`python_rank_trainer.py`, the same job).
+#[test]
+fn srun_four_python_ranks_kill_one_mid_save() {
+    srun_four_ranks("srun_four_python_ranks", true);
+}
+
+fn srun_four_ranks(test: &str, python: bool) {
     if !ensure_cluster(test) {
         return;
     }
@@ -456,6 +530,16 @@ fn srun_four_ranks_kill_one_mid_save() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let steps = 800;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut job = trainer_args(steps, &out);
+    if python {
+        // The same arguments; the Python client from the checkout.
+        job[0] = format!(
+            "env PYTHONPATH={} python3 {}",
+            repo.join("python/src").display(),
+            repo.join("test-programs/python_rank_trainer.py").display()
+        );
+    }
     let script = tmp.path().join("job.sh");
     std::fs::write(
         &script,
@@ -463,7 +547,7 @@ fn srun_four_ranks_kill_one_mid_save() {
             "#!/bin/bash\nexec {} run --every 300ms --backoff 20ms..100ms --max-failures 10 --dir {} -- srun -K -n 4 {}\n",
             ckpt_bin().display(),
             dir.display(),
-            trainer_args(steps, &out).join(" ")
+            job.join(" ")
         ),
     )
     .unwrap();
@@ -512,8 +596,15 @@ fn srun_four_ranks_kill_one_mid_save() {
                         .any(|kv| kv == format!("SLURM_PROCID={victim}").as_bytes())
                 })
                 .filter(|&p| {
-                    std::fs::read_link(format!("/proc/{p}/exe"))
-                        .is_ok_and(|e| e.ends_with("rank_trainer"))
+                    // The trainer itself, not srun's or env's process.
+                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    let exe = std::fs::read_link(format!("/proc/{p}/exe")).unwrap_or_default();
+                    if python {
+                        exe.to_string_lossy().contains("python")
+                            && text(&cmd).contains("python_rank_trainer.py")
+                    } else {
+                        exe.ends_with("rank_trainer")
+                    }
                 })
                 .collect();
             if let Some(&p) = pids.first() {
@@ -555,7 +646,6 @@ fn srun_four_ranks_kill_one_mid_save() {
     );
 }
 
-/// Every path under `dir`, one per line (for failure reports).
 /// The event log and the round files of the job on `dir`, for a failure message.
 fn diagnose(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap_or_default();
@@ -563,6 +653,8 @@ fn diagnose(dir: &Path) -> String {
     format!("--- events\n{log}\n--- rounds\n{rounds}")
 }
 
+/// Every path under `dir`, one per line, with the contents of small files (for failure
+/// reports).
 fn walk_names(dir: &Path) -> String {
     let mut out = String::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
