@@ -16,7 +16,7 @@
 //! destination has its pages faulted in by a helper thread (`read_verified_fresh`).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 
 use crate::error::{Error, Invalid, Result};
@@ -98,9 +98,11 @@ pub(crate) fn le_chunks<T: Pod>(
 }
 
 impl StageWriter<'_> {
-    /// Appends `data` as little-endian bytes in [`CHUNK`]-sized writes (checksum inline).
+    /// Appends `data` as little-endian bytes in [`CHUNK`]-sized writes (checksum inline),
+    /// bypassing the page cache where the file system allows it
+    /// ([`StageWriter::write_bulk`]).
     pub fn write_pod<T: Pod>(&mut self, data: &[T]) -> io::Result<()> {
-        le_chunks(data, |b| self.write_all(b))
+        le_chunks(data, |b| self.write_bulk(b))
     }
 }
 
@@ -145,19 +147,19 @@ pub(crate) fn slow_copy_alignment(addr: *const u8) -> bool {
 
 /// A page-aligned scratch buffer of `len` bytes (the kernel copies into it at full speed;
 /// the user-space copy out of it does not care about alignment).
-struct Bounce {
+pub(crate) struct Bounce {
     buf: Vec<u8>,
     off: usize,
     len: usize,
 }
 
 impl Bounce {
-    fn new(len: usize) -> Bounce {
+    pub(crate) fn new(len: usize) -> Bounce {
         let buf = vec![0u8; len + 4096];
         let off = buf.as_ptr().align_offset(4096);
         Bounce { buf, off, len }
     }
-    fn get(&mut self) -> &mut [u8] {
+    pub(crate) fn get(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
     }
 }

@@ -111,6 +111,7 @@ impl Stage {
             hasher: self.algo.hasher(),
             size: 0,
             behind: 0,
+            direct: Direct::Untried,
             file,
             path: p,
             name: name.to_string(),
@@ -303,6 +304,27 @@ pub struct StageWriter<'a> {
     size: u64,
     /// Bytes handed to write-behind so far (see [`WRITE_BEHIND`]).
     behind: u64,
+    /// The `O_DIRECT` descriptor of [`StageWriter::write_bulk`]: not tried yet, open, or
+    /// refused by the file system (then every write is buffered).
+    direct: Direct,
+}
+
+enum Direct {
+    Untried,
+    Open(File),
+    Refused,
+}
+
+/// Alignment of offsets, lengths and buffers for `O_DIRECT` writes: a page, which satisfies
+/// 512-byte and 4 KiB logical blocks alike (a device that wants more refuses the first write
+/// with `EINVAL`, and the writer goes back to buffered writes).
+const DIRECT_ALIGN: usize = 4096;
+
+thread_local! {
+    /// One page-aligned [`crate::pod::CHUNK`] buffer per thread for `O_DIRECT` writes from
+    /// unaligned memory (kept: a fresh one would be faulted in at every save).
+    static DIRECT_BOUNCE: std::cell::RefCell<Option<crate::pod::Bounce>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Once this many bytes are written but not yet handed to writeback, `StageWriter` starts
@@ -312,6 +334,73 @@ pub struct StageWriter<'a> {
 pub const WRITE_BEHIND: u64 = 8 << 20;
 
 impl StageWriter<'_> {
+    /// Appends `data` like [`Write::write_all`], but for large data bypasses the page cache:
+    /// whole pages go out through a second descriptor opened with `O_DIRECT` (from `data`
+    /// itself when it is page-aligned, else through a page-aligned [`crate::pod::CHUNK`]
+    /// buffer), and only the last partial page is written through the cache. On this VM
+    /// a buffered 1 GiB write costs 1.6-4.4 s of kernel CPU (page-cache pages are new guest
+    /// memory), an `O_DIRECT` one 0.2 s and half the wall time (`docs/benchmarks.md`), which
+    /// is what a background save takes from the job. Durability is unchanged: `commit`
+    /// fsyncs the file as always. A file system without `O_DIRECT` (tmpfs) or a device
+    /// that needs larger alignment gets buffered writes, as before.
+    pub fn write_bulk(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut data = data;
+        let start = self.size;
+        while data.len() >= DIRECT_ALIGN && self.size % DIRECT_ALIGN as u64 == 0 {
+            let Some(fd) = self.direct_fd() else { break };
+            let n = (data.len() & !(DIRECT_ALIGN - 1)).min(crate::pod::CHUNK);
+            let piece = &data[..n];
+            let written = if piece.as_ptr() as usize % DIRECT_ALIGN == 0 {
+                direct_write(fd, piece, self.size)
+            } else {
+                DIRECT_BOUNCE.with(|b| {
+                    let mut b = b.borrow_mut();
+                    let b = b.get_or_insert_with(|| crate::pod::Bounce::new(crate::pod::CHUNK));
+                    let buf = &mut b.get()[..n];
+                    buf.copy_from_slice(piece);
+                    direct_write(fd, buf, self.size)
+                })
+            };
+            match written {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Alignment the device does not accept: buffered from here on.
+                    self.direct = Direct::Refused;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            self.hasher.update(piece);
+            self.size += n as u64;
+            self.behind = self.size;
+            data = &data[n..];
+        }
+        if self.size != start {
+            // The buffered descriptor's offset did not move with the direct writes; every
+            // later write through it (the tail here, or the caller's) continues at the end.
+            io::Seek::seek(&mut self.file, io::SeekFrom::Start(self.size))?;
+        }
+        self.write_all(data)
+    }
+
+    fn direct_fd(&mut self) -> Option<std::os::unix::io::RawFd> {
+        use std::os::unix::io::AsRawFd;
+        if let Direct::Untried = self.direct {
+            self.direct = match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+                .open(&self.path)
+            {
+                Ok(f) => Direct::Open(f),
+                Err(_) => Direct::Refused,
+            };
+        }
+        match &self.direct {
+            Direct::Open(f) => Some(f.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// The path of the file being written.
     pub fn file_path(&self) -> &Path {
         &self.path
@@ -363,6 +452,36 @@ impl Write for StageWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }
+}
+
+/// Writes all of `buf` at `off` on an `O_DIRECT` descriptor (`buf`, `off` and the length
+/// page-aligned; a short write of whole pages continues where it stopped).
+fn direct_write(fd: std::os::unix::io::RawFd, buf: &[u8], off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        // SAFETY: a write from a live buffer on an open descriptor.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 || (n as usize) % DIRECT_ALIGN != 0 {
+            // A write that stops inside a page: the file system ran out of space.
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 /// Size and checksum of a file, read in 1 MiB blocks without following a symlink.
