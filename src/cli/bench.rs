@@ -17,8 +17,8 @@ use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
 /// Measure checkpoint costs on this storage.
 ///
 /// Runs, in one go and on the same directory: raw sequential write+fsync (`dd bs=4M
-/// conv=fsync`, or an equivalent in-process writer when dd is missing) and cold read
-/// baselines; ckpt's save (bulk array path) and restore (verified inline); the stall of an
+/// conv=fsync`, and `dd oflag=direct` past the page cache as ckpt's bulk writes go; an
+/// equivalent in-process writer when dd is missing) and cold read baselines; ckpt's save (bulk array path) and restore (verified inline); the stall of an
 /// asynchronous save next to a plain in-memory copy of the state; the latency of a small
 /// durable commit. Prints medians over --runs, the ratios, and the interval the Young/Daly
 /// rule recommends. Cold reads need root (to drop the page cache); otherwise reads are warm
@@ -101,8 +101,16 @@ fn dd_available() -> bool {
 
 /// Raw sequential write + fsync of `size` bytes: `dd if=SRC bs=4M conv=fsync` from a file of
 /// random bytes in the page cache (not /dev/zero: virtual disks may special-case zeros), or
-/// the same pattern in process (4 MiB writes from one reused buffer, then fsync).
-fn raw_write(path: &Path, src: &Path, size: u64, use_dd: bool) -> Result<Duration, Fatal> {
+/// the same pattern in process (4 MiB writes from one reused buffer, then fsync). `direct`
+/// adds `oflag=direct` (dd only): the stricter baseline, past the page cache like ckpt's
+/// bulk writes.
+fn raw_write(
+    path: &Path,
+    src: &Path,
+    size: u64,
+    use_dd: bool,
+    direct: bool,
+) -> Result<Duration, Fatal> {
     let _ = fs::remove_file(path);
     // The source must come from the page cache (the cold reads dropped it), untimed.
     raw_read(src, false)?;
@@ -112,6 +120,7 @@ fn raw_write(path: &Path, src: &Path, size: u64, use_dd: bool) -> Result<Duratio
             .arg(format!("if={}", src.display()))
             .arg(format!("of={}", path.display()))
             .args(["bs=4M", "conv=fsync"])
+            .args(direct.then_some("oflag=direct"))
             .arg(format!("count={}", size.div_ceil(4 << 20)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -224,6 +233,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     }
     let (mut w_dd, mut w_ck, mut r_dd, mut r_ck, mut r_ck_fresh) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut w_direct = vec![];
     let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
@@ -237,7 +247,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         // Alternate the order so that neither side always runs first (the disk is bursty).
         if round % 2 == 1 {
             prog.say(&format!("{tag}: raw write+fsync"));
-            w_dd.push(gb(raw_write(&raw, &src, size, use_dd)?));
+            w_dd.push(gb(raw_write(&raw, &src, size, use_dd, false)?));
+            if use_dd {
+                w_direct.push(gb(raw_write(&raw, &src, size, true, true)?));
+            }
         }
         prog.say(&format!("{tag}: ckpt save"));
         let t = Instant::now();
@@ -252,7 +265,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         let cpath = store.path_of(m.seq);
         if round % 2 == 0 {
             prog.say(&format!("{tag}: raw write+fsync"));
-            w_dd.push(gb(raw_write(&raw, &src, size, use_dd)?));
+            w_dd.push(gb(raw_write(&raw, &src, size, use_dd, false)?));
+            if use_dd {
+                w_direct.push(gb(raw_write(&raw, &src, size, true, true)?));
+            }
         }
 
         prog.say(&format!("{tag}: raw read"));
@@ -343,6 +359,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let _ = fs::remove_file(&src);
 
     let w_dd = median(&mut w_dd);
+    let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
     let r_dd = median(&mut r_dd);
     let r_ck = median(&mut r_ck);
@@ -365,9 +382,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let out = json!({
         "size_bytes": size,
         "runs": a.runs,
-        "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache); dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
+        "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache), the same with oflag=direct; dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
         "cold_reads": root,
-        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "serde_postcard_save": serde_save },
+        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
@@ -392,6 +409,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         a.runs
     );
     println!("  write+fsync  {base:<4} {w_dd:>6.2} GB/s   ckpt save    {w_ck:>6.2} GB/s   ratio {:.2}  (serde/postcard save: {serde_save:.2} GB/s)", w_ck / w_dd);
+    if let Some(d) = w_direct {
+        println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d);
+    }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
     println!(
         "  async save   memcpy {}   stall {}   ratio {:.2}   (first save, fresh buffers: {}; in background: {})",
