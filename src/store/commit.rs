@@ -112,6 +112,7 @@ impl Stage {
             size: 0,
             behind: 0,
             direct: Direct::Untried,
+            direct_ok: false,
             file,
             path: p,
             name: name.to_string(),
@@ -307,6 +308,8 @@ pub struct StageWriter<'a> {
     /// The `O_DIRECT` descriptor of [`StageWriter::write_bulk`]: not tried yet, open, or
     /// refused by the file system (then every write is buffered).
     direct: Direct,
+    /// A direct write of this file succeeded (the alignment is accepted).
+    direct_ok: bool,
 }
 
 enum Direct {
@@ -321,10 +324,80 @@ enum Direct {
 const DIRECT_ALIGN: usize = 4096;
 
 thread_local! {
-    /// One page-aligned [`crate::pod::CHUNK`] buffer per thread for `O_DIRECT` writes from
-    /// unaligned memory (kept: a fresh one would be faulted in at every save).
-    static DIRECT_BOUNCE: std::cell::RefCell<Option<crate::pod::Bounce>> =
-        const { std::cell::RefCell::new(None) };
+    /// Page-aligned [`crate::pod::CHUNK`] buffers for `O_DIRECT` writes from unaligned
+    /// memory, kept per thread (fresh ones would be faulted in at every save).
+    static DIRECT_BOUNCE: std::cell::RefCell<Vec<crate::pod::Bounce>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes `data` (whole pages) at `off` on the `O_DIRECT` descriptor `fd` in
+/// [`crate::pod::CHUNK`] pieces, adding them to `hasher`. A helper thread writes piece i
+/// while this thread checksums piece i+1 and, when `data` is not page-aligned, copies it
+/// into the second of two aligned buffers: the copy and the checksum overlap the disk.
+fn direct_pipeline(
+    fd: std::os::unix::io::RawFd,
+    data: &[u8],
+    off: u64,
+    hasher: &mut super::manifest::Hasher,
+) -> io::Result<()> {
+    use crate::pod::{Bounce, CHUNK};
+    enum Piece<'a> {
+        Borrowed(&'a [u8]),
+        Bounced(Bounce, usize),
+    }
+    let aligned = data.as_ptr() as usize % DIRECT_ALIGN == 0;
+    let mut pool = Vec::new();
+    if !aligned {
+        pool = DIRECT_BOUNCE.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        let want = data.len().div_ceil(CHUNK).min(2);
+        while pool.len() < want {
+            pool.push(Bounce::new(CHUNK));
+        }
+    }
+    std::thread::scope(|s| {
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(Piece, u64)>(1);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(2);
+        for b in pool {
+            let _ = free_tx.send(b);
+        }
+        let writer = s.spawn(move || -> io::Result<()> {
+            for (piece, at) in job_rx {
+                match piece {
+                    Piece::Borrowed(b) => direct_write(fd, b, at)?,
+                    Piece::Bounced(mut b, n) => {
+                        let r = direct_write(fd, &b.get()[..n], at);
+                        // Back to the pool even on an error (then the reader stops).
+                        let _ = free_tx.send(b);
+                        r?
+                    }
+                }
+            }
+            Ok(())
+        });
+        let mut at = off;
+        for piece in data.chunks(CHUNK) {
+            hasher.update(piece);
+            let job = if aligned {
+                Piece::Borrowed(piece)
+            } else {
+                let Ok(mut b) = free_rx.recv() else { break };
+                b.get()[..piece.len()].copy_from_slice(piece);
+                Piece::Bounced(b, piece.len())
+            };
+            if job_tx.send((job, at)).is_err() {
+                break;
+            }
+            at += piece.len() as u64;
+        }
+        drop(job_tx);
+        let r = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the O_DIRECT writer thread panicked")));
+        // Keep the buffers for the next save on this thread.
+        let kept: Vec<Bounce> = free_rx.try_iter().collect();
+        DIRECT_BOUNCE.with(|c| *c.borrow_mut() = kept);
+        r
+    })
 }
 
 /// Once this many bytes are written but not yet handed to writeback, `StageWriter` starts
@@ -348,29 +421,20 @@ impl StageWriter<'_> {
         let start = self.size;
         while data.len() >= DIRECT_ALIGN && self.size % DIRECT_ALIGN as u64 == 0 {
             let Some(fd) = self.direct_fd() else { break };
-            let n = (data.len() & !(DIRECT_ALIGN - 1)).min(crate::pod::CHUNK);
-            let piece = &data[..n];
-            let written = if piece.as_ptr() as usize % DIRECT_ALIGN == 0 {
-                direct_write(fd, piece, self.size)
-            } else {
-                DIRECT_BOUNCE.with(|b| {
-                    let mut b = b.borrow_mut();
-                    let b = b.get_or_insert_with(|| crate::pod::Bounce::new(crate::pod::CHUNK));
-                    let buf = &mut b.get()[..n];
-                    buf.copy_from_slice(piece);
-                    direct_write(fd, buf, self.size)
-                })
-            };
-            match written {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // Alignment the device does not accept: buffered from here on.
+            let mut n = data.len() & !(DIRECT_ALIGN - 1);
+            if !self.direct_ok {
+                // The first direct write of this file, alone: EINVAL here means alignment the
+                // device does not accept (then buffered from here on), not a failed save.
+                n = n.min(crate::pod::CHUNK);
+            }
+            match direct_pipeline(fd, &data[..n], self.size, &mut self.hasher) {
+                Ok(()) => self.direct_ok = true,
+                Err(e) if !self.direct_ok && e.raw_os_error() == Some(libc::EINVAL) => {
                     self.direct = Direct::Refused;
                     break;
                 }
                 Err(e) => return Err(e),
             }
-            self.hasher.update(piece);
             self.size += n as u64;
             self.behind = self.size;
             data = &data[n..];
