@@ -7,9 +7,10 @@
 //! written (a byte view, no copy); on big-endian targets elements are converted through one
 //! reused buffer.
 //!
-//! Performance notes (measured figures in `docs/benchmarks.md`): writes go out in
-//! [`CHUNK`]-byte `write(2)` calls, each followed by `sync_file_range(SYNC_FILE_RANGE_WRITE)`
-//! so that writeback overlaps the writing instead of starting at the final `fsync`; reads go
+//! Performance notes (measured figures in `docs/benchmarks.md`): whole pages are written
+//! past the page cache (`O_DIRECT`, [`CHUNK`]-byte writes on a helper thread while the next
+//! piece is checksummed; [`StageWriter::write_bulk`]), the last partial page and file systems
+//! without `O_DIRECT` through the cache with write-behind (`sync_file_range`); reads go
 //! in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
 //! computed behind them, or in [`BOUNCE`]-byte reads through a page-aligned scratch buffer
 //! when the destination sits where the kernel copies slowly (`read_verified`); a fresh
@@ -26,6 +27,35 @@ use crate::store::{Algo, Stage, StageWriter};
 /// Size of one `write(2)`/`read(2)` of the bulk paths: large enough to amortise the
 /// syscall and the write-behind hint, small enough to stay in cache for the checksum.
 pub const CHUNK: usize = 8 << 20;
+
+/// Environment variable: `0` makes bulk writes go through the page cache (no `O_DIRECT`),
+/// for a file system whose `O_DIRECT` misbehaves; see [`direct_io`].
+pub const ENV_DIRECT_IO: &str = "CKPT_DIRECT_IO";
+
+static DIRECT_IO: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether bulk writes ([`StageWriter::write_bulk`]: their whole pages) bypass the page cache
+/// (`O_DIRECT`, with a buffered fallback where the file system refuses it): yes unless
+/// [`ENV_DIRECT_IO`] is `0` or [`set_direct_io`] said no. Reads always go through the cache:
+/// its read-ahead keeps more of the disk busy than one direct read at a time (measured,
+/// `docs/benchmarks.md` run F).
+pub fn direct_io() -> bool {
+    use std::sync::atomic::Ordering;
+    match DIRECT_IO.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var(ENV_DIRECT_IO).map_or(true, |v| v.trim() != "0");
+            DIRECT_IO.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Overrides [`direct_io`] for this process (tests and benchmarks compare both paths).
+pub fn set_direct_io(on: bool) {
+    DIRECT_IO.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Size of one read through the page-aligned scratch buffer of `read_verified` when the
 /// destination is at a slow alignment: small enough to stay in cache for the copy out.

@@ -109,63 +109,68 @@ fn corrupt_or_truncated_bulk_files_are_refused_on_read() {
 /// verifies; the same on tmpfs (`/dev/shm`), whatever its `O_DIRECT` support.
 #[test]
 fn bulk_writes_are_exact_at_every_size_and_source_alignment() {
-    let chunk = ckpt::pod::CHUNK;
-    let sizes = [
-        0,
-        1,
-        4095,
-        4096,
-        4097,
-        3 * 4096 + 17,
-        chunk - 1,
-        chunk,
-        chunk + 4096 + 7,
-    ];
-    let mut roots = vec![tempdir()];
-    if Path::new("/dev/shm").is_dir() {
-        roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
-    }
-    for root in &roots {
-        let mut src = Vec::new();
-        let mut expect = Vec::new();
-        let mut ck = open(root.path());
-        let saved = ck
-            .save_with(Some(1), |st| {
-                for (i, &n) in sizes.iter().enumerate() {
-                    for off in [0usize, 16] {
-                        let data: Vec<u8> = (0..n).map(|j| (j * 31 + i * 7 + off) as u8).collect();
-                        let window = at_page_offset(&mut src, off, n);
-                        window.copy_from_slice(&data);
-                        let name = format!("f{i}-{off}");
-                        let mut w = st.create(&name)?;
-                        w.write_bulk(window)
-                            .map_err(|e| ckpt::Error::io("write", w.file_path(), e))?;
-                        // Ordinary writes after the bulk ones land after them.
-                        std::io::Write::write_all(&mut w, b"tail")
-                            .map_err(|e| ckpt::Error::io("write", w.file_path(), e))?;
-                        w.finish()?;
-                        let mut all = data;
-                        all.extend_from_slice(b"tail");
-                        expect.push((name, all));
-                    }
-                }
-                Ok(())
-            })
-            .unwrap();
-        ckpt::store::Store::new(root.path())
-            .verify(saved.seq)
-            .unwrap();
-        for (name, all) in &expect {
-            let got = std::fs::read(saved.path.join(name)).unwrap();
-            assert!(
-                got == *all,
-                "{}: {name} differs ({} bytes written, {} read)",
-                root.path().display(),
-                all.len(),
-                got.len()
-            );
+    // Past the page cache (O_DIRECT) and through it (the fallback).
+    for direct in [true, false] {
+        ckpt::pod::set_direct_io(direct);
+        let chunk = ckpt::pod::CHUNK;
+        let sizes = [
+            0,
+            1,
+            4095,
+            4096,
+            4097,
+            3 * 4096 + 17,
+            chunk - 1,
+            chunk,
+            chunk + 4096 + 7,
+        ];
+        let mut roots = vec![tempdir()];
+        if Path::new("/dev/shm").is_dir() {
+            roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
         }
-        drop(ck);
+        for root in &roots {
+            let mut src = Vec::new();
+            let mut expect = Vec::new();
+            let mut ck = open(root.path());
+            let saved = ck
+                .save_with(Some(1), |st| {
+                    for (i, &n) in sizes.iter().enumerate() {
+                        for off in [0usize, 16] {
+                            let data: Vec<u8> =
+                                (0..n).map(|j| (j * 31 + i * 7 + off) as u8).collect();
+                            let window = at_page_offset(&mut src, off, n);
+                            window.copy_from_slice(&data);
+                            let name = format!("f{i}-{off}");
+                            let mut w = st.create(&name)?;
+                            w.write_bulk(window)
+                                .map_err(|e| ckpt::Error::io("write", w.file_path(), e))?;
+                            // Ordinary writes after the bulk ones land after them.
+                            std::io::Write::write_all(&mut w, b"tail")
+                                .map_err(|e| ckpt::Error::io("write", w.file_path(), e))?;
+                            w.finish()?;
+                            let mut all = data;
+                            all.extend_from_slice(b"tail");
+                            expect.push((name, all));
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            ckpt::store::Store::new(root.path())
+                .verify(saved.seq)
+                .unwrap();
+            for (name, all) in &expect {
+                let got = std::fs::read(saved.path.join(name)).unwrap();
+                assert!(
+                    got == *all,
+                    "{}: {name} differs ({} bytes written, {} read)",
+                    root.path().display(),
+                    all.len(),
+                    got.len()
+                );
+            }
+            drop(ck);
+        }
     }
 }
 
@@ -180,89 +185,97 @@ fn at_page_offset(buf: &mut Vec<u8>, off: usize, len: usize) -> &mut [u8] {
 
 #[test]
 fn read_into_is_exact_at_every_destination_alignment() {
-    let tmp = tempdir();
-    // Not a multiple of the read sizes (4 and 8 MiB): the last chunk is partial.
-    let data: Vec<u8> = (0..9_437_201u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let mut ck = open(tmp.path());
-    ck.save_with(None, |st| {
-        st.write_large("blob", &data)?;
-        Ok(())
-    })
-    .unwrap();
-    drop(ck);
-    let ck = open(tmp.path());
-    let mut buf = Vec::new();
-    for off in [0, 1, 7, 16, 31, 32, 63, 64, 100, 4095] {
-        let dest = at_page_offset(&mut buf, off, data.len());
-        ck.read_into("blob", dest).unwrap();
-        assert!(dest == &data[..], "wrong bytes read at page offset {off}");
-        // Nothing written outside the window.
-        let base = buf.as_ptr().align_offset(4096) + off;
-        assert!(buf[..base].iter().all(|&b| b == 0xAA), "offset {off}");
-        assert!(
-            buf[base + data.len()..].iter().all(|&b| b == 0xAA),
-            "offset {off}"
-        );
+    // Past the page cache (O_DIRECT) and through it (the fallback).
+    for direct in [true, false] {
+        ckpt::pod::set_direct_io(direct);
+        let tmp = tempdir();
+        // Not a multiple of the read sizes (4 and 8 MiB): the last chunk is partial.
+        let data: Vec<u8> = (0..9_437_201u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut ck = open(tmp.path());
+        ck.save_with(None, |st| {
+            st.write_large("blob", &data)?;
+            Ok(())
+        })
+        .unwrap();
+        drop(ck);
+        let ck = open(tmp.path());
+        let mut buf = Vec::new();
+        for off in [0, 1, 7, 16, 31, 32, 63, 64, 100, 4095] {
+            let dest = at_page_offset(&mut buf, off, data.len());
+            ck.read_into("blob", dest).unwrap();
+            assert!(dest == &data[..], "wrong bytes read at page offset {off}");
+            // Nothing written outside the window.
+            let base = buf.as_ptr().align_offset(4096) + off;
+            assert!(buf[..base].iter().all(|&b| b == 0xAA), "offset {off}");
+            assert!(
+                buf[base + data.len()..].iter().all(|&b| b == 0xAA),
+                "offset {off}"
+            );
+        }
     }
 }
 
 #[test]
 fn corruption_and_truncation_are_caught_on_both_read_paths() {
-    let tmp = tempdir();
-    let data: Vec<u8> = (0..(9 << 20) + 5).map(|i| (i * 7 + 3) as u8).collect();
-    let mut ck = open(tmp.path());
-    let saved = ck
-        .save_with(None, |st| {
-            st.write_large("blob", &data)?;
-            Ok(())
-        })
-        .unwrap();
-    drop(ck);
-    // Opened (and the checkpoint verified) before the damage: what the read path must catch.
-    let ck = open(tmp.path());
-    let file = saved.path.join("blob");
-    let mut buf = Vec::new();
-    // One flipped bit in the first and in the last chunk; read directly (+0) and through the
-    // aligned bounce buffer (+16, where glibc puts large allocations).
-    for at in [10, data.len() - 3] {
-        let mut bad = data.clone();
-        bad[at] ^= 0x01;
-        std::fs::write(&file, &bad).unwrap();
-        for off in [0, 16] {
-            let err = ck
-                .read_into("blob", at_page_offset(&mut buf, off, data.len()))
-                .unwrap_err();
-            assert!(
-                err.to_string().contains("checksum"),
-                "at {at} +{off}: {err}"
-            );
+    // Past the page cache (O_DIRECT) and through it (the fallback).
+    for direct in [true, false] {
+        ckpt::pod::set_direct_io(direct);
+        let tmp = tempdir();
+        let data: Vec<u8> = (0..(9 << 20) + 5).map(|i| (i * 7 + 3) as u8).collect();
+        let mut ck = open(tmp.path());
+        let saved = ck
+            .save_with(None, |st| {
+                st.write_large("blob", &data)?;
+                Ok(())
+            })
+            .unwrap();
+        drop(ck);
+        // Opened (and the checkpoint verified) before the damage: what the read path must catch.
+        let ck = open(tmp.path());
+        let file = saved.path.join("blob");
+        let mut buf = Vec::new();
+        // One flipped bit in the first and in the last chunk; read directly (+0) and through the
+        // aligned bounce buffer (+16, where glibc puts large allocations).
+        for at in [10, data.len() - 3] {
+            let mut bad = data.clone();
+            bad[at] ^= 0x01;
+            std::fs::write(&file, &bad).unwrap();
+            for off in [0, 16] {
+                let err = ck
+                    .read_into("blob", at_page_offset(&mut buf, off, data.len()))
+                    .unwrap_err();
+                assert!(
+                    err.to_string().contains("checksum"),
+                    "at {at} +{off}: {err}"
+                );
+            }
         }
-    }
-    // Truncated by one byte, and grown by one byte.
-    for len in [data.len() - 1, data.len() + 1] {
-        let mut v = data.clone();
-        v.resize(len, 0);
-        std::fs::write(&file, &v).unwrap();
-        for off in [0, 16] {
-            let err = ck
-                .read_into("blob", at_page_offset(&mut buf, off, data.len()))
-                .unwrap_err();
-            assert!(
-                matches!(err, Error::Invalid { .. }),
-                "len {len} +{off}: {err}"
-            );
+        // Truncated by one byte, and grown by one byte.
+        for len in [data.len() - 1, data.len() + 1] {
+            let mut v = data.clone();
+            v.resize(len, 0);
+            std::fs::write(&file, &v).unwrap();
+            for off in [0, 16] {
+                let err = ck
+                    .read_into("blob", at_page_offset(&mut buf, off, data.len()))
+                    .unwrap_err();
+                assert!(
+                    matches!(err, Error::Invalid { .. }),
+                    "len {len} +{off}: {err}"
+                );
+            }
         }
+        // Intact again: both paths read it.
+        std::fs::write(&file, &data).unwrap();
+        for off in [0, 16] {
+            let dest = at_page_offset(&mut buf, off, data.len());
+            ck.read_into("blob", dest).unwrap();
+            assert!(dest == &data[..]);
+        }
+        assert_eq!(ck.read_file("blob").unwrap(), data);
     }
-    // Intact again: both paths read it.
-    std::fs::write(&file, &data).unwrap();
-    for off in [0, 16] {
-        let dest = at_page_offset(&mut buf, off, data.len());
-        ck.read_into("blob", dest).unwrap();
-        assert!(dest == &data[..]);
-    }
-    assert_eq!(ck.read_file("blob").unwrap(), data);
 }
 
 #[test]

@@ -450,6 +450,10 @@ impl StageWriter<'_> {
     fn direct_fd(&mut self) -> Option<std::os::unix::io::RawFd> {
         use std::os::unix::io::AsRawFd;
         if let Direct::Untried = self.direct {
+            if !crate::pod::direct_io() {
+                self.direct = Direct::Refused;
+                return None;
+            }
             self.direct = match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
