@@ -1,5 +1,5 @@
 //! The supervisor behind `ckpt run`: one event loop over signals, child exits, job messages
-//! and timers; the job's state lives in [`Run`]. Process model and each failure case:
+//! and timers; the job's state lives in `Run`. Process model and each failure case:
 //! `docs/design.md`.
 
 pub mod branch;
