@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import protocol as P
-from ._crc import Hasher
 from .errors import CkptError, EnvError, InvalidCheckpoint
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_name, now_ms
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, now_ms
 from .store import Stage, Store, _fsync_path, _rmtree, read_manifest, rename_noreplace, token
 
 __all__ = [
@@ -526,27 +525,9 @@ class MultiRank:
         return m
 
     def _seal(self, stage: Stage) -> List[FileEntry]:
-        files, dirs = stage._walk()
-        entries = []
-        for name, p in files:
-            check_name(name)
-            known = stage._known.get(name)
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                if known is None or os.fstat(fd).st_size != known[0]:
-                    h = Hasher(stage.algo)
-                    size = 0
-                    while True:
-                        b = os.read(fd, 1 << 20)
-                        if not b:
-                            break
-                        h.update(b)
-                        size += len(b)
-                    known = (size, h.value)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            entries.append(FileEntry(name, known[0], known[1]))
+        """A shard is sealed like a single-process stage: sums and fsyncs of every file, then
+        of every directory."""
+        entries, dirs = stage._seal_files()
         for d in reversed(dirs):
             _fsync_path(d, directory=True)
         _fsync_path(stage.path, directory=True)

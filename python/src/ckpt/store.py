@@ -523,19 +523,11 @@ class Stage:
         walk(self.path, "")
         return files, dirs
 
-    def commit(self, step: Optional[int], writer: str, meta: Optional[dict] = None) -> Manifest:
-        """Makes the checkpoint durable and visible; returns its manifest. The steps, each
-        needed for crash safety (``docs/protocol.md``, "Publishing a checkpoint"):
-
-        1. fsync every file; 2. write ``MANIFEST.ckpt`` (O_EXCL) and fsync it; 3. fsync every
-        sub-directory (deepest first) and the staging directory; 4. rename it to
-        ``DIR/ckpt-<seq>`` without replacing (on EEXIST/ENOTEMPTY: next seq, rewrite the
-        manifest, retry); 5. fsync ``DIR`` and ``DIR/.ckpt/staging``.
-        """
-        if self.done:
-            raise CkptError("this stage was already committed or aborted")
-        if step is not None and not (isinstance(step, int) and 0 <= step < 1 << 64):
-            raise CkptError(f"step must be a non-negative integer below 2**64, not {step!r}")
+    def _seal_files(self) -> Tuple[List[FileEntry], List[Path]]:
+        """Checks every file's name, sums the files not written through :meth:`open` (or
+        changed since), and fsyncs every file. Returns the manifest entries and the
+        sub-directories in walk order (fsync them reversed, deepest first), for :meth:`commit`
+        and a multi-rank shard."""
         files, dirs = self._walk()
         entries = []
         for name, p in files:
@@ -557,6 +549,22 @@ class Stage:
             finally:
                 os.close(fd)
             entries.append(FileEntry(name, known[0], known[1]))
+        return entries, dirs
+
+    def commit(self, step: Optional[int], writer: str, meta: Optional[dict] = None) -> Manifest:
+        """Makes the checkpoint durable and visible; returns its manifest. The steps, each
+        needed for crash safety (``docs/protocol.md``, "Publishing a checkpoint"):
+
+        1. fsync every file; 2. write ``MANIFEST.ckpt`` (O_EXCL) and fsync it; 3. fsync every
+        sub-directory (deepest first) and the staging directory; 4. rename it to
+        ``DIR/ckpt-<seq>`` without replacing (on EEXIST/ENOTEMPTY: next seq, rewrite the
+        manifest, retry); 5. fsync ``DIR`` and ``DIR/.ckpt/staging``.
+        """
+        if self.done:
+            raise CkptError("this stage was already committed or aborted")
+        if step is not None and not (isinstance(step, int) and 0 <= step < 1 << 64):
+            raise CkptError(f"step must be a non-negative integer below 2**64, not {step!r}")
+        entries, dirs = self._seal_files()
         manifest = Manifest(
             seq=0, created_ms=0, writer=writer, checksum=self.algo, files=entries, step=step, meta=dict(meta or {})
         )
