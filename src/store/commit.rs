@@ -335,7 +335,7 @@ thread_local! {
 /// while this thread checksums piece i+1 and, when `data` is not page-aligned, copies it
 /// into the second of two aligned buffers: the copy and the checksum overlap the disk.
 fn direct_pipeline(
-    fd: std::os::unix::io::RawFd,
+    fd: &File,
     data: &[u8],
     off: u64,
     hasher: &mut super::manifest::Hasher,
@@ -414,13 +414,17 @@ impl StageWriter<'_> {
     /// a buffered 1 GiB write costs 1.6-4.4 s of kernel CPU (page-cache pages are new guest
     /// memory), an `O_DIRECT` one 0.2 s and half the wall time (`docs/benchmarks.md`), which
     /// is what a background save takes from the job. Durability is unchanged: `commit`
-    /// fsyncs the file as always. A file system without `O_DIRECT` (tmpfs) or a device
-    /// that needs larger alignment gets buffered writes, as before.
+    /// fsyncs the file as always. A file system without `O_DIRECT` (tmpfs before Linux 6.6,
+    /// some FUSE file systems), a device that needs larger alignment, or `CKPT_DIRECT_IO=0`
+    /// gets buffered writes, as before.
     pub fn write_bulk(&mut self, data: &[u8]) -> io::Result<()> {
         let mut data = data;
         let start = self.size;
         while data.len() >= DIRECT_ALIGN && self.size % DIRECT_ALIGN as u64 == 0 {
-            let Some(fd) = self.direct_fd() else { break };
+            self.open_direct();
+            let Direct::Open(fd) = &self.direct else {
+                break;
+            };
             let mut n = data.len() & !(DIRECT_ALIGN - 1);
             if !self.direct_ok {
                 // The first direct write of this file, alone: EINVAL here means alignment the
@@ -447,12 +451,12 @@ impl StageWriter<'_> {
         self.write_all(data)
     }
 
-    fn direct_fd(&mut self) -> Option<std::os::unix::io::RawFd> {
-        use std::os::unix::io::AsRawFd;
+    /// Opens the `O_DIRECT` descriptor on first use (or records that it is refused).
+    fn open_direct(&mut self) {
         if let Direct::Untried = self.direct {
             if !crate::pod::direct_io() {
                 self.direct = Direct::Refused;
-                return None;
+                return;
             }
             self.direct = match OpenOptions::new()
                 .write(true)
@@ -462,10 +466,6 @@ impl StageWriter<'_> {
                 Ok(f) => Direct::Open(f),
                 Err(_) => Direct::Refused,
             };
-        }
-        match &self.direct {
-            Direct::Open(f) => Some(f.as_raw_fd()),
-            _ => None,
         }
     }
 
@@ -524,30 +524,21 @@ impl Write for StageWriter<'_> {
 
 /// Writes all of `buf` at `off` on an `O_DIRECT` descriptor (`buf`, `off` and the length
 /// page-aligned; a short write of whole pages continues where it stopped).
-fn direct_write(fd: std::os::unix::io::RawFd, buf: &[u8], off: u64) -> io::Result<()> {
+fn direct_write(fd: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let mut done = 0usize;
     while done < buf.len() {
-        // SAFETY: a write from a live buffer on an open descriptor.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                buf[done..].as_ptr().cast(),
-                buf.len() - done,
-                (off + done as u64) as libc::off_t,
-            )
+        let n = match fd.write_at(&buf[done..], off + done as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 || (n as usize) % DIRECT_ALIGN != 0 {
-            // A write that stops inside a page: the file system ran out of space.
+        if n == 0 || n % DIRECT_ALIGN != 0 {
+            // A write that stops inside a page: the file system ran out of space (the
+            // remainder, no longer page-aligned, would only fail with EINVAL).
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        done += n as usize;
+        done += n;
     }
     Ok(())
 }
