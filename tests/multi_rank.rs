@@ -344,7 +344,15 @@ fn ranks_that_left_are_never_waited_for() {
             }
             v
         });
-        std::thread::sleep(Duration::from_millis(200));
+        // Rank 0 first proposes and waits (as before the fix), or is already done polling.
+        let proposed = store
+            .private()
+            .join("rounds/leave-test.0/00000001/propose-00000");
+        wait_until(
+            Duration::from_secs(10),
+            "rank 0 to propose or finish",
+            || proposed.exists() || a.is_finished(),
+        );
         assert!(
             !quick("rank 1's poll", &mut || r1.poll(true, false, 10).unwrap()),
             "a save was agreed without rank 2"

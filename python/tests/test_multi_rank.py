@@ -390,7 +390,12 @@ def test_ranks_that_left_are_never_waited_for(tmp_path):
 
     th = threading.Thread(target=rank0)
     th.start()
-    time.sleep(0.2)
+    # Rank 0 first proposes and waits (as before the fix), or is already done polling.
+    proposed = store.private / "rounds" / "leave-test.0" / "00000001" / "propose-00000"
+    deadline = time.monotonic() + 10
+    while not proposed.exists() and th.is_alive():
+        assert time.monotonic() < deadline, "rank 0 neither proposed nor finished"
+        time.sleep(0.005)
     t = time.monotonic()
     assert not r1.poll(True, False, 10), "a save was agreed without rank 2"
     assert time.monotonic() - t < 5
