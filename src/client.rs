@@ -652,6 +652,7 @@ impl Checkpointer {
             return Err(e);
         }
         self.last_save = Instant::now();
+        let blocked = started.elapsed();
         if stopping {
             self.stop_saved = true;
         }
@@ -699,6 +700,7 @@ impl Checkpointer {
                             step,
                             bytes: saved.bytes,
                             duration_ms: saved.duration.as_millis() as u64,
+                            blocked_ms: Some(blocked.as_millis() as u64),
                         });
                         if let Some(keep) = keep {
                             let _ = store.prune(keep, None, &[m.seq]);
@@ -793,6 +795,7 @@ impl Checkpointer {
                         step,
                         bytes: saved.bytes,
                         duration_ms: saved.duration.as_millis() as u64,
+                        blocked_ms: None,
                     });
                     if let (Some(keep), false) = (self.keep, self.supervised()) {
                         let _ = self.store.prune(keep, None, &[m.seq]);

@@ -73,6 +73,11 @@ pub enum Message {
         step: Option<u64>,
         bytes: u64,
         duration_ms: u64,
+        /// For an asynchronous save: how long the job was blocked (copying its state into
+        /// the snapshot); `duration_ms` then also counts the background write. Absent for a
+        /// save that blocked the job throughout.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocked_ms: Option<u64>,
     },
     /// A save failed; the job keeps running.
     SaveFailed { v: u32, pid: u32, error: String },
@@ -146,8 +151,22 @@ mod tests {
             step: Some(9),
             bytes: 10,
             duration_ms: 2,
+            blocked_ms: None,
         };
         assert_eq!(Message::parse(&m.encode()).unwrap(), m);
+        assert!(!String::from_utf8(m.encode())
+            .unwrap()
+            .contains("blocked_ms"));
+        let a = Message::Committed {
+            v: 1,
+            pid: 5,
+            seq: 3,
+            step: None,
+            bytes: 10,
+            duration_ms: 2000,
+            blocked_ms: Some(40),
+        };
+        assert_eq!(Message::parse(&a.encode()).unwrap(), a);
         assert!(Message::parse(b"{").is_err());
         assert!(
             Message::parse(br#"{"type":"hello","v":2,"pid":1,"signal":10,"client":"x"}"#).is_err()

@@ -440,6 +440,48 @@ fn every_auto_picks_the_young_daly_interval_from_the_measured_save_and_logs_why(
         "{ev}"
     );
     assert!(every >= 30.0 && (every - yd.max(30.0)).abs() < 0.01, "{ev}");
+    // The saves are asynchronous: C is the time the job was blocked, not the whole save.
+    let blocked = ev["blocked_ms"]
+        .as_u64()
+        .expect("an async save reports blocked_ms");
+    let save = ev["save_ms"].as_u64().unwrap();
+    assert!(blocked <= save, "{ev}");
+    assert_eq!(ev["cost_ms"].as_u64().unwrap(), blocked.max(1), "{ev}");
+    assert_eq!(ev["cost_of"], "blocked", "{ev}");
+    assert!(ev["floor_ms"].as_u64().unwrap() >= 2 * save, "{ev}");
+
+    // A foreground save (saver test job): C is the whole save.
+    let dir2 = tmp.path().join("fg");
+    let progress = tmp.path().join("progress");
+    let mut child = ckpt()
+        .args(["run", "--every", "auto", "--mtbf", "2h", "-q", "--dir"])
+        .arg(&dir2)
+        .arg("--")
+        .arg(test_bin("saver"))
+        .arg("--progress")
+        .arg(&progress)
+        .args(["--sizes", "100000", "--steps", "100000000"])
+        .spawn_guarded();
+    wait_until(T, "the job to announce its client", || {
+        !events(&dir2, "hello").is_empty()
+    });
+    signal(child.id(), libc::SIGUSR1);
+    wait_until(T, "the interval choice", || {
+        !events(&dir2, "interval").is_empty()
+    });
+    signal(child.id(), libc::SIGTERM);
+    wait_deadline(&mut child, T);
+    let ev = &events(&dir2, "interval")[0];
+    assert!(ev["blocked_ms"].is_null(), "{ev}");
+    assert_eq!(ev["cost_of"], "save", "{ev}");
+    assert!(ev["floor_ms"].is_null(), "{ev}");
+    assert_eq!(
+        ev["cost_ms"].as_u64().unwrap(),
+        ev["save_ms"].as_u64().unwrap().max(1),
+        "{ev}"
+    );
+    assert_no_survivors(&dir2);
+
     // A bad combination is a usage error.
     let out = output_deadline(
         ckpt()

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::parse_duration;
 use crate::store::{Algo, Stage, Store};
-use crate::supervisor::interval::{auto_interval, young_daly, DEFAULT_MTBF};
+use crate::supervisor::interval::{auto_choice, auto_interval, ASYNC_HEADROOM, DEFAULT_MTBF};
 use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
 
 /// Measure checkpoint costs on this storage.
@@ -386,8 +386,11 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let save_s = size as f64 / (w_ck * 1e9);
     let mtbf = a.mtbf.unwrap_or(DEFAULT_MTBF);
     let rec_sync = auto_interval(Duration::from_secs_f64(save_s), mtbf);
-    let rec_async = auto_interval(Duration::from_secs_f64(stall), mtbf);
-    let raw_rec_async = young_daly(Duration::from_secs_f64(stall), mtbf);
+    let rec_async = auto_choice(
+        Duration::from_secs_f64(async_total),
+        Some(Duration::from_secs_f64(stall)),
+        mtbf,
+    );
     let out = json!({
         "size_bytes": size,
         "runs": a.runs,
@@ -399,7 +402,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "commit_ms_median": commit,
         "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
         "mtbf_s": mtbf.as_secs_f64(),
-        "recommended_every_s": { "sync": rec_sync.as_secs_f64(), "async": rec_async.as_secs_f64() },
+        "recommended_every_s": { "sync": rec_sync.as_secs_f64(), "async": rec_async.every.as_secs_f64() },
     });
     if a.json {
         println!("{out:#}");
@@ -442,9 +445,13 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         if a.mtbf.is_none() { ", default; set --mtbf" } else { "" },
         fmt_dur(rec_sync),
         fmt_secs(save_s),
-        fmt_dur(rec_async),
-        fmt_secs(stall),
-        if rec_async != raw_rec_async { format!("; unclamped {}", fmt_dur(raw_rec_async)) } else { String::new() },
+        fmt_dur(rec_async.every),
+        fmt_secs(rec_async.cost.as_secs_f64()),
+        match rec_async.floor {
+            Some(f) if rec_async.every == f => format!("; sqrt gives {}, raised to {ASYNC_HEADROOM} x the background save", fmt_dur(rec_async.young_daly)),
+            _ if rec_async.every != rec_async.young_daly => format!("; unclamped {}", fmt_dur(rec_async.young_daly)),
+            _ => String::new(),
+        },
     );
     Ok(0)
 }

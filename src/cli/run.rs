@@ -21,7 +21,9 @@ pub struct RunArgs {
     pub dir: DirArg,
     /// Request a checkpoint this often (e.g. 30s, 10m, 2h; `off` for never; `auto`: the
     /// Young/Daly interval sqrt(2 x C x MTBF) from each save's measured cost C, starting at
-    /// 5m until the first save is measured, explained in the log).
+    /// 5m until the first save is measured, explained in the log; C of an asynchronous save
+    /// is the time it blocked the job, and the interval stays at least twice the whole
+    /// background save).
     #[arg(long, default_value = "10m", value_name = "DURATION")]
     pub every: String,
     /// Mean time between failures for `--every auto` (default: learned from the failures

@@ -122,6 +122,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
                 step: m.step,
                 bytes: m.total_bytes(),
                 duration_ms: dur.as_millis() as u64,
+                blocked_ms: None,
             };
             let _ = s.send_to(&msg.encode(), PathBuf::from(sock));
         }

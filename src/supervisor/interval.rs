@@ -4,6 +4,12 @@
 //! average, the interval that minimises the expected lost time (work redone after a failure
 //! plus checkpoint overhead) is about `sqrt(2 * C * MTBF)` (Young 1974, Daly 2006; a good
 //! approximation while `C` is much shorter than `MTBF`).
+//!
+//! For an asynchronous save `C` is the time the job was blocked (copying its state into the
+//! snapshot), not the whole save: the background write costs the job little, and the work lost
+//! to a failure grows by the save's latency whatever the interval, so the optimum stays
+//! `sqrt(2 * C_blocked * MTBF)`. The interval is then kept at least [`ASYNC_HEADROOM`] times
+//! the whole save, so the background writer is idle at least half the time.
 
 use std::time::Duration;
 
@@ -23,9 +29,44 @@ pub fn young_daly(cost: Duration, mtbf: Duration) -> Duration {
     Duration::from_secs_f64((2.0 * cost.as_secs_f64() * mtbf.as_secs_f64()).sqrt())
 }
 
-/// `young_daly` clamped to [`AUTO_MIN`, `AUTO_MAX`].
+/// `young_daly` clamped to [`AUTO_MIN`, `AUTO_MAX`] (for a save that blocks the job
+/// throughout).
 pub fn auto_interval(cost: Duration, mtbf: Duration) -> Duration {
-    young_daly(cost, mtbf).clamp(AUTO_MIN, AUTO_MAX)
+    auto_choice(cost, None, mtbf).every
+}
+
+/// An asynchronous save's interval is at least this many times its whole duration (it shares
+/// the disk, the memory bandwidth and a core with the job; a save requested while the
+/// previous one is still writing blocks the job until that one is done).
+pub const ASYNC_HEADROOM: u32 = 2;
+
+/// What `--every auto` picks, and the figures behind it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoChoice {
+    /// The interval: `max(young_daly, floor)` clamped to [`AUTO_MIN`, `AUTO_MAX`].
+    pub every: Duration,
+    /// The cost `C` used: the blocked time of an asynchronous save, else the whole save.
+    pub cost: Duration,
+    /// `sqrt(2 * C * MTBF)`.
+    pub young_daly: Duration,
+    /// For an asynchronous save: [`ASYNC_HEADROOM`] x its whole duration.
+    pub floor: Option<Duration>,
+}
+
+/// The `--every auto` interval for a save that took `total` from request to durable, of which
+/// the job was blocked for `blocked` (`None`: a foreground save, blocked throughout).
+pub fn auto_choice(total: Duration, blocked: Option<Duration>, mtbf: Duration) -> AutoChoice {
+    let blocked = blocked.filter(|b| *b < total);
+    let cost = blocked.unwrap_or(total).max(Duration::from_millis(1));
+    let raw = young_daly(cost, mtbf);
+    let floor = blocked.map(|_| total * ASYNC_HEADROOM);
+    let every = raw.max(floor.unwrap_or_default()).clamp(AUTO_MIN, AUTO_MAX);
+    AutoChoice {
+        every,
+        cost,
+        young_daly: raw,
+        floor,
+    }
 }
 
 /// Where the MTBF of `--every auto` comes from.
@@ -95,6 +136,32 @@ mod tests {
     }
 
     #[test]
+    fn async_saves_count_their_blocked_time_and_keep_headroom() {
+        let day = Duration::from_secs(86400);
+        // Foreground: C is the whole save.
+        let fg = auto_choice(Duration::from_secs(2), None, day);
+        assert_eq!(fg.cost, Duration::from_secs(2));
+        assert_eq!(fg.floor, None);
+        assert_eq!(fg.every, young_daly(Duration::from_secs(2), day));
+        // Asynchronous, 40 ms blocked of 3 s: C = 40 ms -> sqrt(2 x 0.04 x 86400) = 83 s.
+        let a = auto_choice(Duration::from_secs(3), Some(Duration::from_millis(40)), day);
+        assert_eq!(a.cost, Duration::from_millis(40));
+        assert!((a.every.as_secs_f64() - 83.14).abs() < 0.01, "{a:?}");
+        assert!(a.every < fg.every);
+        // ... but never less than twice the whole save.
+        let slow = auto_choice(
+            Duration::from_secs(100),
+            Some(Duration::from_millis(40)),
+            day,
+        );
+        assert_eq!(slow.every, Duration::from_secs(200));
+        assert_eq!(slow.floor, Some(Duration::from_secs(200)));
+        // A "blocked" time not shorter than the save is a foreground save.
+        let same = auto_choice(Duration::from_secs(2), Some(Duration::from_secs(2)), day);
+        assert_eq!(same, fg);
+    }
+
+    #[test]
     fn process_age_is_sane() {
         let a = process_age();
         assert!(a < Duration::from_secs(24 * 3600), "{a:?}");
@@ -139,15 +206,15 @@ impl super::Run {
     /// After a commit that took `duration_ms`: with `--every auto`, sets the request interval
     /// to the Young/Daly optimum for the measured cost and logs why (when it changes by more
     /// than 10%, and always the first time).
-    pub(super) fn auto_adjust(&mut self, duration_ms: u64) {
+    pub(super) fn auto_adjust(&mut self, duration_ms: u64, blocked_ms: Option<u64>) {
         let Some(auto) = self.cfg.auto_every else {
             return;
         };
-        let cost = Duration::from_millis(duration_ms.max(1));
         let src = MtbfSource::pick(auto.mtbf, process_age(), self.hist.restarts);
         let mtbf = src.value();
-        let raw = young_daly(cost, mtbf);
-        let every = raw.clamp(AUTO_MIN, AUTO_MAX);
+        let total = Duration::from_millis(duration_ms);
+        let choice = auto_choice(total, blocked_ms.map(Duration::from_millis), mtbf);
+        let (every, raw, cost) = (choice.every, choice.young_daly, choice.cost);
         let old = self.cfg.every;
         let changed = old.is_none_or(|o| {
             let r = every.as_secs_f64() / o.as_secs_f64().max(1e-9);
@@ -157,20 +224,30 @@ impl super::Run {
             return;
         }
         self.cfg.every = Some(every);
-        let clamp = if every != raw {
-            format!(
+        let clamp = match choice.floor {
+            Some(f) if every == f => format!(
+                " (sqrt(2 x C x MTBF) = {}, raised to {ASYNC_HEADROOM} x the whole background save)",
+                super::fmt_dur(raw)
+            ),
+            _ if every != raw => format!(
                 " (sqrt(2 x C x MTBF) = {}, kept within {}..{})",
                 super::fmt_dur(raw),
                 super::fmt_dur(AUTO_MIN),
                 super::fmt_dur(AUTO_MAX)
-            )
-        } else {
-            String::new()
+            ),
+            _ => String::new(),
+        };
+        let what = match choice.floor {
+            Some(_) => format!(
+                "the time the last save blocked the job; it took {} in all, in the background",
+                super::fmt_dur(total)
+            ),
+            None => "the last save".to_string(),
         };
         self.rep.event(
             "interval",
             Some(format!(
-                "--every auto: checkpoint every {} = sqrt(2 x C x MTBF) with C = {} (the last save), {}{clamp}; was {}",
+                "--every auto: checkpoint every {} = sqrt(2 x C x MTBF) with C = {} ({what}), {}{clamp}; was {}",
                 super::fmt_dur(every),
                 super::fmt_dur(cost),
                 src.describe(),
@@ -178,7 +255,11 @@ impl super::Run {
             )),
             serde_json::json!({
                 "every_ms": every.as_millis() as u64,
-                "cost_ms": duration_ms,
+                "cost_ms": cost.as_millis() as u64,
+                "save_ms": duration_ms,
+                "blocked_ms": blocked_ms,
+                "cost_of": if choice.floor.is_some() { "blocked" } else { "save" },
+                "floor_ms": choice.floor.map(|f| f.as_millis() as u64),
                 "mtbf_ms": mtbf.as_millis() as u64,
                 "mtbf_source": match src { MtbfSource::Given(_) => "given", MtbfSource::Learned { .. } => "learned", MtbfSource::Default => "default" },
                 "young_daly_ms": raw.as_millis() as u64,

@@ -790,10 +790,13 @@ impl Run {
                 }
             }
             Message::Committed {
-                seq, duration_ms, ..
+                seq,
+                duration_ms,
+                blocked_ms,
+                ..
             } => {
                 self.last_commit_ms = Some(duration_ms);
-                self.auto_adjust(duration_ms);
+                self.auto_adjust(duration_ms, blocked_ms);
                 if let Some(sl) = self.slurm.as_mut() {
                     sl.note_save(duration_ms);
                 }
