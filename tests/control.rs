@@ -395,3 +395,173 @@ fn completions_and_man_page() {
     let man = text(&out.stdout);
     assert!(man.contains(".TH") && man.contains("ckpt"), "{man}");
 }
+
+#[test]
+fn status_watch_follows_the_supervisor_until_it_exits() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let mut sup = start(&dir, &["--every", "off"], "slow_saver", &["--save-ms", "0"]);
+    let mut watch = ckpt()
+        .args(["status", "--watch", "100ms", "--json", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_guarded();
+    let mut stdout = watch.stdout.take().unwrap();
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    let lines = || String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    wait_until(T, "a first status from --watch", || {
+        lines().contains("\"ok\":true")
+    });
+    assert!(ctl(&dir, &["checkpoint", "--wait"]).status.success());
+    let seq = *checkpoints(&dir).last().unwrap();
+    wait_until(T, "a refresh showing the new checkpoint", || {
+        lines()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|a| a["last_checkpoint"]["seq"] == seq)
+    });
+    assert!(ctl(&dir, &["stop"]).status.success());
+    assert_eq!(wait_deadline(&mut sup, T).code(), Some(75));
+    // The supervisor is gone: the watcher says so and exits 0 on its own.
+    let code = wait_deadline(&mut watch, T).code();
+    let mut err = String::new();
+    let _ = watch.stderr.take().unwrap().read_to_string(&mut err);
+    reader.join().unwrap();
+    let seen = lines();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("has exited"), "{err}");
+    let answers: Vec<serde_json::Value> = seen
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(answers.len() >= 2, "refreshed: {seen}");
+    assert!(answers.iter().all(|a| a["ok"] == true), "{seen}");
+    assert!(
+        answers.iter().any(|a| a["last_checkpoint"]["seq"] == seq),
+        "the refreshes show the new checkpoint: {seen}"
+    );
+    // Without a supervisor it fails at once, as plain `status` does.
+    let out = ctl(&dir, &["status", "--watch"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+}
+
+/// Drops terminal escape sequences: OSC (`ESC ] ... BEL`) and CSI (`ESC [ ... final byte`).
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some(']') => {
+                for c in it.by_ref() {
+                    if c == '\u{7}' {
+                        break;
+                    }
+                }
+            }
+            Some('[') => {
+                for c in it.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn on_a_terminal_the_live_status_goes_to_the_title_never_into_the_jobs_lines() {
+    use std::os::fd::FromRawFd;
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors we then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned here.
+    let (mut master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    // The job prints a line every 100 ms for 3 s: the status is refreshed every second.
+    let mut cmd = ckpt();
+    cmd.args(["run", "--every", "off", "--dir"])
+        .arg(&dir)
+        .args(["--", "sh", "-c"])
+        .arg("i=0; while [ $i -lt 30 ]; do i=$((i+1)); echo job line $i; sleep 0.1; done")
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    let mut sup = cmd.spawn_guarded();
+    drop(cmd); // the parent's copies of the terminal's slave side
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // EIO once every holder of the slave side is gone.
+        while let Ok(n) = master.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    assert_eq!(wait_deadline(&mut sup, T).code(), Some(0));
+    assert_no_survivors(&dir);
+    let deadline = std::time::Instant::now() + T;
+    while !reader.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal never closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = reader.join().unwrap();
+    let mut job_lines = 0;
+    for line in strip_escapes(&seen).lines() {
+        let line = line.trim_matches('\r');
+        if let Some(at) = line.find("job line") {
+            assert_eq!(
+                at, 0,
+                "the job's line was glued to other text: {line:?} in {seen:?}"
+            );
+            job_lines += 1;
+        }
+    }
+    assert_eq!(job_lines, 30, "{seen:?}");
+    let title_at = seen
+        .rfind("\u{1b}]2;ckpt: job pid")
+        .unwrap_or_else(|| panic!("no status in the title: {seen:?}"));
+    assert!(
+        seen[title_at..].contains("\u{1b}[23;0t"),
+        "the terminal's own title is given back at the end: {seen:?}"
+    );
+}

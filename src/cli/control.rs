@@ -15,9 +15,13 @@ use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
 pub struct StatusArgs {
     #[command(flatten)]
     pub dir: DirArg,
-    /// Print the supervisor's answer as JSON.
+    /// Print the supervisor's answer as JSON (with --watch: one JSON object per line).
     #[arg(long)]
     pub json: bool,
+    /// Keep showing the status, refreshed every DURATION (default 2s), until the supervisor
+    /// exits (exit 0) or Ctrl-C. On a terminal the screen is redrawn, like watch(1).
+    #[arg(long, short = 'w', value_name = "DURATION", num_args = 0..=1, default_missing_value = "2s", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
 }
 
 /// Ask the job for a checkpoint now.
@@ -102,12 +106,53 @@ fn secs(v: &Value) -> Option<Duration> {
 
 pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
     let v = call(&a.dir, &Request::Status {}, Some(Duration::from_secs(10)))?;
-    if a.json {
-        println!("{v}");
+    let Some(every) = a.watch else {
+        if a.json {
+            println!("{v}");
+        } else {
+            print!("{}", render_status(&v));
+        }
         return Ok(0);
+    };
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal() && !a.json;
+    let every = every.max(Duration::from_millis(100));
+    let mut v = v;
+    loop {
+        let mut out = std::io::stdout().lock();
+        let shown = if a.json {
+            writeln!(out, "{v}")
+        } else if tty {
+            // Home, clear, then the status (as watch(1) does).
+            write!(out, "\x1b[H\x1b[2J{}", render_status(&v))
+        } else {
+            writeln!(out, "{}", render_status(&v))
+        };
+        if shown.and_then(|_| out.flush()).is_err() {
+            return Ok(0); // stdout closed (e.g. `| head`)
+        }
+        drop(out);
+        std::thread::sleep(every);
+        v = match call(&a.dir, &Request::Status {}, Some(Duration::from_secs(10))) {
+            Ok(v) => v,
+            Err(e) if e.code == exit_codes::NOT_RUNNING => {
+                eprintln!("ckpt: the supervisor on {} has exited", a.dir.dir.display());
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+    }
+}
+
+/// The human form of a `status` answer (several lines, each ending in a newline).
+fn render_status(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    macro_rules! line {
+        ($($t:tt)*) => {{ let _ = writeln!(s, $($t)*); }};
     }
     let restarts = v["restarts"].as_u64().unwrap_or(0);
-    println!(
+    line!(
         "supervisor pid {} on {}: {} (up {}, {} restart{})",
         v["supervisor_pid"],
         v["dir"].as_str().unwrap_or("?"),
@@ -120,7 +165,7 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
         .unwrap_or_default();
-    println!("  command:         {}", cmd.join(" "));
+    line!("  command:         {}", cmd.join(" "));
     if let Some(j) = v["job"].as_object() {
         let mut line = format!(
             "pid {}, up {}",
@@ -141,13 +186,13 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
                     .unwrap_or_default()
             )
         });
-        println!("  job:             {line}");
+        line!("  job:             {line}");
         if let Some(n) = secs(&j["next_request_in_seconds"]) {
-            println!("  next request in: {}", fmt_dur(n));
+            line!("  next request in: {}", fmt_dur(n));
         }
     }
     match v["last_checkpoint"].as_object() {
-        Some(c) => println!(
+        Some(c) => line!(
             "  last checkpoint: {}{}, {}, {} ago{}",
             c["seq"],
             c["step"]
@@ -161,7 +206,7 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
                 .map(|d| format!(", saved in {d} ms"))
                 .unwrap_or_default()
         ),
-        None => println!(
+        None => line!(
             "  last checkpoint: none committed in this run{}",
             v["newest_seq"]
                 .as_u64()
@@ -170,14 +215,14 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
         ),
     }
     if let Some(t) = v["tree"].as_object() {
-        println!(
+        line!(
             "  job tree:        {} process(es), {} CPU, {} resident",
             t["processes"],
             secs(&t["cpu_seconds"]).map(fmt_dur).unwrap_or_default(),
             fmt_bytes(t["rss_bytes"].as_u64().unwrap_or(0))
         );
     }
-    Ok(0)
+    s
 }
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<i32, Fatal> {

@@ -1210,7 +1210,7 @@ impl Run {
         self.answer_waits(Err(format!("the job hung: {why}")));
     }
 
-    /// The live status line shown on a terminal.
+    /// The live status shown in the terminal's title.
     fn live_line(&self, job: &Job) -> String {
         let mut l = format!(
             "ckpt: job pid {} up {}",

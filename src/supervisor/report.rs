@@ -18,14 +18,56 @@ pub struct Reporter {
     status_path: PathBuf,
     quiet: bool,
     json: bool,
-    /// stderr is a terminal: keep a live status line at the bottom.
-    tty: bool,
-    /// The status line currently drawn, if any.
-    live: Option<String>,
+    /// stderr is a terminal that takes a window title: the live status goes there. Never
+    /// inline: the job writes to the same terminal, and a status line redrawn under it ends
+    /// up glued to the front of the job's next line of output.
+    title: bool,
+    /// The terminal's own title was saved (pushed) and the window shows ours.
+    titled: bool,
+}
+
+/// Terminal types known to take a window title (OSC 2) and to ignore the title stack
+/// requests (CSI 22/23 t) they do not know.
+const TITLE_TERMS: &[&str] = &[
+    "xterm",
+    "screen",
+    "tmux",
+    "rxvt",
+    "alacritty",
+    "foot",
+    "kitty",
+    "wezterm",
+    "vte",
+    "konsole",
+    "gnome",
+    "iterm",
+    "st-",
+];
+
+/// Whether `term` (the value of `TERM`) takes a window title.
+pub fn term_takes_title(term: &str) -> bool {
+    TITLE_TERMS.iter().any(|p| term.starts_with(p))
+}
+
+/// Writes `s` to stderr in one `write(2)`, so that output of the job on the same terminal
+/// or pipe cannot land inside it (`eprintln!` may split a line into several writes).
+fn to_stderr(s: &str) {
+    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+}
+
+/// `text` made safe for a title sequence: control characters dropped, at most 120 characters.
+fn title_text(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(120).collect()
 }
 
 /// Rotate the event log above this size (the old one becomes `events.jsonl.1`).
 const ROTATE_BYTES: u64 = 16 << 20;
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.live(None);
+    }
+}
 
 impl Reporter {
     pub fn new(private: PathBuf, quiet: bool, json: bool) -> Reporter {
@@ -44,17 +86,17 @@ impl Reporter {
             .open(&path)
             .ok();
         use std::io::IsTerminal;
-        let tty = std::io::stderr().is_terminal()
+        let title = std::io::stderr().is_terminal()
             && !quiet
             && !json
-            && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+            && std::env::var("TERM").is_ok_and(|t| term_takes_title(&t));
         Reporter {
             log,
             status_path: private.join("status.json"),
             quiet,
             json,
-            tty,
-            live: None,
+            title,
+            titled: false,
         }
     }
 
@@ -65,15 +107,9 @@ impl Reporter {
             map.extend(extra);
         }
         if self.json {
-            eprintln!("{obj}");
+            to_stderr(&format!("{obj}\n"));
         } else if let (Some(h), false) = (&human, self.quiet) {
-            if self.live.is_some() {
-                eprint!("\r\x1b[K");
-            }
-            eprintln!("ckpt: {h}");
-            if let Some(l) = &self.live {
-                eprint!("{l}");
-            }
+            to_stderr(&format!("ckpt: {h}\n"));
         }
         if let Some(f) = &mut self.log {
             let mut line = obj.to_string();
@@ -82,22 +118,25 @@ impl Reporter {
         }
     }
 
-    /// Redraws the live status line (terminals only; a no-op otherwise).
+    /// Shows the live status in the terminal's window title (terminals that take one; a
+    /// no-op otherwise); `None` gives the terminal its own title back.
     pub fn live(&mut self, text: Option<String>) {
-        if !self.tty {
+        if !self.title {
             return;
         }
         match text {
             Some(t) => {
-                let t: String = t.chars().take(120).collect();
-                eprint!("\r\x1b[K{t}");
-                self.live = Some(t);
+                // The first time, save the terminal's title first (xterm's title stack).
+                let save = if self.titled { "" } else { "\x1b[22;0t" };
+                to_stderr(&format!("{save}\x1b]2;{}\x07", title_text(&t)));
+                self.titled = true;
             }
-            None => {
-                if self.live.take().is_some() {
-                    eprint!("\r\x1b[K");
-                }
+            None if self.titled => {
+                // Empty it (for terminals without the stack), then restore the saved one.
+                to_stderr("\x1b]2;\x07\x1b[23;0t");
+                self.titled = false;
             }
+            None => {}
         }
     }
 
