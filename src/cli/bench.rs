@@ -22,7 +22,9 @@ use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
 /// asynchronous save next to a plain in-memory copy of the state; the latency of a small
 /// durable commit. Prints medians over --runs, the ratios, and the interval the Young/Daly
 /// rule recommends. Cold reads need root (to drop the page cache); otherwise reads are warm
-/// and marked so.
+/// and marked so. On a VM that reports freed memory to its host and shows the count
+/// (/sys/module/page_reporting/parameters/reported_kib), each cold read waits until the
+/// report of the dropped cache is finished ("cold, settled"), so that every read starts alike.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Directory on the storage to measure (a temporary sub-directory is used and removed).
@@ -83,11 +85,47 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Drops the page cache (root only). Returns whether it worked.
+/// Drops the page cache (root only), then waits for free-page reporting to settle. Returns
+/// whether the drop worked.
 fn drop_caches() -> bool {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
-    fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+    let ok = fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
+    if ok {
+        settle_page_reporting();
+    }
+    ok
+}
+
+/// Where a guest kernel that reports freed memory to its hypervisor (virtio-balloon free
+/// page reporting) counts what it reported, when it exposes the count.
+const REPORTED_KIB: &str = "/sys/module/page_reporting/parameters/reported_kib";
+
+/// After a cache drop, a VM with free page reporting hands the freed memory back to its host
+/// in batches over a second or two; a read that starts meanwhile gets pages the host still
+/// backs, and one that starts later faults each new page in on the host: the same cold read
+/// then varies 3x (docs/benchmarks.md run G). Waits until the reported count has stayed still
+/// for 1.5 s (at most 10 s), so that every cold read starts from the same state: all freed
+/// memory returned, as after a reboot or a long-dead job. A no-op where the count is absent.
+fn settle_page_reporting() {
+    let read = || {
+        fs::read_to_string(REPORTED_KIB)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let Some(mut last) = read() else {
+        return;
+    };
+    let (start, mut since) = (Instant::now(), Instant::now());
+    while start.elapsed() < Duration::from_secs(10) && since.elapsed() < Duration::from_millis(1500)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        match read() {
+            Some(v) if v != last => (last, since) = (v, Instant::now()),
+            Some(_) => {}
+            None => return,
+        }
+    }
 }
 
 fn dd_available() -> bool {
@@ -396,6 +434,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "runs": a.runs,
         "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache), the same with oflag=direct; dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
         "cold_reads": root,
+        "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
@@ -408,7 +447,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("{out:#}");
         return Ok(0);
     }
-    let rd = if root {
+    let rd = if root && Path::new(REPORTED_KIB).exists() {
+        "cold, settled"
+    } else if root {
         "cold"
     } else {
         "WARM (not root: page cache not dropped)"
