@@ -183,6 +183,34 @@ fn at_page_offset(buf: &mut Vec<u8>, off: usize, len: usize) -> &mut [u8] {
     &mut buf[base..base + len]
 }
 
+/// Writes `file` back and drops it from the page cache, as after a reboot (the restore then
+/// reads past the cache when direct I/O is on). Repeated until no page at the start or the
+/// middle is cached: pages still under a read-ahead started earlier cannot be dropped yet.
+fn uncache(file: &Path) {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(file).unwrap();
+    f.sync_all().unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let cached_at = |off: usize| {
+        let mut page = [0u8; 4096];
+        let iov = libc::iovec {
+            iov_base: page.as_mut_ptr().cast(),
+            iov_len: page.len().min(len - off),
+        };
+        // SAFETY: one iovec over a live local buffer.
+        unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off as i64, libc::RWF_NOWAIT) > 0 }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the file to leave the page cache",
+        || {
+            // SAFETY: a hint on an open descriptor.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            !cached_at(0) && !cached_at((len / 2) & !4095)
+        },
+    );
+}
+
 #[test]
 fn read_into_is_exact_at_every_destination_alignment() {
     // Past the page cache (O_DIRECT) and through it (the fallback).
@@ -201,10 +229,18 @@ fn read_into_is_exact_at_every_destination_alignment() {
         .unwrap();
         drop(ck);
         let ck = open(tmp.path());
+        let blob = ck.restore_dir().unwrap().join("blob");
         let mut buf = Vec::new();
         for off in [0, 1, 7, 16, 31, 32, 63, 64, 100, 4095] {
+            uncache(&blob);
+            let before = ckpt::pod::direct_reads();
             let dest = at_page_offset(&mut buf, off, data.len());
             ck.read_into("blob", dest).unwrap();
+            assert_eq!(
+                ckpt::pod::direct_reads(),
+                before,
+                "memory the job owns is filled through the page cache"
+            );
             assert!(dest == &data[..], "wrong bytes read at page offset {off}");
             // Nothing written outside the window.
             let base = buf.as_ptr().align_offset(4096) + off;
@@ -212,6 +248,49 @@ fn read_into_is_exact_at_every_destination_alignment() {
             assert!(
                 buf[base + data.len()..].iter().all(|&b| b == 0xAA),
                 "offset {off}"
+            );
+        }
+        // Into fresh memory, a cold member of 9 MiB is read past the cache iff direct I/O
+        // is on; one already in the page cache is read from it, at memory speed.
+        for cold in [true, false] {
+            if cold {
+                uncache(&blob);
+            } else {
+                let _ = std::fs::read(&blob).unwrap();
+            }
+            let before = ckpt::pod::direct_reads();
+            assert!(ck.read_file("blob").unwrap() == data);
+            assert_eq!(
+                ckpt::pod::direct_reads() - before,
+                u64::from(direct && cold),
+                "cold {cold}"
+            );
+        }
+        // Sizes around the piece size, read into fresh memory (bytes of a u32 array).
+        for n in [
+            (8 << 20) - 4,
+            8 << 20,
+            (8 << 20) + 4,
+            (16 << 20) + 4096,
+            (16 << 20) + 4100,
+        ] {
+            let words: Vec<u32> = (0..n as u32 / 4)
+                .map(|i| i.wrapping_mul(2_654_435_761))
+                .collect();
+            let tmp = tempdir();
+            let mut ck = open(tmp.path());
+            ck.save_with(None, |st| st.write_pod("w", &words).map(|_| ()))
+                .unwrap();
+            drop(ck);
+            let ck = open(tmp.path());
+            uncache(&ck.restore_dir().unwrap().join("w"));
+            let before = ckpt::pod::direct_reads();
+            assert!(ck.read_pod::<u32>("w").unwrap() == words, "{n} bytes");
+            // Members smaller than one piece always go through the cache.
+            assert_eq!(
+                ckpt::pod::direct_reads() - before,
+                u64::from(direct && n >= ckpt::pod::CHUNK),
+                "{n} bytes"
             );
         }
     }
@@ -222,6 +301,7 @@ fn corruption_and_truncation_are_caught_on_both_read_paths() {
     // Past the page cache (O_DIRECT) and through it (the fallback).
     for direct in [true, false] {
         ckpt::pod::set_direct_io(direct);
+        let before = ckpt::pod::direct_reads();
         let tmp = tempdir();
         let data: Vec<u8> = (0..(9 << 20) + 5).map(|i| (i * 7 + 3) as u8).collect();
         let mut ck = open(tmp.path());
@@ -242,6 +322,7 @@ fn corruption_and_truncation_are_caught_on_both_read_paths() {
             let mut bad = data.clone();
             bad[at] ^= 0x01;
             std::fs::write(&file, &bad).unwrap();
+            uncache(&file);
             for off in [0, 16] {
                 let err = ck
                     .read_into("blob", at_page_offset(&mut buf, off, data.len()))
@@ -251,12 +332,17 @@ fn corruption_and_truncation_are_caught_on_both_read_paths() {
                     "at {at} +{off}: {err}"
                 );
             }
+            // Into fresh memory (past the cache when direct I/O is on).
+            uncache(&file);
+            let err = ck.read_file("blob").unwrap_err();
+            assert!(err.to_string().contains("checksum"), "at {at} fresh: {err}");
         }
         // Truncated by one byte, and grown by one byte.
         for len in [data.len() - 1, data.len() + 1] {
             let mut v = data.clone();
             v.resize(len, 0);
             std::fs::write(&file, &v).unwrap();
+            uncache(&file);
             for off in [0, 16] {
                 let err = ck
                     .read_into("blob", at_page_offset(&mut buf, off, data.len()))
@@ -266,15 +352,28 @@ fn corruption_and_truncation_are_caught_on_both_read_paths() {
                     "len {len} +{off}: {err}"
                 );
             }
+            uncache(&file);
+            let err = ck.read_file("blob").unwrap_err();
+            assert!(
+                matches!(err, Error::Invalid { .. }),
+                "len {len} fresh: {err}"
+            );
         }
         // Intact again: both paths read it.
         std::fs::write(&file, &data).unwrap();
         for off in [0, 16] {
+            uncache(&file);
             let dest = at_page_offset(&mut buf, off, data.len());
             ck.read_into("blob", dest).unwrap();
             assert!(dest == &data[..]);
         }
+        uncache(&file);
         assert_eq!(ck.read_file("blob").unwrap(), data);
+        assert_eq!(
+            ckpt::pod::direct_reads() > before,
+            direct,
+            "the damage was met past the cache iff direct I/O is on"
+        );
     }
 }
 
