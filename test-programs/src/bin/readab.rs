@@ -1,0 +1,133 @@
+//! A/B of ckpt's restore paths against cold `dd`, in one process, in random order per round
+//! (`docs/benchmarks.md` run G):
+//!
+//!   readab --dir DIR [--mib 1024] [--rounds 8] [--settle-ms 0] [--seed N]
+//!          [--variants into,fresh-cache,fresh-direct]
+//!
+//! Saves one `--mib` MiB f32 array with ckpt, then each round drops the page cache (root)
+//! before every read, waits `--settle-ms`, and reads the file with `dd bs=4M of=/dev/null`
+//! and with each variant: `into` = `read_pod_into` an existing buffer (always through the
+//! page cache), `fresh-cache`/`fresh-direct` = `read_f32s` (a fresh allocation) with direct
+//! I/O off/on (`pod::set_direct_io`). Prints each round's GB/s and ratio to that round's dd, then the
+//! median ratio per variant as JSON. The order is drawn from `--seed` (printed).
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt_test_programs::{arg, num};
+
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn drop_caches(settle: Duration) {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .expect("drop the page cache (needs root): /proc/sys/vm/drop_caches");
+    std::thread::sleep(settle);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let dir = std::path::PathBuf::from(arg("--dir").expect("--dir DIR"));
+    let mib = num("--mib", 1024) as usize;
+    let rounds = num("--rounds", 8) as usize;
+    let settle = Duration::from_millis(num("--settle-ms", 0));
+    let variants: Vec<String> = arg("--variants")
+        .unwrap_or_else(|| "into,fresh-cache,fresh-direct".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    for v in &variants {
+        assert!(
+            ["into", "fresh-cache", "fresh-direct"].contains(&v.as_str()),
+            "unknown variant {v}: into, fresh-cache, fresh-direct"
+        );
+    }
+    let seed = num(
+        "--seed",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    );
+    eprintln!("readab: seed {seed} (--seed {seed} replays the order)");
+    let mut rng = seed;
+    let n = mib << 18;
+    let mut x: u32 = 0x9e37_79b9;
+    let state: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            f32::from_bits(x & 0xbfff_ffff)
+        })
+        .collect();
+    let mut ck = ckpt::Checkpointer::open(&dir).expect("open --dir");
+    ck.save_with(Some(1), |st| st.write_f32s("w.f32", &state).map(|_| ()))
+        .expect("save");
+    drop(ck);
+    let ck = ckpt::Checkpointer::open(&dir).expect("open --dir");
+    let file = ck.restore_dir().expect("the saved checkpoint").join("w.f32");
+    let mut dest = vec![0f32; n];
+    let gb = (n * 4) as f64 / 1e9;
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for r in 0..rounds {
+        let mut order: Vec<usize> = (0..=variants.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (splitmix64(&mut rng) % (i as u64 + 1)) as usize);
+        }
+        let mut speed = vec![0.0; variants.len() + 1];
+        for &k in &order {
+            drop_caches(settle);
+            let t = Instant::now();
+            if k == 0 {
+                let ok = Command::new("dd")
+                    .arg(format!("if={}", file.display()))
+                    .args(["of=/dev/null", "bs=4M"])
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("run dd")
+                    .success();
+                assert!(ok, "dd failed");
+            } else {
+                let v = variants[k - 1].as_str();
+                ckpt::pod::set_direct_io(v.ends_with("direct"));
+                if v.starts_with("fresh") {
+                    let w = ck.read_f32s("w.f32").expect("restore");
+                    assert!(w == state, "restored state differs");
+                } else {
+                    ck.read_pod_into("w.f32", &mut dest).expect("restore");
+                }
+            }
+            speed[k] = gb / t.elapsed().as_secs_f64();
+        }
+        let line: Vec<String> = variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                ratios[i].push(speed[i + 1] / speed[0]);
+                format!("{v} {:.2} GB/s ({:.2})", speed[i + 1], speed[i + 1] / speed[0])
+            })
+            .collect();
+        eprintln!("round {r}: dd {:.2} GB/s | {}", speed[0], line.join(" | "));
+    }
+    assert!(dest == state, "restored state differs");
+    let med: Vec<String> = variants
+        .iter()
+        .zip(ratios)
+        .map(|(v, r)| format!("\"{v}\":{:.3}", median(r)))
+        .collect();
+    println!(
+        "{{\"bench\":\"readab\",\"mib\":{mib},\"rounds\":{rounds},\"settle_ms\":{},\"seed\":{seed},\"median_ratio_to_dd\":{{{}}}}}",
+        settle.as_millis(),
+        med.join(",")
+    );
+}
