@@ -341,6 +341,27 @@ fn log_and_stats_tell_what_happened() {
     assert!(ctl(&dir, &["stats"]).status.success());
 }
 
+/// Copies everything `r` yields into a shared buffer on a thread (until end of file or an
+/// error, e.g. EIO on a terminal whose other side closed); returns the buffer's text reader
+/// and the thread.
+fn pump(mut r: impl Read + Send + 'static) -> (impl Fn() -> String, std::thread::JoinHandle<()>) {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let t = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (
+        move || String::from_utf8_lossy(&buf.lock().unwrap()).into_owned(),
+        t,
+    )
+}
+
 #[test]
 fn log_follow_prints_new_events() {
     let tmp = tempdir();
@@ -351,32 +372,11 @@ fn log_follow_prints_new_events() {
         .arg(&dir)
         .stdout(Stdio::piped())
         .spawn_guarded();
-    let mut stdout = follow.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if String::from_utf8_lossy(&buf).contains("committed") {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    });
+    let (seen, _reader) = pump(follow.stdout.take().unwrap());
     assert!(ctl(&dir, &["checkpoint", "--wait"]).status.success());
-    let deadline = std::time::Instant::now() + T;
-    while !reader.is_finished() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "log --follow never showed the commit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seen = reader.join().unwrap();
-    assert!(seen.contains("committed"), "{seen}");
+    wait_until(T, "log --follow to show the commit", || {
+        seen().contains("committed")
+    });
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(ctl(&dir, &["stop"]).status.success());
@@ -407,19 +407,7 @@ fn status_watch_follows_the_supervisor_until_it_exits() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn_guarded();
-    let mut stdout = watch.stdout.take().unwrap();
-    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    let reader = std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    let lines = || String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    let (lines, reader) = pump(watch.stdout.take().unwrap());
     wait_until(T, "a first status from --watch", || {
         lines().contains("\"ok\":true")
     });
@@ -504,7 +492,7 @@ fn on_a_terminal_the_live_status_goes_to_the_title_never_into_the_jobs_lines() {
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors are fresh and owned here.
-    let (mut master, slave) = unsafe {
+    let (master, slave) = unsafe {
         (
             std::fs::File::from_raw_fd(master),
             std::fs::File::from_raw_fd(slave),
@@ -522,29 +510,13 @@ fn on_a_terminal_the_live_status_goes_to_the_title_never_into_the_jobs_lines() {
         .stderr(Stdio::from(slave));
     let mut sup = cmd.spawn_guarded();
     drop(cmd); // the parent's copies of the terminal's slave side
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        // EIO once every holder of the slave side is gone.
-        while let Ok(n) = master.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    });
+               // Read until EIO: every holder of the slave side is gone.
+    let (text_of, reader) = pump(master);
     assert_eq!(wait_deadline(&mut sup, T).code(), Some(0));
     assert_no_survivors(&dir);
-    let deadline = std::time::Instant::now() + T;
-    while !reader.is_finished() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the terminal never closed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seen = reader.join().unwrap();
+    wait_until(T, "the terminal to close", || reader.is_finished());
+    reader.join().unwrap();
+    let seen = text_of();
     let mut job_lines = 0;
     for line in strip_escapes(&seen).lines() {
         let line = line.trim_matches('\r');

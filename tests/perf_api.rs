@@ -508,27 +508,36 @@ fn stopping_under_ckpt_run_waits_for_the_pending_background_save() {
     assert!(w.iter().all(|&x| x == step as f32));
 }
 
+/// Runs `job` under `ckpt run --every auto --mtbf 2h`, requests one checkpoint, stops it
+/// (exit 75) and returns the supervisor's first `interval` event.
+fn first_auto_interval(dir: &Path, job: &[&str]) -> serde_json::Value {
+    let mut child = ckpt()
+        .args(["run", "--every", "auto", "--mtbf", "2h", "-q", "--dir"])
+        .arg(dir)
+        .arg("--")
+        .args(job)
+        .spawn_guarded();
+    wait_until(T, "the job to announce its client", || {
+        !events(dir, "hello").is_empty()
+    });
+    signal(child.id(), libc::SIGUSR1);
+    wait_until(T, "the interval choice", || {
+        !events(dir, "interval").is_empty()
+    });
+    signal(child.id(), libc::SIGTERM);
+    assert_eq!(wait_deadline(&mut child, T).code(), Some(75));
+    assert_no_survivors(dir);
+    events(dir, "interval").swap_remove(0)
+}
+
 #[test]
 fn every_auto_picks_the_young_daly_interval_from_the_measured_save_and_logs_why() {
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
-    let mut child = ckpt()
-        .args(["run", "--every", "auto", "--mtbf", "2h", "-q", "--dir"])
-        .arg(&dir)
-        .arg("--")
-        .arg(test_bin("async_saver"))
-        .args(["--mib", "4"])
-        .spawn_guarded();
-    wait_until(T, "the job to announce its client", || {
-        !events(&dir, "hello").is_empty()
-    });
-    signal(child.id(), libc::SIGUSR1);
-    wait_until(T, "the interval choice", || {
-        !events(&dir, "interval").is_empty()
-    });
-    signal(child.id(), libc::SIGTERM);
-    assert_eq!(wait_deadline(&mut child, T).code(), Some(75));
-    let ev = &events(&dir, "interval")[0];
+    let ev = &first_auto_interval(
+        &dir,
+        &[test_bin("async_saver").to_str().unwrap(), "--mib", "4"],
+    );
     let cost = ev["cost_ms"].as_f64().unwrap() / 1e3;
     let every = ev["every_ms"].as_f64().unwrap() / 1e3;
     assert_eq!(ev["mtbf_source"], "given");
@@ -552,25 +561,17 @@ fn every_auto_picks_the_young_daly_interval_from_the_measured_save_and_logs_why(
     // A foreground save (saver test job): C is the whole save.
     let dir2 = tmp.path().join("fg");
     let progress = tmp.path().join("progress");
-    let mut child = ckpt()
-        .args(["run", "--every", "auto", "--mtbf", "2h", "-q", "--dir"])
-        .arg(&dir2)
-        .arg("--")
-        .arg(test_bin("saver"))
-        .arg("--progress")
-        .arg(&progress)
-        .args(["--sizes", "100000", "--steps", "100000000"])
-        .spawn_guarded();
-    wait_until(T, "the job to announce its client", || {
-        !events(&dir2, "hello").is_empty()
-    });
-    signal(child.id(), libc::SIGUSR1);
-    wait_until(T, "the interval choice", || {
-        !events(&dir2, "interval").is_empty()
-    });
-    signal(child.id(), libc::SIGTERM);
-    wait_deadline(&mut child, T);
-    let ev = &events(&dir2, "interval")[0];
+    let saver = test_bin("saver");
+    let job = [
+        saver.to_str().unwrap(),
+        "--progress",
+        progress.to_str().unwrap(),
+        "--sizes",
+        "100000",
+        "--steps",
+        "100000000",
+    ];
+    let ev = &first_auto_interval(&dir2, &job);
     assert!(ev["blocked_ms"].is_null(), "{ev}");
     assert_eq!(ev["cost_of"], "save", "{ev}");
     assert!(ev["floor_ms"].is_null(), "{ev}");

@@ -17,3 +17,17 @@ pub fn num(name: &str, default: u64) -> u64 {
         })
         .unwrap_or(default)
 }
+
+/// `n` incompressible f32s from a xorshift32 stream (the same stream as `ckpt bench`'s state),
+/// never NaN or infinite (the exponent's top bit is cleared).
+pub fn incompressible_f32s(n: usize) -> Vec<f32> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            f32::from_bits(x & 0xbfff_ffff)
+        })
+        .collect()
+}

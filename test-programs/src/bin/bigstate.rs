@@ -10,18 +10,10 @@
 //!                                   `{"restore_s":S,"bytes":N}`
 use std::time::Instant;
 
-use ckpt_test_programs::{arg, num};
+use ckpt_test_programs::{arg, incompressible_f32s, num};
 
 fn fill(mib: u64) -> Vec<f32> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..(mib as usize) << 18)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            f32::from_bits(x & 0xbfff_ffff)
-        })
-        .collect()
+    incompressible_f32s((mib as usize) << 18)
 }
 
 fn main() {

@@ -13,7 +13,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ckpt_test_programs::{arg, num};
+use ckpt_test_programs::{arg, incompressible_f32s, num};
 
 fn splitmix64(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -61,21 +61,16 @@ fn main() {
     eprintln!("readab: seed {seed} (--seed {seed} replays the order)");
     let mut rng = seed;
     let n = mib << 18;
-    let mut x: u32 = 0x9e37_79b9;
-    let state: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            f32::from_bits(x & 0xbfff_ffff)
-        })
-        .collect();
+    let state = incompressible_f32s(n);
     let mut ck = ckpt::Checkpointer::open(&dir).expect("open --dir");
     ck.save_with(Some(1), |st| st.write_f32s("w.f32", &state).map(|_| ()))
         .expect("save");
     drop(ck);
     let ck = ckpt::Checkpointer::open(&dir).expect("open --dir");
-    let file = ck.restore_dir().expect("the saved checkpoint").join("w.f32");
+    let file = ck
+        .restore_dir()
+        .expect("the saved checkpoint")
+        .join("w.f32");
     let mut dest = vec![0f32; n];
     let gb = (n * 4) as f64 / 1e9;
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -114,7 +109,11 @@ fn main() {
             .enumerate()
             .map(|(i, v)| {
                 ratios[i].push(speed[i + 1] / speed[0]);
-                format!("{v} {:.2} GB/s ({:.2})", speed[i + 1], speed[i + 1] / speed[0])
+                format!(
+                    "{v} {:.2} GB/s ({:.2})",
+                    speed[i + 1],
+                    speed[i + 1] / speed[0]
+                )
             })
             .collect();
         eprintln!("round {r}: dd {:.2} GB/s | {}", speed[0], line.join(" | "));
