@@ -214,8 +214,9 @@ fn fill(file: &mut File, buf: &mut [u8]) -> (usize, Option<io::Error>) {
 /// sequential reader, so the disk idles while the reader copies and checksums a chunk, and a
 /// page-cache page is allocated only when the read that needs it arrives. Asking for 32 MiB
 /// ahead keeps the disk busy through the copies and overlaps the allocation with the I/O:
-/// a cold 1 GiB restore went from 0.86 to 1.4-1.5 x cold `dd` (median over 10 rounds, random
-/// order, `docs/benchmarks.md` run G).
+/// in interleaved A/Bs (random order per round) a cold 1 GiB restore went from 0.86 to
+/// 1.4-1.5 x cold `dd`, and the hint won 6 of 8 size/state cells; `ckpt bench` runs at
+/// 256 MiB disagree (0.6 with it, 0.97 without): `docs/benchmarks.md` run G, still open.
 pub const READ_AHEAD: u64 = 32 << 20;
 
 /// Asks the kernel to start reading `len` bytes at `off` of `file` into the page cache (a

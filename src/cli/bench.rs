@@ -405,6 +405,20 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let _ = fs::remove_file(&raw);
     let _ = fs::remove_file(&src);
 
+    // Per-round ratios (each side measured minutes apart at most): their median is steadier
+    // than the ratio of the medians on a noisy disk.
+    let per_round = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x / y * 1000.0).round() / 1000.0)
+            .collect()
+    };
+    let (w_rounds, r_rounds, f_rounds) = (
+        per_round(&w_ck, &w_dd),
+        per_round(&r_ck, &r_dd),
+        per_round(&r_ck_fresh, &r_dd),
+    );
+    let med_of = |v: &[f64]| median(&mut v.to_vec());
     let w_dd = median(&mut w_dd);
     let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
@@ -435,8 +449,8 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache), the same with oflag=direct; dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
-        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save },
-        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh },
+        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds) },
+        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
         "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
@@ -466,6 +480,12 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d);
     }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
+    println!(
+        "  per-round ratios (median): save {:.2}, restore {:.2}, fresh restore {:.2}",
+        med_of(&w_rounds),
+        med_of(&r_rounds),
+        med_of(&f_rounds)
+    );
     println!(
         "  async save   memcpy {}   stall {}   ratio {:.2}   (first save, fresh buffers: {}; in background: {})",
         fmt_secs(memcpy),
