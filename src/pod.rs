@@ -209,33 +209,39 @@ fn fill(file: &mut File, buf: &mut [u8]) -> (usize, Option<io::Error>) {
     (filled, None)
 }
 
-/// How far ahead of the reader the restore paths ask the kernel to read
-/// (`POSIX_FADV_WILLNEED`). The kernel's own read-ahead stays a few hundred KiB ahead of a
-/// sequential reader, so the disk idles while the reader copies and checksums a chunk, and a
-/// page-cache page is allocated only when the read that needs it arrives. Asking for 32 MiB
-/// ahead keeps the disk busy through the copies and overlaps the allocation with the I/O:
-/// in interleaved A/Bs (random order per round) a cold 1 GiB restore went from 0.86 to
-/// 1.4-1.5 x cold `dd`, and the hint won 6 of 8 size/state cells; `ckpt bench` runs at
-/// 256 MiB disagree (0.6 with it, 0.97 without): `docs/benchmarks.md` run G, still open.
+/// How far ahead of the reader a restore through the page cache reads ([`prefetch`]).
 pub const READ_AHEAD: u64 = 32 << 20;
 
-/// Asks the kernel to start reading `len` bytes at `off` of `file` into the page cache (a
-/// hint: it returns without waiting for the I/O; errors are ignored, the read then simply
-/// waits for the disk as before).
-fn will_need(file: &File, off: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::io::AsRawFd;
-        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+/// Reads `file` ahead of a restore, on a helper thread: [`CHUNK`]-byte positional reads
+/// into a scratch buffer (thrown away), up to [`READ_AHEAD`] bytes past `progress` (what
+/// the reader has consumed; `u64::MAX` when it stops), parking in between. The kernel's own
+/// read-ahead stays at most `read_ahead_kb` ahead of a sequential reader, so the disk idled
+/// while the reader copied and checksummed a chunk; the prefetcher keeps it busy, and
+/// because it reads like any reader, the kernel fills the cache with large folios.
+/// `POSIX_FADV_WILLNEED` for the same window was tried first: its pages are added one by one,
+/// and `ckpt bench` at 256 MiB restored at 0.55-0.60 x cold `dd` with it against 0.98-1.02
+/// with this thread (1 GiB: 0.67 against 1.12, median per-round ratios; `docs/benchmarks.md`
+/// run G).
+fn prefetch(file: &File, len: u64, progress: &std::sync::atomic::AtomicU64) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering;
+    let mut scratch = Bounce::new(CHUNK);
+    let mut off = 0u64;
+    while off < len {
+        let done = progress.load(Ordering::Acquire);
+        if done == u64::MAX {
             return;
-        };
-        // SAFETY: a hint on an open descriptor; no memory is passed.
-        unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+        }
+        if off >= done.saturating_add(READ_AHEAD) {
+            // Woken by the reader after each chunk; the timeout only bounds a missed wake-up.
+            std::thread::park_timeout(std::time::Duration::from_millis(5));
+            continue;
+        }
+        match file.read_at(scratch.get(), off) {
+            Ok(0) | Err(_) => return, // the reader meets the end or the error itself
+            Ok(n) => off += n as u64,
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, off, len);
 }
 
 /// Faults in the pages of `len` bytes at `addr` (writable, contents unchanged) with
@@ -280,7 +286,7 @@ pub(crate) fn read_verified_fresh(
 /// Reads the member `entry` of checkpoint `dir` into `dest` (exactly `entry.size` bytes),
 /// verifying size and checksum inline. The checksum of chunk i runs on a helper thread while
 /// chunk i+1 is read, so verification costs no extra time on a multi-core machine.
-/// The kernel is asked to read [`READ_AHEAD`] bytes ahead of the reader ([`will_need`]).
+/// A helper reads up to [`READ_AHEAD`] bytes ahead of the reader ([`prefetch`]).
 ///
 /// When `dest` starts at an address the kernel copies into slowly
 /// ([`slow_copy_alignment`], e.g. any large `Vec` from glibc), each chunk is read into a
@@ -442,7 +448,7 @@ const DIRECT_BUFFERS: usize = 3;
 /// two. Cold 1 GiB on the VM of `docs/benchmarks.md` (run G), median per-round ratio to `dd`:
 /// 0.97 against 0.50 through the cache (1.53 against 1.08 with free-page reports settled).
 /// Into memory the job already owns (`read_into`), reading through the cache with
-/// [`READ_AHEAD`] was as fast or faster (1.24 against 1.12; 2.34 against 1.86), so that path
+/// read-ahead was as fast or faster (1.24 against 1.12; 2.34 against 1.86), so that path
 /// stays buffered. `None`: not applicable or refused (the caller reads through the cache); a
 /// refusal of the first read falls back the same way.
 fn read_direct(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
@@ -552,7 +558,8 @@ struct Filled {
 }
 
 /// The read pass through the page cache: [`CHUNK`] reads (or [`BOUNCE`] reads through an
-/// aligned buffer), [`READ_AHEAD`] requested ahead, checksums on a helper thread.
+/// aligned buffer), a [`prefetch`] thread [`READ_AHEAD`] bytes ahead, checksums on a helper
+/// thread.
 fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Filled {
     #[cfg(target_os = "linux")]
     {
@@ -567,6 +574,7 @@ fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> F
     let mut bounce = slow_copy_alignment(dest.as_ptr()).then(|| Bounce::new(BOUNCE));
     let step = if bounce.is_some() { BOUNCE } else { CHUNK };
     let (addr, len) = (dest.as_ptr() as usize, dest.len());
+    let progress = std::sync::atomic::AtomicU64::new(0);
     let sum = std::thread::scope(|s| {
         if fresh && len > CHUNK {
             s.spawn(move || prefault(addr, len));
@@ -580,12 +588,19 @@ fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> F
             h.finish()
         });
         let mut done = 0u64;
-        // The window [done, done + READ_AHEAD) is always requested before it is read.
-        will_need(file, 0, READ_AHEAD.min(len as u64));
+        // A second descriptor for the prefetcher (none if the process is out of them: the
+        // restore then runs without it).
+        let ahead = (len > 2 * step)
+            .then(|| file.try_clone().ok())
+            .flatten()
+            .map(|f| {
+                let p = &progress;
+                s.spawn(move || prefetch(&f, len as u64, p))
+            });
         for chunk in dest.chunks_mut(step) {
-            let ahead = done + READ_AHEAD;
-            if ahead < len as u64 {
-                will_need(file, ahead, (step as u64).min(len as u64 - ahead));
+            progress.store(done, std::sync::atomic::Ordering::Release);
+            if let Some(t) = &ahead {
+                t.thread().unpark();
             }
             let (filled, err) = match &mut bounce {
                 Some(b) => {
@@ -606,6 +621,10 @@ fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> F
             if tx.send(c).is_err() {
                 break;
             }
+        }
+        progress.store(u64::MAX, std::sync::atomic::Ordering::Release);
+        if let Some(t) = &ahead {
+            t.thread().unpark();
         }
         drop(tx);
         summer.join().unwrap_or(0)

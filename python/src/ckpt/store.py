@@ -58,20 +58,6 @@ _SEQ = re.compile(r"ckpt-([0-9]{1,20})")
 _SEQ_SUFFIX = re.compile(r"ckpt-([0-9]{1,20})(?:\..*)?", re.S)
 _U64 = (1 << 64) - 1
 _BLOCK = 1 << 20
-# How far ahead of a restore's reads the kernel is asked to read (POSIX_FADV_WILLNEED), as
-# the Rust client does (src/pod.rs READ_AHEAD): the disk keeps reading while the bytes already
-# read are copied and checked.
-_READ_AHEAD = 32 << 20
-
-
-def _will_need(fd: int, off: int, length: int) -> None:
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None or length <= 0:
-        return
-    try:
-        advise(fd, off, length, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # a hint only
 _counter = itertools.count()
 
 
@@ -241,14 +227,8 @@ def read_member(directory: PathLike, entry: FileEntry, algo: str) -> bytes:
     try:
         chunks = []
         left = entry.size + 1
-        done = 0
-        _will_need(fd, 0, min(_READ_AHEAD, entry.size))
         while left > 0:
-            ahead = done + _READ_AHEAD
-            if ahead < entry.size:
-                _will_need(fd, ahead, min(_BLOCK, entry.size - ahead))
             b = os.read(fd, min(left, _BLOCK))
-            done += len(b)
             if not b:
                 break
             chunks.append(b)
