@@ -589,8 +589,9 @@ fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> F
         });
         let mut done = 0u64;
         // A second descriptor for the prefetcher (none if the process is out of them: the
-        // restore then runs without it).
-        let ahead = (len > 2 * step)
+        // restore then runs without it). Not for a member already in the page cache: there
+        // it would only copy every byte once more.
+        let ahead = (len > 2 * step && !cached(file, len))
             .then(|| file.try_clone().ok())
             .flatten()
             .map(|f| {
