@@ -17,7 +17,7 @@
 //! destination has its pages faulted in by a helper thread (`read_verified_fresh`).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use crate::error::{Error, Invalid, Result};
@@ -56,6 +56,11 @@ pub fn direct_io() -> bool {
 pub fn set_direct_io(on: bool) {
     DIRECT_IO.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Alignment of offsets, lengths and buffers for `O_DIRECT` reads and writes: a page, which
+/// satisfies 512-byte and 4 KiB logical blocks alike (a device that wants more refuses the
+/// first direct write or read with `EINVAL`, and ckpt goes back to the page cache).
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// Size of one read through the page-aligned scratch buffer of `read_verified` when the
 /// destination is at a slow alignment: small enough to stay in cache for the copy out.
@@ -185,28 +190,13 @@ pub(crate) struct Bounce {
 
 impl Bounce {
     pub(crate) fn new(len: usize) -> Bounce {
-        let buf = vec![0u8; len + 4096];
-        let off = buf.as_ptr().align_offset(4096);
+        let buf = vec![0u8; len + DIRECT_ALIGN];
+        let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
         Bounce { buf, off, len }
     }
     pub(crate) fn get(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
     }
-}
-
-/// Fills `buf` from `file` until it is full or the file ends; returns the bytes read and
-/// the error that stopped it, if any.
-fn fill(file: &mut File, buf: &mut [u8]) -> (usize, Option<io::Error>) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (filled, Some(e)),
-        }
-    }
-    (filled, None)
 }
 
 /// How far ahead of the reader a restore through the page cache reads ([`prefetch`]).
@@ -219,8 +209,8 @@ pub const READ_AHEAD: u64 = 32 << 20;
 /// while the reader copied and checksummed a chunk; the prefetcher keeps it busy, and
 /// because it reads like any reader, the kernel fills the cache with large folios.
 /// `POSIX_FADV_WILLNEED` for the same window was tried first: its pages are added one by one,
-/// and `ckpt bench` at 256 MiB restored at 0.55-0.60 x cold `dd` with it against 0.98-1.02
-/// with this thread (1 GiB: 0.67 against 1.12, median per-round ratios; `docs/benchmarks.md`
+/// and `ckpt bench` restored 256 MiB at 0.57-0.72 x cold `dd` with it against 0.98-1.08 with
+/// this thread (1 GiB: 0.67 against 1.00-1.21; median per-round ratios, `docs/benchmarks.md`
 /// run G).
 fn prefetch(file: &File, len: u64, progress: &std::sync::atomic::AtomicU64) {
     use std::os::unix::fs::FileExt;
@@ -380,7 +370,7 @@ fn cached(file: &File, len: usize) -> bool {
     {
         use std::os::unix::io::AsRawFd;
         let mut probe = vec![0u8; 64 << 10];
-        [0, (len / 2) & !4095].iter().all(|&off| {
+        [0, (len / 2) & !(DIRECT_ALIGN - 1)].iter().all(|&off| {
             let want = probe.len().min(len - off);
             let iov = libc::iovec {
                 iov_base: probe.as_mut_ptr().cast(),
@@ -447,17 +437,16 @@ const DIRECT_BUFFERS: usize = 3;
 /// No page-cache page is allocated: a fresh restore pays for one set of new pages instead of
 /// two. Cold 1 GiB on the VM of `docs/benchmarks.md` (run G), median per-round ratio to `dd`:
 /// 0.97 against 0.50 through the cache (1.53 against 1.08 with free-page reports settled).
-/// Into memory the job already owns (`read_into`), reading through the cache with
-/// read-ahead was as fast or faster (1.24 against 1.12; 2.34 against 1.86), so that path
-/// stays buffered. `None`: not applicable or refused (the caller reads through the cache); a
+/// Into memory the job already owns (`read_into`), reading through the cache (then with a
+/// `POSIX_FADV_WILLNEED` read-ahead, since replaced by [`prefetch`]) was as fast or faster
+/// (1.24 against 1.12; 2.34 against 1.86), so that path stays buffered. `None`: not applicable or refused (the caller reads through the cache); a
 /// refusal of the first read falls back the same way.
-fn read_direct(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
+fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
     let len = dest.len();
     if !fresh || !direct_io() || len < CHUNK || cached(file, len) {
         return None;
     }
-    let direct = DirectMode::set(file)?;
-    let file: &File = direct.file;
+    let _direct = DirectMode::set(file)?;
     let (addr, total) = (dest.as_ptr() as usize, len);
     // (buffer, offset, bytes read, error)
     type Piece = (Bounce, usize, usize, Option<io::Error>);
@@ -473,7 +462,10 @@ fn read_direct(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Opt
             for mut b in free_rx {
                 // Whole pages: the last piece asks for up to a page more than the member has
                 // (a direct read stops at the end of the file; more than asked = it grew).
-                let want = CHUNK.min(len - off).next_multiple_of(4096).min(CHUNK);
+                let want = CHUNK
+                    .min(len - off)
+                    .next_multiple_of(DIRECT_ALIGN)
+                    .min(CHUNK);
                 let (n, err) = fill_at(file, &mut b.get()[..want], off);
                 let last = err.is_some() || off + n >= len || n < want;
                 if full_tx.send((b, off, n, err)).is_err() || last {
@@ -530,7 +522,8 @@ fn read_direct(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Opt
     out
 }
 
-/// Fills `buf` from `file` at `off` until it is full or the file ends (positional reads).
+/// Fills `buf` from `file` at `off` until it is full or the file ends (positional reads);
+/// returns the bytes read and the error that stopped it, if any.
 fn fill_at(file: &File, buf: &mut [u8], off: usize) -> (usize, Option<io::Error>) {
     use std::os::unix::fs::FileExt;
     let mut filled = 0;
@@ -560,7 +553,7 @@ struct Filled {
 /// The read pass through the page cache: [`CHUNK`] reads (or [`BOUNCE`] reads through an
 /// aligned buffer), a [`prefetch`] thread [`READ_AHEAD`] bytes ahead, checksums on a helper
 /// thread.
-fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> Filled {
+fn read_buffered(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Filled {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::io::AsRawFd;
@@ -606,11 +599,11 @@ fn read_buffered(file: &mut File, dest: &mut [u8], algo: Algo, fresh: bool) -> F
             let (filled, err) = match &mut bounce {
                 Some(b) => {
                     let b = &mut b.get()[..chunk.len()];
-                    let (n, err) = fill(file, b);
+                    let (n, err) = fill_at(file, b, done as usize);
                     chunk[..n].copy_from_slice(&b[..n]);
                     (n, err)
                 }
-                None => fill(file, chunk),
+                None => fill_at(file, chunk, done as usize),
             };
             done += filled as u64;
             if err.is_some() || filled < chunk.len() {

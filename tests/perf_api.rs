@@ -23,6 +23,18 @@ fn open(dir: &Path) -> Checkpointer {
     Checkpointer::open(dir).expect("open")
 }
 
+/// Publishes one checkpoint in `dir` filled by `fill`, then returns a client opened on the
+/// directory (the checkpoint verified, ready to restore) and the checkpoint's path.
+fn save_then_open(
+    dir: &Path,
+    fill: impl FnOnce(&mut ckpt::store::Stage) -> ckpt::Result<()>,
+) -> (Checkpointer, std::path::PathBuf) {
+    let mut ck = open(dir);
+    let saved = ck.save_with(None, fill).unwrap();
+    drop(ck);
+    (open(dir), saved.path)
+}
+
 fn f32s(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.5).collect()
 }
@@ -77,18 +89,13 @@ fn bulk_arrays_round_trip_across_chunk_boundaries() {
 fn corrupt_or_truncated_bulk_files_are_refused_on_read() {
     let tmp = tempdir();
     let w = f32s(3_000_000, 1);
-    let mut ck = open(tmp.path());
-    let saved = ck
-        .save_with(None, |st| {
-            st.write_f32s("a.f32", &w)?;
-            st.write_f32s("b.f32", &w)?;
-            Ok(())
-        })
-        .unwrap();
-    drop(ck);
-    let ck = open(tmp.path());
+    let (ck, saved) = save_then_open(tmp.path(), |st| {
+        st.write_f32s("a.f32", &w)?;
+        st.write_f32s("b.f32", &w)?;
+        Ok(())
+    });
     // One flipped bit in the last chunk of a.
-    let a = saved.path.join("a.f32");
+    let a = saved.join("a.f32");
     let mut bytes = std::fs::read(&a).unwrap();
     let at = bytes.len() - 5;
     bytes[at] ^= 0x10;
@@ -96,7 +103,7 @@ fn corrupt_or_truncated_bulk_files_are_refused_on_read() {
     let err = ck.read_f32s("a.f32").unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
     // b truncated by one element.
-    let b = saved.path.join("b.f32");
+    let b = saved.join("b.f32");
     let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
     f.set_len((w.len() as u64 - 1) * 4).unwrap();
     let err = ck.read_f32s("b.f32").unwrap_err();
@@ -221,15 +228,9 @@ fn read_into_is_exact_at_every_destination_alignment() {
         let data: Vec<u8> = (0..9_437_201u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let mut ck = open(tmp.path());
-        ck.save_with(None, |st| {
-            st.write_large("blob", &data)?;
-            Ok(())
-        })
-        .unwrap();
-        drop(ck);
-        let ck = open(tmp.path());
-        let blob = ck.restore_dir().unwrap().join("blob");
+        let (ck, saved) =
+            save_then_open(tmp.path(), |st| st.write_large("blob", &data).map(|_| ()));
+        let blob = saved.join("blob");
         let mut buf = Vec::new();
         for off in [0, 1, 7, 16, 31, 32, 63, 64, 100, 4095] {
             uncache(&blob);
@@ -278,12 +279,9 @@ fn read_into_is_exact_at_every_destination_alignment() {
                 .map(|i| i.wrapping_mul(2_654_435_761))
                 .collect();
             let tmp = tempdir();
-            let mut ck = open(tmp.path());
-            ck.save_with(None, |st| st.write_pod("w", &words).map(|_| ()))
-                .unwrap();
-            drop(ck);
-            let ck = open(tmp.path());
-            uncache(&ck.restore_dir().unwrap().join("w"));
+            let (ck, saved) =
+                save_then_open(tmp.path(), |st| st.write_pod("w", &words).map(|_| ()));
+            uncache(&saved.join("w"));
             let before = ckpt::pod::direct_reads();
             assert!(ck.read_pod::<u32>("w").unwrap() == words, "{n} bytes");
             // Members smaller than one piece always go through the cache.
@@ -304,60 +302,42 @@ fn corruption_and_truncation_are_caught_on_both_read_paths() {
         let before = ckpt::pod::direct_reads();
         let tmp = tempdir();
         let data: Vec<u8> = (0..(9 << 20) + 5).map(|i| (i * 7 + 3) as u8).collect();
-        let mut ck = open(tmp.path());
-        let saved = ck
-            .save_with(None, |st| {
-                st.write_large("blob", &data)?;
-                Ok(())
-            })
-            .unwrap();
-        drop(ck);
         // Opened (and the checkpoint verified) before the damage: what the read path must catch.
-        let ck = open(tmp.path());
-        let file = saved.path.join("blob");
+        let (ck, saved) =
+            save_then_open(tmp.path(), |st| st.write_large("blob", &data).map(|_| ()));
+        let file = saved.join("blob");
         let mut buf = Vec::new();
-        // One flipped bit in the first and in the last chunk; read directly (+0) and through the
-        // aligned bounce buffer (+16, where glibc puts large allocations).
-        for at in [10, data.len() - 3] {
-            let mut bad = data.clone();
-            bad[at] ^= 0x01;
-            std::fs::write(&file, &bad).unwrap();
-            uncache(&file);
+        // Damaged contents are refused by every path: into the job's memory directly (+0) and
+        // through the aligned bounce buffer (+16, where glibc puts large allocations), and into
+        // fresh memory (past the cache when direct I/O is on).
+        let mut refused = |content: &[u8], what: &str, is_expected: &dyn Fn(&Error) -> bool| {
+            std::fs::write(&file, content).unwrap();
             for off in [0, 16] {
+                uncache(&file);
                 let err = ck
                     .read_into("blob", at_page_offset(&mut buf, off, data.len()))
                     .unwrap_err();
-                assert!(
-                    err.to_string().contains("checksum"),
-                    "at {at} +{off}: {err}"
-                );
+                assert!(is_expected(&err), "{what} +{off}: {err}");
             }
-            // Into fresh memory (past the cache when direct I/O is on).
             uncache(&file);
             let err = ck.read_file("blob").unwrap_err();
-            assert!(err.to_string().contains("checksum"), "at {at} fresh: {err}");
+            assert!(is_expected(&err), "{what} fresh: {err}");
+        };
+        // One flipped bit in the first and in the last chunk.
+        for at in [10, data.len() - 3] {
+            let mut bad = data.clone();
+            bad[at] ^= 0x01;
+            refused(&bad, &format!("bit flipped at {at}"), &|e| {
+                e.to_string().contains("checksum")
+            });
         }
         // Truncated by one byte, and grown by one byte.
         for len in [data.len() - 1, data.len() + 1] {
             let mut v = data.clone();
             v.resize(len, 0);
-            std::fs::write(&file, &v).unwrap();
-            uncache(&file);
-            for off in [0, 16] {
-                let err = ck
-                    .read_into("blob", at_page_offset(&mut buf, off, data.len()))
-                    .unwrap_err();
-                assert!(
-                    matches!(err, Error::Invalid { .. }),
-                    "len {len} +{off}: {err}"
-                );
-            }
-            uncache(&file);
-            let err = ck.read_file("blob").unwrap_err();
-            assert!(
-                matches!(err, Error::Invalid { .. }),
-                "len {len} fresh: {err}"
-            );
+            refused(&v, &format!("{len} bytes"), &|e| {
+                matches!(e, Error::Invalid { .. })
+            });
         }
         // Intact again: both paths read it.
         std::fs::write(&file, &data).unwrap();

@@ -18,10 +18,11 @@ use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
 ///
 /// Runs, in one go and on the same directory: raw sequential write+fsync (`dd bs=4M
 /// conv=fsync`, and `dd oflag=direct` past the page cache as ckpt's bulk writes go; an
-/// equivalent in-process writer when dd is missing) and cold read baselines; ckpt's save (bulk array path) and restore (verified inline); the stall of an
-/// asynchronous save next to a plain in-memory copy of the state; the latency of a small
-/// durable commit. Prints medians over --runs, the ratios, and the interval the Young/Daly
-/// rule recommends. Cold reads need root (to drop the page cache); otherwise reads are warm
+/// equivalent in-process writer when dd is missing) and cold read baselines; ckpt's save
+/// (bulk array path) and restore (verified inline); the stall of an asynchronous save next
+/// to a plain in-memory copy of the state; the latency of a small durable commit. Prints
+/// medians over --runs, the ratios (also the median of the per-round ratios, steadier on a
+/// noisy disk), and the interval the Young/Daly rule recommends. Cold reads need root (to drop the page cache); otherwise reads are warm
 /// and marked so. On a VM that reports freed memory to its host and shows the count
 /// (/sys/module/page_reporting/parameters/reported_kib), each cold read waits until the
 /// report of the dropped cache is finished ("cold, settled"), so that every read starts alike.

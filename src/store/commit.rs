@@ -318,10 +318,7 @@ enum Direct {
     Refused,
 }
 
-/// Alignment of offsets, lengths and buffers for `O_DIRECT` writes: a page, which satisfies
-/// 512-byte and 4 KiB logical blocks alike (a device that wants more refuses the first write
-/// with `EINVAL`, and the writer goes back to buffered writes).
-const DIRECT_ALIGN: usize = 4096;
+use crate::pod::DIRECT_ALIGN;
 
 thread_local! {
     /// Page-aligned [`crate::pod::CHUNK`] buffers for `O_DIRECT` writes from unaligned
