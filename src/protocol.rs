@@ -138,6 +138,32 @@ pub fn parse_signal(s: &str) -> Option<i32> {
         .map(|s| s as i32)
 }
 
+/// Why `sig` cannot be a checkpoint-request signal, or `None` when it can. A request signal
+/// must be catchable and mean nothing else to the process: SIGUSR1, SIGUSR2, SIGHUP, SIGALRM,
+/// SIGURG, SIGWINCH, SIGIO, SIGPWR, SIGVTALRM, SIGPROF, or a real-time signal
+/// (SIGRTMIN..SIGRTMAX, 34..64 on Linux; 32 and 33 belong to the C library's threads).
+/// Everything else (KILL and STOP cannot be caught; TERM and INT mean "stop"; CHLD, CONT and
+/// the terminal stops are job control; SEGV, BUS, FPE, ILL, TRAP, SYS, ABRT, QUIT and PIPE
+/// report faults) is refused, by the supervisor (`--signal`, a client's hello) and by every
+/// client (`CKPT_SIGNAL`). Specified in `docs/protocol.md`.
+pub fn request_signal_problem(sig: i32) -> Option<&'static str> {
+    use libc::*;
+    const OK: [i32; 10] = [
+        SIGUSR1, SIGUSR2, SIGHUP, SIGALRM, SIGURG, SIGWINCH, SIGIO, SIGPWR, SIGVTALRM, SIGPROF,
+    ];
+    match sig {
+        s if OK.contains(&s) || (34..=64).contains(&s) => None,
+        SIGKILL | SIGSTOP => Some("cannot be caught"),
+        SIGTERM | SIGINT => Some("means \"stop\" to every client"),
+        SIGCHLD | SIGCONT | SIGTSTP | SIGTTIN | SIGTTOU => Some("is a job-control signal"),
+        SIGSEGV | SIGBUS | SIGFPE | SIGILL | SIGTRAP | SIGSYS | SIGABRT | SIGQUIT | SIGPIPE => {
+            Some("reports a fault or asks for a core dump")
+        }
+        32 | 33 => Some("is reserved by the C library's threads"),
+        _ => Some("is not a signal"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +208,15 @@ mod tests {
         assert_eq!(parse_signal("15"), Some(15));
         assert_eq!(parse_signal("BOGUS"), None);
         assert_eq!(parse_signal("0"), None);
+    }
+
+    #[test]
+    fn request_signals() {
+        for ok in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGHUP, 34, 40, 64] {
+            assert_eq!(request_signal_problem(ok), None, "{ok}");
+        }
+        for bad in [0, -1, 9, 19, 15, 2, 17, 11, 6, 32, 33, 65, 999] {
+            assert!(request_signal_problem(bad).is_some(), "{bad}");
+        }
     }
 }

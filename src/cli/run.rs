@@ -34,6 +34,18 @@ pub struct RunArgs {
     /// trap it themselves without announcing a client (shell traps).
     #[arg(long, value_name = "SIG")]
     pub signal: Option<String>,
+    /// Where a --signal request goes when the job has not announced a client: `leader`, the
+    /// command ckpt started (its background workers and helpers, which never asked for the
+    /// signal, keep running: a shell trap is not interrupted by its own children dying), or
+    /// `group`, its whole process group. Processes that announced a client always get the
+    /// request themselves.
+    #[arg(long, value_enum, default_value = "leader", value_name = "WHO")]
+    pub signal_to: SignalToArg,
+    /// Give up after the job was stopped (time limit, notice, signal) N times in a row
+    /// without making progress since its launch: exit 76 instead of 75 or a Slurm requeue,
+    /// which would only loop.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub max_stops_without_progress: u32,
     /// On stop, how long the job gets to commit a checkpoint and exit before SIGTERM.
     #[arg(long, default_value = "20s", value_parser = parse_duration, value_name = "DURATION")]
     pub grace: Duration,
@@ -127,6 +139,26 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SignalToArg {
+    Leader,
+    Group,
+}
+
+/// Durations past this are refused: deadlines are computed on a monotonic clock, and a
+/// hundred years is "never" for a job.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+fn bounded(flag: &str, d: Duration) -> Result<Duration, Fatal> {
+    if d > MAX_DURATION {
+        return Err(usage(format!(
+            "{flag} {}s is too long (at most 100 years); hint: use `off` where the flag takes it",
+            d.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SlurmMode {
     Auto,
     Off,
@@ -185,13 +217,31 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         ),
         None => (libc::SIGUSR1, false),
     };
-    if [libc::SIGKILL, libc::SIGSTOP, libc::SIGTERM, libc::SIGCHLD].contains(&signal) {
+    if let Some(why) = crate::protocol::request_signal_problem(signal) {
         return Err(usage(format!(
-            "--signal {}: this signal cannot serve as a checkpoint request; hint: use USR1 or USR2",
-            a.signal.unwrap_or_default()
+            "--signal {}: this signal cannot serve as a checkpoint request: it {why}; hint: use USR1, USR2 or a real-time signal (docs/protocol.md)",
+            a.signal.clone().unwrap_or_default()
         )));
     }
+    if let Some(e) = every {
+        bounded("--every", e)?;
+    }
     let (backoff_min, backoff_max) = parse_backoff(&a.backoff).map_err(usage)?;
+    bounded("--backoff", backoff_max)?;
+    bounded("--grace", a.grace)?;
+    bounded("--kill-after", a.kill_after)?;
+    for (flag, d) in [
+        ("--hang-timeout", a.hang_timeout),
+        ("--checkpoint-timeout", a.checkpoint_timeout),
+        ("--keep-every", a.keep_every),
+        ("--mtbf", a.mtbf),
+    ] {
+        if let Some(d) = d {
+            bounded(flag, d)?;
+        }
+    }
+    bounded("--preemption-poll", a.preemption_poll)?;
+    bounded("--metadata-timeout", a.metadata_timeout)?;
     let slurm = match a.slurm {
         SlurmMode::Off => None,
         SlurmMode::Auto => {
@@ -258,6 +308,11 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         auto_every,
         signal,
         signal_explicit,
+        signal_to: match a.signal_to {
+            SignalToArg::Leader => crate::supervisor::SignalTo::Leader,
+            SignalToArg::Group => crate::supervisor::SignalTo::Group,
+        },
+        max_stops_without_progress: a.max_stops_without_progress,
         grace: a.grace,
         kill_after: a.kill_after,
         keep: a.keep as usize,

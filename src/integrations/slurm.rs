@@ -333,6 +333,10 @@ pub fn lookup_end_time(env: &JobEnv) -> Result<Option<(SystemTime, &'static str)
     }
 }
 
+/// The stop margin is at most the time left at start divided by this: the job always runs
+/// for at least half of the time it was given.
+pub const FAIR_SHARE_DIVISOR: u32 = 2;
+
 /// One `ckpt run` under Slurm.
 #[derive(Debug)]
 pub struct Session {
@@ -345,6 +349,10 @@ pub struct Session {
     /// Slurm sent SIGTERM to every process of the job (time limit, scancel, requeue,
     /// preemption): the job's own processes have it already.
     pub job_got_sigterm: bool,
+    /// The time left when this supervisor started: the stop margin never exceeds half of it,
+    /// so that every launch gets a fair chance to make progress (a margin longer than the
+    /// whole job would stop it at once, requeue, and loop).
+    pub left_at_start: Option<Duration>,
 }
 
 /// Extra time on top of twice the longest recent checkpoint.
@@ -358,6 +366,7 @@ impl Session {
             end: None,
             saves_ms: VecDeque::new(),
             job_got_sigterm: false,
+            left_at_start: None,
         }
     }
 
@@ -377,7 +386,19 @@ impl Session {
             .max()
             .map(|&ms| Duration::from_millis(ms * 2) + MARGIN_SLACK)
             .unwrap_or_default();
-        self.settings.margin.unwrap_or_default().max(measured)
+        let wanted = self.settings.margin.unwrap_or_default().max(measured);
+        match self.left_at_start {
+            Some(left) => wanted.min(left / FAIR_SHARE_DIVISOR),
+            None => wanted,
+        }
+    }
+
+    /// Whether the margin was cut to half the time left at start.
+    pub fn margin_adapted(&self) -> bool {
+        self.left_at_start.is_some_and(|left| {
+            let wanted = self.settings.margin.unwrap_or_default();
+            wanted > left / FAIR_SHARE_DIVISOR
+        })
     }
 
     /// When to stop, as an `Instant` (None when the end time is unknown or not watched).

@@ -210,12 +210,12 @@ impl super::Run {
         let Some(auto) = self.cfg.auto_every else {
             return;
         };
-        let src = MtbfSource::pick(auto.mtbf, process_age(), self.hist.restarts);
+        let src = MtbfSource::pick(auto.mtbf, process_age(), self.m.hist.restarts);
         let mtbf = src.value();
         let total = Duration::from_millis(duration_ms);
         let choice = auto_choice(total, blocked_ms.map(Duration::from_millis), mtbf);
         let (every, raw, cost) = (choice.every, choice.young_daly, choice.cost);
-        let old = self.cfg.every;
+        let old = self.m.every;
         let changed = old.is_none_or(|o| {
             let r = every.as_secs_f64() / o.as_secs_f64().max(1e-9);
             !(0.9..=1.1).contains(&r)
@@ -223,7 +223,7 @@ impl super::Run {
         if !changed {
             return;
         }
-        self.cfg.every = Some(every);
+        self.m.every = Some(every);
         let clamp = match choice.floor {
             Some(f) if every == f => format!(
                 " (sqrt(2 x C x MTBF) = {}, raised to {ASYNC_HEADROOM} x the whole background save)",

@@ -17,6 +17,13 @@ pub struct DirLock {
 }
 
 impl DirLock {
+    /// The lock's file descriptor: the job's child closes it first thing after the fork, so
+    /// that a child dying with its supervisor never holds the lock for a moment longer.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._lock.as_raw_fd()
+    }
+
     /// Takes the lock or fails at once naming the holder.
     pub fn acquire(store: &Store, command: &str) -> Result<DirLock> {
         let path = store.private().join("lock");

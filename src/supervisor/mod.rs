@@ -1,18 +1,22 @@
-//! The supervisor behind `ckpt run`: one event loop over signals, child exits, job messages
-//! and timers; the job's state lives in `Run`. Process model and each failure case:
-//! `docs/design.md`.
+//! The supervisor behind `ckpt run`: one loop over signals, child exits, job messages,
+//! control requests and timers. The job's state and every decision live in the pure state
+//! machine of `machine.rs`; this file is its I/O edge: it turns what happened into
+//! `machine::Event`s and carries out the `machine::Action`s. Process model, state diagram and
+//! each failure case: `docs/design.md`.
 
 pub mod branch;
+pub mod cgroup;
 pub mod control;
 pub mod interval;
 pub mod lock;
+pub mod machine;
 pub mod policy;
 pub mod report;
 mod slurm_hooks;
 pub mod spawn;
 pub mod stop_soon;
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -21,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+pub use crate::fmt::{fmt_bytes, fmt_dur, signame};
 use crate::integrations::slurm;
 use crate::protocol::{self, Message};
-use crate::store::{Found, Store};
-use policy::{Decision, History, Policy};
+use crate::store::{Found, Manifest, Store};
+use machine::{Action, Event, Machine, Mark, Outcome, Phase, Why};
+use policy::Policy;
 use report::Reporter;
-use spawn::Exit;
 
 /// ckpt's exit codes: one table, documented in the README.
 pub mod exit_codes {
@@ -46,6 +51,12 @@ pub mod exit_codes {
     pub const TEMPFAIL: i32 = 75;
     /// `ckpt status/checkpoint/stop`: no supervisor runs on that directory.
     pub const NOT_RUNNING: i32 = 69;
+    /// Stopped, and the job made no progress since its launch in more than
+    /// `--max-stops-without-progress` stops in a row: not requeued or run again (it would
+    /// only loop).
+    pub const NO_PROGRESS: i32 = 76;
+    /// `ckpt checkpoint`: the job has not announced a client, so it cannot be asked.
+    pub const NO_CLIENT: i32 = 78;
     /// Stopped after a checkpoint and requeued through Slurm (`scontrol requeue`): nothing
     /// left to do, Slurm runs the batch script again (docs/slurm.md).
     pub const REQUEUED: i32 = 79;
@@ -75,6 +86,16 @@ fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
     }
 }
 
+/// Where `--signal` requests go when the job announced no client (`--signal-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalTo {
+    /// Only the job's leader (the command ckpt started): its helpers and background
+    /// workers, which never asked for the signal, keep running (the default).
+    Leader,
+    /// The job's whole process group.
+    Group,
+}
+
 /// Everything `ckpt run` was told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -88,6 +109,11 @@ pub struct Config {
     pub signal: i32,
     /// `--signal` was given: the job traps it itself even without announcing a client.
     pub signal_explicit: bool,
+    /// `--signal-to`: where a request signal goes for a job without a client.
+    pub signal_to: SignalTo,
+    /// `--max-stops-without-progress`: stops in a row without progress before ckpt gives
+    /// up instead of asking to be run again (or requeuing).
+    pub max_stops_without_progress: u32,
     pub grace: Duration,
     pub kill_after: Duration,
     pub keep: usize,
@@ -112,40 +138,30 @@ pub struct Config {
     pub from: Option<String>,
 }
 
+/// What the event sources hand to the loop.
 enum Ev {
     Signal(i32),
-    Msg(Message),
+    /// A job message and the sender's pid as the kernel saw it (`SCM_CREDENTIALS`).
+    Msg(Message, Option<u32>),
     BadMsg(String),
     Control(control::ControlEvent),
     /// From an integration's watcher thread (e.g. a cloud preemption notice).
     External(stop_soon::External),
 }
 
-#[derive(Debug, Clone, Copy)]
-enum StopPhase {
-    /// The job was asked to checkpoint (and exit); waiting until `deadline`.
-    Requested { deadline: Instant, base_seq: u64 },
-    /// SIGTERM sent to the group; SIGKILL at `deadline`.
-    Terminating { deadline: Instant },
-}
-
-struct Job {
-    pid: u32,
-    started: Instant,
-    seq_at_launch: u64,
-    /// Processes that announced a client, with their request signal.
-    announced: BTreeMap<u32, i32>,
-    next_request: Option<Instant>,
-    step: Option<u64>,
-    /// The "no client, no requests" notice was logged for this launch.
-    skip_logged: bool,
-    /// Last sign of life from a client (any message), for hang detection.
-    last_beat: Instant,
-    /// A checkpoint was requested at this time and has not committed yet.
-    pending_since: Option<Instant>,
-    /// The job was declared hung; SIGKILL at this time.
-    kill_at: Option<Instant>,
-}
+/// Signals that stop ckpt like SIGTERM (checkpoint, then stop the job): besides TERM, INT
+/// and HUP, the ones whose default action would kill ckpt and leave the job running.
+pub const STOP_SIGNALS: [i32; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGXCPU,
+    libc::SIGABRT,
+];
+/// Signals ckpt receives and ignores (logged): profiling timers.
+pub const IGNORED_SIGNALS: [i32; 2] = [libc::SIGVTALRM, libc::SIGPROF];
 
 /// Runs the supervisor to the end; returns ckpt's exit code.
 pub fn run(cfg: Config) -> Result<i32, Fatal> {
@@ -162,9 +178,18 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
-    let _lock = lock::DirLock::acquire(&store, &cmdline)
+    let lock = lock::DirLock::acquire(&store, &cmdline)
         .map_err(|e| fatal(exit_codes::CANT_CREATE, e.to_string()))?;
     let mut rep = Reporter::new(store.private(), cfg.quiet, cfg.log_json);
+    // What a dead predecessor left running (it was SIGKILLed, so it could not clean up).
+    let ended = cgroup::end_leftovers(&store.private());
+    if ended > 0 {
+        rep.warn(
+            "leftovers_killed",
+            format!("killed {ended} process(es) left running by an earlier supervisor of this directory that died"),
+            json!({ "count": ended }),
+        );
+    }
     if let Some(from) = &cfg.from {
         branch::apply(&store, from, &mut rep)?;
     }
@@ -220,31 +245,44 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
             json!({}),
         ),
     }
+    let cgroup = cgroup::Cgroup::create(&store.private());
     rep.event(
         "start",
         None,
-        json!({ "pid": std::process::id(), "command": cmdline, "dir": store.dir() }),
+        json!({ "pid": std::process::id(), "command": cmdline, "dir": store.dir(), "cgroup": cgroup.as_ref().map(|c| c.path().to_path_buf()) }),
     );
 
     let notices = stop_soon::Notices::load(&store.private());
+    let m = Machine::new(machine::Settings {
+        every: cfg.every,
+        grace: cfg.grace,
+        kill_after: cfg.kill_after,
+        policy: cfg.policy.clone(),
+        signal_explicit: cfg.signal_explicit,
+        signal: cfg.signal,
+        hang_timeout: cfg.hang_timeout,
+        hang_signal: cfg.hang_signal,
+        checkpoint_timeout: cfg.checkpoint_timeout,
+    });
     let mut run = Run {
         cfg,
         store,
         rep,
         rx,
         socket_path,
-        hist: History::default(),
-        last_seq: 0,
-        stop: None,
-        stop_requested: false,
+        m,
+        job_pid: None,
         last_commit_ms: None,
         slurm: session,
         control_path,
         started: Instant::now(),
         waits: Vec::new(),
         bad_controls: 0,
+        bad_msgs: 0,
         notices,
         last_commit: None,
+        cgroup,
+        lock_fd: lock.raw_fd(),
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -260,6 +298,10 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     {
         let _ = std::fs::remove_dir(parent);
     }
+    if let Some(cg) = run.cgroup.take() {
+        cg.remove();
+    }
+    drop(lock);
     code
 }
 
@@ -304,26 +346,32 @@ fn bind_control(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
     Ok(path)
 }
 
+/// The job socket: owner-only (bound under a 0o077 umask), and every datagram carries the
+/// sender's credentials (`SO_PASSCRED`), so a hello's pid is checked against its sender.
 fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
     let path = socket_path(store, "sock")?;
     let _ = std::fs::remove_file(&path);
-    let sock = UnixDatagram::bind(&path).map_err(|e| {
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixDatagram::bind(&path);
+    unsafe { libc::umask(old) };
+    let sock = bound.map_err(|e| {
         fatal(
             exit_codes::CANT_CREATE,
             format!("cannot bind job socket {}: {e}", path.display()),
         )
     })?;
+    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true);
     std::thread::Builder::new()
         .name("ckpt-socket".into())
         .spawn(move || {
             let mut buf = vec![0u8; protocol::MAX_MESSAGE_BYTES + 1];
             loop {
-                let n = match sock.recv(&mut buf) {
-                    Ok(n) => n,
+                let (n, sender) = match recv_with_creds(&sock, &mut buf) {
+                    Ok(x) => x,
                     Err(_) => continue,
                 };
                 let ev = match Message::parse(&buf[..n]) {
-                    Ok(m) => Ev::Msg(m),
+                    Ok(m) => Ev::Msg(m, sender),
                     Err(e) => Ev::BadMsg(e),
                 };
                 if tx.send(ev).is_err() {
@@ -340,13 +388,38 @@ fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
     Ok(path)
 }
 
+/// One datagram and the pid of its sender (from `SCM_CREDENTIALS`).
+fn recv_with_creds(sock: &UnixDatagram, buf: &mut [u8]) -> std::io::Result<(usize, Option<u32>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let mut sender = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmCredentials(cred) = c {
+                sender = Some(cred.pid() as u32);
+            }
+        }
+    }
+    Ok((msg.bytes, sender))
+}
+
 use std::os::unix::fs::DirBuilderExt;
 
 fn start_signal_thread(tx: Sender<Ev>, extra: Option<i32>) -> Result<(), Fatal> {
-    use signal_hook::consts::*;
     let mut signals = signal_hook::iterator::Signals::new(
-        [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD]
+        STOP_SIGNALS
             .into_iter()
+            .chain(IGNORED_SIGNALS)
+            .chain([libc::SIGUSR1, libc::SIGCHLD])
             .chain(extra),
     )
     .map_err(|e| {
@@ -373,17 +446,17 @@ fn start_signal_thread(tx: Sender<Ev>, extra: Option<i32>) -> Result<(), Fatal> 
     Ok(())
 }
 
+/// The loop's I/O side: everything the pure [`Machine`] does not hold.
 struct Run {
     cfg: Config,
     store: Store,
     rep: Reporter,
     rx: Receiver<Ev>,
     socket_path: PathBuf,
-    hist: History,
-    /// Newest checkpoint known to verify.
-    last_seq: u64,
-    stop: Option<StopPhase>,
-    stop_requested: bool,
+    /// The state machine.
+    m: Machine,
+    /// The current launch's leader (its process group).
+    job_pid: Option<u32>,
     last_commit_ms: Option<u64>,
     /// Set when running inside a Slurm job with `--slurm auto`.
     slurm: Option<slurm::Session>,
@@ -392,110 +465,335 @@ struct Run {
     /// `ckpt checkpoint --wait` callers: answered when a checkpoint above the sequence commits.
     waits: Vec<(u64, Sender<serde_json::Value>)>,
     bad_controls: u64,
+    bad_msgs: u64,
     notices: stop_soon::Notices,
     /// The newest committed checkpoint this supervisor saw (for `ckpt status`).
     last_commit: Option<serde_json::Value>,
+    /// The job's own cgroup (v2), where the machine allows one.
+    cgroup: Option<cgroup::Cgroup>,
+    /// The directory lock's descriptor (closed in the job's child).
+    lock_fd: std::os::fd::RawFd,
 }
 
-fn signame(s: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(s)
-        .map(|s| s.as_str())
-        .unwrap_or("signal")
+/// A checkpoint's progress mark: sequence, step, and a digest of its files' checksums.
+fn mark_of(m: &Manifest) -> Mark {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in &m.files {
+        (&f.name, f.size, f.sum).hash(&mut h);
+    }
+    Mark {
+        seq: m.seq,
+        step: m.step,
+        digest: h.finish(),
+    }
 }
 
 impl Run {
     fn main_loop(&mut self) -> Result<i32, Fatal> {
+        let tick = Duration::from_millis(500);
+        let mut queue: VecDeque<Action> = self.m.start().into();
+        let mut last_scan = Instant::now();
+        let mut last_live = Instant::now();
         loop {
-            if self.stop_requested {
-                self.rep.event(
-                    "stopped",
-                    Some("stopped before relaunching the job; run again to resume".into()),
-                    json!({ "code": exit_codes::TEMPFAIL }),
-                );
-                self.notice_after_stop();
-                return Ok(self.slurm_after_stop());
+            while let Some(a) = queue.pop_front() {
+                if let Some(code) = self.act(a, &mut queue)? {
+                    return Ok(code);
+                }
             }
-            // Every process of the previous launch is gone: a rank killed while writing its
-            // shard leaves a staging directory of a dead pid (docs/multi-rank.md).
-            if self.hist.restarts > 0 {
-                let _ = self.store.clean_leftovers();
+            let now = Instant::now();
+            let slurm_stop_at = self
+                .slurm
+                .as_ref()
+                .and_then(|s| s.stop_at())
+                .filter(|_| self.m.stop.is_none());
+            let wake = [self.m.next_wake(), slurm_stop_at]
+                .into_iter()
+                .flatten()
+                .fold(now + tick, |a, b| a.min(b));
+            let evs = match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(ev) => self.translate(ev),
+                Err(RecvTimeoutError::Timeout) => Vec::new(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(tick);
+                    Vec::new()
+                }
+            };
+            for ev in evs {
+                queue.extend(self.m.on(ev, Instant::now()));
             }
-            let restore = self.pick_restore()?;
-            let mut job = self.launch(restore.as_ref())?;
-            let exit = self.supervise(&mut job);
+            self.reap(&mut queue);
+            let now = Instant::now();
+            if self.job_pid.is_some() && now.duration_since(last_scan) >= Duration::from_secs(1) {
+                last_scan = now;
+                self.rescan(&mut queue);
+            }
+            if slurm_stop_at.is_some_and(|t| now >= t) {
+                if let Some(ev) = self.slurm_time_limit() {
+                    queue.extend(self.m.on(ev, now));
+                }
+            }
+            queue.extend(self.m.on(Event::Tick, now));
+            if now.duration_since(last_live) >= Duration::from_secs(1) {
+                last_live = now;
+                let line = self.live_line();
+                self.rep.live(line);
+            }
+        }
+    }
+
+    /// Reaps children; when the leader is gone, ends the rest of its tree, rescans, and tells
+    /// the machine.
+    fn reap(&mut self, queue: &mut VecDeque<Action>) {
+        for (pid, exit) in spawn::reap() {
+            if Some(pid) != self.job_pid {
+                continue;
+            }
             self.rep.live(None);
-            let (reaped, left) = spawn::kill_tree(Some(job.pid), Duration::from_secs(10));
-            drop(reaped);
-            if !left.is_empty() {
-                self.rep.warn(
-                    "orphans",
-                    format!("processes {left:?} of the job did not die after SIGKILL within 10s"),
-                    json!({ "pids": left }),
-                );
-            }
-            self.rescan(Some(&mut job));
-            let progress = self.last_seq > job.seq_at_launch;
-            let ran = job.started.elapsed();
-            self.rep.event(
-                "exit",
-                Some(format!("job (pid {}) ended with {exit} after {}", job.pid, fmt_dur(ran))),
-                json!({ "pid": job.pid, "exit": exit.as_code(), "signaled": matches!(exit, Exit::Signal(_)), "ran_ms": ran.as_millis() as u64, "progress": progress }),
+            self.kill_tree_wait(pid);
+            self.job_pid = None;
+            self.rescan(queue);
+            queue.extend(self.m.on(
+                Event::Exited {
+                    exit,
+                    jitter: fastrand::f64(),
+                },
+                Instant::now(),
+            ));
+        }
+    }
+
+    /// SIGKILLs what is left of the tree of leader `pid` and waits (10 s at most).
+    fn kill_tree_wait(&mut self, pid: u32) {
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+        let (_, left) = spawn::kill_tree(Some(pid), Duration::from_secs(10));
+        if !left.is_empty() {
+            self.rep.warn(
+                "orphans",
+                format!(
+                    "processes {} of the job did not die after SIGKILL within 10s",
+                    left.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                json!({ "pids": left }),
             );
-            if self.stop_requested {
-                self.write_status("stopped", None);
-                let newest = if self.last_seq > 0 {
-                    format!("newest checkpoint {}", self.last_seq)
-                } else {
-                    "no checkpoint yet".into()
-                };
-                self.rep.event(
-                    "stopped",
-                    Some(format!(
-                        "stopped ({newest}); exit {} = run me again to resume",
-                        exit_codes::TEMPFAIL
-                    )),
-                    json!({ "code": exit_codes::TEMPFAIL, "seq": self.last_seq }),
-                );
-                self.notice_after_stop();
-                return Ok(self.slurm_after_stop());
+        }
+    }
+
+    /// Carries out one action; `Some(code)` ends the run.
+    fn act(&mut self, a: Action, queue: &mut VecDeque<Action>) -> Result<Option<i32>, Fatal> {
+        match a {
+            Action::Launch => {
+                // Every process of the previous launch is gone: a rank killed while writing
+                // its shard leaves a staging directory of a dead pid (docs/multi-rank.md).
+                if self.m.hist.restarts > 0 {
+                    let _ = self.store.clean_leftovers();
+                }
+                let restore = self.pick_restore()?;
+                let pid = self.launch(restore.as_ref())?;
+                self.job_pid = Some(pid);
+                let restored = restore.as_ref().map(|f| mark_of(&f.manifest));
+                queue.extend(self.m.on(Event::Launched { pid, restored }, Instant::now()));
             }
-            if exit.success() {
-                self.mark_finished(exit);
-                self.write_status("finished", None);
+            Action::Signal { pid, sig } => {
+                // Never signal a pid that is no longer ours (it may have been reused).
+                if spawn::is_descendant(pid) || (self.slurm.is_some() && slurm::is_job_peer(pid)) {
+                    spawn::signal_pid(pid, sig);
+                }
+            }
+            Action::SignalGroup(sig) => {
+                if let Some(pid) = self.job_pid {
+                    if sig == libc::SIGTERM {
+                        spawn::signal_group(pid, libc::SIGCONT);
+                        spawn::signal_group(pid, sig);
+                    } else if sig == self.cfg.signal && self.cfg.signal_to == SignalTo::Leader {
+                        spawn::signal_pid(pid, sig);
+                    } else {
+                        spawn::signal_group(pid, sig);
+                    }
+                }
+            }
+            Action::KillTree => {
+                if let Some(pid) = self.job_pid {
+                    if let Some(cg) = &self.cgroup {
+                        cg.kill();
+                    }
+                    spawn::signal_group(pid, libc::SIGKILL);
+                    for p in spawn::descendants() {
+                        spawn::signal_pid(p, libc::SIGKILL);
+                    }
+                }
+            }
+            Action::Rescan => self.rescan(queue),
+            Action::Log(l) => {
+                if l.warn {
+                    self.rep.warn(l.event, l.human.unwrap_or_default(), l.data);
+                } else {
+                    self.rep.event(l.event, l.human, l.data);
+                }
+            }
+            Action::Status => self.write_status(),
+            Action::FailWaits(e) => self.answer_waits(Err(e)),
+            Action::MarkFinished => self.mark_finished(),
+            Action::Finish(outcome) => return Ok(Some(self.finish(outcome))),
+        }
+        Ok(None)
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> i32 {
+        self.write_status();
+        match outcome {
+            Outcome::Finished => {
                 self.rep.event(
                     "finished",
                     Some("job finished successfully".into()),
                     json!({}),
                 );
-                return Ok(exit_codes::FINISHED);
+                exit_codes::FINISHED
             }
-            match self
-                .cfg
-                .policy
-                .on_failure(&mut self.hist, progress, fastrand::f64())
-            {
-                Decision::GiveUp { reason } => {
-                    self.write_status("gave_up", None);
+            Outcome::GaveUp { code } => code,
+            Outcome::Stopped => {
+                let seq = self.m.last_seq();
+                let progress = self.m.progress_this_run;
+                let stalled = if progress {
+                    0
+                } else {
+                    self.notices.stalled_stops + 1
+                };
+                let newest = if seq > 0 {
+                    format!("newest checkpoint {seq}")
+                } else {
+                    "no checkpoint yet".into()
+                };
+                let max = self.cfg.max_stops_without_progress;
+                if stalled > max {
                     self.rep.warn(
-                        "give_up",
-                        format!(
-                            "giving up: {reason}; exiting with the job's status {}",
-                            exit.as_code()
-                        ),
-                        json!({ "reason": reason, "code": exit.as_code() }),
+                        "stalled",
+                        format!("stopped ({newest}); the job was stopped {stalled} times in a row without making progress since its launch (more than --max-stops-without-progress {max}): giving up instead of {}; exit {} (hint: give the job more time per run (a longer --time, a smaller --slurm-margin), or make it checkpoint earlier with --every)", if self.slurm.is_some() { "requeuing it" } else { "asking to be run again" }, exit_codes::NO_PROGRESS),
+                        json!({ "code": exit_codes::NO_PROGRESS, "seq": seq, "stops_without_progress": stalled }),
                     );
-                    return Ok(exit.as_code().clamp(1, 255));
+                    self.notice_after_stop();
+                    return exit_codes::NO_PROGRESS;
                 }
-                Decision::Restart { delay } => {
-                    self.rep.event(
-                        "restart",
-                        Some(format!("restart {} in {} ({})", self.hist.restarts, fmt_dur(delay), if progress { "progress was made" } else { "no new checkpoint since the last launch" })),
-                        json!({ "restart": self.hist.restarts, "delay_ms": delay.as_millis() as u64, "progress": progress }),
-                    );
-                    self.write_status("backing_off", None);
-                    self.backoff(delay);
-                }
+                let taken = if self.m.commits > 0 {
+                    String::new()
+                } else {
+                    "; no checkpoint was taken in this run".into()
+                };
+                self.rep.event(
+                    "stopped",
+                    Some(format!(
+                        "stopped ({newest}{taken}); exit {} = run me again to resume",
+                        exit_codes::TEMPFAIL
+                    )),
+                    json!({ "code": exit_codes::TEMPFAIL, "seq": seq, "progress": progress, "stops_without_progress": stalled, "commits": self.m.commits }),
+                );
+                self.notice_after_stop();
+                self.slurm_after_stop()
             }
+        }
+    }
+
+    /// Turns what a source sent into machine events (checking hellos and answering control
+    /// requests on the way).
+    fn translate(&mut self, ev: Ev) -> Vec<Event> {
+        match ev {
+            Ev::Signal(libc::SIGCHLD) => vec![],
+            Ev::Signal(s)
+                if self
+                    .slurm
+                    .as_ref()
+                    .is_some_and(|sl| sl.settings.warning_signal == s) =>
+            {
+                vec![Event::SlurmWarning(s)]
+            }
+            Ev::Signal(libc::SIGUSR1) => vec![Event::CheckpointAsked(Why::OnDemand)],
+            Ev::Signal(s) if STOP_SIGNALS.contains(&s) => {
+                if s == libc::SIGTERM && self.slurm.is_some() && self.m.stop.is_none() {
+                    // Slurm signals every process of the job at once: a second SIGTERM to
+                    // the clients would make them exit without saving.
+                    self.m.job_got_sigterm = true;
+                }
+                vec![Event::StopSignal(s)]
+            }
+            Ev::Signal(s) => {
+                self.rep.event(
+                    "signal_ignored",
+                    Some(format!(
+                        "ignored {} (not a stop or checkpoint signal for ckpt)",
+                        signame(s)
+                    )),
+                    json!({ "signal": s }),
+                );
+                vec![]
+            }
+            Ev::Msg(m, sender) => self.on_message(m, sender),
+            Ev::BadMsg(e) => {
+                self.bad_msgs += 1;
+                let n = self.bad_msgs;
+                if n <= 5 || n.is_power_of_two() {
+                    self.rep.warn(
+                        "bad_message",
+                        format!(
+                            "ignored a malformed message on {}: {e} ({n} so far)",
+                            self.socket_path.display()
+                        ),
+                        json!({ "error": e, "count": n }),
+                    );
+                }
+                vec![]
+            }
+            Ev::Control(ev) => self.on_control(ev),
+            Ev::External(x) => self.on_external(x).into_iter().collect(),
+        }
+    }
+
+    fn on_message(&mut self, m: Message, sender: Option<u32>) -> Vec<Event> {
+        match m {
+            Message::Hello {
+                pid,
+                signal,
+                client,
+                rank,
+                ..
+            } => {
+                let refused = match sender {
+                    Some(s) if s != pid => {
+                        Some(format!("it names pid {pid} but was sent by pid {s}"))
+                    }
+                    _ if !(spawn::is_descendant(pid)
+                        || (self.slurm.is_some() && slurm::is_job_peer(pid))) =>
+                    {
+                        Some("not a process of the job".into())
+                    }
+                    _ => None,
+                };
+                vec![Event::Hello {
+                    pid,
+                    signal,
+                    client,
+                    rank,
+                    refused,
+                }]
+            }
+            Message::Progress { step, .. } => vec![Event::Progress { step }],
+            Message::Committed {
+                duration_ms,
+                blocked_ms,
+                ..
+            } => {
+                self.last_commit_ms = Some(duration_ms);
+                self.auto_adjust(duration_ms, blocked_ms);
+                if let Some(sl) = self.slurm.as_mut() {
+                    sl.note_save(duration_ms);
+                }
+                vec![Event::SaveReported { duration_ms }]
+            }
+            Message::SaveFailed { pid, error, .. } => vec![Event::SaveFailed { pid, error }],
         }
     }
 
@@ -511,7 +809,9 @@ impl Run {
         }
         match found {
             Some(f) => {
-                self.last_seq = self.last_seq.max(f.seq);
+                if f.seq > self.m.last_seq() {
+                    self.m.last = Some(mark_of(&f.manifest));
+                }
                 Ok(Some(f))
             }
             None => {
@@ -534,13 +834,14 @@ impl Run {
         }
     }
 
-    fn launch(&mut self, restore: Option<&Found>) -> Result<Job, Fatal> {
+    fn launch(&mut self, restore: Option<&Found>) -> Result<u32, Fatal> {
         let dir = self.store.dir().as_os_str().to_owned();
+        let restarts = self.m.hist.restarts;
         let mut env: Vec<(String, OsString)> = vec![
             (protocol::ENV_DIR.into(), dir),
             (
                 protocol::ENV_RESTART_COUNT.into(),
-                self.hist.restarts.to_string().into(),
+                restarts.to_string().into(),
             ),
             (
                 protocol::ENV_SOCKET.into(),
@@ -587,7 +888,8 @@ impl Run {
                 }
             }
         }
-        let pid = spawn::launch(&self.cfg.command, &env).map_err(|e| {
+        let cgroup_procs = self.cgroup.as_ref().map(|c| c.procs_path());
+        let pid = spawn::launch(&self.cfg.command, &env, cgroup_procs.as_deref(), Some(self.lock_fd)).map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
                 std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
@@ -608,328 +910,16 @@ impl Run {
         };
         self.rep.event(
             "launch",
-            Some(format!("launched job (pid {pid}), {what}{}", if self.hist.restarts > 0 { format!(", restart {}", self.hist.restarts) } else { String::new() })),
-            json!({ "pid": pid, "restart": self.hist.restarts, "restore_seq": restore.map(|f| f.seq) }),
+            Some(format!("launched job (pid {pid}), {what}{}", if restarts > 0 { format!(", restart {restarts}") } else { String::new() })),
+            json!({ "pid": pid, "restart": restarts, "restore_seq": restore.map(|f| f.seq), "restore_step": restore.and_then(|f| f.manifest.step) }),
         );
-        let job = Job {
-            pid,
-            started: Instant::now(),
-            seq_at_launch: self.last_seq,
-            announced: BTreeMap::new(),
-            next_request: None,
-            step: None,
-            skip_logged: false,
-            last_beat: Instant::now(),
-            pending_since: None,
-            kill_at: None,
-        };
-        self.write_status("running", Some(&job));
-        Ok(job)
+        Ok(pid)
     }
 
-    /// Runs the loop while the job lives; returns the leader's exit.
-    fn supervise(&mut self, job: &mut Job) -> Exit {
-        let tick = Duration::from_millis(500);
-        let mut last_scan = Instant::now();
-        let mut last_live = Instant::now();
-        job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-        if self.stop_requested {
-            self.begin_stop(job);
-        }
-        let mut bad_msgs = 0u64;
-        loop {
-            for (pid, exit) in spawn::reap() {
-                if pid == job.pid {
-                    return exit;
-                }
-            }
-            let now = Instant::now();
-            let mut wake = now + tick;
-            // Only deadlines that the loop acts on: a periodic request that is due but held back
-            // by a stop would otherwise make every wait return at once (a busy loop).
-            if let Some(t) = job.next_request.filter(|_| self.stop.is_none()) {
-                wake = wake.min(t);
-            }
-            let slurm_stop_at = self.slurm.as_ref().and_then(|s| s.stop_at());
-            if let Some(t) = slurm_stop_at.filter(|_| !self.stop_requested) {
-                wake = wake.min(t);
-            }
-            match self.stop {
-                Some(StopPhase::Requested { deadline, .. })
-                | Some(StopPhase::Terminating { deadline }) => wake = wake.min(deadline),
-                None => {}
-            }
-            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(Ev::Signal(libc::SIGCHLD)) => {}
-                Ok(Ev::Signal(s @ (libc::SIGTERM | libc::SIGINT | libc::SIGHUP))) => {
-                    if self.stop_requested && s == libc::SIGINT {
-                        self.rep.warn(
-                            "force_stop",
-                            "second interrupt: killing the job now".into(),
-                            json!({}),
-                        );
-                        spawn::signal_group(job.pid, libc::SIGKILL);
-                        for p in spawn::descendants() {
-                            spawn::signal_pid(p, libc::SIGKILL);
-                        }
-                    } else if !self.stop_requested {
-                        if let (Some(sl), libc::SIGTERM) = (self.slurm.as_mut(), s) {
-                            // Slurm signals every process of the job at once.
-                            sl.job_got_sigterm = true;
-                        }
-                        self.rep.event(
-                            "stop_requested",
-                            Some(format!(
-                                "received {}: checkpointing, then stopping the job",
-                                signame(s)
-                            )),
-                            json!({ "signal": s }),
-                        );
-                        self.stop_requested = true;
-                        self.begin_stop(job);
-                    }
-                }
-                Ok(Ev::Signal(s))
-                    if self
-                        .slurm
-                        .as_ref()
-                        .is_some_and(|sl| sl.settings.warning_signal == s) =>
-                {
-                    if !self.stop_requested {
-                        self.rep.event(
-                            "slurm_warning",
-                            Some(format!("received {} (Slurm's warning: the time is nearly up): checkpointing, then stopping the job", signame(s))),
-                            json!({ "signal": s }),
-                        );
-                        self.stop_requested = true;
-                        self.begin_stop(job);
-                    }
-                }
-                Ok(Ev::Signal(libc::SIGUSR1)) => self.request(job, "on demand (SIGUSR1 to ckpt)"),
-                Ok(Ev::Signal(_)) => {}
-                Ok(Ev::Msg(m)) => self.on_message(job, m),
-                Ok(Ev::Control(ev)) => self.on_control(Some(job), ev),
-                Ok(Ev::External(x)) => self.on_external(Some(job), x),
-                Ok(Ev::BadMsg(e)) => {
-                    bad_msgs += 1;
-                    if bad_msgs <= 5 || bad_msgs.is_power_of_two() {
-                        self.rep.warn(
-                            "bad_message",
-                            format!(
-                                "ignored a malformed message on {}: {e} ({bad_msgs} so far)",
-                                self.socket_path.display()
-                            ),
-                            json!({ "error": e }),
-                        );
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
-            }
-            let now = Instant::now();
-            if now.duration_since(last_scan) >= Duration::from_secs(1) {
-                last_scan = now;
-                self.rescan(Some(job));
-            }
-            if job.next_request.is_some_and(|t| now >= t) && self.stop.is_none() {
-                self.request(job, "periodic");
-            }
-            self.check_hang(job, now);
-            if now.duration_since(last_live) >= Duration::from_secs(1) {
-                last_live = now;
-                let line = self.live_line(job);
-                self.rep.live(Some(line));
-            }
-            if !self.stop_requested && slurm_stop_at.is_some_and(|t| now >= t) {
-                self.slurm_time_limit(job);
-            }
-            self.advance_stop(job, now);
-        }
-    }
-
-    fn on_message(&mut self, job: &mut Job, m: Message) {
-        match m {
-            Message::Hello {
-                pid,
-                signal,
-                client,
-                ..
-            } => {
-                let ours =
-                    spawn::is_descendant(pid) || (self.slurm.is_some() && slurm::is_job_peer(pid));
-                if !ours {
-                    self.rep.warn(
-                        "bad_hello",
-                        format!("ignored a hello from pid {pid}: not a process of the job"),
-                        json!({ "pid": pid }),
-                    );
-                    return;
-                }
-                let first = job.announced.is_empty();
-                job.announced.insert(pid, signal);
-                self.rep.event(
-                    "hello",
-                    Some(format!(
-                        "job process {pid} announced a {client} client (request signal {})",
-                        signame(signal)
-                    )),
-                    json!({ "pid": pid, "client": client, "signal": signal }),
-                );
-                if first {
-                    job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-                }
-                if self.stop_requested {
-                    // A stop came before the client was ready: ask it now.
-                    spawn::signal_pid(pid, libc::SIGTERM);
-                }
-            }
-            Message::Progress { step, .. } => {
-                job.last_beat = Instant::now();
-                if step.is_some() {
-                    job.step = step;
-                }
-            }
-            Message::Committed {
-                seq,
-                duration_ms,
-                blocked_ms,
-                ..
-            } => {
-                self.last_commit_ms = Some(duration_ms);
-                self.auto_adjust(duration_ms, blocked_ms);
-                if let Some(sl) = self.slurm.as_mut() {
-                    sl.note_save(duration_ms);
-                }
-                let _ = seq;
-                job.last_beat = Instant::now();
-                self.rescan(Some(job));
-            }
-            Message::SaveFailed { pid, error, .. } => {
-                job.last_beat = Instant::now();
-                job.pending_since = None;
-                self.rep.warn(
-                    "save_failed",
-                    format!("job process {pid} could not save a checkpoint: {error}"),
-                    json!({ "pid": pid, "error": error }),
-                );
-                self.answer_waits(Err(format!("the job could not save a checkpoint: {error}")));
-            }
-        }
-    }
-
-    /// Asks the job for a checkpoint.
-    fn request(&mut self, job: &mut Job, why: &str) {
-        job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-        job.announced
-            .retain(|&pid, _| spawn::is_descendant(pid) || slurm::is_job_peer(pid));
-        if !job.announced.is_empty() {
-            for (&pid, &sig) in &job.announced {
-                spawn::signal_pid(pid, sig);
-            }
-        } else if self.cfg.signal_explicit {
-            spawn::signal_group(job.pid, self.cfg.signal);
-        } else {
-            if !job.skip_logged {
-                job.skip_logged = true;
-                self.rep.event(
-                    "request_skipped",
-                    Some(format!("checkpoint {why} skipped: the job has not announced a client, so it is only supervised and restarted (hint: use a ckpt client library, or pass --signal if the job traps the signal itself)")),
-                    json!({ "why": why }),
-                );
-            }
-            return;
-        }
-        job.pending_since.get_or_insert_with(Instant::now);
-        self.rep.event(
-            "request",
-            Some(format!("requested a checkpoint ({why})")),
-            json!({ "why": why }),
-        );
-    }
-
-    fn begin_stop(&mut self, job: &mut Job) {
-        let now = Instant::now();
-        job.announced
-            .retain(|&pid, _| spawn::is_descendant(pid) || slurm::is_job_peer(pid));
-        if !job.announced.is_empty() {
-            // Under Slurm a SIGTERM reached every process of the job: a second one would
-            // make the clients exit without saving.
-            if !self.slurm.as_ref().is_some_and(|s| s.job_got_sigterm) {
-                for &pid in job.announced.keys() {
-                    spawn::signal_pid(pid, libc::SIGTERM);
-                }
-            }
-            self.stop = Some(StopPhase::Requested {
-                deadline: self.stop_deadline(now),
-                base_seq: self.last_seq,
-            });
-        } else if self.cfg.signal_explicit {
-            spawn::signal_group(job.pid, self.cfg.signal);
-            self.stop = Some(StopPhase::Requested {
-                deadline: self.stop_deadline(now),
-                base_seq: self.last_seq,
-            });
-        } else {
-            self.terminate(job, now);
-        }
-        self.write_status("stopping", Some(job));
-    }
-
-    fn terminate(&mut self, job: &Job, now: Instant) {
-        spawn::signal_group(job.pid, libc::SIGCONT);
-        spawn::signal_group(job.pid, libc::SIGTERM);
-        self.stop = Some(StopPhase::Terminating {
-            deadline: now + self.cfg.kill_after,
-        });
-    }
-
-    fn advance_stop(&mut self, job: &mut Job, now: Instant) {
-        match self.stop {
-            Some(StopPhase::Requested { deadline, base_seq }) => {
-                let committed = self.last_seq > base_seq;
-                if committed && job.announced.is_empty() {
-                    // A job that traps the signal itself saved: now ask it to end.
-                    self.terminate(job, now);
-                } else if now >= deadline {
-                    self.rep.warn(
-                        "grace_expired",
-                        format!(
-                            "the job did not {} within --grace {}; sending SIGTERM",
-                            if committed {
-                                "exit"
-                            } else {
-                                "commit a checkpoint"
-                            },
-                            fmt_dur(self.cfg.grace)
-                        ),
-                        json!({ "committed": committed }),
-                    );
-                    self.terminate(job, now);
-                }
-            }
-            Some(StopPhase::Terminating { deadline }) if now >= deadline => {
-                self.rep.warn(
-                    "kill",
-                    format!(
-                        "the job ignored SIGTERM for {}; sending SIGKILL",
-                        fmt_dur(self.cfg.kill_after)
-                    ),
-                    json!({}),
-                );
-                spawn::signal_group(job.pid, libc::SIGKILL);
-                for p in spawn::descendants() {
-                    spawn::signal_pid(p, libc::SIGKILL);
-                }
-                self.stop = Some(StopPhase::Terminating {
-                    deadline: now + Duration::from_secs(3600),
-                });
-            }
-            _ => {}
-        }
-    }
-
-    /// Looks for checkpoints newer than the newest known; verifies them; prunes.
-    fn rescan(&mut self, job: Option<&mut Job>) {
+    /// Looks for checkpoints newer than the newest known; verifies them; prunes; tells the
+    /// machine about the newest that verifies.
+    fn rescan(&mut self, queue: &mut VecDeque<Action>) {
+        let last_seq = self.m.last_seq();
         let list = match self.store.list() {
             Ok(l) => l,
             Err(e) => {
@@ -941,10 +931,7 @@ impl Run {
                 return;
             }
         };
-        let newer: Vec<_> = list
-            .into_iter()
-            .filter(|(s, _)| *s > self.last_seq)
-            .collect();
+        let newer: Vec<_> = list.into_iter().filter(|(s, _)| *s > last_seq).collect();
         if newer.is_empty() {
             return;
         }
@@ -972,45 +959,48 @@ impl Run {
             }
         }
         let Some(m) = found else { return };
-        self.last_seq = m.seq;
         let dur = self.last_commit_ms.take();
-        self.notice_committed(m.seq, dur, job.as_ref().and_then(|j| j.pending_since));
+        let requested = match self.m.phase {
+            Phase::Checkpointing { since } => Some(since),
+            _ => None,
+        };
+        self.notice_committed(m.seq, dur, requested);
+        let mark = mark_of(&m);
+        let progress = match self.m.job.as_ref() {
+            Some(j) => machine::is_progress(j.restored, mark),
+            None => true,
+        };
         let info = json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "created_ms": m.created_ms });
         self.answer_waits(Ok(info.clone()));
         self.last_commit = Some(info);
         self.rep.event(
             "committed",
             Some(format!(
-                "checkpoint {} committed{} ({}{})",
+                "checkpoint {} committed{} ({}{}){}",
                 m.seq,
                 m.step.map(|s| format!(" at step {s}")).unwrap_or_default(),
                 fmt_bytes(m.total_bytes()),
-                dur.map(|d| format!(", saved in {d} ms")).unwrap_or_default()
+                dur.map(|d| format!(", saved in {d} ms")).unwrap_or_default(),
+                if progress { "" } else { "; not beyond the checkpoint this launch restored: no progress" }
             )),
-            json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "files": m.files.len() }),
+            json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "files": m.files.len(), "progress": progress }),
         );
-        if let Some(job) = job {
-            job.pending_since = None;
-            if job.next_request.is_some() {
-                job.next_request = self.cfg.every.map(|e| Instant::now() + e);
-            }
-            self.write_status(
-                if self.stop.is_some() {
-                    "stopping"
-                } else {
-                    "running"
-                },
-                Some(job),
-            );
-        }
+        queue.extend(self.m.on(Event::Committed(mark), Instant::now()));
         match self
             .store
-            .prune(self.cfg.keep, self.cfg.keep_every, &[self.last_seq])
+            .prune(self.cfg.keep, self.cfg.keep_every, &[self.m.last_seq()])
         {
             Ok(gone) if !gone.is_empty() => {
                 self.rep.event(
                     "pruned",
-                    Some(format!("retention removed checkpoint(s) {gone:?}")),
+                    Some(format!(
+                        "retention removed checkpoint{} {}",
+                        if gone.len() == 1 { "" } else { "s" },
+                        gone.iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
                     json!({ "seqs": gone }),
                 );
             }
@@ -1021,37 +1011,10 @@ impl Run {
         }
     }
 
-    fn backoff(&mut self, delay: Duration) {
-        let until = Instant::now() + delay;
-        loop {
-            spawn::reap();
-            let now = Instant::now();
-            if now >= until || self.stop_requested {
-                return;
-            }
-            match self.rx.recv_timeout(until - now) {
-                Ok(Ev::Signal(s @ (libc::SIGTERM | libc::SIGINT | libc::SIGHUP))) => {
-                    self.rep.event(
-                        "stop_requested",
-                        Some(format!("received {} while waiting to restart", signame(s))),
-                        json!({ "signal": s }),
-                    );
-                    self.stop_requested = true;
-                }
-                Ok(Ev::Control(ev)) => self.on_control(None, ev),
-                Ok(Ev::External(x)) => self.on_external(None, x),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => return,
-                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(until - now),
-            }
-        }
-    }
-
-    fn mark_finished(&mut self, exit: Exit) {
+    fn mark_finished(&mut self) {
         let path = self.store.private().join("finished");
         let tmp = self.store.private().join("finished.tmp");
-        let body =
-            json!({ "t_ms": crate::store::manifest::now_ms(), "exit": exit.as_code() }).to_string();
+        let body = json!({ "t_ms": crate::store::manifest::now_ms(), "exit": 0 }).to_string();
         let res = (|| -> std::io::Result<()> {
             let _ = std::fs::remove_file(&tmp);
             crate::store::io::write_owner_only(&tmp, body.as_bytes())?;
@@ -1071,65 +1034,74 @@ impl Run {
         }
     }
 
-    /// Handles a request on the control socket; `job` is `None` between launches.
-    fn on_control(&mut self, job: Option<&mut Job>, ev: control::ControlEvent) {
+    /// Handles a request on the control socket.
+    fn on_control(&mut self, ev: control::ControlEvent) -> Vec<Event> {
         use control::{ControlEvent, Request};
         match ev {
-            ControlEvent::Refused { uid, pid } => self.rep.warn(
-                "control_refused",
-                format!("refused a control connection from uid {uid} (pid {pid}): only the supervisor's own user may control it"),
-                json!({ "uid": uid, "pid": pid }),
-            ),
+            ControlEvent::Refused { uid, pid } => {
+                self.rep.warn(
+                    "control_refused",
+                    format!("refused a control connection from uid {uid} (pid {pid}): only the supervisor's own user may control it"),
+                    json!({ "uid": uid, "pid": pid }),
+                );
+                vec![]
+            }
             ControlEvent::Malformed(e) => {
                 self.bad_controls += 1;
                 if self.bad_controls <= 5 || self.bad_controls.is_power_of_two() {
-                    self.rep.warn("bad_control", format!("answered a malformed control request with an error: {e}"), json!({ "error": e }));
+                    self.rep.warn(
+                        "bad_control",
+                        format!("answered a malformed control request with an error: {e}"),
+                        json!({ "error": e }),
+                    );
                 }
+                vec![]
             }
             ControlEvent::Request(Request::Status {}, reply) => {
-                let _ = reply.send(self.status_json(job.as_deref()));
+                let _ = reply.send(self.status_json());
+                vec![]
             }
             ControlEvent::Request(Request::Checkpoint { wait }, reply) => {
-                let Some(job) = job else {
-                    let _ = reply.send(json!({ "ok": false, "error": "no job is running right now (ckpt is waiting to restart it); try again shortly" }));
-                    return;
+                let refuse =
+                    |code: &str, msg: &str| json!({ "ok": false, "code": code, "error": msg });
+                let answer = if self.m.job.is_none() {
+                    Some(refuse("no_job", "no job is running right now (ckpt is waiting to restart it); try again shortly"))
+                } else if self.m.stop.is_some() {
+                    Some(refuse(
+                        "stopping",
+                        "the job is being stopped; the stop takes its own checkpoint",
+                    ))
+                } else if self.m.job.as_ref().is_some_and(|j| j.announced.is_empty())
+                    && !self.cfg.signal_explicit
+                {
+                    Some(refuse("no_client", "the job has not announced a ckpt client, so it cannot be asked to checkpoint (hint: use a client library, or run it with --signal if it traps the signal itself)"))
+                } else {
+                    None
                 };
-                if job.announced.is_empty() && !self.cfg.signal_explicit {
-                    let _ = reply.send(json!({ "ok": false, "error": "the job has not announced a ckpt client, so it cannot be asked to checkpoint (hint: use a client library, or run it with --signal if it traps the signal itself)" }));
-                    return;
+                if let Some(a) = answer {
+                    let _ = reply.send(a);
+                    return vec![];
                 }
-                self.rep.event("control", Some("checkpoint requested through the control socket".into()), json!({ "cmd": "checkpoint" }));
-                self.request(job, "requested by `ckpt checkpoint`");
+                self.rep.event(
+                    "control",
+                    Some("checkpoint requested through the control socket".into()),
+                    json!({ "cmd": "checkpoint" }),
+                );
                 if wait {
-                    self.waits.push((self.last_seq, reply));
+                    self.waits.push((self.m.last_seq(), reply));
                 } else {
                     let _ = reply.send(json!({ "ok": true, "requested": true }));
                 }
+                vec![Event::CheckpointAsked(Why::Control)]
             }
             ControlEvent::Request(Request::Stop { checkpoint }, reply) => {
-                let _ = reply.send(json!({ "ok": true, "stopping": true, "supervisor_pid": std::process::id() }));
-                if self.stop_requested {
-                    return;
-                }
-                self.rep.event(
-                    "stop_requested",
-                    Some(format!("stop requested through the control socket{}", if checkpoint { ": checkpointing, then stopping the job" } else { " without a checkpoint" })),
-                    json!({ "checkpoint": checkpoint }),
-                );
-                self.stop_requested = true;
-                if let Some(job) = job {
-                    if checkpoint {
-                        self.begin_stop(job);
-                    } else {
-                        // A client treats SIGTERM as "checkpoint, then exit": without a
-                        // checkpoint the only honest stop is SIGKILL.
-                        spawn::signal_group(job.pid, libc::SIGKILL);
-                        for p in spawn::descendants() {
-                            spawn::signal_pid(p, libc::SIGKILL);
-                        }
-                        self.write_status("stopping", Some(job));
-                    }
-                }
+                let can_save = self
+                    .m
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| !j.announced.is_empty() || self.cfg.signal_explicit);
+                let _ = reply.send(json!({ "ok": true, "stopping": true, "supervisor_pid": std::process::id(), "will_checkpoint": checkpoint && can_save }));
+                vec![Event::ControlStop { checkpoint }]
             }
         }
     }
@@ -1151,74 +1123,15 @@ impl Run {
         }
     }
 
-    /// Hang detection: no progress from a client for `--hang-timeout`, or a requested
-    /// checkpoint not committed within `--checkpoint-timeout`. A hung job gets the
-    /// `--hang-signal` (for a stack dump) and is SIGKILLed 2 s later: a failure, so the
-    /// restart policy relaunches it from the newest checkpoint.
-    fn check_hang(&mut self, job: &mut Job, now: Instant) {
-        if let Some(t) = job.kill_at {
-            if now >= t {
-                job.kill_at = Some(now + Duration::from_secs(3600));
-                spawn::signal_group(job.pid, libc::SIGKILL);
-                for p in spawn::descendants() {
-                    spawn::signal_pid(p, libc::SIGKILL);
-                }
-            }
-            return;
-        }
-        if self.stop_requested {
-            return;
-        }
-        let silent = now.duration_since(job.last_beat);
-        let why = match (
-            self.cfg.hang_timeout,
-            self.cfg.checkpoint_timeout,
-            job.pending_since,
-        ) {
-            (Some(h), _, _) if !job.announced.is_empty() && silent >= h => {
-                format!(
-                    "no progress reported for {} (--hang-timeout {})",
-                    fmt_dur(silent),
-                    fmt_dur(h)
-                )
-            }
-            (_, Some(c), Some(since)) if now.duration_since(since) >= c => {
-                format!(
-                    "a requested checkpoint did not commit within --checkpoint-timeout {}",
-                    fmt_dur(c)
-                )
-            }
-            _ => return,
-        };
-        let dump = self.cfg.hang_signal;
-        self.rep.warn(
-            "hang",
-            format!(
-                "the job is hung: {why}; {}killing it and restarting from the newest checkpoint",
-                dump.map(|s| format!("sending {} for a stack dump, then ", signame(s)))
-                    .unwrap_or_default()
-            ),
-            json!({ "reason": why, "pid": job.pid }),
-        );
-        match dump {
-            Some(sig) => {
-                spawn::signal_group(job.pid, sig);
-                job.kill_at = Some(now + Duration::from_secs(2));
-            }
-            None => job.kill_at = Some(now),
-        }
-        self.answer_waits(Err(format!("the job hung: {why}")));
-    }
-
     /// The live status shown in the terminal's title.
-    fn live_line(&self, job: &Job) -> String {
+    fn live_line(&self) -> Option<String> {
+        let job = self.m.job.as_ref()?;
         let mut l = format!(
             "ckpt: job pid {} up {}",
             job.pid,
             fmt_dur(Duration::from_secs(job.started.elapsed().as_secs()))
         );
-        let committed_step = self.last_commit.as_ref().and_then(|c| c["step"].as_u64());
-        if let Some(step) = job.step.max(committed_step) {
+        if let Some(step) = job.step {
             l.push_str(&format!(" | step {step}"));
         }
         match &self.last_commit {
@@ -1245,27 +1158,14 @@ impl Run {
                 ))
             ));
         }
-        if self.stop_requested {
-            l.push_str(" | stopping");
-        }
-        l
+        l.push_str(&format!(" | {}", self.m.status_word()));
+        Some(l)
     }
 
     /// The full answer to `ckpt status`.
-    fn status_json(&self, job: Option<&Job>) -> serde_json::Value {
+    fn status_json(&self) -> serde_json::Value {
         let now = Instant::now();
-        let state = match (job, self.stop.is_some() || self.stop_requested) {
-            (None, true) => "stopping",
-            (None, false) => "backing_off",
-            (Some(_), true) => "stopping",
-            (Some(j), false) if j.pending_since.is_some() => "checkpointing",
-            (Some(j), false)
-                if j.announced.is_empty() && j.started.elapsed() < Duration::from_secs(2) =>
-            {
-                "starting"
-            }
-            (Some(_), false) => "running",
-        };
+        let job = self.m.job.as_ref();
         let tree = job.map(|_| {
             let (n, cpu, rss) = spawn::tree_usage();
             json!({ "processes": n, "cpu_seconds": cpu, "rss_bytes": rss })
@@ -1282,63 +1182,40 @@ impl Run {
             "supervisor_pid": std::process::id(),
             "dir": self.store.dir(),
             "command": self.cfg.command.iter().map(|s| s.to_string_lossy()).collect::<Vec<_>>(),
-            "state": state,
+            "state": self.m.status_word(),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "restarts": self.hist.restarts,
+            "restarts": self.m.hist.restarts,
+            "requests": self.m.requests,
+            "unanswered_requests": self.m.unanswered,
             "job": job.map(|j| json!({
                 "pid": j.pid,
-                "uptime_seconds": j.started.elapsed().as_secs_f64(),
+                "uptime_seconds": now.saturating_duration_since(j.started).as_secs_f64(),
                 "clients": j.announced.keys().collect::<Vec<_>>(),
                 "step": j.step,
-                "last_progress_seconds_ago": now.duration_since(j.last_beat).as_secs_f64(),
+                "restored_step": j.restored.and_then(|r| r.step),
+                "progress": j.progress,
+                "last_progress_seconds_ago": now.saturating_duration_since(j.last_beat).as_secs_f64(),
                 "next_request_in_seconds": j.next_request.map(|t| t.saturating_duration_since(now).as_secs_f64()),
             })),
             "tree": tree,
             "last_checkpoint": last,
-            "newest_seq": if self.last_seq > 0 { Some(self.last_seq) } else { None },
+            "newest_seq": if self.m.last_seq() > 0 { Some(self.m.last_seq()) } else { None },
         })
     }
 
-    fn write_status(&self, state: &str, job: Option<&Job>) {
+    fn write_status(&self) {
+        let job = self.m.job.as_ref();
         self.rep.status(&json!({
             "control_socket": self.control_path,
             "supervisor_pid": std::process::id(),
-            "state": state,
+            "state": self.m.status_word(),
             "job_pid": job.map(|j| j.pid),
-            "restarts": self.hist.restarts,
-            "last_seq": if self.last_seq > 0 { Some(self.last_seq) } else { None },
+            "restarts": self.m.hist.restarts,
+            "last_seq": if self.m.last_seq() > 0 { Some(self.m.last_seq()) } else { None },
             "step": job.and_then(|j| j.step),
             "command": self.cfg.command.iter().map(|s| s.to_string_lossy()).collect::<Vec<_>>(),
             "updated_ms": crate::store::manifest::now_ms(),
         }));
-    }
-}
-
-/// `1.2s`, `3m04s`, `250ms`.
-pub fn fmt_dur(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
-    }
-}
-
-/// `512 B`, `1.5 MiB`.
-pub fn fmt_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -4,7 +4,8 @@
 
 use serde_json::json;
 
-use super::{exit_codes, fmt_dur, signame, Job, Run};
+use super::machine::Event;
+use super::{exit_codes, fmt_dur, signame, Run};
 use crate::integrations::slurm;
 
 impl Run {
@@ -21,6 +22,17 @@ impl Run {
                     let left = end
                         .duration_since(std::time::SystemTime::now())
                         .unwrap_or_default();
+                    sl.left_at_start = Some(left);
+                    if sl.margin_adapted() {
+                        let msg = format!(
+                            "the time left ({}) is less than twice the stop margin ({}): stopping {} before the end instead, so the job gets half of its time to make progress (hint: ask for a longer --time, or a smaller --slurm-margin)",
+                            fmt_dur(left),
+                            fmt_dur(sl.settings.margin.unwrap_or_default()),
+                            fmt_dur(sl.margin())
+                        );
+                        self.rep.warn("slurm_margin_adapted", msg, json!({ "left_ms": left.as_millis() as u64, "margin_ms": sl.margin().as_millis() as u64 }));
+                    }
+                    let sl = self.slurm.as_mut().expect("checked above");
                     end_note = format!(
                         "; time left {} (from {source}), stopping {} before the end",
                         fmt_dur(left),
@@ -59,10 +71,10 @@ impl Run {
 
     /// The stop time before the end came: re-check the end time (it may have been
     /// extended), then stop.
-    pub(super) fn slurm_time_limit(&mut self, job: &mut Job) {
-        let Some(sl) = self.slurm.as_mut() else {
-            return;
-        };
+    /// The time limit is within the margin: re-reads the end time (it may have been
+    /// extended), and returns the stop event, if it is still due.
+    pub(super) fn slurm_time_limit(&mut self) -> Option<Event> {
+        let sl = self.slurm.as_mut()?;
         if sl.env.end_time.is_none() {
             if let Ok(Some((end, _))) = slurm::lookup_end_time(&sl.env) {
                 let moved = sl.end.is_some_and(|old| end > old);
@@ -73,7 +85,7 @@ impl Run {
                         Some("the job's time limit was extended; carrying on".into()),
                         json!({}),
                     );
-                    return;
+                    return None;
                 }
             }
         }
@@ -82,21 +94,9 @@ impl Run {
             .and_then(|e| e.duration_since(std::time::SystemTime::now()).ok())
             .unwrap_or_default();
         let margin = sl.margin();
-        self.rep.event(
-            "slurm_time_limit",
-            Some(format!(
-                "the job's time limit is {} away (stop margin {}): checkpointing, then stopping the job",
-                fmt_dur(left),
-                fmt_dur(margin)
-            )),
-            json!({ "left_ms": left.as_millis() as u64, "margin_ms": margin.as_millis() as u64 }),
-        );
-        self.stop_requested = true;
-        self.begin_stop(job);
+        Some(Event::SlurmTimeLimit { left, margin })
     }
 
-    /// After a stop: requeue the Slurm job if that is possible and wanted. Returns ckpt's
-    /// exit code: REQUEUED, or TEMPFAIL (the batch script should requeue itself).
     pub(super) fn slurm_after_stop(&mut self) -> i32 {
         let Some(sl) = self.slurm.as_ref() else {
             return exit_codes::TEMPFAIL;

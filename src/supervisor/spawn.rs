@@ -52,21 +52,39 @@ pub fn become_subreaper() -> io::Result<()> {
 
 /// Starts `command` in a new process group with `env` added. The child gets SIGKILL if
 /// ckpt dies (parent-death signal), and std resets its signal mask and dispositions.
-pub fn launch(command: &[OsString], env: &[(String, OsString)]) -> io::Result<u32> {
+pub fn launch(
+    command: &[OsString],
+    env: &[(String, OsString)],
+    cgroup_procs: Option<&std::path::Path>,
+    close_fd: Option<std::os::fd::RawFd>,
+) -> io::Result<u32> {
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]).process_group(0);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let parent = std::process::id() as i32;
+    let cgroup = cgroup_procs
+        .and_then(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes().to_vec()).ok());
     unsafe {
         cmd.pre_exec(move || {
-            // Only async-signal-safe calls here.
+            if let Some(fd) = close_fd {
+                libc::close(fd);
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::getppid() != parent {
                 libc::_exit(137);
+            }
+            // Join the job's cgroup (async-signal-safe calls only). Failing to is not fatal:
+            // the process group and the /proc walk still end the tree.
+            if let Some(procs) = &cgroup {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
             }
             Ok(())
         });

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::{fmt_dur, Ev, Job, Run};
+use super::machine::Event;
+use super::{fmt_dur, Ev, Run};
 
 /// Called once the job has stopped after a notice (e.g. Azure: approve the event so the
 /// platform need not wait out the rest of the window). Returns a line for the log.
@@ -114,13 +115,22 @@ pub(super) struct Notices {
     armed: Option<(String, Duration, Duration)>,
     fit_warned: bool,
     active: Option<Active>,
+    /// Stops in a row without progress before this run (from the last `stopped` event).
+    pub(super) stalled_stops: u32,
 }
 
 impl Notices {
     /// Reads the duration of the newest logged save from `events.jsonl` (its last MiB).
     pub(super) fn load(private: &Path) -> Notices {
+        let tail = tail_events(&private.join("events.jsonl"));
         Notices {
-            last_save_ms: last_logged_save_ms(&private.join("events.jsonl")),
+            last_save_ms: last_logged_save_ms(&tail),
+            stalled_stops: tail
+                .iter()
+                .rev()
+                .find(|v| v["event"] == "stopped" || v["event"] == "stalled")
+                .and_then(|v| v["stops_without_progress"].as_u64())
+                .map_or(0, |n| n.min(u32::MAX as u64) as u32),
             ..Notices::default()
         }
     }
@@ -129,18 +139,45 @@ impl Notices {
 /// The newest checkpoint's duration in the log: the client's `duration_ms` of its
 /// `committed` event or, when it was the checkpoint after a notice, the notice-to-durable
 /// time if that is longer.
-fn last_logged_save_ms(path: &Path) -> Option<u64> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(1 << 20))).ok()?;
+/// The events of the last MiB of the log (read without blocking on a planted FIFO).
+fn tail_events(path: &Path) -> Vec<Value> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return Vec::new();
+    };
+    let Ok(meta) = f.metadata() else {
+        return Vec::new();
+    };
+    if !meta.is_file() {
+        return Vec::new();
+    }
+    let len = meta.len();
+    if f.seek(SeekFrom::Start(len.saturating_sub(1 << 20)))
+        .is_err()
+    {
+        return Vec::new();
+    }
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).ok()?;
+    if f.read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
     let text = String::from_utf8_lossy(&buf);
-    let evs: Vec<Value> = text
-        .lines()
-        .filter(|l| l.contains("\"committed\"") || l.contains("\"notice_checkpoint\""))
+    text.lines()
+        .filter(|l| {
+            l.contains("\"committed\"")
+                || l.contains("\"notice_checkpoint\"")
+                || l.contains("\"stopped\"")
+                || l.contains("\"stalled\"")
+        })
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect();
+        .collect()
+}
+
+fn last_logged_save_ms(evs: &[Value]) -> Option<u64> {
     let last = evs.iter().rev().find(|v| v["event"] == "committed")?;
     let notice = evs
         .iter()
@@ -160,7 +197,7 @@ fn epoch_ms(t: SystemTime) -> u64 {
 }
 
 impl Run {
-    pub(super) fn on_external(&mut self, job: Option<&mut Job>, x: External) {
+    pub(super) fn on_external(&mut self, x: External) -> Option<Event> {
         match x {
             External::Log {
                 warn,
@@ -195,8 +232,9 @@ impl Run {
                 reason,
                 deadline,
                 ack,
-            } => self.stop_soon(job, reason, deadline, ack),
+            } => return self.stop_soon(reason, deadline, ack),
         }
+        None
     }
 
     /// Warns (once per run) when the last save plus the detection delay does not fit in the
@@ -226,13 +264,12 @@ impl Run {
 
     fn stop_soon(
         &mut self,
-        job: Option<&mut Job>,
         reason: String,
         deadline: Option<SystemTime>,
         ack: Option<Ack>,
-    ) {
+    ) -> Option<Event> {
         if self.notices.active.is_some() {
-            return;
+            return None;
         }
         let now = Instant::now();
         let left = deadline.map(|d| d.duration_since(SystemTime::now()).unwrap_or_default());
@@ -254,38 +291,20 @@ impl Run {
             msg,
             json!({ "reason": reason, "deadline_ms": deadline.map(epoch_ms), "left_ms": left.map(|l| l.as_millis() as u64), "last_save_ms": self.notices.last_save_ms }),
         );
+        let deadline = left.and_then(|l| now.checked_add(l));
         self.notices.active = Some(Active {
             at: now,
-            deadline: left.map(|l| now + l),
-            base_seq: self.last_seq,
+            deadline,
+            base_seq: self.m.last_seq(),
             reported: false,
             ack,
         });
-        if !self.stop_requested {
-            self.stop_requested = true;
-            if let Some(job) = job {
-                self.begin_stop(job);
-            }
-        }
+        Some(Event::Notice { deadline })
     }
 
     /// When the job must have committed its checkpoint: `--grace` from now or, after a
     /// notice with a deadline, the whole window less `--kill-after` and a second if that is
     /// longer (cutting a save short before the machine goes away gains nothing).
-    pub(super) fn stop_deadline(&self, now: Instant) -> Instant {
-        let grace = now + self.cfg.grace;
-        match self.notices.active.as_ref().and_then(|a| a.deadline) {
-            Some(d) => d
-                .checked_sub(self.cfg.kill_after + Duration::from_secs(1))
-                .map_or(grace, |t| t.max(grace)),
-            None => grace,
-        }
-    }
-
-    /// A checkpoint committed (`save_ms`: the client's own measure of its save, if it sent
-    /// one; `requested`: when the supervisor asked for it). What counts against a notice
-    /// window is the longest of the save, the time since the request and, after a notice,
-    /// the time since the notice: the job first has to reach a point where it can save.
     pub(super) fn notice_committed(
         &mut self,
         seq: u64,
@@ -361,15 +380,15 @@ impl Run {
         };
         if !a.reported {
             a.reported = true;
-            let newest = if self.last_seq > 0 {
-                format!("checkpoint {}", self.last_seq)
+            let newest = if self.m.last_seq() > 0 {
+                format!("checkpoint {}", self.m.last_seq())
             } else {
                 "the start (no checkpoint yet)".into()
             };
             self.rep.warn(
                 "notice_no_checkpoint",
                 format!("no checkpoint was committed after the preemption notice; the next run resumes from {newest}"),
-                json!({ "seq": self.last_seq }),
+                json!({ "seq": self.m.last_seq() }),
             );
         }
         if let Some(ack) = a.ack.take() {
