@@ -93,6 +93,133 @@ pub struct Checkpointer {
     reshard: bool,
     /// The asynchronous save in flight, if any, and the snapshot buffers kept for reuse.
     bg: Mutex<Background>,
+    /// Bounds how long a SIGTERM waits for the job to reach a safe point.
+    watch: Arc<StopWatch>,
+}
+
+/// The environment variable that sets how long a SIGTERM may wait for the job to reach its
+/// next safe point (a client call) before the client exits at once: seconds (`7`, `2.5`) or
+/// with a unit (`500ms`, `10s`, `2m`). Default: the longer of 5 s and twice the longest gap
+/// seen between two safe points.
+pub const ENV_STOP_TIMEOUT: &str = "CKPT_STOP_TIMEOUT";
+/// The least time a SIGTERM waits for a safe point (unless `CKPT_STOP_TIMEOUT` says less).
+pub const STOP_TIMEOUT_MIN: Duration = Duration::from_secs(5);
+
+/// The SIGTERM watchdog's shared state. A flag-only SIGTERM handler keeps a job that is
+/// blocked (in a collective whose peer died, in C code, in a sleep) alive until its killer
+/// loses patience: torchrun SIGKILLs 30 s after SIGTERM. The watchdog thread ends the
+/// process with status 143 when no client call came within the bound after a SIGTERM and
+/// no save is running; any client call after the SIGTERM disarms it (the job reached a
+/// safe point and will save and exit). A second SIGTERM exits at once.
+struct StopWatch {
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+    /// Milliseconds since `t0` of the last client call (+1, so 0 means none).
+    last_call: std::sync::atomic::AtomicU64,
+    max_gap: std::sync::atomic::AtomicU64,
+    /// Saves running (foreground or background).
+    busy: std::sync::atomic::AtomicU32,
+    done: AtomicBool,
+    fixed: Option<Duration>,
+}
+
+impl StopWatch {
+    fn new(stop: Arc<AtomicBool>) -> Result<Arc<StopWatch>> {
+        let fixed = match env_opt(ENV_STOP_TIMEOUT) {
+            Some(v) => Some(protocol::parse_duration_env(&v).ok_or_else(|| Error::Env {
+                name: ENV_STOP_TIMEOUT,
+                value: v.clone(),
+                why: "not a duration (e.g. 10, 2.5, 500ms, 30s, 2m)".into(),
+            })?),
+            None => None,
+        };
+        let w = Arc::new(StopWatch {
+            stop,
+            t0: Instant::now(),
+            last_call: 0.into(),
+            max_gap: 0.into(),
+            busy: 0.into(),
+            done: AtomicBool::new(false),
+            fixed,
+        });
+        let weak = Arc::downgrade(&w);
+        // Without the thread the job only loses the bound, so a failure to start it is
+        // not fatal.
+        let _ = std::thread::Builder::new()
+            .name("ckpt-stopwatch".into())
+            .spawn(move || StopWatch::watch(weak));
+        Ok(w)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A client call: the job is at a safe point (or in ckpt's code).
+    fn touch(&self) {
+        let now = self.now_ms();
+        let last = self.last_call.swap(now, Ordering::Relaxed);
+        if last > 0 && self.busy.load(Ordering::Relaxed) == 0 {
+            self.max_gap.fetch_max(now - last, Ordering::Relaxed);
+        }
+    }
+
+    fn bound(&self) -> Duration {
+        self.fixed.unwrap_or_else(|| {
+            STOP_TIMEOUT_MIN.max(Duration::from_millis(
+                self.max_gap.load(Ordering::Relaxed).saturating_mul(2),
+            ))
+        })
+    }
+
+    fn watch(weak: std::sync::Weak<StopWatch>) {
+        let mut seen: Option<u64> = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let Some(w) = weak.upgrade() else { return };
+            if w.done.load(Ordering::Relaxed) {
+                return;
+            }
+            if !w.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            let now = w.now_ms();
+            let since = *seen.get_or_insert(now);
+            if w.last_call.load(Ordering::Relaxed) > since {
+                return; // a safe point came after the SIGTERM: the job handles the stop
+            }
+            if w.busy.load(Ordering::Relaxed) > 0 {
+                seen = Some(now);
+                continue;
+            }
+            let bound = w.bound();
+            if now - since >= bound.as_millis() as u64 {
+                let msg = format!(
+                    "ckpt: SIGTERM: the job reached no safe point (no call of the ckpt client) within {:.1}s; exiting now with status 143 (hint: set {ENV_STOP_TIMEOUT} to wait longer)\n",
+                    bound.as_secs_f64()
+                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+                unsafe { libc::_exit(128 + libc::SIGTERM) };
+            }
+        }
+    }
+}
+
+/// Marks a save as running for the SIGTERM watchdog while alive.
+struct Busy(Arc<StopWatch>);
+
+impl Busy {
+    fn new(w: &Arc<StopWatch>) -> Busy {
+        w.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(w.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
 }
 
 /// What a background save thread returns: its snapshot (for reuse) and the outcome.
@@ -165,11 +292,22 @@ impl Checkpointer {
         let store = Store::new(&dir);
         store.create()?;
         let signal = match env_opt(protocol::ENV_SIGNAL) {
-            Some(s) => protocol::parse_signal(&s).ok_or_else(|| Error::Env {
-                name: protocol::ENV_SIGNAL,
-                value: s.clone(),
-                why: "not a signal number or name; hint: it is set by `ckpt run --signal`".into(),
-            })?,
+            Some(s) => {
+                let sig = protocol::parse_signal(&s).ok_or_else(|| Error::Env {
+                    name: protocol::ENV_SIGNAL,
+                    value: s.clone(),
+                    why: "not a signal number or name; hint: it is set by `ckpt run --signal`"
+                        .into(),
+                })?;
+                if let Some(why) = protocol::request_signal_problem(sig) {
+                    return Err(Error::Env {
+                        name: protocol::ENV_SIGNAL,
+                        value: s.clone(),
+                        why: format!("this signal {why}, so it cannot request checkpoints; hint: use USR1, USR2 or a real-time signal (docs/protocol.md)"),
+                    });
+                }
+                sig
+            }
             None => libc::SIGUSR1,
         };
         let restart_count = match env_opt(protocol::ENV_RESTART_COUNT) {
@@ -221,6 +359,7 @@ impl Checkpointer {
         };
         let request = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let watch = StopWatch::new(stop.clone())?;
         let mut sig_ids = Vec::new();
         let reg = |r: std::io::Result<signal_hook::SigId>| {
             r.map_err(|e| Error::io("install a signal handler", "(process)", e))
@@ -254,6 +393,7 @@ impl Checkpointer {
             request,
             stop,
             stop_saved: false,
+            watch,
             pid: std::process::id(),
             step: None,
             interval: None,
@@ -502,6 +642,7 @@ impl Checkpointer {
         if !self.is_original_process() {
             return false;
         }
+        self.watch.touch();
         let now = Instant::now();
         if self
             .last_beat
@@ -550,6 +691,9 @@ impl Checkpointer {
             None => self.stop.load(Ordering::Relaxed),
         };
         let stop = self.is_original_process() && asked;
+        if self.is_original_process() {
+            self.watch.touch();
+        }
         if stop {
             self.bg.lock().unwrap_or_else(|e| e.into_inner()).finish();
         }
@@ -640,6 +784,7 @@ impl Checkpointer {
             self.bg.get_mut().unwrap_or_else(|e| e.into_inner()).outcome = Some(out);
             return failed.map_or(Ok(()), Err);
         }
+        let busy = Busy::new(&self.watch);
         let bg = self.bg.get_mut().unwrap_or_else(|e| e.into_inner());
         bg.finish();
         let started = Instant::now();
@@ -670,6 +815,7 @@ impl Checkpointer {
         let handle = std::thread::Builder::new()
             .name("ckpt-save".into())
             .spawn(move || {
+                let _busy = busy;
                 let send = |m: &Message| {
                     if let Some((s, p)) = &socket {
                         let _ = s.send_to(&m.encode(), p);
@@ -749,6 +895,7 @@ impl Checkpointer {
         if !self.is_original_process() {
             return Err(Error::Usage("save called in a forked child process; only the process that created the Checkpointer saves".into()));
         }
+        let _busy = Busy::new(&self.watch);
         // Saves publish in order: a background save in flight finishes first.
         self.bg
             .get_mut()
@@ -817,6 +964,7 @@ impl Checkpointer {
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
+        self.watch.done.store(true, Ordering::Relaxed);
         // A save in flight completes before the job goes (never in a forked child, which
         // does not have the thread).
         if self.is_original_process() {

@@ -138,6 +138,26 @@ pub fn parse_signal(s: &str) -> Option<i32> {
         .map(|s| s as i32)
 }
 
+/// A duration given in the environment: plain seconds (`7`, `2.5`) or with a unit (`500ms`,
+/// `10s`, `2m`, `1h`). Negative, not finite, or past a year: `None`.
+pub fn parse_duration_env(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    let secs = num.trim().parse::<f64>().ok()? * scale;
+    (secs.is_finite() && (0.0..=366.0 * 86400.0).contains(&secs))
+        .then(|| std::time::Duration::from_secs_f64(secs))
+}
+
 /// Why `sig` cannot be a checkpoint-request signal, or `None` when it can. A request signal
 /// must be catchable and mean nothing else to the process: SIGUSR1, SIGUSR2, SIGHUP, SIGALRM,
 /// SIGURG, SIGWINCH, SIGIO, SIGPWR, SIGVTALRM, SIGPROF, or a real-time signal
@@ -208,6 +228,21 @@ mod tests {
         assert_eq!(parse_signal("15"), Some(15));
         assert_eq!(parse_signal("BOGUS"), None);
         assert_eq!(parse_signal("0"), None);
+    }
+
+    #[test]
+    fn env_durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration_env("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration_env("2.5"), Some(Duration::from_millis(2500)));
+        assert_eq!(
+            parse_duration_env("500ms"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration_env("2m"), Some(Duration::from_secs(120)));
+        for bad in ["", "x", "-1", "1e400", "5 parsecs", "NaN"] {
+            assert_eq!(parse_duration_env(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -90,10 +90,11 @@ fn call(dir: &DirArg, req: &Request, timeout: Option<Duration>) -> Result<Value,
             .as_str()
             .unwrap_or("unknown error")
             .to_string();
-        return Err(Fatal {
-            code: exit_codes::TEMPFAIL,
-            msg: e,
-        });
+        let code = match answer["code"].as_str() {
+            Some("no_client") => exit_codes::NO_CLIENT,
+            _ => exit_codes::TEMPFAIL,
+        };
+        return Err(Fatal { code, msg: e });
     }
     Ok(answer)
 }
@@ -267,8 +268,16 @@ pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
         Some(Duration::from_secs(10)),
     )?;
     let pid = v["supervisor_pid"].as_i64().unwrap_or(0) as i32;
+    let will_checkpoint = v["will_checkpoint"].as_bool().unwrap_or(true);
     if a.no_wait {
-        eprintln!("ckpt: supervisor {pid} is stopping");
+        eprintln!(
+            "ckpt: supervisor {pid} is stopping{}",
+            if will_checkpoint {
+                ""
+            } else {
+                " without taking a checkpoint"
+            }
+        );
         return Ok(0);
     }
     let deadline = Instant::now() + a.timeout;
@@ -284,6 +293,22 @@ pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("ckpt: supervisor {pid} stopped; run the same `ckpt run` again to resume");
+    // What the stop left: the supervisor's own last word in the event log.
+    let store = crate::store::Store::new(&a.dir.dir);
+    let last = super::history::last_event(&store.private(), &["stopped", "stalled"]);
+    let commits = last.as_ref().and_then(|e| e["commits"].as_u64());
+    let seq = last.as_ref().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    let from = if seq > 0 {
+        format!("checkpoint {seq}")
+    } else {
+        "the start".into()
+    };
+    if commits == Some(0) || !will_checkpoint {
+        eprintln!("ckpt: supervisor {pid} stopped; no checkpoint was taken in this run: the next `ckpt run` resumes from {from}");
+    } else {
+        eprintln!(
+            "ckpt: supervisor {pid} stopped; run the same `ckpt run` again to resume (from {from})"
+        );
+    }
     Ok(0)
 }

@@ -67,6 +67,30 @@ fn read_events(dir: &DirArg) -> Result<Vec<Value>, Fatal> {
     Ok(out)
 }
 
+/// The newest event named one of `names` in the last MiB of `private/events.jsonl`
+/// (opened without following a link or blocking on a FIFO).
+pub fn last_event(private: &std::path::Path, names: &[&str]) -> Option<Value> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(private.join("events.jsonl"))
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    f.seek(SeekFrom::Start(meta.len().saturating_sub(1 << 20)))
+        .ok()?;
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut buf).ok()?;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"].as_str().is_some_and(|n| names.contains(&n)))
+}
+
 /// One event as a human line: UTC time, event name, then its fields as key=value.
 pub fn human(e: &Value) -> String {
     let t = e["t_ms"].as_u64().unwrap_or(0);
@@ -156,6 +180,9 @@ pub fn compute_stats(events: &[Value]) -> Value {
     let mut launches = 0u64;
     let mut stops = 0u64;
     let mut lost_each = Vec::new();
+    let mut no_progress_commits = 0u64;
+    let mut requests = 0u64;
+    let mut unanswered = 0u64;
     // Per launch: when it started and when it last committed.
     let mut launch_t = None;
     let mut last_commit_t: Option<u64> = None;
@@ -168,7 +195,13 @@ pub fn compute_stats(events: &[Value]) -> Value {
             }
             "committed" => {
                 commits += 1;
-                last_commit_t = Some(t(e));
+                // A checkpoint not beyond the one its launch restored (a job that saves the
+                // same step and crashes) saves no work: it does not shorten the loss.
+                if e["progress"].as_bool() != Some(false) {
+                    last_commit_t = Some(t(e));
+                } else {
+                    no_progress_commits += 1;
+                }
                 if let Some(d) = e["duration_ms"].as_u64() {
                     ckpt_ms += d;
                     ckpt_known += 1;
@@ -189,6 +222,8 @@ pub fn compute_stats(events: &[Value]) -> Value {
                 backoff_ms += e["delay_ms"].as_u64().unwrap_or(0);
             }
             "stopped" => stops += 1,
+            "request" => requests += 1,
+            "unanswered" => unanswered = unanswered.max(e["unanswered"].as_u64().unwrap_or(1)),
             _ => {}
         }
     }
@@ -223,6 +258,9 @@ pub fn compute_stats(events: &[Value]) -> Value {
         "failures": failures,
         "stops": stops,
         "checkpoints": commits,
+        "checkpoints_without_progress": no_progress_commits,
+        "requests": requests,
+        "unanswered_requests": unanswered,
         "checkpoint_seconds": ckpt_ms as f64 / 1000.0,
         "checkpoint_overhead_percent": pct(ckpt_ms),
         "mean_checkpoint_ms": mean_ckpt,
@@ -264,6 +302,18 @@ pub fn stats(a: StatsArgs) -> Result<i32, Fatal> {
             .map(|m| format!(", {m:.0} ms each on average"))
             .unwrap_or_default()
     );
+    if s["checkpoints_without_progress"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "                    {} of them not beyond the step their launch restored (no progress)",
+            s["checkpoints_without_progress"]
+        );
+    }
+    if s["unanswered_requests"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "requests:           {} sent, {} got no checkpoint (see `ckpt log`: event unanswered)",
+            s["requests"], s["unanswered_requests"]
+        );
+    }
     let each: Vec<String> = s["lost_work_per_failure_seconds"]
         .as_array()
         .map(|a| {

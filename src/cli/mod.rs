@@ -119,12 +119,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Entry point of the binary: parses, runs, and returns the process exit code.
+/// `ckpt run python train.py` (or `ckpt check ...`): the job's command must follow `--`.
+fn missing_dashes_hint(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sub = args.first()?;
+    if !["run", "check"].contains(&sub.as_str()) || args.iter().any(|a| a == "--") {
+        return None;
+    }
+    let Some(ContextValue::String(bad)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if bad.starts_with('-') {
+        return None;
+    }
+    let pos = args.iter().position(|a| a == bad)?;
+    let mut fixed = args.clone();
+    fixed.insert(pos, "--".into());
+    Some(format!(
+        "hint: the job's command goes after `--`: ckpt {}",
+        fixed.join(" ")
+    ))
+}
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { exit_codes::USAGE } else { 0 };
             let _ = e.print();
+            if let Some(hint) = missing_dashes_hint(&e) {
+                eprintln!("{hint}");
+            }
             return code;
         }
     };

@@ -333,9 +333,19 @@ pub fn lookup_end_time(env: &JobEnv) -> Result<Option<(SystemTime, &'static str)
     }
 }
 
-/// The stop margin is at most the time left at start divided by this: the job always runs
-/// for at least half of the time it was given.
-pub const FAIR_SHARE_DIVISOR: u32 = 2;
+/// The job always runs for at least this fraction of the time left when ckpt started
+/// (1/4), and at least [`FAIR_SHARE_MIN`] when there is that much: a stop margin longer than
+/// the rest is cut down, so a job whose margin exceeds its whole time limit is not stopped at
+/// once, requeued and stopped again forever.
+pub const FAIR_SHARE_DIVISOR: u32 = 4;
+/// See [`FAIR_SHARE_DIVISOR`].
+pub const FAIR_SHARE_MIN: Duration = Duration::from_secs(10);
+
+/// The largest stop margin that leaves a job started with `left` to go its fair share.
+pub fn margin_cap(left: Duration) -> Duration {
+    let share = (left / FAIR_SHARE_DIVISOR).max(FAIR_SHARE_MIN.min(left));
+    left.saturating_sub(share)
+}
 
 /// One `ckpt run` under Slurm.
 #[derive(Debug)]
@@ -349,9 +359,9 @@ pub struct Session {
     /// Slurm sent SIGTERM to every process of the job (time limit, scancel, requeue,
     /// preemption): the job's own processes have it already.
     pub job_got_sigterm: bool,
-    /// The time left when this supervisor started: the stop margin never exceeds half of it,
-    /// so that every launch gets a fair chance to make progress (a margin longer than the
-    /// whole job would stop it at once, requeue, and loop).
+    /// The time left when this supervisor started: the stop margin never takes more than
+    /// [`margin_cap`] of it, so that every launch gets a fair chance to make progress (a
+    /// margin longer than the whole job would stop it at once, requeue, and loop).
     pub left_at_start: Option<Duration>,
 }
 
@@ -388,17 +398,15 @@ impl Session {
             .unwrap_or_default();
         let wanted = self.settings.margin.unwrap_or_default().max(measured);
         match self.left_at_start {
-            Some(left) => wanted.min(left / FAIR_SHARE_DIVISOR),
+            Some(left) => wanted.min(margin_cap(left)),
             None => wanted,
         }
     }
 
-    /// Whether the margin was cut to half the time left at start.
+    /// Whether the configured margin was cut down to leave the job its fair share.
     pub fn margin_adapted(&self) -> bool {
-        self.left_at_start.is_some_and(|left| {
-            let wanted = self.settings.margin.unwrap_or_default();
-            wanted > left / FAIR_SHARE_DIVISOR
-        })
+        self.left_at_start
+            .is_some_and(|left| self.settings.margin.unwrap_or_default() > margin_cap(left))
     }
 
     /// When to stop, as an `Instant` (None when the end time is unknown or not watched).
@@ -415,6 +423,38 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_margin_leaves_the_job_a_fair_share() {
+        let s = |m: u64| Duration::from_secs(m);
+        // --time=1 with the default 60 s margin: the job gets 15 s, not 0.3 s.
+        assert_eq!(
+            margin_cap(Duration::from_millis(59_700)),
+            Duration::from_millis(44_775)
+        );
+        assert_eq!(margin_cap(s(3600)), s(2700));
+        // Short limits: at least 10 s of work when there is that much.
+        assert_eq!(margin_cap(s(30)), s(20));
+        assert_eq!(margin_cap(s(8)), s(0));
+        let mut sess = Session::new(
+            JobEnv::from_vars(|k| (k == "SLURM_JOB_ID").then(|| "7".to_string())).unwrap(),
+            Settings {
+                requeue: RequeuePolicy::Auto,
+                warning_signal: libc::SIGUSR1,
+                margin: Some(s(60)),
+            },
+        );
+        assert_eq!(sess.margin(), s(60));
+        sess.left_at_start = Some(s(60));
+        assert_eq!(sess.margin(), s(45));
+        assert!(sess.margin_adapted());
+        // Slow saves raise the margin, still within the cap.
+        sess.note_save(100_000);
+        assert_eq!(sess.margin(), s(45));
+        sess.left_at_start = Some(s(3600));
+        assert!(!sess.margin_adapted());
+        assert_eq!(sess.margin(), s(210));
+    }
 
     fn vars(kv: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: BTreeMap<String, String> = kv

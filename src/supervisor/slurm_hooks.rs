@@ -25,7 +25,7 @@ impl Run {
                     sl.left_at_start = Some(left);
                     if sl.margin_adapted() {
                         let msg = format!(
-                            "the time left ({}) is less than twice the stop margin ({}): stopping {} before the end instead, so the job gets half of its time to make progress (hint: ask for a longer --time, or a smaller --slurm-margin)",
+                            "the time left ({}) leaves the job too little before the stop margin ({}): stopping {} before the end instead, so the job gets at least a quarter of its time (10 s at least) to make progress (hint: ask for a longer --time, or a smaller --slurm-margin)",
                             fmt_dur(left),
                             fmt_dur(sl.settings.margin.unwrap_or_default()),
                             fmt_dur(sl.margin())
