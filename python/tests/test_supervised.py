@@ -85,7 +85,8 @@ def test_slow_import_after_announcing_is_not_killed_by_requests(tmp_path, bg):
     hello = next(i for i, e in enumerate(ev) if e["event"] == "hello")
     first_commit = next(i for i, e in enumerate(ev) if e["event"] == "committed")
     requests_during_import = [e for e in ev[hello:first_commit] if e["event"] == "request"]
-    assert len(requests_during_import) >= 5, ev
+    # One request at a time: an unanswered one is repeated once per answer timeout (1 s here).
+    assert len(requests_during_import) >= 2, ev
     assert status(d)["restarts"] == 0
     assert not any(e["event"] == "exit" and e.get("signaled") for e in ev), ev
     assert_no_survivors(d)
@@ -215,3 +216,58 @@ def test_second_sigterm_terminates_at_once(tmp_path, bg):
     assert p.p.poll() is None
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait() == -signal.SIGTERM
+
+
+def test_a_sigterm_does_not_wait_long_for_a_job_blocked_in_c(tmp_path, bg):
+    # torchrun SIGTERMs the surviving ranks when one dies, and SIGKILLs them 30 s later; a
+    # flag-only handler kept a rank blocked outside the client (here: a read that never
+    # returns) alive all that time. The watchdog ends it after CKPT_STOP_TIMEOUT.
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(
+        """
+        import ckpt, os
+        ck = ckpt.Checkpointer()
+        for step in range(3):
+            ck.should_checkpoint(step)
+        print("blocking", flush=True)
+        r, w = os.pipe()
+        os.read(r, 1)   # blocks for good, like a collective whose peer died
+        """
+    ))
+    p = bg([PY, job], timeout=30, env=clean_env(CKPT_DIR=str(tmp_path / "d"), CKPT_STOP_TIMEOUT="1s"))
+    wait_until(lambda: "blocking" in p.stdout, 20, "the job to block")
+    time.sleep(0.2)  # let it enter the C call (nothing to poll for inside it)
+    t0 = time.monotonic()
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait() == 143, p.stderr
+    assert time.monotonic() - t0 < 10
+    assert "reached no safe point" in p.stderr
+
+
+def test_a_sigterm_waits_for_the_next_safe_point_and_the_save(tmp_path, bg):
+    # The bound never cuts a job that reaches its safe point (its save may then take long).
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(
+        """
+        import ckpt, time
+        ck = ckpt.Checkpointer()
+        step = 0
+        print("ready", flush=True)
+        while True:
+            step += 1
+            time.sleep(0.3)          # a step longer than the 0.2 s bound below... once seen
+            if ck.should_checkpoint(step):
+                with ck.saving(step) as d:
+                    (d / "x").write_text(str(step))
+                    time.sleep(1.0)  # a slow save
+            if ck.should_stop():
+                print("saved and stopping", flush=True)
+                raise SystemExit(0)
+        """
+    ))
+    p = bg([PY, job], timeout=30, env=clean_env(CKPT_DIR=str(tmp_path / "d"), CKPT_STOP_TIMEOUT="0.5"))
+    wait_until(lambda: "ready" in p.stdout, 20, "ready")
+    time.sleep(0.1)
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait() == 0, p.stderr
+    assert "saved and stopping" in p.stdout

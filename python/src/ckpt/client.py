@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 from . import protocol as P
 from ._crc import ALGOS, default_algo
+from ._stopwatch import StopWatch
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
 from .multi_rank import ENV_RESHARD, MultiRank, World, check_world, epoch_from_env, shard_name
@@ -168,16 +169,19 @@ class Checkpointer:
             self._signal = int(signal.SIGUSR1)
         else:
             sig = P.parse_signal(sig_s)
-            if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):
+            why = "is not a signal number or name" if sig is None else P.request_signal_problem(sig)
+            if why is not None:
                 raise EnvError(
-                    f"environment variable {P.ENV_SIGNAL}={sig_s!r} is invalid: not a usable signal "
-                    "number or name; hint: it is set by `ckpt run --signal`"
+                    f"environment variable {P.ENV_SIGNAL}={sig_s!r} is invalid: it {why}, so it cannot "
+                    "request checkpoints; hint: it is set by `ckpt run --signal` (USR1, USR2 or a "
+                    "real-time signal; docs/protocol.md)"
                 )
             self._signal = sig
         rc = P.env(P.ENV_RESTART_COUNT) or "0"
         if not (rc.isascii() and rc.isdigit()):
             raise EnvError(f"environment variable {P.ENV_RESTART_COUNT}={rc!r} is invalid: not a whole number")
         self._restart_count = int(rc)
+        self._watch = StopWatch(self._pid)
 
         self._world = world
         self._multi: Optional[MultiRank] = None
@@ -238,6 +242,8 @@ class Checkpointer:
         self._old[self._signal] = signal.signal(self._signal, on_request)
         self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
         self._handlers_installed = True
+        if self._watch.start():
+            self._watch_started = True
         # Python resets its handlers to SIG_DFL while the interpreter shuts down, so a request
         # arriving after the job's last line would kill a job that finished (and the supervisor
         # would restart it). From the moment the job is exiting, requests are ignored.
@@ -276,6 +282,9 @@ class Checkpointer:
         self._leave()
         if self._handlers_installed and os.getpid() == self._pid:
             if threading.current_thread() is threading.main_thread():
+                if self._watch_started:
+                    self._watch.stop()
+                    self._watch_started = False
                 for sig, old in self._old.items():
                     if sig == self._signal and old in (signal.SIG_DFL, None):
                         # This pid said hello: the supervisor may still send requests until it
@@ -456,6 +465,7 @@ class Checkpointer:
             self._step = step
         if not self._original():
             return False
+        self._watch.touch()
         now = time.monotonic()
         if self._last_beat is None or now - self._last_beat >= _HEARTBEAT_S:
             self._last_beat = now
@@ -486,6 +496,7 @@ class Checkpointer:
         ranks stop together: after the save round that agreed to stop has published."""
         if not self._original():
             return False
+        self._watch.touch()
         if self._world is not None and self._world.size > 1:
             m = self._multi or self._left
             # Once a rank left the launch no round can publish: a rank asked to stop just stops.
@@ -526,7 +537,7 @@ class Checkpointer:
             )
         if meta is not None and not isinstance(meta, dict):
             raise CkptError("meta must be a dict of JSON values")
-        with self._lock:
+        with self._lock, self._busy():
             if step is not None:
                 self._step = step
             started = time.monotonic()
@@ -587,6 +598,17 @@ class Checkpointer:
                     print(f"ckpt: warning: retention failed: {e}", file=sys.stderr)
 
     _stage: Optional[Stage] = None
+    _watch_started = False
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """A save is running: the SIGTERM watchdog waits for it."""
+        self._watch.busy += 1
+        try:
+            yield
+        finally:
+            self._watch.busy -= 1
+            self._watch.touch()
 
 
 def _ignore_at_exit(ref: "weakref.ref[Checkpointer]", signum: int, pid: int) -> None:

@@ -73,6 +73,33 @@ def parse_signal(s: str) -> Optional[int]:
         return None
 
 
+_REQUEST_OK = {
+    int(getattr(signal, n))
+    for n in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGALRM", "SIGURG", "SIGWINCH", "SIGIO", "SIGPWR", "SIGVTALRM", "SIGPROF")
+    if hasattr(signal, n)
+}
+
+
+def request_signal_problem(sig: int) -> Optional[str]:
+    """Why ``sig`` cannot be a checkpoint-request signal, or None when it can (the rule of
+    docs/protocol.md, the same as the supervisor's): USR1, USR2, HUP, ALRM, URG, WINCH, IO,
+    PWR, VTALRM, PROF or a real-time signal (34..64)."""
+    if sig in _REQUEST_OK or 34 <= sig <= 64:
+        return None
+    s = signal
+    if sig in (s.SIGKILL, s.SIGSTOP):
+        return "cannot be caught"
+    if sig in (s.SIGTERM, s.SIGINT):
+        return 'means "stop" to every client'
+    if sig in (s.SIGCHLD, s.SIGCONT, s.SIGTSTP, s.SIGTTIN, s.SIGTTOU):
+        return "is a job-control signal"
+    if sig in (s.SIGSEGV, s.SIGBUS, s.SIGFPE, s.SIGILL, s.SIGTRAP, s.SIGSYS, s.SIGABRT, s.SIGQUIT, s.SIGPIPE):
+        return "reports a fault or asks for a core dump"
+    if sig in (32, 33):
+        return "is reserved by the C library's threads"
+    return "is not a signal"
+
+
 class Channel:
     """Fire-and-forget datagrams to the supervisor's socket (``CKPT_SOCKET``). Never blocks
     and never raises: the supervisor re-reads the directory anyway."""
