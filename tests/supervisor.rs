@@ -417,3 +417,39 @@ fn durations_too_long_and_unusable_signals_are_refused() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn the_exit_code_table_is_one_table() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Exit codes of `ckpt run`")
+        .nth(1)
+        .expect("README has the exit code section");
+    let rows: Vec<(String, String)> = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| code |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split(" | ").collect();
+            (cells[0].trim().to_string(), cells[1].trim().to_string())
+        })
+        .collect();
+    let table: Vec<(String, String)> = ckpt::supervisor::exit_codes::TABLE
+        .iter()
+        .map(|(c, w)| (c.to_string(), w.to_string()))
+        .collect();
+    assert_eq!(
+        rows, table,
+        "README's exit code table differs from exit_codes::TABLE"
+    );
+    let help = output_deadline(ckpt().args(["run", "--help"]), T);
+    let help = text(&help.stdout);
+    for (code, _) in ckpt::supervisor::exit_codes::TABLE {
+        assert!(
+            help.contains(&format!("  {code} ")),
+            "`ckpt run --help` lacks {code}"
+        );
+    }
+}

@@ -17,26 +17,13 @@ use clap::{Parser, Subcommand};
 
 use crate::supervisor::{exit_codes, Fatal};
 
-const AFTER_HELP: &str = "\
-EXIT CODES (ckpt run):
-  0    the job finished (now, or in an earlier run on this directory)
-  75   stopped after a checkpoint (signal, preemption, time limit): run again to resume
-  64   usage error          65  no checkpoint verifies / verify found bad ones
-  73   directory cannot be created, locked or written      74  I/O error
-  69   (status/checkpoint/stop) no supervisor runs on that directory
-  79   under Slurm: stopped after a checkpoint and already requeued by ckpt
-  126  command not executable   127  command not found
-  N    the job's own code (or 128+signal) when ckpt gives up restarting it
-
-Documentation: README.md, docs/design.md, docs/protocol.md";
-
 /// Process-level checkpoint/restore supervisor for long-running jobs.
 ///
 /// ckpt launches a job, asks it to checkpoint at safe points (periodically, and when it has
 /// to stop), publishes each checkpoint atomically and verified, and relaunches the job from
 /// the newest checkpoint that verifies after a crash, a kill or a reboot.
 #[derive(Debug, Parser)]
-#[command(name = "ckpt", version, about, long_about, after_long_help = AFTER_HELP, propagate_version = true)]
+#[command(name = "ckpt", version, about, long_about, after_long_help = exit_codes::help(), propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,

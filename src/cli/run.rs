@@ -15,7 +15,7 @@ use crate::supervisor::{exit_codes, Config, Fatal};
 /// client (Rust, Python, or `ckpt save` in a shell trap with --signal) are asked to checkpoint
 /// every --every and before they are stopped. Any job is restarted after it fails.
 #[derive(Debug, clap::Args)]
-#[command(after_long_help = super::AFTER_HELP)]
+#[command(after_long_help = exit_codes::help())]
 pub struct RunArgs {
     #[command(flatten)]
     pub dir: DirArg,

@@ -64,6 +64,37 @@ pub mod exit_codes {
     pub const CANNOT_EXECUTE: i32 = 126;
     /// The command was not found.
     pub const NOT_FOUND: i32 = 127;
+
+    /// The one table of exit codes: `ckpt --help`, `ckpt run --help` and the README's table
+    /// are all this (a test compares the README with it).
+    pub const TABLE: &[(&str, &str)] = &[
+        ("0", "the job finished (now, or in an earlier run on this directory)"),
+        ("75", "stopped (signal, preemption, time limit) after asking for a checkpoint: **run again to resume**"),
+        ("76", "stopped, and the job made no progress since its launch in more than `--max-stops-without-progress` stops in a row: not run again or requeued (it would only loop)"),
+        ("64", "usage error (bad flag or value)"),
+        ("65", "checkpoints exist but none verifies (pass `--allow-fresh` to start over); `ckpt verify` found a bad one"),
+        ("70", "internal error (please report it)"),
+        ("73", "the checkpoint directory cannot be created, locked (another supervisor holds it) or written"),
+        ("74", "I/O error"),
+        ("79", "under Slurm: stopped after a checkpoint and requeued by ckpt (the batch script must not requeue again)"),
+        ("69", "`ckpt status/checkpoint/stop`: no supervisor runs on that directory"),
+        ("78", "`ckpt checkpoint`: the job has not announced a client, so it cannot be asked to checkpoint"),
+        ("126 / 127", "the command cannot be executed / was not found"),
+        ("other", "ckpt gave up restarting: the job's own exit code, or 128 + the signal that killed it"),
+    ];
+
+    /// The table as `--help` text.
+    pub fn help() -> String {
+        let mut s = String::from("EXIT CODES:\n");
+        for (code, what) in TABLE {
+            s.push_str(&format!(
+                "  {code:<9} {}\n",
+                what.replace("**", "").replace('`', "")
+            ));
+        }
+        s.push_str("\nDocumentation: README.md, docs/design.md, docs/protocol.md");
+        s
+    }
 }
 
 /// A fatal error: the exit code and the message.
