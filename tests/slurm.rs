@@ -587,3 +587,35 @@ fn time_limit_sigterm_checkpoints_before_sigkill() {
     });
     eprintln!("{}: done in {:?}", t.name, t0.elapsed());
 }
+
+#[test]
+fn a_margin_longer_than_the_time_limit_leaves_the_job_its_share() {
+    // The livelock: `--time=1` with the default 60 s margin used to stop the job ~30 ms after
+    // its launch (before it could announce a client), requeue, and do it again, forever.
+    if !ensure_cluster("margin_cap") {
+        return;
+    }
+    let t = T::new("mcap");
+    let ck = t.path("ck");
+    let digest = t.path("digest");
+    let steps = 150; // 6 s of work: well inside a quarter of the minute
+    let body = format!(
+        "exec {} run --dir {} --every off -- {}",
+        ckpt_bin().display(),
+        ck.display(),
+        trainer_cmd(steps, &digest)
+    );
+    let (_id, _g) = t.submit(&body, &["--requeue", "--time=1"]);
+    wait_for(&t, Duration::from_secs(60), "the job to finish", || {
+        read_digest(&digest).is_some() && !events(&ck, "finished").is_empty()
+    });
+    let adapted = events(&ck, "slurm_margin_adapted");
+    assert_eq!(adapted.len(), 1, "{}", t.output());
+    let margin = adapted[0]["margin_ms"].as_u64().unwrap();
+    let left = adapted[0]["left_ms"].as_u64().unwrap();
+    assert!(margin <= left * 3 / 4 + 1, "{}", adapted[0]);
+    assert!(events(&ck, "requeued").is_empty(), "{}", t.output());
+    assert!(events(&ck, "slurm_time_limit").is_empty(), "{}", t.output());
+    assert_eq!(read_digest(&digest).unwrap(), reference(steps, DIM));
+    assert_no_survivors(&ck);
+}

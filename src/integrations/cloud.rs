@@ -495,7 +495,7 @@ impl Poller for Azure {
                     if !resources.contains(&vm.as_str()) {
                         if !self.ignored.contains(&id) {
                             self.notes.push(format!(
-                                "ignoring Azure {kind} event {id}: it is for {resources:?}, not this VM ({vm})"
+                                "ignoring Azure {kind} event {id}: it is for {}, not this VM ({vm})", resources.join(", ")
                             ));
                             self.ignored.push(id);
                         }

@@ -52,11 +52,15 @@ impl Run {
             .and_then(|e| e.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
         let human = format!(
-            "Slurm {}, SLURM_RESTART_COUNT={}; warning signal {}, requeue {:?}{end_note}",
+            "Slurm {}, SLURM_RESTART_COUNT={}; warning signal {}, requeue {}{end_note}",
             sl.env.describe(),
             sl.env.restart_count,
             signame(sl.settings.warning_signal),
-            sl.settings.requeue,
+            match sl.settings.requeue {
+                slurm::RequeuePolicy::Auto => "auto",
+                slurm::RequeuePolicy::Always => "always",
+                slurm::RequeuePolicy::Never => "never",
+            },
         );
         let fields = json!({
             "job_id": sl.env.job_id,
