@@ -453,3 +453,163 @@ fn the_exit_code_table_is_one_table() {
         );
     }
 }
+
+#[test]
+fn a_directory_deleted_under_a_running_supervisor_is_noticed_and_taken_back() {
+    // Old supervisor: deaf (its sockets gone) with no warning; `ckpt status` said "no
+    // supervisor running" while it ran on.
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let digest = tmp.path().join("digest");
+    let mut sup = ckpt()
+        .args(["run", "-q", "--every", "200ms", "--dir"])
+        .arg(&dir)
+        .arg("--")
+        .args(trainer_args(100_000, 16, 2, &digest))
+        .stderr(Stdio::piped())
+        .spawn_guarded();
+    wait_until(T, "a first checkpoint", || {
+        !events(&dir, "committed").is_empty()
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+    wait_until(T, "the loss to be noticed", || {
+        !events(&dir, "dir_lost").is_empty()
+    });
+    let st = output_deadline(ckpt().args(["status", "--json", "--dir"]).arg(&dir), T);
+    assert_eq!(st.status.code(), Some(0), "{}", text(&st.stderr));
+    // The job's next checkpoint lands in the new directory, and the lock is held again.
+    wait_until(T, "a checkpoint in the new directory", || {
+        !checkpoints(&dir).is_empty()
+    });
+    let second = output_deadline(
+        ckpt().args(["run", "--dir"]).arg(&dir).args(["--", "true"]),
+        T,
+    );
+    assert_eq!(second.status.code(), Some(73), "{}", text(&second.stderr));
+    let stop = output_deadline(ckpt().args(["stop", "--dir"]).arg(&dir), T);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+    assert_eq!(wait_deadline(&mut sup, T).code(), Some(75));
+    assert_no_survivors(&dir);
+}
+
+/// A small ext4 file system on a loop device, unmounted (and thawed) on drop.
+struct LoopFs {
+    mnt: std::path::PathBuf,
+    frozen: std::cell::Cell<bool>,
+}
+
+impl LoopFs {
+    fn new(tmp: &Path) -> Option<LoopFs> {
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let img = tmp.join("fs.img");
+        let mnt = tmp.join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        let ok = |c: &mut std::process::Command| {
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(std::process::Command::new("truncate")
+            .args(["-s", "64M"])
+            .arg(&img))
+            || !ok(std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img))
+            || !ok(std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
+        {
+            return None;
+        }
+        Some(LoopFs {
+            mnt,
+            frozen: false.into(),
+        })
+    }
+    fn freeze(&self, on: bool) {
+        let st = std::process::Command::new("fsfreeze")
+            .arg(if on { "-f" } else { "-u" })
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        self.frozen.set(on);
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.frozen.get() {
+            let _ = std::process::Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.mnt)
+                .status();
+        }
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+/// Thaws the file system when dropped: declared after the supervisor's guard, it is dropped
+/// first (a process blocked on a frozen file system cannot die until it thaws).
+struct Thaw<'a>(&'a LoopFs);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        if self.0.frozen.get() {
+            self.0.freeze(false);
+        }
+    }
+}
+
+#[test]
+fn a_frozen_file_system_does_not_make_the_supervisor_deaf() {
+    // Old supervisor: its one loop did the disk I/O, so `status` and `stop --no-checkpoint`
+    // timed out while the file system was frozen.
+    let tmp = tempdir();
+    let Some(fs) = LoopFs::new(tmp.path()) else {
+        eprintln!("skipped: needs root, a loop device and mkfs.ext4");
+        return;
+    };
+    let dir = fs.mnt.join("ck");
+    let digest = tmp.path().join("digest");
+    let mut sup = ckpt()
+        .args(["run", "-q", "--every", "100ms", "--dir"])
+        .arg(&dir)
+        .arg("--")
+        .args(trainer_args(100_000, 16, 2, &digest))
+        .stderr(Stdio::null())
+        .spawn_guarded();
+    let thaw = Thaw(&fs);
+    wait_until(T, "a first checkpoint", || {
+        !events(&dir, "committed").is_empty()
+    });
+    fs.freeze(true);
+    // Requests and their log lines keep coming: the loop soon blocks on the frozen log, and
+    // the control thread answers from the last status it shared.
+    wait_until(T, "a status answered while the loop is blocked", || {
+        let st = output_deadline(ckpt().args(["status", "--json", "--dir"]).arg(&dir), T);
+        assert_eq!(st.status.code(), Some(0), "{}", text(&st.stderr));
+        text(&st.stdout).contains("stale_seconds")
+    });
+    let t0 = std::time::Instant::now();
+    let stop = output_deadline(
+        ckpt()
+            .args(["stop", "--no-checkpoint", "--no-wait", "--dir"])
+            .arg(&dir),
+        T,
+    );
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    drop(thaw);
+    assert_eq!(wait_deadline(&mut sup, T).code(), Some(75));
+    let exit = &events(&dir, "exit")[0];
+    assert_eq!(exit["exit"], 128 + libc::SIGKILL, "{exit}");
+    assert_no_survivors(&dir);
+}

@@ -78,17 +78,25 @@ fn answer(mut stream: &UnixStream, v: &Value) {
     let _ = stream.write_all(line.as_bytes());
 }
 
+/// How long a connection waits for the supervisor's loop before `fallback` answers: the loop
+/// may be stuck in disk I/O (a frozen file system), and `status` and `stop --no-checkpoint`
+/// must still work then.
+pub const LOOP_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Binds the socket (removing a stale one: the caller holds the directory lock) and serves it
-/// on a thread. `forward` returns false once the supervisor is gone.
-pub fn serve<F>(path: &Path, forward: F) -> std::io::Result<()>
+/// on a thread. `forward` returns false once the supervisor is gone; `fallback` answers a
+/// request the loop did not answer within [`LOOP_ANSWER_TIMEOUT`].
+pub fn serve<F, G>(path: &Path, forward: F, fallback: G) -> std::io::Result<()>
 where
     F: Fn(ControlEvent) -> bool + Send + Sync + 'static,
+    G: Fn(&Request) -> Value + Send + Sync + 'static,
 {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let me = nix::unistd::geteuid().as_raw();
     let forward = Arc::new(forward);
+    let fallback = Arc::new(fallback);
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("ckpt-control".into()).spawn(move || {
         for stream in listener.incoming() {
@@ -106,9 +114,9 @@ where
                 continue;
             }
             active.fetch_add(1, Ordering::SeqCst);
-            let (forward, active) = (forward.clone(), active.clone());
+            let (forward, fallback, active) = (forward.clone(), fallback.clone(), active.clone());
             let _ = std::thread::Builder::new().name("ckpt-control-conn".into()).spawn(move || {
-                handle(stream, &*forward);
+                handle(stream, &*forward, &*fallback);
                 active.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -116,7 +124,11 @@ where
     Ok(())
 }
 
-fn handle(stream: UnixStream, forward: &(dyn Fn(ControlEvent) -> bool + Send + Sync)) {
+fn handle(
+    stream: UnixStream,
+    forward: &(dyn Fn(ControlEvent) -> bool + Send + Sync),
+    fallback: &(dyn Fn(&Request) -> Value + Send + Sync),
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = Vec::new();
     let mut reader = BufReader::new((&stream).take(MAX_REQUEST_BYTES as u64 + 1));
@@ -131,16 +143,28 @@ fn handle(stream: UnixStream, forward: &(dyn Fn(ControlEvent) -> bool + Send + S
     match req {
         Ok(req) => {
             let (tx, rx) = mpsc::channel();
-            if !forward(ControlEvent::Request(req, tx)) {
+            if !forward(ControlEvent::Request(req.clone(), tx)) {
                 answer(
                     &stream,
                     &json!({ "ok": false, "error": "the supervisor is shutting down" }),
                 );
                 return;
             }
-            let v = rx.recv().unwrap_or_else(
-                |_| json!({ "ok": false, "error": "the supervisor ended before answering" }),
-            );
+            let v = match rx.recv_timeout(LOOP_ANSWER_TIMEOUT) {
+                Ok(v) => v,
+                // `checkpoint --wait` answers come when the checkpoint does.
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if matches!(req, Request::Checkpoint { wait: true }) =>
+                {
+                    rx.recv().unwrap_or_else(|_| {
+                        json!({ "ok": false, "error": "the supervisor ended before answering" })
+                    })
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => fallback(&req),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    json!({ "ok": false, "error": "the supervisor ended before answering" })
+                }
+            };
             answer(&stream, &v);
         }
         Err(e) => {

@@ -20,7 +20,9 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -244,9 +246,15 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         }
     }
 
+    let cgroup = cgroup::Cgroup::create(&store.private());
+    let shared = Arc::new(Shared {
+        status: Mutex::new((json!({ "ok": true, "state": "starting" }), Instant::now())),
+        job_pid: AtomicU32::new(0),
+        cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+    });
     let (tx, rx) = mpsc::channel();
     let socket_path = bind_socket(&store, tx.clone())?;
-    let control_path = bind_control(&store, tx.clone())?;
+    let control_path = bind_control(&store, tx.clone(), shared.clone())?;
     if let Some(p) = cfg.preemption.clone() {
         crate::integrations::cloud::start(p, stop_soon::Notifier::new(tx.clone()));
     }
@@ -254,6 +262,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         .slurm
         .clone()
         .and_then(|st| slurm::JobEnv::from_process_env().map(|e| slurm::Session::new(e, st)));
+    let tx_keep = tx.clone();
     start_signal_thread(tx, session.as_ref().map(|s| s.settings.warning_signal))?;
     spawn::become_subreaper().map_err(|e| {
         fatal(
@@ -276,7 +285,6 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
             json!({}),
         ),
     }
-    let cgroup = cgroup::Cgroup::create(&store.private());
     rep.event(
         "start",
         None,
@@ -295,6 +303,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         hang_signal: cfg.hang_signal,
         checkpoint_timeout: cfg.checkpoint_timeout,
     });
+    let dir_id = dir_identity(&store);
     let mut run = Run {
         cfg,
         store,
@@ -314,6 +323,10 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         last_commit: None,
         cgroup,
         lock_fd: lock.raw_fd(),
+        shared,
+        dir_id,
+        lock,
+        tx: tx_keep,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -332,7 +345,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     if let Some(cg) = run.cgroup.take() {
         cg.remove();
     }
-    drop(lock);
+    drop(run.lock);
     code
 }
 
@@ -360,14 +373,64 @@ fn socket_path(store: &Store, name: &str) -> Result<PathBuf, Fatal> {
     Ok(d.join(name))
 }
 
-fn bind_control(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
+/// What the control thread may read or do without the loop, which may be stuck in disk I/O
+/// (a frozen file system): the last status, and the job to kill for `stop --no-checkpoint`.
+struct Shared {
+    status: Mutex<(serde_json::Value, Instant)>,
+    job_pid: AtomicU32,
+    cgroup: Option<PathBuf>,
+}
+
+impl Shared {
+    /// The answer when the loop did not answer in time.
+    fn fallback(&self, req: &control::Request) -> serde_json::Value {
+        let busy = "the supervisor's loop is busy (waiting for disk I/O: is the file system frozen or hung?)";
+        match req {
+            control::Request::Status {} => {
+                let (mut v, at) = self
+                    .status
+                    .lock()
+                    .map(|g| g.clone())
+                    .unwrap_or_else(|e| e.into_inner().clone());
+                v["stale_seconds"] = json!(at.elapsed().as_secs_f64());
+                v["note"] = json!(format!(
+                    "{busy}; this status is {:.1}s old",
+                    at.elapsed().as_secs_f64()
+                ));
+                v
+            }
+            control::Request::Stop { checkpoint: false } => {
+                let pid = self.job_pid.load(Ordering::SeqCst);
+                if pid != 0 {
+                    if let Some(cg) = &self.cgroup {
+                        let _ = std::fs::write(cg.join("cgroup.kill"), b"1");
+                    }
+                    spawn::signal_group(pid, libc::SIGKILL);
+                    for p in spawn::descendants() {
+                        spawn::signal_pid(p, libc::SIGKILL);
+                    }
+                }
+                json!({ "ok": true, "stopping": true, "supervisor_pid": std::process::id(), "will_checkpoint": false, "note": format!("{busy}; the job was killed directly") })
+            }
+            _ => {
+                json!({ "ok": false, "error": format!("{busy}; try again, or `ckpt stop --no-checkpoint`") })
+            }
+        }
+    }
+}
+
+fn bind_control(store: &Store, tx: Sender<Ev>, shared: Arc<Shared>) -> Result<PathBuf, Fatal> {
     let path = socket_path(store, "control.sock")?;
     let tx = std::sync::Mutex::new(tx);
-    control::serve(&path, move |ev| {
-        tx.lock()
-            .map(|t| t.send(Ev::Control(ev)).is_ok())
-            .unwrap_or(false)
-    })
+    control::serve(
+        &path,
+        move |ev| {
+            tx.lock()
+                .map(|t| t.send(Ev::Control(ev)).is_ok())
+                .unwrap_or(false)
+        },
+        move |req| shared.fallback(req),
+    )
     .map_err(|e| {
         fatal(
             exit_codes::CANT_CREATE,
@@ -504,6 +567,21 @@ struct Run {
     cgroup: Option<cgroup::Cgroup>,
     /// The directory lock's descriptor (closed in the job's child).
     lock_fd: std::os::fd::RawFd,
+    /// Shared with the control thread.
+    shared: Arc<Shared>,
+    /// The device and inode of `DIR/.ckpt` at start: a directory deleted (or replaced) under
+    /// a running supervisor is noticed.
+    dir_id: Option<(u64, u64)>,
+    lock: lock::DirLock,
+    /// For re-binding the sockets when the directory was deleted.
+    tx: Sender<Ev>,
+}
+
+fn dir_identity(store: &Store) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(store.private())
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// A checkpoint's progress mark: sequence, step, and a digest of its files' checksums.
@@ -569,6 +647,8 @@ impl Run {
                 last_live = now;
                 let line = self.live_line();
                 self.rep.live(line);
+                self.share_status();
+                self.check_dir();
             }
         }
     }
@@ -583,6 +663,7 @@ impl Run {
             self.rep.live(None);
             self.kill_tree_wait(pid);
             self.job_pid = None;
+            self.shared.job_pid.store(0, Ordering::SeqCst);
             self.rescan(queue);
             queue.extend(self.m.on(
                 Event::Exited {
@@ -627,6 +708,7 @@ impl Run {
                 let restore = self.pick_restore()?;
                 let pid = self.launch(restore.as_ref())?;
                 self.job_pid = Some(pid);
+                self.shared.job_pid.store(pid, Ordering::SeqCst);
                 let restored = restore.as_ref().map(|f| mark_of(&f.manifest));
                 queue.extend(self.m.on(Event::Launched { pid, restored }, Instant::now()));
             }
@@ -1232,6 +1314,64 @@ impl Run {
             "last_checkpoint": last,
             "newest_seq": if self.m.last_seq() > 0 { Some(self.m.last_seq()) } else { None },
         })
+    }
+
+    /// Refreshes the status the control thread answers with when the loop is busy.
+    fn share_status(&self) {
+        let v = self.status_json();
+        if let Ok(mut g) = self.shared.status.lock() {
+            *g = (v, Instant::now());
+        }
+    }
+
+    /// Notices `DIR/.ckpt` deleted or replaced under the running supervisor: warns, makes
+    /// the directory again, and takes the lock and the sockets back, so that `ckpt status`,
+    /// `ckpt stop` and the job's messages reach this supervisor again.
+    fn check_dir(&mut self) {
+        let now = dir_identity(&self.store);
+        if now.is_some() && now == self.dir_id {
+            return;
+        }
+        let dir = self.store.dir().display().to_string();
+        let what = if now.is_none() {
+            "was deleted"
+        } else {
+            "was replaced"
+        };
+        let mut steps = Vec::new();
+        let res = (|| -> Result<(), String> {
+            self.store.create().map_err(|e| e.to_string())?;
+            let cmdline = self
+                .cfg
+                .command
+                .iter()
+                .map(|s| s.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ");
+            self.lock = lock::DirLock::acquire(&self.store, &cmdline).map_err(|e| e.to_string())?;
+            self.lock_fd = self.lock.raw_fd();
+            steps.push("the lock");
+            self.socket_path = bind_socket(&self.store, self.tx.clone()).map_err(|e| e.msg)?;
+            self.control_path = bind_control(&self.store, self.tx.clone(), self.shared.clone())
+                .map_err(|e| e.msg)?;
+            steps.push("the sockets");
+            Ok(())
+        })();
+        self.dir_id = dir_identity(&self.store);
+        self.rep.reopen();
+        match res {
+            Ok(()) => self.rep.warn(
+                "dir_lost",
+                format!("{dir}/.ckpt {what} while the supervisor runs: made it again and took back {} (the checkpoints it held are gone; the job's next checkpoint goes into the new directory)", steps.join(" and ")),
+                json!({ "dir": self.store.dir() }),
+            ),
+            Err(e) => self.rep.warn(
+                "dir_lost",
+                format!("{dir}/.ckpt {what} while the supervisor runs, and cannot be made again ({e}): `ckpt status/stop` cannot reach this supervisor; stop it with a signal (kill -TERM {})", std::process::id()),
+                json!({ "dir": self.store.dir(), "error": e }),
+            ),
+        }
+        self.write_status();
     }
 
     fn write_status(&self) {

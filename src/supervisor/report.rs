@@ -100,6 +100,19 @@ impl Reporter {
         }
     }
 
+    /// Opens the event log again (its directory was deleted and made again).
+    pub fn reopen(&mut self) {
+        if let Some(dir) = self.status_path.parent() {
+            self.log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dir.join("events.jsonl"))
+                .ok();
+        }
+    }
+
     /// Logs a human line (unless quiet) and appends the event.
     pub fn event(&mut self, event: &str, human: Option<String>, fields: Value) {
         let mut obj = json!({ "t_ms": now_ms(), "event": event });
