@@ -48,6 +48,12 @@ pub const ENV_ROUND_TIMEOUT: &str = "CKPT_ROUND_TIMEOUT";
 /// Jobs whose ranks synchronise every step (collectives) should set 2 or more.
 pub const ENV_ROUND_LOOKAHEAD: &str = "CKPT_ROUND_LOOKAHEAD";
 
+/// The checksum of every shard of a multi-rank checkpoint, whichever client writes it: CRC-32
+/// (IEEE), which the Python client computes with `zlib` at C speed from the standard library
+/// alone, so that Rust and Python ranks of one job agree without negotiating
+/// (`docs/multi-rank.md`, "Checksums").
+pub const SHARD_ALGO: Algo = Algo::Crc32;
+
 /// How often a rank without a request of its own looks for a round started by another rank.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -258,6 +264,15 @@ pub struct MultiRank {
     published_last: bool,
     /// Some rank of this launch left (`<epoch>/left` exists): no round can complete.
     left_seen: bool,
+    /// The last [`MultiRank::poll`] returned true: this rank is at its round's agreed position.
+    at_target: bool,
+    /// The position rule (`docs/multi-rank.md`, "Which step"): `should_checkpoint` calls
+    /// since the restore, counted from the restored checkpoint's step (`base`); a step given
+    /// explicitly since the previous call wins.
+    calls: u64,
+    base: u64,
+    explicit: Option<u64>,
+    pos: Option<u64>,
 }
 
 impl std::fmt::Debug for MultiRank {
@@ -323,6 +338,11 @@ impl MultiRank {
             stop_agreed: false,
             published_last: false,
             left_seen: false,
+            at_target: false,
+            calls: 0,
+            base: 0,
+            explicit: None,
+            pos: None,
         })
     }
 
@@ -360,6 +380,38 @@ impl MultiRank {
         self.left_seen
     }
 
+    /// The step of the restored checkpoint: the count of `should_checkpoint` calls continues
+    /// from it (`docs/multi-rank.md`, "Which step").
+    pub fn set_base(&mut self, step: u64) {
+        self.base = step;
+    }
+
+    /// The job gave its step explicitly (`should_checkpoint_at`, `progress`, `set_step`): the
+    /// next position is that step.
+    pub fn set_explicit(&mut self, step: u64) {
+        self.explicit = Some(step);
+    }
+
+    /// This rank's position at a `should_checkpoint` call: the explicit step given since the
+    /// previous call, else the number of calls since the restore plus the restored step. The
+    /// same on every rank of an SPMD loop, which is all the rounds need.
+    pub fn next_position(&mut self) -> u64 {
+        self.calls += 1;
+        let p = self
+            .explicit
+            .take()
+            .unwrap_or(self.base.saturating_add(self.calls));
+        self.pos = Some(p);
+        p
+    }
+
+    /// This rank's position now (for a save without a request).
+    fn position(&self) -> u64 {
+        self.explicit
+            .or(self.pos)
+            .unwrap_or(self.base.saturating_add(self.calls))
+    }
+
     /// Overrides the round timeout.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -370,8 +422,9 @@ impl MultiRank {
     }
 
     /// The safe-point decision. `want`: this rank has a request of its own (signal, stop,
-    /// interval); `stop`: it was asked to stop; `step`: the step just completed. Returns true
-    /// exactly at the agreed step of the round this rank is in.
+    /// interval); `stop`: it was asked to stop; `step`: this rank's position, the step just
+    /// completed ([`MultiRank::next_position`]). Returns true exactly at the agreed position of
+    /// the round this rank is in.
     pub fn poll(&mut self, want: bool, stop: bool, step: u64) -> Result<bool> {
         if self.joined.is_none() {
             if !want && self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
@@ -427,7 +480,8 @@ impl MultiRank {
                 self.world.rank, t.step
             )));
         }
-        Ok(step == t.step)
+        self.at_target = step == t.step;
+        Ok(self.at_target)
     }
 
     /// Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -587,13 +641,15 @@ impl MultiRank {
 
     fn conclude(&mut self) {
         self.joined = None;
+        self.at_target = false;
         self.k += 1;
         self.last_poll = None;
     }
 
     /// Saves this rank's shard: `stage` (filled by the job) becomes `rank-NNNNN/` of the
-    /// round's checkpoint. Returns the published manifest once every shard is durable and the
-    /// checkpoint is visible, or an error when the round was abandoned.
+    /// round's checkpoint. `step`: the step the job gave to the save, recorded in the manifest
+    /// (`None`: the agreed position). Returns the published manifest once every shard is
+    /// durable and the checkpoint is visible, or an error when the round was abandoned.
     pub fn commit_shard(
         &mut self,
         stage: Stage,
@@ -603,14 +659,12 @@ impl MultiRank {
         writer: &str,
     ) -> Result<Manifest> {
         self.published_last = false;
-        let Some(step) = step else {
-            return Err(Error::Usage(
-                "a multi-rank save needs the step (save_at, set_step or should_checkpoint_at): the ranks agree on it".into(),
-            ));
-        };
+        // Where this save is, when it is not the save should_checkpoint asked for: the
+        // explicit step wins, else the position.
+        let here = step.unwrap_or_else(|| self.position());
         if self.joined.is_none() {
-            // An explicit save without a request: every rank must make it at the same step.
-            if !self.join(step, stop, true)? {
+            // A save without a request: every rank must make it at the same position.
+            if !self.join(here, stop, true)? {
                 return Err(Error::Usage(format!(
                     "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its client was dropped or closed; see {}); hint: keep every rank's client open until the job's last save",
                     self.left_marker().display()
@@ -628,15 +682,21 @@ impl MultiRank {
                 }
             },
         };
-        if t.step != step {
+        if !self.at_target && t.step != here {
             self.abort(k);
             self.conclude();
             return Err(Error::Usage(format!(
-                "rank {} saved at step {step} but the ranks agreed on step {} in save round {k}; the round was abandoned, nothing was published (hint: call save only when should_checkpoint() says so, or at the same step on every rank)",
+                "rank {} saved at step {here} but the ranks agreed on step {} in save round {k}; the round was abandoned, nothing was published (hint: call save only when should_checkpoint() says so, or at the same step on every rank)",
                 self.world.rank, t.step
             )));
         }
-        let res = self.write_shard(k, stage, algo, t, writer);
+        // The manifest records the step the job gave (the publisher checks that every rank
+        // gave the same one), else the agreed position.
+        let rec = Target {
+            step: step.unwrap_or(t.step),
+            stop: t.stop,
+        };
+        let res = self.write_shard(k, stage, algo, rec, writer);
         self.conclude();
         let m = res?;
         if t.stop {

@@ -26,7 +26,7 @@ from . import protocol as P
 from ._crc import ALGOS, default_algo
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
-from .multi_rank import ENV_RESHARD, MultiRank, World, check_world, epoch_from_env, shard_name
+from .multi_rank import ENV_RESHARD, SHARD_ALGO, MultiRank, World, check_world, epoch_from_env, shard_name
 from .store import PathLike, Stage, Store, read_manifest, read_member
 
 __all__ = ["Checkpointer", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
@@ -102,7 +102,8 @@ class Checkpointer:
             retention under a supervisor).
         checksum: ``"crc32"`` or ``"crc32c"``; default ``crc32c`` when a C implementation
             (``google_crc32c`` or ``crc32c``) is importable, else ``crc32`` (``zlib``). In a
-            multi-rank job the default is always ``crc32c``: every rank (Python or Rust) must
+            multi-rank job the default is always ``crc32`` (``zlib``, C speed with the standard
+            library alone), as in the Rust client: every rank of a job (Python or Rust) must
             write the same algorithm, whatever is installed on its node.
         world: the rank and world size of a multi-process job; default from the launcher's
             environment (``CKPT_RANK``/``CKPT_WORLD_SIZE``, torchrun's ``RANK``/``WORLD_SIZE``,
@@ -133,6 +134,13 @@ class Checkpointer:
         self._handlers_installed = False
         self._old: Dict[int, Any] = {}
         self._step: Optional[int] = None
+        # Multi-rank position (docs/multi-rank.md, "Which step"): should_checkpoint() calls
+        # since the restore, counted from the restored checkpoint's step; a step given
+        # explicitly (to should_checkpoint or progress) wins.
+        self._calls = 0
+        self._base = 0
+        self._explicit: Optional[int] = None
+        self._pos: Optional[int] = None
         self._last_beat: Optional[float] = None
         self._last_save = time.monotonic()
         self.last_saved: Optional[Saved] = None
@@ -152,7 +160,7 @@ class Checkpointer:
             world = World.from_env()
         multi = world is not None and world.size > 1
         if checksum is None:
-            checksum = "crc32c" if multi else default_algo()
+            checksum = SHARD_ALGO if multi else default_algo()
         if checksum not in ALGOS:
             raise CkptError(f"checksum {checksum!r} is not one of {ALGOS}")
         self._algo = checksum
@@ -196,6 +204,7 @@ class Checkpointer:
         try:
             self._restore = self._find_restore()
             if self._restore is not None:
+                self._base = self._restore.manifest.step or 0
                 check_world(self._restore.manifest, self._restore.path, world.size if world else 1, self._reshard)
             if multi and not self._passive:
                 assert world is not None
@@ -438,8 +447,10 @@ class Checkpointer:
         self._channel.send({"type": "progress", "v": P.PROTOCOL_VERSION, "pid": self._pid, "step": self._step})
 
     def progress(self, step: int) -> None:
-        """Tells the supervisor the job is at ``step`` (also a heartbeat)."""
+        """Tells the supervisor the job is at ``step`` (also a heartbeat). In a multi-rank job
+        the next :meth:`should_checkpoint` uses it as this rank's position."""
         self._step = step
+        self._explicit = step
         if self._original():
             self._last_beat = time.monotonic()
             self._progress_msg()
@@ -449,13 +460,20 @@ class Checkpointer:
         standalone ``every``). Cheap: call it at every safe point. Also a heartbeat (a progress
         message at most once a second). Always false in a forked child.
 
-        ``step``: the step just completed (recorded as by :meth:`progress`). A multi-rank job
-        must give it (here or with :meth:`progress`): the ranks turn a request into one agreed
-        step, and this is true on every rank at that step only."""
+        ``step``: the step just completed (recorded as by :meth:`progress`). In a multi-rank
+        job the ranks turn a request into one agreed position, and this is true on every rank
+        there only: the position is ``step`` when given (here or by :meth:`progress` since the
+        previous call), else the number of calls since the restore, counted from the restored
+        checkpoint's step (docs/multi-rank.md, "Which step"): the same on every rank of an SPMD
+        loop, so the single-process pattern works unchanged."""
         if step is not None:
             self._step = step
         if not self._original():
             return False
+        self._calls += 1
+        explicit = step if step is not None else self._explicit
+        self._explicit = None
+        self._pos = explicit if explicit is not None else self._base + self._calls
         now = time.monotonic()
         if self._last_beat is None or now - self._last_beat >= _HEARTBEAT_S:
             self._last_beat = now
@@ -469,13 +487,8 @@ class Checkpointer:
         m = self._multi
         if m is None:
             return want
-        if self._step is None:
-            raise CkptError(
-                "a multi-rank job must say which step it completed: should_checkpoint(step=...) "
-                "(or progress(step)); the ranks agree on the step to save"
-            )
         try:
-            return m.poll(want, stop, self._step)
+            return m.poll(want, stop, self._pos)
         except (CkptError, OSError) as e:
             print(f"ckpt: warning: {e}", file=sys.stderr)
             return False
@@ -544,9 +557,10 @@ class Checkpointer:
                 yield stage.path
                 if multi is not None:
                     # This rank's shard; published once every rank's shard is durable.
-                    m = multi.commit_shard(
-                        stage, self._step if step is None else step, stopping and not self._stop_saved, WRITER
-                    )
+                    pos = self._explicit if self._explicit is not None else self._pos
+                    if pos is None:
+                        pos = self._base + self._calls
+                    m = multi.commit_shard(stage, step, pos, stopping and not self._stop_saved, WRITER)
                 else:
                     m = stage.commit(self._step if step is None else step, WRITER, meta)
             except BaseException as e:

@@ -48,6 +48,7 @@ __all__ = [
     "check_world",
     "epoch_from_env",
     "MultiRank",
+    "SHARD_ALGO",
 ]
 
 #: Explicit rank (wins over every launcher's variables).
@@ -65,6 +66,10 @@ ENV_RESHARD = "CKPT_RESHARD"
 ENV_ROUND_TIMEOUT = "CKPT_ROUND_TIMEOUT"
 #: Steps a rank may still run after proposing before it must know the agreed step (0).
 ENV_ROUND_LOOKAHEAD = "CKPT_ROUND_LOOKAHEAD"
+
+#: The checksum of every shard of a multi-rank checkpoint, whichever client writes it (as the
+#: Rust client's ``SHARD_ALGO``): CRC-32 via ``zlib``, at C speed with the standard library alone.
+SHARD_ALGO = "crc32"
 
 #: How often a rank without a request of its own looks for a round started by another rank.
 POLL_S = 0.1
@@ -234,6 +239,14 @@ def _env_lookahead() -> int:
     return int(v)
 
 
+def _pause(waited: float) -> float:
+    """How long a rank sleeps between two looks at the round while it waits for the other
+    ranks: a tenth of the time it has waited so far, between 0.5 ms and 20 ms. A wait thus
+    overshoots by at most about 10 % (plus 0.5 ms), and a long wait costs one look every 20 ms
+    (a few ``stat`` calls; docs/multi-rank.md, "Waiting")."""
+    return min(max(waited / 10, 0.0005), 0.02)
+
+
 @dataclass
 class Target:
     """What the ranks agreed on in a round."""
@@ -284,6 +297,8 @@ class MultiRank:
         self.published_last = False
         #: Some rank of this launch left (``<epoch>/left`` exists): no round can complete.
         self.rank_left = False
+        #: The last :meth:`poll` returned true: this rank is at the agreed position of its round.
+        self.at_target = False
 
     def __repr__(self) -> str:
         return f"MultiRank(world={self.world}, dir={str(self.dir)!r}, round={self.k})"
@@ -304,8 +319,9 @@ class MultiRank:
 
     def poll(self, want: bool, stop: bool, step: int) -> bool:
         """The safe-point decision. ``want``: this rank has a request of its own; ``stop``: it
-        was asked to stop; ``step``: the step just completed. True exactly at the agreed step of
-        the round this rank is in."""
+        was asked to stop; ``step``: this rank's position, the step just completed (the explicit
+        step, or the count of ``should_checkpoint`` calls: docs/multi-rank.md, "Which step").
+        True exactly at the agreed position of the round this rank is in."""
         if self.joined is None:
             now = time.monotonic()
             if not want and self.last_poll is not None and now - self.last_poll < POLL_S:
@@ -343,7 +359,8 @@ class MultiRank:
                 f"rank {self.world.rank} is at step {step}, past the agreed step {t.step}; the save round "
                 f"was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)"
             )
-        return step == t.step
+        self.at_target = step == t.step
+        return self.at_target
 
     def _join(self, proposal: int, stop: bool, want: bool) -> bool:
         """Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -413,7 +430,6 @@ class MultiRank:
     def _wait_target(self) -> object:
         """Waits for every rank's proposal; abandons the round after the timeout."""
         start = time.monotonic()
-        pause = 0.001
         while True:
             s = self._state(self.k)
             if s == _OPEN and time.monotonic() - start >= self.timeout:
@@ -426,8 +442,7 @@ class MultiRank:
                 return _ABORTED
             if s != _OPEN:
                 return s
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            time.sleep(_pause(time.monotonic() - start))
 
     def _abort(self, k: int) -> None:
         """Abandons round ``k``: the stage (and every shard in it) goes, ``aborted`` records it.
@@ -468,6 +483,7 @@ class MultiRank:
 
     def _conclude(self) -> None:
         self.joined = None
+        self.at_target = False
         self.k += 1
         self.last_poll = None
 
@@ -478,19 +494,19 @@ class MultiRank:
             f"save round {k} of {self.dir} was abandoned ({why}): no checkpoint was published, the shards were removed"
         )
 
-    def commit_shard(self, stage: Stage, step: Optional[int], stop: bool, writer: str) -> Manifest:
+    def commit_shard(self, stage: Stage, step: Optional[int], pos: int, stop: bool, writer: str) -> Manifest:
         """Saves this rank's shard: ``stage`` (filled by the job) becomes ``rank-NNNNN/`` of the
-        round's checkpoint. Returns the published manifest once every shard is durable and the
-        checkpoint is visible; raises when the round was abandoned."""
+        round's checkpoint. ``step``: the step the job gave to the save (recorded in the
+        manifest; ``None``: the agreed position); ``pos``: this rank's position (the last one
+        given to :meth:`poll`). Returns the published manifest once every shard is durable and
+        the checkpoint is visible; raises when the round was abandoned."""
         self.published_last = False
-        if step is None:
-            stage.abort()
-            raise CkptError(
-                "a multi-rank save needs the step (save(state, step=...), saving(step=...)): the ranks agree on it"
-            )
+        # Where this save is, when it is not the save should_checkpoint() asked for: the
+        # explicit step wins, else the position.
+        here = step if step is not None else pos
         if self.joined is None:
-            # An explicit save without a request: every rank must make it at the same step.
-            if not self._join(step, stop, True):
+            # A save without a request: every rank must make it at the same position.
+            if not self._join(here, stop, True):
                 stage.abort()
                 raise CkptError(
                     "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its "
@@ -507,17 +523,20 @@ class MultiRank:
                 self._conclude()
                 raise self._abandoned(k, "not every rank proposed a step")
             t = s
-        if t.step != step:
+        if not self.at_target and t.step != here:
             stage.abort()
             self._abort(k)
             self._conclude()
             raise CkptError(
-                f"rank {self.world.rank} saved at step {step} but the ranks agreed on step {t.step} in save "
+                f"rank {self.world.rank} saved at step {here} but the ranks agreed on step {t.step} in save "
                 f"round {k}; the round was abandoned, nothing was published (hint: call save only when "
                 "should_checkpoint() says so, or at the same step on every rank)"
             )
+        # The manifest records the step the job gave (the publisher checks that every rank
+        # gave the same one), else the agreed position.
+        rec = Target(step if step is not None else t.step, t.stop)
         try:
-            m = self._write_shard(k, stage, t, writer)
+            m = self._write_shard(k, stage, rec, writer)
         finally:
             self._conclude()
         if t.stop:
@@ -590,7 +609,6 @@ class MultiRank:
             return m
         # Wait for the outcome.
         start = time.monotonic()
-        pause = 0.001
         gave_up = False
         while True:
             try:
@@ -621,8 +639,7 @@ class MultiRank:
                 self._abort(k)
                 gave_up = True
                 continue
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            time.sleep(_pause(time.monotonic() - start))
 
     def _publish(self, k: int, t: Target, writer: str) -> Manifest:
         """Writes the top-level manifest listing every shard's files and publishes the stage
@@ -644,7 +661,7 @@ class MultiRank:
             if d_rank != rank or d_step != t.step or (algo is not None and algo != d_algo):
                 raise CkptError(
                     f"shard record {p} does not match the round (rank {d_rank}, step {d_step}, checksum {d_algo}); "
-                    "hint: every rank must use the same checksum algorithm (crc32c by default)"
+                    f"hint: every rank must save with the same step and checksum algorithm ({SHARD_ALGO} by default)"
                 )
             algo = d_algo
             prefix = shard_name(rank)
@@ -653,7 +670,7 @@ class MultiRank:
             seq=0,
             created_ms=0,
             writer=writer,
-            checksum=algo or "crc32c",
+            checksum=algo or SHARD_ALGO,
             files=entries,
             step=t.step,
             world_size=self.world.size,
