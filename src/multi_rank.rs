@@ -742,6 +742,12 @@ impl MultiRank {
                 io.fsync_file(&path).ctx("fsync", &path)?;
                 entries.push(e);
             }
+            if entries.is_empty() {
+                return Err(Error::Usage(format!(
+                    "rank {} saved an empty shard: every rank's shard must hold at least one file (a checkpoint without it would not verify); the save round was abandoned",
+                    self.world.rank
+                )));
+            }
             for d in dirs.iter().rev() {
                 io.fsync_dir(d).ctx("fsync", d)?;
             }

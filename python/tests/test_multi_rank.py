@@ -439,3 +439,68 @@ def test_ranks_that_left_are_never_waited_for(tmp_path):
     with pytest.raises(CkptError, match="a rank left"):
         r0.commit_shard(Stage(store, "crc32"), 20, 20, False, "test")
     assert not [n for n in os.listdir(store.dir) if n.startswith("ckpt-")]
+
+
+def _raw_checkpoint(d: Path, seq: int, json_line: str, files: List[str]) -> Path:
+    """A checkpoint directory with the given manifest JSON (trailer added) and empty files."""
+    import zlib
+
+    p = d / f"ckpt-{seq:012d}"
+    for name in files:
+        (p / name).parent.mkdir(parents=True, exist_ok=True)
+        (p / name).write_bytes(b"")
+    p.mkdir(parents=True, exist_ok=True)
+    body = json_line.encode()
+    (p / "MANIFEST.ckpt").write_bytes(body + b"\ncrc32:%08x\n" % zlib.crc32(body))
+    return p
+
+
+def _manifest_json(seq: int, files: List[str], world: Optional[int], meta: str = "") -> str:
+    fs = ",".join(f'{{"name":"{n}","size":0,"sum":0}}' for n in sorted(files))
+    ws = f',"world_size":{world}' if world is not None else ""
+    mt = f',"meta":{meta}' if meta else ""
+    return (f'{{"format":"ckpt","version":1,"seq":{seq},"step":3,"created_ms":1,"writer":"t",'
+            f'"checksum":"crc32","files":[{fs}]{ws}{mt}}}')
+
+
+@pytest.mark.parametrize("case", [
+    "world-0", "rank-above-world", "missing-shard", "file-outside-shards", "duplicate-meta-key",
+    "nested-duplicate-meta-key", "nesting-128", "valid-2-ranks", "nesting-127",
+])
+def test_invalid_manifests_rejected_by_both_readers(tmp_path, case):
+    """world_size 0, a rank at or above world_size, a missing shard, a file outside the shards,
+    a key twice inside meta, JSON nested deeper than 127 levels: `ckpt verify` (Rust) and the
+    Python reader both reject them as bad manifests, and a restore skips them; valid ones
+    (including 127 levels) pass both."""
+    two = ["rank-00000/a", "rank-00001/a"]
+    deep = lambda n: '{"a":' + "[" * (n - 2) + "]" * (n - 2) + "}"  # noqa: E731 (+1: top level)
+    cases = {
+        "world-0": (["rank-00000/a"], 0, ""),
+        "rank-above-world": (["rank-00000/a", "rank-00002/a"], 2, ""),
+        "missing-shard": (["rank-00000/a", "rank-00000/b"], 2, ""),
+        "file-outside-shards": (["rank-00000/a", "rank-00001/a", "x"], 2, ""),
+        "duplicate-meta-key": (two, 2, '{"k":1,"k":2}'),
+        "nested-duplicate-meta-key": (two, 2, '{"a":[{"k":1,"k":1}]}'),
+        "nesting-128": (two, 2, deep(128)),
+        "valid-2-ranks": (two, 2, '{"a":{"b":[1,{"c":null}]}}'),
+        "nesting-127": (two, 2, deep(127)),
+    }
+    files, world, meta = cases[case]
+    d = tmp_path / "d"
+    p = _raw_checkpoint(d, 1, _manifest_json(1, files, world, meta), files)
+    r = run([ckpt_bin(), "verify", "--dir", d], 30)
+    if case.startswith(("valid", "nesting-127")):
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert verify_path(p, 1).world_size == 2
+        return
+    assert r.returncode == 65, r.stdout + r.stderr
+    from ckpt import InvalidCheckpoint
+
+    with pytest.raises(InvalidCheckpoint) as e:
+        verify_path(p, 1)
+    assert e.value.slug == "bad-manifest", str(e.value)
+    print(case, "| rust:", (r.stdout + r.stderr).strip().splitlines()[-1], "| python:", e.value)
+    # A restore never hands it to a job: standalone ranks find no checkpoint to resume from.
+    res = run([PY, "-c", "import ckpt; ck = ckpt.Checkpointer(); print('restore', ck.restore_point)"], 30,
+              env=standalone_env(d, 0, 2))
+    assert res.returncode == 0 and "restore None" in res.stdout, res.stdout + res.stderr

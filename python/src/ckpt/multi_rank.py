@@ -556,6 +556,11 @@ class MultiRank:
         r = self.round(k)
         try:
             entries = self._seal(stage)
+            if not entries:
+                raise CkptError(
+                    f"rank {self.world.rank} saved an empty shard: every rank's shard must hold at least one "
+                    "file (a checkpoint without it would not verify); the save round was abandoned"
+                )
         except BaseException:
             stage.abort()
             self._abort(k)
