@@ -42,7 +42,8 @@ pub const ENV_RUN_ID: &str = "CKPT_RUN_ID";
 /// `1`: restoring a checkpoint saved with another world size is allowed; the job reads the
 /// whole checkpoint itself ([`crate::Checkpointer::read_shard_file`]) and reshards.
 pub const ENV_RESHARD: &str = "CKPT_RESHARD";
-/// Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+/// How long a rank waits for the other ranks in a save round before abandoning it: seconds,
+/// or a number with `ms`, `s` or `m` ([`parse_round_timeout`]); default 300 s.
 pub const ENV_ROUND_TIMEOUT: &str = "CKPT_ROUND_TIMEOUT";
 /// Steps a rank may still run after proposing before it must know the agreed step (0).
 /// Jobs whose ranks synchronise every step (collectives) should set 2 or more.
@@ -213,6 +214,28 @@ pub fn epoch_from_env() -> Result<String> {
     )))
 }
 
+/// `CKPT_ROUND_TIMEOUT`: a positive number of seconds (`300`, `2.5`), or a number followed
+/// by `ms`, `s` or `m` (`500ms`, `2s`, `5m`); the Python client accepts the same forms.
+pub fn parse_round_timeout(v: &str) -> Option<Duration> {
+    let t = v.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let num = num.trim_end();
+    let digits = num.bytes().filter(u8::is_ascii_digit).count();
+    if digits == 0 || num.bytes().any(|b| !(b.is_ascii_digit() || b == b'.')) {
+        return None;
+    }
+    let secs = num.parse::<f64>().ok()? * scale;
+    (secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
+}
+
 /// What the ranks agreed on in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
@@ -304,15 +327,11 @@ impl MultiRank {
         }
         let timeout = env_opt(ENV_ROUND_TIMEOUT)
             .map(|v| {
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0 && s.is_finite())
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| Error::Env {
-                        name: ENV_ROUND_TIMEOUT,
-                        value: v.clone(),
-                        why: "not a positive number of seconds".into(),
-                    })
+                parse_round_timeout(&v).ok_or_else(|| Error::Env {
+                    name: ENV_ROUND_TIMEOUT,
+                    value: v.clone(),
+                    why: "not a positive duration: seconds (`300`, `2.5`) or a number with `ms`, `s` or `m` (`500ms`, `2s`, `5m`)".into(),
+                })
             })
             .transpose()?
             .unwrap_or(Duration::from_secs(300));

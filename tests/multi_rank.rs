@@ -690,3 +690,30 @@ fn walk_names(dir: &Path) -> String {
     }
     out
 }
+
+/// `CKPT_ROUND_TIMEOUT` forms, the same table as the Python client's
+/// (`python/tests/test_multi_rank.py::test_round_timeout_forms`).
+#[test]
+fn round_timeout_forms() {
+    use ckpt::multi_rank::parse_round_timeout;
+    for (v, want) in [
+        ("300", Some(300.0)),
+        ("2.5", Some(2.5)),
+        ("2s", Some(2.0)),
+        (" 2 s ", Some(2.0)),
+        ("500ms", Some(0.5)),
+        ("5m", Some(300.0)),
+        (".5", Some(0.5)),
+    ] {
+        assert_eq!(
+            parse_round_timeout(v).map(|d| d.as_secs_f64()),
+            want,
+            "{v:?}"
+        );
+    }
+    for v in [
+        "", "0", "0s", "-1", "1e3", "inf", "nan", "s", "ms", ".", "2h", "2 5", "1.2.3", "2sec",
+    ] {
+        assert_eq!(parse_round_timeout(v), None, "{v:?}");
+    }
+}

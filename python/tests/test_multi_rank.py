@@ -504,3 +504,15 @@ def test_invalid_manifests_rejected_by_both_readers(tmp_path, case):
     res = run([PY, "-c", "import ckpt; ck = ckpt.Checkpointer(); print('restore', ck.restore_point)"], 30,
               env=standalone_env(d, 0, 2))
     assert res.returncode == 0 and "restore None" in res.stdout, res.stdout + res.stderr
+
+
+def test_round_timeout_forms():
+    """The same table as tests/multi_rank.rs round_timeout_forms: both clients accept seconds
+    and `ms`/`s`/`m` suffixes."""
+    from ckpt.multi_rank import parse_round_timeout
+
+    for v, want in [("300", 300.0), ("2.5", 2.5), ("2s", 2.0), (" 2 s ", 2.0), ("500ms", 0.5), ("5m", 300.0),
+                    (".5", 0.5)]:
+        assert parse_round_timeout(v) == want, v
+    for v in ["", "0", "0s", "-1", "1e3", "inf", "nan", "s", "ms", ".", "2h", "2 5", "1.2.3", "2sec"]:
+        assert parse_round_timeout(v) is None, v

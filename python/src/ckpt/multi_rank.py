@@ -62,7 +62,8 @@ ENV_RUN_ID = "CKPT_RUN_ID"
 #: ``1``: restoring a checkpoint saved with another world size is allowed; the job reads the
 #: whole checkpoint itself (:meth:`Checkpointer.read_shard_file`) and reshards.
 ENV_RESHARD = "CKPT_RESHARD"
-#: Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+#: How long a rank waits for the other ranks in a save round before abandoning it: seconds, or a
+#: number with ``ms``, ``s`` or ``m`` (:func:`parse_round_timeout`); default 300 s.
 ENV_ROUND_TIMEOUT = "CKPT_ROUND_TIMEOUT"
 #: Steps a rank may still run after proposing before it must know the agreed step (0).
 ENV_ROUND_LOOKAHEAD = "CKPT_ROUND_LOOKAHEAD"
@@ -217,16 +218,33 @@ def _real_dir(path: Path) -> None:
         )
 
 
+_TIMEOUT = re.compile(r"\s*([0-9]*\.?[0-9]*)\s*(ms|s|m)?\s*")
+
+
+def parse_round_timeout(v: str) -> Optional[float]:
+    """``CKPT_ROUND_TIMEOUT`` in seconds: a positive number of seconds (``300``, ``2.5``), or a
+    number followed by ``ms``, ``s`` or ``m`` (``500ms``, ``2s``, ``5m``), as in the Rust client;
+    ``None`` when invalid."""
+    m = _TIMEOUT.fullmatch(v)
+    if m is None or not any(c.isdigit() for c in m.group(1)):
+        return None
+    try:
+        t = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    except ValueError:
+        return None
+    return t if 0 < t < 1e9 else None
+
+
 def _env_timeout() -> float:
     v = P.env(ENV_ROUND_TIMEOUT)
     if v is None:
         return 300.0
-    try:
-        t = float(v)
-    except ValueError:
-        t = -1.0
-    if not (t > 0 and t != float("inf")):
-        raise EnvError(f"environment variable {ENV_ROUND_TIMEOUT}={v!r} is invalid: not a positive number of seconds")
+    t = parse_round_timeout(v)
+    if t is None:
+        raise EnvError(
+            f"environment variable {ENV_ROUND_TIMEOUT}={v!r} is invalid: not a positive duration: seconds "
+            "(`300`, `2.5`) or a number with `ms`, `s` or `m` (`500ms`, `2s`, `5m`)"
+        )
     return t
 
 
