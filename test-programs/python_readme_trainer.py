@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The README's single-process Python pattern, unchanged, as one rank of a multi-rank job
 (docs/multi-rank.md, "Which step"): ``should_checkpoint()`` without a step, then
-``save(state, step=step)`` (or, with ``--no-step``, ``save(state)``). Each rank runs
+``save(state, step=step)`` (or, with ``--no-step``, ``save(state)``; with ``--async``,
+``save_async(state, step=step)``). Each rank runs
 ``python_rank_trainer``'s digest chain, so ``python_rank_trainer.py --reference`` gives the
 uninterrupted global digest; writes ``digest-<rank>`` under ``--out`` at the end and logs every
 restore (with the number of shards) to ``restores.log``.
 
-    python_readme_trainer.py --steps 400 --step-ms 2 --out DIR [--no-step]
+    python_readme_trainer.py --steps 400 --step-ms 2 --out DIR [--no-step | --async]
 """
 
 import argparse
@@ -31,6 +32,7 @@ p.add_argument("--steps", type=int, default=400)
 p.add_argument("--step-ms", type=float, default=2)
 p.add_argument("--out", required=True)
 p.add_argument("--no-step", action="store_true")
+p.add_argument("--async", dest="use_async", action="store_true", help="ck.save_async(state, step=step)")
 args = p.parse_args()
 total = args.steps
 
@@ -60,7 +62,9 @@ assert state["rank"] == rank, f"rank {rank} restored rank {state['rank']}'s shar
 for step in range(state["step"], total):
     train_one_step(state)
     if ck.should_checkpoint():
-        if args.no_step:
+        if args.use_async:
+            ck.save_async(state, step=step)    # blocked only while state is pickled
+        elif args.no_step:
             ck.save(state)
         else:
             ck.save(state, step=step)          # pickle by default

@@ -131,17 +131,17 @@ def test_four_python_ranks_random_kills_resume_to_the_same_digest(tmp_path, bg, 
 README = REPO / "test-programs" / "python_readme_trainer.py"
 
 
-@pytest.mark.parametrize("no_step", [False, True], ids=["save-with-step", "save-without-step"])
-def test_readme_pattern_unchanged_under_a_launcher(tmp_path, bg, seed, no_step):
+@pytest.mark.parametrize("flag", [None, "--no-step", "--async"],
+                         ids=["save-with-step", "save-without-step", "save-async"])
+def test_readme_pattern_unchanged_under_a_launcher(tmp_path, bg, seed, flag):
     """The README's single-process loop (``if ck.should_checkpoint(): ck.save(state,
-    step=step)``, and ``ck.save(state)``) run unchanged by 3 ranks under the torchrun-like
-    launcher with random kills: the ranks agree on the count of should_checkpoint() calls,
-    carried across resumes by the checkpoint's step; the result is bit-identical."""
+    step=step)``, ``ck.save(state)``, ``ck.save_async(state, step=step)``) run unchanged by 3
+    ranks under the torchrun-like launcher with random kills: the ranks agree on the count of
+    should_checkpoint() calls, carried across resumes by the checkpoint's step; the result is
+    bit-identical."""
 
     def prog(out: Path) -> List[str]:
-        return [PY, str(README), "--steps", "400", "--step-ms", "3", "--out", str(out)] + (
-            ["--no-step"] if no_step else []
-        )
+        return [PY, str(README), "--steps", "400", "--step-ms", "3", "--out", str(out)] + ([flag] if flag else [])
 
     d = random_kills(tmp_path, bg, seed, 3, 400, prog, 3)
     # The step recorded is the README's loop variable (save(step=step)) or the count.
@@ -516,3 +516,62 @@ def test_round_timeout_forms():
         assert parse_round_timeout(v) == want, v
     for v in ["", "0", "0s", "-1", "1e3", "inf", "nan", "s", "ms", ".", "2h", "2 5", "1.2.3", "2sec"]:
         assert parse_round_timeout(v) is None, v
+
+
+def test_save_async_blocks_only_for_the_copy_and_exit_waits(tmp_path):
+    """Single-rank Python save_async: returns while the write is still in flight, the
+    checkpoint holds the state as it was at the call (later changes do not reach it), wait()
+    returns the outcome, a second save waits for the first, and a job that exits right after
+    save_async still publishes it (the exit waits)."""
+    d = tmp_path / "d"
+    job = (
+        "import ckpt, os, sys, time\n"
+        "ck = ckpt.Checkpointer(sys.argv[1])\n"
+        "state = {'blob': os.urandom(64 << 20), 'n': 1}\n"
+        "t = time.monotonic(); ck.save_async(state, step=1); blocked = time.monotonic() - t\n"
+        "pending = ck.save_pending()\n"
+        "state['n'] = 2\n"
+        "s = ck.wait()\n"
+        "assert s is not None and s.seq == 1 and s.step == 1, s\n"
+        "assert ck.wait() is None\n"
+        "print('blocked_ms', round(blocked * 1000, 1), 'save_ms', round(s.duration * 1000, 1), 'pending', pending)\n"
+        "ck.save_async(state, step=2)\n"
+        "ck.save_async(state, step=3)   # waits for step 2 first\n"
+        "state['n'] = 3\n"
+        "# exits at once: the interpreter's exit waits for the save in flight\n"
+    )
+    r = run([PY, "-c", job, d], 60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    print(r.stdout.strip())
+    assert "pending True" in r.stdout, "save_async returned only after the write"
+    import pickle
+
+    got = {}
+    for seq in (1, 2, 3):
+        m = verify_path(d / f"ckpt-{seq:012d}", seq)
+        got[seq] = (m.step, pickle.loads((d / f"ckpt-{seq:012d}" / "state.pickle").read_bytes())["n"])
+    assert got == {1: (1, 1), 2: (2, 2), 3: (3, 2)}, got
+
+
+@pytest.mark.parametrize("flag", [None, "--async"], ids=["save", "save-async"])
+def test_stop_saves_every_shard_before_any_rank_exits(tmp_path, bg, flag):
+    """A stop (SIGTERM to ckpt run) of 3 README-pattern ranks: they agree on a stop round,
+    every rank's shard of it is published (with save_async too: should_stop waits for it)
+    before any rank exits, the job exits 0 (ckpt run 75: run again) and is not relaunched,
+    nothing survives."""
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    prog = [PY, str(README), "--steps", "1000000", "--step-ms", "2", "--out", str(out)] + ([flag] if flag else [])
+    sup = bg(launch_cmd(d, 3, prog, "--every", "300ms", "--max-failures", "1"), timeout=60)
+    wait_until(lambda: len(checkpoints(d)) >= 2, 40, "two checkpoints")
+    before = checkpoints(d)[-1]
+    sup.p.send_signal(signal.SIGTERM)
+    code = sup.wait()
+    ev = events(d)
+    print(f"ckpt run exited {code}; checkpoints {checkpoints(d)}; job exit {[e for e in ev if e['event'] == 'exit']}")
+    assert code == 75, sup.stderr  # stopped after a checkpoint: run again to resume
+    assert [e["exit"] for e in ev if e["event"] == "exit"] == [0], "a rank did not exit 0"
+    assert checkpoints(d)[-1] > before, "no stop checkpoint was published"
+    assert_complete_checkpoints(d, 3)
+    assert len([e for e in events(d) if e["event"] == "launch"]) == 1
+    assert_no_survivors(d)

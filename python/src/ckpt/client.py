@@ -302,6 +302,9 @@ class Checkpointer:
         self.close()
 
     def _leave(self) -> None:
+        if os.getpid() == self._pid:
+            # A save in flight completes before the rank leaves (or the process exits).
+            self.wait_pending()
         m = self._multi
         if m is not None and os.getpid() == self._pid:
             self._multi = None
@@ -487,6 +490,10 @@ class Checkpointer:
         m = self._multi
         if m is None:
             return want
+        if self.save_pending():
+            # The background save owns the rounds until it returns (docs/multi-rank.md,
+            # "Asynchronous saves"); the position still counted this call.
+            return False
         try:
             return m.poll(want, stop, self._pos)
         except (CkptError, OSError) as e:
@@ -496,14 +503,24 @@ class Checkpointer:
     def should_stop(self) -> bool:
         """True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first if
         :meth:`should_checkpoint` says so, then exit with status 0. In a multi-rank job all
-        ranks stop together: after the save round that agreed to stop has published."""
+        ranks stop together: after the save round that agreed to stop has published, so a rank
+        never exits before the stop checkpoint holds every shard. When it returns true, an
+        asynchronous save in flight has finished (it waits for it)."""
         if not self._original():
             return False
+        if self.save_pending() and (self._stop or self._bg_stop):
+            # The save in flight may carry the stop: know its outcome first.
+            self.wait_pending()
         if self._world is not None and self._world.size > 1:
             m = self._multi or self._left
             # Once a rank left the launch no round can publish: a rank asked to stop just stops.
-            return m is not None and (m.stop_agreed or (m.rank_left and self._stop))
-        return self._stop
+            stop = m is not None and (m.stop_agreed or (m.rank_left and self._stop))
+        else:
+            stop = self._stop
+        if stop:
+            # A job exits when this is true: never with a save in flight.
+            self.wait_pending()
+        return stop
 
     def request_checkpoint(self) -> None:
         """Makes the next :meth:`should_checkpoint` true, as the request signal does."""
@@ -514,9 +531,7 @@ class Checkpointer:
     def save(self, state: Any, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> Saved:
         """Pickles ``state`` into ``state.pickle`` as a new checkpoint; returns once it is
         durable (and the supervisor was told)."""
-        with self.saving(step, meta=meta) as d:
-            stage = self._stage
-            assert stage is not None and stage.path == d
+        with self._saving(step, meta, self._begin()) as stage:
             with stage.open(STATE_FILE) as f:
                 pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
         assert self.last_saved is not None
@@ -532,19 +547,95 @@ class Checkpointer:
         ``d`` is an empty private directory; when the block ends, every file in it (and in its
         sub-directories) is checksummed, made durable and published as one checkpoint. If the
         block raises, nothing is published. The result is in :attr:`last_saved`."""
+        with self._saving(step, meta, self._begin()) as stage:
+            yield stage.path
+
+    def save_async(self, state: Any, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> None:
+        """:meth:`save` in the background: blocks only while ``state`` is pickled into memory
+        (a copy: the job may change ``state`` as soon as this returns); writing, fsync and
+        publishing (in a multi-rank job: the whole shard commit, waiting for the other ranks)
+        run on a background thread. A save still in flight is waited for first; so are
+        :meth:`save`, :meth:`should_stop` when it is about to return true, :meth:`close` and
+        the interpreter's exit: a job that exits when told to never loses a save in flight.
+        :meth:`wait` returns the outcome. While it runs, :meth:`should_checkpoint` is false
+        (the calls still count for the position)."""
+        self.wait_pending()
+        begin = self._begin()
+        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        blocked = time.monotonic() - begin.started
+        m = self._multi
+        # The round of this save agreed to stop: should_stop() waits for it.
+        self._bg_stop = bool(m is not None and m.joined is not None and m.joined.target is not None
+                             and m.joined.target.stop)
+
+        def run() -> None:
+            try:
+                with self._saving(step, meta, begin, blocked) as stage:
+                    stage.write_file(STATE_FILE, data)
+                self._bg_outcome = self.last_saved
+            except BaseException as e:  # noqa: BLE001 - handed to wait()
+                self._bg_outcome = e
+
+        self._bg_outcome = None
+        t = threading.Thread(target=run, name="ckpt-save")
+        self._bg = t
+        t.start()
+
+    def save_pending(self) -> bool:
+        """Whether an asynchronous save is still being written."""
+        t = self._bg
+        return t is not None and t.is_alive()
+
+    def wait_pending(self) -> None:
+        """Waits for the asynchronous save in flight, if any (its outcome stays for :meth:`wait`)."""
+        t = self._bg
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def wait(self) -> Optional[Saved]:
+        """Waits for the asynchronous save in flight (if any) and returns its outcome: the
+        :class:`Saved`, or raises its error; ``None`` if no asynchronous save was made since
+        the last ``wait``."""
+        self.wait_pending()
+        out, self._bg_outcome, self._bg = self._bg_outcome, None, None
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    @dataclass
+    class _Begin:
+        started: float
+        stopping: bool
+        pos: int
+
+    def _begin(self) -> "Checkpointer._Begin":
+        """The state a save starts from, taken by the job's thread when it asks for the save:
+        the time, whether a stop was asked, this rank's position; the request is consumed."""
         if not self._original():
             raise CkptError(
                 "save called in a forked child process or multiprocessing worker; only the "
                 "process that created the Checkpointer saves"
             )
+        # Saves publish in order: one in flight finishes first.
+        self.wait_pending()
+        pos = self._explicit if self._explicit is not None else self._pos
+        if pos is None:
+            pos = self._base + self._calls
+        b = Checkpointer._Begin(time.monotonic(), self._stop, pos)
+        self._request = False
+        return b
+
+    @contextlib.contextmanager
+    def _saving(
+        self, step: Optional[int], meta: Optional[Dict[str, Any]], begin: "Checkpointer._Begin",
+        blocked: Optional[float] = None,
+    ) -> Iterator[Stage]:
         if meta is not None and not isinstance(meta, dict):
             raise CkptError("meta must be a dict of JSON values")
         with self._lock:
             if step is not None:
                 self._step = step
-            started = time.monotonic()
-            stopping = self._stop
-            self._request = False
+            stopping = begin.stopping
             stage: Optional[Stage] = None
             multi = self._multi
             if multi is None and self._world is not None and self._world.size > 1:
@@ -553,54 +644,51 @@ class Checkpointer:
                 raise CkptError("meta is not supported in a multi-rank save (the ranks write one manifest)")
             try:
                 stage = Stage(self._store, self._algo)
-                self._stage = stage
-                yield stage.path
+                yield stage
                 if multi is not None:
                     # This rank's shard; published once every rank's shard is durable.
-                    pos = self._explicit if self._explicit is not None else self._pos
-                    if pos is None:
-                        pos = self._base + self._calls
-                    m = multi.commit_shard(stage, step, pos, stopping and not self._stop_saved, WRITER)
+                    m = multi.commit_shard(stage, step, begin.pos, stopping and not self._stop_saved, WRITER)
                 else:
                     m = stage.commit(self._step if step is None else step, WRITER, meta)
             except BaseException as e:
                 if stage is not None:
                     stage.abort()
-                self._stage = None
                 self._channel.send(
                     {"type": "save_failed", "v": P.PROTOCOL_VERSION, "pid": self._pid, "error": str(e)[:4096]}
                 )
                 raise
-            self._stage = None
             now = time.monotonic()
             self._last_save = now
             if multi is not None:
                 stopping = multi.stop_agreed
             if stopping:
                 self._stop_saved = True
-            saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - started)
+            saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - begin.started)
             self.last_saved = saved
             if multi is not None and not multi.published_last:
                 # In a multi-rank job only the rank that published reports and prunes.
                 return
-            self._channel.send(
-                {
-                    "type": "committed",
-                    "v": P.PROTOCOL_VERSION,
-                    "pid": self._pid,
-                    "seq": m.seq,
-                    "step": m.step,
-                    "bytes": m.total_bytes,
-                    "duration_ms": int(saved.duration * 1000),
-                }
-            )
+            msg: Dict[str, Any] = {
+                "type": "committed",
+                "v": P.PROTOCOL_VERSION,
+                "pid": self._pid,
+                "seq": m.seq,
+                "step": m.step,
+                "bytes": m.total_bytes,
+                "duration_ms": int(saved.duration * 1000),
+            }
+            if blocked is not None:
+                msg["blocked_ms"] = int(blocked * 1000)
+            self._channel.send(msg)
             if self._keep is not None and not self._supervised:
                 try:
                     self._store.prune(self._keep, protect=(m.seq,))
                 except OSError as e:
                     print(f"ckpt: warning: retention failed: {e}", file=sys.stderr)
 
-    _stage: Optional[Stage] = None
+    _bg: Optional[threading.Thread] = None
+    _bg_outcome: "Optional[Union[Saved, BaseException]]" = None
+    _bg_stop = False
 
 
 def _ignore_at_exit(ref: "weakref.ref[Checkpointer]", signum: int, pid: int) -> None:
