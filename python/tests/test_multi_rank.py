@@ -286,8 +286,8 @@ def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
         r = run([PY, "-c", job], 30, env=standalone_env(d, rank, 2, CKPT_RESHARD="1"))
         assert r.returncode == 0, r.stderr
         assert f"resharded 4 {rank} 2" in r.stdout
-    # Without it, the same standalone job is refused too.
-    r = run([PY, "-c", "import ckpt; ckpt.Checkpointer()"], 30, env=standalone_env(d, 0, 2))
+    # Without it, the same standalone job is refused too (at its first read of the checkpoint).
+    r = run([PY, "-c", "import ckpt; ckpt.Checkpointer().restore()"], 30, env=standalone_env(d, 0, 2))
     assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
 
 
@@ -574,4 +574,88 @@ def test_stop_saves_every_shard_before_any_rank_exits(tmp_path, bg, flag):
     assert checkpoints(d)[-1] > before, "no stop checkpoint was published"
     assert_complete_checkpoints(d, 3)
     assert len([e for e in events(d) if e["event"] == "launch"]) == 1
+    assert_no_survivors(d)
+
+
+RESHARD_JOB = r"""
+import ckpt, pickle, sys
+new_world, step = int(sys.argv[1]), int(sys.argv[2])
+ck = ckpt.Checkpointer()
+rank = ck.rank
+
+def reshard(old):
+    # Every old shard is readable (verified); this rank takes the pieces r with r % new == rank.
+    assert (old.rank, old.new_world_size) == (rank, new_world), old
+    pieces = {}
+    for r in range(old.world_size):
+        assert old.names(r) == ["state.pickle"], old.names(r)
+        for k, v in old.load(r)["pieces"].items():
+            pieces[k] = v
+    return {"pieces": {k: v for k, v in pieces.items() if k % new_world == rank}}
+
+if len(sys.argv) > 3 and sys.argv[3] == "no-hook":
+    try:
+        ck.restore()
+    except ckpt.CkptError as e:
+        print("refused:", e)
+        sys.exit(0)
+    sys.exit("a checkpoint of another world size was restored without a hook")
+state = ck.restore(reshard=reshard) if ck.restore_point else None
+if state is None:
+    # The first job: piece k (64 KiB of bytes derived from k) starts at rank k % world.
+    state = {"pieces": {k: bytes((k * 7 + i) % 251 for i in range(65536)) for k in range(12) if k % new_world == rank}}
+print("rank", rank, "of", new_world, "holds", sorted(state["pieces"]))
+ck.save(state, step=step)
+"""
+
+
+def test_reshard_hook_4_to_2_to_4_ranks(tmp_path):
+    """restore(reshard=fn): a job of 4 Python ranks saves 12 pieces spread over its shards; a
+    job of 2 ranks restores it through the hook (read access to all 4 old shards) and saves; a
+    job of 4 ranks restores that 2-rank checkpoint the same way. Every piece ends on the rank
+    that first held it, bit-identical. Without a hook the refusal names both sizes."""
+    d = tmp_path / "d"
+
+    def job(world: int, step: int, *extra: str) -> List[str]:
+        procs = [subprocess.Popen([PY, "-c", RESHARD_JOB, str(world), str(step), *extra],
+                                  env=dict(standalone_env(d, r, world), CKPT_RUN_ID=f"reshard-{step}-{len(extra)}"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
+        outs = []
+        deadline = time.monotonic() + 60
+        try:
+            for r, p in enumerate(procs):
+                o, e = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                assert p.returncode == 0, f"rank {r} of {world}: {e}"
+                outs.append(o)
+        finally:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+                    q.wait()
+        return outs
+
+    def pieces(seq: int) -> dict:
+        import pickle
+
+        m = verify_path(d / f"ckpt-{seq:012d}", seq)
+        got = {}
+        for r in range(m.world_size):
+            for k, v in pickle.loads((d / f"ckpt-{seq:012d}" / f"rank-{r:05d}" / "state.pickle").read_bytes())["pieces"].items():
+                got[k] = (r, v)
+        return got
+
+    job(4, 10)
+    first = pieces(checkpoints(d)[-1])
+    assert sorted(first) == list(range(12)) and all(r == k % 4 for k, (r, _) in first.items())
+    refused = job(2, 20, "no-hook")
+    assert all("saved by a job of 4 rank(s), this job runs with 2 rank(s)" in o for o in refused), refused
+    print(job(2, 20))
+    two = pieces(checkpoints(d)[-1])
+    assert verify_path(d / f"ckpt-{checkpoints(d)[-1]:012d}").world_size == 2
+    assert {k: (k % 2, v) for k, (_, v) in first.items()} == two
+    refused = job(4, 30, "no-hook")
+    assert all("saved by a job of 2 rank(s), this job runs with 4 rank(s)" in o for o in refused), refused
+    print(job(4, 30))
+    assert pieces(checkpoints(d)[-1]) == first, "4 -> 2 -> 4 did not give back every piece on its rank"
     assert_no_survivors(d)

@@ -23,7 +23,7 @@ The protocol and the on-disk format are specified in ``docs/protocol.md``.
 """
 
 from ._crc import crc32c_accelerated
-from .client import DEFAULT_DIR, STATE_FILE, Checkpointer, RestorePoint, Saved, __version__
+from .client import DEFAULT_DIR, STATE_FILE, Checkpointer, OldShards, RestorePoint, Saved, __version__
 from .errors import CkptError, EnvError, InvalidCheckpoint, ManifestError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_name
 from .multi_rank import World, shard_name
@@ -31,6 +31,7 @@ from .store import Stage, Store, parse_seq, read_manifest, verify_path
 
 __all__ = [
     "Checkpointer",
+    "OldShards",
     "RestorePoint",
     "Saved",
     "World",

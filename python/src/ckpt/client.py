@@ -20,16 +20,16 @@ import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from . import protocol as P
 from ._crc import ALGOS, default_algo
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
-from .multi_rank import ENV_RESHARD, SHARD_ALGO, MultiRank, World, check_world, epoch_from_env, shard_name
+from .multi_rank import ENV_RESHARD, SHARD_ALGO, MultiRank, World, epoch_from_env, shard_name, world_refusal
 from .store import PathLike, Stage, Store, read_manifest, read_member
 
-__all__ = ["Checkpointer", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
+__all__ = ["Checkpointer", "OldShards", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -57,6 +57,52 @@ class RestorePoint:
     def step(self) -> Optional[int]:
         """The step recorded in its manifest, if any."""
         return self.manifest.step
+
+
+class OldShards:
+    """Read access to every shard of a checkpoint saved with another world size, handed to the
+    reshard hook of :meth:`Checkpointer.restore`. Every read is verified against the manifest
+    (size and checksum). A single-process checkpoint is one shard, rank 0, at its top level."""
+
+    def __init__(self, ck: "Checkpointer", rp: "RestorePoint") -> None:
+        self._ck = ck
+        #: The checkpoint being resharded.
+        self.restore_point = rp
+        #: The number of ranks that saved it.
+        self.world_size: int = rp.manifest.world_size or 1
+        #: This job's rank and number of ranks.
+        self.rank = ck.rank
+        self.new_world_size = ck.world_size
+        #: The step recorded in the checkpoint.
+        self.step = rp.step
+
+    def _prefix(self, rank: int) -> str:
+        if not 0 <= rank < self.world_size:
+            raise CkptError(f"rank {rank} is not a shard of {self.restore_point.path} (world size {self.world_size})")
+        return f"{shard_name(rank)}/" if self.restore_point.manifest.world_size is not None else ""
+
+    def names(self, rank: int) -> List[str]:
+        """The files of old rank ``rank``'s shard (names inside the shard)."""
+        pre = self._prefix(rank)
+        return [f.name[len(pre):] for f in self.restore_point.manifest.files if f.name.startswith(pre)]
+
+    def dir(self, rank: int) -> Path:
+        """The directory of old rank ``rank``'s shard (verified when the checkpoint was chosen;
+        prefer :meth:`read`, which re-checks what it reads)."""
+        pre = self._prefix(rank)
+        return self.restore_point.path / pre.rstrip("/") if pre else self.restore_point.path
+
+    def read(self, rank: int, name: str) -> bytes:
+        """File ``name`` of old rank ``rank``'s shard, verified."""
+        return self._ck._read_listed(self._prefix(rank) + name)
+
+    def load(self, rank: int) -> Any:
+        """The object old rank ``rank`` saved with :meth:`Checkpointer.save` (unpickled)."""
+        return pickle.loads(self.read(rank, STATE_FILE))
+
+    def __repr__(self) -> str:
+        return (f"OldShards({self.restore_point.path}, world_size={self.world_size} -> "
+                f"{self.new_world_size}, rank={self.rank})")
 
 
 @dataclass(frozen=True)
@@ -205,7 +251,12 @@ class Checkpointer:
             self._restore = self._find_restore()
             if self._restore is not None:
                 self._base = self._restore.manifest.step or 0
-                check_world(self._restore.manifest, self._restore.path, world.size if world else 1, self._reshard)
+                if not self._reshard:
+                    # Another world size: refused at the first read, unless restore() is given
+                    # a reshard hook (docs/multi-rank.md, "Restore with another world size").
+                    self._refusal = world_refusal(
+                        self._restore.manifest, self._restore.path, world.size if world else 1
+                    )
             if multi and not self._passive:
                 assert world is not None
                 self._multi = MultiRank(self._store, world, epoch_from_env())
@@ -385,6 +436,12 @@ class Checkpointer:
         """Names map to this rank's shard (``rank-NNNNN/<name>``)."""
         return self._world is not None and self._world.size > 1 and not self._reshard
 
+    _refusal: Optional[CkptError] = None
+
+    def _refuse_other_world(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+
     def restore_dir(self) -> Optional[Path]:
         """The directory of the checkpoint to resume from (``None`` on a fresh start), for files
         the job wrote itself: ``torch.load(ck.restore_dir() / "model.pt")``. Verified when it
@@ -393,6 +450,7 @@ class Checkpointer:
         whole checkpoint, one ``rank-NNNNN`` directory per saving rank)."""
         if self._restore is None:
             return None
+        self._refuse_other_world()
         if self._sharded():
             assert self._world is not None
             return self._restore.path / self._world.shard_dir
@@ -401,6 +459,7 @@ class Checkpointer:
     def read_file(self, name: str) -> bytes:
         """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
         size and checksum (in a multi-rank job: of this rank's own shard)."""
+        self._refuse_other_world()
         if self._sharded():
             assert self._world is not None
             name = f"{self._world.shard_dir}/{name}"
@@ -425,13 +484,23 @@ class Checkpointer:
         except InvalidCheckpoint as e:
             raise e.at(str(r.path)) from None
 
-    def restore(self, default: Any = None) -> Any:
+    def restore(self, default: Any = None, *, reshard: "Optional[Callable[[OldShards], Any]]" = None) -> Any:
         """The object last saved with :meth:`save` (unpickled), or ``default`` (``None``) on a
         fresh start. The bytes are verified before they are unpickled. Like any pickle, only load
-        checkpoints you (or your job) wrote."""
+        checkpoints you (or your job) wrote.
+
+        ``reshard``: called when the checkpoint was saved by a job of another world size, with
+        an :class:`OldShards` (read access to every old shard: ``load(rank)``, ``read(rank,
+        name)``, ``names(rank)``, ``world_size``); what it returns is this rank's state. Without
+        it such a checkpoint is refused, naming both sizes (docs/multi-rank.md, "Restore with
+        another world size")."""
         r = self._restore
         if r is None:
             return default
+        if self._refusal is not None:
+            if reshard is None:
+                raise self._refusal
+            return reshard(OldShards(self, r))
         own = f"{self._world.shard_dir}/{STATE_FILE}" if self._sharded() and self._world else STATE_FILE
         if r.manifest.file(own) is None:
             have = ", ".join(f.name for f in r.manifest.files) or "no files"

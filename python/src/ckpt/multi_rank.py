@@ -143,17 +143,25 @@ def shard_name(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
-def check_world(manifest: Manifest, path: "os.PathLike[str] | str", size: int, reshard: bool) -> None:
-    """Refuses a restore checkpoint saved with another world size (unless resharding)."""
+def world_refusal(manifest: Manifest, path: "os.PathLike[str] | str", size: int) -> Optional[CkptError]:
+    """The refusal of a restore checkpoint saved with another world size (naming both), or
+    ``None`` when the sizes agree."""
     saved = manifest.world_size if manifest.world_size is not None else 1
-    if saved == size or reshard:
-        return
-    raise CkptError(
+    if saved == size:
+        return None
+    return CkptError(
         f"cannot restore {os.fspath(path)}: it was saved by a job of {saved} rank(s), this job runs with "
         f"{size} rank(s); ckpt restores a checkpoint only with the world size that saved it; hint: run "
-        f"with {saved} rank(s), or set {ENV_RESHARD}=1 and reshard it yourself (read every shard with "
-        "read_shard_file)"
+        f"with {saved} rank(s), or reshard it: restore(reshard=fn) calls fn with read access to every "
+        f"shard (or set {ENV_RESHARD}=1 and read them with read_shard_file)"
     )
+
+
+def check_world(manifest: Manifest, path: "os.PathLike[str] | str", size: int, reshard: bool) -> None:
+    """Refuses a restore checkpoint saved with another world size (unless resharding)."""
+    e = world_refusal(manifest, path, size)
+    if e is not None and not reshard:
+        raise e
 
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_-]")
