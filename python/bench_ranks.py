@@ -11,7 +11,7 @@ Runs, without a supervisor, in a fresh temporary directory each:
 Prints the median wall time of one ``save`` call (from the call to its return: the checkpoint
 is durable and published) for each, and the ratio multi-rank / single-rank::
 
-    PYTHONPATH=python/src python3 python/bench_ranks.py --world 2 --mib 2 --rounds 15
+    PYTHONPATH=python/src python3 python/bench_ranks.py --world 2 --mib 2 --rounds 15 --repeat 3
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import json, os, sys, time
 import ckpt
 mib, rounds = int(sys.argv[1]), int(sys.argv[2])
 blob = os.urandom(mib << 20)
-ck = ckpt.Checkpointer(sys.argv[3])
+ck = ckpt.Checkpointer(sys.argv[3], checksum=sys.argv[4] or None)
 times = []
 for i in range(1, rounds + 1):
     t = time.perf_counter()
@@ -41,7 +41,7 @@ print(json.dumps({"checksum": ck.checksum, "times": times}))
 """
 
 
-def run(world: int, mib: int, rounds: int) -> "tuple[list[float], str]":
+def run(world: int, mib: int, rounds: int, checksum: str = "") -> "tuple[list[float], str]":
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as d:
         env = dict(os.environ)
         for k in ("CKPT_SOCKET", "CKPT_DIR", "CKPT_RESTORE", "RANK", "WORLD_SIZE"):
@@ -54,7 +54,7 @@ def run(world: int, mib: int, rounds: int) -> "tuple[list[float], str]":
                 e.update(CKPT_RANK=str(r), CKPT_WORLD_SIZE=str(world))
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", CHILD, str(mib), str(rounds), d], env=e, stdout=subprocess.PIPE, text=True
+                    [sys.executable, "-c", CHILD, str(mib), str(rounds), d, checksum], env=e, stdout=subprocess.PIPE, text=True
                 )
             )
         outs = []
@@ -73,12 +73,22 @@ def main() -> None:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--mib", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each configuration, interleaved")
+    p.add_argument("--checksum", default="", help="force an algorithm in the multi-rank runs (crc32c: before)")
     a = p.parse_args()
-    multi, algo_m = run(a.world, a.mib, a.rounds)
-    single, algo_s = run(1, a.mib, a.rounds)
-    total, _ = run(1, a.mib * a.world, a.rounds)
+    multi: "list[float]" = []
+    single: "list[float]" = []
+    total: "list[float]" = []
+    for _ in range(a.repeat):
+        # Interleaved, so that load from elsewhere on the machine hits every configuration.
+        m, algo_m = run(a.world, a.mib, a.rounds, a.checksum)
+        s1, algo_s = run(1, a.mib, a.rounds)
+        t, _ = run(1, a.mib * a.world, a.rounds)
+        multi += m
+        single += s1
+        total += t
     med = statistics.median
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpu(s), {a.rounds} saves each (median ms per save)")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpu(s), {a.repeat} x {a.rounds} saves each (median ms per save)")
     print(f"multi-rank:  {a.world} ranks x {a.mib} MiB ({algo_m}): {med(multi) * 1e3:.1f} ms")
     print(f"single-rank: 1 x {a.mib} MiB ({algo_s}): {med(single) * 1e3:.1f} ms  ratio {med(multi) / med(single):.2f}")
     print(f"single-rank: 1 x {a.mib * a.world} MiB ({algo_s}): {med(total) * 1e3:.1f} ms  ratio {med(multi) / med(total):.2f}")
