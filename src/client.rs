@@ -801,10 +801,12 @@ impl Checkpointer {
                 if stopping {
                     self.stop_saved = true;
                 }
+                // The step the checkpoint records (a multi-rank save without one records the
+                // agreed position).
                 let saved = Saved {
                     seq: m.seq,
                     path: self.store.path_of(m.seq),
-                    step,
+                    step: m.step,
                     bytes: m.total_bytes(),
                     duration: started.elapsed(),
                 };
@@ -813,7 +815,7 @@ impl Checkpointer {
                         v: PROTOCOL_VERSION,
                         pid: self.pid,
                         seq: m.seq,
-                        step,
+                        step: m.step,
                         bytes: saved.bytes,
                         duration_ms: saved.duration.as_millis() as u64,
                         blocked_ms: None,
