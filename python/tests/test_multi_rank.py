@@ -659,3 +659,44 @@ def test_reshard_hook_4_to_2_to_4_ranks(tmp_path):
     print(job(4, 30))
     assert pieces(checkpoints(d)[-1]) == first, "4 -> 2 -> 4 did not give back every piece on its rank"
     assert_no_survivors(d)
+
+
+def test_ranks_recording_different_steps_publish_nothing(tmp_path):
+    """Two ranks at the same agreed position (should_checkpoint() without a step) that give
+    save different steps: the publisher refuses the shard records, the round is abandoned on
+    both ranks, nothing is published; the next round with equal steps publishes."""
+    d = tmp_path / "d"
+    job = (
+        "import ckpt, sys\n"
+        "ck = ckpt.Checkpointer()\n"
+        "ck.request_checkpoint()\n"
+        "outcomes = []\n"
+        "for label in (10 + ck.rank, 20):\n"
+        "    while not ck.should_checkpoint():\n"
+        "        ck.request_checkpoint()\n"
+        "    try:\n"
+        "        outcomes.append(ck.save({'r': ck.rank}, step=label).step)\n"
+        "    except ckpt.CkptError as e:\n"
+        "        outcomes.append(str(e))\n"
+        "    ck.request_checkpoint()\n"
+        "print(outcomes)\n"
+    )
+    env = lambda r: dict(standalone_env(d, r, 2), CKPT_ROUND_TIMEOUT="20s")  # noqa: E731
+    procs = [subprocess.Popen([PY, "-c", job], env=env(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=40)
+            assert p.returncode == 0, e
+            outs.append(o)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(outs)
+    assert any("does not match the round" in o for o in outs), outs
+    assert all("abandoned" in o or "does not match" in o for o in outs), outs
+    assert all(o.strip().endswith("20]") for o in outs), outs
+    assert [verify_path(d / f"ckpt-{s:012d}", s).step for s in checkpoints(d)] == [20]

@@ -658,7 +658,7 @@ class MultiRank:
                 except InvalidCheckpoint as e:
                     raise e.at(str(path)) from None
             if os.path.lexists(r / "aborted"):
-                raise self._abandoned(k, "a rank did not finish its shard in time")
+                raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if time.monotonic() - start >= self.timeout:
                 if gave_up:
                     raise self._abandoned(k, "its outcome is unknown: the publishing rank vanished")
