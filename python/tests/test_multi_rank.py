@@ -700,3 +700,34 @@ def test_ranks_recording_different_steps_publish_nothing(tmp_path):
     assert all("abandoned" in o or "does not match" in o for o in outs), outs
     assert all(o.strip().endswith("20]") for o in outs), outs
     assert [verify_path(d / f"ckpt-{s:012d}", s).step for s in checkpoints(d)] == [20]
+
+
+def test_reshard_hook_from_a_single_process_checkpoint(tmp_path):
+    """A single-process checkpoint is one old shard (rank 0, at the top level) for the hook."""
+    d = tmp_path / "d"
+    r = run([PY, "-c", "import ckpt, sys; ckpt.Checkpointer(sys.argv[1]).save({'pieces': {0: b'a', 1: b'b'}}, step=7)",
+             d], 30, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    job = (
+        "import ckpt\n"
+        "ck = ckpt.Checkpointer()\n"
+        "def fn(old):\n"
+        "    assert (old.world_size, old.step, old.names(0)) == (1, 7, ['state.pickle']), old\n"
+        "    assert old.dir(0) == ck.restore_point.path\n"
+        "    return {k: v for k, v in old.load(0)['pieces'].items() if k % old.new_world_size == old.rank}\n"
+        "print('got', ck.restore(reshard=fn))\n"
+    )
+    procs = [subprocess.Popen([PY, "-c", job], env=standalone_env(d, rank, 2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=30)
+            assert p.returncode == 0, e
+            outs.append(o.strip())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert outs == ["got {0: b'a'}", "got {1: b'b'}"], outs
