@@ -350,11 +350,15 @@ impl Checkpointer {
             crate::multi_rank::check_world(&r.manifest, &r.path, size, reshard)?;
         }
         let multi = match world {
-            Some(w) if w.size > 1 => Some(crate::multi_rank::MultiRank::new(
-                &store,
-                w,
-                &crate::multi_rank::epoch_from_env()?,
-            )?),
+            Some(w) if w.size > 1 => {
+                let mut m = crate::multi_rank::MultiRank::new(
+                    &store,
+                    w,
+                    &crate::multi_rank::epoch_from_env()?,
+                )?;
+                m.set_base(restore.as_ref().and_then(|r| r.manifest.step).unwrap_or(0));
+                Some(m)
+            }
             _ => None,
         };
         let request = Arc::new(AtomicBool::new(false));
@@ -627,6 +631,9 @@ impl Checkpointer {
     /// Tells the supervisor the job is alive at `step` (also counts as a heartbeat).
     pub fn progress(&mut self, step: u64) {
         self.step = Some(step);
+        if let Some(m) = self.multi.as_mut() {
+            m.set_explicit(step);
+        }
         self.last_beat = Some(Instant::now());
         self.send(&Message::Progress {
             v: PROTOCOL_VERSION,
@@ -660,22 +667,27 @@ impl Checkpointer {
             || stop
             || self.interval.is_some_and(|i| self.last_save.elapsed() >= i);
         match self.multi.as_mut() {
-            // The ranks turn the request into one agreed step: true only there.
-            Some(m) => m
-                .poll(want, stop, self.step.unwrap_or(0))
-                .unwrap_or_else(|e| {
+            // The ranks turn the request into one agreed position (the explicit step, else the
+            // count of calls: docs/multi-rank.md, "Which step"): true only there.
+            Some(m) => {
+                let pos = m.next_position();
+                m.poll(want, stop, pos).unwrap_or_else(|e| {
                     eprintln!("ckpt: warning: {e}");
                     false
-                }),
+                })
+            }
             None => want,
         }
     }
 
     /// [`Checkpointer::should_checkpoint`] after completing `step` (records it first). In a
-    /// multi-rank job the step is how ranks agree where to save: use this (or
-    /// [`Checkpointer::set_step`]) there.
+    /// multi-rank job the ranks agree on this step; without it, on the count of
+    /// `should_checkpoint` calls (`docs/multi-rank.md`, "Which step").
     pub fn should_checkpoint_at(&mut self, step: u64) -> bool {
         self.step = Some(step);
+        if let Some(m) = self.multi.as_mut() {
+            m.set_explicit(step);
+        }
         self.should_checkpoint()
     }
 
@@ -703,6 +715,9 @@ impl Checkpointer {
     /// Sets the step recorded by [`Checkpointer::save`].
     pub fn set_step(&mut self, step: u64) {
         self.step = Some(step);
+        if let Some(m) = self.multi.as_mut() {
+            m.set_explicit(step);
+        }
     }
 
     /// Saves `state` (postcard-encoded into `state.postcard`) as a new checkpoint and returns
@@ -906,12 +921,18 @@ impl Checkpointer {
         self.request.store(false, Ordering::Relaxed);
         let stop_wanted = stopping && !self.stop_saved;
         let result = (|| {
-            let mut stage = Stage::new(&self.store, Algo::Crc32c)?;
+            // Every shard of a multi-rank checkpoint is summed with the one algorithm every
+            // client computes at C speed (docs/multi-rank.md, "Checksums").
+            let algo = match self.multi {
+                Some(_) => crate::multi_rank::SHARD_ALGO,
+                None => Algo::Crc32c,
+            };
+            let mut stage = Stage::new(&self.store, algo)?;
             fill(&mut stage)?;
             let writer = concat!("ckpt-rust/", env!("CARGO_PKG_VERSION"));
             match self.multi.as_mut() {
                 // This rank's shard; published once every rank's shard is durable.
-                Some(mr) => mr.commit_shard(stage, Algo::Crc32c, step, stop_wanted, writer),
+                Some(mr) => mr.commit_shard(stage, algo, step, stop_wanted, writer),
                 None => stage.commit(step, writer, Default::default()),
             }
         })();
@@ -927,10 +948,12 @@ impl Checkpointer {
                 if stopping {
                     self.stop_saved = true;
                 }
+                // The step the checkpoint records (a multi-rank save without one records the
+                // agreed position).
                 let saved = Saved {
                     seq: m.seq,
                     path: self.store.path_of(m.seq),
-                    step,
+                    step: m.step,
                     bytes: m.total_bytes(),
                     duration: started.elapsed(),
                 };
@@ -939,7 +962,7 @@ impl Checkpointer {
                         v: PROTOCOL_VERSION,
                         pid: self.pid,
                         seq: m.seq,
-                        step,
+                        step: m.step,
                         bytes: saved.bytes,
                         duration_ms: saved.duration.as_millis() as u64,
                         blocked_ms: None,

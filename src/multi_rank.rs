@@ -42,11 +42,18 @@ pub const ENV_RUN_ID: &str = "CKPT_RUN_ID";
 /// `1`: restoring a checkpoint saved with another world size is allowed; the job reads the
 /// whole checkpoint itself ([`crate::Checkpointer::read_shard_file`]) and reshards.
 pub const ENV_RESHARD: &str = "CKPT_RESHARD";
-/// Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+/// How long a rank waits for the other ranks in a save round before abandoning it: seconds,
+/// or a number with `ms`, `s` or `m` ([`parse_round_timeout`]); default 300 s.
 pub const ENV_ROUND_TIMEOUT: &str = "CKPT_ROUND_TIMEOUT";
 /// Steps a rank may still run after proposing before it must know the agreed step (0).
 /// Jobs whose ranks synchronise every step (collectives) should set 2 or more.
 pub const ENV_ROUND_LOOKAHEAD: &str = "CKPT_ROUND_LOOKAHEAD";
+
+/// The checksum of every shard of a multi-rank checkpoint, whichever client writes it: CRC-32
+/// (IEEE), which the Python client computes with `zlib` at C speed from the standard library
+/// alone, so that Rust and Python ranks of one job agree without negotiating
+/// (`docs/multi-rank.md`, "Checksums").
+pub const SHARD_ALGO: Algo = Algo::Crc32;
 
 /// How often a rank without a request of its own looks for a round started by another rank.
 const POLL: Duration = Duration::from_millis(100);
@@ -207,6 +214,28 @@ pub fn epoch_from_env() -> Result<String> {
     )))
 }
 
+/// `CKPT_ROUND_TIMEOUT`: a positive number of seconds (`300`, `2.5`), or a number followed
+/// by `ms`, `s` or `m` (`500ms`, `2s`, `5m`); the Python client accepts the same forms.
+pub fn parse_round_timeout(v: &str) -> Option<Duration> {
+    let t = v.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let num = num.trim_end();
+    let digits = num.bytes().filter(u8::is_ascii_digit).count();
+    if digits == 0 || num.bytes().any(|b| !(b.is_ascii_digit() || b == b'.')) {
+        return None;
+    }
+    let secs = num.parse::<f64>().ok()? * scale;
+    (secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
+}
+
 /// What the ranks agreed on in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
@@ -258,6 +287,15 @@ pub struct MultiRank {
     published_last: bool,
     /// Some rank of this launch left (`<epoch>/left` exists): no round can complete.
     left_seen: bool,
+    /// The last [`MultiRank::poll`] returned true: this rank is at its round's agreed position.
+    at_target: bool,
+    /// The position rule (`docs/multi-rank.md`, "Which step"): `should_checkpoint` calls
+    /// since the restore, counted from the restored checkpoint's step (`base`); a step given
+    /// explicitly since the previous call wins.
+    calls: u64,
+    base: u64,
+    explicit: Option<u64>,
+    pos: Option<u64>,
 }
 
 impl std::fmt::Debug for MultiRank {
@@ -289,15 +327,11 @@ impl MultiRank {
         }
         let timeout = env_opt(ENV_ROUND_TIMEOUT)
             .map(|v| {
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0 && s.is_finite())
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| Error::Env {
-                        name: ENV_ROUND_TIMEOUT,
-                        value: v.clone(),
-                        why: "not a positive number of seconds".into(),
-                    })
+                parse_round_timeout(&v).ok_or_else(|| Error::Env {
+                    name: ENV_ROUND_TIMEOUT,
+                    value: v.clone(),
+                    why: "not a positive duration: seconds (`300`, `2.5`) or a number with `ms`, `s` or `m` (`500ms`, `2s`, `5m`)".into(),
+                })
             })
             .transpose()?
             .unwrap_or(Duration::from_secs(300));
@@ -323,6 +357,11 @@ impl MultiRank {
             stop_agreed: false,
             published_last: false,
             left_seen: false,
+            at_target: false,
+            calls: 0,
+            base: 0,
+            explicit: None,
+            pos: None,
         })
     }
 
@@ -360,6 +399,38 @@ impl MultiRank {
         self.left_seen
     }
 
+    /// The step of the restored checkpoint: the count of `should_checkpoint` calls continues
+    /// from it (`docs/multi-rank.md`, "Which step").
+    pub fn set_base(&mut self, step: u64) {
+        self.base = step;
+    }
+
+    /// The job gave its step explicitly (`should_checkpoint_at`, `progress`, `set_step`): the
+    /// next position is that step.
+    pub fn set_explicit(&mut self, step: u64) {
+        self.explicit = Some(step);
+    }
+
+    /// This rank's position at a `should_checkpoint` call: the explicit step given since the
+    /// previous call, else the number of calls since the restore plus the restored step. The
+    /// same on every rank of an SPMD loop, which is all the rounds need.
+    pub fn next_position(&mut self) -> u64 {
+        self.calls += 1;
+        let p = self
+            .explicit
+            .take()
+            .unwrap_or(self.base.saturating_add(self.calls));
+        self.pos = Some(p);
+        p
+    }
+
+    /// This rank's position now (for a save without a request).
+    fn position(&self) -> u64 {
+        self.explicit
+            .or(self.pos)
+            .unwrap_or(self.base.saturating_add(self.calls))
+    }
+
     /// Overrides the round timeout.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -370,8 +441,9 @@ impl MultiRank {
     }
 
     /// The safe-point decision. `want`: this rank has a request of its own (signal, stop,
-    /// interval); `stop`: it was asked to stop; `step`: the step just completed. Returns true
-    /// exactly at the agreed step of the round this rank is in.
+    /// interval); `stop`: it was asked to stop; `step`: this rank's position, the step just
+    /// completed ([`MultiRank::next_position`]). Returns true exactly at the agreed position of
+    /// the round this rank is in.
     pub fn poll(&mut self, want: bool, stop: bool, step: u64) -> Result<bool> {
         if self.joined.is_none() {
             if !want && self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
@@ -427,7 +499,8 @@ impl MultiRank {
                 self.world.rank, t.step
             )));
         }
-        Ok(step == t.step)
+        self.at_target = step == t.step;
+        Ok(self.at_target)
     }
 
     /// Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -587,13 +660,15 @@ impl MultiRank {
 
     fn conclude(&mut self) {
         self.joined = None;
+        self.at_target = false;
         self.k += 1;
         self.last_poll = None;
     }
 
     /// Saves this rank's shard: `stage` (filled by the job) becomes `rank-NNNNN/` of the
-    /// round's checkpoint. Returns the published manifest once every shard is durable and the
-    /// checkpoint is visible, or an error when the round was abandoned.
+    /// round's checkpoint. `step`: the step the job gave to the save, recorded in the manifest
+    /// (`None`: the agreed position). Returns the published manifest once every shard is
+    /// durable and the checkpoint is visible, or an error when the round was abandoned.
     pub fn commit_shard(
         &mut self,
         stage: Stage,
@@ -603,14 +678,12 @@ impl MultiRank {
         writer: &str,
     ) -> Result<Manifest> {
         self.published_last = false;
-        let Some(step) = step else {
-            return Err(Error::Usage(
-                "a multi-rank save needs the step (save_at, set_step or should_checkpoint_at): the ranks agree on it".into(),
-            ));
-        };
+        // Where this save is, when it is not the save should_checkpoint asked for: the
+        // explicit step wins, else the position.
+        let here = step.unwrap_or_else(|| self.position());
         if self.joined.is_none() {
-            // An explicit save without a request: every rank must make it at the same step.
-            if !self.join(step, stop, true)? {
+            // A save without a request: every rank must make it at the same position.
+            if !self.join(here, stop, true)? {
                 return Err(Error::Usage(format!(
                     "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its client was dropped or closed; see {}); hint: keep every rank's client open until the job's last save",
                     self.left_marker().display()
@@ -628,15 +701,21 @@ impl MultiRank {
                 }
             },
         };
-        if t.step != step {
+        if !self.at_target && t.step != here {
             self.abort(k);
             self.conclude();
             return Err(Error::Usage(format!(
-                "rank {} saved at step {step} but the ranks agreed on step {} in save round {k}; the round was abandoned, nothing was published (hint: call save only when should_checkpoint() says so, or at the same step on every rank)",
+                "rank {} saved at step {here} but the ranks agreed on step {} in save round {k}; the round was abandoned, nothing was published (hint: call save only when should_checkpoint() says so, or at the same step on every rank)",
                 self.world.rank, t.step
             )));
         }
-        let res = self.write_shard(k, stage, algo, t, writer);
+        // The manifest records the step the job gave (the publisher checks that every rank
+        // gave the same one), else the agreed position.
+        let rec = Target {
+            step: step.unwrap_or(t.step),
+            stop: t.stop,
+        };
+        let res = self.write_shard(k, stage, algo, rec, writer);
         self.conclude();
         let m = res?;
         if t.stop {
@@ -681,6 +760,12 @@ impl MultiRank {
                 };
                 io.fsync_file(&path).ctx("fsync", &path)?;
                 entries.push(e);
+            }
+            if entries.is_empty() {
+                return Err(Error::Usage(format!(
+                    "rank {} saved an empty shard: every rank's shard must hold at least one file (a checkpoint without it would not verify); the save round was abandoned",
+                    self.world.rank
+                )));
             }
             for d in dirs.iter().rev() {
                 io.fsync_dir(d).ctx("fsync", d)?;

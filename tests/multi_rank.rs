@@ -143,7 +143,7 @@ fn assert_restores_complete(out: &Path, world: u32) -> usize {
 }
 
 /// Runs the job under `ckpt run` with a plain launcher and `kills` random SIGKILLs.
-fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
+fn random_kills(test: &str, world: u32, steps: u64, kills: usize, extra: &[&str]) {
     let seed = seed(test);
     let mut rng = fastrand::Rng::with_seed(seed);
     let tmp = tempdir();
@@ -169,6 +169,7 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
     .arg(test_bin("rank_launcher"))
     .args(["--n", &world.to_string(), "--"])
     .args(trainer_args(steps, &out))
+    .args(extra)
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn_guarded();
@@ -292,12 +293,22 @@ fn random_kills(test: &str, world: u32, steps: u64, kills: usize) {
 
 #[test]
 fn four_ranks_random_kills_resume_to_the_same_digest() {
-    random_kills("four_ranks", 4, 700, 5);
+    random_kills("four_ranks", 4, 700, 5, &[]);
+}
+
+/// The README's single-process loop unchanged (`if ck.should_checkpoint() { save }`, no step
+/// given to `should_checkpoint`) under a launcher: the ranks agree on the count of calls,
+/// which continues from the restored checkpoint's step after every kill; the save records
+/// the step given, or the count without one.
+#[test]
+fn readme_pattern_random_kills_resume_to_the_same_digest() {
+    random_kills("readme_step", 3, 500, 3, &["--readme", "step"]);
+    random_kills("readme_none", 3, 500, 3, &["--readme", "none"]);
 }
 
 #[test]
 fn eight_ranks_random_kills_resume_to_the_same_digest() {
-    random_kills("eight_ranks", 8, 600, 4);
+    random_kills("eight_ranks", 8, 600, 4, &[]);
 }
 
 /// Ranks that finish at different times (seen in the 8-rank test under load, seed
@@ -678,4 +689,31 @@ fn walk_names(dir: &Path) -> String {
         }
     }
     out
+}
+
+/// `CKPT_ROUND_TIMEOUT` forms, the same table as the Python client's
+/// (`python/tests/test_multi_rank.py::test_round_timeout_forms`).
+#[test]
+fn round_timeout_forms() {
+    use ckpt::multi_rank::parse_round_timeout;
+    for (v, want) in [
+        ("300", Some(300.0)),
+        ("2.5", Some(2.5)),
+        ("2s", Some(2.0)),
+        (" 2 s ", Some(2.0)),
+        ("500ms", Some(0.5)),
+        ("5m", Some(300.0)),
+        (".5", Some(0.5)),
+    ] {
+        assert_eq!(
+            parse_round_timeout(v).map(|d| d.as_secs_f64()),
+            want,
+            "{v:?}"
+        );
+    }
+    for v in [
+        "", "0", "0s", "-1", "1e3", "inf", "nan", "s", "ms", ".", "2h", "2 5", "1.2.3", "2sec",
+    ] {
+        assert_eq!(parse_round_timeout(v), None, "{v:?}");
+    }
 }

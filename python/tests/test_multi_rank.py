@@ -97,6 +97,8 @@ def assert_complete_checkpoints(d: Path, world: int) -> None:
     for seq in checkpoints(d):
         m = verify_path(d / f"ckpt-{seq:012d}", seq)
         assert m.world_size == world, f"checkpoint {seq}: world_size {m.world_size}"
+        # Every client sums shards with CRC-32 (zlib in Python): C speed without extra packages.
+        assert m.checksum == "crc32", f"checkpoint {seq}: checksum {m.checksum}"
         states = sorted(f.name for f in m.files if f.name.endswith("/state.bin") or f.name.endswith("/state.pickle"))
         assert [s.split("/")[0] for s in states] == [f"rank-{r:05d}" for r in range(world)], (seq, states)
 
@@ -123,14 +125,42 @@ def launch_cmd(d: Path, n: int, prog: List[str], *opts: str) -> List[str]:
 
 
 def test_four_python_ranks_random_kills_resume_to_the_same_digest(tmp_path, bg, seed):
+    random_kills(tmp_path, bg, seed, 4, 600, lambda out: trainer(600, out), 4)
+
+
+README = REPO / "test-programs" / "python_readme_trainer.py"
+
+
+@pytest.mark.parametrize("flag", [None, "--no-step", "--async"],
+                         ids=["save-with-step", "save-without-step", "save-async"])
+def test_readme_pattern_unchanged_under_a_launcher(tmp_path, bg, seed, flag):
+    """The README's single-process loop (``if ck.should_checkpoint(): ck.save(state,
+    step=step)``, ``ck.save(state)``, ``ck.save_async(state, step=step)``) run unchanged by 3
+    ranks under the torchrun-like launcher with random kills: the ranks agree on the count of
+    should_checkpoint() calls, carried across resumes by the checkpoint's step; the result is
+    bit-identical."""
+
+    def prog(out: Path) -> List[str]:
+        return [PY, str(README), "--steps", "400", "--step-ms", "3", "--out", str(out)] + ([flag] if flag else [])
+
+    d = random_kills(tmp_path, bg, seed, 3, 400, prog, 3)
+    # The step recorded is the README's loop variable (save(step=step)) or the count.
+    steps = [read_manifest(d / f"ckpt-{s:012d}").step for s in checkpoints(d)]
+    assert steps and all(isinstance(x, int) and 0 <= x <= 400 for x in steps), steps
+    assert steps == sorted(steps), f"the step went backwards across a resume: {steps}"
+
+
+def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, rounds: int) -> Path:
+    """Runs ``prog(out)`` as ``world`` ranks under ``ckpt run`` and the Python launcher with
+    ``rounds`` random SIGKILLs (one rank, all ranks or the launcher; mid-save or between saves);
+    checks the digest, the restores, every checkpoint, that nothing survives. Returns DIR."""
     rnd = random.Random(seed)
-    world, steps = 4, 600
     d, out = tmp_path / "d", tmp_path / "out"
     out.mkdir()
-    sup = bg(launch_cmd(d, world, trainer(steps, out), "--every", "150ms", "--max-failures", "30"), timeout=80)
+    sup = bg(launch_cmd(d, world, prog(out), "--every", "150ms", "--max-failures", "30"), timeout=80)
     deadline = time.monotonic() + 70
     kills = 0
-    for i in range(4):
+    for i in range(rounds):
         what = rnd.choice(["one rank", "all ranks", "the launcher"])
         mid = rnd.random() < 0.5
         base = len(checkpoints(d))
@@ -173,6 +203,7 @@ def test_four_python_ranks_random_kills_resume_to_the_same_digest(tmp_path, bg, 
     assert_no_survivors(d)
     assert not stage_shards(d)
     print(f"{kills} kills, {restores} shard restores, checkpoints {checkpoints(d)}")
+    return d
 
 
 def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
@@ -255,8 +286,8 @@ def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
         r = run([PY, "-c", job], 30, env=standalone_env(d, rank, 2, CKPT_RESHARD="1"))
         assert r.returncode == 0, r.stderr
         assert f"resharded 4 {rank} 2" in r.stdout
-    # Without it, the same standalone job is refused too.
-    r = run([PY, "-c", "import ckpt; ckpt.Checkpointer()"], 30, env=standalone_env(d, 0, 2))
+    # Without it, the same standalone job is refused too (at its first read of the checkpoint).
+    r = run([PY, "-c", "import ckpt; ckpt.Checkpointer().restore()"], 30, env=standalone_env(d, 0, 2))
     assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
 
 
@@ -406,5 +437,297 @@ def test_ranks_that_left_are_never_waited_for(tmp_path):
     assert max(d for _, d in results) < 5, f"rank 0 waited for a rank that left: {results}"
     assert r0.rank_left
     with pytest.raises(CkptError, match="a rank left"):
-        r0.commit_shard(Stage(store, "crc32c"), 20, False, "test")
+        r0.commit_shard(Stage(store, "crc32"), 20, 20, False, "test")
     assert not [n for n in os.listdir(store.dir) if n.startswith("ckpt-")]
+
+
+def _raw_checkpoint(d: Path, seq: int, json_line: str, files: List[str]) -> Path:
+    """A checkpoint directory with the given manifest JSON (trailer added) and empty files."""
+    import zlib
+
+    p = d / f"ckpt-{seq:012d}"
+    for name in files:
+        (p / name).parent.mkdir(parents=True, exist_ok=True)
+        (p / name).write_bytes(b"")
+    p.mkdir(parents=True, exist_ok=True)
+    body = json_line.encode()
+    (p / "MANIFEST.ckpt").write_bytes(body + b"\ncrc32:%08x\n" % zlib.crc32(body))
+    return p
+
+
+def _manifest_json(seq: int, files: List[str], world: Optional[int], meta: str = "") -> str:
+    fs = ",".join(f'{{"name":"{n}","size":0,"sum":0}}' for n in sorted(files))
+    ws = f',"world_size":{world}' if world is not None else ""
+    mt = f',"meta":{meta}' if meta else ""
+    return (f'{{"format":"ckpt","version":1,"seq":{seq},"step":3,"created_ms":1,"writer":"t",'
+            f'"checksum":"crc32","files":[{fs}]{ws}{mt}}}')
+
+
+@pytest.mark.parametrize("case", [
+    "world-0", "rank-above-world", "missing-shard", "file-outside-shards", "duplicate-meta-key",
+    "nested-duplicate-meta-key", "nesting-128", "valid-2-ranks", "nesting-127",
+])
+def test_invalid_manifests_rejected_by_both_readers(tmp_path, case):
+    """world_size 0, a rank at or above world_size, a missing shard, a file outside the shards,
+    a key twice inside meta, JSON nested deeper than 127 levels: `ckpt verify` (Rust) and the
+    Python reader both reject them as bad manifests, and a restore skips them; valid ones
+    (including 127 levels) pass both."""
+    two = ["rank-00000/a", "rank-00001/a"]
+    deep = lambda n: '{"a":' + "[" * (n - 2) + "]" * (n - 2) + "}"  # noqa: E731 (+1: top level)
+    cases = {
+        "world-0": (["rank-00000/a"], 0, ""),
+        "rank-above-world": (["rank-00000/a", "rank-00002/a"], 2, ""),
+        "missing-shard": (["rank-00000/a", "rank-00000/b"], 2, ""),
+        "file-outside-shards": (["rank-00000/a", "rank-00001/a", "x"], 2, ""),
+        "duplicate-meta-key": (two, 2, '{"k":1,"k":2}'),
+        "nested-duplicate-meta-key": (two, 2, '{"a":[{"k":1,"k":1}]}'),
+        "nesting-128": (two, 2, deep(128)),
+        "valid-2-ranks": (two, 2, '{"a":{"b":[1,{"c":null}]}}'),
+        "nesting-127": (two, 2, deep(127)),
+    }
+    files, world, meta = cases[case]
+    d = tmp_path / "d"
+    p = _raw_checkpoint(d, 1, _manifest_json(1, files, world, meta), files)
+    r = run([ckpt_bin(), "verify", "--dir", d], 30)
+    if case.startswith(("valid", "nesting-127")):
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert verify_path(p, 1).world_size == 2
+        return
+    assert r.returncode == 65, r.stdout + r.stderr
+    from ckpt import InvalidCheckpoint
+
+    with pytest.raises(InvalidCheckpoint) as e:
+        verify_path(p, 1)
+    assert e.value.slug == "bad-manifest", str(e.value)
+    print(case, "| rust:", (r.stdout + r.stderr).strip().splitlines()[-1], "| python:", e.value)
+    # A restore never hands it to a job: standalone ranks find no checkpoint to resume from.
+    res = run([PY, "-c", "import ckpt; ck = ckpt.Checkpointer(); print('restore', ck.restore_point)"], 30,
+              env=standalone_env(d, 0, 2))
+    assert res.returncode == 0 and "restore None" in res.stdout, res.stdout + res.stderr
+
+
+def test_round_timeout_forms():
+    """The same table as tests/multi_rank.rs round_timeout_forms: both clients accept seconds
+    and `ms`/`s`/`m` suffixes."""
+    from ckpt.multi_rank import parse_round_timeout
+
+    for v, want in [("300", 300.0), ("2.5", 2.5), ("2s", 2.0), (" 2 s ", 2.0), ("500ms", 0.5), ("5m", 300.0),
+                    (".5", 0.5)]:
+        assert parse_round_timeout(v) == want, v
+    for v in ["", "0", "0s", "-1", "1e3", "inf", "nan", "s", "ms", ".", "2h", "2 5", "1.2.3", "2sec"]:
+        assert parse_round_timeout(v) is None, v
+
+
+def test_save_async_blocks_only_for_the_copy_and_exit_waits(tmp_path):
+    """Single-rank Python save_async: returns while the write is still in flight, the
+    checkpoint holds the state as it was at the call (later changes do not reach it), wait()
+    returns the outcome, a second save waits for the first, and a job that exits right after
+    save_async still publishes it (the exit waits)."""
+    d = tmp_path / "d"
+    job = (
+        "import ckpt, os, sys, time\n"
+        "ck = ckpt.Checkpointer(sys.argv[1])\n"
+        "state = {'blob': os.urandom(64 << 20), 'n': 1}\n"
+        "t = time.monotonic(); ck.save_async(state, step=1); blocked = time.monotonic() - t\n"
+        "pending = ck.save_pending()\n"
+        "state['n'] = 2\n"
+        "s = ck.wait()\n"
+        "assert s is not None and s.seq == 1 and s.step == 1, s\n"
+        "assert ck.wait() is None\n"
+        "print('blocked_ms', round(blocked * 1000, 1), 'save_ms', round(s.duration * 1000, 1), 'pending', pending)\n"
+        "ck.save_async(state, step=2)\n"
+        "ck.save_async(state, step=3)   # waits for step 2 first\n"
+        "state['n'] = 3\n"
+        "# exits at once: the interpreter's exit waits for the save in flight\n"
+    )
+    r = run([PY, "-c", job, d], 60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    print(r.stdout.strip())
+    assert "pending True" in r.stdout, "save_async returned only after the write"
+    import pickle
+
+    got = {}
+    for seq in (1, 2, 3):
+        m = verify_path(d / f"ckpt-{seq:012d}", seq)
+        got[seq] = (m.step, pickle.loads((d / f"ckpt-{seq:012d}" / "state.pickle").read_bytes())["n"])
+    assert got == {1: (1, 1), 2: (2, 2), 3: (3, 2)}, got
+
+
+@pytest.mark.parametrize("flag", [None, "--async"], ids=["save", "save-async"])
+def test_stop_saves_every_shard_before_any_rank_exits(tmp_path, bg, flag):
+    """A stop (SIGTERM to ckpt run) of 3 README-pattern ranks: they agree on a stop round,
+    every rank's shard of it is published (with save_async too: should_stop waits for it)
+    before any rank exits, the job exits 0 (ckpt run 75: run again) and is not relaunched,
+    nothing survives."""
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    prog = [PY, str(README), "--steps", "1000000", "--step-ms", "2", "--out", str(out)] + ([flag] if flag else [])
+    sup = bg(launch_cmd(d, 3, prog, "--every", "300ms", "--max-failures", "1"), timeout=60)
+    wait_until(lambda: len(checkpoints(d)) >= 2, 40, "two checkpoints")
+    before = checkpoints(d)[-1]
+    sup.p.send_signal(signal.SIGTERM)
+    code = sup.wait()
+    ev = events(d)
+    print(f"ckpt run exited {code}; checkpoints {checkpoints(d)}; job exit {[e for e in ev if e['event'] == 'exit']}")
+    assert code == 75, sup.stderr  # stopped after a checkpoint: run again to resume
+    assert [e["exit"] for e in ev if e["event"] == "exit"] == [0], "a rank did not exit 0"
+    assert checkpoints(d)[-1] > before, "no stop checkpoint was published"
+    assert_complete_checkpoints(d, 3)
+    assert len([e for e in events(d) if e["event"] == "launch"]) == 1
+    assert_no_survivors(d)
+
+
+RESHARD_JOB = r"""
+import ckpt, pickle, sys
+new_world, step = int(sys.argv[1]), int(sys.argv[2])
+ck = ckpt.Checkpointer()
+rank = ck.rank
+
+def reshard(old):
+    # Every old shard is readable (verified); this rank takes the pieces r with r % new == rank.
+    assert (old.rank, old.new_world_size) == (rank, new_world), old
+    pieces = {}
+    for r in range(old.world_size):
+        assert old.names(r) == ["state.pickle"], old.names(r)
+        for k, v in old.load(r)["pieces"].items():
+            pieces[k] = v
+    return {"pieces": {k: v for k, v in pieces.items() if k % new_world == rank}}
+
+if len(sys.argv) > 3 and sys.argv[3] == "no-hook":
+    try:
+        ck.restore()
+    except ckpt.CkptError as e:
+        print("refused:", e)
+        sys.exit(0)
+    sys.exit("a checkpoint of another world size was restored without a hook")
+state = ck.restore(reshard=reshard) if ck.restore_point else None
+if state is None:
+    # The first job: piece k (64 KiB of bytes derived from k) starts at rank k % world.
+    state = {"pieces": {k: bytes((k * 7 + i) % 251 for i in range(65536)) for k in range(12) if k % new_world == rank}}
+print("rank", rank, "of", new_world, "holds", sorted(state["pieces"]))
+ck.save(state, step=step)
+"""
+
+
+def test_reshard_hook_4_to_2_to_4_ranks(tmp_path):
+    """restore(reshard=fn): a job of 4 Python ranks saves 12 pieces spread over its shards; a
+    job of 2 ranks restores it through the hook (read access to all 4 old shards) and saves; a
+    job of 4 ranks restores that 2-rank checkpoint the same way. Every piece ends on the rank
+    that first held it, bit-identical. Without a hook the refusal names both sizes."""
+    d = tmp_path / "d"
+
+    def job(world: int, step: int, *extra: str) -> List[str]:
+        procs = [subprocess.Popen([PY, "-c", RESHARD_JOB, str(world), str(step), *extra],
+                                  env=dict(standalone_env(d, r, world), CKPT_RUN_ID=f"reshard-{step}-{len(extra)}"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
+        outs = []
+        deadline = time.monotonic() + 60
+        try:
+            for r, p in enumerate(procs):
+                o, e = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                assert p.returncode == 0, f"rank {r} of {world}: {e}"
+                outs.append(o)
+        finally:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+                    q.wait()
+        return outs
+
+    def pieces(seq: int) -> dict:
+        import pickle
+
+        m = verify_path(d / f"ckpt-{seq:012d}", seq)
+        got = {}
+        for r in range(m.world_size):
+            for k, v in pickle.loads((d / f"ckpt-{seq:012d}" / f"rank-{r:05d}" / "state.pickle").read_bytes())["pieces"].items():
+                got[k] = (r, v)
+        return got
+
+    job(4, 10)
+    first = pieces(checkpoints(d)[-1])
+    assert sorted(first) == list(range(12)) and all(r == k % 4 for k, (r, _) in first.items())
+    refused = job(2, 20, "no-hook")
+    assert all("saved by a job of 4 rank(s), this job runs with 2 rank(s)" in o for o in refused), refused
+    print(job(2, 20))
+    two = pieces(checkpoints(d)[-1])
+    assert verify_path(d / f"ckpt-{checkpoints(d)[-1]:012d}").world_size == 2
+    assert {k: (k % 2, v) for k, (_, v) in first.items()} == two
+    refused = job(4, 30, "no-hook")
+    assert all("saved by a job of 2 rank(s), this job runs with 4 rank(s)" in o for o in refused), refused
+    print(job(4, 30))
+    assert pieces(checkpoints(d)[-1]) == first, "4 -> 2 -> 4 did not give back every piece on its rank"
+    assert_no_survivors(d)
+
+
+def test_ranks_recording_different_steps_publish_nothing(tmp_path):
+    """Two ranks at the same agreed position (should_checkpoint() without a step) that give
+    save different steps: the publisher refuses the shard records, the round is abandoned on
+    both ranks, nothing is published; the next round with equal steps publishes."""
+    d = tmp_path / "d"
+    job = (
+        "import ckpt, sys\n"
+        "ck = ckpt.Checkpointer()\n"
+        "ck.request_checkpoint()\n"
+        "outcomes = []\n"
+        "for label in (10 + ck.rank, 20):\n"
+        "    while not ck.should_checkpoint():\n"
+        "        ck.request_checkpoint()\n"
+        "    try:\n"
+        "        outcomes.append(ck.save({'r': ck.rank}, step=label).step)\n"
+        "    except ckpt.CkptError as e:\n"
+        "        outcomes.append(str(e))\n"
+        "    ck.request_checkpoint()\n"
+        "print(outcomes)\n"
+    )
+    env = lambda r: dict(standalone_env(d, r, 2), CKPT_ROUND_TIMEOUT="20s")  # noqa: E731
+    procs = [subprocess.Popen([PY, "-c", job], env=env(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=40)
+            assert p.returncode == 0, e
+            outs.append(o)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(outs)
+    assert any("does not match the round" in o for o in outs), outs
+    assert all("abandoned" in o or "does not match" in o for o in outs), outs
+    assert all(o.strip().endswith("20]") for o in outs), outs
+    assert [verify_path(d / f"ckpt-{s:012d}", s).step for s in checkpoints(d)] == [20]
+
+
+def test_reshard_hook_from_a_single_process_checkpoint(tmp_path):
+    """A single-process checkpoint is one old shard (rank 0, at the top level) for the hook."""
+    d = tmp_path / "d"
+    r = run([PY, "-c", "import ckpt, sys; ckpt.Checkpointer(sys.argv[1]).save({'pieces': {0: b'a', 1: b'b'}}, step=7)",
+             d], 30, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    job = (
+        "import ckpt\n"
+        "ck = ckpt.Checkpointer()\n"
+        "def fn(old):\n"
+        "    assert (old.world_size, old.step, old.names(0)) == (1, 7, ['state.pickle']), old\n"
+        "    assert old.dir(0) == ck.restore_point.path\n"
+        "    return {k: v for k, v in old.load(0)['pieces'].items() if k % old.new_world_size == old.rank}\n"
+        "print('got', ck.restore(reshard=fn))\n"
+    )
+    procs = [subprocess.Popen([PY, "-c", job], env=standalone_env(d, rank, 2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=30)
+            assert p.returncode == 0, e
+            outs.append(o.strip())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert outs == ["got {0: b'a'}", "got {1: b'b'}"], outs

@@ -129,9 +129,137 @@ pub struct Manifest {
     /// rank; `docs/multi-rank.md`); omitted for a single process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<u32>,
-    /// Free-form user metadata (a JSON object).
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    /// Free-form user metadata (a JSON object; a key twice at any depth is rejected).
+    #[serde(
+        default,
+        skip_serializing_if = "serde_json::Map::is_empty",
+        deserialize_with = "strict::meta"
+    )]
     pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `meta` parsed like `serde_json::Value` except that an object with a key twice is an error
+/// (`docs/protocol.md`: readers reject duplicate keys; serde_json's own map keeps the last).
+mod strict {
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+    use std::fmt;
+
+    pub fn meta<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+        match StrictValue::deserialize(d)?.0 {
+            Value::Object(m) => Ok(m),
+            v => Err(de::Error::custom(format!(
+                "meta must be a JSON object, not {v}"
+            ))),
+        }
+    }
+
+    struct StrictValue(Value);
+
+    impl<'de> Deserialize<'de> for StrictValue {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(V)
+        }
+    }
+
+    struct V;
+
+    impl<'de> Visitor<'de> for V {
+        type Value = StrictValue;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<StrictValue, E> {
+            Ok(StrictValue(Value::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<StrictValue, E> {
+            Ok(StrictValue(v.into()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<StrictValue, E> {
+            Ok(StrictValue(v.into()))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<StrictValue, E> {
+            Ok(StrictValue(
+                serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+            ))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<StrictValue, E> {
+            Ok(StrictValue(Value::String(v.to_string())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<StrictValue, E> {
+            Ok(StrictValue(Value::String(v)))
+        }
+        fn visit_unit<E>(self) -> Result<StrictValue, E> {
+            Ok(StrictValue(Value::Null))
+        }
+        fn visit_none<E>(self) -> Result<StrictValue, E> {
+            Ok(StrictValue(Value::Null))
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<StrictValue, D::Error> {
+            StrictValue::deserialize(d)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
+            let mut v = Vec::new();
+            while let Some(StrictValue(x)) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(StrictValue(Value::Array(v)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
+            let mut m = Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if m.contains_key(&k) {
+                    return Err(de::Error::custom(format!("duplicate key {k:?} in meta")));
+                }
+                let StrictValue(x) = map.next_value()?;
+                m.insert(k, x);
+            }
+            Ok(StrictValue(Value::Object(m)))
+        }
+    }
+}
+
+/// Checks a multi-rank manifest's `world_size` against its files (`docs/multi-rank.md`,
+/// "Checkpoint layout"): at least 1; every file named `rank-<r, 5 digits or more>/<name>` with
+/// `r` below it; every rank with at least one file.
+fn check_world(world_size: u32, files: &[FileEntry]) -> Result<(), ManifestError> {
+    let bad = |why: String| Err(ManifestError::World(why));
+    if world_size == 0 {
+        return bad("world_size 0: a checkpoint has at least one rank".into());
+    }
+    if world_size as usize > files.len() {
+        return bad(format!(
+            "world_size {world_size} but {} file(s): every rank's shard holds at least one file",
+            files.len()
+        ));
+    }
+    let mut seen = vec![false; world_size as usize];
+    for f in files {
+        let rank = f
+            .name
+            .strip_prefix("rank-")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(digits, _)| {
+                let r: u32 = digits.parse().ok()?;
+                (digits.len() >= 5 && format!("{r:05}") == digits).then_some(r)
+            });
+        match rank {
+            None => return bad(format!("file {:?} is not in a rank-NNNNN/ shard", f.name)),
+            Some(r) if r >= world_size => {
+                return bad(format!(
+                    "file {:?} belongs to rank {r}, not below world_size {world_size}",
+                    f.name
+                ))
+            }
+            Some(r) => seen[r as usize] = true,
+        }
+    }
+    if let Some(r) = seen.iter().position(|s| !s) {
+        return bad(format!(
+            "rank {r}'s shard is missing (no file rank-{r:05}/...; world_size {world_size})"
+        ));
+    }
+    Ok(())
 }
 
 /// Why a manifest was rejected.
@@ -159,6 +287,8 @@ pub enum ManifestError {
     Duplicate(String),
     #[error("bad file name {name:?}: {why}")]
     BadName { name: String, why: &'static str },
+    #[error("invalid multi-rank checkpoint: {0}")]
+    World(String),
 }
 
 /// Checks that `name` is a safe relative path for a checkpoint file: no absolute path, no
@@ -305,6 +435,9 @@ impl Manifest {
                 return Err(ManifestError::Duplicate(f.name.clone()));
             }
         }
+        if let Some(n) = m.world_size {
+            check_world(n, &m.files)?;
+        }
         Ok(m)
     }
 }
@@ -418,6 +551,93 @@ mod tests {
         m.version = 99;
         let err = Manifest::decode(&m.encode()).unwrap_err();
         assert!(err.to_string().contains("upgrade ckpt"), "{err}");
+    }
+
+    fn world(n: Option<u32>, names: &[&str]) -> Vec<u8> {
+        let files = names
+            .iter()
+            .map(|n| FileEntry {
+                name: n.to_string(),
+                size: 0,
+                sum: 0,
+            })
+            .collect();
+        let mut m = Manifest::new(1, Some(3), "test", Algo::Crc32, files);
+        m.world_size = n;
+        m.encode()
+    }
+
+    #[test]
+    fn invalid_world_sizes_are_rejected() {
+        Manifest::decode(&world(Some(2), &["rank-00000/a", "rank-00001/a"])).unwrap();
+        Manifest::decode(&world(Some(1), &["rank-00000/a"])).unwrap();
+        for (n, names, why) in [
+            (0, &["rank-00000/a"][..], "world_size 0"),
+            (
+                2,
+                &["rank-00000/a", "rank-00002/a"],
+                "not below world_size 2",
+            ),
+            (
+                3,
+                &["rank-00000/a", "rank-00001/a", "rank-00001/b"],
+                "rank 2's shard is missing",
+            ),
+            (
+                2,
+                &["rank-00000/a", "rank-1/a"],
+                "not in a rank-NNNNN/ shard",
+            ),
+            (2, &["rank-00000/a", "other"], "not in a rank-NNNNN/ shard"),
+            (
+                2,
+                &["rank-00000/a", "rank-000001/a"],
+                "not in a rank-NNNNN/ shard",
+            ),
+            (
+                u32::MAX,
+                &["rank-00000/a"],
+                "every rank's shard holds at least one file",
+            ),
+        ] {
+            let err = Manifest::decode(&world(Some(n), names)).unwrap_err();
+            assert!(err.to_string().contains(why), "{n} {names:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_in_meta_are_rejected() {
+        let enc = |json: &str| {
+            let mut b = json.as_bytes().to_vec();
+            let sum = Algo::Crc32.checksum(&b);
+            b.extend_from_slice(format!("\ncrc32:{sum:08x}\n").as_bytes());
+            b
+        };
+        let head = r#"{"format":"ckpt","version":1,"seq":1,"created_ms":0,"writer":"t","checksum":"crc32","files":[]"#;
+        let ok = Manifest::decode(&enc(&format!(
+            r#"{head},"meta":{{"a":{{"b":1,"c":[{{"d":null}}]}}}}}}"#
+        )))
+        .unwrap();
+        assert_eq!(ok.meta["a"]["c"][0]["d"], serde_json::Value::Null);
+        for meta in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"a":{"b":1,"b":1}}"#,
+            r#"{"x":[{"k":1,"k":2}]}"#,
+        ] {
+            let err = Manifest::decode(&enc(&format!(r#"{head},"meta":{meta}}}"#))).unwrap_err();
+            assert!(err.to_string().contains("duplicate key"), "{meta}: {err}");
+        }
+        // Nesting: 127 levels in all (the top-level object is the first) are accepted, 128 not.
+        let nest = |depth: usize| {
+            let inner = depth - 2; // the top-level object and meta's object
+            format!(
+                r#"{head},"meta":{{"a":{}{}}}}}"#,
+                "[".repeat(inner),
+                "]".repeat(inner)
+            )
+        };
+        Manifest::decode(&enc(&nest(127))).unwrap();
+        assert!(Manifest::decode(&enc(&nest(128))).is_err());
     }
 
     #[test]

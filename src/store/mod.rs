@@ -223,7 +223,8 @@ impl Store {
     /// entries went. Safe while other writers are saving: a live writer's staging stays.
     pub fn clean_leftovers(&self) -> Result<usize> {
         let mut n = 0;
-        // Save rounds of multi-rank jobs are named `<epoch>.<supervisor pid>` (docs/multi-rank.md).
+        // A multi-rank launch's rounds are in `<epoch>`, whose text after the last dot is the
+        // supervisor's pid, or 0 without one (docs/multi-rank.md, "Files of a launch").
         for sub in ["staging", "trash", "rounds"] {
             let d = self.private().join(sub);
             // Never list (and delete in) a symlink planted in place of our own directory.

@@ -14,16 +14,17 @@
         if ck.should_stop():
             sys.exit(0)
 
-In a multi-process job (torchrun, srun, mpirun: ``docs/multi-rank.md``) the same code runs on
-every rank; pass the step to ``should_checkpoint(step=step)``: the ranks agree on one step,
-each saves its shard, the checkpoint is published once all shards are durable, and
-``restore()`` / ``restore_dir()`` give each rank its own shard.
+In a multi-process job (torchrun, srun, mpirun: ``docs/multi-rank.md``) the same code runs
+unchanged on every rank: the ranks agree on one point of the loop (the count of
+``should_checkpoint()`` calls, or the step when one is given), each saves its shard, the
+checkpoint is published once all shards are durable, and ``restore()`` / ``restore_dir()`` give
+each rank its own shard (``restore(reshard=fn)`` for a checkpoint of another world size).
 
 The protocol and the on-disk format are specified in ``docs/protocol.md``.
 """
 
 from ._crc import crc32c_accelerated
-from .client import DEFAULT_DIR, STATE_FILE, Checkpointer, RestorePoint, Saved, __version__
+from .client import DEFAULT_DIR, STATE_FILE, Checkpointer, OldShards, RestorePoint, Saved, __version__
 from .errors import CkptError, EnvError, InvalidCheckpoint, ManifestError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, check_name
 from .multi_rank import World, shard_name
@@ -31,6 +32,7 @@ from .store import Stage, Store, parse_seq, read_manifest, verify_path
 
 __all__ = [
     "Checkpointer",
+    "OldShards",
     "RestorePoint",
     "Saved",
     "World",

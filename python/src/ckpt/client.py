@@ -20,17 +20,17 @@ import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from . import protocol as P
 from ._crc import ALGOS, default_algo
 from ._stopwatch import StopWatch
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
-from .multi_rank import ENV_RESHARD, MultiRank, World, check_world, epoch_from_env, shard_name
+from .multi_rank import ENV_RESHARD, SHARD_ALGO, MultiRank, World, epoch_from_env, shard_name, world_refusal
 from .store import PathLike, Stage, Store, read_manifest, read_member
 
-__all__ = ["Checkpointer", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
+__all__ = ["Checkpointer", "OldShards", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -58,6 +58,52 @@ class RestorePoint:
     def step(self) -> Optional[int]:
         """The step recorded in its manifest, if any."""
         return self.manifest.step
+
+
+class OldShards:
+    """Read access to every shard of a checkpoint saved with another world size, handed to the
+    reshard hook of :meth:`Checkpointer.restore`. Every read is verified against the manifest
+    (size and checksum). A single-process checkpoint is one shard, rank 0, at its top level."""
+
+    def __init__(self, ck: "Checkpointer", rp: "RestorePoint") -> None:
+        self._ck = ck
+        #: The checkpoint being resharded.
+        self.restore_point = rp
+        #: The number of ranks that saved it.
+        self.world_size: int = rp.manifest.world_size or 1
+        #: This job's rank and number of ranks.
+        self.rank = ck.rank
+        self.new_world_size = ck.world_size
+        #: The step recorded in the checkpoint.
+        self.step = rp.step
+
+    def _prefix(self, rank: int) -> str:
+        if not 0 <= rank < self.world_size:
+            raise CkptError(f"rank {rank} is not a shard of {self.restore_point.path} (world size {self.world_size})")
+        return f"{shard_name(rank)}/" if self.restore_point.manifest.world_size is not None else ""
+
+    def names(self, rank: int) -> List[str]:
+        """The files of old rank ``rank``'s shard (names inside the shard)."""
+        pre = self._prefix(rank)
+        return [f.name[len(pre):] for f in self.restore_point.manifest.files if f.name.startswith(pre)]
+
+    def dir(self, rank: int) -> Path:
+        """The directory of old rank ``rank``'s shard (verified when the checkpoint was chosen;
+        prefer :meth:`read`, which re-checks what it reads)."""
+        pre = self._prefix(rank)
+        return self.restore_point.path / pre.rstrip("/") if pre else self.restore_point.path
+
+    def read(self, rank: int, name: str) -> bytes:
+        """File ``name`` of old rank ``rank``'s shard, verified."""
+        return self._ck._read_listed(self._prefix(rank) + name)
+
+    def load(self, rank: int) -> Any:
+        """The object old rank ``rank`` saved with :meth:`Checkpointer.save` (unpickled)."""
+        return pickle.loads(self.read(rank, STATE_FILE))
+
+    def __repr__(self) -> str:
+        return (f"OldShards({self.restore_point.path}, world_size={self.world_size} -> "
+                f"{self.new_world_size}, rank={self.rank})")
 
 
 @dataclass(frozen=True)
@@ -103,7 +149,8 @@ class Checkpointer:
             retention under a supervisor).
         checksum: ``"crc32"`` or ``"crc32c"``; default ``crc32c`` when a C implementation
             (``google_crc32c`` or ``crc32c``) is importable, else ``crc32`` (``zlib``). In a
-            multi-rank job the default is always ``crc32c``: every rank (Python or Rust) must
+            multi-rank job the default is always ``crc32`` (``zlib``, C speed with the standard
+            library alone), as in the Rust client: every rank of a job (Python or Rust) must
             write the same algorithm, whatever is installed on its node.
         world: the rank and world size of a multi-process job; default from the launcher's
             environment (``CKPT_RANK``/``CKPT_WORLD_SIZE``, torchrun's ``RANK``/``WORLD_SIZE``,
@@ -134,6 +181,13 @@ class Checkpointer:
         self._handlers_installed = False
         self._old: Dict[int, Any] = {}
         self._step: Optional[int] = None
+        # Multi-rank position (docs/multi-rank.md, "Which step"): should_checkpoint() calls
+        # since the restore, counted from the restored checkpoint's step; a step given
+        # explicitly (to should_checkpoint or progress) wins.
+        self._calls = 0
+        self._base = 0
+        self._explicit: Optional[int] = None
+        self._pos: Optional[int] = None
         self._last_beat: Optional[float] = None
         self._last_save = time.monotonic()
         self.last_saved: Optional[Saved] = None
@@ -153,7 +207,7 @@ class Checkpointer:
             world = World.from_env()
         multi = world is not None and world.size > 1
         if checksum is None:
-            checksum = "crc32c" if multi else default_algo()
+            checksum = SHARD_ALGO if multi else default_algo()
         if checksum not in ALGOS:
             raise CkptError(f"checksum {checksum!r} is not one of {ALGOS}")
         self._algo = checksum
@@ -200,7 +254,13 @@ class Checkpointer:
         try:
             self._restore = self._find_restore()
             if self._restore is not None:
-                check_world(self._restore.manifest, self._restore.path, world.size if world else 1, self._reshard)
+                self._base = self._restore.manifest.step or 0
+                if not self._reshard:
+                    # Another world size: refused at the first read, unless restore() is given
+                    # a reshard hook (docs/multi-rank.md, "Restore with another world size").
+                    self._refusal = world_refusal(
+                        self._restore.manifest, self._restore.path, world.size if world else 1
+                    )
             if multi and not self._passive:
                 assert world is not None
                 self._multi = MultiRank(self._store, world, epoch_from_env())
@@ -302,6 +362,9 @@ class Checkpointer:
         self.close()
 
     def _leave(self) -> None:
+        if os.getpid() == self._pid:
+            # A save in flight completes before the rank leaves (or the process exits).
+            self.wait_pending()
         m = self._multi
         if m is not None and os.getpid() == self._pid:
             self._multi = None
@@ -382,6 +445,12 @@ class Checkpointer:
         """Names map to this rank's shard (``rank-NNNNN/<name>``)."""
         return self._world is not None and self._world.size > 1 and not self._reshard
 
+    _refusal: Optional[CkptError] = None
+
+    def _refuse_other_world(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+
     def restore_dir(self) -> Optional[Path]:
         """The directory of the checkpoint to resume from (``None`` on a fresh start), for files
         the job wrote itself: ``torch.load(ck.restore_dir() / "model.pt")``. Verified when it
@@ -390,6 +459,7 @@ class Checkpointer:
         whole checkpoint, one ``rank-NNNNN`` directory per saving rank)."""
         if self._restore is None:
             return None
+        self._refuse_other_world()
         if self._sharded():
             assert self._world is not None
             return self._restore.path / self._world.shard_dir
@@ -398,6 +468,7 @@ class Checkpointer:
     def read_file(self, name: str) -> bytes:
         """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
         size and checksum (in a multi-rank job: of this rank's own shard)."""
+        self._refuse_other_world()
         if self._sharded():
             assert self._world is not None
             name = f"{self._world.shard_dir}/{name}"
@@ -422,13 +493,23 @@ class Checkpointer:
         except InvalidCheckpoint as e:
             raise e.at(str(r.path)) from None
 
-    def restore(self, default: Any = None) -> Any:
+    def restore(self, default: Any = None, *, reshard: "Optional[Callable[[OldShards], Any]]" = None) -> Any:
         """The object last saved with :meth:`save` (unpickled), or ``default`` (``None``) on a
         fresh start. The bytes are verified before they are unpickled. Like any pickle, only load
-        checkpoints you (or your job) wrote."""
+        checkpoints you (or your job) wrote.
+
+        ``reshard``: called when the checkpoint was saved by a job of another world size, with
+        an :class:`OldShards` (read access to every old shard: ``load(rank)``, ``read(rank,
+        name)``, ``names(rank)``, ``world_size``); what it returns is this rank's state. Without
+        it such a checkpoint is refused, naming both sizes (docs/multi-rank.md, "Restore with
+        another world size")."""
         r = self._restore
         if r is None:
             return default
+        if self._refusal is not None:
+            if reshard is None:
+                raise self._refusal
+            return reshard(OldShards(self, r))
         own = f"{self._world.shard_dir}/{STATE_FILE}" if self._sharded() and self._world else STATE_FILE
         if r.manifest.file(own) is None:
             have = ", ".join(f.name for f in r.manifest.files) or "no files"
@@ -447,8 +528,10 @@ class Checkpointer:
         self._channel.send({"type": "progress", "v": P.PROTOCOL_VERSION, "pid": self._pid, "step": self._step})
 
     def progress(self, step: int) -> None:
-        """Tells the supervisor the job is at ``step`` (also a heartbeat)."""
+        """Tells the supervisor the job is at ``step`` (also a heartbeat). In a multi-rank job
+        the next :meth:`should_checkpoint` uses it as this rank's position."""
         self._step = step
+        self._explicit = step
         if self._original():
             self._last_beat = time.monotonic()
             self._progress_msg()
@@ -458,14 +541,21 @@ class Checkpointer:
         standalone ``every``). Cheap: call it at every safe point. Also a heartbeat (a progress
         message at most once a second). Always false in a forked child.
 
-        ``step``: the step just completed (recorded as by :meth:`progress`). A multi-rank job
-        must give it (here or with :meth:`progress`): the ranks turn a request into one agreed
-        step, and this is true on every rank at that step only."""
+        ``step``: the step just completed (recorded as by :meth:`progress`). In a multi-rank
+        job the ranks turn a request into one agreed position, and this is true on every rank
+        there only: the position is ``step`` when given (here or by :meth:`progress` since the
+        previous call), else the number of calls since the restore, counted from the restored
+        checkpoint's step (docs/multi-rank.md, "Which step"): the same on every rank of an SPMD
+        loop, so the single-process pattern works unchanged."""
         if step is not None:
             self._step = step
         if not self._original():
             return False
         self._watch.touch()
+        self._calls += 1
+        explicit = step if step is not None else self._explicit
+        self._explicit = None
+        self._pos = explicit if explicit is not None else self._base + self._calls
         now = time.monotonic()
         if self._last_beat is None or now - self._last_beat >= _HEARTBEAT_S:
             self._last_beat = now
@@ -479,13 +569,12 @@ class Checkpointer:
         m = self._multi
         if m is None:
             return want
-        if self._step is None:
-            raise CkptError(
-                "a multi-rank job must say which step it completed: should_checkpoint(step=...) "
-                "(or progress(step)); the ranks agree on the step to save"
-            )
+        if self.save_pending():
+            # The background save owns the rounds until it returns (docs/multi-rank.md,
+            # "Asynchronous saves"); the position still counted this call.
+            return False
         try:
-            return m.poll(want, stop, self._step)
+            return m.poll(want, stop, self._pos)
         except (CkptError, OSError) as e:
             print(f"ckpt: warning: {e}", file=sys.stderr)
             return False
@@ -493,15 +582,25 @@ class Checkpointer:
     def should_stop(self) -> bool:
         """True once the supervisor (or anyone, with SIGTERM) asked the job to stop. Save first if
         :meth:`should_checkpoint` says so, then exit with status 0. In a multi-rank job all
-        ranks stop together: after the save round that agreed to stop has published."""
+        ranks stop together: after the save round that agreed to stop has published, so a rank
+        never exits before the stop checkpoint holds every shard. When it returns true, an
+        asynchronous save in flight has finished (it waits for it)."""
         if not self._original():
             return False
         self._watch.touch()
+        if self.save_pending() and (self._stop or self._bg_stop):
+            # The save in flight may carry the stop: know its outcome first.
+            self.wait_pending()
         if self._world is not None and self._world.size > 1:
             m = self._multi or self._left
             # Once a rank left the launch no round can publish: a rank asked to stop just stops.
-            return m is not None and (m.stop_agreed or (m.rank_left and self._stop))
-        return self._stop
+            stop = m is not None and (m.stop_agreed or (m.rank_left and self._stop))
+        else:
+            stop = self._stop
+        if stop:
+            # A job exits when this is true: never with a save in flight.
+            self.wait_pending()
+        return stop
 
     def request_checkpoint(self) -> None:
         """Makes the next :meth:`should_checkpoint` true, as the request signal does."""
@@ -512,9 +611,7 @@ class Checkpointer:
     def save(self, state: Any, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> Saved:
         """Pickles ``state`` into ``state.pickle`` as a new checkpoint; returns once it is
         durable (and the supervisor was told)."""
-        with self.saving(step, meta=meta) as d:
-            stage = self._stage
-            assert stage is not None and stage.path == d
+        with self._saving(step, meta, self._begin()) as stage:
             with stage.open(STATE_FILE) as f:
                 pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
         assert self.last_saved is not None
@@ -530,19 +627,95 @@ class Checkpointer:
         ``d`` is an empty private directory; when the block ends, every file in it (and in its
         sub-directories) is checksummed, made durable and published as one checkpoint. If the
         block raises, nothing is published. The result is in :attr:`last_saved`."""
+        with self._saving(step, meta, self._begin()) as stage:
+            yield stage.path
+
+    def save_async(self, state: Any, step: Optional[int] = None, *, meta: Optional[Dict[str, Any]] = None) -> None:
+        """:meth:`save` in the background: blocks only while ``state`` is pickled into memory
+        (a copy: the job may change ``state`` as soon as this returns); writing, fsync and
+        publishing (in a multi-rank job: the whole shard commit, waiting for the other ranks)
+        run on a background thread. A save still in flight is waited for first; so are
+        :meth:`save`, :meth:`should_stop` when it is about to return true, :meth:`close` and
+        the interpreter's exit: a job that exits when told to never loses a save in flight.
+        :meth:`wait` returns the outcome. While it runs, :meth:`should_checkpoint` is false
+        (the calls still count for the position)."""
+        self.wait_pending()
+        begin = self._begin()
+        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        blocked = time.monotonic() - begin.started
+        m = self._multi
+        # The round of this save agreed to stop: should_stop() waits for it.
+        self._bg_stop = bool(m is not None and m.joined is not None and m.joined.target is not None
+                             and m.joined.target.stop)
+
+        def run() -> None:
+            try:
+                with self._saving(step, meta, begin, blocked) as stage:
+                    stage.write_file(STATE_FILE, data)
+                self._bg_outcome = self.last_saved
+            except BaseException as e:  # noqa: BLE001 - handed to wait()
+                self._bg_outcome = e
+
+        self._bg_outcome = None
+        t = threading.Thread(target=run, name="ckpt-save")
+        self._bg = t
+        t.start()
+
+    def save_pending(self) -> bool:
+        """Whether an asynchronous save is still being written."""
+        t = self._bg
+        return t is not None and t.is_alive()
+
+    def wait_pending(self) -> None:
+        """Waits for the asynchronous save in flight, if any (its outcome stays for :meth:`wait`)."""
+        t = self._bg
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def wait(self) -> Optional[Saved]:
+        """Waits for the asynchronous save in flight (if any) and returns its outcome: the
+        :class:`Saved`, or raises its error; ``None`` if no asynchronous save was made since
+        the last ``wait``."""
+        self.wait_pending()
+        out, self._bg_outcome, self._bg = self._bg_outcome, None, None
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    @dataclass
+    class _Begin:
+        started: float
+        stopping: bool
+        pos: int
+
+    def _begin(self) -> "Checkpointer._Begin":
+        """The state a save starts from, taken by the job's thread when it asks for the save:
+        the time, whether a stop was asked, this rank's position; the request is consumed."""
         if not self._original():
             raise CkptError(
                 "save called in a forked child process or multiprocessing worker; only the "
                 "process that created the Checkpointer saves"
             )
+        # Saves publish in order: one in flight finishes first.
+        self.wait_pending()
+        pos = self._explicit if self._explicit is not None else self._pos
+        if pos is None:
+            pos = self._base + self._calls
+        b = Checkpointer._Begin(time.monotonic(), self._stop, pos)
+        self._request = False
+        return b
+
+    @contextlib.contextmanager
+    def _saving(
+        self, step: Optional[int], meta: Optional[Dict[str, Any]], begin: "Checkpointer._Begin",
+        blocked: Optional[float] = None,
+    ) -> Iterator[Stage]:
         if meta is not None and not isinstance(meta, dict):
             raise CkptError("meta must be a dict of JSON values")
         with self._lock, self._busy():
             if step is not None:
                 self._step = step
-            started = time.monotonic()
-            stopping = self._stop
-            self._request = False
+            stopping = begin.stopping
             stage: Optional[Stage] = None
             multi = self._multi
             if multi is None and self._world is not None and self._world.size > 1:
@@ -551,46 +724,42 @@ class Checkpointer:
                 raise CkptError("meta is not supported in a multi-rank save (the ranks write one manifest)")
             try:
                 stage = Stage(self._store, self._algo)
-                self._stage = stage
-                yield stage.path
+                yield stage
                 if multi is not None:
                     # This rank's shard; published once every rank's shard is durable.
-                    m = multi.commit_shard(
-                        stage, self._step if step is None else step, stopping and not self._stop_saved, WRITER
-                    )
+                    m = multi.commit_shard(stage, step, begin.pos, stopping and not self._stop_saved, WRITER)
                 else:
                     m = stage.commit(self._step if step is None else step, WRITER, meta)
             except BaseException as e:
                 if stage is not None:
                     stage.abort()
-                self._stage = None
                 self._channel.send(
                     {"type": "save_failed", "v": P.PROTOCOL_VERSION, "pid": self._pid, "error": str(e)[:4096]}
                 )
                 raise
-            self._stage = None
             now = time.monotonic()
             self._last_save = now
             if multi is not None:
                 stopping = multi.stop_agreed
             if stopping:
                 self._stop_saved = True
-            saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - started)
+            saved = Saved(m.seq, self._store.path_of(m.seq), m.step, m.total_bytes, now - begin.started)
             self.last_saved = saved
             if multi is not None and not multi.published_last:
                 # In a multi-rank job only the rank that published reports and prunes.
                 return
-            self._channel.send(
-                {
-                    "type": "committed",
-                    "v": P.PROTOCOL_VERSION,
-                    "pid": self._pid,
-                    "seq": m.seq,
-                    "step": m.step,
-                    "bytes": m.total_bytes,
-                    "duration_ms": int(saved.duration * 1000),
-                }
-            )
+            msg: Dict[str, Any] = {
+                "type": "committed",
+                "v": P.PROTOCOL_VERSION,
+                "pid": self._pid,
+                "seq": m.seq,
+                "step": m.step,
+                "bytes": m.total_bytes,
+                "duration_ms": int(saved.duration * 1000),
+            }
+            if blocked is not None:
+                msg["blocked_ms"] = int(blocked * 1000)
+            self._channel.send(msg)
             if self._keep is not None and not self._supervised:
                 try:
                     self._store.prune(self._keep, protect=(m.seq,))
@@ -609,6 +778,10 @@ class Checkpointer:
         finally:
             self._watch.busy -= 1
             self._watch.touch()
+
+    _bg: Optional[threading.Thread] = None
+    _bg_outcome: "Optional[Union[Saved, BaseException]]" = None
+    _bg_stop = False
 
 
 def _ignore_at_exit(ref: "weakref.ref[Checkpointer]", signum: int, pid: int) -> None:

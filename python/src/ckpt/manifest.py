@@ -178,6 +178,58 @@ def _no_dup_keys(pairs: "list[tuple[str, Any]]") -> Dict[str, Any]:
     return out
 
 
+#: Deepest JSON nesting a manifest may have: 127 levels, the top-level object being the first
+#: (serde_json's limit in the Rust reader; docs/protocol.md section 7).
+MAX_NESTING = 127
+
+
+def _depth(obj: Any) -> int:
+    """The nesting depth of parsed JSON (an object or array counts one level), iteratively."""
+    deepest = 0
+    todo = [(obj, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict):
+            items: Any = v.values()
+        elif isinstance(v, list):
+            items = v
+        else:
+            continue
+        deepest = max(deepest, d)
+        if d <= MAX_NESTING:
+            todo.extend((x, d + 1) for x in items)
+    return deepest
+
+
+def check_world(world_size: int, files: "List[FileEntry]") -> None:
+    """A multi-rank manifest's ``world_size`` against its files (as the Rust reader): at least
+    1; every file named ``rank-<r, 5 digits or more>/<name>`` with ``r`` below it; every rank
+    with at least one file (docs/multi-rank.md, "Checkpoint layout")."""
+
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"invalid multi-rank checkpoint: {why}")
+
+    if world_size == 0:
+        raise bad("world_size 0: a checkpoint has at least one rank")
+    if world_size > len(files):
+        raise bad(f"world_size {world_size} but {len(files)} file(s): every rank's shard holds at least one file")
+    seen = [False] * world_size
+    for f in files:
+        m = _RANK_DIR.match(f.name)
+        if m is None or f"{int(m.group(1)):05d}" != m.group(1) or int(m.group(1)) > 0xFFFFFFFF:
+            raise bad(f"file {f.name!r} is not in a rank-NNNNN/ shard")
+        r = int(m.group(1))
+        if r >= world_size:
+            raise bad(f"file {f.name!r} belongs to rank {r}, not below world_size {world_size}")
+        seen[r] = True
+    for r, ok in enumerate(seen):
+        if not ok:
+            raise bad(f"rank {r}'s shard is missing (no file rank-{r:05d}/...; world_size {world_size})")
+
+
+_RANK_DIR = re.compile(r"rank-([0-9]{5,})/")
+
+
 def _reject_constant(c: str) -> Any:
     raise ManifestError(f"manifest is not valid JSON of the expected shape: {c} is not JSON")
 
@@ -227,6 +279,8 @@ def _decode(data: bytes) -> Manifest:
         raise _shape(str(e)) from None
     if not isinstance(obj, dict):
         raise _shape("not a JSON object")
+    if _depth(obj) > MAX_NESTING:
+        raise _shape(f"nested more than {MAX_NESTING} levels deep")
     for k in ("format", "version"):
         if k not in obj:
             raise _shape(f"missing field `{k}`")
@@ -284,6 +338,8 @@ def _decode(data: bytes) -> Manifest:
         if f.name in seen:
             raise ManifestError(f"manifest lists file {f.name!r} twice")
         seen.add(f.name)
+    if world_size is not None:
+        check_world(world_size, files)
     return Manifest(
         seq=obj["seq"],
         created_ms=obj["created_ms"],

@@ -48,6 +48,7 @@ __all__ = [
     "check_world",
     "epoch_from_env",
     "MultiRank",
+    "SHARD_ALGO",
 ]
 
 #: Explicit rank (wins over every launcher's variables).
@@ -61,10 +62,15 @@ ENV_RUN_ID = "CKPT_RUN_ID"
 #: ``1``: restoring a checkpoint saved with another world size is allowed; the job reads the
 #: whole checkpoint itself (:meth:`Checkpointer.read_shard_file`) and reshards.
 ENV_RESHARD = "CKPT_RESHARD"
-#: Seconds a rank waits for the other ranks in a save round before abandoning it (300).
+#: How long a rank waits for the other ranks in a save round before abandoning it: seconds, or a
+#: number with ``ms``, ``s`` or ``m`` (:func:`parse_round_timeout`); default 300 s.
 ENV_ROUND_TIMEOUT = "CKPT_ROUND_TIMEOUT"
 #: Steps a rank may still run after proposing before it must know the agreed step (0).
 ENV_ROUND_LOOKAHEAD = "CKPT_ROUND_LOOKAHEAD"
+
+#: The checksum of every shard of a multi-rank checkpoint, whichever client writes it (as the
+#: Rust client's ``SHARD_ALGO``): CRC-32 via ``zlib``, at C speed with the standard library alone.
+SHARD_ALGO = "crc32"
 
 #: How often a rank without a request of its own looks for a round started by another rank.
 POLL_S = 0.1
@@ -137,17 +143,25 @@ def shard_name(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
-def check_world(manifest: Manifest, path: "os.PathLike[str] | str", size: int, reshard: bool) -> None:
-    """Refuses a restore checkpoint saved with another world size (unless resharding)."""
+def world_refusal(manifest: Manifest, path: "os.PathLike[str] | str", size: int) -> Optional[CkptError]:
+    """The refusal of a restore checkpoint saved with another world size (naming both), or
+    ``None`` when the sizes agree."""
     saved = manifest.world_size if manifest.world_size is not None else 1
-    if saved == size or reshard:
-        return
-    raise CkptError(
+    if saved == size:
+        return None
+    return CkptError(
         f"cannot restore {os.fspath(path)}: it was saved by a job of {saved} rank(s), this job runs with "
         f"{size} rank(s); ckpt restores a checkpoint only with the world size that saved it; hint: run "
-        f"with {saved} rank(s), or set {ENV_RESHARD}=1 and reshard it yourself (read every shard with "
-        "read_shard_file)"
+        f"with {saved} rank(s), or reshard it: restore(reshard=fn) calls fn with read access to every "
+        f"shard (or set {ENV_RESHARD}=1 and read them with read_shard_file)"
     )
+
+
+def check_world(manifest: Manifest, path: "os.PathLike[str] | str", size: int, reshard: bool) -> None:
+    """Refuses a restore checkpoint saved with another world size (unless resharding)."""
+    e = world_refusal(manifest, path, size)
+    if e is not None and not reshard:
+        raise e
 
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_-]")
@@ -212,16 +226,33 @@ def _real_dir(path: Path) -> None:
         )
 
 
+_TIMEOUT = re.compile(r"\s*([0-9]*\.?[0-9]*)\s*(ms|s|m)?\s*")
+
+
+def parse_round_timeout(v: str) -> Optional[float]:
+    """``CKPT_ROUND_TIMEOUT`` in seconds: a positive number of seconds (``300``, ``2.5``), or a
+    number followed by ``ms``, ``s`` or ``m`` (``500ms``, ``2s``, ``5m``), as in the Rust client;
+    ``None`` when invalid."""
+    m = _TIMEOUT.fullmatch(v)
+    if m is None or not any(c.isdigit() for c in m.group(1)):
+        return None
+    try:
+        t = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    except ValueError:
+        return None
+    return t if 0 < t < 1e9 else None
+
+
 def _env_timeout() -> float:
     v = P.env(ENV_ROUND_TIMEOUT)
     if v is None:
         return 300.0
-    try:
-        t = float(v)
-    except ValueError:
-        t = -1.0
-    if not (t > 0 and t != float("inf")):
-        raise EnvError(f"environment variable {ENV_ROUND_TIMEOUT}={v!r} is invalid: not a positive number of seconds")
+    t = parse_round_timeout(v)
+    if t is None:
+        raise EnvError(
+            f"environment variable {ENV_ROUND_TIMEOUT}={v!r} is invalid: not a positive duration: seconds "
+            "(`300`, `2.5`) or a number with `ms`, `s` or `m` (`500ms`, `2s`, `5m`)"
+        )
     return t
 
 
@@ -232,6 +263,14 @@ def _env_lookahead() -> int:
     if not (v.isascii() and v.isdigit()):
         raise EnvError(f"environment variable {ENV_ROUND_LOOKAHEAD}={v!r} is invalid: not a whole number of steps")
     return int(v)
+
+
+def _pause(waited: float) -> float:
+    """How long a rank sleeps between two looks at the round while it waits for the other
+    ranks: a tenth of the time it has waited so far, between 0.5 ms and 20 ms. A wait thus
+    overshoots by at most about 10 % (plus 0.5 ms), and a long wait costs one look every 20 ms
+    (a few ``stat`` calls; docs/multi-rank.md, "Waiting")."""
+    return min(max(waited / 10, 0.0005), 0.02)
 
 
 @dataclass
@@ -284,6 +323,8 @@ class MultiRank:
         self.published_last = False
         #: Some rank of this launch left (``<epoch>/left`` exists): no round can complete.
         self.rank_left = False
+        #: The last :meth:`poll` returned true: this rank is at the agreed position of its round.
+        self.at_target = False
 
     def __repr__(self) -> str:
         return f"MultiRank(world={self.world}, dir={str(self.dir)!r}, round={self.k})"
@@ -304,8 +345,9 @@ class MultiRank:
 
     def poll(self, want: bool, stop: bool, step: int) -> bool:
         """The safe-point decision. ``want``: this rank has a request of its own; ``stop``: it
-        was asked to stop; ``step``: the step just completed. True exactly at the agreed step of
-        the round this rank is in."""
+        was asked to stop; ``step``: this rank's position, the step just completed (the explicit
+        step, or the count of ``should_checkpoint`` calls: docs/multi-rank.md, "Which step").
+        True exactly at the agreed position of the round this rank is in."""
         if self.joined is None:
             now = time.monotonic()
             if not want and self.last_poll is not None and now - self.last_poll < POLL_S:
@@ -343,7 +385,8 @@ class MultiRank:
                 f"rank {self.world.rank} is at step {step}, past the agreed step {t.step}; the save round "
                 f"was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)"
             )
-        return step == t.step
+        self.at_target = step == t.step
+        return self.at_target
 
     def _join(self, proposal: int, stop: bool, want: bool) -> bool:
         """Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -413,7 +456,6 @@ class MultiRank:
     def _wait_target(self) -> object:
         """Waits for every rank's proposal; abandons the round after the timeout."""
         start = time.monotonic()
-        pause = 0.001
         while True:
             s = self._state(self.k)
             if s == _OPEN and time.monotonic() - start >= self.timeout:
@@ -426,8 +468,7 @@ class MultiRank:
                 return _ABORTED
             if s != _OPEN:
                 return s
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            time.sleep(_pause(time.monotonic() - start))
 
     def _abort(self, k: int) -> None:
         """Abandons round ``k``: the stage (and every shard in it) goes, ``aborted`` records it.
@@ -468,6 +509,7 @@ class MultiRank:
 
     def _conclude(self) -> None:
         self.joined = None
+        self.at_target = False
         self.k += 1
         self.last_poll = None
 
@@ -478,19 +520,19 @@ class MultiRank:
             f"save round {k} of {self.dir} was abandoned ({why}): no checkpoint was published, the shards were removed"
         )
 
-    def commit_shard(self, stage: Stage, step: Optional[int], stop: bool, writer: str) -> Manifest:
+    def commit_shard(self, stage: Stage, step: Optional[int], pos: int, stop: bool, writer: str) -> Manifest:
         """Saves this rank's shard: ``stage`` (filled by the job) becomes ``rank-NNNNN/`` of the
-        round's checkpoint. Returns the published manifest once every shard is durable and the
-        checkpoint is visible; raises when the round was abandoned."""
+        round's checkpoint. ``step``: the step the job gave to the save (recorded in the
+        manifest; ``None``: the agreed position); ``pos``: this rank's position (the last one
+        given to :meth:`poll`). Returns the published manifest once every shard is durable and
+        the checkpoint is visible; raises when the round was abandoned."""
         self.published_last = False
-        if step is None:
-            stage.abort()
-            raise CkptError(
-                "a multi-rank save needs the step (save(state, step=...), saving(step=...)): the ranks agree on it"
-            )
+        # Where this save is, when it is not the save should_checkpoint() asked for: the
+        # explicit step wins, else the position.
+        here = step if step is not None else pos
         if self.joined is None:
-            # An explicit save without a request: every rank must make it at the same step.
-            if not self._join(step, stop, True):
+            # A save without a request: every rank must make it at the same position.
+            if not self._join(here, stop, True):
                 stage.abort()
                 raise CkptError(
                     "no multi-rank checkpoint can be saved any more in this launch: a rank left it (its "
@@ -507,17 +549,20 @@ class MultiRank:
                 self._conclude()
                 raise self._abandoned(k, "not every rank proposed a step")
             t = s
-        if t.step != step:
+        if not self.at_target and t.step != here:
             stage.abort()
             self._abort(k)
             self._conclude()
             raise CkptError(
-                f"rank {self.world.rank} saved at step {step} but the ranks agreed on step {t.step} in save "
+                f"rank {self.world.rank} saved at step {here} but the ranks agreed on step {t.step} in save "
                 f"round {k}; the round was abandoned, nothing was published (hint: call save only when "
                 "should_checkpoint() says so, or at the same step on every rank)"
             )
+        # The manifest records the step the job gave (the publisher checks that every rank
+        # gave the same one), else the agreed position.
+        rec = Target(step if step is not None else t.step, t.stop)
         try:
-            m = self._write_shard(k, stage, t, writer)
+            m = self._write_shard(k, stage, rec, writer)
         finally:
             self._conclude()
         if t.stop:
@@ -537,6 +582,11 @@ class MultiRank:
         r = self.round(k)
         try:
             entries = self._seal(stage)
+            if not entries:
+                raise CkptError(
+                    f"rank {self.world.rank} saved an empty shard: every rank's shard must hold at least one "
+                    "file (a checkpoint without it would not verify); the save round was abandoned"
+                )
         except BaseException:
             stage.abort()
             self._abort(k)
@@ -590,7 +640,6 @@ class MultiRank:
             return m
         # Wait for the outcome.
         start = time.monotonic()
-        pause = 0.001
         gave_up = False
         while True:
             try:
@@ -609,7 +658,7 @@ class MultiRank:
                 except InvalidCheckpoint as e:
                     raise e.at(str(path)) from None
             if os.path.lexists(r / "aborted"):
-                raise self._abandoned(k, "a rank did not finish its shard in time")
+                raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if time.monotonic() - start >= self.timeout:
                 if gave_up:
                     raise self._abandoned(k, "its outcome is unknown: the publishing rank vanished")
@@ -621,8 +670,7 @@ class MultiRank:
                 self._abort(k)
                 gave_up = True
                 continue
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            time.sleep(_pause(time.monotonic() - start))
 
     def _publish(self, k: int, t: Target, writer: str) -> Manifest:
         """Writes the top-level manifest listing every shard's files and publishes the stage
@@ -644,7 +692,7 @@ class MultiRank:
             if d_rank != rank or d_step != t.step or (algo is not None and algo != d_algo):
                 raise CkptError(
                     f"shard record {p} does not match the round (rank {d_rank}, step {d_step}, checksum {d_algo}); "
-                    "hint: every rank must use the same checksum algorithm (crc32c by default)"
+                    f"hint: every rank must save with the same step and checksum algorithm ({SHARD_ALGO} by default)"
                 )
             algo = d_algo
             prefix = shard_name(rank)
@@ -653,7 +701,7 @@ class MultiRank:
             seq=0,
             created_ms=0,
             writer=writer,
-            checksum=algo or "crc32c",
+            checksum=algo or SHARD_ALGO,
             files=entries,
             step=t.step,
             world_size=self.world.size,

@@ -407,7 +407,16 @@ class Store:
         if len(all_) <= keep:
             return []
         trash = self.private / "trash"
-        os.makedirs(trash, mode=0o700, exist_ok=True)
+        try:
+            # Not recursive: a checkpoint directory that vanished is never re-created here.
+            os.mkdir(trash, 0o700)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(trash).st_mode):
+            raise CkptError(
+                f"{trash} is a symlink or not a directory; ckpt never follows links planted in the "
+                "checkpoint directory; hint: remove it"
+            )
         moved = []
         tagged = self.tagged()
         for seq, path in all_[: len(all_) - keep]:
@@ -420,7 +429,10 @@ class Store:
                 continue
             moved.append((seq, to))
         if moved:
+            # Both sides of the renames (docs/commit-protocol.md, "Retention"): once durable, a
+            # pruned checkpoint can never come back half deleted after a crash below.
             _fsync_path(self.dir, directory=True)
+            _fsync_path(trash, directory=True)
         for _, to in moved:
             _rmtree(to)
         return [s for s, _ in moved]

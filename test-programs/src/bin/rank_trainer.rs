@@ -6,6 +6,11 @@
 //!
 //! `rank_trainer --steps 400 --step-ms 2 --save-ms 20 --out DIR`
 //! `rank_trainer --reference --world 4 --steps 400`: prints the uninterrupted global digest.
+//!
+//! `--readme step|none`: the README's single-process loop unchanged, `if ck.should_checkpoint()`
+//! without a step (the ranks agree on the count of calls, `docs/multi-rank.md` "Which step"),
+//! then a save with the step (`step`) or without one (`none`: the manifest records the count,
+//! which equals the step here).
 use std::io::Write;
 use std::time::Duration;
 
@@ -62,6 +67,7 @@ fn main() {
     let save_ms = num("--save-ms", 0);
     let pad = num("--pad-kib", 0) as usize * 1024;
     let out = arg("--out").expect("--out DIR");
+    let readme = arg("--readme");
     let mut ck = match ckpt::Checkpointer::from_env() {
         Ok(ck) => ck,
         Err(e) => {
@@ -107,12 +113,20 @@ fn main() {
         step += 1;
         d = step_digest(d, rank, step);
         std::thread::sleep(Duration::from_millis(step_ms));
-        if ck.should_checkpoint_at(step) {
+        let asked = match readme.as_deref() {
+            Some(_) => ck.should_checkpoint(),
+            None => ck.should_checkpoint_at(step),
+        };
+        if asked {
             let mut b = Vec::with_capacity(24);
             b.extend_from_slice(&step.to_le_bytes());
             b.extend_from_slice(&d.to_le_bytes());
             b.extend_from_slice(&rank.to_le_bytes());
-            let r = ck.save_with(Some(step), |stage| {
+            let label = match readme.as_deref() {
+                Some("none") => None,
+                _ => Some(step),
+            };
+            let r = ck.save_with(label, |stage| {
                 stage.write_file("state.bin", &b)?;
                 if pad > 0 {
                     let v: Vec<u8> = (0..pad).map(|i| (i as u64 ^ d) as u8).collect();

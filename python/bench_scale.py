@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""The cost of one multi-rank save round against the number of ranks (docs/multi-rank.md,
+"Scale"). For each world size, that many Python ranks (one process each, on this machine,
+without a supervisor) save ``--rounds`` times a ``--kib`` KiB shard (``ck.save(blob,
+step=i)``: every save is one round), with the file-system calls of the ckpt client counted in
+each process (calls made through Python's ``os`` module, ``open`` and ``renameat2``):
+
+* files and directories created (``O_CREAT`` opens, ``mkdir``);
+* renames;
+* fsyncs;
+* lookups (``stat``/``lstat``, which ``os.path.lexists`` uses, ``listdir``/``scandir``) and
+  reads of small files (``open()`` for reading): the polling of other ranks' files;
+* wall time of a round, from the first rank's call to the last rank's return (checkpoint
+  published and known to every rank).
+
+Prints one table row per world size (per round: totals over all ranks, and per rank)::
+
+    PYTHONPATH=python/src python3 python/bench_scale.py --worlds 2,4,8,16,32,64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import builtins, json, os, sys, time
+counts = {"create": 0, "rename": 0, "fsync": 0, "lookup": 0, "read": 0}
+_open, _mkdir, _rename, _fsync, _lstat, _stat, _bopen = os.open, os.mkdir, os.rename, os.fsync, os.lstat, os.stat, builtins.open
+def o(path, flags, *a, **k):
+    # Opens without O_CREAT are the fsyncs' own (counted as fsyncs).
+    if flags & os.O_CREAT:
+        counts["create"] += 1
+    return _open(path, flags, *a, **k)
+def mk(*a, **k):
+    counts["create"] += 1
+    return _mkdir(*a, **k)
+def rn(*a, **k):
+    counts["rename"] += 1
+    return _rename(*a, **k)
+def fs(fd):
+    counts["fsync"] += 1
+    return _fsync(fd)
+def ls(*a, **k):
+    counts["lookup"] += 1
+    return _lstat(*a, **k)
+def st(*a, **k):
+    counts["lookup"] += 1
+    return _stat(*a, **k)
+def bo(file, mode="r", *a, **k):
+    if isinstance(file, (str, bytes, os.PathLike)) and "r" in mode and "+" not in mode:
+        counts["read"] += 1
+    return _bopen(file, mode, *a, **k)
+_listdir, _scandir = os.listdir, os.scandir
+def ld(*a, **k):
+    counts["lookup"] += 1
+    return _listdir(*a, **k)
+def sd(*a, **k):
+    counts["lookup"] += 1
+    return _scandir(*a, **k)
+os.open, os.mkdir, os.rename, os.fsync, os.lstat, os.stat, builtins.open = o, mk, rn, fs, ls, st, bo
+os.listdir, os.scandir = ld, sd
+import ckpt, ckpt.store, ckpt.multi_rank
+_rnr = ckpt.store.rename_noreplace
+def rnr(a, b):
+    # renameat2 through ctypes does not go through os.rename.
+    counts["rename"] += 1
+    return _rnr(a, b)
+ckpt.store.rename_noreplace = rnr
+ckpt.multi_rank.rename_noreplace = rnr
+kib, rounds, d = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+blob = os.urandom(kib << 10)
+ck = ckpt.Checkpointer(d)
+out = []
+for i in range(1, rounds + 1):
+    for k in counts:
+        counts[k] = 0
+    t0 = time.monotonic()
+    ck.save(blob, step=i)
+    out.append({"t0": t0, "t1": time.monotonic(), "published": ck._multi.published_last, **counts})
+ck.close()
+print(json.dumps(out))
+"""
+
+
+def run(world: int, kib: int, rounds: int) -> "list[list[dict]]":
+    with tempfile.TemporaryDirectory(prefix="ckpt-scale-") as d:
+        env = dict(os.environ)
+        for k in ("CKPT_SOCKET", "CKPT_DIR", "CKPT_RESTORE", "RANK", "WORLD_SIZE"):
+            env.pop(k, None)
+        env["CKPT_RUN_ID"] = f"scale-{world}-{time.monotonic_ns()}"
+        env["CKPT_ROUND_TIMEOUT"] = "120"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(kib), str(rounds), d],
+                env=dict(env, CKPT_RANK=str(r), CKPT_WORLD_SIZE=str(world)),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(world)
+        ]
+        outs = []
+        try:
+            for p in procs:
+                o, _ = p.communicate(timeout=900)
+                if p.returncode != 0:
+                    raise SystemExit(f"a rank failed ({p.returncode})")
+                outs.append(json.loads(o))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        return outs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", default="2,4,8,16,32,64")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--kib", type=int, default=4)
+    a = p.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpu(s), {a.rounds} rounds, {a.kib} KiB shards; "
+          "per round: median over rounds 2.. (round 1 includes start-up skew)")
+    print("| ranks | wall ms | created | renames | fsyncs | lookups | small reads | per rank: created, renames, fsyncs, lookups + reads |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for w in [int(x) for x in a.worlds.split(",")]:
+        outs = run(w, a.kib, a.rounds)
+        rows = []
+        for i in range(1, a.rounds):  # skip round 1: the ranks start at different times
+            rs = [o[i] for o in outs]
+            wall = max(r["t1"] for r in rs) - min(r["t0"] for r in rs)
+            tot = {k: sum(r[k] for r in rs) for k in ("create", "rename", "fsync", "lookup", "read")}
+            rows.append((wall, tot))
+        med = statistics.median
+        wall = med(r[0] for r in rows)
+        tot = {k: med(r[1][k] for r in rows) for k in rows[0][1]}
+        print(
+            f"| {w} | {wall * 1e3:.0f} | {tot['create']:.0f} | {tot['rename']:.0f} | {tot['fsync']:.0f} | "
+            f"{tot['lookup']:.0f} | {tot['read']:.0f} | {tot['create'] / w:.1f}, {tot['rename'] / w:.1f}, "
+            f"{tot['fsync'] / w:.1f}, {(tot['lookup'] + tot['read']) / w:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
