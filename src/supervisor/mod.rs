@@ -700,6 +700,8 @@ impl Run {
     fn act(&mut self, a: Action, queue: &mut VecDeque<Action>) -> Result<Option<i32>, Fatal> {
         match a {
             Action::Launch => {
+                // The directory may have been deleted since the last look.
+                self.check_dir();
                 // Every process of the previous launch is gone: a rank killed while writing
                 // its shard leaves a staging directory of a dead pid (docs/multi-rank.md).
                 if self.m.hist.restarts > 0 {
