@@ -1503,7 +1503,7 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        println!("{}: {summary}", verdict.to_uppercase());
+        println!("{}: {summary}", verdict.to_uppercase().replace('_', " "));
         if let Some(d) = &first {
             println!("  {}", d.message);
         }

@@ -1,0 +1,248 @@
+//! `ckpt check`: the real binary checks real jobs (the demo trainer, the `resumer` job with
+//! switchable resume bugs, shell jobs) by driving the real `ckpt run`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// `ckpt check` with its runs kept under `work`, the seed given, and `args` before `--`.
+fn check(work: &Path, seed: u64, args: &[&str], cmd: &[String]) -> std::process::Output {
+    let mut c = ckpt();
+    c.arg("check")
+        .arg("--work")
+        .arg(work)
+        .arg("--seed")
+        .arg(seed.to_string())
+        .args(args)
+        .arg("--")
+        .args(cmd);
+    let out = output_deadline(&mut c, DEADLINE);
+    eprintln!(
+        "stderr:\n{}\nstdout:\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    out
+}
+
+/// No process of any run's job survives.
+fn no_survivors(work: &Path) {
+    for e in std::fs::read_dir(work).unwrap().flatten() {
+        assert_no_survivors(&e.path().join("ckpt"));
+    }
+}
+
+fn resumer(extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        test_bin("resumer").display().to_string(),
+        "--steps".into(),
+        "150".into(),
+        "--step-ms".into(),
+        "3".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn deterministic_trainer_passes() {
+    let seed = seed("deterministic_trainer_passes");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let cmd: Vec<String> = vec![
+        test_bin("trainer").display().to_string(),
+        "--steps".into(),
+        "150".into(),
+        "--step-ms".into(),
+        "3".into(),
+        "--digest-file".into(),
+        "digest".into(),
+    ];
+    let out = check(&work, seed, &["--kills", "5", "--output", "digest"], &cmd);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("MATCH: all 5 interrupted runs"),
+        "{stdout}"
+    );
+    let stderr = text(&out.stderr);
+    // Every kind of interruption ran, and progress lines named them.
+    for kind in [
+        "mid-step",
+        "mid-save",
+        "after-commit",
+        "after-resume",
+        "stop",
+    ] {
+        assert!(
+            stderr.contains(&format!("-{kind}: ")),
+            "no {kind} run: {stderr}"
+        );
+    }
+    assert!(stderr.contains(&format!("seed {seed}")), "{stderr}");
+    // The resumed runs really resumed from a checkpoint.
+    let resumed = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            events(&e.path().join("ckpt"), "launch")
+                .iter()
+                .any(|l| !l["restore_seq"].is_null())
+        })
+        .count();
+    assert!(resumed >= 3, "only {resumed} runs resumed");
+    no_survivors(&work);
+}
+
+#[test]
+fn forgotten_rng_is_caught_with_the_element_index() {
+    let seed = seed("forgotten_rng_is_caught_with_the_element_index");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let out = check(
+        &work,
+        seed,
+        &["--kills", "3", "--output", "out/weights.npy", "--json"],
+        &resumer(&["--forget", "rng"]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+    assert_eq!(doc["verdict"], "differs");
+    assert_eq!(doc["exit_code"], 1);
+    assert_eq!(doc["seed"], seed);
+    assert_eq!(doc["kept"], true);
+    let d = &doc["first_difference"];
+    assert_eq!(d["file"], "out/weights.npy", "{d}");
+    assert_eq!(d["format"], "npy");
+    let idx = d["index"].as_array().expect("index");
+    assert_eq!(idx.len(), 1, "{d}");
+    assert!(idx[0].as_u64().unwrap() < 16, "{d}");
+    assert_ne!(d["expected"], d["actual"]);
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("dtype <f8 shape (16,)"),
+        "{d}"
+    );
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 5);
+    assert_eq!(runs[0]["result"], "reference");
+    assert_eq!(runs[1]["result"], "match");
+    // Every run that resumed differs; kept for inspection.
+    assert!(runs[2..].iter().any(|r| r["result"] == "differs"));
+    assert!(work.join("uninterrupted-1/job/out/weights.npy").exists());
+    no_survivors(&work);
+}
+
+#[test]
+fn forgotten_rng_in_the_final_checkpoint_is_caught() {
+    let seed = seed("forgotten_rng_in_the_final_checkpoint_is_caught");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let out = check(
+        &work,
+        seed,
+        &["--kills", "2"],
+        &resumer(&["--forget", "rng"]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("DIFFERS: "), "{stdout}");
+    // The checkpoint's members sort as summary.json, weights.npy: the JSON key is named.
+    assert!(
+        stdout.contains("checkpoint:summary.json: first difference at key $."),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("--seed {seed}")), "{stdout}");
+    no_survivors(&work);
+}
+
+#[test]
+fn nondeterministic_job_is_reported_as_such() {
+    let seed = seed("nondeterministic_job_is_reported_as_such");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let out = check(&work, seed, &["--json"], &resumer(&["--nondet"]));
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+    assert_eq!(doc["verdict"], "nondeterministic");
+    assert_eq!(doc["first_difference"]["key"], "$.time_ns");
+    assert_eq!(
+        doc["runs"].as_array().unwrap().len(),
+        2,
+        "no interrupted run"
+    );
+    no_survivors(&work);
+}
+
+#[test]
+fn a_job_killed_by_the_request_signal_is_reported() {
+    let seed = seed("a_job_killed_by_the_request_signal_is_reported");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    // A shell job that does not trap USR1: it dies of every request.
+    let cmd: Vec<String> = ["bash", "-c", "sleep 0.6; echo done > out"]
+        .map(String::from)
+        .to_vec();
+    let out = check(
+        &work,
+        seed,
+        &[
+            "--kills",
+            "1",
+            "--output",
+            "out",
+            "--run-opt=--signal=USR1",
+            "--run-opt=--max-failures=2",
+            "--json",
+        ],
+        &cmd,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+    let run = &doc["runs"][2];
+    assert_eq!(run["result"], "failed", "{run}");
+    let findings = run["findings"].as_array().unwrap();
+    assert!(
+        findings.iter().any(|f| f["kind"] == "request_unanswered"
+            && f["message"]
+                .as_str()
+                .unwrap()
+                .contains("signal 10 (SIGUSR1)")),
+        "{run}"
+    );
+    no_survivors(&work);
+}
+
+#[test]
+fn usage_errors_and_failing_jobs() {
+    let tmp = tempdir();
+    let out = output_deadline(
+        ckpt()
+            .args(["check", "--run-opt=--every=1s", "--", "true"])
+            .current_dir(tmp.path()),
+        DEADLINE,
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("use ckpt check --every"));
+    // A job that fails uninterrupted: nothing to check (3), the log tail is shown.
+    let work = tmp.path().join("w");
+    let out = check(&work, 1, &[], &["false".to_string()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stdout).starts_with("CANNOT CHECK: "));
+    // A job that writes nothing and saves nothing: nothing to compare (3).
+    let work = tmp.path().join("w2");
+    let out = check(&work, 1, &[], &["true".to_string()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stdout).contains("left no checkpoint"),
+        "{}",
+        text(&out.stdout)
+    );
+}
