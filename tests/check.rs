@@ -246,3 +246,58 @@ fn usage_errors_and_failing_jobs() {
         text(&out.stdout)
     );
 }
+
+/// `python3` with numpy, or `None` (the test is then skipped, saying so).
+fn python_with_numpy() -> Option<()> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: python3 with numpy is not available");
+    }
+    ok.then_some(())
+}
+
+#[test]
+fn python_pickled_state_is_compared_by_key_and_index() {
+    if python_with_numpy().is_none() {
+        return;
+    }
+    let seed = seed("python_pickled_state_is_compared_by_key_and_index");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempdir();
+    let run = |work: &Path, extra: &[&str]| {
+        let mut c = ckpt();
+        c.current_dir(root)
+            .env("PYTHONPATH", root.join("python/src"))
+            .args(["check", "--kills", "2", "--json", "--seed"])
+            .arg(seed.to_string())
+            .arg("--work")
+            .arg(work)
+            .args(["--output", "state.pickle", "--", "python3"])
+            // Relative to the caller's directory: ckpt check makes it absolute.
+            .arg("test-programs/python_trainer.py")
+            .args(["--steps", "120", "--step-ms", "3", "--dim", "8"])
+            .args(["--state-out", "state.pickle"])
+            .args(extra);
+        let out = output_deadline(&mut c, DEADLINE);
+        eprintln!("{}", text(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+        (out.status.code(), doc)
+    };
+    let work = tmp.path().join("good");
+    let (code, doc) = run(&work, &[]);
+    assert_eq!(code, Some(0), "{doc}");
+    assert_eq!(doc["verdict"], "match");
+    no_survivors(&work);
+    let work = tmp.path().join("bad");
+    let (code, doc) = run(&work, &["--forget", "rng"]);
+    assert_eq!(code, Some(1), "{doc}");
+    let d = &doc["first_difference"];
+    assert_eq!(d["format"], "pickle", "{d}");
+    // Keys in order: adam_m is the first array the forgotten dropout stream changes.
+    assert_eq!(d["key"], "$.adam_m", "{d}");
+    assert_eq!(d["index"].as_array().map(Vec::len), Some(1), "{d}");
+    no_survivors(&work);
+}

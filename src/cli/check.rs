@@ -574,21 +574,29 @@ fn run_interrupted(
         true
     };
     let mut exited: Option<ExitStatus> = None;
-    // Waits for the first launch, so that instants count from the job's start.
-    if let Some(Wait::Exited(st)) = sup.wait_event(0, |e| e["event"] == "launch")? {
-        exited = Some(st);
+    // Every interruption comes once a first checkpoint exists (so that the job has
+    // something to resume from), at a random instant of the rest of the run.
+    let mut t = t;
+    match sup.wait_event(0, |e| e["event"] == "committed")? {
+        Some(Wait::Exited(st)) => exited = Some(st),
+        Some(Wait::Event(_)) => {
+            t = t
+                .saturating_sub(t0.elapsed())
+                .max(Duration::from_millis(20));
+        }
+        None => {}
     }
     match kind {
         _ if exited.is_some() => {}
         Kind::MidStep => {
-            let at = instant_in(rng, t, 0.2, 0.8);
+            let at = instant_in(rng, t, 0.05, 0.8);
             exited = sup.wait_until(at)?;
             if exited.is_none() {
                 kill_now(&mut sup, "mid-step, at a random instant", &mut rep);
             }
         }
         Kind::MidSave | Kind::AfterCommit => {
-            let at = instant_in(rng, t, 0.1, 0.6);
+            let at = instant_in(rng, t, 0.0, 0.6);
             exited = sup.wait_until(at)?;
             if exited.is_none() {
                 let from = sup.events.all.len();
@@ -613,13 +621,13 @@ fn run_interrupted(
         }
         Kind::AfterResume => {
             // First a kill once a checkpoint exists, then one right after the relaunch.
-            let at = instant_in(rng, t, 0.1, 0.5);
+            let at = instant_in(rng, t, 0.0, 0.5);
             exited = sup.wait_until(at)?;
             if exited.is_none() {
                 match sup.wait_event(0, |e| e["event"] == "committed")? {
                     Some(Wait::Event(_)) => {
                         let from = sup.events.all.len();
-                        if kill_now(&mut sup, "mid-step, once a checkpoint existed", &mut rep) {
+                        if kill_now(&mut sup, "mid-step", &mut rep) {
                             let after_hello = rng.bool();
                             match sup.wait_event(from, |e| {
                                 e["event"] == "launch" && !e["restore_seq"].is_null()
@@ -662,7 +670,7 @@ fn run_interrupted(
             }
         }
         Kind::Stop => {
-            let at = instant_in(rng, t, 0.2, 0.7);
+            let at = instant_in(rng, t, 0.0, 0.7);
             exited = sup.wait_until(at)?;
             if exited.is_none() {
                 signal(sup.child.id(), libc::SIGTERM);
@@ -946,8 +954,16 @@ fn compare(reference: &Files, got: &Files) -> Result<Option<Difference>, Fatal> 
                 let ba = std::fs::read(a).map_err(|e| io_err("read", a, e))?;
                 let bb = std::fs::read(b).map_err(|e| io_err("read", b, e))?;
                 if ba != bb {
+                    let mut note = String::new();
+                    match python_diff(n, a, b) {
+                        Some(Ok(None)) => continue, // equal values, different bytes
+                        Some(Ok(Some(d))) => return Ok(Some(d)),
+                        Some(Err(e)) => note = format!(" (python3 could not load it: {e})"),
+                        None => {}
+                    }
                     let mut d = diff_bytes(n, &ba, &bb);
                     d.file = n.clone();
+                    d.message.push_str(&note);
                     return Ok(Some(d));
                 }
             }
@@ -955,6 +971,88 @@ fn compare(reference: &Files, got: &Files) -> Result<Option<Difference>, Fatal> 
         }
     }
     Ok(None)
+}
+
+/// The optional Python helper for pickles and PyTorch files (src/cli/check_pickle.py).
+const PICKLE_HELPER: &str = include_str!("check_pickle.py");
+
+/// Compares two pickles (`.pickle`, `.pkl`) or PyTorch files (`.pt`, `.pth`, with torch
+/// importable) by value with `python3`, when it is there: `None` when not applicable,
+/// `Some(Ok(None))` when the values are equal although the bytes differ.
+fn python_diff(name: &str, a: &Path, b: &Path) -> Option<Result<Option<Difference>, String>> {
+    let lower = name.to_ascii_lowercase();
+    if ![".pickle", ".pkl", ".pt", ".pth"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
+        return None;
+    }
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(PICKLE_HELPER)
+        .arg(a)
+        .arg(b)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut out = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Some(Err("python3 took longer than 120s".into()));
+            }
+        }
+    }
+    let v: Value = serde_json::from_str(reader.join().ok()?.trim()).ok()?;
+    if let Some(e) = v["error"].as_str() {
+        return Some(Err(e.to_string()));
+    }
+    let d = &v["difference"];
+    if d.is_null() {
+        return Some(Ok(None));
+    }
+    let s = |k: &str| d[k].as_str().map(str::to_string);
+    let key = s("key").unwrap_or_else(|| "$".into());
+    let index: Option<Vec<u64>> = d["index"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect());
+    let (ea, eb) = (
+        s("expected").unwrap_or_default(),
+        s("actual").unwrap_or_default(),
+    );
+    let at = match &index {
+        Some(i) => format!(" at index {}", index_str(i)),
+        None => String::new(),
+    };
+    let detail = s("detail").map(|x| format!(" ({x})")).unwrap_or_default();
+    Some(Ok(Some(Difference {
+        file: name.into(),
+        format: if lower.ends_with(".pt") || lower.ends_with(".pth") {
+            "torch"
+        } else {
+            "pickle"
+        },
+        message: format!(
+            "{name}: first difference at key {key}{at}{detail}: {ea} (uninterrupted) vs {eb}"
+        ),
+        key: Some(key),
+        index,
+        expected: Some(ea),
+        actual: Some(eb),
+        ..Default::default()
+    })))
 }
 
 fn first_diff(a: &[u8], b: &[u8]) -> usize {
@@ -1227,6 +1325,14 @@ fn unravel(mut flat: u64, shape: &[u64], fortran: bool) -> Vec<u64> {
     idx
 }
 
+/// An element index as `[i, j]`.
+fn index_str(i: &[u64]) -> String {
+    format!(
+        "[{}]",
+        i.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+    )
+}
+
 fn shape_str(s: &[u64]) -> String {
     match s {
         [one] => format!("({one},)"),
@@ -1274,7 +1380,7 @@ fn diff_npy(name: &str, a: &[u8], b: &[u8]) -> Option<Difference> {
         "{name}: dtype {} shape {}: first differing element at index {} (flat {flat}, byte {}): {ea} (uninterrupted) vs {eb}; {differing} of {total} elements differ",
         ha.descr,
         shape_str(&ha.shape),
-        shape_str(&idx).replace(",)", ")"),
+        index_str(&idx),
         ha.data + off
     );
     d.offset = Some((ha.data + off) as u64);
@@ -1459,6 +1565,22 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
             .map_err(|e| io_err("resolve", &prog, e))?
             .into_os_string();
     }
+    // The job runs in a scratch directory: arguments naming the caller's files (a script,
+    // a config) are made absolute, announced below.
+    let mut resolved = Vec::new();
+    for arg in command.iter_mut().skip(1) {
+        let p = PathBuf::from(&*arg);
+        if p.is_relative()
+            && !arg.to_string_lossy().starts_with('-')
+            && p.is_file()
+            && !a.output.iter().any(|o| p.starts_with(o))
+        {
+            if let Ok(abs) = std::path::absolute(&p) {
+                resolved.push(p.display().to_string());
+                *arg = abs.into_os_string();
+            }
+        }
+    }
     let seed = a.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);
     let (root, temporary) = make_root(&a.work)?;
@@ -1474,6 +1596,12 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
         root.display()
     ));
 
+    if !resolved.is_empty() {
+        ctx.progress(format!(
+            "the job runs in a scratch directory: made {} absolute",
+            resolved.join(", ")
+        ));
+    }
     let mut runs: Vec<RunReport> = Vec::new();
     let outcome = check(&ctx, &a, &root, seed, &mut rng, &mut runs);
     let (code, verdict, summary, first) = match outcome {
