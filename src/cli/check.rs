@@ -36,31 +36,37 @@ HOW IT WORKS:
   1. Runs CMD twice under `ckpt run --every off`, uninterrupted, to learn what it produces
      and how long it takes (if the two runs differ, the job is not deterministic: exit 2).
   2. Runs it --kills more times under `ckpt run --every DUR`, each run in its own scratch
-     working directory and checkpoint directory, interrupted at a random instant (the kind
-     cycles through: SIGKILL to the job's process group mid-step; right after a checkpoint
-     request, while the job saves; right after a commit; right after a resume; a stop by
-     SIGTERM to `ckpt run`, then `ckpt run` again on the same directory).
+     working directory and checkpoint directory, interrupted once a first checkpoint
+     exists, at a random instant. The kind cycles through: SIGKILL to the job's process
+     group mid-step; right after a checkpoint request (while the job saves); right after
+     a commit; right after a resume; a stop by SIGTERM to `ckpt run`, then `ckpt run`
+     again on the same directory.
   3. Compares each run's --output files (else the members of the job's newest checkpoint)
-     with the first uninterrupted run and names the first difference: file, byte offset,
-     and for .npy/.npz the element index and both values, for JSON the key path.
+     with the first uninterrupted run and names the first difference: the file and byte
+     offset; for .npy/.npz the element index and both values; for JSON the key path; for
+     pickles (and PyTorch .pt files when torch is importable) the key path and index, when
+     python3 is installed; for text the line.
   It also reports what went wrong on the way, from each run's event log: checkpoint
   requests never answered, resumes that started over, restored steps going backwards.
 
-  The job runs in a scratch directory: give it absolute paths (a relative program path
-  such as ./train.sh is made absolute). Runs are kept under --work (or a temporary
-  directory, kept on failure and printed).
+  The job runs in a scratch directory (RUN/job/, its checkpoints in RUN/ckpt/). A relative
+  program path (./train.sh) and arguments naming existing files (train.py) are made
+  absolute; other relative paths are the job's own, inside the scratch directory. Runs
+  are kept under --work, or in a temporary directory removed only when everything matches.
 
 EXIT CODES (ckpt check):
   0    every interrupted run ended exactly like the uninterrupted run
-  1    an interrupted run differs from the uninterrupted run (or did not finish)
+  1    an interrupted run differs from the uninterrupted run, or did not finish (with
+       --strict also: a problem was seen on the way)
   2    the job is not deterministic even uninterrupted (its two plain runs differ)
   3    nothing to check: the job failed uninterrupted, or wrote no --output / checkpoint
   64   usage error          70  internal error          74  I/O error
 
 EXAMPLES:
-  ckpt check --output model.npy -- python /abs/train.py
-  ckpt check --kills 8 --seed 42 --every 200ms --run-opt=--signal=USR1 -- /abs/job.sh
-  ckpt check --json -- ./target/release/trainer > check.json
+  ckpt check --output digest -- ./target/release/trainer --steps 300 --digest-file digest
+  ckpt check --output model.npz --kills 10 --every 2s -- python3 train.py --epochs 1
+  ckpt check --seed 42 --run-opt=--signal=USR1 --output counter -- ./job.sh
+  ckpt check --json -- python3 train.py > check.json
 
 Documentation: docs/check.md";
 
@@ -88,7 +94,7 @@ pub struct CheckArgs {
     /// run, at least 50ms).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub every: Option<Duration>,
-    /// Give up on one run (and fail) after this long.
+    /// Give up on one run (it fails, and ckpt check exits 1 or 3) after this long.
     #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
     /// Keep every run under this directory (created; must be empty). Default: a temporary
@@ -628,7 +634,10 @@ fn run_interrupted(
                     Some(Wait::Event(_)) => {
                         let from = sup.events.all.len();
                         if kill_now(&mut sup, "mid-step", &mut rep) {
-                            let after_hello = rng.bool();
+                            // Right after the relaunch, or right after its hello (for a job with a
+                            // client: a shell job never says hello).
+                            let after_hello =
+                                rng.bool() && sup.events.all.iter().any(|e| e["event"] == "hello");
                             match sup.wait_event(from, |e| {
                                 e["event"] == "launch" && !e["restore_seq"].is_null()
                             })? {
@@ -1037,6 +1046,14 @@ fn python_diff(name: &str, a: &Path, b: &Path) -> Option<Result<Option<Differenc
         None => String::new(),
     };
     let detail = s("detail").map(|x| format!(" ({x})")).unwrap_or_default();
+    let mut also_s = String::new();
+    let also: Vec<&str> = d["also"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !also.is_empty() {
+        also_s = format!("; also differ: {}", also.join(", "));
+    }
     Some(Ok(Some(Difference {
         file: name.into(),
         format: if lower.ends_with(".pt") || lower.ends_with(".pth") {
@@ -1045,7 +1062,7 @@ fn python_diff(name: &str, a: &Path, b: &Path) -> Option<Result<Option<Differenc
             "pickle"
         },
         message: format!(
-            "{name}: first difference at key {key}{at}{detail}: {ea} (uninterrupted) vs {eb}"
+            "{name}: first difference at key {key}{at}{detail}: {ea} (uninterrupted) vs {eb}{also_s}"
         ),
         key: Some(key),
         index,
@@ -1091,11 +1108,28 @@ pub fn diff_bytes(name: &str, a: &[u8], b: &[u8]) -> Difference {
             serde_json::from_slice::<Value>(b),
         ) {
             if let Some((key, ea, eb)) = diff_json("$", &va, &vb) {
+                let also = match (&va, &vb) {
+                    (Value::Object(ma), Value::Object(mb)) => ma
+                        .keys()
+                        .chain(mb.keys())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .filter(|k| ma.get(*k) != mb.get(*k))
+                        .map(|k| format!("$.{k}"))
+                        .filter(|k| !key.starts_with(k.as_str()))
+                        .collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                };
+                let also = if also.is_empty() {
+                    String::new()
+                } else {
+                    format!("; also differ: {}", also.join(", "))
+                };
                 return Difference {
                     file: name.into(),
                     format: "json",
                     message: format!(
-                        "{name}: first difference at key {key}: {ea} (uninterrupted) vs {eb}"
+                        "{name}: first difference at key {key}: {ea} (uninterrupted) vs {eb}{also}"
                     ),
                     key: Some(key),
                     expected: Some(ea),

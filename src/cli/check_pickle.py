@@ -83,6 +83,10 @@ def walk(path, a, b):
 
 try:
     a, b = load(sys.argv[1]), load(sys.argv[2])
-    print(json.dumps({"difference": walk("$", a, b)}))
+    d = walk("$", a, b)
+    if d and isinstance(a, dict) and isinstance(b, dict):
+        also = [sub("$", k) for k in sorted(set(a) | set(b), key=repr) if k not in a or k not in b or walk("$", a[k], b[k])]
+        d["also"] = [k for k in also if not d["key"].startswith(k)]
+    print(json.dumps({"difference": d}))
 except Exception as e:
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
