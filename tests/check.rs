@@ -301,3 +301,212 @@ fn python_pickled_state_is_compared_by_key_and_index() {
     assert_eq!(d["index"].as_array().map(Vec::len), Some(1), "{d}");
     no_survivors(&work);
 }
+
+// ---------------------------------------------------------------------------------------
+// The recipes of docs/check.md and README.md, extracted from the documents (not copied).
+
+/// The repository root.
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The code blocks fenced as ```lang in `doc` (relative to the repository), in order; with
+/// `after`, only those after that line (a heading).
+fn doc_blocks(doc: &str, lang: &str, after: Option<&str>) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join(doc)).unwrap();
+    let text = match after {
+        Some(h) => text
+            .split_once(&format!("\n{h}\n"))
+            .unwrap_or_else(|| panic!("{doc} has no heading {h:?}"))
+            .1
+            .to_string(),
+        None => text,
+    };
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        match &mut cur {
+            None if line.trim_start() == format!("```{lang}") => cur = Some(String::new()),
+            Some(b) if line.trim_start() == "```" => {
+                out.push(std::mem::take(b));
+                cur = None;
+            }
+            Some(b) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// Runs a shell recipe with bash in `dir`, with the binaries under test first on PATH. The
+/// documents build with `cargo build --workspace --release` and use `target/release/`: the
+/// test runs them against the binaries it was built with instead.
+fn run_recipe(script: &str, dir: &Path) -> (Option<i32>, String, String) {
+    let bin = ckpt_bin().parent().unwrap().to_path_buf();
+    let script: String = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("cargo build"))
+        .map(|l| l.replace("$PWD/target/release", &bin.display().to_string()))
+        .map(|l| l.replace("target/release", &bin.display().to_string()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("recipe:\n{script}");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = std::process::Command::new("bash");
+    clear_ckpt_env(&mut c);
+    c.args(["-e", "-c", &script])
+        .current_dir(dir)
+        .env("PATH", path);
+    let out = output_deadline(&mut c, DEADLINE);
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    eprintln!("stdout:\n{o}\nstderr:\n{e}");
+    // A failing check keeps its runs (and says where): clean up.
+    for line in o.lines() {
+        if let Some(rest) = line.trim().strip_prefix("runs kept under ") {
+            let dir = rest.split(" (").next().unwrap();
+            if dir.starts_with(std::env::temp_dir().to_str().unwrap()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    (out.status.code(), o, e)
+}
+
+#[test]
+fn docs_check_md_trainer_recipe_works() {
+    let blocks = doc_blocks("docs/check.md", "sh", Some("## Try it"));
+    let (code, out, _) = run_recipe(&blocks[0], repo());
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("MATCH: all 4 interrupted runs"), "{out}");
+}
+
+#[test]
+fn readme_check_recipe_works() {
+    let blocks = doc_blocks(
+        "README.md",
+        "sh",
+        Some("### Checking that a job resumes exactly"),
+    );
+    let (code, out, _) = run_recipe(&blocks[0], repo());
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("MATCH: "), "{out}");
+}
+
+#[test]
+fn docs_check_md_forgotten_rng_recipe_works() {
+    if python_with_numpy().is_none() {
+        return;
+    }
+    let blocks = doc_blocks("docs/check.md", "sh", Some("## Try it"));
+    let (code, out, _) = run_recipe(&blocks[1], repo());
+    assert_eq!(code, Some(0), "the recipe ends with || echo");
+    assert!(out.starts_with("DIFFERS: "), "{out}");
+    assert!(
+        out.contains("state.pickle: first difference at key $."),
+        "{out}"
+    );
+    assert!(out.contains("$.rng"), "{out}");
+    assert!(out.trim_end().ends_with("exit 1"), "{out}");
+}
+
+#[test]
+fn docs_check_md_shell_recipe_keeps_in_flight_work() {
+    let heading = "### Shell traps that record in-flight work as done";
+    let job = &doc_blocks("docs/check.md", "bash", Some(heading))[0];
+    let cmd = &doc_blocks("docs/check.md", "sh", Some(heading))[0];
+    let tmp = tempdir();
+    let path = tmp.path().join("job.sh");
+    std::fs::write(&path, job).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let seed = seed("docs_check_md_shell_recipe_keeps_in_flight_work");
+    let cmd = cmd.replace(
+        "ckpt check ",
+        &format!("ckpt check --seed {seed} --kills 5 "),
+    );
+    let (code, out, err) = run_recipe(&cmd, tmp.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("MATCH: all 5 interrupted runs"), "{out}");
+}
+
+/// The README's shell recipe, as written there, run the same way: it loses the item in
+/// flight at every checkpoint, because `ckpt run --signal USR1` sends the request to the
+/// whole process group and the background worker dies of it (issue 17). It is expected to
+/// pass once `ckpt run --signal-to leader` exists and the README's "run with:" line uses it
+/// (this test passes that line's options to `ckpt run`).
+#[test]
+#[ignore = "needs ckpt run --signal-to (issue 17): the README's shell recipe loses in-flight work"]
+fn readme_shell_recipe_resumes_exactly() {
+    let job = &doc_blocks("README.md", "bash", Some("### Shell"))[0];
+    // The recipe's placeholders: `do_work` (defined here: one file per item) and the
+    // item count (60 instead of 1000000, so that the check is short).
+    let mut lines: Vec<String> = job.lines().map(str::to_string).collect();
+    assert!(lines[0].starts_with("#!"), "{job}");
+    if !job.contains("do_work()") {
+        lines.insert(
+            1,
+            r#"do_work() { sleep 0.02; echo "item $1" > "items/$1"; }; mkdir -p items"#.into(),
+        );
+    }
+    let script = lines.join("\n").replace("1000000", "60");
+    // The options of its "# run with: ckpt run ... -- ./job.sh" line, except --every.
+    let run_line = job
+        .lines()
+        .find(|l| l.contains("ckpt run"))
+        .expect("a `run with: ckpt run ...` line");
+    let opts: Vec<&str> = run_line
+        .split("ckpt run")
+        .nth(1)
+        .unwrap()
+        .split(" -- ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let mut run_opts = Vec::new();
+    let mut i = 0;
+    while i < opts.len() {
+        if opts[i] == "--every" {
+            i += 2;
+            continue;
+        }
+        run_opts.push(format!("--run-opt={}", opts[i]));
+        i += 1;
+    }
+    let tmp = tempdir();
+    let path = tmp.path().join("job.sh");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let seed = seed("readme_shell_recipe_resumes_exactly");
+    let work = tmp.path().join("w");
+    let mut args: Vec<&str> = vec!["--kills", "5", "--output", "items"];
+    args.extend(run_opts.iter().map(String::as_str));
+    let mut c = ckpt();
+    let bin = ckpt_bin().parent().unwrap().to_path_buf();
+    c.env(
+        "PATH",
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    )
+    .current_dir(tmp.path())
+    .arg("check")
+    .arg("--work")
+    .arg(&work)
+    .arg("--seed")
+    .arg(seed.to_string())
+    .args(&args)
+    .args(["--", "./job.sh"]);
+    let out = output_deadline(&mut c, DEADLINE);
+    eprintln!("{}\n{}", text(&out.stderr), text(&out.stdout));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    no_survivors(&work);
+}
