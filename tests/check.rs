@@ -510,3 +510,60 @@ fn readme_shell_recipe_resumes_exactly() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     no_survivors(&work);
 }
+
+#[test]
+fn a_resume_that_starts_over_is_reported_and_fails_with_strict() {
+    let seed = seed("a_resume_that_starts_over_is_reported_and_fails_with_strict");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    // Ignores its checkpoint: the result is right (deterministic), the resume is not.
+    let out = check(
+        &work,
+        seed,
+        &["--kills", "2", "--output", "out", "--strict", "--json"],
+        &resumer(&["--forget", "all"]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json output");
+    assert_eq!(doc["verdict"], "differs");
+    assert!(doc["first_difference"].is_null(), "{doc}");
+    assert!(
+        doc["summary"].as_str().unwrap().contains("--strict"),
+        "{doc}"
+    );
+    for run in &doc["runs"].as_array().unwrap()[2..] {
+        assert_eq!(run["result"], "match", "{run}");
+        let kinds: Vec<&str> = run["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["kind"].as_str())
+            .collect();
+        assert!(
+            kinds
+                .iter()
+                .any(|k| *k == "resume_went_back" || *k == "resume_from_step_0"),
+            "{run}"
+        );
+    }
+    no_survivors(&work);
+}
+
+#[test]
+fn a_job_that_never_checkpoints_cannot_be_checked() {
+    let seed = seed("a_job_that_never_checkpoints_cannot_be_checked");
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let cmd: Vec<String> = ["bash", "-c", "sleep 0.3; echo done > out"]
+        .map(String::from)
+        .to_vec();
+    let out = check(&work, seed, &["--kills", "2", "--output", "out"], &cmd);
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("CANNOT CHECK: none of the 2 runs could be interrupted"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("never announced a ckpt client"), "{stdout}");
+    no_survivors(&work);
+}

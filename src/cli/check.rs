@@ -27,7 +27,8 @@ pub mod codes {
     pub const DIFFERS: i32 = 1;
     /// The job is not deterministic even uninterrupted: two plain runs differ.
     pub const NONDETERMINISTIC: i32 = 2;
-    /// Nothing to check: the job failed uninterrupted, or left nothing to compare.
+    /// Nothing to check: the job failed uninterrupted, left nothing to compare, or could
+    /// not be interrupted (it never committed a checkpoint before finishing).
     pub const CANNOT_CHECK: i32 = 3;
 }
 
@@ -59,7 +60,8 @@ EXIT CODES (ckpt check):
   1    an interrupted run differs from the uninterrupted run, or did not finish (with
        --strict also: a problem was seen on the way)
   2    the job is not deterministic even uninterrupted (its two plain runs differ)
-  3    nothing to check: the job failed uninterrupted, or wrote no --output / checkpoint
+  3    nothing to check: the job failed uninterrupted, wrote no --output / checkpoint, or
+       never committed a checkpoint before it finished (no run could be interrupted)
   64   usage error          70  internal error          74  I/O error
 
 EXAMPLES:
@@ -1500,6 +1502,23 @@ fn diff_npz(name: &str, a: &[u8], b: &[u8]) -> Option<Difference> {
                     );
                     let mut d = diff_npy(&member, da, db)
                         .unwrap_or_else(|| diff_bytes(&format!("{member}.bin"), da, db));
+                    if let Some(o) = d.offset {
+                        // Offsets in the archive, not in the member.
+                        let abs = o + x.data as u64;
+                        d.message = d
+                            .message
+                            .replacen(
+                                &format!("byte {o})"),
+                                &format!("byte {abs} of the archive)"),
+                                1,
+                            )
+                            .replacen(
+                                &format!("byte {o} "),
+                                &format!("byte {abs} of the archive "),
+                                1,
+                            );
+                        d.offset = Some(abs);
+                    }
                     d.file = name.into();
                     d.format = "npz";
                     d.key = Some(array.into());
@@ -1788,7 +1807,7 @@ fn check(
         let mut r = run_interrupted(ctx, &d, &name, *kind, every, t, rng)?;
         let what = if r.interruptions.is_empty() {
             missed += 1;
-            "not interrupted: the job finished first".to_string()
+            "not interrupted: the job finished first (before its first checkpoint, or before the chosen instant)".to_string()
         } else {
             r.interruptions
                 .iter()
@@ -1863,6 +1882,16 @@ fn check(
     let n = kinds.len();
     let interrupted = n - missed;
     let _ = seed;
+    if interrupted == 0 && failed == 0 {
+        return Ok((
+            codes::CANNOT_CHECK,
+            "cannot_check",
+            format!(
+                "none of the {n} runs could be interrupted: the job never committed a checkpoint before it finished (is it using a ckpt client, or trapping --run-opt=--signal=...? is --every shorter than the job?)"
+            ),
+            None,
+        ));
+    }
     if failed > 0 {
         return Ok((
             codes::DIFFERS,
@@ -1933,6 +1962,81 @@ mod tests {
             &npy("<f4", "(3, 2)", &a),
         );
         assert!(d.message.contains("shape (2, 3)"), "{}", d.message);
+    }
+
+    /// A stored (uncompressed) zip archive, as `np.savez` writes it.
+    fn zip(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let (mut out, mut cd) = (Vec::new(), Vec::new());
+        for (name, data) in members {
+            let off = out.len() as u32;
+            let crc = crc32fast::hash(data);
+            let common = |v: &mut Vec<u8>| {
+                v.extend_from_slice(&0u16.to_le_bytes()); // flags
+                v.extend_from_slice(&0u16.to_le_bytes()); // method: stored
+                v.extend_from_slice(&[0; 4]); // time, date
+                v.extend_from_slice(&crc.to_le_bytes());
+                v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                v.extend_from_slice(&0u16.to_le_bytes()); // extra
+            };
+            out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+            out.extend_from_slice(&20u16.to_le_bytes());
+            common(&mut out);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(data);
+            cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+            cd.extend_from_slice(&20u16.to_le_bytes());
+            cd.extend_from_slice(&20u16.to_le_bytes());
+            common(&mut cd);
+            cd.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
+            cd.extend_from_slice(&[0; 4]); // external attributes
+            cd.extend_from_slice(&off.to_le_bytes());
+            cd.extend_from_slice(name.as_bytes());
+        }
+        let cd_off = out.len() as u32;
+        out.extend_from_slice(&cd);
+        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+        out.extend_from_slice(&cd_off.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn npz_names_the_array_and_the_element() {
+        let ints = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let a = zip(&[
+            ("step.npy", npy("<i8", "()", &ints(&[7]))),
+            ("w.npy", npy("<i8", "(4,)", &ints(&[1, 2, 3, 4]))),
+        ]);
+        let b = zip(&[
+            ("step.npy", npy("<i8", "()", &ints(&[7]))),
+            ("w.npy", npy("<i8", "(4,)", &ints(&[1, 2, 9, 4]))),
+        ]);
+        let d = diff_bytes("model.npz", &a, &b);
+        assert_eq!(d.format, "npz", "{}", d.message);
+        assert_eq!(d.key.as_deref(), Some("w"));
+        assert_eq!(d.index, Some(vec![2]));
+        assert_eq!(
+            (d.expected.as_deref(), d.actual.as_deref()),
+            (Some("3"), Some("9"))
+        );
+        assert!(
+            d.message.starts_with("model.npz[w]: dtype <i8 shape (4,)"),
+            "{}",
+            d.message
+        );
+        let c = zip(&[("step.npy", npy("<i8", "()", &ints(&[7])))]);
+        let d = diff_bytes("model.npz", &a, &c);
+        assert!(
+            d.message.contains("model.npz[w]: array missing"),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! the same two files. A relaunch that finds that final checkpoint exits 0 at once.
 //!
 //! `--forget rng`: on resume, reset the dropout RNG to its initial state instead of
-//! restoring it (a resumed run then differs). `--nondet`: put the clock into the summary
+//! restoring it (a resumed run then differs). `--forget all`: ignore the checkpoint and
+//! start over (the result is right, the resume is not). `--nondet`: put the clock into the summary
 //! (the job is not deterministic even uninterrupted).
 use std::path::Path;
 
@@ -57,7 +58,9 @@ fn main() {
     let dim = num("--dim", 16) as usize;
     let seed = num("--seed", 42);
     let step_ms = num("--step-ms", 2);
-    let forget_rng = arg("--forget").as_deref() == Some("rng");
+    let forget = arg("--forget");
+    let forget_rng = forget.as_deref() == Some("rng");
+    let forget_all = forget.as_deref() == Some("all");
     let nondet = std::env::args().any(|a| a == "--nondet");
     let out = std::path::PathBuf::from(arg("--out").unwrap_or_else(|| "out".into()));
 
@@ -70,6 +73,7 @@ fn main() {
         return;
     }
     let mut s = match ck.restore::<TrainState>().expect("restore") {
+        Some(_) if forget_all => TrainState::new(dim, seed),
         Some(mut s) => {
             if forget_rng {
                 s.rng = TrainState::new(dim, seed).rng;
