@@ -567,3 +567,30 @@ fn a_job_that_never_checkpoints_cannot_be_checked() {
     assert!(stdout.contains("never announced a ckpt client"), "{stdout}");
     no_survivors(&work);
 }
+
+#[test]
+fn killing_ckpt_check_leaves_no_job_behind() {
+    let tmp = tempdir();
+    let work = tmp.path().join("w");
+    let mut c = ckpt();
+    c.arg("check")
+        .arg("--work")
+        .arg(&work)
+        .args(["--seed", "1", "--output", "out", "--"])
+        .args(resumer(&["--steps", "100000"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn_guarded();
+    let dir = work.join("uninterrupted-1/ckpt");
+    wait_until(Duration::from_secs(20), "the first run's job runs", || {
+        !events(&dir, "hello").is_empty()
+    });
+    assert!(!job_processes(&dir).is_empty(), "the job is found by its CKPT_DIR");
+    signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+    // `ckpt run` got SIGTERM (parent-death signal) and stopped its job.
+    assert_no_survivors(&dir);
+    wait_until(Duration::from_secs(20), "ckpt run stops", || {
+        !events(&dir, "stopped").is_empty()
+    });
+}

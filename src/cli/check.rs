@@ -402,7 +402,6 @@ struct Ctx {
     command: Vec<OsString>,
     run_opts: Vec<OsString>,
     timeout: Duration,
-    quiet_progress: bool,
 }
 
 /// One run: its directories and log.
@@ -428,9 +427,7 @@ impl RunDirs {
 
 impl Ctx {
     fn progress(&self, msg: impl AsRef<str>) {
-        if !self.quiet_progress {
-            eprintln!("ckpt check: {}", msg.as_ref());
-        }
+        eprintln!("ckpt check: {}", msg.as_ref());
     }
 
     fn spawn(&self, d: &RunDirs, every: Option<Duration>) -> Result<Sup, Fatal> {
@@ -466,6 +463,21 @@ impl Ctx {
             "CKPT_SUPERVISOR_PID",
         ] {
             c.env_remove(k);
+        }
+        // If ckpt check dies (Ctrl-C, a CI timeout, SIGKILL), `ckpt run` gets SIGTERM: it
+        // stops its job the normal way, so that no run outlives the check.
+        let parent = std::process::id() as i32;
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(143);
+                }
+                Ok(())
+            });
         }
         c.current_dir(&d.job)
             .stdin(Stdio::null())
@@ -1642,7 +1654,6 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
         command,
         run_opts: a.run_opt.clone(),
         timeout: a.timeout,
-        quiet_progress: false,
     };
     ctx.progress(format!(
         "seed {seed} (replay with --seed {seed}); runs under {}",
@@ -1656,7 +1667,7 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
         ));
     }
     let mut runs: Vec<RunReport> = Vec::new();
-    let outcome = check(&ctx, &a, &root, seed, &mut rng, &mut runs);
+    let outcome = check(&ctx, &a, &root, &mut rng, &mut runs);
     let (code, verdict, summary, first) = match outcome {
         Ok(v) => v,
         Err(e) => {
@@ -1709,7 +1720,6 @@ fn check(
     ctx: &Ctx,
     a: &CheckArgs,
     root: &Path,
-    seed: u64,
     rng: &mut fastrand::Rng,
     runs: &mut Vec<RunReport>,
 ) -> Result<Outcome, Fatal> {
@@ -1881,7 +1891,6 @@ fn check(
     }
     let n = kinds.len();
     let interrupted = n - missed;
-    let _ = seed;
     if interrupted == 0 && failed == 0 {
         return Ok((
             codes::CANNOT_CHECK,
