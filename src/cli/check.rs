@@ -39,9 +39,9 @@ HOW IT WORKS:
   2. Runs it --kills more times under `ckpt run --every DUR`, each run in its own scratch
      working directory and checkpoint directory, interrupted once a first checkpoint
      exists, at a random instant. The kind cycles through: SIGKILL to the job's process
-     group mid-step; right after a checkpoint request (while the job saves); right after
-     a commit; right after a resume; a stop by SIGTERM to `ckpt run`, then `ckpt run`
-     again on the same directory.
+     group mid-step; at a random instant between a checkpoint request and its commit
+     (while the job saves); right after a commit; right after a resume; a stop by
+     SIGTERM to `ckpt run`, then `ckpt run` again on the same directory.
   3. Compares each run's --output files (else the members of the job's newest checkpoint)
      with the first uninterrupted run and names the first difference: the file and byte
      offset; for .npy/.npz the element index and both values; for JSON the key path; for
@@ -550,6 +550,25 @@ fn run_plain(ctx: &Ctx, d: &RunDirs, name: &str) -> Result<RunReport, Fatal> {
     })
 }
 
+/// How long the newest answered request in `events` took to commit (ms; 0 if none).
+fn request_to_commit_ms(events: &[Value]) -> u64 {
+    let mut req: Option<u64> = None;
+    let mut last = 0;
+    for e in events {
+        match e["event"].as_str() {
+            Some("request") => req = e["t_ms"].as_u64(),
+            Some("committed") => {
+                if let (Some(r), Some(c)) = (req.take(), e["t_ms"].as_u64()) {
+                    last = c.saturating_sub(r);
+                }
+            }
+            Some("exit") => req = None,
+            _ => {}
+        }
+    }
+    last
+}
+
 /// A random instant between `lo` and `hi` (fractions of `t`) from now.
 fn instant_in(rng: &mut fastrand::Rng, t: Duration, lo: f64, hi: f64) -> Instant {
     let f = lo + rng.f64() * (hi - lo);
@@ -626,13 +645,30 @@ fn run_interrupted(
                     "committed"
                 };
                 match sup.wait_event(from, |e| e["event"] == ev)? {
-                    Some(Wait::Event(_)) => {
+                    Some(Wait::Event(i)) => {
                         let what = if kind == Kind::MidSave {
-                            "right after a checkpoint request (while the job saves)"
+                            // A random instant between the request and the commit it
+                            // brings, as long as the previous request took to commit.
+                            let lat = request_to_commit_ms(&sup.events.all[..i]);
+                            let delay = Duration::from_millis((rng.f64() * lat as f64) as u64);
+                            if !delay.is_zero() {
+                                exited = sup.wait_until(Instant::now() + delay)?;
+                            }
+                            sup.events.poll();
+                            let done = sup.events.all[i..]
+                                .iter()
+                                .any(|e| e["event"] == "committed");
+                            format!(
+                                "{}ms after a checkpoint request ({}; the previous one took {lat}ms to commit)",
+                                delay.as_millis(),
+                                if done { "its save had already committed" } else { "while the job saves" }
+                            )
                         } else {
-                            "right after a checkpoint was committed"
+                            "right after a checkpoint was committed".to_string()
                         };
-                        kill_now(&mut sup, what, &mut rep);
+                        if exited.is_none() {
+                            kill_now(&mut sup, &what, &mut rep);
+                        }
                     }
                     Some(Wait::Exited(st)) => exited = Some(st),
                     None => {}
