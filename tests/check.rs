@@ -236,6 +236,23 @@ fn usage_errors_and_failing_jobs() {
     let out = check(&work, 1, &[], &["false".to_string()]);
     assert_eq!(out.status.code(), Some(3));
     assert!(text(&out.stdout).starts_with("CANNOT CHECK: "));
+    // A job that does not finish within --timeout: stopped, nothing to check (3).
+    let work = tmp.path().join("w3");
+    let t0 = std::time::Instant::now();
+    let out = check(
+        &work,
+        1,
+        &["--timeout", "1s"],
+        &["sleep".into(), "30".into()],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stdout).contains("(stopped after --timeout 1.0s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    assert_no_survivors(&work.join("uninterrupted-1/ckpt"));
     // A job that writes nothing and saves nothing: nothing to compare (3).
     let work = tmp.path().join("w2");
     let out = check(&work, 1, &[], &["true".to_string()]);

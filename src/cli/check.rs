@@ -1750,6 +1750,14 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
     Ok(code)
 }
 
+/// How a `ckpt run` ended: its exit code, or the timeout.
+fn ended(code: Option<i32>, timeout: Duration) -> String {
+    match code {
+        Some(c) => format!("ckpt run exited with {c}"),
+        None => format!("stopped after --timeout {}", fmt_dur(timeout)),
+    }
+}
+
 type Outcome = (i32, &'static str, String, Option<Difference>);
 
 fn check(
@@ -1768,8 +1776,8 @@ fn check(
         let mut r = run_plain(ctx, &d, &name)?;
         let code = r.exit;
         ctx.progress(format!(
-            "{name}: ckpt run exited with {} after {}",
-            code.map_or("a timeout".into(), |c| c.to_string()),
+            "{name}: {} after {}",
+            ended(code, a.timeout),
             fmt_dur(r.duration)
         ));
         if code != Some(0) {
@@ -1780,8 +1788,8 @@ fn check(
                 codes::CANNOT_CHECK,
                 "cannot_check",
                 format!(
-                    "the job did not finish when run uninterrupted (ckpt run exited with {}); its log ({}) ends with:\n{tail}",
-                    code.map_or("a timeout".into(), |c| c.to_string()),
+                    "the job did not finish when run uninterrupted ({}); its log ({}) ends with:\n{tail}",
+                    ended(code, a.timeout),
                     d.log.display()
                 ),
                 None,
@@ -1876,8 +1884,8 @@ fn check(
             r.result = "failed".into();
             failed += 1;
             let msg = format!(
-                "{name}: the interrupted run did not finish: ckpt run exited with {} (log: {})",
-                r.exit.map_or("a timeout".into(), |c| c.to_string()),
+                "{name}: the interrupted run did not finish: {} (log: {})",
+                ended(r.exit, a.timeout),
                 d.log.display()
             );
             ctx.progress(format!("{name}: {what}; FAILED: {msg}"));
