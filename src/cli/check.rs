@@ -2093,6 +2093,32 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_is_consistent() {
+        <crate::cli::Cli as clap::CommandFactory>::command().debug_assert();
+        let parse = |args: &[&str]| {
+            <crate::cli::Cli as clap::Parser>::try_parse_from(["ckpt", "check"].iter().chain(args))
+        };
+        let cli = parse(&[
+            "--run-opt",
+            "--signal=USR1",
+            "--output",
+            "a",
+            "--",
+            "job",
+            "--x",
+        ])
+        .unwrap();
+        let crate::cli::Cmd::Check(a) = cli.command else {
+            panic!("not check")
+        };
+        assert_eq!(a.run_opt, ["--signal=USR1"]);
+        assert_eq!(a.command, ["job", "--x"]);
+        assert_eq!(a.kills, 4);
+        assert!(parse(&["--kills", "0", "--", "job"]).is_err());
+        assert!(parse(&["--every", "soon", "--", "job"]).is_err());
+    }
+
+    #[test]
     fn json_names_the_key() {
         let d = diff_bytes(
             "s.json",
