@@ -70,6 +70,7 @@ fn deterministic_trainer_passes() {
         stdout.starts_with("MATCH: all 5 interrupted runs"),
         "{stdout}"
     );
+    assert!(!stdout.contains("problem"), "no false finding: {stdout}");
     let stderr = text(&out.stderr);
     // Every kind of interruption ran, and progress lines named them.
     for kind in [
@@ -450,6 +451,7 @@ fn docs_check_md_shell_recipe_keeps_in_flight_work() {
     let (code, out, err) = run_recipe(&cmd, tmp.path());
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.starts_with("MATCH: all 5 interrupted runs"), "{out}");
+    assert!(!out.contains("problem"), "no false finding: {out}");
 }
 
 /// The README's shell recipe, as written there, run the same way: it loses the item in
