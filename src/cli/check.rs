@@ -1092,8 +1092,8 @@ fn python_diff(name: &str, a: &Path, b: &Path) -> Option<Result<Option<Differenc
         s("actual").unwrap_or_default(),
     );
     let at = match &index {
-        Some(i) => format!(" at index {}", index_str(i)),
-        None => String::new(),
+        Some(i) if !i.is_empty() => format!(" at index {}", index_str(i)),
+        _ => String::new(),
     };
     let detail = s("detail").map(|x| format!(" ({x})")).unwrap_or_default();
     let mut also_s = String::new();
