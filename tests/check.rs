@@ -254,6 +254,27 @@ fn usage_errors_and_failing_jobs() {
     );
     assert!(t0.elapsed() < Duration::from_secs(15));
     assert_no_survivors(&work.join("uninterrupted-1/ckpt"));
+    // Arguments naming the caller's files are made absolute (the job runs elsewhere),
+    // also as `--flag=FILE`; the job's own relative paths are left alone.
+    std::fs::write(tmp.path().join("data.txt"), "payload\n").unwrap();
+    let work = tmp.path().join("w4");
+    let mut c = ckpt();
+    c.current_dir(tmp.path())
+        .args(["check", "--seed", "1", "--output", "out", "--work"])
+        .arg(&work)
+        .args(["--", "sh", "-c", r#"cat "$1" "${2#--in=}" > out"#, "sh"])
+        .args(["data.txt", "--in=data.txt"]);
+    let out = output_deadline(&mut c, DEADLINE);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("made data.txt, data.txt absolute"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("uninterrupted-1/job/out")).unwrap(),
+        "payload\npayload\n"
+    );
     // A job that writes nothing and saves nothing: nothing to compare (3).
     let work = tmp.path().join("w2");
     let out = check(&work, 1, &[], &["true".to_string()]);

@@ -51,8 +51,8 @@ HOW IT WORKS:
   requests never answered, resumes that started over, restored steps going backwards.
 
   The job runs in a scratch directory (RUN/job/, its checkpoints in RUN/ckpt/). A relative
-  program path (./train.sh) and arguments naming existing files (train.py) are made
-  absolute; other relative paths are the job's own, inside the scratch directory. Runs
+  program path (./train.sh) and arguments naming existing files (train.py, or the value
+  of --config=conf.yaml) are made absolute; other relative paths are the job's own, inside the scratch directory. Runs
   are kept under --work, or in a temporary directory removed only when everything matches.
 
 EXIT CODES (ckpt check):
@@ -1669,16 +1669,31 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
     // The job runs in a scratch directory: arguments naming the caller's files (a script,
     // a config) are made absolute, announced below.
     let mut resolved = Vec::new();
-    for arg in command.iter_mut().skip(1) {
-        let p = PathBuf::from(&*arg);
-        if p.is_relative()
-            && !arg.to_string_lossy().starts_with('-')
+    let caller_file = |p: &Path| {
+        p.is_relative()
+            && !p.as_os_str().is_empty()
             && p.is_file()
             && !a.output.iter().any(|o| p.starts_with(o))
-        {
-            if let Ok(abs) = std::path::absolute(&p) {
-                resolved.push(p.display().to_string());
-                *arg = abs.into_os_string();
+    };
+    for arg in command.iter_mut().skip(1) {
+        let s = arg.to_string_lossy().into_owned();
+        // `train.py`, or the value of `--config=conf.yaml`.
+        let (prefix, value) = match s.strip_prefix('-') {
+            None => ("", s.as_str()),
+            Some(_) => match s.split_once('=') {
+                Some((flag, v)) if flag.starts_with("--") => (flag, v),
+                _ => continue,
+            },
+        };
+        let p = Path::new(value);
+        if caller_file(p) {
+            if let Ok(abs) = std::path::absolute(p) {
+                resolved.push(value.to_string());
+                *arg = if prefix.is_empty() {
+                    abs.into_os_string()
+                } else {
+                    format!("{prefix}={}", abs.display()).into()
+                };
             }
         }
     }
