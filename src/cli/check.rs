@@ -52,8 +52,9 @@ HOW IT WORKS:
 
   The job runs in a scratch directory (RUN/job/, its checkpoints in RUN/ckpt/). A relative
   program path (./train.sh) and arguments naming existing files (train.py, or the value
-  of --config=conf.yaml) are made absolute; other relative paths are the job's own, inside the scratch directory. Runs
-  are kept under --work, or in a temporary directory removed only when everything matches.
+  of --config=conf.yaml) are made absolute; other relative paths are the job's own,
+  inside the scratch directory. Runs are kept under --work, or in a temporary directory
+  removed only when everything matches.
 
 EXIT CODES (ckpt check):
   0    every interrupted run ended exactly like the uninterrupted run
