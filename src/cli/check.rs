@@ -1011,6 +1011,15 @@ fn compare(reference: &Files, got: &Files) -> Result<Option<Difference>, Fatal> 
                 }))
             }
             (Some(a), Some(b)) => {
+                let Some(off) = first_diff_files(a, b)? else {
+                    continue;
+                };
+                let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                if size(a).max(size(b)) > LOAD_LIMIT {
+                    let mut d = diff_large(n, a, b, off)?;
+                    d.file = n.clone();
+                    return Ok(Some(d));
+                }
                 let ba = std::fs::read(a).map_err(|e| io_err("read", a, e))?;
                 let bb = std::fs::read(b).map_err(|e| io_err("read", b, e))?;
                 if ba != bb {
@@ -1031,6 +1040,121 @@ fn compare(reference: &Files, got: &Files) -> Result<Option<Difference>, Fatal> 
         }
     }
     Ok(None)
+}
+
+/// Files larger than this are compared by streaming, never loaded whole: the difference is
+/// named by byte offset (and, for `.npy`, element index and values).
+const LOAD_LIMIT: u64 = 256 << 20;
+
+/// The first byte offset at which two files differ (a shorter file differs where it ends),
+/// or `None` when they are equal; read in 1 MiB blocks.
+fn first_diff_files(a: &Path, b: &Path) -> Result<Option<u64>, Fatal> {
+    let open = |p: &Path| File::open(p).map_err(|e| io_err("open", p, e));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut pos = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba).map_err(|e| io_err("read", a, e))?;
+        let nb = read_full(&mut fb, &mut bb).map_err(|e| io_err("read", b, e))?;
+        let n = na.min(nb);
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Ok(Some(pos + i as u64));
+        }
+        if na != nb {
+            return Ok(Some(pos + n as u64));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        pos += n as u64;
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `len` bytes of a file at `off` (fewer at its end).
+fn read_at(p: &Path, off: u64, len: usize) -> Result<Vec<u8>, Fatal> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(p).map_err(|e| io_err("open", p, e))?;
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    while n < len {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(io_err("read", p, e)),
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// The first difference of two files too large to load, which differ first at `off`.
+fn diff_large(name: &str, a: &Path, b: &Path, off: u64) -> Result<Difference, Fatal> {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let note = format!(
+        " (compared by streaming: {} and {} bytes)",
+        size(a),
+        size(b)
+    );
+    if name.to_ascii_lowercase().ends_with(".npy") {
+        let (ha, hb) = (read_at(a, 0, 1 << 16)?, read_at(b, 0, 1 << 16)?);
+        if let (Some(na), Some(nb)) = (parse_npy(&ha), parse_npy(&hb)) {
+            if na == nb && off >= na.data as u64 {
+                if let Some(size) = itemsize(&na.descr).filter(|&s| s > 0) {
+                    let flat = (off - na.data as u64) / size as u64;
+                    let at = na.data as u64 + flat * size as u64;
+                    let (ea, eb) = (read_at(a, at, size)?, read_at(b, at, size)?);
+                    if ea.len() == size && eb.len() == size {
+                        let idx = unravel(flat, &na.shape, na.fortran);
+                        let (va, vb) = (npy_value(&na.descr, &ea), npy_value(&na.descr, &eb));
+                        return Ok(Difference {
+                            file: name.into(),
+                            format: "npy",
+                            offset: Some(off),
+                            message: format!(
+                                "{name}: dtype {} shape {}: first differing element at index {} (flat {flat}, byte {off}): {va} (uninterrupted) vs {vb}{note}",
+                                na.descr,
+                                shape_str(&na.shape),
+                                index_str(&idx)
+                            ),
+                            index: Some(idx),
+                            expected: Some(va),
+                            actual: Some(vb),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let (ea, eb) = (
+        hex_at(&read_at(a, off, 8)?, 0),
+        hex_at(&read_at(b, off, 8)?, 0),
+    );
+    Ok(Difference {
+        file: name.into(),
+        format: "bytes",
+        offset: Some(off),
+        message: format!(
+            "{name}: first difference at byte {off}: {ea:?} (uninterrupted) vs {eb:?}{note}"
+        ),
+        expected: Some(ea),
+        actual: Some(eb),
+        ..Default::default()
+    })
 }
 
 /// The optional Python helper for pickles and PyTorch files (src/cli/check_pickle.py).
@@ -2132,6 +2256,36 @@ mod tests {
         assert_eq!(a.kills, 4);
         assert!(parse(&["--kills", "0", "--", "job"]).is_err());
         assert!(parse(&["--every", "soon", "--", "job"]).is_err());
+    }
+
+    #[test]
+    fn large_files_are_streamed_and_still_name_the_element() {
+        let dir = std::env::temp_dir().join(format!("ckpt-check-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = 3 * (1 << 20) / 8 + 5; // more than one read block
+        let mut va: Vec<f64> = (0..n).map(|i| i as f64).collect();
+        let write = |name: &str, v: &[f64]| {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let p = dir.join(name);
+            std::fs::write(&p, npy("<f8", &format!("({n},)"), &bytes)).unwrap();
+            p
+        };
+        let a = write("a.npy", &va);
+        assert_eq!(first_diff_files(&a, &a).unwrap(), None);
+        va[n - 2] = -1.0;
+        let b = write("b.npy", &va);
+        let off = first_diff_files(&a, &b).unwrap().unwrap();
+        let d = diff_large("w.npy", &a, &b, off).unwrap();
+        assert_eq!(d.index, Some(vec![n as u64 - 2]), "{}", d.message);
+        assert!(d.actual.unwrap().starts_with("-1 "), "{}", d.message);
+        // The streamed and the in-memory comparison agree.
+        let m = diff_bytes(
+            "w.npy",
+            &std::fs::read(&a).unwrap(),
+            &std::fs::read(&b).unwrap(),
+        );
+        assert_eq!((m.index, m.offset), (d.index, d.offset));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
