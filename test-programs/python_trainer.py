@@ -32,6 +32,8 @@ p.add_argument("--format", choices=["pickle", "npz"], default="pickle")
 p.add_argument("--import-delay", type=float, default=0.0, help="simulate a slow import (seconds)")
 p.add_argument("--crash-at", type=int, default=None, help="abort at this step on the first launch")
 p.add_argument("--digest-file", default=None)
+p.add_argument("--state-out", default=None, help="pickle the final state (a dict) here")
+p.add_argument("--forget", choices=["rng"], default=None, help="a resume bug, for ckpt check's tests")
 args = p.parse_args()
 
 if args.import_delay:
@@ -121,6 +123,8 @@ def main():
     else:
         print(f"trainer: resumed at step {s['step']} (checkpoint {ck.restore_point.seq})", file=sys.stderr)
     rng = np.random.Generator(np.random.PCG64())
+    if args.forget == "rng" and s["step"] > 0:
+        s["rng"] = fresh(args.dim, args.seed)["rng"]  # the bug: the dropout stream restarts
     rng.bit_generator.state = s["rng"]
     loss = float("nan")
     while s["step"] < args.steps:
@@ -144,6 +148,12 @@ def main():
     if args.digest_file:
         with open(args.digest_file, "w") as f:
             f.write(d + "\n")
+    if args.state_out:
+        import pickle
+
+        s["rng"] = rng.bit_generator.state
+        with open(args.state_out, "wb") as f:
+            pickle.dump(s, f)
     return 0
 
 

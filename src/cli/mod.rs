@@ -1,6 +1,7 @@
 //! Command-line interface: clap definitions and one file per subcommand.
 
 mod bench;
+mod check;
 mod control;
 mod demo;
 mod history;
@@ -77,6 +78,9 @@ pub enum Cmd {
     /// Print (or --install) a systemd unit that runs a job under `ckpt run` and resumes it
     /// after a reboot (docs/cloud.md).
     Service(service::ServiceArgs),
+    /// Prove that a job resumes exactly: run it uninterrupted, then killed at random instants
+    /// under `ckpt run`, and compare the results (docs/check.md).
+    Check(Box<check::CheckArgs>),
     /// Run the built-in demo: a toy training job, crashed twice on purpose, resumed, and
     /// its final digest compared with an uninterrupted run.
     Demo(demo::DemoArgs),
@@ -158,6 +162,7 @@ pub fn main() -> i32 {
         Cmd::Rollback(a) => versions::rollback(a),
         Cmd::Gc(a) => versions::gc(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Check(a) => check::run(*a),
         Cmd::Status(a) => control::status(a),
         Cmd::Checkpoint(a) => control::checkpoint(a),
         Cmd::Stop(a) => control::stop(a),
