@@ -120,9 +120,10 @@ impl Stage {
         })
     }
 
-    /// Copies an existing file into the checkpoint under `name`.
+    /// Copies an existing regular file into the checkpoint under `name`. A symlink (as the
+    /// last component of `src`), FIFO, device or socket is refused.
     pub fn copy_from(&mut self, name: &str, src: &Path) -> Result<u64> {
-        let mut input = File::open(src).ctx("open", src)?;
+        let mut input = super::io::open_read(src).ctx("open", src)?;
         let mut w = self.create(name)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -141,7 +142,10 @@ impl Stage {
     /// Adds the file `src`, known to hold `expected` (it was just verified), under `name`:
     /// with `share`, as a hard link or else a reflink (no data copied; checkpoints are
     /// immutable, so sharing is safe), else (or when the file system cannot) as a copy whose
-    /// size and checksum are compared with `expected` while it is written.
+    /// size and checksum are compared with `expected` while it is written. A hard link is
+    /// made only to a file this process's user owns and nobody else may write: a link to
+    /// another user's file would let that user rewrite the new checkpoint (a reflink is a
+    /// file of our own, so it stays allowed).
     pub fn add_verified(
         &mut self,
         name: &str,
@@ -152,7 +156,7 @@ impl Stage {
         if share {
             let p = self.target(name)?;
             let mut how = None;
-            if self.store.io().hard_link(src, &p).is_ok() {
+            if ours_alone(src) && self.store.io().hard_link(src, &p).is_ok() {
                 how = Some(Shared::Linked);
             } else if self.store.io().reflink(src, &p).is_ok() {
                 how = Some(Shared::Reflinked);
@@ -282,6 +286,15 @@ impl Drop for Stage {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// Whether the file `src` (not followed) belongs to the effective user and has no group or
+/// other write permission: only then may a new checkpoint share its inode.
+fn ours_alone(src: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    fs::symlink_metadata(src).is_ok_and(|m| m.uid() == me && m.mode() & 0o022 == 0)
 }
 
 /// How [`Stage::add_verified`] brought a file in.
@@ -542,11 +555,7 @@ fn direct_write(fd: &File, buf: &[u8], off: u64) -> io::Result<()> {
 
 /// Size and checksum of a file, read in 1 MiB blocks without following a symlink.
 pub fn checksum_file(path: &Path, algo: Algo) -> Result<(u64, u32)> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .ctx("open", path)?;
+    let mut f = super::io::open_read(path).ctx("open", path)?;
     let mut h = algo.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -576,11 +585,17 @@ pub(crate) fn walk(
         let ent = ent.ctx("list", dir)?;
         let path = ent.path();
         let ft = ent.file_type().ctx("inspect", &path)?;
-        let rel = path
+        let Some(rel) = path
             .strip_prefix(root)
             .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
+            .to_str()
+            .map(str::to_string)
+        else {
+            return Err(Error::Usage(format!(
+                "{} has a file name that is not valid UTF-8; checkpoint file names are UTF-8 text; hint: rename it",
+                crate::store::display_path(&path)
+            )));
+        };
         if ft.is_dir() {
             dirs.push(path.clone());
             walk(root, &path, files, dirs)?;

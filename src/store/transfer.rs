@@ -189,7 +189,8 @@ pub fn export_to(src: &Path, src_seq: Option<u64>, to: &Path, io: &dyn Io) -> Re
             io.fsync_file(&dst).ctx("fsync", &dst)?;
         }
         let msrc = src.join(MANIFEST_NAME);
-        let bytes = fs::read(&msrc).ctx("read", &msrc)?;
+        let bytes = super::io::read_small(&msrc, super::manifest::limits::MANIFEST_BYTES)
+            .ctx("read", &msrc)?;
         let mdst = tmp.join(MANIFEST_NAME);
         io.write_new(&mdst, &bytes).ctx("write", &mdst)?;
         io.fsync_file(&mdst).ctx("fsync", &mdst)?;
