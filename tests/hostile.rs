@@ -669,3 +669,167 @@ fn import_link_never_hard_links_another_users_files() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["linked"], 1, "{v}");
 }
+
+/// A supervisor on `dir` running `sleep 60` (no client), once its control socket answers.
+fn supervise(dir: &Path, stderr: Stdio) -> Running {
+    let sup = ckpt()
+        .args(["run", "--every", "off", "--dir"])
+        .arg(dir)
+        .args(["--", "sleep", "60"])
+        .stderr(stderr)
+        .spawn_guarded();
+    wait_until(Duration::from_secs(10), "the supervisor to answer", || {
+        ckpt()
+            .args(["status", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    sup
+}
+
+fn stop(dir: &Path, sup: &mut Running) {
+    let out = output_deadline(
+        ckpt().args(["stop", "--no-checkpoint", "--dir"]).arg(dir),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_deadline(sup, Duration::from_secs(10));
+    assert_no_survivors(dir);
+}
+
+#[test]
+fn a_copied_directory_does_not_reach_the_original_supervisor() {
+    let root = tempdir();
+    let d = root.path().join("d");
+    let mut sup = supervise(&d, Stdio::null());
+    let copy = root.path().join("copy");
+    let st = Command::new("cp")
+        .args(["-a", "--"])
+        .arg(&d)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(copy.join(".ckpt/status.json").exists());
+    for args in [
+        &["stop", "--no-wait"][..],
+        &["stop", "--no-checkpoint", "--no-wait"],
+        &["checkpoint"],
+        &["status"],
+    ] {
+        let out = output_deadline(
+            ckpt().args(args).arg("--dir").arg(&copy),
+            Duration::from_secs(10),
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {err}");
+        assert!(err.contains("another directory"), "{err}");
+    }
+    assert!(
+        sup.try_wait().unwrap().is_none(),
+        "the original was stopped"
+    );
+    stop(&d, &mut sup);
+}
+
+#[test]
+fn a_removed_lock_file_does_not_let_a_second_supervisor_in() {
+    let root = tempdir();
+    let d = root.path().join("d");
+    let mut sup = supervise(&d, Stdio::null());
+    std::fs::remove_file(d.join(".ckpt/lock")).unwrap();
+    let out = output_deadline(
+        ckpt().args(["run", "--dir"]).arg(&d).args(["--", "true"]),
+        Duration::from_secs(10),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    // A replaced one neither.
+    std::fs::write(d.join(".ckpt/lock"), "").unwrap();
+    let out = output_deadline(
+        ckpt().args(["rollback", "--dir"]).arg(&d).arg("latest"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(73), "{}", text(&out.stderr));
+    assert!(sup.try_wait().unwrap().is_none());
+    stop(&d, &mut sup);
+}
+
+#[test]
+fn a_message_flood_is_rate_limited_and_escaped() {
+    let root = tempdir();
+    let d = root.path().join("d");
+    let err_file = root.path().join("stderr");
+    let mut sup = supervise(&d, Stdio::from(std::fs::File::create(&err_file).unwrap()));
+    let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let msg = serde_json::json!({
+        "type": "save_failed", "v": 1, "pid": 1,
+        "error": format!("\u{1b}]2;pwned\u{7}\u{1b}[2J{}", "x".repeat(1000)),
+    })
+    .to_string();
+    const N: u64 = 20_000;
+    for _ in 0..N {
+        sock.send_to(msg.as_bytes(), d.join(".ckpt/sock")).unwrap();
+    }
+    let last = 1u64 << (63 - N.leading_zeros()); // the largest power of two <= N
+    wait_until(
+        Duration::from_secs(10),
+        "the last logged save_failed",
+        || events(&d, "save_failed").iter().any(|e| e["count"] == last),
+    );
+    let logged = events(&d, "save_failed").len();
+    assert!(
+        logged <= 30,
+        "{logged} save_failed events logged for {N} messages"
+    );
+    let size = std::fs::metadata(d.join(".ckpt/events.jsonl"))
+        .unwrap()
+        .len();
+    assert!(size < 128 << 10, "events.jsonl grew to {size} bytes");
+    stop(&d, &mut sup);
+    let err = std::fs::read(&err_file).unwrap();
+    let lines = text(&err).matches("could not save").count();
+    assert!(lines <= 30, "{lines} warnings on stderr for {N} messages");
+    assert!(
+        !err.contains(&0x1b) && !err.contains(&0x07),
+        "raw escapes on stderr"
+    );
+    assert!(text(&err).contains("\\x1b]2;pwned\\x07"), "{}", text(&err));
+}
+
+#[test]
+fn service_user_refuses_control_characters() {
+    for user in [
+        "root\nExecStartPre=/bin/sh -c evil",
+        "a b",
+        "x\r",
+        "",
+        "r\u{1b}t",
+    ] {
+        let out = output_deadline(
+            ckpt().args([
+                "service", "--name", "t", "--dir", "/tmp/x", "--user", user, "--", "true",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{user:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stdout).contains("ExecStartPre"), "{user:?}");
+    }
+    let out = output_deadline(
+        ckpt().args([
+            "service", "--name", "t", "--dir", "/tmp/x", "--user", "nobody", "--", "true",
+        ]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("User=nobody\n"));
+}

@@ -235,3 +235,52 @@ impl Io for RealIo {
         fs::remove_file(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_checked_refuses_all_but_regular_files_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::write(d.join("file"), "x").unwrap();
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink(d.join("file"), d.join("link")).unwrap();
+        fs::create_dir(d.join("dir")).unwrap();
+        assert_eq!(read_small(&d.join("file"), 10).unwrap(), b"x");
+        for (name, kind) in [
+            ("fifo", "a FIFO"),
+            ("link", "a symlink"),
+            ("dir", "a directory"),
+        ] {
+            let e = open_read(&d.join(name)).unwrap_err();
+            assert!(is_not_regular(&e), "{name}: {e}");
+            assert!(e.to_string().contains(kind), "{name}: {e}");
+            assert!(e.to_string().contains("hint"), "{name}: {e}");
+        }
+        // Opening a FIFO for writing (no reader) neither blocks.
+        let e = open_checked(&fifo, OpenOptions::new().append(true)).unwrap_err();
+        assert!(is_not_regular(&e), "{e}");
+        // The descriptor of a regular file is blocking again.
+        use std::os::unix::io::AsRawFd;
+        let f = open_read(&d.join("file")).unwrap();
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        assert!(read_small(&d.join("file"), 0).is_err(), "limit");
+    }
+
+    #[test]
+    fn names_are_escaped_for_terminals_and_json() {
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(super::super::escape("a\u{1b}[2Jb\n"), "a\\x1b[2Jb\\x0a");
+        assert_eq!(super::super::escape("caf\u{e9} \u{9b}"), "caf\u{e9} \\x9b");
+        assert_eq!(
+            super::super::display_path(std::ffi::OsStr::from_bytes(b"d-\xff/\x07")),
+            "d-\\xff/\\x07"
+        );
+        assert_eq!(super::super::escape_lines("a\u{7}\nb"), "a\\x07\nb");
+    }
+}

@@ -236,3 +236,62 @@ impl Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_log_is_rotated_while_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rep = Reporter::new(tmp.path().to_path_buf(), true, false);
+        rep.rotate_bytes = 4096;
+        for i in 0..1000 {
+            rep.event(
+                "committed",
+                None,
+                json!({ "seq": i, "pad": "x".repeat(100) }),
+            );
+        }
+        let cur = std::fs::metadata(tmp.path().join("events.jsonl"))
+            .unwrap()
+            .len();
+        let old = std::fs::metadata(tmp.path().join("events.jsonl.1"))
+            .unwrap()
+            .len();
+        assert!(cur <= 4096 + 200, "events.jsonl is {cur} bytes");
+        assert!(old <= 4096 + 200, "events.jsonl.1 is {old} bytes");
+        // The newest event is in the current file.
+        let text = std::fs::read_to_string(tmp.path().join("events.jsonl")).unwrap();
+        assert!(text.contains("\"seq\":999"), "{text}");
+    }
+
+    #[test]
+    fn job_caused_warnings_are_rate_limited_with_a_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rep = Reporter::new(tmp.path().to_path_buf(), true, false);
+        for _ in 0..1000 {
+            rep.warn("save_failed", "disk full".into(), json!({}));
+        }
+        let text = std::fs::read_to_string(tmp.path().join("events.jsonl")).unwrap();
+        let counts: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|v| v["count"].as_u64())
+            .collect();
+        // 10 plain lines, then 16, 32, ..., 512.
+        assert_eq!(text.lines().count(), 10 + 6);
+        assert_eq!(counts, vec![16, 32, 64, 128, 256, 512]);
+    }
+
+    #[test]
+    fn a_fifo_event_log_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("events.jsonl");
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut rep = Reporter::new(tmp.path().to_path_buf(), true, false);
+        assert!(rep.log.is_none());
+        rep.event("start", None, json!({}));
+    }
+}
