@@ -108,7 +108,25 @@ impl Reporter {
         {
             let _ = std::fs::rename(&path, private.join("events.jsonl.1"));
         }
-        let log = match open_log(&path) {
+        let mut opened = open_log(&path);
+        if opened.as_ref().is_err_and(crate::store::io::is_not_regular) {
+            // A FIFO, symlink or directory planted in place of the log: moved aside (never
+            // deleted, never opened: a FIFO would block every reader of the log), then a new
+            // log is started.
+            let aside = private.join(format!(
+                "events.jsonl.not-regular.{}",
+                crate::store::token()
+            ));
+            if std::fs::rename(&path, &aside).is_ok() {
+                to_stderr(&format!(
+                    "ckpt: warning: {} was not a regular file; moved aside to {}\n",
+                    crate::store::display_path(&path),
+                    crate::store::display_path(&aside)
+                ));
+                opened = open_log(&path);
+            }
+        }
+        let log = match opened {
             Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
@@ -291,7 +309,14 @@ mod tests {
         let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let mut rep = Reporter::new(tmp.path().to_path_buf(), true, false);
-        assert!(rep.log.is_none());
         rep.event("start", None, json!({}));
+        // Moved aside, and a regular log started.
+        assert!(std::fs::symlink_metadata(&p).unwrap().is_file());
+        let aside: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("not-regular"))
+            .collect();
+        assert_eq!(aside.len(), 1);
     }
 }
