@@ -222,44 +222,10 @@ impl Stage {
         }
         let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
         manifest.meta = meta;
-        let mpath = self.path.join(MANIFEST_NAME);
-        for attempt in 0..1000 {
-            manifest.seq = self.store.next_seq()?;
-            manifest.created_ms = super::manifest::now_ms();
-            if attempt > 0 {
-                io.remove_file(&mpath).ctx("remove", &mpath)?;
-            }
-            io.write_new(&mpath, &manifest.encode())
-                .ctx("write manifest", &mpath)?;
-            io.fsync_file(&mpath).ctx("fsync", &mpath)?;
-            for d in dirs.iter().rev() {
-                io.fsync_dir(d).ctx("fsync", d)?;
-            }
-            io.fsync_dir(&self.path).ctx("fsync", &self.path)?;
-            let dest = self.store.path_of(manifest.seq);
-            match io.rename_noreplace(&self.path, &dest) {
-                Ok(()) => {
-                    self.done = true;
-                    io.fsync_dir(self.store.dir())
-                        .ctx("fsync", self.store.dir())?;
-                    let staging = self.store.private().join("staging");
-                    io.fsync_dir(&staging).ctx("fsync", &staging)?;
-                    return Ok(manifest);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(Error::io(
-                        "publish (rename) staging directory",
-                        &self.path,
-                        e,
-                    ))
-                }
-            }
-        }
-        Err(Error::Usage(format!(
-            "could not claim a sequence number in {} after 1000 tries",
-            self.store.dir().display()
-        )))
+        let res = publish(&self.store, &self.path, &mut manifest, &dirs);
+        // Published (renamed away) even if a later fsync failed: nothing left to remove.
+        self.done = res.is_ok() || fs::symlink_metadata(&self.path).is_err();
+        res.map(|()| manifest)
     }
 
     /// Hands the staged directory and the sums computed while writing to a multi-rank save
@@ -295,6 +261,52 @@ fn ours_alone(src: &Path) -> bool {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     fs::symlink_metadata(src).is_ok_and(|m| m.uid() == me && m.mode() & 0o022 == 0)
+}
+
+/// The commit point of every publish (a [`Stage`], a multi-rank round's stage): claims the
+/// next sequence number, writes and fsyncs `staged/MANIFEST.ckpt` with it, fsyncs `dirs`
+/// (deepest last in the list, synced first) and `staged`, and renames `staged` to
+/// `DIR/ckpt-<seq>` without replacing anything; if another writer took the number, the
+/// manifest is rewritten with the next one and the rename retried. Then fsyncs both parents
+/// of the rename. Every step goes through [`Store::io`](super::Io).
+pub(crate) fn publish(
+    store: &Store,
+    staged: &Path,
+    manifest: &mut Manifest,
+    dirs: &[PathBuf],
+) -> Result<()> {
+    let io = store.io();
+    let mpath = staged.join(MANIFEST_NAME);
+    for attempt in 0..1000 {
+        manifest.seq = store.next_seq()?;
+        manifest.created_ms = super::manifest::now_ms();
+        if attempt > 0 {
+            io.remove_file(&mpath).ctx("remove", &mpath)?;
+        }
+        io.write_new(&mpath, &manifest.encode())
+            .ctx("write manifest", &mpath)?;
+        io.fsync_file(&mpath).ctx("fsync", &mpath)?;
+        for d in dirs.iter().rev() {
+            io.fsync_dir(d).ctx("fsync", d)?;
+        }
+        io.fsync_dir(staged).ctx("fsync", staged)?;
+        let dest = store.path_of(manifest.seq);
+        match io.rename_noreplace(staged, &dest) {
+            Ok(()) => {
+                io.fsync_dir(store.dir()).ctx("fsync", store.dir())?;
+                if let Some(parent) = staged.parent() {
+                    io.fsync_dir(parent).ctx("fsync", parent)?;
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("publish (rename) staging directory", staged, e)),
+        }
+    }
+    Err(Error::Usage(format!(
+        "could not claim a sequence number in {} after 1000 tries",
+        store.dir().display()
+    )))
 }
 
 /// How [`Stage::add_verified`] brought a file in.
