@@ -297,10 +297,14 @@ pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
                     && if ma.checksum == mb.checksum {
                         fa.sum == fb.sum
                     } else {
-                        // Different algorithms: checksum B's file the way A's was.
-                        crate::store::commit::checksum_file(&rb.path.join(&fb.name), ma.checksum)
-                            .map(|(_, s)| s == fa.sum)
-                            .unwrap_or(false)
+                        // Different algorithms: checksum B's file the way A's was (only if
+                        // no directory on its way is a planted symlink).
+                        crate::store::scan::open_member(&rb.path, &fb.name).is_ok()
+                            && crate::store::commit::checksum_file(
+                                &rb.path.join(&fb.name),
+                                ma.checksum,
+                            )
+                            .is_ok_and(|(_, s)| s == fa.sum)
                     };
                 let status = if equal { "same" } else { "changed" };
                 if equal {
