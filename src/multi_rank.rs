@@ -717,10 +717,15 @@ impl MultiRank {
         })
         .expect("serialises");
         let marked = (|| {
-            // The shard's directory entry in the stage must be durable before it counts.
+            // The shard's directory entry in the stage must be durable before it counts: both
+            // parents of its rename (a rename is durable only once both are fsynced; the
+            // crash-state test found a lost shard without the staging directory's fsync).
             io.fsync_dir(&dest).ctx("fsync", &dest)?;
             io.fsync_dir(&r.join("stage"))
                 .ctx("fsync", &r.join("stage"))?;
+            if let Some(parent) = src.parent() {
+                io.fsync_dir(parent).ctx("fsync", parent)?;
+            }
             io.write_new(&done_tmp, &body).ctx("write", &done_tmp)?;
             io.rename_replace(&done_tmp, &done).ctx("write", &done)
         })();
