@@ -470,6 +470,24 @@ fn read_only_commands_refuse_fifos_with_a_clear_error() {
 }
 
 #[test]
+fn retention_with_a_fifo_tag_file_fails_fast_and_removes_nothing() {
+    // What a running supervisor's prune does after each checkpoint.
+    let root = tempdir();
+    let d = root.path().join("d");
+    base(&d);
+    save(&d, &[("a", b"three")], 3);
+    mkfifo(&d.join(".ckpt/tags.json"));
+    let t = Instant::now();
+    let e = Store::new(&d).prune(1, None, &[3]).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        e.to_string().contains("tags.json") && e.to_string().contains("FIFO"),
+        "{e}"
+    );
+    assert_eq!(checkpoints(&d), vec![1, 2, 3]);
+}
+
+#[test]
 fn gc_refuses_a_symlinked_private_dir_and_deletes_nothing_outside() {
     let root = tempdir();
     let d = root.path().join("d");
