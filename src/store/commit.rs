@@ -100,13 +100,7 @@ impl Stage {
     /// [`StageWriter::finish`] when done.
     pub fn create(&mut self, name: &str) -> Result<StageWriter<'_>> {
         let p = self.target(name)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .ctx("create", &p)?;
+        let file = self.store.io().create_file(&p).ctx("create", &p)?;
         Ok(StageWriter {
             hasher: self.algo.hasher(),
             size: 0,

@@ -15,6 +15,17 @@ pub trait Io: Send + Sync {
     fn create_dir(&self, path: &Path) -> io::Result<()>;
     /// Creates a new file (owner-only; fails if it exists) holding `data`. Not synced.
     fn write_new(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Creates a new, empty file (owner-only; fails if it exists, never through a symlink)
+    /// and returns it for streaming writes (`Stage::create`, export). What is written through
+    /// it is made durable by [`Io::fsync_file`] before any commit point. Not synced.
+    fn create_file(&self, path: &Path) -> io::Result<fs::File> {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    }
     /// Flushes a file's data and size to stable storage.
     fn fsync_file(&self, path: &Path) -> io::Result<()>;
     /// Flushes a directory's entries to stable storage.
