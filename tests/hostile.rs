@@ -335,7 +335,14 @@ fn run_corpus(dir_name: &OsStr, only: impl Fn(usize, &str) -> bool) {
         }
         let case = root.path().join(name);
         let d = case.join(dir_name);
-        let e = case.join("elsewhere");
+        // Named after `dir_name` too: a non-UTF-8 directory gets non-UTF-8 `--to` and import
+        // targets as well.
+        let named = |suffix: &str| {
+            let mut n = dir_name.to_os_string();
+            n.push(suffix);
+            case.join(n)
+        };
+        let e = named("-elsewhere");
         std::fs::create_dir_all(&e).unwrap();
         std::fs::write(e.join("payload"), "payload").unwrap();
         base(&d);
@@ -346,7 +353,7 @@ fn run_corpus(dir_name: &OsStr, only: impl Fn(usize, &str) -> bool) {
             if args[0] == "run" && dir_name.to_str().is_none() {
                 continue;
             }
-            let n = case.join(format!("new-{i}"));
+            let n = named(&format!("-new-{i}"));
             let _ = std::fs::remove_dir_all(e.join("export"));
             let argv: Vec<OsString> = args.iter().map(|a| expand(a, &d, &e, &n)).collect();
             let shown = format!("[{name}] ckpt {}", args.join(" "));
