@@ -155,7 +155,7 @@ pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
     if a.json {
         println!("{}", json!({ "tag": a.name, "seq": seq }));
     } else {
-        println!("removed tag {} (checkpoint {seq} stays)", a.name);
+        println!("removed tag {} (checkpoint {seq} stays)", escape(&a.name));
     }
     Ok(0)
 }
@@ -489,7 +489,10 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
             dp(store.dir().join(ROLLED_BACK))
         );
         for t in &r.dangling_tags {
-            eprintln!("ckpt: warning: tag {t} names a checkpoint now in rolled-back/; `ckpt import` it to use it again");
+            eprintln!(
+                "ckpt: warning: tag {} names a checkpoint now in rolled-back/; `ckpt import` it to use it again",
+                escape(t)
+            );
         }
     }
     Ok(0)
