@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::store::scan::read_manifest;
-use crate::store::{Algo, FileEntry, Manifest, Stage, Store, MANIFEST_NAME};
+use crate::store::{Algo, FileEntry, Manifest, Stage, Store};
 
 /// Explicit rank (wins over every launcher's variables).
 pub const ENV_RANK: &str = "CKPT_RANK";
@@ -533,7 +533,10 @@ impl MultiRank {
                 .io()
                 .write_new(&tmp, &body)
                 .ctx("write proposal", &tmp)?;
-            fs::rename(&tmp, r.join(&name)).ctx("write proposal", &r.join(&name))?;
+            self.store
+                .io()
+                .rename_replace(&tmp, &r.join(&name))
+                .ctx("write proposal", &r.join(&name))?;
             self.joined = Some(Joined {
                 proposal,
                 target: None,
@@ -582,7 +585,7 @@ impl MultiRank {
         };
         for rank in 0..self.world.size {
             let p = r.join(format!("propose-{rank:05}"));
-            match fs::read(&p) {
+            match crate::store::io::read_small(&p, 64 << 10) {
                 Ok(b) => {
                     let x: Target = serde_json::from_slice(&b)
                         .map_err(|e| Error::Usage(format!("bad proposal {}: {e}", p.display())))?;
@@ -799,12 +802,17 @@ impl MultiRank {
         })
         .expect("serialises");
         let marked = (|| {
-            // The shard's directory entry in the stage must be durable before it counts.
+            // The shard's directory entry in the stage must be durable before it counts: both
+            // parents of its rename (a rename is durable only once both are fsynced; the
+            // crash-state test found a lost shard without the staging directory's fsync).
             io.fsync_dir(&dest).ctx("fsync", &dest)?;
             io.fsync_dir(&r.join("stage"))
                 .ctx("fsync", &r.join("stage"))?;
+            if let Some(parent) = src.parent() {
+                io.fsync_dir(parent).ctx("fsync", parent)?;
+            }
             io.write_new(&done_tmp, &body).ctx("write", &done_tmp)?;
-            fs::rename(&done_tmp, &done).ctx("write", &done)
+            io.rename_replace(&done_tmp, &done).ctx("write", &done)
         })();
         if let Err(e) = marked {
             self.abort(k);
@@ -832,7 +840,7 @@ impl MultiRank {
         let mut pause = Duration::from_millis(1);
         let mut gave_up = false;
         loop {
-            if let Ok(b) = fs::read(r.join("published")) {
+            if let Ok(b) = crate::store::io::read_small(&r.join("published"), 64 << 10) {
                 let p: Published = serde_json::from_slice(&b)
                     .map_err(|e| Error::Usage(format!("bad round outcome: {e}")))?;
                 let path = self.store.path_of(p.seq);
@@ -870,7 +878,7 @@ impl MultiRank {
         let mut algo = None;
         for rank in 0..self.world.size {
             let p = r.join(format!("done-{rank:05}"));
-            let b = fs::read(&p).ctx("read", &p)?;
+            let b = crate::store::io::read_small(&p, 64 << 20).ctx("read", &p)?;
             let d: ShardDone = serde_json::from_slice(&b)
                 .map_err(|e| Error::Usage(format!("bad shard record {}: {e}", p.display())))?;
             if d.rank != rank || d.step != t.step || algo.is_some_and(|a| a != d.checksum) {
@@ -891,36 +899,14 @@ impl MultiRank {
         let algo = algo.unwrap_or(Algo::Crc32c);
         let mut manifest = Manifest::new(0, Some(t.step), writer, algo, entries);
         manifest.world_size = Some(self.world.size);
-        let mpath = stage.join(MANIFEST_NAME);
-        for attempt in 0..1000 {
-            manifest.seq = self.store.next_seq()?;
-            manifest.created_ms = crate::store::manifest::now_ms();
-            if attempt > 0 {
-                io.remove_file(&mpath).ctx("remove", &mpath)?;
-            }
-            io.write_new(&mpath, &manifest.encode())
-                .ctx("write manifest", &mpath)?;
-            io.fsync_file(&mpath).ctx("fsync", &mpath)?;
-            io.fsync_dir(&stage).ctx("fsync", &stage)?;
-            let dest = self.store.path_of(manifest.seq);
-            match io.rename_noreplace(&stage, &dest) {
-                Ok(()) => {
-                    io.fsync_dir(self.store.dir())
-                        .ctx("fsync", self.store.dir())?;
-                    let body =
-                        serde_json::to_vec(&Published { seq: manifest.seq }).expect("serialises");
-                    let tmp = r.join(format!(".published.{}", crate::store::token()));
-                    io.write_new(&tmp, &body).ctx("write", &tmp)?;
-                    fs::rename(&tmp, r.join("published")).ctx("write", &r.join("published"))?;
-                    return Ok(manifest);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io("publish (rename) the round's stage", &stage, e)),
-            }
-        }
-        Err(Error::Usage(format!(
-            "could not claim a sequence number in {} after 1000 tries",
-            self.store.dir().display()
-        )))
+        // The one publish path (store/commit.rs), shared with every other save.
+        crate::store::commit::publish(&self.store, &stage, &mut manifest, &[])?;
+        let body = serde_json::to_vec(&Published { seq: manifest.seq }).expect("serialises");
+        let tmp = r.join(format!(".published.{}", crate::store::token()));
+        io.write_new(&tmp, &body).ctx("write", &tmp)?;
+        let published = r.join("published");
+        io.rename_replace(&tmp, &published)
+            .ctx("write", &published)?;
+        Ok(manifest)
     }
 }

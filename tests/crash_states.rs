@@ -292,6 +292,24 @@ impl Io for Recorder {
         });
         Ok(())
     }
+    fn rename_replace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.real.rename_replace(from, to)?;
+        let (f, fname) = self.split(from);
+        let (t, tname) = self.split(to);
+        let mut live = self.live.lock().unwrap();
+        let ino = match live.nodes.get(&f) {
+            Some(Node::Dir(m)) => m[&fname],
+            _ => unreachable!(),
+        };
+        live.apply(Op::Rename {
+            from: f,
+            fname,
+            to: t,
+            tname,
+            ino,
+        });
+        Ok(())
+    }
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         // Logged as the unlinks the kernel performs: children first.
         let (parent, name) = self.split(path);
@@ -414,6 +432,21 @@ fn record(root: &Path) -> (Vec<Op>, Facts, &'static str) {
     store.prune(1, None, &[s4]).unwrap();
     let s5 = save(&store, &rec, &mut f, &[("state", payload(5, 33))]);
     store.prune(1, None, &[s5]).unwrap();
+    // A multi-rank save (a world of one rank): its round, shard and publish go through the
+    // same Io and the same publish path.
+    let world = ckpt::World::new(0, 1).unwrap();
+    let mut mr = ckpt::multi_rank::MultiRank::new(&store, world, "crash.1").unwrap();
+    let mut st = Stage::new(&store, Algo::Crc32c).unwrap();
+    st.write_file("state", &payload(6, 44)).unwrap();
+    let m = mr
+        .commit_shard(st, Algo::Crc32c, Some(6), false, "crash-test")
+        .unwrap();
+    f.acked.insert(m.seq, rec.len());
+    f.content.insert(
+        m.seq,
+        vec![("rank-00000/state".to_string(), payload(6, 44))],
+    );
+    store.prune(1, None, &[m.seq]).unwrap();
 
     let log = rec.log();
     // Where each checkpoint left the directory.

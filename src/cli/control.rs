@@ -56,10 +56,66 @@ pub struct StopArgs {
     pub timeout: Duration,
 }
 
+/// Where the control socket of a supervisor on `store` is: `control_socket` of
+/// `.ckpt/status.json` (read as a regular file only: a FIFO there must not hang the client),
+/// else `.ckpt/control.sock`.
+fn socket_path(store: &Store) -> std::path::PathBuf {
+    let private = store.private();
+    crate::store::io::read_small(&private.join("status.json"), 1 << 20)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["control_socket"].as_str().map(std::path::PathBuf::from))
+        .unwrap_or_else(|| private.join("control.sock"))
+}
+
+/// Whether the supervisor that gave the `status` answer `v` serves `store`'s directory (the
+/// same directory by device and inode). A copied directory keeps the original's
+/// `status.json`, which leads to the original's supervisor: that one must not be stopped
+/// or asked for checkpoints on behalf of the copy.
+fn check_serves(store: &Store, v: &Value) -> Result<(), Fatal> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(theirs) = v["dir"].as_str() else {
+        return Ok(()); // an answer without `dir`: nothing to compare
+    };
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = id(store.dir());
+    if ours.is_some() && ours == id(std::path::Path::new(theirs)) {
+        return Ok(());
+    }
+    Err(Fatal {
+        code: exit_codes::NOT_RUNNING,
+        msg: format!(
+            "no ckpt supervisor is running on {}: the supervisor its .ckpt/status.json leads to (pid {}) serves {}, another directory (is {} a copy?)",
+            crate::store::display_path(store.dir()),
+            v["supervisor_pid"],
+            crate::store::escape(theirs),
+            crate::store::display_path(store.dir())
+        ),
+    })
+}
+
 fn call(dir: &DirArg, req: &Request, timeout: Option<Duration>) -> Result<Value, Fatal> {
     let store = Store::new(&dir.dir);
-    let path = control::socket_path_for(&store.private());
-    let answer = control::call(&path, req, timeout).map_err(|e| {
+    let path = socket_path(&store);
+    if !matches!(req, Request::Status {}) {
+        // Make sure first that the socket leads to this directory's supervisor.
+        call_at(
+            &store,
+            &path,
+            &Request::Status {},
+            Some(Duration::from_secs(10)),
+        )?;
+    }
+    call_at(&store, &path, req, timeout)
+}
+
+fn call_at(
+    store: &Store,
+    path: &std::path::Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Value, Fatal> {
+    let answer = control::call(path, req, timeout).map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
                 "no ckpt supervisor is running on {} (no one listens on {})",
@@ -96,6 +152,9 @@ fn call(dir: &DirArg, req: &Request, timeout: Option<Duration>) -> Result<Value,
         };
         return Err(Fatal { code, msg: e });
     }
+    if matches!(req, Request::Status {}) {
+        check_serves(store, &answer)?;
+    }
     Ok(answer)
 }
 
@@ -111,7 +170,7 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
         if a.json {
             println!("{v}");
         } else {
-            print!("{}", render_status(&v));
+            print!("{}", crate::store::escape_lines(&render_status(&v)));
         }
         return Ok(0);
     };
@@ -125,9 +184,13 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
             writeln!(out, "{v}")
         } else if tty {
             // Home, clear, then the status (as watch(1) does).
-            write!(out, "\x1b[H\x1b[2J{}", render_status(&v))
+            write!(
+                out,
+                "\x1b[H\x1b[2J{}",
+                crate::store::escape_lines(&render_status(&v))
+            )
         } else {
-            writeln!(out, "{}", render_status(&v))
+            writeln!(out, "{}", crate::store::escape_lines(&render_status(&v)))
         };
         if shown.and_then(|_| out.flush()).is_err() {
             return Ok(0); // stdout closed (e.g. `| head`)

@@ -154,7 +154,7 @@ pub fn run(a: DemoArgs) -> Result<i32, Fatal> {
                 .and_then(|m| m.step)
                 .unwrap_or(0);
             let status: Option<serde_json::Value> =
-                std::fs::read(store.private().join("status.json"))
+                crate::store::io::read_small(&store.private().join("status.json"), 1 << 20)
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok());
             let restarts = status

@@ -53,15 +53,44 @@ fn log_paths(dir: &DirArg) -> Result<(PathBuf, PathBuf), Fatal> {
     Ok((store.private().join("events.jsonl.1"), p))
 }
 
+/// Opens an event log file (a regular file only: a FIFO or symlink planted there must not
+/// hang or redirect `ckpt log`/`ckpt stats`).
+fn open_log(p: &std::path::Path) -> Result<std::fs::File, Fatal> {
+    crate::store::io::open_read(p).map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: format!("cannot read {}: {e}", crate::store::display_path(p)),
+    })
+}
+
 fn read_events(dir: &DirArg) -> Result<Vec<Value>, Fatal> {
     let (old, cur) = log_paths(dir)?;
     let mut out = Vec::new();
     for p in [old, cur] {
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(
-                text.lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
-            );
+        let f = match open_log(&p) {
+            Ok(f) => f,
+            Err(_) if std::fs::symlink_metadata(&p).is_err() => continue,
+            Err(e) => return Err(e),
+        };
+        // Line by line: one line that is not UTF-8 or not JSON is skipped, not the file.
+        let mut r = BufReader::new(f);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                        out.push(v);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Fatal {
+                        code: exit_codes::IO,
+                        msg: format!("cannot read {}: {e}", crate::store::display_path(&p)),
+                    })
+                }
+            }
         }
     }
     Ok(out)
@@ -94,7 +123,7 @@ pub fn last_event(private: &std::path::Path, names: &[&str]) -> Option<Value> {
 /// One event as a human line: UTC time, event name, then its fields as key=value.
 pub fn human(e: &Value) -> String {
     let t = e["t_ms"].as_u64().unwrap_or(0);
-    let when = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(t));
+    let when = super::fmt_utc_ms(t, true);
     let mut line = format!("{when}  {:<16}", e["event"].as_str().unwrap_or("?"));
     if let Some(obj) = e.as_object() {
         for (k, v) in obj {
@@ -108,7 +137,9 @@ pub fn human(e: &Value) -> String {
             }
         }
     }
-    line
+    // The log is written by the supervisor but holds the job's words (messages, errors):
+    // never let them reach the terminal as escape sequences.
+    crate::store::escape(&line)
 }
 
 pub fn log(a: LogArgs) -> Result<i32, Fatal> {
@@ -122,20 +153,14 @@ pub fn log(a: LogArgs) -> Result<i32, Fatal> {
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let (_, cur) = log_paths(&a.dir)?;
-    let mut f = std::fs::File::open(&cur).map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: format!("cannot open {}: {e}", cur.display()),
-    })?;
+    let mut f = open_log(&cur)?;
     let mut pos = f.seek(SeekFrom::End(0)).unwrap_or(0);
     let mut partial = String::new();
     loop {
         let len = std::fs::metadata(&cur).map(|m| m.len()).unwrap_or(0);
         if len < pos {
             // Rotated: start over on the new file.
-            f = std::fs::File::open(&cur).map_err(|e| Fatal {
-                code: exit_codes::IO,
-                msg: e.to_string(),
-            })?;
+            f = open_log(&cur)?;
             pos = 0;
         }
         if len > pos {
@@ -203,7 +228,7 @@ pub fn compute_stats(events: &[Value]) -> Value {
                     no_progress_commits += 1;
                 }
                 if let Some(d) = e["duration_ms"].as_u64() {
-                    ckpt_ms += d;
+                    ckpt_ms = ckpt_ms.saturating_add(d);
                     ckpt_known += 1;
                 }
             }
@@ -213,13 +238,13 @@ pub fn compute_stats(events: &[Value]) -> Value {
                     failures += 1;
                     let since = last_commit_t.or(launch_t).unwrap_or(t(e));
                     let lost = t(e).saturating_sub(since);
-                    lost_ms += lost;
+                    lost_ms = lost_ms.saturating_add(lost);
                     lost_each.push(lost);
                 }
             }
             "restart" => {
                 restarts += 1;
-                backoff_ms += e["delay_ms"].as_u64().unwrap_or(0);
+                backoff_ms = backoff_ms.saturating_add(e["delay_ms"].as_u64().unwrap_or(0));
             }
             "stopped" => stops += 1,
             "request" => requests += 1,
@@ -234,7 +259,7 @@ pub fn compute_stats(events: &[Value]) -> Value {
             0.0
         }
     };
-    let useful = wall_ms.saturating_sub(lost_ms + ckpt_ms + backoff_ms);
+    let useful = wall_ms.saturating_sub(lost_ms.saturating_add(ckpt_ms).saturating_add(backoff_ms));
     let mean_ckpt = if ckpt_known > 0 {
         Some(ckpt_ms as f64 / ckpt_known as f64)
     } else {

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::DirArg;
 use crate::store::scan::{read_manifest, verify_path};
-use crate::store::Store;
+use crate::store::{display_path, escape, Store};
 use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
 
 /// List checkpoints, newest last.
@@ -37,7 +37,7 @@ fn open(dir: &DirArg) -> Result<Store, Fatal> {
             code: exit_codes::USAGE,
             msg: format!(
                 "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
-                store.dir().display()
+                display_path(store.dir())
             ),
         });
     }
@@ -45,8 +45,7 @@ fn open(dir: &DirArg) -> Result<Store, Fatal> {
 }
 
 fn when(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+    super::fmt_utc_ms(ms, false)
 }
 
 fn tag_text(v: &serde_json::Value) -> String {
@@ -74,8 +73,8 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
     for (seq, path) in &list {
         let t = tags.remove(seq).unwrap_or_default();
         rows.push(match read_manifest(path) {
-            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "path": path, "manifest_ok": true, "tags": t, "parent": m.meta.get("parent") }),
-            Err(e) => json!({ "seq": seq, "path": path, "manifest_ok": false, "error": e.to_string(), "tags": t }),
+            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "path": display_path(path), "manifest_ok": true, "tags": t, "parent": m.meta.get("parent") }),
+            Err(e) => json!({ "seq": seq, "path": display_path(path), "manifest_ok": false, "error": e.to_string(), "tags": t }),
         });
     }
     if a.json {
@@ -83,7 +82,7 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
         return Ok(0);
     }
     if rows.is_empty() {
-        eprintln!("no checkpoints in {}", store.dir().display());
+        eprintln!("no checkpoints in {}", display_path(store.dir()));
         return Ok(0);
     }
     println!(
@@ -102,15 +101,15 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
                 when(r["created_ms"].as_u64().unwrap_or(0)),
                 fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
                 r["files"].to_string(),
-                r["writer"].as_str().unwrap_or(""),
-                tag_text(&r["tags"])
+                escape(r["writer"].as_str().unwrap_or("")),
+                escape(&tag_text(&r["tags"]))
             );
         } else {
             println!(
                 "{:>8}  INVALID: {}  {}",
                 r["seq"].to_string(),
-                r["error"].as_str().unwrap_or(""),
-                tag_text(&r["tags"])
+                escape(r["error"].as_str().unwrap_or("")),
+                escape(&tag_text(&r["tags"]))
             );
         }
     }
@@ -149,16 +148,20 @@ pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
             Err(e) => {
                 bad += 1;
                 if !a.json {
-                    println!("INVALID  {seq:>8}  {}: {e}", path.display());
+                    println!(
+                        "INVALID  {seq:>8}  {}: {}",
+                        display_path(path),
+                        escape(&e.to_string())
+                    );
                 }
-                rows.push(json!({ "seq": seq, "ok": false, "error": e.to_string(), "reason": e.slug(), "path": path }));
+                rows.push(json!({ "seq": seq, "ok": false, "error": e.to_string(), "reason": e.slug(), "path": display_path(path) }));
             }
         }
     }
     if a.json {
         println!("{}", serde_json::Value::Array(rows));
     } else if targets.is_empty() {
-        eprintln!("no checkpoints in {}", store.dir().display());
+        eprintln!("no checkpoints in {}", display_path(store.dir()));
     } else {
         eprintln!(
             "{} checkpoint(s) verified, {} invalid",

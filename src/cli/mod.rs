@@ -103,6 +103,23 @@ pub struct DirArg {
     pub dir: PathBuf,
 }
 
+/// A time stamp in milliseconds since the epoch as RFC 3339 UTC (with milliseconds when
+/// `millis`); one beyond year 9999 (or otherwise unrepresentable), as found in a hostile
+/// manifest or event log, is shown raw instead of panicking.
+pub fn fmt_utc_ms(ms: u64, millis: bool) -> String {
+    // 10000-01-01T00:00:00Z
+    const LIMIT_MS: u64 = 253_402_300_800_000;
+    if ms >= LIMIT_MS {
+        return format!("{ms} ms after the epoch (beyond year 9999)");
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    if millis {
+        humantime::format_rfc3339_millis(t).to_string()
+    } else {
+        humantime::format_rfc3339_seconds(t).to_string()
+    }
+}
+
 /// Parses `30s`, `10m`, `2h`, `1h30m`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
@@ -193,7 +210,8 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(Fatal { code, msg }) => {
-            eprintln!("ckpt: error: {msg}");
+            // Messages quote names and words from directories, logs and jobs: escaped.
+            eprintln!("ckpt: error: {}", crate::store::escape_lines(&msg));
             code
         }
     }

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::DirArg;
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
-use crate::store::{Algo, Stage, Store};
+use crate::store::{display_path, Algo, Stage, Store};
 use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
 
 /// Publish files as a new checkpoint.
@@ -36,40 +36,59 @@ fn fail(code: i32, msg: String) -> Fatal {
     Fatal { code, msg }
 }
 
-fn add(stage: &mut Stage, name: &str, src: &Path) -> Result<u64, Fatal> {
-    let meta = std::fs::metadata(src).map_err(|e| {
-        fail(
+/// Adds `src` under `name`: a regular file, or a directory with its tree. `top` is a path
+/// the user named (a symlink there is followed: the user chose it); inside a saved
+/// directory nothing is followed: a symlink is refused naming it (it could lead anywhere,
+/// e.g. to /etc/shadow), and so is a FIFO, socket or device, and a name that is not UTF-8.
+fn add(stage: &mut Stage, name: &str, src: &Path, top: bool) -> Result<u64, Fatal> {
+    let shown = display_path(src);
+    let meta = if top {
+        std::fs::metadata(src)
+    } else {
+        std::fs::symlink_metadata(src)
+    }
+    .map_err(|e| fail(exit_codes::USAGE, format!("cannot read {shown}: {e}")))?;
+    if meta.is_symlink() {
+        return Err(fail(
             exit_codes::USAGE,
-            format!("cannot read {}: {e}", src.display()),
-        )
-    })?;
+            format!("{shown} is a symlink; ckpt save does not follow links inside a saved directory; hint: replace it by the file itself, or save its target separately"),
+        ));
+    }
     if meta.is_dir() {
         let mut total = 0;
-        let rd = std::fs::read_dir(src).map_err(|e| {
-            fail(
-                exit_codes::IO,
-                format!("cannot list {}: {e}", src.display()),
-            )
-        })?;
+        let rd = std::fs::read_dir(src)
+            .map_err(|e| fail(exit_codes::IO, format!("cannot list {shown}: {e}")))?;
         for ent in rd {
-            let ent = ent.map_err(|e| {
-                fail(
-                    exit_codes::IO,
-                    format!("cannot list {}: {e}", src.display()),
-                )
-            })?;
-            let child = format!("{name}/{}", ent.file_name().to_string_lossy());
-            total += add(stage, &child, &ent.path())?;
+            let ent = ent.map_err(|e| fail(exit_codes::IO, format!("cannot list {shown}: {e}")))?;
+            let fname = ent.file_name();
+            let Some(fname) = fname.to_str() else {
+                return Err(fail(
+                    exit_codes::USAGE,
+                    format!(
+                        "{} has a file name that is not valid UTF-8; checkpoint file names are UTF-8 text; hint: rename it",
+                        display_path(ent.path())
+                    ),
+                ));
+            };
+            let child = format!("{name}/{fname}");
+            total += add(stage, &child, &ent.path(), false)?;
         }
         Ok(total)
     } else if meta.is_file() {
+        // A symlink the user named on the command line: copy what it points to.
+        let real = if top {
+            src.canonicalize()
+                .map_err(|e| fail(exit_codes::USAGE, format!("cannot read {shown}: {e}")))?
+        } else {
+            src.to_path_buf()
+        };
         stage
-            .copy_from(name, src)
+            .copy_from(name, &real)
             .map_err(|e| fail(exit_codes::IO, e.to_string()))
     } else {
         Err(fail(
             exit_codes::USAGE,
-            format!("{} is not a regular file or directory", src.display()),
+            format!("{shown} is not a regular file or directory (a FIFO, socket or device)"),
         ))
     }
 }
@@ -98,12 +117,12 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
             .file_name()
             .and_then(|n| n.to_str())
             .filter(|n| *n != "." && *n != "..")
-            .ok_or_else(|| fail(exit_codes::USAGE, format!("{}: cannot tell the file's name; hint: give a path that ends in a file name", f.display())))?
+            .ok_or_else(|| fail(exit_codes::USAGE, format!("{}: cannot tell the file's name, or it is not valid UTF-8; hint: give a path that ends in a UTF-8 file name", display_path(f))))?
             .to_string();
         if !names.insert(name.clone()) {
             return Err(fail(exit_codes::USAGE, format!("two files are both named {name:?}; checkpoint files are stored under their base names")));
         }
-        add(&mut stage, &name, f)?;
+        add(&mut stage, &name, f, true)?;
     }
     let m = stage
         .commit(
@@ -131,7 +150,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
     if a.json {
         println!(
             "{}",
-            json!({ "seq": m.seq, "step": m.step, "path": path, "bytes": m.total_bytes(), "files": m.files.len(), "duration_ms": dur.as_millis() as u64 })
+            json!({ "seq": m.seq, "step": m.step, "path": display_path(&path), "bytes": m.total_bytes(), "files": m.files.len(), "duration_ms": dur.as_millis() as u64 })
         );
     } else {
         eprintln!(
@@ -139,7 +158,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
             m.seq,
             fmt_bytes(m.total_bytes()),
             m.files.len(),
-            path.display()
+            display_path(&path)
         );
     }
     Ok(0)

@@ -168,6 +168,20 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
         envs.push_str(&format!("Environment={}\n", quote(e)));
     }
     let exec: Vec<String> = argv.iter().map(|w| quote_exec_word(w)).collect();
+    if let Some(u) = &a.user {
+        // Interpolated as is into `User=`: a newline would add directives to the unit.
+        if u.is_empty()
+            || u.len() > 256
+            || !u
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@$".contains(c))
+        {
+            return Err(usage(format!(
+                "--user {:?}: a user name or uid is letters, digits and - _ . @ $ only",
+                u
+            )));
+        }
+    }
     let user = a
         .user
         .as_ref()

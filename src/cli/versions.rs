@@ -12,7 +12,9 @@ use super::{parse_duration, DirArg};
 use crate::store::manifest::Manifest;
 use crate::store::scan::{read_manifest, verify_path};
 use crate::store::tags::{check_tag_name, Resolved};
-use crate::store::{Store, PRIVATE, QUARANTINE, ROLLED_BACK};
+use crate::store::{
+    display_path as dp, escape, escape_lines, Store, PRIVATE, QUARANTINE, ROLLED_BACK,
+};
 use crate::supervisor::branch::{ref_fatal, rollback as do_rollback, store_fatal};
 use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
 
@@ -31,7 +33,7 @@ pub fn open(dir: &Path) -> Result<Store, Fatal> {
             exit_codes::USAGE,
             format!(
                 "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
-                store.dir().display()
+                dp(store.dir())
             ),
         ));
     }
@@ -63,7 +65,7 @@ fn manifest_of(res: &Resolved) -> Result<Manifest, Fatal> {
     read_manifest(&res.path).map_err(|e| {
         fatal(
             exit_codes::DATA,
-            format!("checkpoint {} ({}): {e}", res.seq, res.path.display()),
+            format!("checkpoint {} ({}): {e}", res.seq, dp(&res.path)),
         )
     })
 }
@@ -153,7 +155,7 @@ pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
     if a.json {
         println!("{}", json!({ "tag": a.name, "seq": seq }));
     } else {
-        println!("removed tag {} (checkpoint {seq} stays)", a.name);
+        println!("removed tag {} (checkpoint {seq} stays)", escape(&a.name));
     }
     Ok(0)
 }
@@ -189,7 +191,7 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
         .collect();
     if a.json {
         let mut v = json!({
-            "seq": res.seq, "path": res.path, "tags": tags, "step": m.step, "created_ms": m.created_ms,
+            "seq": res.seq, "path": dp(&res.path), "tags": tags, "step": m.step, "created_ms": m.created_ms,
             "writer": m.writer, "checksum": m.checksum.name(), "bytes": m.total_bytes(),
             "files": files, "meta": m.meta, "parent": m.meta.get("parent"),
         });
@@ -201,7 +203,13 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
         }
         println!("{v}");
     } else {
-        println!("checkpoint {} ({})", res.seq, res.path.display());
+        // Everything shown comes from the manifest (names, writer, metadata): escaped, so
+        // that a hostile manifest cannot send terminal escape sequences.
+        let mut out = String::new();
+        macro_rules! println {
+            ($($t:tt)*) => {{ out.push_str(&format!($($t)*)); out.push('\n'); }};
+        }
+        println!("checkpoint {} ({})", res.seq, dp(&res.path));
         if !tags.is_empty() {
             println!("  tags:     {}", tags.join(", "));
         }
@@ -209,12 +217,7 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
             "  step:     {}",
             m.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
         );
-        println!(
-            "  created:  {}",
-            humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + Duration::from_millis(m.created_ms)
-            )
-        );
+        println!("  created:  {}", super::fmt_utc_ms(m.created_ms, true));
         println!("  writer:   {}", m.writer);
         if let Some(p) = m.meta.get("parent") {
             println!(
@@ -254,6 +257,7 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
                 Err(e) => println!("  verified: INVALID: {e}"),
             }
         }
+        print!("{}", escape_lines(&out));
     }
     Ok(match verified {
         Some(Err(_)) => exit_codes::DATA,
@@ -293,10 +297,14 @@ pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
                     && if ma.checksum == mb.checksum {
                         fa.sum == fb.sum
                     } else {
-                        // Different algorithms: checksum B's file the way A's was.
-                        crate::store::commit::checksum_file(&rb.path.join(&fb.name), ma.checksum)
-                            .map(|(_, s)| s == fa.sum)
-                            .unwrap_or(false)
+                        // Different algorithms: checksum B's file the way A's was (only if
+                        // no directory on its way is a planted symlink).
+                        crate::store::scan::open_member(&rb.path, &fb.name).is_ok()
+                            && crate::store::commit::checksum_file(
+                                &rb.path.join(&fb.name),
+                                ma.checksum,
+                            )
+                            .is_ok_and(|(_, s)| s == fa.sum)
                     };
                 let status = if equal { "same" } else { "changed" };
                 if equal {
@@ -320,8 +328,8 @@ pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
         println!(
             "{}",
             json!({
-                "a": { "seq": ra.seq, "path": ra.path, "step": ma.step },
-                "b": { "seq": rb.seq, "path": rb.path, "step": mb.step },
+                "a": { "seq": ra.seq, "path": dp(&ra.path), "step": ma.step },
+                "b": { "seq": rb.seq, "path": dp(&rb.path), "step": mb.step },
                 "files": rows, "added": added, "removed": removed, "changed": changed, "same": same,
             })
         );
@@ -332,13 +340,13 @@ pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
         "A: checkpoint {} (step {})  {}",
         ra.seq,
         ma.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-        ra.path.display()
+        dp(&ra.path)
     );
     println!(
         "B: checkpoint {} (step {})  {}",
         rb.seq,
         mb.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-        rb.path.display()
+        dp(&rb.path)
     );
     for r in &rows {
         if r["status"] == "same" {
@@ -349,7 +357,7 @@ pub fn diff(a: DiffArgs) -> Result<i32, Fatal> {
             r["status"].as_str().unwrap_or(""),
             sz(&r["size_a"]),
             sz(&r["size_b"]),
-            r["name"].as_str().unwrap_or("")
+            escape(r["name"].as_str().unwrap_or(""))
         );
     }
     println!("{changed} changed, {added} added, {removed} removed, {same} the same");
@@ -381,7 +389,7 @@ pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
     if a.json {
         println!(
             "{}",
-            json!({ "seq": res.seq, "step": m.step, "to": to, "files": m.files.len(), "bytes": m.total_bytes() })
+            json!({ "seq": res.seq, "step": m.step, "to": dp(&to), "files": m.files.len(), "bytes": m.total_bytes() })
         );
     } else {
         println!(
@@ -389,7 +397,7 @@ pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
             res.seq,
             fmt_bytes(m.total_bytes()),
             m.files.len(),
-            to.display()
+            dp(&to)
         );
     }
     Ok(0)
@@ -413,30 +421,26 @@ pub struct ImportArgs {
 pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
     let store = Store::new(&a.dir.dir);
     let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
-    let src_m = read_manifest(&src).map_err(|e| {
-        fatal(
-            exit_codes::DATA,
-            format!("cannot import {}: {e}", src.display()),
-        )
-    })?;
+    let src_m = read_manifest(&src)
+        .map_err(|e| fatal(exit_codes::DATA, format!("cannot import {}: {e}", dp(&src))))?;
     let mut extra = serde_json::Map::new();
     extra.insert(
         "imported_from".into(),
-        json!({ "path": src, "seq": src_m.seq, "step": src_m.step, "created_ms": src_m.created_ms, "parent": src_m.meta.get("parent") }),
+        json!({ "path": dp(&src), "seq": src_m.seq, "step": src_m.step, "created_ms": src_m.created_ms, "parent": src_m.meta.get("parent") }),
     );
     extra.insert("parent".into(), Value::Null);
     let imp = store
         .import_from(&src, None, extra, a.link)
-        .map_err(|e| store_fatal(&format!("cannot import {}", src.display()), e))?;
+        .map_err(|e| store_fatal(&format!("cannot import {}", dp(&src)), e))?;
     if a.json {
         println!(
             "{}",
-            json!({ "seq": imp.manifest.seq, "step": imp.manifest.step, "path": imp.path, "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied })
+            json!({ "seq": imp.manifest.seq, "step": imp.manifest.step, "path": dp(&imp.path), "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied })
         );
     } else {
         println!(
             "imported {} as checkpoint {} ({} in {} files), verified",
-            src.display(),
+            dp(&src),
             imp.manifest.seq,
             fmt_bytes(imp.manifest.total_bytes()),
             imp.manifest.files.len()
@@ -469,7 +473,7 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
     let moved: Vec<Value> = r
         .moved
         .iter()
-        .map(|(s, p)| json!({ "seq": s, "to": p }))
+        .map(|(s, p)| json!({ "seq": s, "to": dp(p) }))
         .collect();
     if a.json {
         println!(
@@ -482,10 +486,13 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
             r.seq,
             r.step.map(|s| format!(" (step {s})")).unwrap_or_default(),
             r.moved.len(),
-            store.dir().join(ROLLED_BACK).display()
+            dp(store.dir().join(ROLLED_BACK))
         );
         for t in &r.dangling_tags {
-            eprintln!("ckpt: warning: tag {t} names a checkpoint now in rolled-back/; `ckpt import` it to use it again");
+            eprintln!(
+                "ckpt: warning: tag {} names a checkpoint now in rolled-back/; `ckpt import` it to use it again",
+                escape(t)
+            );
         }
     }
     Ok(0)
@@ -519,6 +526,10 @@ pub struct GcArgs {
 
 pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
     let store = open(&a.dir.dir)?;
+    // Everything below lists and deletes under DIR/.ckpt: never through a planted symlink.
+    store
+        .check_private()
+        .map_err(|e| store_fatal("refusing to collect garbage", e))?;
     let mut retention: Vec<(u64, PathBuf)> = Vec::new();
     if let Some(keep) = a.keep {
         let newest = store
@@ -603,8 +614,8 @@ pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
             "{}",
             json!({
                 "dry_run": a.dry_run,
-                "retention": retention.iter().map(|(s, p)| json!({ "seq": s, "path": p })).collect::<Vec<_>>(),
-                "leftovers": leftovers.iter().map(|(k, p, age)| json!({ "kind": k, "path": p, "age_s": age })).collect::<Vec<_>>(),
+                "retention": retention.iter().map(|(s, p)| json!({ "seq": s, "path": dp(p) })).collect::<Vec<_>>(),
+                "leftovers": leftovers.iter().map(|(k, p, age)| json!({ "kind": k, "path": dp(p), "age_s": age })).collect::<Vec<_>>(),
                 "removed_leftovers": removed,
             })
         );
@@ -618,7 +629,7 @@ pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
     for (k, p, age) in &leftovers {
         println!(
             "{verb} {k} {} (set aside {} ago)",
-            p.display(),
+            dp(p),
             humantime::format_duration(Duration::from_secs(*age as u64))
         );
     }

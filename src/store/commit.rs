@@ -100,13 +100,7 @@ impl Stage {
     /// [`StageWriter::finish`] when done.
     pub fn create(&mut self, name: &str) -> Result<StageWriter<'_>> {
         let p = self.target(name)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .ctx("create", &p)?;
+        let file = self.store.io().create_file(&p).ctx("create", &p)?;
         Ok(StageWriter {
             hasher: self.algo.hasher(),
             size: 0,
@@ -120,9 +114,10 @@ impl Stage {
         })
     }
 
-    /// Copies an existing file into the checkpoint under `name`.
+    /// Copies an existing regular file into the checkpoint under `name`. A symlink (as the
+    /// last component of `src`), FIFO, device or socket is refused.
     pub fn copy_from(&mut self, name: &str, src: &Path) -> Result<u64> {
-        let mut input = File::open(src).ctx("open", src)?;
+        let mut input = super::io::open_read(src).ctx("open", src)?;
         let mut w = self.create(name)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -141,7 +136,10 @@ impl Stage {
     /// Adds the file `src`, known to hold `expected` (it was just verified), under `name`:
     /// with `share`, as a hard link or else a reflink (no data copied; checkpoints are
     /// immutable, so sharing is safe), else (or when the file system cannot) as a copy whose
-    /// size and checksum are compared with `expected` while it is written.
+    /// size and checksum are compared with `expected` while it is written. A hard link is
+    /// made only to a file this process's user owns and nobody else may write: a link to
+    /// another user's file would let that user rewrite the new checkpoint (a reflink is a
+    /// file of our own, so it stays allowed).
     pub fn add_verified(
         &mut self,
         name: &str,
@@ -152,7 +150,7 @@ impl Stage {
         if share {
             let p = self.target(name)?;
             let mut how = None;
-            if self.store.io().hard_link(src, &p).is_ok() {
+            if ours_alone(src) && self.store.io().hard_link(src, &p).is_ok() {
                 how = Some(Shared::Linked);
             } else if self.store.io().reflink(src, &p).is_ok() {
                 how = Some(Shared::Reflinked);
@@ -218,44 +216,10 @@ impl Stage {
         }
         let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
         manifest.meta = meta;
-        let mpath = self.path.join(MANIFEST_NAME);
-        for attempt in 0..1000 {
-            manifest.seq = self.store.next_seq()?;
-            manifest.created_ms = super::manifest::now_ms();
-            if attempt > 0 {
-                io.remove_file(&mpath).ctx("remove", &mpath)?;
-            }
-            io.write_new(&mpath, &manifest.encode())
-                .ctx("write manifest", &mpath)?;
-            io.fsync_file(&mpath).ctx("fsync", &mpath)?;
-            for d in dirs.iter().rev() {
-                io.fsync_dir(d).ctx("fsync", d)?;
-            }
-            io.fsync_dir(&self.path).ctx("fsync", &self.path)?;
-            let dest = self.store.path_of(manifest.seq);
-            match io.rename_noreplace(&self.path, &dest) {
-                Ok(()) => {
-                    self.done = true;
-                    io.fsync_dir(self.store.dir())
-                        .ctx("fsync", self.store.dir())?;
-                    let staging = self.store.private().join("staging");
-                    io.fsync_dir(&staging).ctx("fsync", &staging)?;
-                    return Ok(manifest);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(Error::io(
-                        "publish (rename) staging directory",
-                        &self.path,
-                        e,
-                    ))
-                }
-            }
-        }
-        Err(Error::Usage(format!(
-            "could not claim a sequence number in {} after 1000 tries",
-            self.store.dir().display()
-        )))
+        let res = publish(&self.store, &self.path, &mut manifest, &dirs);
+        // Published (renamed away) even if a later fsync failed: nothing left to remove.
+        self.done = res.is_ok() || fs::symlink_metadata(&self.path).is_err();
+        res.map(|()| manifest)
     }
 
     /// Hands the staged directory and the sums computed while writing to a multi-rank save
@@ -282,6 +246,61 @@ impl Drop for Stage {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// Whether the file `src` (not followed) belongs to the effective user and has no group or
+/// other write permission: only then may a new checkpoint share its inode.
+fn ours_alone(src: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    fs::symlink_metadata(src).is_ok_and(|m| m.uid() == me && m.mode() & 0o022 == 0)
+}
+
+/// The commit point of every publish (a [`Stage`], a multi-rank round's stage): claims the
+/// next sequence number, writes and fsyncs `staged/MANIFEST.ckpt` with it, fsyncs `dirs`
+/// (deepest last in the list, synced first) and `staged`, and renames `staged` to
+/// `DIR/ckpt-<seq>` without replacing anything; if another writer took the number, the
+/// manifest is rewritten with the next one and the rename retried. Then fsyncs both parents
+/// of the rename. Every step goes through [`Store::io`](super::Io).
+pub(crate) fn publish(
+    store: &Store,
+    staged: &Path,
+    manifest: &mut Manifest,
+    dirs: &[PathBuf],
+) -> Result<()> {
+    let io = store.io();
+    let mpath = staged.join(MANIFEST_NAME);
+    for attempt in 0..1000 {
+        manifest.seq = store.next_seq()?;
+        manifest.created_ms = super::manifest::now_ms();
+        if attempt > 0 {
+            io.remove_file(&mpath).ctx("remove", &mpath)?;
+        }
+        io.write_new(&mpath, &manifest.encode())
+            .ctx("write manifest", &mpath)?;
+        io.fsync_file(&mpath).ctx("fsync", &mpath)?;
+        for d in dirs.iter().rev() {
+            io.fsync_dir(d).ctx("fsync", d)?;
+        }
+        io.fsync_dir(staged).ctx("fsync", staged)?;
+        let dest = store.path_of(manifest.seq);
+        match io.rename_noreplace(staged, &dest) {
+            Ok(()) => {
+                io.fsync_dir(store.dir()).ctx("fsync", store.dir())?;
+                if let Some(parent) = staged.parent() {
+                    io.fsync_dir(parent).ctx("fsync", parent)?;
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("publish (rename) staging directory", staged, e)),
+        }
+    }
+    Err(Error::Usage(format!(
+        "could not claim a sequence number in {} after 1000 tries",
+        store.dir().display()
+    )))
 }
 
 /// How [`Stage::add_verified`] brought a file in.
@@ -542,11 +561,7 @@ fn direct_write(fd: &File, buf: &[u8], off: u64) -> io::Result<()> {
 
 /// Size and checksum of a file, read in 1 MiB blocks without following a symlink.
 pub fn checksum_file(path: &Path, algo: Algo) -> Result<(u64, u32)> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .ctx("open", path)?;
+    let mut f = super::io::open_read(path).ctx("open", path)?;
     let mut h = algo.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -576,11 +591,17 @@ pub(crate) fn walk(
         let ent = ent.ctx("list", dir)?;
         let path = ent.path();
         let ft = ent.file_type().ctx("inspect", &path)?;
-        let rel = path
+        let Some(rel) = path
             .strip_prefix(root)
             .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
+            .to_str()
+            .map(str::to_string)
+        else {
+            return Err(Error::Usage(format!(
+                "{} has a file name that is not valid UTF-8; checkpoint file names are UTF-8 text; hint: rename it",
+                crate::store::display_path(&path)
+            )));
+        };
         if ft.is_dir() {
             dirs.push(path.clone());
             walk(root, &path, files, dirs)?;

@@ -15,6 +15,17 @@ pub trait Io: Send + Sync {
     fn create_dir(&self, path: &Path) -> io::Result<()>;
     /// Creates a new file (owner-only; fails if it exists) holding `data`. Not synced.
     fn write_new(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Creates a new, empty file (owner-only; fails if it exists, never through a symlink)
+    /// and returns it for streaming writes (`Stage::create`, export). What is written through
+    /// it is made durable by [`Io::fsync_file`] before any commit point. Not synced.
+    fn create_file(&self, path: &Path) -> io::Result<fs::File> {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    }
     /// Flushes a file's data and size to stable storage.
     fn fsync_file(&self, path: &Path) -> io::Result<()>;
     /// Flushes a directory's entries to stable storage.
@@ -46,10 +57,7 @@ pub trait Io: Send + Sync {
 pub fn reflink(from: &Path, to: &Path) -> io::Result<()> {
     use std::os::unix::io::AsRawFd;
     const FICLONE: libc::c_ulong = 0x4004_9409;
-    let src = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(from)?;
+    let src = open_read(from)?;
     let dst = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -78,6 +86,104 @@ pub fn write_owner_only(path: &Path, data: &[u8]) -> io::Result<()> {
     RealIo.write_new(path, data)
 }
 
+/// Why [`open_checked`] refused a path: it is not a regular file. Carried inside the
+/// `io::Error` (kind `InvalidInput`) so that callers can tell it from other failures
+/// ([`is_not_regular`]); the caller names the path.
+#[derive(Debug)]
+pub struct NotRegular {
+    /// "a symlink", "a FIFO", "a directory", "a socket", "a device".
+    pub kind: &'static str,
+}
+
+impl std::fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "it is {}, not a regular file; ckpt never follows links nor opens FIFOs, devices or sockets in a checkpoint directory (hint: remove it or replace it by a regular file)",
+            self.kind
+        )
+    }
+}
+
+impl std::error::Error for NotRegular {}
+
+fn not_regular(kind: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, NotRegular { kind })
+}
+
+/// Whether `e` is [`open_checked`]'s refusal of something that is not a regular file.
+pub fn is_not_regular(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<NotRegular>())
+}
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else {
+        "a device"
+    }
+}
+
+/// The one safe open of every file ckpt reads or writes in a checkpoint directory: adds
+/// `O_NONBLOCK|O_NOFOLLOW|O_CLOEXEC` to `opts` (so neither a FIFO nor a symlink planted in
+/// its place can block or redirect the open), checks with `fstat` that it is a regular file,
+/// then clears `O_NONBLOCK`. A symlink, FIFO, socket, device or directory is refused with
+/// [`NotRegular`] (see [`is_not_regular`]).
+pub fn open_checked(path: &Path, opts: &mut OpenOptions) -> io::Result<fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = match opts
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_regular("a symlink")),
+        // O_WRONLY|O_NONBLOCK on a FIFO without a reader.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Err(not_regular("a FIFO")),
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => return Err(not_regular("a directory")),
+        Err(e) => return Err(e),
+    };
+    let ft = f.metadata()?.file_type();
+    if !ft.is_file() {
+        return Err(not_regular(kind_of(ft)));
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(f)
+}
+
+/// [`open_checked`] for reading.
+pub fn open_read(path: &Path) -> io::Result<fs::File> {
+    open_checked(path, OpenOptions::new().read(true))
+}
+
+/// Reads a whole small file through [`open_read`]; more than `limit` bytes is an error
+/// (`InvalidData`), never a huge allocation.
+pub fn read_small(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_read(path)?;
+    let mut out = Vec::new();
+    f.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("it is larger than {limit} bytes (not a file ckpt wrote)"),
+        ));
+    }
+    Ok(out)
+}
+
 /// The real file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealIo;
@@ -102,11 +208,7 @@ impl Io for RealIo {
         f.write_all(data)
     }
     fn fsync_file(&self, path: &Path) -> io::Result<()> {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?
-            .sync_all()
+        open_read(path)?.sync_all()
     }
     fn fsync_dir(&self, path: &Path) -> io::Result<()> {
         OpenOptions::new()
@@ -142,5 +244,54 @@ impl Io for RealIo {
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_checked_refuses_all_but_regular_files_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::write(d.join("file"), "x").unwrap();
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink(d.join("file"), d.join("link")).unwrap();
+        fs::create_dir(d.join("dir")).unwrap();
+        assert_eq!(read_small(&d.join("file"), 10).unwrap(), b"x");
+        for (name, kind) in [
+            ("fifo", "a FIFO"),
+            ("link", "a symlink"),
+            ("dir", "a directory"),
+        ] {
+            let e = open_read(&d.join(name)).unwrap_err();
+            assert!(is_not_regular(&e), "{name}: {e}");
+            assert!(e.to_string().contains(kind), "{name}: {e}");
+            assert!(e.to_string().contains("hint"), "{name}: {e}");
+        }
+        // Opening a FIFO for writing (no reader) neither blocks.
+        let e = open_checked(&fifo, OpenOptions::new().append(true)).unwrap_err();
+        assert!(is_not_regular(&e), "{e}");
+        // The descriptor of a regular file is blocking again.
+        use std::os::unix::io::AsRawFd;
+        let f = open_read(&d.join("file")).unwrap();
+        let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        assert!(read_small(&d.join("file"), 0).is_err(), "limit");
+    }
+
+    #[test]
+    fn names_are_escaped_for_terminals_and_json() {
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(super::super::escape("a\u{1b}[2Jb\n"), "a\\x1b[2Jb\\x0a");
+        assert_eq!(super::super::escape("caf\u{e9} \u{9b}"), "caf\u{e9} \\x9b");
+        assert_eq!(
+            super::super::display_path(std::ffi::OsStr::from_bytes(b"d-\xff/\x07")),
+            "d-\\xff/\\x07"
+        );
+        assert_eq!(super::super::escape_lines("a\u{7}\nb"), "a\\x07\nb");
     }
 }

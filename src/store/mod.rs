@@ -180,6 +180,21 @@ impl Store {
         self.dir.join(PRIVATE)
     }
 
+    /// Refuses a `DIR/.ckpt` that is a symlink or not a directory (a missing one is fine):
+    /// every path ckpt reads, writes or deletes under it would otherwise lead elsewhere.
+    pub fn check_private(&self) -> Result<()> {
+        let p = self.private();
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(Error::Usage(format!(
+                "{} is a symlink or not a directory; ckpt never follows links planted in the checkpoint directory; hint: remove it",
+                p.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("inspect", p, e)),
+        }
+    }
+
     /// The path of checkpoint `seq`.
     pub fn path_of(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{PREFIX}{seq:012}"))
@@ -204,14 +219,28 @@ impl Store {
     }
 
     /// The sequence number a new checkpoint should take: above every published, quarantined
-    /// and rolled-back one, so numbers are never reused.
+    /// and rolled-back one, so numbers are never reused. A published checkpoint numbered
+    /// `u64::MAX` cannot be followed: refused with an error naming it (never wrapped to 0,
+    /// which would never be restored). A set-aside one numbered `u64::MAX` is skipped (no
+    /// checkpoint can take its number again anyway), so it cannot block saves.
     pub fn next_seq(&self) -> Result<u64> {
-        let mut max = self.list()?.last().map(|(s, _)| *s).unwrap_or(0);
+        let newest = self.list()?.last().cloned();
+        let mut max = newest.as_ref().map(|(s, _)| *s).unwrap_or(0);
+        if let Some((u64::MAX, path)) = &newest {
+            return Err(Error::Usage(format!(
+                "cannot number a new checkpoint: {} already carries the largest possible number ({}); hint: `ckpt export` it and `ckpt import` it into a fresh directory, or move it out of {}",
+                path.display(),
+                u64::MAX,
+                self.dir.display()
+            )));
+        }
         for aside in [QUARANTINE, ROLLED_BACK] {
             if let Ok(rd) = fs::read_dir(self.dir.join(aside)) {
                 for ent in rd.flatten() {
                     if let Some(s) = ent.file_name().to_str().and_then(|n| parse_seq(n, true)) {
-                        max = max.max(s);
+                        if s < u64::MAX {
+                            max = max.max(s);
+                        }
                     }
                 }
             }
@@ -222,6 +251,7 @@ impl Store {
     /// Removes staging directories of dead writers and pending trash. Returns how many
     /// entries went. Safe while other writers are saving: a live writer's staging stays.
     pub fn clean_leftovers(&self) -> Result<usize> {
+        self.check_private()?;
         let mut n = 0;
         // A multi-rank launch's rounds are in `<epoch>`, whose text after the last dot is the
         // supervisor's pid, or 0 without one (docs/multi-rank.md, "Files of a launch").
@@ -249,6 +279,55 @@ impl Store {
         }
         Ok(n)
     }
+}
+
+/// `s` safe to print on a terminal: control characters (ESC, CR, BEL, newlines...) shown as
+/// `\x1b`-style escapes. For names, messages and metadata from checkpoint directories, event
+/// logs and jobs, which may hold terminal escape sequences.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        push_escaped(&mut out, c);
+    }
+    out
+}
+
+/// [`escape`] for text of several lines: each line escaped, the newlines kept.
+pub fn escape_lines(s: &str) -> String {
+    s.split('\n').map(escape).collect::<Vec<_>>().join("\n")
+}
+
+fn push_escaped(out: &mut String, c: char) {
+    use std::fmt::Write;
+    if c.is_control() {
+        let n = c as u32;
+        if n <= 0xff {
+            let _ = write!(out, "\\x{n:02x}");
+        } else {
+            let _ = write!(out, "\\u{{{n:x}}}");
+        }
+    } else {
+        out.push(c);
+    }
+}
+
+/// A path (or any OS string) for people and for JSON: bytes that are not UTF-8 shown as
+/// `\xNN`, control characters escaped as in [`escape`]. Never panics, never loses the
+/// information that a byte was not UTF-8 (unlike U+FFFD).
+pub fn display_path(p: impl AsRef<std::ffi::OsStr>) -> String {
+    use std::fmt::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_ref().as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            push_escaped(&mut out, c);
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
 }
 
 /// Whether a process with this pid exists (EPERM counts as alive).

@@ -1,9 +1,8 @@
 //! Finding, ordering and verifying checkpoints; setting bad ones aside; retention.
 //! Every reader goes through here.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,14 +54,10 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, Invalid> {
         Err(e) => return Err(Invalid::Unreadable(e.to_string())),
     }
     let mpath = path.join(MANIFEST_NAME);
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&mpath)
-    {
+    let f = match super::io::open_read(&mpath) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Invalid::NoManifest),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+        Err(e) if super::io::is_not_regular(&e) => {
             return Err(Invalid::NotRegular(MANIFEST_NAME.into()))
         }
         Err(e) => return Err(Invalid::Unreadable(e.to_string())),
@@ -91,11 +86,13 @@ pub fn open_member(dir: &Path, name: &str) -> Result<fs::File, Invalid> {
             Err(e) => return Err(Invalid::Unreadable(e.to_string())),
         }
     }
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&cur)
-        .map_err(|e| Invalid::Unreadable(format!("{name}: {e}")))
+    super::io::open_read(&cur).map_err(|e| {
+        if super::io::is_not_regular(&e) {
+            Invalid::NotRegular(name.into())
+        } else {
+            Invalid::Unreadable(format!("{name}: {e}"))
+        }
+    })
 }
 
 /// Fully verifies the checkpoint at `path`: manifest, and every file's size and checksum.

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -82,20 +82,13 @@ impl Store {
     /// The tags: name to sequence number. Empty when there is no tag file.
     pub fn tags(&self) -> Result<BTreeMap<String, u64>> {
         let p = self.tags_path();
-        let f = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-        {
-            Ok(f) => f,
+        self.check_private()?;
+        let bytes = match super::io::read_small(&p, 16 << 20) {
+            Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
             Err(e) => return Err(Error::io("read tags", p, e)),
         };
-        let mut s = String::new();
-        f.take(16 << 20)
-            .read_to_string(&mut s)
-            .ctx("read tags", &p)?;
-        let t: TagFile = serde_json::from_str(&s).map_err(|e| {
+        let t: TagFile = serde_json::from_slice(&bytes).map_err(|e| {
             Error::Usage(format!(
                 "{} is not a valid tag file ({e}); hint: fix or remove it (checkpoints stay)",
                 p.display()
@@ -145,16 +138,17 @@ impl Store {
         exclusive: bool,
         create: bool,
     ) -> Result<Option<nix::fcntl::Flock<File>>> {
+        self.check_private()?;
         let lock_path = self.private().join("tags.lock");
-        let file: File = match OpenOptions::new()
-            .read(true)
-            .write(create)
-            .create(create)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&lock_path)
-        {
+        let file: File = match super::io::open_checked(
+            &lock_path,
+            OpenOptions::new()
+                .read(true)
+                .write(create)
+                .create(create)
+                .truncate(false)
+                .mode(0o600),
+        ) {
             Ok(f) => f,
             Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("open tag lock", lock_path, e)),

@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -154,13 +153,7 @@ pub fn export_to(src: &Path, src_seq: Option<u64>, to: &Path, io: &dyn Io) -> Re
                 path: src.to_path_buf(),
                 reason,
             })?;
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&dst)
-                .ctx("create", &dst)?;
+            let mut out = io.create_file(&dst).ctx("create", &dst)?;
             let mut h = m.checksum.hasher();
             let mut size = 0u64;
             let mut buf = vec![0u8; 1 << 20];
@@ -189,7 +182,8 @@ pub fn export_to(src: &Path, src_seq: Option<u64>, to: &Path, io: &dyn Io) -> Re
             io.fsync_file(&dst).ctx("fsync", &dst)?;
         }
         let msrc = src.join(MANIFEST_NAME);
-        let bytes = fs::read(&msrc).ctx("read", &msrc)?;
+        let bytes = super::io::read_small(&msrc, super::manifest::limits::MANIFEST_BYTES)
+            .ctx("read", &msrc)?;
         let mdst = tmp.join(MANIFEST_NAME);
         io.write_new(&mdst, &bytes).ctx("write", &mdst)?;
         io.fsync_file(&mdst).ctx("fsync", &mdst)?;

@@ -147,7 +147,10 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
             // Once per directory and spec: a requeued or re-run `ckpt run --from latest~2`
             // must not roll back again.
             let marker = store.private().join("from-applied");
-            if std::fs::read_to_string(&marker).is_ok_and(|s| s.trim_end() == spec) {
+            // Read as a regular file only: a FIFO planted there must not hang `ckpt run`.
+            if crate::store::io::read_small(&marker, 64 << 10)
+                .is_ok_and(|b| String::from_utf8_lossy(&b).trim_end() == spec)
+            {
                 rep.event(
                     "from_done",
                     Some(format!("--from {spec} was applied by an earlier run; resuming (hint: `ckpt rollback` rolls back again)")),
@@ -215,7 +218,7 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
                 .and_then(|m| m.step);
             meta.insert(
                 "parent".into(),
-                json!({ "dir": src.dir(), "seq": r.seq, "step": step, "ref": reference, "tags": tags }),
+                json!({ "dir": crate::store::display_path(src.dir()), "seq": r.seq, "step": step, "ref": reference, "tags": tags }),
             );
             let imp = store.import_from(&r.path, Some(r.seq), meta, true).map_err(|e| {
                 let hint = if matches!(e, Error::Invalid { .. }) {
@@ -241,7 +244,7 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
                     imp.reflinked,
                     imp.copied
                 )),
-                json!({ "from_dir": src.dir(), "from_seq": r.seq, "step": step, "seq": imp.manifest.seq, "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied }),
+                json!({ "from_dir": crate::store::display_path(src.dir()), "from_seq": r.seq, "step": step, "seq": imp.manifest.seq, "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied }),
             );
             Ok(())
         }

@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -172,16 +172,6 @@ fn handle(
             forward(ControlEvent::Malformed(e));
         }
     }
-}
-
-/// Where the control socket of the supervisor on `private` (`DIR/.ckpt`) lives.
-pub fn socket_path_for(private: &Path) -> PathBuf {
-    let default = private.join("control.sock");
-    let from_status = std::fs::read(private.join("status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| v["control_socket"].as_str().map(PathBuf::from));
-    from_status.unwrap_or(default)
 }
 
 /// Client side: sends `req`, returns the answer. `timeout` bounds the whole exchange.

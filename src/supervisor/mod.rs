@@ -288,7 +288,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     rep.event(
         "start",
         None,
-        json!({ "pid": std::process::id(), "command": cmdline, "dir": store.dir(), "cgroup": cgroup.as_ref().map(|c| c.path().to_path_buf()) }),
+        json!({ "pid": std::process::id(), "command": cmdline, "dir": crate::store::display_path(store.dir()), "cgroup": cgroup.as_ref().map(|c| crate::store::display_path(c.path())) }),
     );
 
     let notices = stop_soon::Notices::load(&store.private());
@@ -322,7 +322,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         notices,
         last_commit: None,
         cgroup,
-        lock_fd: lock.raw_fd(),
+        lock_fds: lock.raw_fds(),
         shared,
         dir_id,
         lock,
@@ -565,8 +565,8 @@ struct Run {
     last_commit: Option<serde_json::Value>,
     /// The job's own cgroup (v2), where the machine allows one.
     cgroup: Option<cgroup::Cgroup>,
-    /// The directory lock's descriptor (closed in the job's child).
-    lock_fd: std::os::fd::RawFd,
+    /// The directory lock's descriptors (closed in the job's child).
+    lock_fds: [Option<std::os::fd::RawFd>; 2],
     /// Shared with the control thread.
     shared: Arc<Shared>,
     /// The device and inode of `DIR/.ckpt` at start: a directory deleted (or replaced) under
@@ -1004,7 +1004,7 @@ impl Run {
             }
         }
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.procs_path());
-        let pid = spawn::launch(&self.cfg.command, &env, cgroup_procs.as_deref(), Some(self.lock_fd)).map_err(|e| {
+        let pid = spawn::launch(&self.cfg.command, &env, cgroup_procs.as_deref(), self.lock_fds).map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
                 std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
@@ -1126,23 +1126,27 @@ impl Run {
         }
     }
 
+    /// Records durably that the job finished (`DIR/.ckpt/finished`), through the store's one
+    /// door to disk: write a temporary file, fsync, rename over, fsync the directory.
     fn mark_finished(&mut self) {
-        let path = self.store.private().join("finished");
-        let tmp = self.store.private().join("finished.tmp");
+        let private = self.store.private();
+        let path = private.join("finished");
+        let tmp = private.join("finished.tmp");
         let body = json!({ "t_ms": crate::store::manifest::now_ms(), "exit": 0 }).to_string();
+        let io = self.store.io();
         let res = (|| -> std::io::Result<()> {
-            let _ = std::fs::remove_file(&tmp);
-            crate::store::io::write_owner_only(&tmp, body.as_bytes())?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(self.store.private())?.sync_all()
+            let _ = io.remove_file(&tmp);
+            io.write_new(&tmp, body.as_bytes())?;
+            io.fsync_file(&tmp)?;
+            io.rename_replace(&tmp, &path)?;
+            io.fsync_dir(&private)
         })();
         if let Err(e) = res {
             self.rep.warn(
                 "finish_marker",
                 format!(
                     "cannot record that the job finished in {}: {e}",
-                    path.display()
+                    crate::store::display_path(&path)
                 ),
                 json!({}),
             );
@@ -1295,7 +1299,7 @@ impl Run {
         json!({
             "ok": true,
             "supervisor_pid": std::process::id(),
-            "dir": self.store.dir(),
+            "dir": crate::store::display_path(self.store.dir()),
             "command": self.cfg.command.iter().map(|s| s.to_string_lossy()).collect::<Vec<_>>(),
             "state": self.m.status_word(),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
@@ -1351,7 +1355,7 @@ impl Run {
                 .collect::<Vec<_>>()
                 .join(" ");
             self.lock = lock::DirLock::acquire(&self.store, &cmdline).map_err(|e| e.to_string())?;
-            self.lock_fd = self.lock.raw_fd();
+            self.lock_fds = self.lock.raw_fds();
             steps.push("the lock");
             self.socket_path = bind_socket(&self.store, self.tx.clone()).map_err(|e| e.msg)?;
             self.control_path = bind_control(&self.store, self.tx.clone(), self.shared.clone())
@@ -1365,12 +1369,12 @@ impl Run {
             Ok(()) => self.rep.warn(
                 "dir_lost",
                 format!("{dir}/.ckpt {what} while the supervisor runs: made it again and took back {} (the checkpoints it held are gone; the job's next checkpoint goes into the new directory)", steps.join(" and ")),
-                json!({ "dir": self.store.dir() }),
+                json!({ "dir": crate::store::display_path(self.store.dir()) }),
             ),
             Err(e) => self.rep.warn(
                 "dir_lost",
                 format!("{dir}/.ckpt {what} while the supervisor runs, and cannot be made again ({e}): `ckpt status/stop` cannot reach this supervisor; stop it with a signal (kill -TERM {})", std::process::id()),
-                json!({ "dir": self.store.dir(), "error": e }),
+                json!({ "dir": crate::store::display_path(self.store.dir()), "error": e }),
             ),
         }
         self.write_status();
@@ -1379,7 +1383,7 @@ impl Run {
     fn write_status(&self) {
         let job = self.m.job.as_ref();
         self.rep.status(&json!({
-            "control_socket": self.control_path,
+            "control_socket": crate::store::display_path(&self.control_path),
             "supervisor_pid": std::process::id(),
             "state": self.m.status_word(),
             "job_pid": job.map(|j| j.pid),

@@ -56,7 +56,7 @@ pub fn launch(
     command: &[OsString],
     env: &[(String, OsString)],
     cgroup_procs: Option<&std::path::Path>,
-    close_fd: Option<std::os::fd::RawFd>,
+    close_fds: [Option<std::os::fd::RawFd>; 2],
 ) -> io::Result<u32> {
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]).process_group(0);
@@ -68,7 +68,7 @@ pub fn launch(
         .and_then(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes().to_vec()).ok());
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(fd) = close_fd {
+            for fd in close_fds.into_iter().flatten() {
                 libc::close(fd);
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

@@ -610,9 +610,12 @@ class MultiRank:
             }
         )
         try:
-            # The shard's directory entry in the stage must be durable before it counts.
+            # The shard's directory entry in the stage must be durable before it counts: both
+            # parents of its rename (the Rust crash-state test found a lost shard without the
+            # staging directory's fsync).
             _fsync_path(dest, directory=True)
             _fsync_path(r / "stage", directory=True)
+            _fsync_path(stage.path.parent, directory=True)
             tmp = r / f".done.{token()}"
             _write_new(tmp, body)
             os.rename(tmp, r / f"done-{self.world.rank:05d}")

@@ -77,6 +77,44 @@ def token() -> str:
     return f"{time.time_ns() % 1_000_000_000:x}{next(_counter):x}.{os.getpid()}"
 
 
+class NotRegularFile(OSError):
+    """Raised by :func:`open_regular` for a symlink, FIFO, socket, device or directory."""
+
+
+def open_regular(path: PathLike) -> int:
+    """The one safe open of a file in a checkpoint directory (as Rust's
+    ``store::io::open_checked``): ``O_NONBLOCK|O_NOFOLLOW|O_CLOEXEC``, ``fstat``, anything but a regular file refused
+    (:class:`NotRegularFile`) without blocking (a FIFO planted there), then blocking again.
+    Returns a read-only file descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(
+                errno.ELOOP,
+                "it is a symlink, not a regular file; ckpt never follows links (hint: remove it)",
+                os.fspath(path),
+            ) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            if stat.S_ISFIFO(mode):
+                kind = "a FIFO"
+            elif stat.S_ISDIR(mode):
+                kind = "a directory"
+            else:
+                kind = "a socket or device"
+            raise NotRegularFile(
+                errno.EINVAL, f"it is {kind}, not a regular file (hint: remove it)", os.fspath(path)
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _fsync_path(path: PathLike, directory: bool = False) -> None:
     flags = os.O_RDONLY | os.O_NOFOLLOW
     if directory:
@@ -166,13 +204,13 @@ def read_manifest(path: PathLike) -> Manifest:
         raise InvalidCheckpoint("not-a-directory", "it is not a directory (a symlink or a file)")
     mpath = os.path.join(os.fspath(path), MANIFEST_NAME)
     try:
-        fd = os.open(mpath, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = open_regular(mpath)
     except FileNotFoundError:
         raise InvalidCheckpoint(
             "no-manifest", "MANIFEST.ckpt is missing (an incomplete or foreign directory)"
         ) from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if isinstance(e, NotRegularFile):
             raise InvalidCheckpoint(
                 "not-regular", f"file {MANIFEST_NAME!r} is a symlink or not a regular file; ckpt never follows links"
             ) from None
@@ -216,7 +254,11 @@ def open_member(directory: PathLike, name: str) -> int:
             "not-regular", f"file {name!r} is a symlink or not a regular file; ckpt never follows links"
         )
     try:
-        return os.open(cur, os.O_RDONLY | os.O_NOFOLLOW)
+        return open_regular(cur)
+    except NotRegularFile:
+        raise InvalidCheckpoint(
+            "not-regular", f"file {name!r} is a symlink or not a regular file; ckpt never follows links"
+        ) from None
     except OSError as e:
         raise InvalidCheckpoint("unreadable", f"cannot read it: {name}: {e}") from None
 
@@ -344,13 +386,20 @@ class Store:
 
     def next_seq(self) -> int:
         """The number a new checkpoint should take: above every published, quarantined and
-        rolled-back one."""
+        rolled-back one. A published checkpoint numbered 2**64-1 cannot be followed (refused,
+        as by the Rust store); a set-aside one with that number is skipped."""
         top = max((s for s, _ in self.list()), default=0)
+        if top >= _U64:
+            raise CkptError(
+                f"cannot number a new checkpoint: {self.path_of(top)} already carries the largest "
+                f"possible number ({_U64}); hint: `ckpt export` it and `ckpt import` it into a "
+                f"fresh directory, or move it out of {self.dir}"
+            )
         for aside in (QUARANTINE, ROLLED_BACK):
             try:
                 for n in os.listdir(self.dir / aside):
                     s = parse_seq(n, suffix_ok=True)
-                    if s is not None:
+                    if s is not None and s < _U64:
                         top = max(top, s)
             except OSError:
                 pass
@@ -360,10 +409,11 @@ class Store:
         """Sequence numbers named by a tag (``.ckpt/tags.json``); retention never removes
         them. Raises if the tag file exists but cannot be read (never prune blindly)."""
         try:
-            with open(self.private / TAGS_FILE, "rb") as f:
-                doc = json.loads(f.read())
+            fd = open_regular(self.private / TAGS_FILE)
         except FileNotFoundError:
             return set()
+        with os.fdopen(fd, "rb") as f:
+            doc = json.loads(f.read(16 << 20))
         return {int(v) for v in doc["tags"].values()}
 
     def verify(self, seq: int) -> Manifest:
