@@ -27,6 +27,21 @@ pub const ENV_SUPERVISOR_PID: &str = "CKPT_SUPERVISOR_PID";
 
 /// How this launch starts: [`START_FRESH`], [`START_RESUME`] or [`START_BRANCH`].
 pub const ENV_START: &str = "CKPT_START";
+
+/// Every variable a supervisor sets for its job: a tool that starts `ckpt run` (or a test)
+/// from inside a supervised job removes them first, so the inner run is not taken for a job.
+pub const SUPERVISOR_ENV: [&str; 10] = [
+    ENV_DIR,
+    ENV_RESTORE,
+    ENV_RESTORE_SEQ,
+    ENV_RESTORE_STEP,
+    ENV_RESTART_COUNT,
+    ENV_SOCKET,
+    ENV_SIGNAL,
+    ENV_PROTOCOL,
+    ENV_SUPERVISOR_PID,
+    ENV_START,
+];
 /// Nothing to restore.
 pub const START_FRESH: &str = "fresh";
 /// Restoring a checkpoint of this run (after a stop, crash or rollback).

@@ -25,6 +25,24 @@ fn pid_alive(pid: i32) -> bool {
             .is_some_and(|r| r.trim_start().starts_with('Z'))
 }
 
+/// `ckpt run -q [extra] --dir DIR -- plain --ms 60000` (a job without a client that runs for
+/// a minute), once it is launched.
+fn supervise_plain(dir: &Path, extra: &[&str]) -> Running {
+    let n = events(dir, "launch").len();
+    let child = ckpt()
+        .args(["run", "-q"])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--")
+        .arg(test_bin("plain"))
+        .args(["--ms", "60000"])
+        .stderr(Stdio::null())
+        .spawn_guarded();
+    wait_until(T, "the launch", || events(dir, "launch").len() > n);
+    child
+}
+
 fn sh(script: &str) -> Vec<String> {
     vec!["bash".into(), "-c".into(), script.into()]
 }
@@ -186,15 +204,7 @@ fn every_deadly_signal_to_ckpt_stops_the_job_and_profiling_signals_are_ignored()
     for sig in [libc::SIGUSR2, libc::SIGALRM, libc::SIGXCPU, libc::SIGABRT] {
         let tmp = tempdir();
         let dir = tmp.path().join("ck");
-        let mut child = ckpt()
-            .args(["run", "-q", "--kill-after", "2s", "--dir"])
-            .arg(&dir)
-            .arg("--")
-            .arg(test_bin("plain"))
-            .args(["--ms", "60000"])
-            .stderr(Stdio::null())
-            .spawn_guarded();
-        wait_until(T, "the launch", || !events(&dir, "launch").is_empty());
+        let mut child = supervise_plain(&dir, &["--kill-after", "2s"]);
         signal(child.id(), sig);
         assert_eq!(
             wait_deadline(&mut child, T).code(),
@@ -206,15 +216,7 @@ fn every_deadly_signal_to_ckpt_stops_the_job_and_profiling_signals_are_ignored()
     }
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
-    let mut child = ckpt()
-        .args(["run", "-q", "--dir"])
-        .arg(&dir)
-        .arg("--")
-        .arg(test_bin("plain"))
-        .args(["--ms", "60000"])
-        .stderr(Stdio::null())
-        .spawn_guarded();
-    wait_until(T, "the launch", || !events(&dir, "launch").is_empty());
+    let mut child = supervise_plain(&dir, &[]);
     for sig in [libc::SIGVTALRM, libc::SIGPROF] {
         signal(child.id(), sig);
     }
@@ -291,16 +293,7 @@ fn a_job_stopped_again_and_again_without_progress_is_given_up_on() {
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
     let run = |dir: &Path| {
-        let mut child = ckpt()
-            .args(["run", "-q", "--max-stops-without-progress", "2", "--dir"])
-            .arg(dir)
-            .arg("--")
-            .arg(test_bin("plain"))
-            .args(["--ms", "60000"])
-            .stderr(Stdio::null())
-            .spawn_guarded();
-        let n = events(dir, "launch").len();
-        wait_until(T, "the launch", || events(dir, "launch").len() > n);
+        let mut child = supervise_plain(dir, &["--max-stops-without-progress", "2"]);
         signal(child.id(), libc::SIGTERM);
         let code = wait_deadline(&mut child, T).code();
         assert_no_survivors(dir);
@@ -361,15 +354,7 @@ fn a_blocked_client_does_not_hold_a_sigterm_for_long() {
 fn checkpoint_on_a_job_without_a_client_has_its_own_exit_code() {
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
-    let mut sup = ckpt()
-        .args(["run", "-q", "--dir"])
-        .arg(&dir)
-        .arg("--")
-        .arg(test_bin("plain"))
-        .args(["--ms", "60000"])
-        .stderr(Stdio::null())
-        .spawn_guarded();
-    wait_until(T, "the launch", || !events(&dir, "launch").is_empty());
+    let mut sup = supervise_plain(&dir, &[]);
     let out = output_deadline(ckpt().args(["checkpoint", "--dir"]).arg(&dir), T);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("has not announced a ckpt client"));

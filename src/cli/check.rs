@@ -452,17 +452,7 @@ impl Ctx {
             c.arg("--backoff").arg("10ms..500ms");
         }
         c.args(&self.run_opts).arg("--").args(&self.command);
-        for k in [
-            "CKPT_DIR",
-            "CKPT_RESTORE",
-            "CKPT_RESTORE_SEQ",
-            "CKPT_RESTORE_STEP",
-            "CKPT_SOCKET",
-            "CKPT_SIGNAL",
-            "CKPT_RESTART_COUNT",
-            "CKPT_PROTOCOL",
-            "CKPT_SUPERVISOR_PID",
-        ] {
+        for k in crate::protocol::SUPERVISOR_ENV {
             c.env_remove(k);
         }
         // If ckpt check dies (Ctrl-C, a CI timeout, SIGKILL), `ckpt run` gets SIGTERM: it

@@ -32,17 +32,7 @@ pub fn ckpt() -> Command {
 /// Removes the protocol variables, so that a test run under a supervisor (or by hand with
 /// them exported) does not leak them into the process under test.
 pub fn clear_ckpt_env(c: &mut Command) {
-    for k in [
-        "CKPT_DIR",
-        "CKPT_RESTORE",
-        "CKPT_RESTORE_SEQ",
-        "CKPT_RESTORE_STEP",
-        "CKPT_SOCKET",
-        "CKPT_SIGNAL",
-        "CKPT_RESTART_COUNT",
-        "CKPT_PROTOCOL",
-        "CKPT_SUPERVISOR_PID",
-    ] {
+    for k in ckpt::protocol::SUPERVISOR_ENV {
         c.env_remove(k);
     }
 }
