@@ -123,3 +123,75 @@ fn the_shell_recipe_loses_no_work_under_requests_and_kills() {
     );
     assert_no_survivors(&dir);
 }
+
+#[test]
+fn the_rust_recipe_resumes_bit_identical_under_kills() {
+    // test-programs/build.rs compiles the README's Rust block as written (`readme_rust`).
+    let seed = seed("rust_recipe");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let plain = tempdir();
+    let out = output_deadline(
+        std::process::Command::new(test_bin("readme_rust"))
+            .current_dir(plain.path())
+            .env_remove("CKPT_DIR"),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = text(&out.stdout);
+    assert!(want.starts_with("final "), "{want}");
+
+    let work = tempdir();
+    let dir = work.path().join("ck");
+    let mut sup = ckpt()
+        .args([
+            "run",
+            "--every",
+            "100ms",
+            "--backoff",
+            "10ms..50ms",
+            "--dir",
+        ])
+        .arg(&dir)
+        .arg("--")
+        .arg(test_bin("readme_rust"))
+        .current_dir(work.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_guarded();
+    for kill in 0..2 {
+        let commits = events(&dir, "committed").len();
+        wait_until(T, "a checkpoint", || {
+            events(&dir, "committed").len() > commits || sup.try_wait().unwrap().is_some()
+        });
+        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+        let launches = events(&dir, "launch");
+        if sup.try_wait().unwrap().is_some() {
+            break;
+        }
+        let pid = launches.last().unwrap()["pid"].as_u64().unwrap() as u32;
+        eprintln!("seed {seed}: kill {kill} of the job {pid}");
+        signal(pid, libc::SIGKILL);
+        wait_until(T, "the relaunch", || {
+            events(&dir, "launch").len() > launches.len() || sup.try_wait().unwrap().is_some()
+        });
+    }
+    let st = wait_deadline(&mut sup, T);
+    let mut stdout = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = sup.stdout.take().unwrap().read_to_string(&mut stdout);
+    let _ = sup.stderr.take().unwrap().read_to_string(&mut err);
+    assert_eq!(st.code(), Some(0), "seed {seed}: {err}");
+    assert!(
+        events(&dir, "launch")
+            .iter()
+            .any(|l| l["restore_step"].as_u64().is_some()),
+        "seed {seed}: no launch resumed: {err}"
+    );
+    assert_eq!(
+        stdout.lines().last().unwrap_or_default(),
+        want.trim(),
+        "seed {seed}: {err}"
+    );
+    assert_no_survivors(&dir);
+}

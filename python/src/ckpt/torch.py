@@ -1,0 +1,263 @@
+"""The whole PyTorch training state in one call, resuming exactly (imported only on demand:
+``import ckpt.torch``; the rest of the package never imports torch).
+
+What a bit-identical resume needs, and what :class:`TrainState` saves and restores: the
+model(s), optimizer(s), LR scheduler(s) (forgetting one restarts the warm-up), the grad scaler,
+every random generator (Python's ``random``, numpy's global one and any numpy or torch
+``Generator`` you pass, torch's CPU generator and, when present, every CUDA device's), the
+DataLoader's own generator as it was at the start of the epoch (so the iterator created on a
+resume draws the same seeds), the position (epoch, batch inside the epoch, global step) and a
+user dict. ::
+
+    import ckpt                          # first: it installs the signal handlers early
+    import ckpt.torch as ckt
+    ck = ckpt.Checkpointer()
+    loader = DataLoader(data, batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))   # its own generator
+    ts = ckt.TrainState(models={"model": model}, optimizers={"opt": opt},
+                        schedulers={"sched": sched}, loader=loader)
+    ts.restore(ck)                       # no-op on a fresh start
+    for epoch in ts.epochs(10):
+        for x, y in ts.batches():        # the loader's batches, from the restored position
+            ...                          # one training step
+            if ck.should_checkpoint(ts.step):
+                ts.save(ck)
+            if ck.should_stop():
+                raise SystemExit(0)
+
+Saved as ``train_state.pt`` with only tensors and plain containers (RNG states included), so
+it loads with ``torch.load(..., weights_only=True)``: nothing in a checkpoint is unpickled as
+code, and torch >= 2.6's safe default needs no allow-listing.
+
+A resume inside an epoch skips the batches already done: with :class:`ResumableSampler` as the
+loader's sampler it skips their indices (nothing is loaded); with any other sampler it draws
+the same order (the loader's generator is restored to its state at the epoch's start) and
+fetches and drops the batches already done. With ``num_workers > 0``, randomness inside the
+workers (augmentation) is seeded per worker, and a worker sees other batches after a resume:
+seed such randomness from the sample index for an exact resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import torch
+
+from . import training as tr
+from .errors import CkptError
+
+STATE_FILE = "train_state.pt"
+FORMAT = 1
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """A sampler whose order depends only on ``(seed, epoch)`` and that can start inside an
+    epoch: ``shuffle=True`` gives a new permutation each epoch, ``False`` the dataset's order.
+    :class:`TrainState` sets the epoch and the start; its state is in the checkpoint."""
+
+    def __init__(self, data_source: Any, *, shuffle: bool = True, seed: int = 0) -> None:
+        self.n = len(data_source)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()[self.start:]
+        self.start = 0
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def _gen_state(g: Any) -> Any:
+    if isinstance(g, torch.Generator):
+        return {"kind": "torch", "state": g.get_state()}
+    return {"kind": "numpy", "state": _big_ints_to_str(tr.generator_state(g))}
+
+
+def _set_gen_state(g: Any, s: Mapping[str, Any]) -> None:
+    if isinstance(g, torch.Generator):
+        g.set_state(s["state"])
+    else:
+        tr.set_generator_state(g, _str_to_big_ints(s["state"]))
+
+
+# numpy's PCG64 state holds 128-bit integers: kept as strings, so the safe loader reads them.
+def _big_ints_to_str(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _big_ints_to_str(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_big_ints_to_str(x) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+        return {"__int__": str(v)}
+    return v
+
+
+def _str_to_big_ints(v: Any) -> Any:
+    if isinstance(v, dict):
+        if set(v) == {"__int__"}:
+            return int(v["__int__"])
+        return {k: _str_to_big_ints(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_str_to_big_ints(x) for x in v]
+    return v
+
+
+class TrainState:
+    """Models, optimizers, schedulers, scaler, generators, loader position and a user dict.
+
+    Every mapping is name -> object with ``state_dict()``/``load_state_dict()`` (models,
+    optimizers, schedulers, ``torch.amp.GradScaler``); ``generators`` are extra
+    ``torch.Generator``s or ``numpy.random.Generator``s; ``loader`` a DataLoader that has its
+    own ``generator=`` (without one, creating its iterator draws from torch's global generator,
+    and a resume inside an epoch would shift every random number after it: refused).
+    """
+
+    def __init__(
+        self,
+        models: Optional[Mapping[str, Any]] = None,
+        optimizers: Optional[Mapping[str, Any]] = None,
+        schedulers: Optional[Mapping[str, Any]] = None,
+        scaler: Any = None,
+        loader: Any = None,
+        generators: Optional[Mapping[str, Any]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        if loader is not None and getattr(loader, "generator", None) is None:
+            raise CkptError(
+                "the DataLoader has no generator of its own: creating its iterator draws from "
+                "torch's global generator, so a resume inside an epoch would shift every random "
+                "number after it; hint: DataLoader(..., generator=torch.Generator().manual_seed(SEED))"
+            )
+        self.stateful: Dict[str, Any] = {}
+        for kind, objs in (("model", models), ("optimizer", optimizers), ("scheduler", schedulers)):
+            for name, o in (objs or {}).items():
+                self.stateful[f"{kind}/{name}"] = o
+        if scaler is not None:
+            self.stateful["scaler"] = scaler
+        self.loader = loader
+        self.generators = dict(generators or {})
+        self.extra: Dict[str, Any] = dict(extra or {})
+        self.epoch = 0
+        self.batch = 0
+        self.step = 0
+        self.restored_step: Optional[int] = None
+        self._loader_gen_at_epoch: Optional[torch.Tensor] = None
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def epochs(self, n: int) -> Iterator[int]:
+        """Epochs from the restored one to ``n - 1``."""
+        while self.epoch < n:
+            yield self.epoch
+            self.epoch += 1
+            self.batch = 0
+            self._loader_gen_at_epoch = None
+
+    def batches(self) -> Iterator[Any]:
+        """The loader's batches of the current epoch, from the restored position. A batch
+        counts as done (:attr:`batch`, :attr:`step`) once the loop body got it."""
+        loader = self.loader
+        if loader is None:
+            raise CkptError("batches() needs TrainState(loader=...)")
+        if self._loader_gen_at_epoch is None:
+            self._loader_gen_at_epoch = loader.generator.get_state()
+        else:
+            # A resume inside the epoch: the iterator draws what it drew at the epoch's start.
+            loader.generator.set_state(self._loader_gen_at_epoch)
+        skip = self.batch
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(self.epoch, skip * (loader.batch_size or 1))
+            it: Iterator[Any] = iter(loader)
+        else:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            it = itertools.islice(iter(loader), skip, None)
+        for b in it:
+            self.batch += 1
+            self.step += 1
+            yield b
+
+    # --- saving -----------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        st: Dict[str, Any] = {
+            "format": FORMAT,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "objects": {k: o.state_dict() for k, o in self.stateful.items()},
+            "rng": {
+                "python": tr.python_random_state(),
+                "numpy_global": tr.numpy_global_state(),
+                "torch_cpu": torch.get_rng_state(),
+                "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "generators": {k: _gen_state(g) for k, g in self.generators.items()},
+            },
+            "extra": self.extra,
+        }
+        if self.loader is not None:
+            st["loader_generator_at_epoch"] = (
+                self._loader_gen_at_epoch
+                if self._loader_gen_at_epoch is not None
+                else self.loader.generator.get_state()
+            )
+        return st
+
+    def save(self, ck: Any, *, meta: Optional[Dict[str, Any]] = None) -> Any:
+        """Saves everything as one checkpoint at :attr:`step` (durable on return)."""
+        st = self.state_dict()
+        with ck.saving(step=self.step, meta=meta) as d:
+            torch.save(st, d / STATE_FILE)
+        return ck.last_saved
+
+    # --- restoring --------------------------------------------------------------------------
+
+    def load_state_dict(self, st: Mapping[str, Any]) -> None:
+        if st.get("format") != FORMAT:
+            raise CkptError(f"{STATE_FILE}: format {st.get('format')!r} is not {FORMAT}")
+        missing = set(self.stateful) - set(st["objects"])
+        if missing:
+            raise CkptError(f"{STATE_FILE} has no state for {sorted(missing)} (it has {sorted(st['objects'])})")
+        for k, o in self.stateful.items():
+            o.load_state_dict(st["objects"][k])
+        rng = st["rng"]
+        tr.set_python_random_state(rng["python"])
+        tr.set_numpy_global_state(rng["numpy_global"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if rng["torch_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["torch_cuda"])
+        gmissing = set(self.generators) - set(rng["generators"])
+        if gmissing:
+            raise CkptError(f"{STATE_FILE} has no state for generator(s) {sorted(gmissing)}")
+        for k, g in self.generators.items():
+            _set_gen_state(g, rng["generators"][k])
+        self.epoch, self.batch, self.step = int(st["epoch"]), int(st["batch"]), int(st["step"])
+        self.extra.clear()
+        self.extra.update(st.get("extra", {}))
+        if self.loader is not None and "loader_generator_at_epoch" in st:
+            self._loader_gen_at_epoch = st["loader_generator_at_epoch"]
+        self.restored_step = self.step
+
+    def restore(self, ck: Any) -> bool:
+        """Restores from the checkpoint the job was started with (safe loader:
+        ``weights_only=True``); False on a fresh start."""
+        d = ck.restore_dir()
+        if d is None:
+            return False
+        st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        self.load_state_dict(st)
+        return True
