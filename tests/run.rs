@@ -346,7 +346,7 @@ fn a_job_without_a_client_is_never_sent_the_request_signal() {
         "plain job was disturbed: {}",
         text(&out.stderr)
     );
-    // The hint about the missing client waits 10 s (a launcher's ranks may still be
+    // The hint about the missing client waits 60 s (a launcher's ranks may still be
     // starting); the machine's unit tests check it comes once, then.
     assert!(events(&dir, "request_skipped").is_empty());
     assert!(events(&dir, "request").is_empty());

@@ -108,7 +108,7 @@ fn unanswered_requests_are_warned_with_the_likely_cause() {
     let warned = events(&dir, "unanswered");
     assert_eq!(warned.len(), 1, "{err}");
     assert!(err.contains("should_checkpoint() returns true"), "{err}");
-    // One request at a time: never more than one per answer timeout (1 s floor).
+    // One request at a time: never more than one per answer timeout (2 s floor).
     let requests = events(&dir, "request").len();
     assert!((2..=6).contains(&requests), "{requests} requests: {err}");
     let stats = output_deadline(ckpt().args(["stats", "--json", "--dir"]).arg(&dir), T);

@@ -85,8 +85,9 @@ def test_slow_import_after_announcing_is_not_killed_by_requests(tmp_path, bg):
     hello = next(i for i, e in enumerate(ev) if e["event"] == "hello")
     first_commit = next(i for i, e in enumerate(ev) if e["event"] == "committed")
     requests_during_import = [e for e in ev[hello:first_commit] if e["event"] == "request"]
-    # One request at a time: an unanswered one is repeated once per answer timeout (1 s here).
-    assert len(requests_during_import) >= 2, ev
+    # One request at a time: an unanswered one is repeated once per answer timeout (2 s here),
+    # so the 2 s import sees at least one; none of them killed the job.
+    assert len(requests_during_import) >= 1, ev
     assert status(d)["restarts"] == 0
     assert not any(e["event"] == "exit" and e.get("signaled") for e in ev), ev
     assert_no_survivors(d)

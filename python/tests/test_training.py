@@ -45,17 +45,23 @@ def count(d: Path, name: str) -> int:
     return len([e for e in events(d) if e["event"] == name])
 
 
-def resumed_bit_identical(tmp_path, bg, seed, py: str, script: str, kills: int, timeout: float) -> None:
+def resumed_bit_identical(
+    tmp_path, bg, seed, py: str, script: str, kills: int, timeout: float, launcher=(), victims=("leader",)
+) -> None:
+    """Runs ``script`` uninterrupted, then under ``ckpt run`` with ``kills`` SIGKILLs, each at a
+    random instant after a checkpoint, of the launch's leader or of one rank (``victims``
+    cycles through "leader" and "rank"); the final lines must match."""
     rnd = random.Random(seed)
     job = tmp_path / "train.py"
     job.write_text(script)
-    plain = run([py, job], timeout=timeout)
+    cmd = [*launcher, job] if launcher else [py, job]
+    plain = run(cmd, timeout=timeout)
     assert plain.returncode == 0, plain.stderr
     want = final(plain.stdout)
 
     d = tmp_path / "ck"
     sup = bg(
-        [ckpt_bin(), "run", "--dir", d, "--every", "300ms", "--backoff", "10ms..50ms", "--", py, job],
+        [ckpt_bin(), "run", "--dir", d, "--every", "300ms", "--backoff", "10ms..50ms", "--", *cmd],
         timeout=timeout * (kills + 2),
     )
     for k in range(kills):
@@ -66,9 +72,15 @@ def resumed_bit_identical(tmp_path, bg, seed, py: str, script: str, kills: int, 
             break
         launches = [e for e in events(d) if e["event"] == "launch"]
         time.sleep(rnd.uniform(0.0, 0.4))  # the random instant itself: nothing to poll for
-        print(f"seed {seed}: kill {k}: SIGKILL to the job {launches[-1]['pid']}", file=sys.stderr)
+        victim = victims[k % len(victims)]
+        if victim == "rank":
+            hellos = [e for e in events(d) if e["event"] == "hello" and e["t_ms"] >= launches[-1]["t_ms"]]
+            pid = rnd.choice(hellos)["pid"]
+        else:
+            pid = launches[-1]["pid"]
+        print(f"seed {seed}: kill {k}: SIGKILL to the {victim} {pid}", file=sys.stderr)
         try:
-            os.kill(launches[-1]["pid"], 9)
+            os.kill(pid, 9)
         except ProcessLookupError:
             pass
         wait_until(lambda: count(d, "launch") > len(launches) or sup.p.poll() is not None, timeout, "the relaunch")
@@ -87,6 +99,20 @@ def test_numpy_recipe_resumes_bit_identical(tmp_path, bg, seed):
 def test_torch_recipe_resumes_bit_identical(tmp_path, bg, seed):
     py = torch_python()
     resumed_bit_identical(tmp_path, bg, seed, py, recipe("PyTorch: `ckpt.torch.TrainState`"), 2, 120)
+
+
+def test_torchrun_recipe_resumes_bit_identical(tmp_path, bg, seed):
+    # One rank killed, then the launcher: torchrun ends the surviving rank (its SIGTERM
+    # finds no safe point while the rank waits in a collective: CKPT_STOP_TIMEOUT ends it),
+    # ckpt relaunches torchrun, every rank restores its shard of the newest checkpoint.
+    py = torch_python()
+    torchrun = str(Path(py).parent / "torchrun")
+    section = DOC.read_text().split("\n## PyTorch under torchrun\n", 1)[1]
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    run_line = re.search(r"torchrun (.*?) train_ddp.py", script).group(1).split()
+    resumed_bit_identical(
+        tmp_path, bg, seed, py, script, 2, 180, launcher=[torchrun, *run_line], victims=("rank", "leader")
+    )
 
 
 def test_torch_state_loads_with_the_safe_loader_and_a_loader_needs_its_own_generator(tmp_path):
