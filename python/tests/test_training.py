@@ -179,3 +179,27 @@ def test_readme_python_recipe_resumes_bit_identical(tmp_path, bg, seed):
     readme = (REPO / "README.md").read_text().split("\n### Python\n", 1)[1]
     script = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     resumed_bit_identical(tmp_path, bg, seed, sys.executable, script, 2, 60)
+
+
+def test_ckpt_check_names_the_tensor_when_the_scheduler_is_forgotten(tmp_path):
+    # The classic bug: the LR scheduler left out of the checkpoint, so every resume restarts
+    # the warm-up. `ckpt check` runs the job interrupted and names the first differing tensor.
+    py = torch_python()
+    script = recipe("PyTorch: `ckpt.torch.TrainState`").replace('schedulers={"sched": sched}, ', "")
+    script = script.replace("ts.epochs(6)", "ts.epochs(24)")  # long enough to interrupt training
+    assert "schedulers=" not in script and "ts.epochs(24)" in script
+    script += '\ntorch.save(model.state_dict(), "model.pt")\n'
+    (tmp_path / "train.py").write_text(script)
+    env = dict(os.environ, PATH=f"{Path(py).parent}{os.pathsep}{os.environ['PATH']}")
+    env["PYTHONPATH"] = str(REPO / "python" / "src")
+    r = run(
+        [ckpt_bin(), "check", "--kills", "3", "--seed", "7", "--json", "--output", "model.pt",
+         "--work", tmp_path / "w", "--", py, tmp_path / "train.py"],
+        timeout=600, env=env,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    import json
+    doc = json.loads(r.stdout)
+    assert doc["verdict"] == "differs", doc
+    assert "model.pt" in json.dumps(doc["first_difference"]), doc
+    assert "$['" in json.dumps(doc["first_difference"]), doc
