@@ -1643,6 +1643,131 @@ mod tests {
         }
     }
 
+    // ---- Every event in every phase ----
+
+    /// A machine in each phase, reached through events only.
+    fn in_every_phase() -> Vec<(&'static str, T)> {
+        let s = || Settings {
+            hang_signal: Some(libc::SIGQUIT),
+            checkpoint_timeout: Some(Duration::from_secs(3)),
+            ..settings()
+        };
+        let mut out = vec![("idle", T::new(s()))];
+        let mut t = T::new(s());
+        t.ev(0, launched(None));
+        out.push(("starting", t));
+        out.push(("running", T::running(s())));
+        let mut t = T::running(s());
+        t.ev(10_010, Event::Tick);
+        out.push(("checkpointing", t));
+        let mut t = T::running(s());
+        t.ev(100, Event::StopSignal(libc::SIGTERM));
+        out.push(("stopping", t));
+        let mut t = T::running(s());
+        t.ev(100, Event::StopSignal(libc::SIGTERM));
+        t.ev(30_100, Event::Tick);
+        out.push(("terminating", t));
+        let mut t = T::running(s());
+        t.ev(10_010, Event::Tick);
+        t.ev(13_010, Event::Tick);
+        out.push(("hung", t));
+        let mut t = T::running(s());
+        t.ev(100, Event::ControlStop { checkpoint: false });
+        out.push(("killing", t));
+        out.push(("backing_off", backing_off()));
+        let mut t = T::running(s());
+        t.ev(100, died(0));
+        out.push(("done", t));
+        out
+    }
+
+    fn every_event() -> Vec<Event> {
+        vec![
+            launched(Some(mark(1, Some(1)))),
+            died(0),
+            died(1),
+            Event::StopSignal(libc::SIGTERM),
+            Event::StopSignal(libc::SIGINT),
+            Event::SlurmWarning(libc::SIGUSR1),
+            Event::SlurmTimeLimit {
+                left: Duration::from_secs(5),
+                margin: Duration::from_secs(60),
+            },
+            Event::Notice { deadline: None },
+            Event::ControlStop { checkpoint: true },
+            Event::ControlStop { checkpoint: false },
+            Event::CheckpointAsked(Why::Control),
+            Event::CheckpointAsked(Why::OnDemand),
+            hello(100),
+            hello(101),
+            Event::Progress { step: Some(9) },
+            Event::SaveReported { duration_ms: 5 },
+            Event::Committed(mark(7, Some(70))),
+            Event::SaveFailed {
+                pid: 100,
+                error: "x".into(),
+            },
+            Event::Tick,
+        ]
+    }
+
+    #[test]
+    fn every_event_in_every_phase_keeps_the_invariants() {
+        let phases = in_every_phase();
+        assert_eq!(phases.len(), 10);
+        for (name, _) in &phases {
+            for ev in every_event() {
+                // A fresh copy of the machine in that phase for each event.
+                let (_, mut t) = in_every_phase()
+                    .into_iter()
+                    .find(|(n, _)| n == name)
+                    .unwrap();
+                let before = t.m.phase;
+                let job = t.m.job.is_some();
+                let a = t.ev(200_000, ev.clone());
+                let what = format!("{name} + {ev:?} -> {:?}: {a:?}", t.m.phase);
+                // Done never changes and never acts.
+                if matches!(before, Phase::Done(_)) {
+                    assert!(a.is_empty(), "{what}");
+                    assert_eq!(t.m.phase, before, "{what}");
+                }
+                // Nothing is signalled or killed without a job.
+                if !job && !matches!(ev, Event::Launched { .. }) {
+                    assert!(
+                        signals(&a).is_empty() && !a.contains(&Action::KillTree),
+                        "{what}"
+                    );
+                }
+                // A run ends only with a Finish action, and a Finish only ends the run.
+                let finished = a.iter().filter(|x| matches!(x, Action::Finish(_))).count();
+                assert!(finished <= 1, "{what}");
+                assert_eq!(
+                    finished == 1,
+                    matches!(t.m.phase, Phase::Done(_)) && !matches!(before, Phase::Done(_)),
+                    "{what}"
+                );
+                // A stop, once asked for, is never forgotten.
+                let stop_event = matches!(
+                    ev,
+                    Event::StopSignal(_)
+                        | Event::SlurmWarning(_)
+                        | Event::SlurmTimeLimit { .. }
+                        | Event::Notice { .. }
+                        | Event::ControlStop { .. }
+                );
+                if stop_event && !matches!(before, Phase::Done(_)) {
+                    assert!(t.m.stop.is_some(), "{what}");
+                }
+                // No request goes out during a stop.
+                if t.m.stop.is_some() {
+                    assert!(!logs(&a).contains(&"request"), "{what}");
+                }
+                // The status word is always defined.
+                assert!(!t.m.status_word().is_empty());
+            }
+        }
+    }
+
     // ---- Killing ----
 
     #[test]
