@@ -115,6 +115,39 @@ def test_torchrun_recipe_resumes_bit_identical(tmp_path, bg, seed):
     )
 
 
+STATEFUL = '''
+import ckpt
+ck = ckpt.Checkpointer()
+import ckpt.torch as ckt
+import hashlib, torch
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(256, 4), torch.randn(256, 1))
+loader = StatefulDataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+ts = ckt.TrainState(models={"m": model}, optimizers={"o": opt}, loader=loader)
+ts.restore(ck)
+for epoch in ts.epochs(12):
+    for x, y in ts.batches():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        if ck.should_checkpoint(ts.step):
+            ts.save(ck)
+        if ck.should_stop():
+            raise SystemExit(0)
+print("final", hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+'''
+
+
+def test_torchdata_stateful_loader_resumes_bit_identical(tmp_path, bg, seed):
+    py = torch_python()
+    if subprocess.run([py, "-c", "import torchdata.stateful_dataloader"], capture_output=True).returncode:
+        pytest.skip("torchdata is not installed next to torch (scripts/setup installs it)")
+    resumed_bit_identical(tmp_path, bg, seed, py, STATEFUL, 2, 120)
+
+
 def test_torch_state_loads_with_the_safe_loader_and_a_loader_needs_its_own_generator(tmp_path):
     py = torch_python()
     script = tmp_path / "t.py"

@@ -122,7 +122,9 @@ class TrainState:
     optimizers, schedulers, ``torch.amp.GradScaler``); ``generators`` are extra
     ``torch.Generator``s or ``numpy.random.Generator``s; ``loader`` a DataLoader that has its
     own ``generator=`` (without one, creating its iterator draws from torch's global generator,
-    and a resume inside an epoch would shift every random number after it: refused).
+    and a resume inside an epoch would shift every random number after it: refused). A
+    torchdata ``StatefulDataLoader`` works the same way (given its own ``generator=``): the
+    position is restored here, its ``state_dict()`` is not needed.
     """
 
     def __init__(
@@ -172,11 +174,12 @@ class TrainState:
         loader = self.loader
         if loader is None:
             raise CkptError("batches() needs TrainState(loader=...)")
+        gen = loader.generator
         if self._loader_gen_at_epoch is None:
-            self._loader_gen_at_epoch = loader.generator.get_state()
+            self._loader_gen_at_epoch = gen.get_state()
         else:
             # A resume inside the epoch: the iterator draws what it drew at the epoch's start.
-            loader.generator.set_state(self._loader_gen_at_epoch)
+            gen.set_state(self._loader_gen_at_epoch)
         skip = self.batch
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
@@ -209,11 +212,10 @@ class TrainState:
             },
             "extra": self.extra,
         }
-        if self.loader is not None:
+        gen = getattr(self.loader, "generator", None)
+        if gen is not None:
             st["loader_generator_at_epoch"] = (
-                self._loader_gen_at_epoch
-                if self._loader_gen_at_epoch is not None
-                else self.loader.generator.get_state()
+                self._loader_gen_at_epoch if self._loader_gen_at_epoch is not None else gen.get_state()
             )
         return st
 
@@ -248,7 +250,7 @@ class TrainState:
         self.epoch, self.batch, self.step = int(st["epoch"]), int(st["batch"]), int(st["step"])
         self.extra.clear()
         self.extra.update(st.get("extra", {}))
-        if self.loader is not None and "loader_generator_at_epoch" in st:
+        if getattr(self.loader, "generator", None) is not None and "loader_generator_at_epoch" in st:
             self._loader_gen_at_epoch = st["loader_generator_at_epoch"]
         self.restored_step = self.step
 
