@@ -711,7 +711,11 @@ fn a_save_longer_than_the_window_is_reported_at_start_up_and_on_notice() {
     assert_eq!(code, Some(75), "{err}");
     assert_durable_before(&dir, deadline, &err);
     assert_eq!(events(&dir, "notice_no_fit").len(), 1, "{err}");
-    assert!(err.contains("the last checkpoint took 1."), "{err}");
+    // The 1.5 s save (longer on a loaded machine) against the 1 s window.
+    assert!(
+        err.contains("the last checkpoint took 1.") || err.contains("the last checkpoint took 2."),
+        "{err}"
+    );
 
     // Run 2: warned at start-up, before any new checkpoint; then a notice with 1 s left.
     phase.set(0);

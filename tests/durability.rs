@@ -780,7 +780,8 @@ fn vanished_directory_save_fails_cleanly() {
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
     let progress = tmp.path().join("progress");
-    let sup = spawn_saver(&dir, &progress, "1000", "200ms", 300);
+    // Long enough to outlast the failed saves' backoff (the interval doubles per failure).
+    let sup = spawn_saver(&dir, &progress, "1000", "200ms", 3000);
     wait_until(Duration::from_secs(20), "a first save", || {
         lines(&progress).iter().any(|l| l.starts_with("saved"))
     });

@@ -491,6 +491,7 @@ impl Machine {
                 }
                 self.save_failures = self.save_failures.saturating_add(1);
                 self.unanswered = 0;
+                let was_checkpointing = matches!(self.phase, Phase::Checkpointing { .. });
                 if let Phase::Checkpointing { since } = self.phase {
                     self.longest_attempt = self.longest_attempt.max(now - since);
                     self.phase = Phase::Running;
@@ -513,7 +514,11 @@ impl Machine {
                 out.push(Action::FailWaits(format!(
                     "the job could not save a checkpoint: {error}"
                 )));
-                out.push(Action::Status);
+                // The status changes only with the phase (a flood of messages must not turn
+                // into a flood of status writes).
+                if was_checkpointing {
+                    out.push(Action::Status);
+                }
             }
             Event::Tick => self.tick(now, &mut out),
         }

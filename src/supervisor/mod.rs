@@ -327,6 +327,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         dir_id,
         lock,
         tx: tx_keep,
+        dir_missing_since: None,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -575,7 +576,12 @@ struct Run {
     lock: lock::DirLock,
     /// For re-binding the sockets when the directory was deleted.
     tx: Sender<Ev>,
+    /// `DIR/.ckpt` was found missing (or replaced) at this time.
+    dir_missing_since: Option<Instant>,
 }
+
+/// How long `DIR/.ckpt` may be gone before the supervisor makes it again.
+pub const DIR_GRACE: Duration = Duration::from_secs(10);
 
 fn dir_identity(store: &Store) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -648,7 +654,7 @@ impl Run {
                 let line = self.live_line();
                 self.rep.live(line);
                 self.share_status();
-                self.check_dir();
+                self.check_dir(false);
             }
         }
     }
@@ -700,8 +706,8 @@ impl Run {
     fn act(&mut self, a: Action, queue: &mut VecDeque<Action>) -> Result<Option<i32>, Fatal> {
         match a {
             Action::Launch => {
-                // The directory may have been deleted since the last look.
-                self.check_dir();
+                // The directory may have been deleted since the last look: a launch needs it.
+                self.check_dir(true);
                 // Every process of the previous launch is gone: a rank killed while writing
                 // its shard leaves a staging directory of a dead pid (docs/multi-rank.md).
                 if self.m.hist.restarts > 0 {
@@ -1330,20 +1336,48 @@ impl Run {
         }
     }
 
-    /// Notices `DIR/.ckpt` deleted or replaced under the running supervisor: warns, makes
-    /// the directory again, and takes the lock and the sockets back, so that `ckpt status`,
-    /// `ckpt stop` and the job's messages reach this supervisor again.
-    fn check_dir(&mut self) {
-        let now = dir_identity(&self.store);
-        if now.is_some() && now == self.dir_id {
+    /// Notices `DIR/.ckpt` deleted, moved away or replaced under the running supervisor:
+    /// warns at once; if it does not come back within [`DIR_GRACE`] (a `mv` and back, a
+    /// mount that hiccups), or a launch needs it now (`force`), makes it again and takes the
+    /// lock and the sockets back, so that `ckpt status`, `ckpt stop` and the job's messages
+    /// reach this supervisor again.
+    fn check_dir(&mut self, force: bool) {
+        let now_id = dir_identity(&self.store);
+        if now_id.is_some() && now_id == self.dir_id {
+            if self.dir_missing_since.take().is_some() {
+                self.rep.event(
+                    "dir_back",
+                    Some(format!(
+                        "{}/.ckpt is back",
+                        crate::store::display_path(self.store.dir())
+                    )),
+                    json!({}),
+                );
+            }
             return;
         }
-        let dir = self.store.dir().display().to_string();
-        let what = if now.is_none() {
-            "was deleted"
+        let dir = crate::store::display_path(self.store.dir());
+        let what = if now_id.is_none() {
+            "was deleted or moved away"
         } else {
             "was replaced"
         };
+        let since = match self.dir_missing_since {
+            Some(t) => t,
+            None => {
+                let t = Instant::now();
+                self.dir_missing_since = Some(t);
+                self.rep.warn(
+                    "dir_lost",
+                    format!("{dir}/.ckpt {what} while the supervisor runs: `ckpt status/stop` cannot reach it and checkpoints cannot be saved; waiting {} for it to come back, then making it again", fmt_dur(DIR_GRACE)),
+                    json!({ "dir": dir }),
+                );
+                t
+            }
+        };
+        if !force && since.elapsed() < DIR_GRACE {
+            return;
+        }
         let mut steps = Vec::new();
         let res = (|| -> Result<(), String> {
             self.store.create().map_err(|e| e.to_string())?;
@@ -1364,17 +1398,18 @@ impl Run {
             Ok(())
         })();
         self.dir_id = dir_identity(&self.store);
+        self.dir_missing_since = None;
         self.rep.reopen();
         match res {
             Ok(()) => self.rep.warn(
-                "dir_lost",
-                format!("{dir}/.ckpt {what} while the supervisor runs: made it again and took back {} (the checkpoints it held are gone; the job's next checkpoint goes into the new directory)", steps.join(" and ")),
-                json!({ "dir": crate::store::display_path(self.store.dir()) }),
+                "dir_made_again",
+                format!("made {dir}/.ckpt again and took back {} (what it held is gone; the job's next checkpoint goes into it)", steps.join(" and ")),
+                json!({ "dir": dir }),
             ),
             Err(e) => self.rep.warn(
-                "dir_lost",
-                format!("{dir}/.ckpt {what} while the supervisor runs, and cannot be made again ({e}): `ckpt status/stop` cannot reach this supervisor; stop it with a signal (kill -TERM {})", std::process::id()),
-                json!({ "dir": crate::store::display_path(self.store.dir()), "error": e }),
+                "dir_made_again",
+                format!("cannot make {dir}/.ckpt again ({e}): `ckpt status/stop` cannot reach this supervisor; stop it with a signal (kill -TERM {})", std::process::id()),
+                json!({ "dir": dir, "error": e }),
             ),
         }
         self.write_status();
