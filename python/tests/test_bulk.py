@@ -196,3 +196,20 @@ def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
              os.sys.executable, job], 120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RESUMED-OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", ["python", "file"])
+def test_ckpt_bench_measures_the_users_path(tmp_path, path):
+    """`ckpt bench --path python|file` runs the real path (a python3 child saving a numpy
+    array; the `ckpt save` command) next to dd and reports ratios (no figure is asserted)."""
+    r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json"], 240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["path"] == path and out["runs"] == 2
+    assert len(out["write_ratio_to_dd_direct"]["per_round"]) == 2
+    assert len(out["read_ratio_to_dd"]["per_round"]) == 2
+    assert out["recommended_every_s"] > 0
+    if path == "python":
+        assert len(out["write_ratio_to_own"]["per_round"]) == 2
+        assert out["save_peak_extra_mib"] is not None
+    assert list(tmp_path.iterdir()) == []  # its work directory is removed

@@ -279,6 +279,40 @@ def _cached(fd: int, size: int) -> bool:
     return True
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _prefaulter(mm: mmap.mmap, size: int) -> Optional[Callable[[], None]]:
+    """A function that faults the pages of ``mm`` in, :data:`PIECE` bytes per
+    ``madvise(MADV_POPULATE_WRITE)`` call (through ctypes, which releases the GIL), for a
+    helper thread running ahead of the reads: a fresh page costs a fault (on a VM, often a
+    host fault too), and done by the reads themselves that cost is paid in series with them.
+    ``None`` where it cannot be done (no ctypes or libc; the kernel answering EINVAL stops it)."""
+    if os.environ.get("CKPT_PREFAULT", "1") == "0":
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    except Exception:
+        return None
+
+    def run() -> None:
+        off = 0
+        while off < size:
+            n = min(PIECE, size - off)
+            if madvise(base + off, -(-n // ALIGN) * ALIGN, _MADV_POPULATE_WRITE) != 0:
+                return
+            off += n
+
+    return run
+
+
 def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> memoryview:
     """Reads the whole file ``fd`` (``size`` bytes per the manifest) into page-aligned memory
     and checks size and checksum; returns a writable view of exactly ``size`` bytes."""
@@ -326,6 +360,9 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
                 done.append((-1, 0))
                 cond.notify_all()
 
+    fault = _prefaulter(mm, cap) if size >= PIECE else None
+    if fault is not None:
+        threading.Thread(target=fault, name="ckpt-prefault", daemon=True).start()
     t = threading.Thread(target=reader, name="ckpt-read", daemon=True)
     t.start()
     total = 0
