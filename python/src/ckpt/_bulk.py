@@ -17,10 +17,11 @@ while the next piece is copied and checksummed (``os.pwrite`` and ``zlib.crc32``
 GIL). A file system that refuses ``O_DIRECT``, or ``CKPT_DIRECT_IO=0``, gets the same
 writes through the page cache; the commit fsyncs the file either way.
 
-Reads: ``state.buffers`` is read (``O_DIRECT`` when it is large and not cached) into one
-page-aligned anonymous ``mmap`` by a helper thread while this thread checksums the previous
-piece; size and checksum are checked before anything is unpickled; the arrays are then
-views of that memory (zero-copy, writable).
+Reads: ``state.pickle.buffers`` is read (``O_DIRECT`` when it is large and not cached) into
+one page-aligned anonymous ``mmap`` by :data:`READERS` helper threads (one piece each in
+flight), a third faulting the fresh memory in ahead of them, while this thread checksums the
+pieces in order; size and checksum are checked before anything is unpickled; the arrays are
+then views of that memory (zero-copy, writable).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import mmap
 import os
 import pickle
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._crc import Hasher
 from .errors import InvalidCheckpoint
@@ -41,6 +42,9 @@ ALIGN = 4096
 PIECE = 8 << 20
 #: Aligned buffers of a save (kept for the next save: fresh memory is faulted in again).
 BUFFERS = 3
+#: Reads of a restore in flight at once (one piece each; in an interleaved A/B of cold 1 GiB
+#: restores, 4 rounds, median ratio to a cold `dd` read: 1 reader 1.06, 2 readers 1.57, 3 1.05).
+READERS = 2
 #: Out-of-band buffers smaller than this stay inside the pickle stream.
 OOB_MIN = 64 << 10
 #: The file that holds the raw buffers.
@@ -288,8 +292,6 @@ def _prefaulter(mm: mmap.mmap, size: int) -> Optional[Callable[[], None]]:
     helper thread running ahead of the reads: a fresh page costs a fault (on a VM, often a
     host fault too), and done by the reads themselves that cost is paid in series with them.
     ``None`` where it cannot be done (no ctypes or libc; the kernel answering EINVAL stops it)."""
-    if os.environ.get("CKPT_PREFAULT", "1") == "0":
-        return None
     try:
         import ctypes
         import ctypes.util
@@ -324,61 +326,70 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
     whole = memoryview(mm)
     direct = direct_io() and size >= PIECE and not _cached(fd, size) and _set_direct(fd, True)
     h = Hasher(algo)
-    done: List[Tuple[int, int]] = []
+    npieces = max(1, -(-size // PIECE))
+    done: Dict[int, int] = {}  # piece index -> bytes read into it
+    finished = [0]
     cond = threading.Condition()
     err: List[BaseException] = []
+    mode = {"direct": direct}
 
-    def reader() -> None:
-        nonlocal direct
-        off = 0
+    def reader(first: int) -> None:
         try:
-            while off < size:
+            for k in range(first, npieces, READERS):
+                off = k * PIECE
                 want = min(PIECE, cap - off)
                 got = 0
                 while got < want:
                     try:
                         n = os.preadv(fd, [whole[off + got : off + want]], off + got)
                     except OSError as e:
-                        if direct and e.errno == errno.EINVAL:
-                            _set_direct(fd, False)
-                            direct = False
+                        if mode["direct"] and e.errno == errno.EINVAL:
+                            # O_DIRECT accepted, then refused: through the page cache.
+                            with cond:
+                                if mode["direct"]:
+                                    _set_direct(fd, False)
+                                    mode["direct"] = False
                             continue
                         raise
                     if n == 0:
                         break
                     got += n
                 with cond:
-                    done.append((off, min(got, size - off)))
+                    done[k] = min(got, max(0, size - off))
                     cond.notify_all()
                 if got < want:
-                    break
-                off += got
+                    return
         except BaseException as e:  # noqa: BLE001 - raised below
             err.append(e)
         finally:
             with cond:
-                done.append((-1, 0))
+                finished[0] += 1
                 cond.notify_all()
 
     fault = _prefaulter(mm, cap) if size >= PIECE else None
     if fault is not None:
         threading.Thread(target=fault, name="ckpt-prefault", daemon=True).start()
-    t = threading.Thread(target=reader, name="ckpt-read", daemon=True)
-    t.start()
+    readers = [threading.Thread(target=reader, args=(i,), name="ckpt-read", daemon=True) for i in range(READERS)]
+    for t in readers:
+        t.start()
     total = 0
     try:
-        while True:
+        for k in range(npieces):
             with cond:
-                while not done:
+                while k not in done and finished[0] < READERS and not err:
                     cond.wait()
-                off, n = done.pop(0)
-            if off < 0:
+                n = done.pop(k, None)
+            if n is None or err:
                 break
+            off = k * PIECE
             h.update(whole[off : off + n])
             total += n
+            if n < min(PIECE, size - off):
+                break
     finally:
-        t.join()
-        if direct:
+        for t in readers:
+            t.join()
+        if mode["direct"]:
             _set_direct(fd, False)
     if err:
         raise InvalidCheckpoint("unreadable", f"cannot read it: {name}: {err[0]}")

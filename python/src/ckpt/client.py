@@ -654,7 +654,12 @@ class Checkpointer:
 
         ``d`` is an empty private directory; when the block ends, every file in it (and in its
         sub-directories) is checksummed, made durable and published as one checkpoint. If the
-        block raises, nothing is published. The result is in :attr:`last_saved`."""
+        block raises, nothing is published. The result is in :attr:`last_saved`.
+
+        The files' write speed is the writing library's (``torch.save``, ``np.save`` write
+        through the page cache); ckpt adds one checksum read of each file (usually from the
+        page cache) and the fsyncs. For numpy arrays :meth:`save` is faster: it writes them as
+        raw bytes past the page cache (``docs/benchmarks.md``)."""
         with self._saving(step, meta, self._begin()) as stage:
             yield stage.path
 
