@@ -448,6 +448,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         per_round(&r_ck_fresh, &r_dd),
     );
     let med_of = |v: &[f64]| median(&mut v.to_vec());
+    let wd_rounds = per_round(&w_ck, &w_direct);
     let w_dd = median(&mut w_dd);
     let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
@@ -478,7 +479,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache), the same with oflag=direct; dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
-        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds) },
+        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
@@ -506,7 +507,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     );
     println!("  write+fsync  {base:<4} {w_dd:>6.2} GB/s   ckpt save    {w_ck:>6.2} GB/s   ratio {:.2}  (serde/postcard save: {serde_save:.2} GB/s)", w_ck / w_dd);
     if let Some(d) = w_direct {
-        println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d);
+        println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}, median per round {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d, med_of(&wd_rounds));
     }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
     println!(

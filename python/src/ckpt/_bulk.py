@@ -1,9 +1,9 @@
-"""Large buffers (numpy arrays, ``bytearray``, anything pickle protocol 5 can hand out of band)
-written to disk as raw bytes, past the page cache, and read back without a copy.
+"""Large buffers (numpy arrays, ``pickle.PickleBuffer``: whatever pickle protocol 5 hands out of
+band) written to disk as raw bytes, past the page cache, and read back without a copy.
 
 :meth:`Checkpointer.save` pickles the state with protocol 5 and a ``buffer_callback``: every
 contiguous buffer of at least :data:`OOB_MIN` bytes stays out of the pickle stream and goes,
-byte for byte, into one file, ``state.buffers``, each buffer at a :data:`ALIGN`-aligned offset
+byte for byte, into one file, ``state.pickle.buffers``, each buffer at a :data:`ALIGN`-aligned offset
 (zero padding between them and at the end). ``state.pickle`` then holds two pickles: a small
 header (the offset and length of every segment) and the state's stream. Both are ordinary
 checkpoint files (size and checksum in the manifest). A checkpoint with ``state.pickle``
@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ._crc import Hasher
 from .errors import InvalidCheckpoint
 
-#: Offsets of segments in ``state.buffers`` (and the unit of every direct write).
+#: Offsets of segments in ``state.pickle.buffers`` (and the unit of every direct write).
 ALIGN = 4096
 #: Bytes per write or read of the bulk paths.
 PIECE = 8 << 20
@@ -78,7 +78,7 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 class _Header:
     """The first pickle of ``state.pickle`` in the raw-buffers format: where each out-of-band
-    buffer lies in ``state.buffers``. (An older client that meets it fails to unpickle it
+    buffer lies in ``state.pickle.buffers``. (An older client that meets it fails to unpickle it
     loudly instead of returning it as the state.)"""
 
     def __init__(self, version: int, segments: List[Tuple[int, int]]) -> None:
