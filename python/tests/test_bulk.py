@@ -213,3 +213,30 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
         assert out["save_peak_extra_mib"] is not None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_ckpt_direct_io_0_keeps_every_bulk_write_and_read_in_the_page_cache(tmp_path, monkeypatch, direct):
+    monkeypatch.setenv("CKPT_DIRECT_IO", direct)
+    calls = []
+    real = _bulk._set_direct
+
+    def spy(fd, on):
+        calls.append(on)
+        return real(fd, on)
+
+    monkeypatch.setattr(_bulk, "_set_direct", spy)
+    data = np.random.default_rng(2).integers(0, 255, _bulk.PIECE * 2 + 5, dtype=np.uint8)
+    p = tmp_path / "f"
+    size, sm, segs = _bulk.write_segments(p, [memoryview(data)], "crc32")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        got = _bulk.read_segments(fd, "f", size, sm, "crc32")
+    finally:
+        os.close(fd)
+    assert got[: data.nbytes].tobytes() == data.tobytes()
+    if direct == "0":
+        assert True not in calls
+    else:
+        # Both the write and the (cold: written past the cache) read asked for O_DIRECT.
+        assert calls.count(True) == 2, calls
