@@ -522,6 +522,98 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
     out
 }
 
+/// Size of one source read of [`copy_into`]: several [`CHUNK`]s, so that
+/// [`StageWriter::write_bulk`] overlaps the checksum of one chunk with the write of the
+/// previous one inside each piece.
+pub const COPY_PIECE: usize = 4 * CHUNK;
+
+/// Pieces of a [`copy_into`] in flight: one being read, one being written, one ready.
+const COPY_BUFFERS: usize = 3;
+
+/// Why [`copy_into`] stopped.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    /// Reading the source failed.
+    Read(io::Error),
+    /// Writing the checkpoint file failed.
+    Write(io::Error),
+}
+
+/// Copies all of `input` into `w` (`ckpt save FILE`, [`Stage::copy_bytes`]): a helper thread
+/// reads [`COPY_PIECE`]-byte pieces into page-aligned buffers (with `O_DIRECT` when the
+/// source is at least [`CHUNK`] bytes and not in the page cache, so a cold source allocates
+/// no cache pages; a refusal falls back to the cache), while this thread hands each piece to
+/// [`StageWriter::write_bulk`]: whole pages past the page cache, checksum overlapped, the
+/// last partial page through the cache. Returns the bytes copied.
+pub(crate) fn copy_into(
+    input: &File,
+    w: &mut StageWriter<'_>,
+) -> std::result::Result<u64, CopyError> {
+    let len = input.metadata().map_err(CopyError::Read)?.len() as usize;
+    let direct = (direct_io() && len >= CHUNK && !cached(input, len))
+        .then(|| DirectMode::set(input))
+        .flatten();
+    let is_direct = std::sync::atomic::AtomicBool::new(direct.is_some());
+    let piece = COPY_PIECE.min(len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN));
+    // (buffer, bytes read, error)
+    type Piece = (Bounce, usize, Option<io::Error>);
+    std::thread::scope(|s| {
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(COPY_BUFFERS);
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(COPY_BUFFERS);
+        for _ in 0..COPY_BUFFERS.min(len.div_ceil(piece).max(1) + 1) {
+            let _ = free_tx.send(Bounce::new(piece));
+        }
+        let is_direct = &is_direct;
+        s.spawn(move || {
+            let mut off = 0;
+            for mut b in free_rx {
+                let (mut n, mut err) = fill_at(input, b.get(), off);
+                if err.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL)
+                    && is_direct.swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    // O_DIRECT accepted at open, refused on reading: through the cache.
+                    clear_direct(input);
+                    let (m, e) = fill_at(input, &mut b.get()[n..], off + n);
+                    (n, err) = (n + m, e);
+                }
+                let last = err.is_some() || n < piece;
+                if full_tx.send((b, n, err)).is_err() || last {
+                    return;
+                }
+                off += n;
+            }
+        });
+        let mut total = 0u64;
+        for (mut b, n, err) in full_rx.iter() {
+            if n > 0 {
+                w.write_bulk(&b.get()[..n]).map_err(CopyError::Write)?;
+                total += n as u64;
+            }
+            if let Some(e) = err {
+                return Err(CopyError::Read(e));
+            }
+            if n < piece {
+                break;
+            }
+            // The reader may be gone already (it stops after the last piece).
+            let _ = free_tx.send(b);
+        }
+        Ok(total)
+    })
+}
+
+/// Clears `O_DIRECT` on an open descriptor.
+fn clear_direct(file: &File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fcntl on an open descriptor with integer arguments.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT);
+        }
+    }
+}
+
 /// Fills `buf` from `file` at `off` until it is full or the file ends (positional reads);
 /// returns the bytes read and the error that stopped it, if any.
 fn fill_at(file: &File, buf: &mut [u8], off: usize) -> (usize, Option<io::Error>) {

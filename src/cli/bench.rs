@@ -43,6 +43,31 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The save path to measure, the one the job uses: `rust` (the Rust client's bulk arrays,
+    /// `Stage::write_f32s`; also restores, async saves, small commits), `file` (`ckpt save
+    /// FILE` of a SIZE-byte file, the real command; restore: `ckpt verify`, what a resume
+    /// reads), `python` (the Python client's `Checkpointer.save` of a numpy array of SIZE
+    /// bytes in a python3 child, next to the job's own `np.save` + fsync; restore:
+    /// `Checkpointer.restore`). `file` and `python` are measured against `dd bs=4M
+    /// oflag=direct` of the same bytes (and a cold `dd` read) in the same rounds. PyTorch
+    /// (`torch.save` states) has no path here yet.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub path: BenchPath,
+    /// Python interpreter for `--path python` (needs numpy and the ckpt package; the package
+    /// of this source tree is found when ckpt runs from its target/ directory).
+    #[arg(long, default_value = "python3", value_name = "PYTHON")]
+    pub python: PathBuf,
+}
+
+/// What `ckpt bench --path` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPath {
+    /// The Rust client's bulk arrays.
+    Rust,
+    /// `ckpt save FILE`.
+    File,
+    /// The Python client's `Checkpointer.save` of numpy arrays.
+    Python,
 }
 
 /// Parses `256MiB`, `1GiB`, `512M`, `1G`, `4096` (bytes).
@@ -227,7 +252,10 @@ pub fn run(a: BenchArgs) -> Result<i32, Fatal> {
     }
     let work = a.dir.join(format!(".ckpt-bench.{}", std::process::id()));
     fs::create_dir_all(&work).map_err(|e| io_fail("create", &work, e))?;
-    let res = measure(&a, &work);
+    let res = match a.path {
+        BenchPath::Rust => measure(&a, &work),
+        BenchPath::File | BenchPath::Python => measure_path(&a, &work),
+    };
     let _ = fs::remove_dir_all(&work);
     res
 }
@@ -420,6 +448,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         per_round(&r_ck_fresh, &r_dd),
     );
     let med_of = |v: &[f64]| median(&mut v.to_vec());
+    let wd_rounds = per_round(&w_ck, &w_direct);
     let w_dd = median(&mut w_dd);
     let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
@@ -450,7 +479,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "baseline": if use_dd { "dd bs=4M conv=fsync (if=a random file in the page cache), the same with oflag=direct; dd bs=4M of=/dev/null" } else { "in-process 4 MiB writes + fsync; 4 MiB reads (dd not found)" },
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
-        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds) },
+        "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
@@ -478,7 +507,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     );
     println!("  write+fsync  {base:<4} {w_dd:>6.2} GB/s   ckpt save    {w_ck:>6.2} GB/s   ratio {:.2}  (serde/postcard save: {serde_save:.2} GB/s)", w_ck / w_dd);
     if let Some(d) = w_direct {
-        println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d);
+        println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}, median per round {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d, med_of(&wd_rounds));
     }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
     println!(
@@ -531,4 +560,427 @@ fn fail(e: &dyn std::fmt::Display) -> Fatal {
         code: exit_codes::IO,
         msg: format!("bench: {e}"),
     }
+}
+
+/// The child of `ckpt bench --path python`: holds one numpy array (the bytes of `argv[2]`),
+/// and on each command from stdin runs one timed operation, answering one JSON line. The
+/// parent drops the page cache between commands, so that every read is cold.
+const PY_CHILD: &str = r#"
+import json, os, sys, time
+import numpy as np
+import ckpt
+d, src, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
+w = np.fromfile(src, dtype="<f4")
+state = {"weights": w}
+ck = ckpt.Checkpointer(d)  # the parent prunes, untimed (under ckpt run the supervisor does)
+def kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+def hwm_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+reader = None
+print(json.dumps({"ready": True, "numpy": np.__version__, "checksum": ck.checksum,
+                  "direct_io": os.environ.get("CKPT_DIRECT_IO", "1")}), flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    out = {}
+    if cmd == "save":
+        ok = hwm_reset()
+        before = kib("VmRSS")
+        t = time.perf_counter()
+        ck.save(state)
+        out["s"] = time.perf_counter() - t
+        if ok:
+            out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
+    elif cmd == "npsave":
+        try:
+            os.unlink(scratch)
+        except FileNotFoundError:
+            pass
+        t = time.perf_counter()
+        with open(scratch, "wb") as f:
+            np.save(f, w)
+            f.flush()
+            os.fsync(f.fileno())
+        out["s"] = time.perf_counter() - t
+    elif cmd == "open":
+        reader = ckpt.Checkpointer(d)
+    elif cmd in ("restore", "restore-check"):
+        t = time.perf_counter()
+        got = reader.restore()
+        out["s"] = time.perf_counter() - t
+        if cmd == "restore-check":
+            out["same"] = bool(got["weights"].dtype == w.dtype and np.array_equal(got["weights"], w))
+        del got
+        reader.close()
+        reader = None
+    elif cmd == "quit":
+        break
+    print(json.dumps(out), flush=True)
+"#;
+
+/// The `python` child: its stdin and stdout.
+struct PyChild {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl PyChild {
+    fn ask(&mut self, cmd: &str) -> Result<serde_json::Value, Fatal> {
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        writeln!(stdin, "{cmd}").map_err(|e| fail(&format!("python child: {e}")))?;
+        self.answer(cmd)
+    }
+
+    fn answer(&mut self, cmd: &str) -> Result<serde_json::Value, Fatal> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out
+            .read_line(&mut line)
+            .map_err(|e| fail(&format!("python child: {e}")))?;
+        serde_json::from_str(&line).map_err(|_| {
+            fail(&format!(
+                "python child failed on {cmd:?} (its error is above){}",
+                if line.is_empty() {
+                    ""
+                } else {
+                    ": unexpected output"
+                }
+            ))
+        })
+    }
+}
+
+/// Starts the Python child of `--path python`. The ckpt package comes from the environment,
+/// else from this source tree (`<repo>/python/src` when ckpt runs from `<repo>/target/*/`).
+fn spawn_python(a: &BenchArgs, store: &Path, src: &Path, scratch: &Path) -> Result<PyChild, Fatal> {
+    let mut cmd = Command::new(&a.python);
+    cmd.arg("-c")
+        .arg(PY_CHILD)
+        .arg(store)
+        .arg(src)
+        .arg(scratch)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let importable = Command::new(&a.python)
+        .args(["-c", "import ckpt, numpy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !importable {
+        let tree = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.parent()?.parent()?.join("python/src")))
+            .filter(|p| p.join("ckpt/__init__.py").is_file());
+        if let Some(tree) = tree {
+            let mut pp = std::ffi::OsString::from(tree.as_os_str());
+            if let Some(old) = std::env::var_os("PYTHONPATH") {
+                pp.push(":");
+                pp.push(old);
+            }
+            cmd.env("PYTHONPATH", pp);
+        }
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(&format!("cannot run {}: {e}", a.python.display())))?;
+    let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut c = PyChild { child, out };
+    let hello = c.answer("start").map_err(|_| {
+        fail(&format!(
+            "{} could not start the benchmark (needs numpy and the ckpt package: pip install numpy, and python/ of ckpt's source on PYTHONPATH)",
+            a.python.display()
+        ))
+    });
+    if hello?.get("ready").is_none() {
+        return Err(fail(&"python child: no greeting"));
+    }
+    Ok(c)
+}
+
+fn loadavg() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Median, min and max of per-round ratios, rounded.
+fn spread(v: &[f64]) -> serde_json::Value {
+    let mut s = v.to_vec();
+    let med = median(&mut s);
+    json!({
+        "median": (med * 1000.0).round() / 1000.0,
+        "min": s.first().copied(),
+        "max": s.last().copied(),
+        "per_round": v,
+    })
+}
+
+/// `ckpt bench --path file|python`: the save (and restore) of the path a job uses, against
+/// `dd bs=4M oflag=direct` of the same bytes and a cold `dd` read, in interleaved rounds
+/// (the order rotates every round; every read after a cache drop, settled).
+fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
+    use std::io::IsTerminal;
+    let prog = Progress(
+        std::io::stderr().is_terminal() || std::env::var_os("CKPT_BENCH_PROGRESS").is_some(),
+    );
+    if !dd_available() {
+        return Err(fail(
+            &"--path file|python compares with dd oflag=direct: dd not found",
+        ));
+    }
+    let size = a.size - a.size % 4;
+    let root = drop_caches();
+    let load_start = loadavg();
+    let gb = |s: f64| size as f64 / s / 1e9;
+    prog.say("preparing the state");
+    let src = work.join("state.bin");
+    {
+        let mut x: u32 = 0x9e37_79b9;
+        let mut f = File::create(&src).map_err(|e| io_fail("create", &src, e))?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut left = size as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            for c in buf[..n].chunks_exact_mut(4) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                c.copy_from_slice(&(x & 0xbfff_ffff).to_le_bytes());
+            }
+            f.write_all(&buf[..n])
+                .map_err(|e| io_fail("write", &src, e))?;
+            left -= n;
+        }
+        f.sync_all().map_err(|e| io_fail("fsync", &src, e))?;
+    }
+    let store_dir = work.join("ck");
+    let raw = work.join("raw.bin");
+    let scratch = work.join("own.npy");
+    let exe = std::env::current_exe().map_err(|e| fail(&e))?;
+    let mut py = match a.path {
+        BenchPath::Python => Some(spawn_python(a, &store_dir, &src, &scratch)?),
+        _ => None,
+    };
+    let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ck) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut peak: Vec<f64> = vec![];
+    let store = Store::new(&store_dir);
+    for round in 1..=a.runs {
+        let tag = format!("round {round}/{}", a.runs);
+        // Writes, in an order rotated every round: dd, ckpt, (the job's own way).
+        let mut order: Vec<u8> = if py.is_some() {
+            vec![0, 1, 2]
+        } else {
+            vec![0, 1]
+        };
+        let k = order.len();
+        order.rotate_left((round as usize - 1) % k);
+        for which in order {
+            // Every writer starts alike: its source in memory, the disk settled.
+            raw_read(&src, false)?;
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
+            match which {
+                0 => {
+                    prog.say(&format!("{tag}: dd oflag=direct"));
+                    w_dd.push(raw_write(&raw, &src, size, true, true)?.as_secs_f64());
+                }
+                1 => {
+                    prog.say(&format!("{tag}: ckpt save"));
+                    let s = match &mut py {
+                        Some(c) => {
+                            let v = c.ask("save")?;
+                            if let Some(p) = v["peak_extra_mib"].as_f64() {
+                                peak.push(p);
+                            }
+                            let _ = store.prune(1, None, &[]);
+                            v["s"].as_f64().unwrap_or(f64::NAN)
+                        }
+                        None => {
+                            let t = Instant::now();
+                            let st = Command::new(&exe)
+                                .arg("save")
+                                .arg("--dir")
+                                .arg(&store_dir)
+                                .arg(&src)
+                                .stdout(Stdio::null())
+                                .env_remove("CKPT_SOCKET")
+                                .stderr(Stdio::piped())
+                                .output()
+                                .map_err(|e| fail(&e))?;
+                            if !st.status.success() {
+                                return Err(fail(&format!(
+                                    "ckpt save failed: {}",
+                                    String::from_utf8_lossy(&st.stderr)
+                                )));
+                            }
+                            let d = t.elapsed().as_secs_f64();
+                            let _ = store.prune(1, None, &[]);
+                            d
+                        }
+                    };
+                    w_ck.push(s);
+                }
+                _ => {
+                    prog.say(&format!("{tag}: np.save + fsync"));
+                    let c = py.as_mut().expect("python");
+                    w_own.push(c.ask("npsave")?["s"].as_f64().unwrap_or(f64::NAN));
+                    let _ = fs::remove_file(&scratch);
+                }
+            }
+        }
+        // Reads, cold and settled, alternating which goes first.
+        for first_dd in [round % 2 == 1, round % 2 == 0] {
+            if first_dd {
+                prog.say(&format!("{tag}: dd read"));
+                drop_caches();
+                r_dd.push(raw_read(&raw, true)?.as_secs_f64());
+                continue;
+            }
+            prog.say(&format!("{tag}: ckpt restore"));
+            let s = match &mut py {
+                Some(c) => {
+                    c.ask("open")?;
+                    drop_caches();
+                    let v = c.ask(if round == 1 {
+                        "restore-check"
+                    } else {
+                        "restore"
+                    })?;
+                    if round == 1 && v["same"].as_bool() != Some(true) {
+                        return Err(fail(
+                            &"the restored array differs from the saved one (a bug)",
+                        ));
+                    }
+                    v["s"].as_f64().unwrap_or(f64::NAN)
+                }
+                None => {
+                    drop_caches();
+                    let t = Instant::now();
+                    let st = Command::new(&exe)
+                        .arg("verify")
+                        .arg("--dir")
+                        .arg(&store_dir)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .output()
+                        .map_err(|e| fail(&e))?;
+                    if !st.status.success() {
+                        return Err(fail(&format!(
+                            "ckpt verify failed: {}",
+                            String::from_utf8_lossy(&st.stderr)
+                        )));
+                    }
+                    t.elapsed().as_secs_f64()
+                }
+            };
+            r_ck.push(s);
+        }
+    }
+    if let Some(mut c) = py.take() {
+        let _ = c.ask("quit");
+        let _ = c.child.wait();
+    }
+    prog.done();
+    let load_end = loadavg();
+    // Ratios of speeds (baseline time / ckpt time), per round.
+    let ratio = |base: &[f64], ck: &[f64]| -> Vec<f64> {
+        base.iter()
+            .zip(ck)
+            .map(|(b, c)| (b / c * 1000.0).round() / 1000.0)
+            .collect()
+    };
+    let w_ratio = ratio(&w_dd, &w_ck);
+    let r_ratio = ratio(&r_dd, &r_ck);
+    let own_ratio = ratio(&w_own, &w_ck);
+    let speeds = |v: &[f64]| -> serde_json::Value {
+        let mut g: Vec<f64> = v
+            .iter()
+            .map(|&s| (gb(s) * 1000.0).round() / 1000.0)
+            .collect();
+        let per = g.clone();
+        let med = median(&mut g);
+        json!({ "median": med, "min": g.first(), "max": g.last(), "per_round": per })
+    };
+    let save_s = median(&mut w_ck.clone());
+    let mtbf = a.mtbf.unwrap_or(DEFAULT_MTBF);
+    let rec = auto_interval(Duration::from_secs_f64(save_s), mtbf);
+    let name = match a.path {
+        BenchPath::File => "file",
+        _ => "python",
+    };
+    let out = json!({
+        "path": name,
+        "size_bytes": size,
+        "runs": a.runs,
+        "cold_reads": root,
+        "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
+        "loadavg": [load_start, load_end],
+        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", _ => "Checkpointer.restore() (verified), cold" },
+        "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_np_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
+        "write_ratio_to_dd_direct": spread(&w_ratio),
+        "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
+        "read_gbps": { "dd_cold": speeds(&r_dd), "ckpt": speeds(&r_ck) },
+        "read_ratio_to_dd": spread(&r_ratio),
+        "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
+        "mtbf_s": mtbf.as_secs_f64(),
+        "save_s_median": save_s,
+        "recommended_every_s": rec.as_secs_f64(),
+    });
+    if a.json {
+        println!("{out:#}");
+        return Ok(0);
+    }
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    let mm = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        (s[0], s[s.len() - 1])
+    };
+    println!(
+        "ckpt bench --path {name}: {} in {}, {} round(s), order rotated, reads {}",
+        fmt_bytes(size),
+        a.dir.display(),
+        a.runs,
+        if root { "cold" } else { "WARM (not root)" }
+    );
+    let gbs = |v: &[f64]| -> Vec<f64> { v.iter().map(|&s| gb(s)).collect() };
+    let (lo, hi) = mm(&gbs(&w_dd));
+    println!("  save     dd oflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_dd)), med(&gbs(&w_ck)), med(&w_ratio), mm(&w_ratio).0, mm(&w_ratio).1);
+    if !w_own.is_empty() {
+        println!("  save     the job's own np.save + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
+    }
+    let (lo, hi) = mm(&gbs(&r_dd));
+    println!("  restore  dd read {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_dd)), med(&gbs(&r_ck)), med(&r_ratio), mm(&r_ratio).0, mm(&r_ratio).1);
+    if !peak.is_empty() {
+        println!(
+            "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",
+            peak.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    println!(
+        "  recommended --every (Young/Daly, MTBF {}{}): {} (C = {})",
+        fmt_dur(mtbf),
+        if a.mtbf.is_none() {
+            ", default; set --mtbf"
+        } else {
+            ""
+        },
+        fmt_dur(rec),
+        fmt_secs(save_s)
+    );
+    Ok(0)
 }

@@ -114,23 +114,36 @@ impl Stage {
         })
     }
 
-    /// Copies an existing regular file into the checkpoint under `name`. A symlink (as the
-    /// last component of `src`), FIFO, device or socket is refused.
+    /// Copies an existing file into the checkpoint under `name`: a reflink (`FICLONE`: no
+    /// data copied; checkpoints are immutable) where the file system allows it, its checksum
+    /// then computed by reading the clone; else a copy through the bulk path
+    /// ([`Stage::copy_bytes`]). Returns the size.
     pub fn copy_from(&mut self, name: &str, src: &Path) -> Result<u64> {
-        let mut input = super::io::open_read(src).ctx("open", src)?;
-        let mut w = self.create(name)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io("read", src, e)),
-            };
-            w.write_all(&buf[..n])
-                .map_err(|e| Error::io("write", w.path.clone(), e))?;
+        let p = self.target(name)?;
+        if self.store.io().reflink(src, &p).is_ok() {
+            let (size, sum) = checksum_file(&p, self.algo)?;
+            self.known.push(FileEntry {
+                name: name.to_string(),
+                size,
+                sum,
+            });
+            return Ok(size);
         }
-        w.finish()
+        self.copy_bytes(name, src)
+    }
+
+    /// Copies the bytes of `src` into the new file `name` (never a reflink): the source is
+    /// read in page-aligned pieces on a helper thread (past the page cache when it is not
+    /// cached), each piece written by [`StageWriter::write_bulk`] (`O_DIRECT`, checksum
+    /// overlapped) while the next is read (`crate::pod::copy_into`). Returns the size.
+    pub fn copy_bytes(&mut self, name: &str, src: &Path) -> Result<u64> {
+        let input = super::io::open_read(src).ctx("open", src)?;
+        let mut w = self.create(name)?;
+        match crate::pod::copy_into(&input, &mut w) {
+            Ok(_) => w.finish(),
+            Err(crate::pod::CopyError::Read(e)) => Err(Error::io("read", src, e)),
+            Err(crate::pod::CopyError::Write(e)) => Err(Error::io("write", w.path.clone(), e)),
+        }
     }
 
     /// Adds the file `src`, known to hold `expected` (it was just verified), under `name`:
@@ -163,7 +176,7 @@ impl Stage {
                 return Ok(how);
             }
         }
-        let size = self.copy_from(name, src)?;
+        let size = self.copy_bytes(name, src)?;
         let sum = self.known.last().map(|e| e.sum).unwrap_or_default();
         let reason = if size != expected.size {
             Some(crate::error::Invalid::Size {
