@@ -360,3 +360,124 @@ fn dump_interrupted_by_sigkill_of_ckpt_leaves_no_visible_checkpoint() {
     assert_eq!(starts.lines().count(), 1, "{text_log}");
     assert_no_survivors(&dir);
 }
+
+/// Runs `job` under `ckpt run --transparent` (with `wrap` in front of ckpt, and `criu` as
+/// `$CKPT_CRIU` when given) to its end; returns the log.
+fn run_to_end(work: &Path, wrap: &[&str], criu: Option<&str>, job: &[String]) -> String {
+    let dir = work.join("ck");
+    let log = work.join("ckpt.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = if let Some((first, rest)) = wrap.split_first() {
+        let mut c = Command::new(first);
+        clear_ckpt_env(&mut c);
+        c.args(rest).arg(ckpt_bin());
+        c
+    } else {
+        ckpt()
+    };
+    if let Some(c) = criu {
+        cmd.env("CKPT_CRIU", c);
+    }
+    cmd.args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--transparent", "--every", "200ms", "--"])
+        .args(job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    let mut sup = cmd.spawn_guarded();
+    let st = wait_deadline(&mut sup, Duration::from_secs(120));
+    let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "ckpt exited {st:?}; log:\n{text_log}");
+    assert_no_survivors(&dir);
+    text_log
+}
+
+/// A job holding a TCP connection to a process outside its tree cannot be dumped (CRIU
+/// would need --tcp-established and the peer's cooperation): the first dump fails, one
+/// warning names CRIU's reason, and the job runs to its end with restarts only.
+#[test]
+fn tcp_connection_to_the_outside_is_explained_and_the_job_runs_unprotected() {
+    require_criu!("tcp_connection");
+    let t = tempdir();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accept = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let py = t.path().join("tcp.py");
+    std::fs::write(
+        &py,
+        "import socket, sys, time\ns = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\ntime.sleep(2)\nopen(sys.argv[2], 'w').write('done')\n",
+    )
+    .unwrap();
+    let done = t.path().join("done");
+    let log = run_to_end(
+        t.path(),
+        &[],
+        None,
+        &[
+            "python3".into(),
+            py.display().to_string(),
+            port.to_string(),
+            done.display().to_string(),
+        ],
+    );
+    let _conn = accept.join().unwrap();
+    let dir = t.path().join("ck");
+    let warned = events(&dir, "transparent_unavailable");
+    assert_eq!(warned.len(), 1, "{log}");
+    let cause = warned[0]["cause"].as_str().unwrap_or_default().to_string();
+    assert!(
+        cause.contains("TCP"),
+        "the warning does not name the TCP connection: {cause}"
+    );
+    assert!(log.contains("restarts only"), "{log}");
+    assert!(checkpoints(&dir).is_empty(), "{log}");
+    assert_eq!(std::fs::read_to_string(&done).unwrap_or_default(), "done");
+    eprintln!("tcp_connection: {cause}");
+}
+
+/// Without CAP_SYS_ADMIN (dropped from the bounding set, so even root lacks it), and with a
+/// criu that fails `criu check`, ckpt says so up front, naming the cause, and runs the job
+/// with restarts only.
+#[test]
+fn missing_capability_or_broken_criu_is_explained_up_front() {
+    require_criu!("up_front");
+    for (name, wrap, criu, needle) in [
+        (
+            "capability",
+            vec![
+                "setpriv",
+                "--bounding-set=-sys_admin,-checkpoint_restore",
+                "--",
+            ],
+            None,
+            "CAP_SYS_ADMIN",
+        ),
+        ("criu check", vec![], Some("/bin/false"), "check` fails"),
+        ("no criu", vec![], Some("/nonexistent/criu"), "cannot run"),
+    ] {
+        let t = tempdir();
+        let done = t.path().join("done");
+        let log = run_to_end(
+            t.path(),
+            &wrap,
+            criu,
+            &[
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 0.5; echo done > {}", done.display()),
+            ],
+        );
+        let dir = t.path().join("ck");
+        let warned = events(&dir, "transparent_unavailable");
+        assert_eq!(warned.len(), 1, "{name}: {log}");
+        let cause = warned[0]["cause"].as_str().unwrap_or_default();
+        assert!(cause.contains(needle), "{name}: {cause}");
+        assert!(
+            std::fs::read_to_string(&done).is_ok_and(|s| s.trim() == "done"),
+            "{name}: {log}"
+        );
+        assert!(checkpoints(&dir).is_empty(), "{name}: {log}");
+        eprintln!("up_front ({name}): {cause}");
+    }
+}

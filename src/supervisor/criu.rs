@@ -92,20 +92,13 @@ pub fn privilege_problem() -> Option<String> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
     let has = |c: u32| eff & (1u64 << c) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_SYS_ADMIN");
-    }
-    if !has(CAP_CHECKPOINT_RESTORE) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_CHECKPOINT_RESTORE");
-    }
-    if missing.is_empty() {
+    if has(CAP_SYS_ADMIN) {
         return None;
     }
     let uid = unsafe { libc::geteuid() };
     Some(format!(
-        "ckpt runs as uid {uid} without {} (CRIU must create a PID namespace and restore PIDs; run ckpt as root, or give it the capabilities)",
-        missing.join(" and ")
+        "ckpt runs as uid {uid} without CAP_SYS_ADMIN{}: creating the job's PID namespace and CRIU's dump and restore need it; run ckpt as root with its full capabilities",
+        if has(CAP_CHECKPOINT_RESTORE) { "" } else { " (and without CAP_CHECKPOINT_RESTORE)" }
     ))
 }
 
@@ -173,10 +166,12 @@ impl Criu {
             return Err(format!(
                 "`{} check` fails on this kernel (CRIU {version}): {}{}",
                 bin.display(),
-                if why.is_empty() {
-                    all.trim().to_string()
-                } else {
+                if !why.is_empty() {
                     why.join("; ")
+                } else if all.trim().is_empty() {
+                    format!("{}, no output", check.status)
+                } else {
+                    all.trim().to_string()
                 },
                 if version.starts_with("3.") {
                     "; hint: CRIU 3.x does not work on kernels >= 6.13: run scripts/install-criu (CRIU 4.1.1)"
