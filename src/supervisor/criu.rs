@@ -486,10 +486,18 @@ impl Run {
             return;
         };
         let init = only_child(leader);
-        let res = match init {
-            Some(init) => c.dump(&self.store, init),
-            None => Err("the job's process tree is gone".into()),
-        };
+        // A dump can fail for a moment's reason (a child exiting while CRIU seizes the
+        // tree: "Unable to detach ... No such process"): up to 3 attempts.
+        let mut res = Err("the job's process tree is gone".to_string());
+        for _ in 0..3 {
+            let Some(init) = init.filter(|&p| is_alive(p)) else {
+                break;
+            };
+            res = c.dump(&self.store, init);
+            if res.is_ok() {
+                break;
+            }
+        }
         // A job that died during its dump says nothing about what CRIU can do.
         let alive = init.is_some_and(is_alive);
         match res {
