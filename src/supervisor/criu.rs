@@ -517,6 +517,13 @@ impl Run {
                     )),
                     json!({ "seq": d.seq, "frozen_us": d.frozen_us, "bytes": d.bytes, "duration_ms": d.total_ms }),
                 );
+                // As a client's `committed` message would: the cost of a checkpoint is the
+                // time the job was frozen (`--every auto`), the stop margin under Slurm is
+                // the whole dump and publish.
+                self.auto_adjust(d.total_ms, d.frozen_us.map(|f| f.div_ceil(1000)));
+                if let Some(sl) = self.slurm.as_mut() {
+                    sl.note_save(d.total_ms);
+                }
                 self.rescan(queue);
             }
             Err(e) => {
