@@ -394,8 +394,9 @@ fn run_to_end(work: &Path, wrap: &[&str], criu: Option<&str>, job: &[String]) ->
 }
 
 /// A job holding a TCP connection to a process outside its tree cannot be dumped (CRIU
-/// would need --tcp-established and the peer's cooperation): the first dump fails, one
-/// warning names CRIU's reason, and the job runs to its end with restarts only.
+/// would need --tcp-established and the peer's cooperation): the first dump (asked for once
+/// the job is connected) fails, one warning names CRIU's reason, and the job runs to its end
+/// with restarts only.
 #[test]
 fn tcp_connection_to_the_outside_is_explained_and_the_job_runs_unprotected() {
     require_criu!("tcp_connection");
@@ -406,23 +407,34 @@ fn tcp_connection_to_the_outside_is_explained_and_the_job_runs_unprotected() {
     let py = t.path().join("tcp.py");
     std::fs::write(
         &py,
-        "import socket, sys, time\ns = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\ntime.sleep(2)\nopen(sys.argv[2], 'w').write('done')\n",
+        "import os, socket, sys, time\ns = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\nd = sys.argv[2]\nopen(os.path.join(d, 'connected'), 'w').close()\nwhile not os.path.exists(os.path.join(d, 'go')):\n    time.sleep(0.02)\nopen(os.path.join(d, 'done'), 'w').write('done')\n",
     )
     .unwrap();
-    let done = t.path().join("done");
-    let log = run_to_end(
-        t.path(),
-        &[],
-        None,
-        &[
-            "python3".into(),
-            py.display().to_string(),
-            port.to_string(),
-            done.display().to_string(),
-        ],
-    );
-    let _conn = accept.join().unwrap();
     let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let job = vec![
+        "python3".to_string(),
+        py.display().to_string(),
+        port.to_string(),
+        t.path().display().to_string(),
+    ];
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job connected", || {
+        t.path().join("connected").exists()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !asked.status.success(),
+        "a dump of a TCP connection succeeded?"
+    );
+    std::fs::write(t.path().join("go"), "").unwrap();
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "ckpt exited {st:?}; log:\n{log}");
+    let _conn = accept.join().unwrap();
     let warned = events(&dir, "transparent_unavailable");
     assert_eq!(warned.len(), 1, "{log}");
     let cause = warned[0]["cause"].as_str().unwrap_or_default().to_string();
@@ -432,7 +444,11 @@ fn tcp_connection_to_the_outside_is_explained_and_the_job_runs_unprotected() {
     );
     assert!(log.contains("restarts only"), "{log}");
     assert!(checkpoints(&dir).is_empty(), "{log}");
-    assert_eq!(std::fs::read_to_string(&done).unwrap_or_default(), "done");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("done")).unwrap_or_default(),
+        "done"
+    );
+    assert_no_survivors(&dir);
     eprintln!("tcp_connection: {cause}");
 }
 
