@@ -485,6 +485,21 @@ impl Run {
         let (Some(c), Some(leader)) = (self.criu.clone(), self.job_pid) else {
             return;
         };
+        // While `criu restore` still runs (it becomes the waiter once every process is
+        // back), there is nothing whole to dump: a failed save, not a reason to give up.
+        let restoring = std::fs::read(format!("/proc/{leader}/cmdline"))
+            .map(|c| !c.split(|&b| b == 0).any(|a| a == b"__criu-waiter"))
+            .unwrap_or(false);
+        if restoring {
+            queue.extend(self.m.on(
+                Event::SaveFailed {
+                    pid: leader,
+                    error: "the job is still being restored by CRIU".into(),
+                },
+                Instant::now(),
+            ));
+            return;
+        }
         let init = only_child(leader);
         // A dump can fail for a moment's reason (a child exiting while CRIU seizes the
         // tree: "Unable to detach ... No such process"): up to 3 attempts.
