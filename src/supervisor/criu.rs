@@ -447,6 +447,12 @@ impl Run {
     /// saved (the namespace's init would ignore it anyway). `true` when handled here.
     pub(super) fn transparent_signal(&mut self, sig: i32, queue: &mut VecDeque<Action>) -> bool {
         if self.criu.is_some() && sig == self.cfg.signal {
+            // The request's own log line and status first, so the log reads in order.
+            while matches!(queue.front(), Some(Action::Log(_) | Action::Status)) {
+                if let Some(a) = queue.pop_front() {
+                    let _ = self.act(a, queue);
+                }
+            }
             self.transparent_dump(queue);
             return true;
         }
