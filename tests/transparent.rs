@@ -497,3 +497,120 @@ fn missing_capability_or_broken_criu_is_explained_up_front() {
         eprintln!("up_front ({name}): {cause}");
     }
 }
+
+/// `ckpt checkpoint --wait` answers with the dump's checkpoint; `ckpt stop` dumps, then kills
+/// the tree (exit 75); the next `ckpt run` restores and finishes with the right result.
+#[test]
+fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
+    require_criu!("stop_and_resume");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let n = 400_000;
+    let job = vec![
+        bin.display().to_string(),
+        n.to_string(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    assert_eq!(checkpoints(&dir), vec![1]);
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(st.code(), Some(75), "{text_log}");
+    assert_eq!(checkpoints(&dir), vec![1, 2], "{text_log}");
+    assert_eq!(events(&dir, "kill_after_dump").len(), 1, "{text_log}");
+    assert!(
+        !t.path().join("result").exists(),
+        "the job ended before its stop"
+    );
+    assert_no_survivors(&dir);
+    let log2 = t.path().join("ckpt2.log");
+    let mut sup2 = ckpt_transparent(&dir, "off", &job, &log2);
+    let st = wait_deadline(&mut sup2, Duration::from_secs(120));
+    let text_log = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(st.success(), "{text_log}");
+    assert!(
+        text_log.contains("resuming from checkpoint 2"),
+        "{text_log}"
+    );
+    let result = std::fs::read_to_string(t.path().join("result")).unwrap_or_default();
+    assert_eq!(result.trim(), reference(n));
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(starts.lines().count(), 1, "{text_log}");
+    assert_no_survivors(&dir);
+}
+
+/// A checkpoint that CRIU cannot restore (the job's executable was deleted since) is
+/// explained with CRIU's reason; the restart policy then gives up (no silent fresh start).
+#[test]
+fn a_failed_restore_is_explained() {
+    require_criu!("failed_restore");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let job = vec![
+        bin.display().to_string(),
+        "100000000".into(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(
+        wait_deadline(&mut sup, Duration::from_secs(60)).code(),
+        Some(75)
+    );
+    std::fs::remove_file(&bin).unwrap();
+    let log2 = t.path().join("ckpt2.log");
+    let out = std::fs::File::create(&log2).unwrap();
+    let mut sup2 = ckpt()
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args([
+            "--transparent",
+            "--backoff",
+            "50ms..100ms",
+            "--max-failures",
+            "2",
+            "--",
+        ])
+        .args(&job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded();
+    let st = wait_deadline(&mut sup2, Duration::from_secs(60));
+    let text_log = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(!st.success(), "{text_log}");
+    let failed = events(&dir, "restore_failed");
+    assert!(!failed.is_empty(), "{text_log}");
+    eprintln!("failed_restore: {}", failed[0]["cause"]);
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "started from scratch: {text_log}"
+    );
+    assert_no_survivors(&dir);
+}
