@@ -33,7 +33,7 @@ use serde_json::json;
 
 use super::machine::{Action, Event};
 use super::spawn::{self, Exit};
-use super::{fmt_bytes, Run};
+use super::{fmt_bytes, Fatal, Run};
 use crate::store::{Algo, Found, Stage, Store};
 
 /// The place `scripts/install-criu` installs CRIU 4.1.1 to.
@@ -446,7 +446,8 @@ impl Run {
     /// dump; SIGTERM (the end of a stop, after the dump) kills the tree, whose state is
     /// saved (the namespace's init would ignore it anyway). `true` when handled here.
     pub(super) fn transparent_signal(&mut self, sig: i32, queue: &mut VecDeque<Action>) -> bool {
-        if self.criu.is_some() && sig == self.cfg.signal {
+        let dumping = self.criu.is_some() && !self.dumps_off;
+        if dumping && sig == self.cfg.signal {
             // The request's own log line and status first, so the log reads in order.
             while matches!(queue.front(), Some(Action::Log(_) | Action::Status)) {
                 if let Some(a) = queue.pop_front() {
@@ -458,7 +459,7 @@ impl Run {
         }
         if sig == libc::SIGTERM {
             if let Some(init) = self.job_pid.and_then(only_child) {
-                if self.criu.is_some() {
+                if dumping {
                     self.rep.event(
                         "kill_after_dump",
                         Some("stopping a transparent job: killed its process tree (its state is in the checkpoint)".into()),
@@ -549,7 +550,7 @@ impl Run {
             }
             Err(e) => {
                 if self.dumps == 0 && alive {
-                    self.criu = None;
+                    self.dumps_off = true;
                     self.m.s.signal_explicit = self.cfg.signal_explicit;
                     self.rep.warn(
                         "transparent_unavailable",
@@ -566,6 +567,37 @@ impl Run {
                 ));
             }
         }
+    }
+
+    /// The checkpoint to restore. A CRIU image set when CRIU is not in use (no
+    /// `--transparent`, or CRIU unavailable) cannot be: ckpt refuses to start the job from
+    /// scratch over it unless `--allow-fresh` is given.
+    pub(super) fn restorable(&mut self, found: Option<Found>) -> Result<Option<Found>, Fatal> {
+        let f = match found {
+            Some(f) if is_image(&f) && self.criu.is_none() => f,
+            other => return Ok(other),
+        };
+        let why = if self.cfg.transparent {
+            "CRIU is unavailable (see above)"
+        } else {
+            "this run has no --transparent"
+        };
+        let msg = format!(
+            "checkpoint {} is a CRIU image set (from ckpt run --transparent) and cannot be restored because {why}",
+            f.seq
+        );
+        if !self.cfg.allow_fresh {
+            return Err(Fatal {
+                code: super::exit_codes::USAGE,
+                msg: format!("{msg}; refusing to start the job from scratch over it; hint: run with --transparent where CRIU works, or pass --allow-fresh to start over"),
+            });
+        }
+        self.rep.warn(
+            "image_not_restored",
+            format!("{msg}: the job starts from scratch (--allow-fresh)"),
+            json!({ "seq": f.seq }),
+        );
+        Ok(None)
     }
 
     /// After a `criu restore` launch ended: if the restore itself failed, say why.

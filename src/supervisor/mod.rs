@@ -338,6 +338,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         criu,
         wrapped: None,
         dumps: 0,
+        dumps_off: false,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -593,6 +594,8 @@ struct Run {
     wrapped: Option<bool>,
     /// Transparent dumps committed in this run.
     dumps: u64,
+    /// CRIU could not dump this job: restarts only (CRIU still restores).
+    dumps_off: bool,
 }
 
 /// `--transparent`: finds CRIU and checks it can work here; else says why, once, and the
@@ -759,6 +762,7 @@ impl Run {
                     let _ = self.store.clean_leftovers();
                 }
                 let restore = self.pick_restore()?;
+                let restore = self.restorable(restore)?;
                 let pid = self.launch(restore.as_ref())?;
                 self.job_pid = Some(pid);
                 self.shared.job_pid.store(pid, Ordering::SeqCst);
