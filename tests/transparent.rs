@@ -538,6 +538,18 @@ fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
         "the job ended before its stop"
     );
     assert_no_survivors(&dir);
+    // Without --transparent the CRIU images cannot be restored: refused, not started over.
+    let plain = output_deadline(
+        ckpt().args(["run", "--dir"]).arg(&dir).arg("--").args(&job),
+        Duration::from_secs(60),
+    );
+    assert_eq!(plain.status.code(), Some(64), "{}", text(&plain.stderr));
+    assert!(
+        text(&plain.stderr).contains("CRIU image set"),
+        "{}",
+        text(&plain.stderr)
+    );
+    assert!(!t.path().join("result").exists());
     let log2 = t.path().join("ckpt2.log");
     let mut sup2 = ckpt_transparent(&dir, "off", &job, &log2);
     let st = wait_deadline(&mut sup2, Duration::from_secs(120));
