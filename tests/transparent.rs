@@ -159,6 +159,13 @@ fn killed_and_resumed(name: &str, job: Vec<String>, work: &Path, expected: &str,
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut done = 0;
     let mut last_launch = 0;
+    // A checkpoint taken before the job wrote its start marker would, restored, write it
+    // again (as it should): kill only once a checkpoint after the marker exists.
+    wait_until(Duration::from_secs(60), "the job's start marker", || {
+        work.join("starts").exists()
+    });
+    // (+1: a dump in progress when the marker appeared may have frozen the job before it.)
+    let before_start = events(&dir, "dumped").len();
     while done < kills {
         // A checkpoint of the current launch exists, and the job runs.
         wait_until(
@@ -167,7 +174,10 @@ fn killed_and_resumed(name: &str, job: Vec<String>, work: &Path, expected: &str,
             || {
                 let launches = events(&dir, "launch").len();
                 let dumped = events(&dir, "dumped").len();
-                (launches > last_launch && dumped >= launches && job_init(&dir).is_some())
+                (launches > last_launch
+                    && dumped > before_start + 1
+                    && dumped >= launches
+                    && job_init(&dir).is_some())
                     || sup.try_wait().unwrap().is_some()
             },
         );
@@ -175,7 +185,7 @@ fn killed_and_resumed(name: &str, job: Vec<String>, work: &Path, expected: &str,
             break;
         }
         last_launch = events(&dir, "launch").len();
-        std::thread::sleep(Duration::from_millis(rng.u64(0..800)));
+        std::thread::sleep(Duration::from_millis(rng.u64(0..500)));
         if let Some(pid) = job_init(&dir) {
             eprintln!("{name}: SIGKILL of the job's process {pid}");
             signal(pid, libc::SIGKILL);
@@ -275,7 +285,7 @@ fn bash_loop_is_killed_and_resumed_mid_computation() {
     let t = tempdir();
     let sh = t.path().join("count.sh");
     std::fs::write(&sh, SH_SRC).unwrap();
-    let n = 300_000;
+    let n = 800_000;
     killed_and_resumed(
         "bash_loop",
         vec![
@@ -314,9 +324,17 @@ fn dump_interrupted_by_sigkill_of_ckpt_leaves_no_visible_checkpoint() {
     let dir = t.path().join("ck");
     let log = t.path().join("ckpt.log");
     let mut sup = ckpt_transparent(&dir, "200ms", &job, &log);
-    wait_until(Duration::from_secs(60), "a first checkpoint", || {
-        !checkpoints(&dir).is_empty()
+    // A checkpoint after the job wrote its start marker (see killed_and_resumed).
+    wait_until(Duration::from_secs(60), "the job's start marker", || {
+        t.path().join("starts").exists()
     });
+    // (+1: a dump in progress when the marker appeared may have frozen the job before it.)
+    let n0 = checkpoints(&dir).last().copied().unwrap_or(0);
+    wait_until(
+        Duration::from_secs(60),
+        "a checkpoint after the start",
+        || checkpoints(&dir).last().is_some_and(|&n| n > n0 + 1),
+    );
     // Catch a dump in progress: its staging directory exists.
     let staging = dir.join(".ckpt/staging");
     wait_until(Duration::from_secs(60), "a dump in progress", || {

@@ -370,6 +370,18 @@ pub fn waiter(command: &[OsString]) -> i32 {
             return code;
         }
     }
+    // Signals meant for the job's processes (Slurm and `scancel` signal every process of a
+    // job at once) must not end the waiter, whose death kills the job before ckpt could
+    // dump it: ckpt ends it with SIGKILL. (After the fork: the job keeps its own.)
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
     let mut last: Option<WaitStatus> = None;
     loop {
         match waitpid(None, None) {
