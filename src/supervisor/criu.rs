@@ -328,6 +328,30 @@ fn is_alive(pid: u32) -> bool {
     })
 }
 
+/// Whether `prog` can be executed (looked up in PATH unless it holds a `/`), so that a
+/// missing command fails at once, as without `--transparent`, instead of inside the
+/// namespace at every restart.
+pub fn runnable(prog: &std::ffi::OsStr) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::PermissionsExt;
+    let p = Path::new(prog);
+    let found = if prog.as_encoded_bytes().contains(&b'/') {
+        Some(p.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(p))
+                .find(|c| c.is_file())
+        })
+    };
+    match found.map(|f| std::fs::metadata(&f)) {
+        None => Err(Error::from(ErrorKind::NotFound)),
+        Some(Err(e)) => Err(e),
+        Some(Ok(m)) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Some(Ok(_)) => Err(Error::from(ErrorKind::PermissionDenied)),
+    }
+}
+
 fn self_exe() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ckpt"))
 }
@@ -646,6 +670,27 @@ mod tests {
         assert_eq!(inherit_key("/dev/null"), None);
         assert_eq!(inherit_key("/dev/pts/3"), None);
         assert_eq!(inherit_key("socket:[9]"), None);
+    }
+
+    #[test]
+    fn runnable_commands() {
+        use std::io::ErrorKind;
+        assert!(runnable("sh".as_ref()).is_ok());
+        assert_eq!(
+            runnable("/nonexistent/prog".as_ref()).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            runnable("no-such-prog-ckpt".as_ref()).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("data");
+        std::fs::write(&f, "x").unwrap();
+        assert_eq!(
+            runnable(f.as_os_str()).unwrap_err().kind(),
+            ErrorKind::PermissionDenied
+        );
     }
 
     #[test]

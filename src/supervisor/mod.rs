@@ -1063,16 +1063,17 @@ impl Run {
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.procs_path());
         let command = match &self.criu {
             Some(c) => match restore.filter(|f| criu::is_image(f)) {
-                Some(f) => c.restore_command(f),
-                None => criu::Criu::wrap(&self.cfg.command),
+                Some(f) => Ok(c.restore_command(f)),
+                None => criu::runnable(&self.cfg.command[0])
+                    .map(|()| criu::Criu::wrap(&self.cfg.command)),
             },
-            None => self.cfg.command.clone(),
+            None => Ok(self.cfg.command.clone()),
         };
         self.wrapped = self
             .criu
             .as_ref()
             .map(|_| restore.is_some_and(criu::is_image));
-        let pid = spawn::launch(&command, &env, cgroup_procs.as_deref(), Some(self.lock_fd)).map_err(|e| {
+        let pid = command.and_then(|command| spawn::launch(&command, &env, cgroup_procs.as_deref(), Some(self.lock_fd))).map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
                 std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
