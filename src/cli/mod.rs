@@ -87,6 +87,13 @@ pub enum Cmd {
     /// The demo's training job (used by `ckpt demo`).
     #[command(hide = true, name = "__trainer")]
     Trainer(demo::TrainerCli),
+    /// What `criu restore --exec-cmd` becomes under `ckpt run --transparent`: waits for the
+    /// restored job and exits with its status.
+    #[command(hide = true, name = "__criu-waiter")]
+    CriuWaiter {
+        #[arg(last = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 /// `--dir`, shared by every subcommand.
@@ -206,6 +213,7 @@ pub fn main() -> i32 {
         }
         Cmd::Service(a) => service::run(a),
         Cmd::Trainer(a) => demo::trainer(a),
+        Cmd::CriuWaiter { command } => Ok(crate::supervisor::criu::waiter(&command)),
     };
     match result {
         Ok(code) => code,

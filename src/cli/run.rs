@@ -133,6 +133,14 @@ pub struct RunArgs {
     /// (newer checkpoints go to rolled-back/, never deleted). See docs/versions.md.
     #[arg(long, value_name = "SRC")]
     pub from: Option<String>,
+    /// Checkpoint the job's whole process tree from outside with CRIU (for jobs that link no
+    /// client): the job runs in its own PID namespace, each checkpoint is a `criu dump
+    /// --leave-running` published like any other, and a restart restores the newest one.
+    /// Needs root and CRIU 4.x (`$CKPT_CRIU`, /usr/local/lib/ckpt/criu-4.1.1/criu, or PATH;
+    /// scripts/install-criu). Without them the job runs with restarts only, and the log says
+    /// why. docs/transparent.md.
+    #[arg(long)]
+    pub transparent: bool,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -330,6 +338,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         slurm,
         preemption,
         from: a.from,
+        transparent: a.transparent,
     };
     crate::supervisor::run(cfg)
 }

@@ -7,6 +7,7 @@
 pub mod branch;
 pub mod cgroup;
 pub mod control;
+pub mod criu;
 pub mod interval;
 pub mod lock;
 pub mod machine;
@@ -169,6 +170,8 @@ pub struct Config {
     /// `--from`: seed the first launch from another run's checkpoint, or roll back
     /// (`branch.rs`).
     pub from: Option<String>,
+    /// `--transparent`: checkpoint the job's whole process tree with CRIU (`criu.rs`).
+    pub transparent: bool,
 }
 
 /// What the event sources hand to the loop.
@@ -292,12 +295,17 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     );
 
     let notices = stop_soon::Notices::load(&store.private());
+    let criu = cfg
+        .transparent
+        .then(|| transparent_probe(&store, &mut rep))
+        .flatten();
     let m = Machine::new(machine::Settings {
         every: cfg.every,
         grace: cfg.grace,
         kill_after: cfg.kill_after,
         policy: cfg.policy.clone(),
-        signal_explicit: cfg.signal_explicit,
+        // A transparent job is checkpointed from outside: requests go to the edge (a dump).
+        signal_explicit: cfg.signal_explicit || criu.is_some(),
         signal: cfg.signal,
         hang_timeout: cfg.hang_timeout,
         hang_signal: cfg.hang_signal,
@@ -328,6 +336,10 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         lock,
         tx: tx_keep,
         dir_missing_since: None,
+        criu,
+        wrapped: None,
+        dumps: 0,
+        dumps_off: false,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -578,6 +590,47 @@ struct Run {
     tx: Sender<Ev>,
     /// `DIR/.ckpt` was found missing (or replaced) at this time.
     dir_missing_since: Option<Instant>,
+    /// `--transparent` and CRIU works: checkpoint requests become dumps.
+    criu: Option<criu::Criu>,
+    /// The current launch runs in its own PID namespace (`--transparent`): `Some(true)` when
+    /// it is a `criu restore`.
+    wrapped: Option<bool>,
+    /// Transparent dumps committed in this run.
+    dumps: u64,
+    /// CRIU could not dump this job: restarts only (CRIU still restores).
+    dumps_off: bool,
+}
+
+/// `--transparent`: finds CRIU and checks it can work here; else says why, once, and the
+/// job runs with restarts only.
+fn transparent_probe(store: &Store, rep: &mut Reporter) -> Option<criu::Criu> {
+    match criu::Criu::probe(store) {
+        Ok(c) => {
+            let how = if c.dirty_tracking {
+                "full dumps (the kernel tracks dirty memory, but incremental pre-dumps are not used yet)"
+            } else {
+                "full dumps (this kernel has no soft-dirty memory tracking: no incremental pre-dumps)"
+            };
+            rep.event(
+                "transparent",
+                Some(format!(
+                    "transparent checkpoints with CRIU {} ({}): {how}",
+                    c.version,
+                    c.bin.display()
+                )),
+                json!({ "criu": c.bin, "version": c.version, "dirty_tracking": c.dirty_tracking }),
+            );
+            Some(c)
+        }
+        Err(why) => {
+            rep.warn(
+                "transparent_unavailable",
+                format!("--transparent: CRIU cannot checkpoint here: {why}; the job runs with restarts only (no checkpoints)"),
+                json!({ "cause": why }),
+            );
+            None
+        }
+    }
 }
 
 /// How long `DIR/.ckpt` may be gone before the supervisor makes it again.
@@ -667,6 +720,7 @@ impl Run {
                 continue;
             }
             self.rep.live(None);
+            self.restore_failed(exit);
             self.kill_tree_wait(pid);
             self.job_pid = None;
             self.shared.job_pid.store(0, Ordering::SeqCst);
@@ -714,6 +768,7 @@ impl Run {
                     let _ = self.store.clean_leftovers();
                 }
                 let restore = self.pick_restore()?;
+                let restore = self.restorable(restore)?;
                 let pid = self.launch(restore.as_ref())?;
                 self.job_pid = Some(pid);
                 self.shared.job_pid.store(pid, Ordering::SeqCst);
@@ -726,6 +781,8 @@ impl Run {
                     spawn::signal_pid(pid, sig);
                 }
             }
+            Action::SignalGroup(sig)
+                if self.wrapped.is_some() && self.transparent_signal(sig, queue) => {}
             Action::SignalGroup(sig) => {
                 if let Some(pid) = self.job_pid {
                     if sig == libc::SIGTERM {
@@ -1010,7 +1067,19 @@ impl Run {
             }
         }
         let cgroup_procs = self.cgroup.as_ref().map(|c| c.procs_path());
-        let pid = spawn::launch(&self.cfg.command, &env, cgroup_procs.as_deref(), self.lock_fds).map_err(|e| {
+        let command = match &self.criu {
+            Some(c) => match restore.filter(|f| criu::is_image(f)) {
+                Some(f) => Ok(c.restore_command(f)),
+                None => criu::runnable(&self.cfg.command[0])
+                    .map(|()| criu::Criu::wrap(&self.cfg.command)),
+            },
+            None => Ok(self.cfg.command.clone()),
+        };
+        self.wrapped = self
+            .criu
+            .as_ref()
+            .map(|_| restore.is_some_and(criu::is_image));
+        let pid = command.and_then(|command| spawn::launch(&command, &env, cgroup_procs.as_deref(), self.lock_fds)).map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
                 std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
@@ -1197,7 +1266,7 @@ impl Run {
                         "the job is being stopped; the stop takes its own checkpoint",
                     ))
                 } else if self.m.job.as_ref().is_some_and(|j| j.announced.is_empty())
-                    && !self.cfg.signal_explicit
+                    && !self.m.s.signal_explicit
                 {
                     Some(refuse("no_client", "the job has not announced a ckpt client, so it cannot be asked to checkpoint (hint: use a client library, or run it with --signal if it traps the signal itself)"))
                 } else {
@@ -1224,7 +1293,7 @@ impl Run {
                     .m
                     .job
                     .as_ref()
-                    .is_some_and(|j| !j.announced.is_empty() || self.cfg.signal_explicit);
+                    .is_some_and(|j| !j.announced.is_empty() || self.m.s.signal_explicit);
                 let _ = reply.send(json!({ "ok": true, "stopping": true, "supervisor_pid": std::process::id(), "will_checkpoint": checkpoint && can_save }));
                 vec![Event::ControlStop { checkpoint }]
             }
@@ -1274,7 +1343,7 @@ impl Run {
         }
         if let Some(t) = job
             .next_request
-            .filter(|_| !job.announced.is_empty() || self.cfg.signal_explicit)
+            .filter(|_| !job.announced.is_empty() || self.m.s.signal_explicit)
         {
             l.push_str(&format!(
                 " | next in {}",

@@ -1,0 +1,646 @@
+//! `ckpt run --transparent` (CRIU) on real jobs that link no client: a C program (compiled
+//! here with `cc`), a Python program and a bash loop, each killed (SIGKILL of the job) at
+//! random instants and resumed mid-computation from CRIU images, ending with the result of
+//! an uninterrupted run; and a dump interrupted by a SIGKILL of ckpt itself, which must
+//! leave no visible checkpoint behind.
+//!
+//! Needs root and a CRIU 4.x that passes `criu check` (`$CKPT_CRIU`,
+//! /usr/local/lib/ckpt/criu-4.1.1/criu from scripts/install-criu, or PATH); otherwise each
+//! test prints why it is skipped and passes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (CRIU needs root or CAP_SYS_ADMIN)".into());
+    }
+    let criu = std::env::var_os("CKPT_CRIU")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from("/usr/local/lib/ckpt/criu-4.1.1/criu");
+            p.exists().then_some(p)
+        })
+        .unwrap_or_else(|| PathBuf::from("criu"));
+    match Command::new(&criu)
+        .arg("check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => None,
+        Ok(_) => Some(format!("`{} check` fails on this machine", criu.display())),
+        Err(e) => Some(format!(
+            "no usable criu ({}: {e}); run scripts/install-criu",
+            criu.display()
+        )),
+    }
+}
+
+macro_rules! require_criu {
+    ($name:expr) => {
+        if let Some(why) = skip_reason() {
+            eprintln!("{}: SKIPPED: {why}", $name);
+            return;
+        }
+    };
+}
+
+/// The reference computation every job does: an LCG over 1..=n (mod 2^64).
+fn reference(n: u64) -> String {
+    let mut acc: u64 = 0;
+    for i in 1..=n {
+        acc = acc.wrapping_mul(6364136223846793005).wrapping_add(i);
+    }
+    format!("{n} {acc}")
+}
+
+const C_SRC: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+int main(int argc, char **argv) {
+    unsigned long long n = strtoull(argv[1], 0, 10), acc = 0;
+    const char *dir = argv[2];
+    char p[4096], q[4096];
+    snprintf(p, sizeof p, "%s/starts", dir);
+    FILE *f = fopen(p, "a"); fprintf(f, "start\n"); fclose(f);
+    struct timespec ts = {0, 1000000};
+    for (unsigned long long i = 1; i <= n; i++) {
+        acc = acc * 6364136223846793005ULL + i;
+        if (i % 100 == 0) nanosleep(&ts, 0);
+    }
+    snprintf(p, sizeof p, "%s/result.tmp", dir);
+    snprintf(q, sizeof q, "%s/result", dir);
+    f = fopen(p, "w"); fprintf(f, "%llu %llu", n, acc); fclose(f);
+    rename(p, q);
+    return 0;
+}
+"#;
+
+const PY_SRC: &str = r#"
+import os, sys, time
+n, d = int(sys.argv[1]), sys.argv[2]
+with open(os.path.join(d, "starts"), "a") as f:
+    f.write("start\n")
+acc = 0
+for i in range(1, n + 1):
+    acc = (acc * 6364136223846793005 + i) % 2**64
+    if i % 100 == 0:
+        time.sleep(0.001)
+with open(os.path.join(d, "result.tmp"), "w") as f:
+    f.write("%d %d" % (n, acc))
+os.rename(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
+"#;
+
+/// Bash has no unsigned 64-bit arithmetic: its loop computes the same LCG in wrapping
+/// signed arithmetic, printed as unsigned with printf %u.
+const SH_SRC: &str = r#"
+n=$1; d=$2
+echo start >> "$d/starts"
+i=0; acc=0
+while (( i < n )); do
+  i=$((i + 1))
+  acc=$(( acc * 6364136223846793005 + i ))
+done
+printf '%d %u' "$n" "$acc" > "$d/result.tmp"
+mv "$d/result.tmp" "$d/result"
+"#;
+
+/// The host pid of the job's own process (the init of its PID namespace): the only child of
+/// the leader ckpt launched.
+fn job_init(dir: &Path) -> Option<u32> {
+    let leader = status(dir)?["job_pid"].as_u64()?;
+    let s = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+fn ckpt_transparent(dir: &Path, every: &str, job: &[String], log: &Path) -> Running {
+    let out = std::fs::File::create(log).unwrap();
+    ckpt()
+        .args(["run", "--dir"])
+        .arg(dir)
+        .args([
+            "--transparent",
+            "--every",
+            every,
+            "--backoff",
+            "50ms..200ms",
+            "--max-failures",
+            "20",
+            "--keep",
+            "2",
+            "--",
+        ])
+        .args(job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded()
+}
+
+/// Runs `job` (which writes `work/starts` at each fresh start and `work/result` at its
+/// end) under `ckpt run --transparent`, SIGKILLs the job `kills` times at random instants
+/// once a checkpoint exists, and checks that it ends with `expected`, that it never started
+/// from scratch again (every restart was a CRIU restore, mid-computation), and that nothing
+/// survives.
+fn killed_and_resumed(name: &str, job: Vec<String>, work: &Path, expected: &str, kills: u32) {
+    let seed = seed(name);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = work.join("ck");
+    let log = work.join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "300ms", &job, &log);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut done = 0;
+    let mut last_launch = 0;
+    // A checkpoint taken before the job wrote its start marker would, restored, write it
+    // again (as it should): kill only once a checkpoint after the marker exists.
+    wait_until(Duration::from_secs(60), "the job's start marker", || {
+        work.join("starts").exists()
+    });
+    // (+1: a dump in progress when the marker appeared may have frozen the job before it.)
+    let before_start = events(&dir, "dumped").len();
+    while done < kills {
+        // A checkpoint of the current launch exists, and the job runs.
+        wait_until(
+            deadline.saturating_duration_since(Instant::now()),
+            "a new checkpoint and a running job",
+            || {
+                let launches = events(&dir, "launch").len();
+                let dumped = events(&dir, "dumped").len();
+                (launches > last_launch
+                    && dumped > before_start + 1
+                    && dumped >= launches
+                    && job_init(&dir).is_some())
+                    || sup.try_wait().unwrap().is_some()
+            },
+        );
+        if sup.try_wait().unwrap().is_some() {
+            break;
+        }
+        last_launch = events(&dir, "launch").len();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..500)));
+        if let Some(pid) = job_init(&dir) {
+            eprintln!("{name}: SIGKILL of the job's process {pid}");
+            signal(pid, libc::SIGKILL);
+            done += 1;
+        }
+    }
+    let st = wait_deadline(&mut sup, deadline.saturating_duration_since(Instant::now()));
+    let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "{name}: ckpt exited {st:?}; log:\n{text_log}");
+    let result = std::fs::read_to_string(work.join("result")).unwrap_or_default();
+    assert_eq!(
+        result.trim(),
+        expected,
+        "{name}: wrong result; log:\n{text_log}"
+    );
+    let starts = std::fs::read_to_string(work.join("starts")).unwrap_or_default();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "{name}: the job started from scratch again instead of being restored; log:\n{text_log}"
+    );
+    let restored = events(&dir, "launch")
+        .iter()
+        .filter(|e| !e["restore_seq"].is_null())
+        .count();
+    assert!(
+        done >= 1 && restored >= 1,
+        "{name}: {done} kills, {restored} restores: the job was not killed and restored at least once; log:\n{text_log}"
+    );
+    assert!(
+        text_log.contains("resuming from checkpoint"),
+        "{name}: log:\n{text_log}"
+    );
+    assert!(
+        events(&dir, "transparent_unavailable").is_empty(),
+        "{text_log}"
+    );
+    eprintln!("{name}: {done} kills, {restored} restores, result {result}");
+    assert_no_survivors(&dir);
+}
+
+fn compile_c(work: &Path, src: &str, name: &str) -> PathBuf {
+    let c = work.join(format!("{name}.c"));
+    let bin = work.join(name);
+    std::fs::write(&c, src).unwrap();
+    let out = output_deadline(
+        Command::new("cc").arg("-O1").arg("-o").arg(&bin).arg(&c),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "cc failed: {}", text(&out.stderr));
+    bin
+}
+
+#[test]
+fn c_program_is_killed_and_resumed_mid_computation() {
+    require_criu!("c_program");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let n = 300_000;
+    killed_and_resumed(
+        "c_program",
+        vec![
+            bin.display().to_string(),
+            n.to_string(),
+            t.path().display().to_string(),
+        ],
+        t.path(),
+        &reference(n),
+        3,
+    );
+}
+
+#[test]
+fn python_program_is_killed_and_resumed_mid_computation() {
+    require_criu!("python_program");
+    let t = tempdir();
+    let py = t.path().join("count.py");
+    std::fs::write(&py, PY_SRC).unwrap();
+    let n = 300_000;
+    killed_and_resumed(
+        "python_program",
+        vec![
+            "python3".into(),
+            py.display().to_string(),
+            n.to_string(),
+            t.path().display().to_string(),
+        ],
+        t.path(),
+        &reference(n),
+        3,
+    );
+}
+
+#[test]
+fn bash_loop_is_killed_and_resumed_mid_computation() {
+    require_criu!("bash_loop");
+    let t = tempdir();
+    let sh = t.path().join("count.sh");
+    std::fs::write(&sh, SH_SRC).unwrap();
+    let n = 800_000;
+    killed_and_resumed(
+        "bash_loop",
+        vec![
+            "bash".into(),
+            sh.display().to_string(),
+            n.to_string(),
+            t.path().display().to_string(),
+        ],
+        t.path(),
+        &reference(n),
+        2,
+    );
+}
+
+/// A job holding 64 MiB so that each dump takes a while; ckpt is SIGKILLed while a dump is
+/// being written (its staging directory exists). Every visible checkpoint must verify, the
+/// job must not survive, and the next `ckpt run` must clean the staging directory up,
+/// restore and finish with the right result.
+#[test]
+fn dump_interrupted_by_sigkill_of_ckpt_leaves_no_visible_checkpoint() {
+    require_criu!("dump_interrupted");
+    let seed = seed("dump_interrupted");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let t = tempdir();
+    let src = C_SRC.replace(
+        "unsigned long long n = strtoull(argv[1], 0, 10), acc = 0;",
+        "unsigned long long n = strtoull(argv[1], 0, 10), acc = 0;\n    size_t big = 64u << 20; unsigned char *m = malloc(big);\n    for (size_t k = 0; k < big; k++) m[k] = (unsigned char)(k * 2654435761u >> 13);",
+    );
+    let bin = compile_c(t.path(), &src, "bigcount");
+    let n = 300_000;
+    let job = vec![
+        bin.display().to_string(),
+        n.to_string(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "200ms", &job, &log);
+    // A checkpoint after the job wrote its start marker (see killed_and_resumed).
+    wait_until(Duration::from_secs(60), "the job's start marker", || {
+        t.path().join("starts").exists()
+    });
+    // (+1: a dump in progress when the marker appeared may have frozen the job before it.)
+    let n0 = checkpoints(&dir).last().copied().unwrap_or(0);
+    wait_until(
+        Duration::from_secs(60),
+        "a checkpoint after the start",
+        || checkpoints(&dir).last().is_some_and(|&n| n > n0 + 1),
+    );
+    // Catch a dump in progress: its staging directory exists.
+    let staging = dir.join(".ckpt/staging");
+    wait_until(Duration::from_secs(60), "a dump in progress", || {
+        std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
+    });
+    std::thread::sleep(Duration::from_micros(rng.u64(0..30_000)));
+    let before = checkpoints(&dir);
+    sup.kill().unwrap();
+    let _ = sup.wait();
+    assert_no_survivors(&dir);
+    let after = checkpoints(&dir);
+    eprintln!(
+        "dump_interrupted: checkpoints before the kill {before:?}, after {after:?}; staging left: {}",
+        std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0)
+    );
+    let out = output_deadline(
+        ckpt().args(["verify", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "a visible checkpoint does not verify: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The next run cleans up, restores and finishes.
+    let log2 = t.path().join("ckpt2.log");
+    let mut sup2 = ckpt_transparent(&dir, "10m", &job, &log2);
+    let st = wait_deadline(&mut sup2, Duration::from_secs(120));
+    let text_log = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(st.success(), "second run: {st:?}\n{text_log}");
+    assert!(text_log.contains("resuming from checkpoint"), "{text_log}");
+    assert_eq!(
+        std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0),
+        0,
+        "staging left behind"
+    );
+    let result = std::fs::read_to_string(t.path().join("result")).unwrap_or_default();
+    assert_eq!(result.trim(), reference(n));
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(starts.lines().count(), 1, "{text_log}");
+    assert_no_survivors(&dir);
+}
+
+/// Runs `job` under `ckpt run --transparent` (with `wrap` in front of ckpt, and `criu` as
+/// `$CKPT_CRIU` when given) to its end; returns the log.
+fn run_to_end(work: &Path, wrap: &[&str], criu: Option<&str>, job: &[String]) -> String {
+    let dir = work.join("ck");
+    let log = work.join("ckpt.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = if let Some((first, rest)) = wrap.split_first() {
+        let mut c = Command::new(first);
+        clear_ckpt_env(&mut c);
+        c.args(rest).arg(ckpt_bin());
+        c
+    } else {
+        ckpt()
+    };
+    if let Some(c) = criu {
+        cmd.env("CKPT_CRIU", c);
+    }
+    cmd.args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--transparent", "--every", "200ms", "--"])
+        .args(job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    let mut sup = cmd.spawn_guarded();
+    let st = wait_deadline(&mut sup, Duration::from_secs(120));
+    let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "ckpt exited {st:?}; log:\n{text_log}");
+    assert_no_survivors(&dir);
+    text_log
+}
+
+/// A job holding a TCP connection to a process outside its tree cannot be dumped (CRIU
+/// would need --tcp-established and the peer's cooperation): the first dump (asked for once
+/// the job is connected) fails, one warning names CRIU's reason, and the job runs to its end
+/// with restarts only.
+#[test]
+fn tcp_connection_to_the_outside_is_explained_and_the_job_runs_unprotected() {
+    require_criu!("tcp_connection");
+    let t = tempdir();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accept = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let py = t.path().join("tcp.py");
+    std::fs::write(
+        &py,
+        "import os, socket, sys, time\ns = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\nd = sys.argv[2]\nopen(os.path.join(d, 'connected'), 'w').close()\nwhile not os.path.exists(os.path.join(d, 'go')):\n    time.sleep(0.02)\nopen(os.path.join(d, 'done'), 'w').write('done')\n",
+    )
+    .unwrap();
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let job = vec![
+        "python3".to_string(),
+        py.display().to_string(),
+        port.to_string(),
+        t.path().display().to_string(),
+    ];
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job connected", || {
+        t.path().join("connected").exists()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(
+        !asked.status.success(),
+        "a dump of a TCP connection succeeded?"
+    );
+    std::fs::write(t.path().join("go"), "").unwrap();
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "ckpt exited {st:?}; log:\n{log}");
+    let _conn = accept.join().unwrap();
+    let warned = events(&dir, "transparent_unavailable");
+    assert_eq!(warned.len(), 1, "{log}");
+    let cause = warned[0]["cause"].as_str().unwrap_or_default().to_string();
+    assert!(
+        cause.contains("TCP"),
+        "the warning does not name the TCP connection: {cause}"
+    );
+    assert!(log.contains("restarts only"), "{log}");
+    assert!(checkpoints(&dir).is_empty(), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("done")).unwrap_or_default(),
+        "done"
+    );
+    assert_no_survivors(&dir);
+    eprintln!("tcp_connection: {cause}");
+}
+
+/// Without CAP_SYS_ADMIN (dropped from the bounding set, so even root lacks it), and with a
+/// criu that fails `criu check`, ckpt says so up front, naming the cause, and runs the job
+/// with restarts only.
+#[test]
+fn missing_capability_or_broken_criu_is_explained_up_front() {
+    require_criu!("up_front");
+    for (name, wrap, criu, needle) in [
+        (
+            "capability",
+            vec![
+                "setpriv",
+                "--bounding-set=-sys_admin,-checkpoint_restore",
+                "--",
+            ],
+            None,
+            "CAP_SYS_ADMIN",
+        ),
+        ("criu check", vec![], Some("/bin/false"), "check` fails"),
+        ("no criu", vec![], Some("/nonexistent/criu"), "cannot run"),
+    ] {
+        let t = tempdir();
+        let done = t.path().join("done");
+        let log = run_to_end(
+            t.path(),
+            &wrap,
+            criu,
+            &[
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 0.5; echo done > {}", done.display()),
+            ],
+        );
+        let dir = t.path().join("ck");
+        let warned = events(&dir, "transparent_unavailable");
+        assert_eq!(warned.len(), 1, "{name}: {log}");
+        let cause = warned[0]["cause"].as_str().unwrap_or_default();
+        assert!(cause.contains(needle), "{name}: {cause}");
+        assert!(
+            std::fs::read_to_string(&done).is_ok_and(|s| s.trim() == "done"),
+            "{name}: {log}"
+        );
+        assert!(checkpoints(&dir).is_empty(), "{name}: {log}");
+        eprintln!("up_front ({name}): {cause}");
+    }
+}
+
+/// `ckpt checkpoint --wait` answers with the dump's checkpoint; `ckpt stop` dumps, then kills
+/// the tree (exit 75); the next `ckpt run` restores and finishes with the right result.
+#[test]
+fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
+    require_criu!("stop_and_resume");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let n = 400_000;
+    let job = vec![
+        bin.display().to_string(),
+        n.to_string(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    assert_eq!(checkpoints(&dir), vec![1]);
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let text_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(st.code(), Some(75), "{text_log}");
+    assert_eq!(checkpoints(&dir), vec![1, 2], "{text_log}");
+    assert_eq!(events(&dir, "kill_after_dump").len(), 1, "{text_log}");
+    assert!(
+        !t.path().join("result").exists(),
+        "the job ended before its stop"
+    );
+    assert_no_survivors(&dir);
+    // Without --transparent the CRIU images cannot be restored: refused, not started over.
+    let plain = output_deadline(
+        ckpt().args(["run", "--dir"]).arg(&dir).arg("--").args(&job),
+        Duration::from_secs(60),
+    );
+    assert_eq!(plain.status.code(), Some(64), "{}", text(&plain.stderr));
+    assert!(
+        text(&plain.stderr).contains("CRIU image set"),
+        "{}",
+        text(&plain.stderr)
+    );
+    assert!(!t.path().join("result").exists());
+    let log2 = t.path().join("ckpt2.log");
+    let mut sup2 = ckpt_transparent(&dir, "off", &job, &log2);
+    let st = wait_deadline(&mut sup2, Duration::from_secs(120));
+    let text_log = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(st.success(), "{text_log}");
+    assert!(
+        text_log.contains("resuming from checkpoint 2"),
+        "{text_log}"
+    );
+    let result = std::fs::read_to_string(t.path().join("result")).unwrap_or_default();
+    assert_eq!(result.trim(), reference(n));
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(starts.lines().count(), 1, "{text_log}");
+    assert_no_survivors(&dir);
+}
+
+/// A checkpoint that CRIU cannot restore (the job's executable was deleted since) is
+/// explained with CRIU's reason; the restart policy then gives up (no silent fresh start).
+#[test]
+fn a_failed_restore_is_explained() {
+    require_criu!("failed_restore");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let job = vec![
+        bin.display().to_string(),
+        "100000000".into(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let mut sup = ckpt_transparent(&dir, "off", &job, &log);
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(
+        wait_deadline(&mut sup, Duration::from_secs(60)).code(),
+        Some(75)
+    );
+    std::fs::remove_file(&bin).unwrap();
+    let log2 = t.path().join("ckpt2.log");
+    let out = std::fs::File::create(&log2).unwrap();
+    let mut sup2 = ckpt()
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args([
+            "--transparent",
+            "--backoff",
+            "50ms..100ms",
+            "--max-failures",
+            "2",
+            "--",
+        ])
+        .args(&job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded();
+    let st = wait_deadline(&mut sup2, Duration::from_secs(60));
+    let text_log = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(!st.success(), "{text_log}");
+    let failed = events(&dir, "restore_failed");
+    assert!(!failed.is_empty(), "{text_log}");
+    eprintln!("failed_restore: {}", failed[0]["cause"]);
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "started from scratch: {text_log}"
+    );
+    assert_no_survivors(&dir);
+}
