@@ -309,6 +309,8 @@ pub struct Remote {
     keys: Keys,
     /// The URL as shown in logs: no user info, no query.
     pub display: String,
+    /// For `file://`: the root, whose emptied checkpoint directories retention removes.
+    local_root: Option<PathBuf>,
 }
 
 fn is_loopback_url(u: &str) -> bool {
@@ -372,6 +374,7 @@ impl Remote {
             }
         };
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut local_root = None;
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match u.scheme() {
             "s3" | "s3a" => {
                 let endpoint = env("AWS_ENDPOINT_URL_S3")
@@ -416,6 +419,7 @@ impl Remote {
                     .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
                     .map_err(|e| e.to_string())?;
+                local_root = Some(path);
                 (Arc::new(fs), String::new())
             }
             other => {
@@ -436,6 +440,7 @@ impl Remote {
             rt,
             keys,
             display,
+            local_root,
         })
     }
 
@@ -697,8 +702,13 @@ impl Remote {
 
     /// Downloads remote checkpoint `seq`, checks every byte (SHA-256 of the signed record,
     /// the manifest's sizes and CRCs) and publishes it in `store` through the commit path,
-    /// numbered at least `seq`. Returns the local manifest and the bytes downloaded.
-    pub fn restore(&self, seq: u64, store: &Store) -> Result<(Manifest, u64), String> {
+    /// numbered at least `min_seq`. Returns the local manifest and the bytes downloaded.
+    pub fn restore(
+        &self,
+        seq: u64,
+        min_seq: u64,
+        store: &Store,
+    ) -> Result<(Manifest, u64), String> {
         self.rt.block_on(async {
             let (m, signed) = self.authenticated(seq).await?;
             store.create().map_err(|e| e.to_string())?;
@@ -742,7 +752,7 @@ impl Remote {
             let mut meta = m.meta.clone();
             meta.insert("remote".into(), json!({ "url": self.display, "seq": seq }));
             let local = stage
-                .commit_at_least(seq, m.step, RESTORE_WRITER, meta)
+                .commit_at_least(min_seq, m.step, RESTORE_WRITER, meta)
                 .map_err(|e| e.to_string())?;
             Ok((local, total))
         })
@@ -767,6 +777,25 @@ impl Remote {
                 match self.store.delete(&k).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(self.err("delete", e)),
+                }
+            }
+            if let Some(root) = &self.local_root {
+                // Emptied sub-directories, deepest first (never anything with files left).
+                let top = root.join(format!("{PREFIX}{seq:012}"));
+                let mut dirs = vec![top.clone()];
+                let mut i = 0;
+                while i < dirs.len() {
+                    if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
+                        for e in rd.flatten() {
+                            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                                dirs.push(e.path());
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                for d in dirs.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
                 }
             }
             Ok(())
@@ -798,9 +827,14 @@ pub fn restore_newer(
             return None;
         }
     };
+    let highest = seqs.last().copied().unwrap_or(0);
     for seq in seqs.into_iter().rev().filter(|s| *s > local_newest) {
         let t = Instant::now();
-        match remote.restore(seq, store) {
+        // The newest keeps its number (it is already remote). An older one, restored because
+        // newer ones failed, is numbered above them all: the job's next checkpoints never
+        // take the number of a broken remote one, and this one is uploaded again as sound.
+        let min_seq = if seq == highest { seq } else { highest + 1 };
+        match remote.restore(seq, min_seq, store) {
             Ok((m, bytes)) => {
                 let secs = t.elapsed().as_secs_f64();
                 log(report(
@@ -971,6 +1005,13 @@ fn upload_loop(
             ));
         }
         let ok = upload_one(&remote, seq, &path, committed_at, &state, &*log);
+        // Before the upload counts as done: a stop waiting for the uploads also waits for
+        // the retention that follows them.
+        if ok {
+            if let Some(keep) = keep {
+                prune(&remote, keep, &protected(), &*log);
+            }
+        }
         {
             let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
             g.current = None;
@@ -980,11 +1021,6 @@ fn upload_loop(
                 g.failed = Some(seq);
             }
             cv.notify_all();
-        }
-        if ok {
-            if let Some(keep) = keep {
-                prune(&remote, keep, &protected(), &*log);
-            }
         }
     }
 }
