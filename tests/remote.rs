@@ -424,6 +424,27 @@ fn planted_checkpoints_without_a_valid_tag_are_never_restored() {
         vec![newest + 13, newest + 12, newest + 11, newest + 10],
         "{err}"
     );
+    // `ckpt list --remote` shows which ones are restorable.
+    let out = output_deadline(
+        ckpt()
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .args(["list", "--json", "--remote", &url]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let bad: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["authentic"] == false)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        bad,
+        vec![newest + 10, newest + 11, newest + 12, newest + 13]
+    );
+    assert!(rows
+        .iter()
+        .any(|r| r["seq"] == newest && r["authentic"] == true));
 }
 
 #[test]
