@@ -720,12 +720,39 @@ impl Remote {
                 let mut sha = Sha256::new();
                 let mut size = 0u64;
                 let mut w = stage.create(&f.name).map_err(|e| e.to_string())?;
-                let mut stream = self
+                let found = self
                     .store
-                    .get(&key)
+                    .head(&key)
                     .await
                     .map_err(|e| self.err("download", e))?
-                    .into_stream();
+                    .size;
+                if found != f.size {
+                    return Err(format!(
+                        "{}: {found} bytes remotely, the manifest says {}",
+                        f.name, f.size
+                    ));
+                }
+                // Large files: ranged reads, several in flight, written in order.
+                let mut stream = if f.size > PART as u64 {
+                    let ranges: Vec<std::ops::Range<u64>> = (0..f.size)
+                        .step_by(PART)
+                        .map(|s| s..(s + PART as u64).min(f.size))
+                        .collect();
+                    let (store, k) = (self.store.clone(), key.clone());
+                    futures_util::stream::iter(ranges)
+                        .map(move |r| {
+                            let (store, k) = (store.clone(), k.clone());
+                            async move { store.get_range(&k, r).await }
+                        })
+                        .buffered(PARTS_IN_FLIGHT)
+                        .boxed()
+                } else {
+                    self.store
+                        .get(&key)
+                        .await
+                        .map_err(|e| self.err("download", e))?
+                        .into_stream()
+                };
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| self.err("download", e))?;
                     size += chunk.len() as u64;
