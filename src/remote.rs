@@ -906,6 +906,8 @@ struct UpState {
     done: BTreeSet<u64>,
     /// Newest seq whose upload failed for good.
     failed: Option<u64>,
+    /// The last successful upload: seq, bytes, duration, lag (ms), when (ms since epoch).
+    last: Option<(u64, u64, u64, u64, u64)>,
 }
 
 /// Uploads committed checkpoints on its own thread; never blocks the caller.
@@ -957,6 +959,23 @@ impl Uploader {
             .into_iter()
             .chain(g.pending.keys().copied())
             .collect()
+    }
+
+    /// For `ckpt status`: the remote, the newest checkpoint on it, the last upload's
+    /// figures, what is queued. No credentials.
+    pub fn summary(&self) -> Value {
+        let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        json!({
+            "url": self.remote.display,
+            "newest_uploaded": g.done.iter().next_back(),
+            "uploading": g.current,
+            "queued": g.pending.keys().collect::<Vec<_>>(),
+            "failed": g.failed,
+            "last_upload": g.last.map(|(seq, bytes, ms, lag, at)| json!({
+                "seq": seq, "bytes": bytes, "duration_ms": ms, "lag_ms": lag, "at_ms": at,
+                "bytes_per_s": (bytes * 1000).checked_div(ms).unwrap_or(0),
+            })),
+        })
     }
 
     pub fn uploaded(&self, seq: u64) -> bool {
@@ -1061,6 +1080,10 @@ fn upload_one(
     state: &Arc<(Mutex<UpState>, Condvar)>,
     log: &dyn Fn(Report),
 ) -> bool {
+    let rec = |bytes: u64, ms: u64, lag: u64| {
+        let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.last = Some((seq, bytes, ms, lag, crate::store::manifest::now_ms()));
+    };
     match remote.has(seq) {
         Ok(true) => {
             log(report(
@@ -1081,6 +1104,11 @@ fn upload_one(
             Ok(bytes) => {
                 let secs = t.elapsed().as_secs_f64();
                 let lag = committed_at.elapsed();
+                rec(
+                    bytes,
+                    t.elapsed().as_millis() as u64,
+                    lag.as_millis() as u64,
+                );
                 log(report(
                     "uploaded",
                     false,

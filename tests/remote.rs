@@ -231,6 +231,23 @@ fn run_and_stop_with(
     wait_until(Duration::from_secs(60), "uploads", || {
         events(dir, "uploaded").len() >= uploads
     });
+    // `ckpt status` shows the remote and its newest checkpoint, and no credential.
+    let out = output_deadline(
+        ckpt().args(["status", "--json", "--dir"]).arg(dir),
+        Duration::from_secs(30),
+    );
+    let st = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!st.contains(SECRET), "{st}");
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(
+        v["remote"]["newest_uploaded"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert!(
+        v["remote"]["last_upload"]["bytes"].as_u64().unwrap() > 0,
+        "{st}"
+    );
     signal(sup.id(), libc::SIGTERM);
     let st = wait_deadline(&mut sup, Duration::from_secs(60));
     assert_eq!(

@@ -1399,6 +1399,7 @@ impl Run {
             "tree": tree,
             "last_checkpoint": last,
             "newest_seq": if self.m.last_seq() > 0 { Some(self.m.last_seq()) } else { None },
+            "remote": self.uploader.as_ref().map(|u| u.summary()),
         })
     }
 
