@@ -224,24 +224,41 @@ impl Keys {
 
 fn create_key(p: &Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(d) = p.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(d)
-            .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-    }
+    let d = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
+        .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     let key = random_key().map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
-        .map_err(|e| format!("cannot create the remote key {}: {e}", p.display()))?;
-    f.write_all(format!("{}\n", hex(&key)).as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write the remote key {}: {e}", p.display()))
+    // Written whole under a temporary name, then linked into place without replacing
+    // anything: two supervisors starting at once never read a half-written key, and the
+    // loser of the race uses the winner's key.
+    let tmp = d.join(format!(
+        ".{}.{}.tmp",
+        p.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
+        crate::store::token()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(format!("{}\n", hex(&key)).as_bytes())?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, p) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    res.map_err(|e| format!("cannot create the remote key {}: {e}", p.display()))
 }
 
 fn read_key(p: &Path) -> Result<Vec<u8>, String> {
@@ -1232,6 +1249,31 @@ mod tests {
         assert!(k.verify("other", b"body", &tag).is_err());
         let k2 = Keys::from_bytes(b"another key, 32 bytes long......");
         assert!(k2.verify(&id, b"body", &tag).is_err());
+    }
+
+    #[test]
+    fn key_created_once_owner_only_even_when_raced() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("ckpt-key-test-{}", std::process::id()));
+        let p = d.join("sub").join("remote.key");
+        let ids: Vec<String> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || Keys::load(&[p]).unwrap().signing_id().to_string())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Keys::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .contains("chmod 600"));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -983,7 +983,10 @@ impl Run {
     }
 
     fn pick_restore(&mut self) -> Result<Option<Found>, Fatal> {
-        self.remote_restore();
+        if self.m.hist.restarts == 0 {
+            // Only before the first launch: a restart on this machine has the newest.
+            self.remote_restore();
+        }
         let mut bad = Vec::new();
         let found = self
             .store
