@@ -462,6 +462,22 @@ fn planted_checkpoints_without_a_valid_tag_are_never_restored() {
     assert!(rows
         .iter()
         .any(|r| r["seq"] == newest && r["authentic"] == true));
+    // `ckpt gc --remote --keep 1`: older authentic ones go, planted ones are left alone.
+    let out = output_deadline(
+        ckpt()
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .args(["gc", "--json", "--keep", "1", "--remote", &url, "--dir"])
+            .arg(t.path().join("nowhere")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left = remote_seqs(&root);
+    // The restored checkpoint was published (and uploaded again) above the planted numbers,
+    // so the job's own checkpoints never take a planted one's number.
+    let expect: Vec<u64> = (newest + 10..=newest + 14).collect();
+    assert_eq!(left, expect, "{v}");
+    assert_eq!(v["not_authentic"].as_array().unwrap().len(), 4, "{v}");
 }
 
 #[test]
