@@ -398,8 +398,11 @@ impl Remote {
                     .or_else(|| env("AWS_ENDPOINT_URL"))
                     .or_else(|| env("AWS_ENDPOINT"));
                 let http = http_ok(endpoint)?;
+                // Every request and part carries its SHA-256 (x-amz-checksum-sha256), which
+                // S3 checks before it accepts the bytes.
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_url(url_s)
+                    .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
                     .with_retry(retry)
                     .with_client_options(opts(http));
                 if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
