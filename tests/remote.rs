@@ -726,3 +726,32 @@ fn s3_deleted_remote_manifest_falls_back_and_required_stop_fails_loudly() {
     assert!(err.contains("is NOT on"), "{err}");
     assert_no_survivors(&dir2);
 }
+
+#[test]
+fn service_unit_waits_for_the_final_upload() {
+    let out = output_deadline(
+        ckpt()
+            .env_remove("CKPT_REMOTE")
+            .args([
+                "service",
+                "--name",
+                "train",
+                "--dir",
+                "/var/ckpt/train",
+                "--",
+            ])
+            .args([
+                "--remote",
+                "s3://bucket/train",
+                "--remote-stop-timeout",
+                "30s",
+            ])
+            .args(["--", "python", "train.py"]),
+        Duration::from_secs(20),
+    );
+    let unit = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // --grace 20s + --kill-after 5s + --remote-stop-timeout 30s + 10s.
+    assert!(unit.contains("TimeoutStopSec=65\n"), "{unit}");
+    assert!(unit.contains("--remote s3://bucket/train"), "{unit}");
+}
