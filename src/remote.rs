@@ -735,66 +735,14 @@ impl Remote {
             let mut stage = Stage::new(store, m.checksum).map_err(|e| e.to_string())?;
             let mut total = 0u64;
             for (f, s) in m.files.iter().zip(&signed) {
-                let key = self.ckpt_key(seq, &f.name)?;
-                let mut crc = m.checksum.hasher();
-                let mut sha = Sha256::new();
-                let mut size = 0u64;
                 let mut w = stage.create(&f.name).map_err(|e| e.to_string())?;
-                let found = self
-                    .store
-                    .head(&key)
-                    .await
-                    .map_err(|e| self.err("download", e))?
-                    .size;
-                if found != f.size {
-                    return Err(format!(
-                        "{}: {found} bytes remotely, the manifest says {}",
-                        f.name, f.size
-                    ));
-                }
-                // Large files: ranged reads, several in flight, written in order.
-                let mut stream = if f.size > PART as u64 {
-                    let ranges: Vec<std::ops::Range<u64>> = (0..f.size)
-                        .step_by(PART)
-                        .map(|s| s..(s + PART as u64).min(f.size))
-                        .collect();
-                    let (store, k) = (self.store.clone(), key.clone());
-                    futures_util::stream::iter(ranges)
-                        .map(move |r| {
-                            let (store, k) = (store.clone(), k.clone());
-                            async move { store.get_range(&k, r).await }
-                        })
-                        .buffered(PARTS_IN_FLIGHT)
-                        .boxed()
-                } else {
-                    self.store
-                        .get(&key)
-                        .await
-                        .map_err(|e| self.err("download", e))?
-                        .into_stream()
-                };
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| self.err("download", e))?;
-                    size += chunk.len() as u64;
-                    if size > f.size {
-                        return Err(format!("{} is larger than its manifest says", f.name));
-                    }
-                    crc.update(&chunk);
-                    sha.update(&chunk);
-                    w.write_all(&chunk)
-                        .map_err(|e| format!("write {}: {e}", f.name))?;
-                }
+                total += self
+                    .fetch(seq, &m, f, s, &mut |chunk| {
+                        w.write_all(chunk)
+                            .map_err(|e| format!("write {}: {e}", f.name))
+                    })
+                    .await?;
                 w.finish().map_err(|e| e.to_string())?;
-                if size != f.size {
-                    return Err(format!(
-                        "{}: {size} bytes, the manifest says {}",
-                        f.name, f.size
-                    ));
-                }
-                if crc.finish() != f.sum || hex(&sha.finalize()) != s.sha256 {
-                    return Err(format!("{}: checksum mismatch", f.name));
-                }
-                total += size;
             }
             let mut meta = m.meta.clone();
             meta.insert("remote".into(), json!({ "url": self.display, "seq": seq }));
@@ -803,6 +751,88 @@ impl Remote {
                 .map_err(|e| e.to_string())?;
             Ok((local, total))
         })
+    }
+
+    /// Fully checks remote checkpoint `seq` as a restore would (every byte downloaded and
+    /// checked), writing nothing. Returns its manifest and the bytes read.
+    pub fn verify(&self, seq: u64) -> Result<(Manifest, u64), String> {
+        self.rt.block_on(async {
+            let (m, signed) = self.authenticated(seq).await?;
+            let mut total = 0u64;
+            for (f, s) in m.files.iter().zip(&signed) {
+                total += self.fetch(seq, &m, f, s, &mut |_| Ok(())).await?;
+            }
+            Ok((m, total))
+        })
+    }
+
+    /// Downloads file `f` of remote checkpoint `seq` into `sink`, checking its size, the
+    /// manifest's CRC and the signed SHA-256 `s`. Files above [`PART`] come as ranged reads,
+    /// several in flight, handed to `sink` in order.
+    async fn fetch(
+        &self,
+        seq: u64,
+        m: &Manifest,
+        f: &crate::store::FileEntry,
+        s: &SignedFile,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let key = self.ckpt_key(seq, &f.name)?;
+        let mut crc = m.checksum.hasher();
+        let mut sha = Sha256::new();
+        let mut size = 0u64;
+        let found = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| self.err("download", e))?
+            .size;
+        if found != f.size {
+            return Err(format!(
+                "{}: {found} bytes remotely, the manifest says {}",
+                f.name, f.size
+            ));
+        }
+        let mut stream = if f.size > PART as u64 {
+            let ranges: Vec<std::ops::Range<u64>> = (0..f.size)
+                .step_by(PART)
+                .map(|s| s..(s + PART as u64).min(f.size))
+                .collect();
+            let (store, k) = (self.store.clone(), key.clone());
+            futures_util::stream::iter(ranges)
+                .map(move |r| {
+                    let (store, k) = (store.clone(), k.clone());
+                    async move { store.get_range(&k, r).await }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .boxed()
+        } else {
+            self.store
+                .get(&key)
+                .await
+                .map_err(|e| self.err("download", e))?
+                .into_stream()
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err("download", e))?;
+            size += chunk.len() as u64;
+            if size > f.size {
+                return Err(format!("{} is larger than its manifest says", f.name));
+            }
+            crc.update(&chunk);
+            sha.update(&chunk);
+            sink(&chunk)?;
+        }
+        if size != f.size {
+            return Err(format!(
+                "{}: {size} bytes, the manifest says {}",
+                f.name, f.size
+            ));
+        }
+        if crc.finish() != f.sum || hex(&sha.finalize()) != s.sha256 {
+            return Err(format!("{}: checksum mismatch", f.name));
+        }
+        Ok(size)
     }
 
     /// Removes remote checkpoint `seq`: the manifest first (it becomes invisible), then the

@@ -356,6 +356,21 @@ fn file_remote_corrupt_or_deleted_objects_are_never_restored() {
     b[i] ^= 1 << rng.u8(..8);
     std::fs::write(&state, &b).unwrap();
     std::fs::remove_file(root.join(format!("ckpt-{second:012}/state.postcard"))).unwrap();
+    // `ckpt verify --remote` downloads and checks every byte, and names both.
+    let out = output_deadline(
+        ckpt()
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .args(["verify", "--json", "--remote", &url]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let bad: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["ok"] == false)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bad, vec![second, newest], "{rows:?}");
     let steps = steps_after(&root.join(format!("ckpt-{third:012}"))) + 100;
     let (restored, err) = new_vm_finish(&dir, t.path(), &url, None, steps);
     assert_eq!(restored, Some(third), "{err}");
