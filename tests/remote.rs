@@ -770,3 +770,81 @@ fn service_unit_waits_for_the_final_upload() {
     assert!(unit.contains("TimeoutStopSec=65\n"), "{unit}");
     assert!(unit.contains("--remote s3://bucket/train"), "{unit}");
 }
+
+/// The end of the machine an [`aws_notice`] server announces, once set.
+type NoticeEnd = std::sync::Arc<std::sync::Mutex<Option<std::time::SystemTime>>>;
+
+/// An AWS metadata service on loopback that, once its end is set, announces a spot
+/// termination at that time (IMDSv2: a token, then `spot/instance-action`).
+fn aws_notice() -> (String, NoticeEnd) {
+    use std::io::BufRead;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let armed: NoticeEnd = Default::default();
+    let end_at = armed.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let body = if first.starts_with("PUT /latest/api/token") {
+                "token".to_string()
+            } else if first.starts_with("GET /latest/meta-data/spot/instance-action") {
+                match *end_at.lock().unwrap() {
+                    Some(end) => {
+                        let t = ckpt::integrations::cloud::rfc3339(end);
+                        format!(r#"{{"action": "terminate", "time": "{t}"}}"#)
+                    }
+                    None => String::new(),
+                }
+            } else {
+                String::new()
+            };
+            let code = if body.is_empty() { 404 } else { 200 };
+            let mut conn = conn;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, armed)
+}
+
+#[test]
+fn a_notice_stop_uploads_the_final_checkpoint_and_says_how_long_before_the_end() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let (meta, arm) = aws_notice();
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off", "--preemption-notice", "aws"])
+        .args(["--metadata-url", &meta, "--preemption-poll", "200ms"]);
+    trainer_cmd(&mut c, 100_000, 5, &dir.with_extension("digest"));
+    let log = t.path().join("log");
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut sup = c.spawn_guarded();
+    wait_until(Duration::from_secs(30), "the job's client", || {
+        !events(&dir, "hello").is_empty()
+    });
+    *arm.lock().unwrap() = Some(std::time::SystemTime::now() + Duration::from_secs(100));
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(75), "{err}");
+    assert_no_survivors(&dir);
+    let safe = events(&dir, "remote_safe");
+    assert_eq!(safe.len(), 1, "{err}");
+    let seq = safe[0]["seq"].as_u64().unwrap();
+    assert_eq!(remote_seqs(&root).last(), Some(&seq), "{err}");
+    assert!(err.contains("before the machine's announced end"), "{err}");
+}

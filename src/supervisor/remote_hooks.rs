@@ -41,7 +41,10 @@ impl Run {
             return None;
         }
         let t = Instant::now();
-        let idle = u.wait_idle(t + s.stop_timeout);
+        // A notice's end of the machine bounds the wait too: past it, nothing gets off.
+        let notice = self.m.notice_deadline;
+        let until = notice.map_or(t + s.stop_timeout, |d| d.min(t + s.stop_timeout));
+        let idle = u.wait_idle(until);
         let up = u.uploaded(seq);
         let display = u.remote().display.clone();
         // Lines the uploader sent while we waited.
@@ -55,11 +58,19 @@ impl Run {
             }
         }
         let waited = t.elapsed();
+        let versus = match notice {
+            Some(d) if d > Instant::now() => format!(
+                "; {:.1}s before the machine's announced end",
+                d.duration_since(Instant::now()).as_secs_f64()
+            ),
+            Some(_) => "; the machine's announced end has passed".to_string(),
+            None => String::new(),
+        };
         if up {
             self.rep.event(
                 "remote_safe",
                 Some(format!(
-                    "checkpoint {seq} is off the machine (on {display}); waited {:.2}s of --remote-stop-timeout {:.0}s",
+                    "checkpoint {seq} is off the machine (on {display}); waited {:.2}s of --remote-stop-timeout {:.0}s{versus}",
                     waited.as_secs_f64(),
                     s.stop_timeout.as_secs_f64()
                 )),
@@ -76,7 +87,7 @@ impl Run {
             self.rep.warn(
                 "remote_missing",
                 format!(
-                    "error: checkpoint {seq} is NOT on {display}: {why} (waited {:.2}s, --remote-stop-timeout {:.0}s); it is only in {} on this machine; exit {} (--remote-required)",
+                    "error: checkpoint {seq} is NOT on {display}: {why} (waited {:.2}s, --remote-stop-timeout {:.0}s{versus}); it is only in {} on this machine; exit {} (--remote-required)",
                     waited.as_secs_f64(),
                     s.stop_timeout.as_secs_f64(),
                     self.store.dir().display(),
