@@ -21,6 +21,8 @@ pub mod fmt;
 #[cfg(feature = "supervisor")]
 pub mod integrations;
 #[cfg(feature = "supervisor")]
+pub mod remote;
+#[cfg(feature = "supervisor")]
 pub mod supervisor;
 
 pub use client::{Checkpointer, RestorePoint, Saved, Start};

@@ -278,6 +278,32 @@ fn render_status(v: &Value) -> String {
                 .unwrap_or_default()
         ),
     }
+    if let Some(r) = v["remote"].as_object() {
+        let mut line = format!(
+            "{}: newest uploaded {}",
+            crate::store::escape(r["url"].as_str().unwrap_or("?")),
+            r["newest_uploaded"]
+                .as_u64()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none yet".into())
+        );
+        if let Some(l) = r["last_upload"].as_object() {
+            line.push_str(&format!(
+                " (last: {} in {} ms, {}/s, lag {} ms)",
+                fmt_bytes(l["bytes"].as_u64().unwrap_or(0)),
+                l["duration_ms"],
+                fmt_bytes(l["bytes_per_s"].as_u64().unwrap_or(0)),
+                l["lag_ms"]
+            ));
+        }
+        if let Some(u) = r["uploading"].as_u64() {
+            line.push_str(&format!(", uploading {u}"));
+        }
+        if let Some(f) = r["failed"].as_u64() {
+            line.push_str(&format!(", upload of {f} failed"));
+        }
+        line!("  remote:          {line}");
+    }
     if let Some(t) = v["tree"].as_object() {
         line!(
             "  job tree:        {} process(es), {} CPU, {} resident",

@@ -15,6 +15,17 @@ pub struct ListArgs {
     /// One JSON object per checkpoint, as a JSON array on stdout.
     #[arg(long)]
     pub json: bool,
+    /// List the checkpoints of this remote instead (s3://, gs://, az://, file://; see
+    /// `ckpt run --remote`), each with whether its authentication record checks out with
+    /// our key (files are not downloaded).
+    #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<std::path::PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
 }
 
 /// Verify checkpoints fully.
@@ -25,9 +36,97 @@ pub struct VerifyArgs {
     /// Print a JSON array of results on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Checkpoints (default: all): IDs, names (tags), `latest` or `latest~N`.
+    /// Checkpoints (default: all): IDs, names (tags), `latest` or `latest~N`. With
+    /// --remote: remote sequence numbers.
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
+    /// Verify the checkpoints of this remote instead, as a restore would (every byte is
+    /// downloaded and checked against the authenticated record; nothing is written).
+    #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<std::path::PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
+}
+
+fn open_remote(
+    url: &str,
+    keys: &[std::path::PathBuf],
+    allow_http: bool,
+) -> Result<crate::remote::Remote, Fatal> {
+    crate::remote::Remote::open(&crate::remote::Settings {
+        url: url.to_string(),
+        allow_http,
+        keys: keys.to_vec(),
+        keep: None,
+        required: false,
+        stop_timeout: std::time::Duration::ZERO,
+    })
+    .map_err(|e| Fatal {
+        code: exit_codes::USAGE,
+        msg: format!("--remote: {e}"),
+    })
+}
+
+/// `ckpt verify --remote URL [SEQ...]`.
+fn verify_remote(a: &VerifyArgs, url: &str) -> Result<i32, Fatal> {
+    let r = open_remote(url, &a.remote_key, a.remote_allow_http)?;
+    let seqs: Vec<u64> = if a.ids.is_empty() {
+        r.list().map_err(|e| Fatal {
+            code: exit_codes::IO,
+            msg: e,
+        })?
+    } else {
+        a.ids
+            .iter()
+            .map(|i| {
+                i.parse().map_err(|_| Fatal {
+                    code: exit_codes::USAGE,
+                    msg: format!("{i:?}: with --remote, give remote sequence numbers"),
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut bad = 0;
+    let mut rows = Vec::new();
+    for seq in &seqs {
+        match r.verify(*seq) {
+            Ok((m, bytes)) => {
+                if !a.json {
+                    println!(
+                        "ok       {seq:>8}  {} in {} files",
+                        fmt_bytes(bytes),
+                        m.files.len()
+                    );
+                }
+                rows.push(
+                    json!({ "seq": seq, "ok": true, "bytes": bytes, "files": m.files.len() }),
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                if !a.json {
+                    println!("INVALID  {seq:>8}  {}", escape(&e));
+                }
+                rows.push(json!({ "seq": seq, "ok": false, "error": e }));
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if seqs.is_empty() {
+        eprintln!("no checkpoints on {}", r.display);
+    } else {
+        eprintln!(
+            "{} remote checkpoint(s) verified, {} invalid",
+            seqs.len() - bad,
+            bad
+        );
+    }
+    Ok(if bad > 0 { exit_codes::DATA } else { 0 })
 }
 
 fn open(dir: &DirArg) -> Result<Store, Fatal> {
@@ -59,7 +158,69 @@ fn tag_text(v: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
+/// `ckpt list --remote URL`.
+fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
+    let settings = crate::remote::Settings {
+        url: url.to_string(),
+        allow_http: a.remote_allow_http,
+        keys: a.remote_key.clone(),
+        keep: None,
+        required: false,
+        stop_timeout: std::time::Duration::ZERO,
+    };
+    let r = open_remote(&settings.url, &settings.keys, settings.allow_http)?;
+    let seqs = r.list().map_err(|e| Fatal {
+        code: exit_codes::IO,
+        msg: e,
+    })?;
+    let rows: Vec<serde_json::Value> = seqs
+        .iter()
+        .map(|&seq| match r.check(seq) {
+            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "authentic": true }),
+            Err(e) => json!({ "seq": seq, "authentic": false, "error": e }),
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        eprintln!("no checkpoints on {}", r.display);
+        return Ok(0);
+    }
+    println!(
+        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
+        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES", "WRITER"
+    );
+    for row in rows {
+        if row["authentic"] == json!(true) {
+            println!(
+                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
+                row["seq"].to_string(),
+                row["step"]
+                    .as_u64()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                when(row["created_ms"].as_u64().unwrap_or(0)),
+                fmt_bytes(row["bytes"].as_u64().unwrap_or(0)),
+                row["files"].to_string(),
+                escape(row["writer"].as_str().unwrap_or(""))
+            );
+        } else {
+            println!(
+                "{:>8}  NOT RESTORABLE: {}",
+                row["seq"].to_string(),
+                escape(row["error"].as_str().unwrap_or(""))
+            );
+        }
+    }
+    Ok(0)
+}
+
 pub fn list(a: ListArgs) -> Result<i32, Fatal> {
+    if let Some(url) = a.remote.clone().filter(|u| !u.is_empty()) {
+        return list_remote(&a, &url);
+    }
     let store = open(&a.dir)?;
     let list = store.list().map_err(|e| Fatal {
         code: exit_codes::IO,
@@ -117,6 +278,9 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
+    if let Some(url) = a.remote.clone().filter(|u| !u.is_empty()) {
+        return verify_remote(&a, &url);
+    }
     let store = open(&a.dir)?;
     let list = store.list().map_err(|e| Fatal {
         code: exit_codes::IO,

@@ -141,6 +141,33 @@ pub struct RunArgs {
     /// why. docs/transparent.md.
     #[arg(long)]
     pub transparent: bool,
+    /// Also keep every committed checkpoint in object storage, uploaded in the background
+    /// (manifest last), and resume from there when it holds a newer one than DIR (a new
+    /// machine): s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or
+    /// file:///shared/path. Credentials and endpoints come from each cloud's standard
+    /// environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION,
+    /// instance roles, ...). See docs/cloud.md.
+    #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// The key that authenticates remote checkpoints (HMAC-SHA256; 32 random bytes as hex,
+    /// created owner-only when missing). Repeat it to rotate: the first signs, all verify.
+    /// Default: ~/.config/ckpt/remote.key.
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<std::path::PathBuf>,
+    /// Keep only the newest N remote checkpoints (tagged ones are never pruned).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    pub remote_keep: Option<u64>,
+    /// Allow a plain-http endpoint that is not on this machine (loopback endpoints always
+    /// are allowed).
+    #[arg(long)]
+    pub remote_allow_http: bool,
+    /// After a stop, exit 77 (not 75) when the final checkpoint could not be uploaded within
+    /// --remote-stop-timeout.
+    #[arg(long)]
+    pub remote_required: bool,
+    /// How long ckpt waits for uploads before it exits.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub remote_stop_timeout: Duration,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -306,6 +333,24 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             Some(p)
         }
     };
+    let remote = match a.remote.filter(|u| !u.is_empty()) {
+        Some(url) => Some(crate::remote::Settings {
+            url,
+            allow_http: a.remote_allow_http,
+            keys: a.remote_key,
+            keep: a.remote_keep.map(|n| n as usize),
+            required: a.remote_required,
+            stop_timeout: bounded("--remote-stop-timeout", a.remote_stop_timeout)?,
+        }),
+        None => {
+            if a.remote_required || a.remote_keep.is_some() || !a.remote_key.is_empty() {
+                return Err(usage(
+                    "--remote-required, --remote-keep and --remote-key need --remote URL".into(),
+                ));
+            }
+            None
+        }
+    };
     let cfg = Config {
         hang_timeout: a.hang_timeout,
         hang_signal,
@@ -339,6 +384,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         preemption,
         from: a.from,
         transparent: a.transparent,
+        remote,
     };
     crate::supervisor::run(cfg)
 }

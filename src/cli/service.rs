@@ -159,7 +159,13 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
     let Cmd::Run(run) = parsed.command else {
         unreachable!("argv starts with `run`")
     };
-    let stop_timeout = run.grace + run.kill_after + Duration::from_secs(10);
+    // With --remote, ckpt also waits for the stop's final upload before it exits.
+    let upload = if run.remote.as_deref().is_some_and(|u| !u.is_empty()) {
+        run.remote_stop_timeout
+    } else {
+        Duration::ZERO
+    };
+    let stop_timeout = run.grace + run.kill_after + upload + Duration::from_secs(10);
     let mut envs = String::new();
     for e in &a.env {
         if !e.contains('=') || e.starts_with('=') {

@@ -522,9 +522,110 @@ pub struct GcArgs {
     pub dry_run: bool,
     #[arg(long)]
     pub json: bool,
+    /// Apply --keep to this remote instead (see `ckpt run --remote`): keeps the newest N
+    /// checkpoints that authenticate with our key, and those tagged in --dir if it exists;
+    /// checkpoints that do not authenticate are listed, never removed.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
+}
+
+/// `ckpt gc --remote URL --keep N`.
+fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
+    let Some(keep) = a.keep else {
+        return Err(Fatal {
+            code: exit_codes::USAGE,
+            msg: "ckpt gc --remote needs --keep N".into(),
+        });
+    };
+    let r = crate::remote::Remote::open(&crate::remote::Settings {
+        url: url.to_string(),
+        allow_http: a.remote_allow_http,
+        keys: a.remote_key.clone(),
+        keep: None,
+        required: false,
+        stop_timeout: Duration::ZERO,
+    })
+    .map_err(|e| Fatal {
+        code: exit_codes::USAGE,
+        msg: format!("--remote: {e}"),
+    })?;
+    let store = Store::new(&a.dir.dir);
+    let tagged: Vec<u64> = if store.dir().is_dir() {
+        store
+            .tags_by_seq()
+            .map(|t| t.into_keys().collect())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let io_err = |e: String| Fatal {
+        code: exit_codes::IO,
+        msg: e,
+    };
+    let seqs = r.list().map_err(io_err)?;
+    let mut ours = Vec::new();
+    let mut foreign = Vec::new();
+    for s in seqs {
+        match r.check(s) {
+            Ok(_) => ours.push(s),
+            Err(e) => foreign.push((s, e)),
+        }
+    }
+    let cut = ours.len().saturating_sub(keep as usize);
+    let doomed: Vec<u64> = ours[..cut]
+        .iter()
+        .copied()
+        .filter(|s| !tagged.contains(s))
+        .collect();
+    let mut removed = Vec::new();
+    if !a.dry_run {
+        for &s in &doomed {
+            r.remove(s).map_err(io_err)?;
+            removed.push(s);
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({ "remote": r.display, "removed": removed, "would_remove": if a.dry_run { doomed.clone() } else { vec![] }, "kept": ours[cut..], "not_authentic": foreign.iter().map(|(s, e)| json!({ "seq": s, "reason": e })).collect::<Vec<_>>() })
+        );
+    } else {
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        let list = |v: &[u64]| {
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if doomed.is_empty() {
+            eprintln!("nothing to remove on {}", r.display);
+        } else {
+            eprintln!(
+                "{verb} remote checkpoint(s) {} from {}",
+                list(&doomed),
+                r.display
+            );
+        }
+        for (s, e) in &foreign {
+            eprintln!(
+                "left alone: remote checkpoint {s} does not authenticate with our key: {}",
+                crate::store::escape(e)
+            );
+        }
+    }
+    Ok(0)
 }
 
 pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
+    if let Some(url) = a.remote.clone().filter(|u| !u.is_empty()) {
+        return gc_remote(&a, &url);
+    }
     let store = open(&a.dir.dir)?;
     // Everything below lists and deletes under DIR/.ckpt: never through a planted symlink.
     store

@@ -204,7 +204,19 @@ impl Stage {
 
     /// Makes the checkpoint durable and visible. Returns its manifest.
     pub fn commit(
+        self,
+        step: Option<u64>,
+        writer: &str,
+        meta: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Manifest> {
+        self.commit_at_least(0, step, writer, meta)
+    }
+
+    /// [`Stage::commit`], numbered at least `min_seq` (a remote restore keeps the remote
+    /// checkpoint's number, so local and remote numbers stay one sequence).
+    pub fn commit_at_least(
         mut self,
+        min_seq: u64,
         step: Option<u64>,
         writer: &str,
         meta: serde_json::Map<String, serde_json::Value>,
@@ -229,7 +241,7 @@ impl Stage {
         }
         let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
         manifest.meta = meta;
-        let res = publish(&self.store, &self.path, &mut manifest, &dirs);
+        let res = publish_at_least(&self.store, &self.path, &mut manifest, &dirs, min_seq);
         // Published (renamed away) even if a later fsync failed: nothing left to remove.
         self.done = res.is_ok() || fs::symlink_metadata(&self.path).is_err();
         res.map(|()| manifest)
@@ -282,10 +294,21 @@ pub(crate) fn publish(
     manifest: &mut Manifest,
     dirs: &[PathBuf],
 ) -> Result<()> {
+    publish_at_least(store, staged, manifest, dirs, 0)
+}
+
+/// [`publish`], claiming a number no lower than `min_seq`.
+pub(crate) fn publish_at_least(
+    store: &Store,
+    staged: &Path,
+    manifest: &mut Manifest,
+    dirs: &[PathBuf],
+    min_seq: u64,
+) -> Result<()> {
     let io = store.io();
     let mpath = staged.join(MANIFEST_NAME);
     for attempt in 0..1000 {
-        manifest.seq = store.next_seq()?;
+        manifest.seq = store.next_seq()?.max(min_seq);
         manifest.created_ms = super::manifest::now_ms();
         if attempt > 0 {
             io.remove_file(&mpath).ctx("remove", &mpath)?;

@@ -12,6 +12,7 @@ pub mod interval;
 pub mod lock;
 pub mod machine;
 pub mod policy;
+mod remote_hooks;
 pub mod report;
 mod slurm_hooks;
 pub mod spawn;
@@ -63,6 +64,9 @@ pub mod exit_codes {
     /// Stopped after a checkpoint and requeued through Slurm (`scontrol requeue`): nothing
     /// left to do, Slurm runs the batch script again (docs/slurm.md).
     pub const REQUEUED: i32 = 79;
+    /// Stopped after a checkpoint, but with `--remote-required` the stop's final checkpoint
+    /// did not reach the remote before ckpt had to exit.
+    pub const REMOTE_MISSING: i32 = 77;
     /// The command exists but cannot be executed.
     pub const CANNOT_EXECUTE: i32 = 126;
     /// The command was not found.
@@ -80,6 +84,7 @@ pub mod exit_codes {
         ("73", "the checkpoint directory cannot be created, locked (another supervisor holds it) or written"),
         ("74", "I/O error"),
         ("79", "under Slurm: stopped after a checkpoint and requeued by ckpt (the batch script must not requeue again)"),
+        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory)"),
         ("69", "`ckpt status/checkpoint/stop`: no supervisor runs on that directory"),
         ("78", "`ckpt checkpoint`: the job has not announced a client, so it cannot be asked to checkpoint"),
         ("126 / 127", "the command cannot be executed / was not found"),
@@ -172,6 +177,8 @@ pub struct Config {
     pub from: Option<String>,
     /// `--transparent`: checkpoint the job's whole process tree with CRIU (`criu.rs`).
     pub transparent: bool,
+    /// `--remote`: upload every commit, restore from there when it is newer (`crate::remote`).
+    pub remote: Option<crate::remote::Settings>,
 }
 
 /// What the event sources hand to the loop.
@@ -183,6 +190,8 @@ enum Ev {
     Control(control::ControlEvent),
     /// From an integration's watcher thread (e.g. a cloud preemption notice).
     External(stop_soon::External),
+    /// A line from the remote uploader's thread.
+    Remote(crate::remote::Report),
 }
 
 /// Signals that stop ckpt like SIGTERM (checkpoint, then stop the job): besides TERM, INT
@@ -294,6 +303,10 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         json!({ "pid": std::process::id(), "command": cmdline, "dir": crate::store::display_path(store.dir()), "cgroup": cgroup.as_ref().map(|c| crate::store::display_path(c.path())) }),
     );
 
+    let uploader = match &cfg.remote {
+        Some(s) => Some(start_uploader(s, &store, &tx_keep, &mut rep)?),
+        None => None,
+    };
     let notices = stop_soon::Notices::load(&store.private());
     let criu = cfg
         .transparent
@@ -340,6 +353,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         wrapped: None,
         dumps: 0,
         dumps_off: false,
+        uploader,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -599,6 +613,51 @@ struct Run {
     dumps: u64,
     /// CRIU could not dump this job: restarts only (CRIU still restores).
     dumps_off: bool,
+    /// `--remote`: uploads every commit in the background.
+    uploader: Option<crate::remote::Uploader>,
+}
+
+/// Opens `--remote` and starts its uploader, whose lines come back through the loop's
+/// channel (the uploader never blocks the loop or the job).
+fn start_uploader(
+    s: &crate::remote::Settings,
+    store: &Store,
+    tx: &Sender<Ev>,
+    rep: &mut Reporter,
+) -> Result<crate::remote::Uploader, Fatal> {
+    let remote = crate::remote::Remote::open(s)
+        .map_err(|e| fatal(exit_codes::USAGE, format!("--remote: {e}")))?;
+    rep.event(
+        "remote",
+        Some(format!(
+            "checkpoints are uploaded to {} (signed with key {})",
+            remote.display,
+            remote.key_id()
+        )),
+        json!({ "remote": remote.display, "key_id": remote.key_id(), "keep": s.keep }),
+    );
+    let tags = store.clone();
+    let tx = std::sync::Mutex::new(tx.clone());
+    crate::remote::Uploader::start(
+        Arc::new(remote),
+        s.keep,
+        Box::new(move || {
+            tags.tags_by_seq()
+                .map(|t| t.into_keys().collect())
+                .unwrap_or_default()
+        }),
+        Box::new(move |r| {
+            if let Ok(t) = tx.lock() {
+                let _ = t.send(Ev::Remote(r));
+            }
+        }),
+    )
+    .map_err(|e| {
+        fatal(
+            exit_codes::SOFTWARE,
+            format!("cannot start the upload thread: {e}"),
+        )
+    })
 }
 
 /// `--transparent`: finds CRIU and checks it can work here; else says why, once, and the
@@ -824,6 +883,9 @@ impl Run {
 
     fn finish(&mut self, outcome: Outcome) -> i32 {
         self.write_status();
+        if let Some(code) = self.remote_flush(matches!(outcome, Outcome::Stopped)) {
+            return code;
+        }
         match outcome {
             Outcome::Finished => {
                 self.rep.event(
@@ -927,6 +989,14 @@ impl Run {
             }
             Ev::Control(ev) => self.on_control(ev),
             Ev::External(x) => self.on_external(x).into_iter().collect(),
+            Ev::Remote(r) => {
+                if r.warn {
+                    self.rep.warn(r.event, r.human, r.data);
+                } else {
+                    self.rep.event(r.event, Some(r.human), r.data);
+                }
+                vec![]
+            }
         }
     }
 
@@ -976,6 +1046,10 @@ impl Run {
     }
 
     fn pick_restore(&mut self) -> Result<Option<Found>, Fatal> {
+        if self.m.hist.restarts == 0 {
+            // Only before the first launch: a restart on this machine has the newest.
+            self.remote_restore();
+        }
         let mut bad = Vec::new();
         let found = self
             .store
@@ -989,6 +1063,10 @@ impl Run {
             Some(f) => {
                 if f.seq > self.m.last_seq() {
                     self.m.last = Some(mark_of(&f.manifest));
+                }
+                if let Some(u) = &self.uploader {
+                    // Uploaded unless it already is there (an upload cut short by a crash).
+                    u.submit(f.seq, f.path.clone());
                 }
                 Ok(Some(f))
             }
@@ -1176,9 +1254,14 @@ impl Run {
             json!({ "seq": m.seq, "step": m.step, "bytes": m.total_bytes(), "duration_ms": dur, "files": m.files.len(), "progress": progress }),
         );
         queue.extend(self.m.on(Event::Committed(mark), Instant::now()));
+        let mut protect = vec![self.m.last_seq()];
+        if let Some(u) = &self.uploader {
+            u.submit(m.seq, self.store.path_of(m.seq));
+            protect.extend(u.busy());
+        }
         match self
             .store
-            .prune(self.cfg.keep, self.cfg.keep_every, &[self.m.last_seq()])
+            .prune(self.cfg.keep, self.cfg.keep_every, &protect)
         {
             Ok(gone) if !gone.is_empty() => {
                 self.rep.event(
@@ -1394,6 +1477,7 @@ impl Run {
             "tree": tree,
             "last_checkpoint": last,
             "newest_seq": if self.m.last_seq() > 0 { Some(self.m.last_seq()) } else { None },
+            "remote": self.uploader.as_ref().map(|u| u.summary()),
         })
     }
 

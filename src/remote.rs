@@ -1,0 +1,1327 @@
+//! Remote checkpoints: a copy of every committed checkpoint in object storage
+//! (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`, `file:///path`), so a
+//! job outlives its machine (docs/cloud.md, "Checkpoints that outlive the machine").
+//!
+//! Built on Apache Arrow's `object_store` crate: S3, GCS, Azure and local file systems behind
+//! one trait, with each cloud's standard credential chain (environment, instance roles, web
+//! identity), request retries and multipart uploads. It is driven by a private tokio runtime,
+//! so only the supervisor links tokio; jobs linking the client library never do.
+//!
+//! Remote layout under the prefix, one directory per checkpoint with the local sequence number:
+//!
+//! ```text
+//! PREFIX/ckpt-000000000042/<files of the checkpoint>
+//! PREFIX/ckpt-000000000042/MANIFEST.ckpt.sig   the authentication record (below), written second to last
+//! PREFIX/ckpt-000000000042/MANIFEST.ckpt       the manifest, byte for byte, written LAST: the commit record
+//! ```
+//!
+//! A remote checkpoint without its manifest is invisible. A restore trusts nothing it reads:
+//! the record's HMAC-SHA256 tag (a key only the owner holds), the SHA-256 of the manifest and
+//! of every file it names, and the manifest's own sizes and CRCs are all checked before the
+//! checkpoint is published locally through the normal commit path ([`Stage`]).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
+use object_store::path::Path as OPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::store::manifest::{limits, Manifest, MANIFEST_NAME};
+use crate::store::{parse_seq, Stage, Store, PREFIX};
+
+/// The authentication record next to each remote manifest.
+pub const SIG_NAME: &str = "MANIFEST.ckpt.sig";
+/// Files above this size are uploaded in parts of this size, several at a time.
+const PART: usize = 8 << 20;
+/// Parts in flight per file.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Largest authentication record read back.
+const SIG_BYTES: u64 = 16 << 20;
+/// The `writer` of checkpoints published by a remote restore.
+pub const RESTORE_WRITER: &str = concat!("ckpt-remote/", env!("CARGO_PKG_VERSION"));
+
+/// What `--remote*` asked for.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: String,
+    /// `--remote-allow-http`: plain http to a non-loopback endpoint.
+    pub allow_http: bool,
+    /// `--remote-key FILE` (repeatable): the first signs, all verify. Empty: the default key.
+    pub keys: Vec<PathBuf>,
+    /// `--remote-keep N`: remote retention.
+    pub keep: Option<usize>,
+    /// `--remote-required`: a stop whose final checkpoint was not uploaded fails (exit 77).
+    pub required: bool,
+    /// How long a stop waits for uploads before ckpt exits.
+    pub stop_timeout: Duration,
+}
+
+/// A log line for the supervisor's reporter.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub event: &'static str,
+    pub warn: bool,
+    pub human: String,
+    pub data: Value,
+}
+
+fn report(event: &'static str, warn: bool, human: String, data: Value) -> Report {
+    Report {
+        event,
+        warn,
+        human: redact(&human),
+        data,
+    }
+}
+
+/// Replaces the value of every credential variable of the environment found in `s` (belt
+/// and braces: no error message of the client should carry one, and none may reach a log).
+pub fn redact(s: &str) -> String {
+    let mut out = s.to_string();
+    for (k, v) in std::env::vars() {
+        let secret = [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ACCESS_KEY_ID",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            "AZURE_STORAGE_ACCESS_KEY",
+            "AZURE_STORAGE_SAS_KEY",
+            "AZURE_CLIENT_SECRET",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+        ]
+        .contains(&k.as_str());
+        if secret && v.len() >= 4 {
+            out = out.replace(&v, "***");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys
+
+/// The HMAC keys: the first signs, every one verifies (rotation, docs/cloud.md).
+#[derive(Clone)]
+pub struct Keys {
+    keys: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Keys").field("ids", &ids).finish()
+    }
+}
+
+/// `$XDG_CONFIG_HOME/ckpt/remote.key`, else `~/.config/ckpt/remote.key`.
+pub fn default_key_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("ckpt").join("remote.key"))
+}
+
+fn key_id(key: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"ckpt remote key id\0");
+    h.update(key);
+    hex(&h.finalize()[..8])
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn random_key() -> std::io::Result<[u8; 32]> {
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+    Ok(k)
+}
+
+impl Keys {
+    /// Loads `paths` (the first is created owner-only when missing, 32 random bytes as hex);
+    /// with none, the default key, created on first use.
+    pub fn load(paths: &[PathBuf]) -> Result<Keys, String> {
+        let paths: Vec<PathBuf> = if paths.is_empty() {
+            vec![default_key_path().ok_or(
+                "no HOME or XDG_CONFIG_HOME for the default remote key; hint: pass --remote-key FILE",
+            )?]
+        } else {
+            paths.to_vec()
+        };
+        let mut keys = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            if i == 0 && std::fs::symlink_metadata(p).is_err() {
+                create_key(p)?;
+            }
+            let k = read_key(p)?;
+            keys.push((key_id(&k), k));
+        }
+        Ok(Keys { keys })
+    }
+
+    /// A key given directly (tests).
+    pub fn from_bytes(key: &[u8]) -> Keys {
+        Keys {
+            keys: vec![(key_id(key), key.to_vec())],
+        }
+    }
+
+    /// The id of the signing key (never the key).
+    pub fn signing_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    fn mac(key: &[u8]) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length")
+    }
+
+    fn sign(&self, body: &[u8]) -> (String, String) {
+        let (id, key) = &self.keys[0];
+        let mut m = Self::mac(key);
+        m.update(body);
+        (id.clone(), hex(&m.finalize().into_bytes()))
+    }
+
+    fn verify(&self, id: &str, body: &[u8], tag: &str) -> Result<(), String> {
+        let Some((_, key)) = self.keys.iter().find(|(i, _)| i == id) else {
+            return Err(format!(
+                "signed with key {:?}, which is not one of ours ({})",
+                crate::store::escape(id),
+                self.keys
+                    .iter()
+                    .map(|(i, _)| i.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let tag = unhex(tag).ok_or("the tag is not hex")?;
+        let mut m = Self::mac(key);
+        m.update(body);
+        m.verify_slice(&tag)
+            .map_err(|_| "the authentication tag does not match (planted or altered)".to_string())
+    }
+}
+
+fn create_key(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let d = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
+        .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+    let key = random_key().map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    // Written whole under a temporary name, then linked into place without replacing
+    // anything: two supervisors starting at once never read a half-written key, and the
+    // loser of the race uses the winner's key.
+    let tmp = d.join(format!(
+        ".{}.{}.tmp",
+        p.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
+        crate::store::token()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(format!("{}\n", hex(&key)).as_bytes())?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, p) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    res.map_err(|e| format!("cannot create the remote key {}: {e}", p.display()))
+}
+
+fn read_key(p: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let f = crate::store::io::open_read(p)
+        .map_err(|e| format!("cannot read the remote key {}: {e}", p.display()))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cannot inspect the remote key {}: {e}", p.display()))?;
+    // SAFETY: geteuid cannot fail.
+    if meta.uid() != unsafe { libc::geteuid() } || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the remote key {} must belong to you and be readable by you alone; hint: chmod 600 it",
+            p.display()
+        ));
+    }
+    let mut s = String::new();
+    f.take(4096)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("cannot read the remote key {}: {e}", p.display()))?;
+    match unhex(s.trim()) {
+        Some(k) if k.len() >= 16 => Ok(k),
+        _ => Err(format!(
+            "the remote key {} is not at least 16 bytes as hex",
+            p.display()
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The authentication record
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Body {
+    v: u32,
+    seq: u64,
+    manifest_sha256: String,
+    files: Vec<SignedFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct SignedFile {
+    name: String,
+    size: u64,
+    sha256: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SigDoc {
+    alg: String,
+    key: String,
+    /// The signed bytes: [`Body`] as JSON.
+    body: String,
+    tag: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+/// An opened remote.
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    rt: tokio::runtime::Runtime,
+    keys: Keys,
+    /// The URL as shown in logs: no user info, no query.
+    pub display: String,
+    /// For `file://`: the root, whose emptied checkpoint directories retention removes.
+    local_root: Option<PathBuf>,
+}
+
+fn is_loopback_url(u: &str) -> bool {
+    let Ok(u) = url::Url::parse(u) else {
+        return false;
+    };
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    }
+}
+
+fn display_url(u: &url::Url) -> String {
+    let mut d = u.clone();
+    let _ = d.set_username("");
+    let _ = d.set_password(None);
+    d.set_query(None);
+    d.set_fragment(None);
+    d.to_string()
+}
+
+impl Remote {
+    /// Opens `s.url` with credentials and endpoints from the environment.
+    pub fn open(s: &Settings) -> Result<Remote, String> {
+        let keys = Keys::load(&s.keys)?;
+        Remote::open_with_keys(&s.url, s.allow_http, keys)
+    }
+
+    pub fn open_with_keys(url_s: &str, allow_http: bool, keys: Keys) -> Result<Remote, String> {
+        use object_store::{ClientOptions, RetryConfig};
+        let u = url::Url::parse(url_s).map_err(|e| {
+            format!(
+                "--remote {url_s:?}: not a URL ({e}); e.g. s3://bucket/prefix, file:///shared/ckpt"
+            )
+        })?;
+        let display = display_url(&u);
+        let prefix = u.path().trim_matches('/').to_string();
+        let retry = RetryConfig {
+            max_retries: 6,
+            retry_timeout: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let opts = |http: bool| {
+            ClientOptions::new()
+                .with_allow_http(http)
+                .with_timeout(Duration::from_secs(120))
+                .with_connect_timeout(Duration::from_secs(5))
+        };
+        let http_ok = |endpoint: Option<String>| -> Result<bool, String> {
+            match endpoint {
+                Some(e) if e.starts_with("http://") => {
+                    if is_loopback_url(&e) || allow_http {
+                        Ok(true)
+                    } else {
+                        Err(format!("the endpoint {e} is plain http and not on this machine: credentials and checkpoints would cross the network in the clear; hint: use https, or pass --remote-allow-http if the network is trusted"))
+                    }
+                }
+                _ => Ok(false),
+            }
+        };
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut local_root = None;
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match u.scheme() {
+            "s3" | "s3a" => {
+                let endpoint = env("AWS_ENDPOINT_URL_S3")
+                    .or_else(|| env("AWS_ENDPOINT_URL"))
+                    .or_else(|| env("AWS_ENDPOINT"));
+                let http = http_ok(endpoint)?;
+                // Every request and part carries its SHA-256 (x-amz-checksum-sha256), which
+                // S3 checks before it accepts the bytes.
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url_s)
+                    .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+                    .with_retry(retry)
+                    .with_client_options(opts(http));
+                if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+                    b = b.with_region("us-east-1");
+                } else if let Some(r) = env("AWS_REGION") {
+                    b = b.with_region(r);
+                }
+                (Arc::new(b.build().map_err(|e| redact(&e.to_string()))?), prefix)
+            }
+            "gs" => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url_s)
+                    .with_retry(retry)
+                    .with_client_options(opts(false));
+                (Arc::new(b.build().map_err(|e| redact(&e.to_string()))?), prefix)
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let http = http_ok(env("AZURE_STORAGE_ENDPOINT"))?;
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url_s)
+                    .with_retry(retry)
+                    .with_client_options(opts(http));
+                (Arc::new(b.build().map_err(|e| redact(&e.to_string()))?), prefix)
+            }
+            "file" => {
+                use std::os::unix::fs::DirBuilderExt;
+                let path = u
+                    .to_file_path()
+                    .map_err(|()| format!("--remote {url_s:?}: not a local path"))?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
+                    .map_err(|e| e.to_string())?;
+                local_root = Some(path);
+                (Arc::new(fs), String::new())
+            }
+            other => {
+                return Err(format!(
+                    "--remote {url_s:?}: unsupported scheme {other:?}; use s3://, gs://, az:// or file://"
+                ))
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ckpt-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the remote's runtime: {e}"))?;
+        Ok(Remote {
+            store,
+            prefix,
+            rt,
+            keys,
+            display,
+            local_root,
+        })
+    }
+
+    /// The id of the signing key (a hash; never the key).
+    pub fn key_id(&self) -> &str {
+        self.keys.signing_id()
+    }
+
+    fn key(&self, rel: &str) -> Result<OPath, String> {
+        let full = if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        };
+        OPath::parse(&full).map_err(|e| format!("cannot name {full:?} remotely: {e}"))
+    }
+
+    fn ckpt_key(&self, seq: u64, name: &str) -> Result<OPath, String> {
+        self.key(&format!("{PREFIX}{seq:012}/{name}"))
+    }
+
+    fn err(&self, what: &str, e: object_store::Error) -> String {
+        redact(&format!("{what} on {}: {e}", self.display))
+    }
+
+    /// Sequence numbers of remote checkpoints whose manifest is present, ascending.
+    pub fn list(&self) -> Result<Vec<u64>, String> {
+        self.rt.block_on(self.list_async())
+    }
+
+    async fn list_async(&self) -> Result<Vec<u64>, String> {
+        let prefix = if self.prefix.is_empty() {
+            None
+        } else {
+            Some(OPath::parse(&self.prefix).map_err(|e| e.to_string())?)
+        };
+        let listed = self
+            .store
+            .list_with_delimiter(prefix.as_ref())
+            .await
+            .map_err(|e| self.err("list", e))?;
+        let mut seqs: Vec<u64> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(|n| parse_seq(n, false)))
+            .collect();
+        seqs.sort_unstable();
+        let mut out = Vec::new();
+        for s in seqs {
+            match self.store.head(&self.ckpt_key(s, MANIFEST_NAME)?).await {
+                Ok(_) => out.push(s),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("inspect", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether checkpoint `seq` has its commit record remotely.
+    pub fn has(&self, seq: u64) -> Result<bool, String> {
+        self.rt.block_on(async {
+            match self.store.head(&self.ckpt_key(seq, MANIFEST_NAME)?).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.err("inspect", e)),
+            }
+        })
+    }
+
+    /// Uploads the local checkpoint `seq` at `dir`: every file (checked against the manifest
+    /// while read), the authentication record, then the manifest last.
+    pub fn upload(&self, seq: u64, dir: &Path) -> Result<u64, String> {
+        self.rt.block_on(self.upload_async(seq, dir))
+    }
+
+    async fn upload_async(&self, seq: u64, dir: &Path) -> Result<u64, String> {
+        let mpath = dir.join(MANIFEST_NAME);
+        let mbytes = crate::store::io::read_small(&mpath, limits::MANIFEST_BYTES)
+            .map_err(|e| format!("cannot read {}: {e}", mpath.display()))?;
+        let m = Manifest::decode(&mbytes).map_err(|e| format!("{}: {e}", mpath.display()))?;
+        if m.seq != seq {
+            return Err(format!(
+                "{} names checkpoint {}, not {seq}",
+                mpath.display(),
+                m.seq
+            ));
+        }
+        let mut signed = Vec::with_capacity(m.files.len());
+        let mut total = 0u64;
+        for f in &m.files {
+            let mut file = crate::store::scan::open_member(dir, &f.name)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let key = self.ckpt_key(seq, &f.name)?;
+            let mut crc = m.checksum.hasher();
+            let mut sha = Sha256::new();
+            let mut size = 0u64;
+            let mut read_chunk = |buf: &mut Vec<u8>| -> Result<usize, String> {
+                buf.resize(PART, 0);
+                let mut n = 0;
+                while n < PART {
+                    match file.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("read {}: {e}", f.name)),
+                    }
+                }
+                buf.truncate(n);
+                crc.update(buf);
+                sha.update(&buf[..]);
+                size += n as u64;
+                Ok(n)
+            };
+            let mut buf = Vec::new();
+            read_chunk(&mut buf)?;
+            if buf.len() < PART {
+                self.store
+                    .put(&key, PutPayload::from(std::mem::take(&mut buf)))
+                    .await
+                    .map_err(|e| self.err("upload", e))?;
+            } else {
+                let up = self
+                    .store
+                    .put_multipart(&key)
+                    .await
+                    .map_err(|e| self.err("start multipart upload", e))?;
+                let mut w = WriteMultipart::new_with_chunk_size(up, PART);
+                loop {
+                    w.wait_for_capacity(PARTS_IN_FLIGHT)
+                        .await
+                        .map_err(|e| self.err("upload part", e))?;
+                    w.put(bytes::Bytes::from(std::mem::take(&mut buf)));
+                    if read_chunk(&mut buf)? == 0 {
+                        break;
+                    }
+                }
+                w.finish()
+                    .await
+                    .map_err(|e| self.err("finish multipart upload", e))?;
+            }
+            if size != f.size || crc.finish() != f.sum {
+                return Err(format!(
+                    "{} changed while uploaded (size {size}, expected {})",
+                    f.name, f.size
+                ));
+            }
+            total += size;
+            signed.push(SignedFile {
+                name: f.name.clone(),
+                size,
+                sha256: hex(&sha.finalize()),
+            });
+        }
+        let body = serde_json::to_string(&Body {
+            v: 1,
+            seq,
+            manifest_sha256: hex(&Sha256::digest(&mbytes)),
+            files: signed,
+        })
+        .map_err(|e| e.to_string())?;
+        let (key, tag) = self.keys.sign(body.as_bytes());
+        let doc = serde_json::to_vec(&SigDoc {
+            alg: "hmac-sha256".into(),
+            key,
+            body,
+            tag,
+        })
+        .map_err(|e| e.to_string())?;
+        total += (doc.len() + mbytes.len()) as u64;
+        self.store
+            .put(&self.ckpt_key(seq, SIG_NAME)?, PutPayload::from(doc))
+            .await
+            .map_err(|e| self.err("upload", e))?;
+        self.store
+            .put(
+                &self.ckpt_key(seq, MANIFEST_NAME)?,
+                PutPayload::from(mbytes),
+            )
+            .await
+            .map_err(|e| self.err("upload manifest", e))?;
+        Ok(total)
+    }
+
+    async fn get_small(&self, key: &OPath, limit: u64) -> Result<Vec<u8>, String> {
+        let meta = self
+            .store
+            .head(key)
+            .await
+            .map_err(|e| self.err("inspect", e))?;
+        if meta.size > limit {
+            return Err(format!("{key} is {} bytes, above {limit}", meta.size));
+        }
+        let b = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| self.err("download", e))?
+            .bytes()
+            .await
+            .map_err(|e| self.err("download", e))?;
+        if b.len() as u64 > limit {
+            return Err(format!("{key} is above {limit} bytes"));
+        }
+        Ok(b.to_vec())
+    }
+
+    /// Reads and authenticates remote checkpoint `seq`'s manifest.
+    async fn authenticated(&self, seq: u64) -> Result<(Manifest, Vec<SignedFile>), String> {
+        let mbytes = self
+            .get_small(&self.ckpt_key(seq, MANIFEST_NAME)?, limits::MANIFEST_BYTES)
+            .await?;
+        let sig = match self
+            .get_small(&self.ckpt_key(seq, SIG_NAME)?, SIG_BYTES)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return Err(format!("no readable authentication record ({e})")),
+        };
+        let doc: SigDoc = serde_json::from_slice(&sig)
+            .map_err(|e| format!("the authentication record is malformed: {e}"))?;
+        if doc.alg != "hmac-sha256" {
+            return Err(format!(
+                "unknown authentication algorithm {:?}",
+                crate::store::escape(&doc.alg)
+            ));
+        }
+        self.keys.verify(&doc.key, doc.body.as_bytes(), &doc.tag)?;
+        let body: Body = serde_json::from_str(&doc.body)
+            .map_err(|e| format!("the signed record is malformed: {e}"))?;
+        if body.v != 1 || body.seq != seq {
+            return Err(format!(
+                "the signed record names checkpoint {}, not {seq}",
+                body.seq
+            ));
+        }
+        if body.manifest_sha256 != hex(&Sha256::digest(&mbytes)) {
+            return Err("the manifest is not the one that was signed".into());
+        }
+        let m = Manifest::decode(&mbytes).map_err(|e| format!("manifest: {e}"))?;
+        if m.seq != seq {
+            return Err(format!("the manifest names checkpoint {}", m.seq));
+        }
+        let listed: Vec<(&str, u64)> = m.files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        let signed: Vec<(&str, u64)> = body
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.size))
+            .collect();
+        if listed != signed {
+            return Err("the signed file list differs from the manifest's".into());
+        }
+        Ok((m, body.files))
+    }
+
+    /// Checks remote checkpoint `seq` without downloading its files (tag, manifest).
+    pub fn check(&self, seq: u64) -> Result<Manifest, String> {
+        self.rt.block_on(self.authenticated(seq)).map(|(m, _)| m)
+    }
+
+    /// Downloads remote checkpoint `seq`, checks every byte (SHA-256 of the signed record,
+    /// the manifest's sizes and CRCs) and publishes it in `store` through the commit path,
+    /// numbered at least `min_seq`. Returns the local manifest and the bytes downloaded.
+    pub fn restore(
+        &self,
+        seq: u64,
+        min_seq: u64,
+        store: &Store,
+    ) -> Result<(Manifest, u64), String> {
+        self.rt.block_on(async {
+            let (m, signed) = self.authenticated(seq).await?;
+            store.create().map_err(|e| e.to_string())?;
+            let mut stage = Stage::new(store, m.checksum).map_err(|e| e.to_string())?;
+            let mut total = 0u64;
+            for (f, s) in m.files.iter().zip(&signed) {
+                let mut w = stage.create(&f.name).map_err(|e| e.to_string())?;
+                total += self
+                    .fetch(seq, &m, f, s, &mut |chunk| {
+                        w.write_all(chunk)
+                            .map_err(|e| format!("write {}: {e}", f.name))
+                    })
+                    .await?;
+                w.finish().map_err(|e| e.to_string())?;
+            }
+            let mut meta = m.meta.clone();
+            meta.insert("remote".into(), json!({ "url": self.display, "seq": seq }));
+            let local = stage
+                .commit_at_least(min_seq, m.step, RESTORE_WRITER, meta)
+                .map_err(|e| e.to_string())?;
+            Ok((local, total))
+        })
+    }
+
+    /// Fully checks remote checkpoint `seq` as a restore would (every byte downloaded and
+    /// checked), writing nothing. Returns its manifest and the bytes read.
+    pub fn verify(&self, seq: u64) -> Result<(Manifest, u64), String> {
+        self.rt.block_on(async {
+            let (m, signed) = self.authenticated(seq).await?;
+            let mut total = 0u64;
+            for (f, s) in m.files.iter().zip(&signed) {
+                total += self.fetch(seq, &m, f, s, &mut |_| Ok(())).await?;
+            }
+            Ok((m, total))
+        })
+    }
+
+    /// Downloads file `f` of remote checkpoint `seq` into `sink`, checking its size, the
+    /// manifest's CRC and the signed SHA-256 `s`. Files above [`PART`] come as ranged reads,
+    /// several in flight, handed to `sink` in order.
+    async fn fetch(
+        &self,
+        seq: u64,
+        m: &Manifest,
+        f: &crate::store::FileEntry,
+        s: &SignedFile,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<u64, String> {
+        let key = self.ckpt_key(seq, &f.name)?;
+        let mut crc = m.checksum.hasher();
+        let mut sha = Sha256::new();
+        let mut size = 0u64;
+        let found = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| self.err("download", e))?
+            .size;
+        if found != f.size {
+            return Err(format!(
+                "{}: {found} bytes remotely, the manifest says {}",
+                f.name, f.size
+            ));
+        }
+        let mut stream = if f.size > PART as u64 {
+            let ranges: Vec<std::ops::Range<u64>> = (0..f.size)
+                .step_by(PART)
+                .map(|s| s..(s + PART as u64).min(f.size))
+                .collect();
+            let (store, k) = (self.store.clone(), key.clone());
+            futures_util::stream::iter(ranges)
+                .map(move |r| {
+                    let (store, k) = (store.clone(), k.clone());
+                    async move { store.get_range(&k, r).await }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .boxed()
+        } else {
+            self.store
+                .get(&key)
+                .await
+                .map_err(|e| self.err("download", e))?
+                .into_stream()
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err("download", e))?;
+            size += chunk.len() as u64;
+            if size > f.size {
+                return Err(format!("{} is larger than its manifest says", f.name));
+            }
+            crc.update(&chunk);
+            sha.update(&chunk);
+            sink(&chunk)?;
+        }
+        if size != f.size {
+            return Err(format!(
+                "{}: {size} bytes, the manifest says {}",
+                f.name, f.size
+            ));
+        }
+        if crc.finish() != f.sum || hex(&sha.finalize()) != s.sha256 {
+            return Err(format!("{}: checksum mismatch", f.name));
+        }
+        Ok(size)
+    }
+
+    /// Removes remote checkpoint `seq`: the manifest first (it becomes invisible), then the
+    /// rest.
+    pub fn remove(&self, seq: u64) -> Result<(), String> {
+        self.rt.block_on(async {
+            let mk = self.ckpt_key(seq, MANIFEST_NAME)?;
+            match self.store.delete(&mk).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("delete", e)),
+            }
+            let dir = self.key(&format!("{PREFIX}{seq:012}"))?;
+            let mut objs = self.store.list(Some(&dir));
+            let mut keys = Vec::new();
+            while let Some(o) = objs.next().await {
+                keys.push(o.map_err(|e| self.err("list", e))?.location);
+            }
+            for k in keys {
+                match self.store.delete(&k).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.err("delete", e)),
+                }
+            }
+            if let Some(root) = &self.local_root {
+                // Emptied sub-directories, deepest first (never anything with files left).
+                let top = root.join(format!("{PREFIX}{seq:012}"));
+                let mut dirs = vec![top.clone()];
+                let mut i = 0;
+                while i < dirs.len() {
+                    if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
+                        for e in rd.flatten() {
+                            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                                dirs.push(e.path());
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                for d in dirs.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Restore before a launch
+
+/// Restores the newest remote checkpoint newer than `local_newest` that authenticates and
+/// verifies (trying older ones down to `local_newest`), publishing it in `store`. Returns
+/// the local sequence number, if one was restored.
+pub fn restore_newer(
+    remote: &Remote,
+    store: &Store,
+    local_newest: u64,
+    log: &mut dyn FnMut(Report),
+) -> Option<u64> {
+    let seqs = match remote.list() {
+        Ok(s) => s,
+        Err(e) => {
+            log(report(
+                "remote_list_failed",
+                true,
+                format!("cannot list remote checkpoints: {e}; resuming from the local directory"),
+                json!({ "remote": remote.display, "error": redact(&e) }),
+            ));
+            return None;
+        }
+    };
+    let highest = seqs.last().copied().unwrap_or(0);
+    for seq in seqs.into_iter().rev().filter(|s| *s > local_newest) {
+        let t = Instant::now();
+        // The newest keeps its number (it is already remote). An older one, restored because
+        // newer ones failed, is numbered above them all: the job's next checkpoints never
+        // take the number of a broken remote one, and this one is uploaded again as sound.
+        let min_seq = if seq == highest { seq } else { highest + 1 };
+        match remote.restore(seq, min_seq, store) {
+            Ok((m, bytes)) => {
+                let secs = t.elapsed().as_secs_f64();
+                log(report(
+                    "remote_restored",
+                    false,
+                    format!(
+                        "restored remote checkpoint {seq}{} from {} as local checkpoint {} ({} in {secs:.2}s, {}/s)",
+                        m.step.map(|s| format!(" (step {s})")).unwrap_or_default(),
+                        remote.display,
+                        m.seq,
+                        crate::fmt::fmt_bytes(bytes),
+                        crate::fmt::fmt_bytes((bytes as f64 / secs.max(1e-6)) as u64),
+                    ),
+                    json!({ "remote": remote.display, "remote_seq": seq, "seq": m.seq, "step": m.step, "bytes": bytes, "duration_ms": t.elapsed().as_millis() as u64 }),
+                ));
+                return Some(m.seq);
+            }
+            Err(e) => log(report(
+                "remote_invalid",
+                true,
+                format!(
+                    "remote checkpoint {seq} on {} is not restored: {e}; trying an older one",
+                    remote.display
+                ),
+                json!({ "remote": remote.display, "remote_seq": seq, "reason": redact(&e) }),
+            )),
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// The uploader thread
+
+#[derive(Default)]
+struct UpState {
+    /// Submitted, not yet handled: seq → (path, committed at).
+    pending: std::collections::BTreeMap<u64, (PathBuf, Instant)>,
+    /// Being uploaded now.
+    current: Option<u64>,
+    /// Uploaded (or found already uploaded).
+    done: BTreeSet<u64>,
+    /// Newest seq whose upload failed for good.
+    failed: Option<u64>,
+    /// The last successful upload: seq, bytes, duration, lag (ms), when (ms since epoch).
+    last: Option<(u64, u64, u64, u64, u64)>,
+}
+
+/// Uploads committed checkpoints on its own thread; never blocks the caller.
+pub struct Uploader {
+    remote: Arc<Remote>,
+    state: Arc<(Mutex<UpState>, Condvar)>,
+    tx: mpsc::Sender<()>,
+}
+
+impl Uploader {
+    /// Starts the thread. `log` receives its reports; `protected` is asked for the
+    /// checkpoints retention must keep (tagged ones).
+    pub fn start(
+        remote: Arc<Remote>,
+        keep: Option<usize>,
+        protected: Box<dyn Fn() -> Vec<u64> + Send>,
+        log: Box<dyn Fn(Report) + Send>,
+    ) -> std::io::Result<Uploader> {
+        let state: Arc<(Mutex<UpState>, Condvar)> = Arc::default();
+        let (tx, rx) = mpsc::channel::<()>();
+        let (r, st) = (remote.clone(), state.clone());
+        std::thread::Builder::new()
+            .name("ckpt-upload".into())
+            .spawn(move || upload_loop(r, st, rx, keep, protected, log))?;
+        Ok(Uploader { remote, state, tx })
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    /// Queues local checkpoint `seq` (at `path`); older queued ones are superseded.
+    pub fn submit(&self, seq: u64, path: PathBuf) {
+        let (m, cv) = &*self.state;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        if g.done.contains(&seq) || g.current == Some(seq) {
+            return;
+        }
+        g.pending.insert(seq, (path, Instant::now()));
+        cv.notify_all();
+        drop(g);
+        let _ = self.tx.send(());
+    }
+
+    /// The checkpoints the uploader is reading or about to (local retention keeps them).
+    pub fn busy(&self) -> Vec<u64> {
+        let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.current
+            .into_iter()
+            .chain(g.pending.keys().copied())
+            .collect()
+    }
+
+    /// For `ckpt status`: the remote, the newest checkpoint on it, the last upload's
+    /// figures, what is queued. No credentials.
+    pub fn summary(&self) -> Value {
+        let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        json!({
+            "url": self.remote.display,
+            "newest_uploaded": g.done.iter().next_back(),
+            "uploading": g.current,
+            "queued": g.pending.keys().collect::<Vec<_>>(),
+            "failed": g.failed,
+            "last_upload": g.last.map(|(seq, bytes, ms, lag, at)| json!({
+                "seq": seq, "bytes": bytes, "duration_ms": ms, "lag_ms": lag, "at_ms": at,
+                "bytes_per_s": (bytes * 1000).checked_div(ms).unwrap_or(0),
+            })),
+        })
+    }
+
+    pub fn uploaded(&self, seq: u64) -> bool {
+        let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.done.iter().any(|s| *s >= seq)
+    }
+
+    /// Waits until nothing is queued or uploading, or `until`. True when idle.
+    pub fn wait_idle(&self, until: Instant) -> bool {
+        let (m, cv) = &*self.state;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if g.pending.is_empty() && g.current.is_none() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            g = cv
+                .wait_timeout(g, (until - now).min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+fn upload_loop(
+    remote: Arc<Remote>,
+    state: Arc<(Mutex<UpState>, Condvar)>,
+    rx: mpsc::Receiver<()>,
+    keep: Option<usize>,
+    protected: Box<dyn Fn() -> Vec<u64> + Send>,
+    log: Box<dyn Fn(Report) + Send>,
+) {
+    let (m, cv) = &*state;
+    loop {
+        // The newest pending checkpoint; older ones are superseded by it.
+        let next = {
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = g.pending.keys().next_back().copied();
+            match newest {
+                None => None,
+                Some(seq) => {
+                    let (path, at) = g.pending.remove(&seq).expect("present");
+                    let skipped: Vec<u64> = g.pending.keys().copied().collect();
+                    g.pending.clear();
+                    g.current = Some(seq);
+                    Some((seq, path, at, skipped))
+                }
+            }
+        };
+        let Some((seq, path, committed_at, skipped)) = next else {
+            if rx.recv().is_err() {
+                return;
+            }
+            continue;
+        };
+        if !skipped.is_empty() {
+            log(report(
+                "upload_skipped",
+                false,
+                format!(
+                    "not uploading checkpoint{} {}: checkpoint {seq} is newer",
+                    if skipped.len() == 1 { "" } else { "s" },
+                    skipped
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                json!({ "seqs": skipped, "newer": seq }),
+            ));
+        }
+        let ok = upload_one(&remote, seq, &path, committed_at, &state, &*log);
+        // Before the upload counts as done: a stop waiting for the uploads also waits for
+        // the retention that follows them.
+        if ok {
+            if let Some(keep) = keep {
+                prune(&remote, keep, &protected(), &*log);
+            }
+        }
+        {
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            g.current = None;
+            if ok {
+                g.done.insert(seq);
+            } else {
+                g.failed = Some(seq);
+            }
+            cv.notify_all();
+        }
+    }
+}
+
+/// One checkpoint, retried with backoff until it is up, a newer one is queued, or 8 tries.
+fn upload_one(
+    remote: &Remote,
+    seq: u64,
+    path: &Path,
+    committed_at: Instant,
+    state: &Arc<(Mutex<UpState>, Condvar)>,
+    log: &dyn Fn(Report),
+) -> bool {
+    let rec = |bytes: u64, ms: u64, lag: u64| {
+        let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.last = Some((seq, bytes, ms, lag, crate::store::manifest::now_ms()));
+    };
+    match remote.has(seq) {
+        Ok(true) => {
+            log(report(
+                "upload_present",
+                false,
+                format!("checkpoint {seq} is already on {}", remote.display),
+                json!({ "seq": seq, "remote": remote.display }),
+            ));
+            return true;
+        }
+        Ok(false) => {}
+        Err(_) => {} // the upload below reports the error
+    }
+    let mut pause = Duration::from_millis(500);
+    for attempt in 1..=8u32 {
+        let t = Instant::now();
+        match remote.upload(seq, path) {
+            Ok(bytes) => {
+                let secs = t.elapsed().as_secs_f64();
+                let lag = committed_at.elapsed();
+                rec(
+                    bytes,
+                    t.elapsed().as_millis() as u64,
+                    lag.as_millis() as u64,
+                );
+                log(report(
+                    "uploaded",
+                    false,
+                    format!(
+                        "checkpoint {seq} uploaded to {} ({} in {secs:.2}s, {}/s; off the machine {:.2}s after it committed{})",
+                        remote.display,
+                        crate::fmt::fmt_bytes(bytes),
+                        crate::fmt::fmt_bytes((bytes as f64 / secs.max(1e-6)) as u64),
+                        lag.as_secs_f64(),
+                        if attempt > 1 { format!(", attempt {attempt}") } else { String::new() }
+                    ),
+                    json!({ "seq": seq, "remote": remote.display, "bytes": bytes, "duration_ms": t.elapsed().as_millis() as u64, "lag_ms": lag.as_millis() as u64, "attempt": attempt, "bytes_per_s": (bytes as f64 / secs.max(1e-6)) as u64 }),
+                ));
+                return true;
+            }
+            Err(e) => {
+                let vanished = std::fs::symlink_metadata(path).is_err();
+                let newer = state
+                    .0
+                    .lock()
+                    .map(|g| g.pending.keys().any(|s| *s > seq))
+                    .unwrap_or(false);
+                let give_up = vanished || newer || attempt == 8;
+                log(report(
+                    "upload_failed",
+                    true,
+                    format!(
+                        "upload of checkpoint {seq} to {} failed (attempt {attempt}): {e}; {}",
+                        remote.display,
+                        if vanished {
+                            "it was removed locally: giving up on it".to_string()
+                        } else if newer {
+                            "a newer checkpoint is queued: giving up on this one".to_string()
+                        } else if give_up {
+                            "giving up on it".to_string()
+                        } else {
+                            format!("retrying in {:.1}s", pause.as_secs_f64())
+                        }
+                    ),
+                    json!({ "seq": seq, "remote": remote.display, "attempt": attempt, "error": redact(&e) }),
+                ));
+                if give_up {
+                    return false;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+    false
+}
+
+/// Remote retention: keeps the newest `keep` remote checkpoints and every `protected` one.
+fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) {
+    let seqs = match remote.list() {
+        Ok(s) => s,
+        Err(e) => {
+            log(report(
+                "remote_prune_failed",
+                true,
+                format!("remote retention: {e}"),
+                json!({ "error": redact(&e) }),
+            ));
+            return;
+        }
+    };
+    let cut = seqs.len().saturating_sub(keep);
+    let mut gone = Vec::new();
+    for &s in &seqs[..cut] {
+        if protected.contains(&s) {
+            continue;
+        }
+        match remote.remove(s) {
+            Ok(()) => gone.push(s),
+            Err(e) => log(report(
+                "remote_prune_failed",
+                true,
+                format!("remote retention could not remove checkpoint {s}: {e}"),
+                json!({ "seq": s, "error": redact(&e) }),
+            )),
+        }
+    }
+    if !gone.is_empty() {
+        log(report(
+            "remote_pruned",
+            false,
+            format!(
+                "remote retention removed checkpoint{} {} from {}",
+                if gone.len() == 1 { "" } else { "s" },
+                gone.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                remote.display
+            ),
+            json!({ "seqs": gone, "remote": remote.display }),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(),
+            vec![0, 1, 0xab, 0xff]
+        );
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+
+    #[test]
+    fn tags_check() {
+        let k = Keys::from_bytes(b"0123456789abcdef0123456789abcdef");
+        let (id, tag) = k.sign(b"body");
+        assert!(k.verify(&id, b"body", &tag).is_ok());
+        assert!(k.verify(&id, b"bodx", &tag).is_err());
+        assert!(k.verify("other", b"body", &tag).is_err());
+        let k2 = Keys::from_bytes(b"another key, 32 bytes long......");
+        assert!(k2.verify(&id, b"body", &tag).is_err());
+    }
+
+    #[test]
+    fn key_created_once_owner_only_even_when_raced() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("ckpt-key-test-{}", std::process::id()));
+        let p = d.join("sub").join("remote.key");
+        let ids: Vec<String> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || Keys::load(&[p]).unwrap().signing_id().to_string())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Keys::load(std::slice::from_ref(&p))
+            .unwrap_err()
+            .contains("chmod 600"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn loopback() {
+        assert!(is_loopback_url("http://127.0.0.1:9000"));
+        assert!(is_loopback_url("http://localhost:9000/"));
+        assert!(is_loopback_url("http://[::1]:9000"));
+        assert!(!is_loopback_url("http://10.0.0.1:9000"));
+        assert!(!is_loopback_url("http://s3.example.com"));
+    }
+
+    #[test]
+    fn display_hides_credentials() {
+        let u = url::Url::parse("s3://user:secret@bucket/prefix?token=abc").unwrap();
+        let d = display_url(&u);
+        assert!(!d.contains("secret") && !d.contains("abc"), "{d}");
+    }
+}

@@ -1,0 +1,111 @@
+//! The supervisor's `--remote` steps (see `crate::remote` and `docs/cloud.md`): restoring a
+//! newer remote checkpoint before a launch, and waiting for the uploads before ckpt exits.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{exit_codes, Run};
+
+impl Run {
+    /// Before a launch: when the remote holds a checkpoint newer than every local one (a new
+    /// machine, an empty disk), downloads, verifies and publishes it locally.
+    pub(super) fn remote_restore(&mut self) {
+        let Some(u) = &self.uploader else {
+            return;
+        };
+        let local_newest = self
+            .store
+            .list()
+            .ok()
+            .and_then(|l| l.last().map(|(s, _)| *s))
+            .unwrap_or(0);
+        let rep = &mut self.rep;
+        crate::remote::restore_newer(u.remote(), &self.store, local_newest, &mut |r| {
+            if r.warn {
+                rep.warn(r.event, r.human, r.data);
+            } else {
+                rep.event(r.event, Some(r.human), r.data);
+            }
+        });
+    }
+
+    /// Before ckpt exits: waits (at most `--remote-stop-timeout`) until the newest checkpoint
+    /// is uploaded. After a stop with `--remote-required`, a checkpoint still only on this
+    /// machine ends ckpt with its own exit code.
+    pub(super) fn remote_flush(&mut self, stopped: bool) -> Option<i32> {
+        let u = self.uploader.as_ref()?;
+        let s = self.cfg.remote.as_ref()?;
+        let seq = self.m.last_seq();
+        if seq == 0 {
+            return None;
+        }
+        let t = Instant::now();
+        // A notice's end of the machine bounds the wait too: past it, nothing gets off.
+        let notice = self.m.notice_deadline;
+        let until = notice.map_or(t + s.stop_timeout, |d| d.min(t + s.stop_timeout));
+        let idle = u.wait_idle(until);
+        let up = u.uploaded(seq);
+        let display = u.remote().display.clone();
+        // Lines the uploader sent while we waited.
+        while let Ok(ev) = self.rx.try_recv() {
+            if let super::Ev::Remote(r) = ev {
+                if r.warn {
+                    self.rep.warn(r.event, r.human, r.data);
+                } else {
+                    self.rep.event(r.event, Some(r.human), r.data);
+                }
+            }
+        }
+        let waited = t.elapsed();
+        let versus = match notice {
+            Some(d) if d > Instant::now() => format!(
+                "; {:.1}s before the machine's announced end",
+                d.duration_since(Instant::now()).as_secs_f64()
+            ),
+            Some(_) => "; the machine's announced end has passed".to_string(),
+            None => String::new(),
+        };
+        if up {
+            self.rep.event(
+                "remote_safe",
+                Some(format!(
+                    "checkpoint {seq} is off the machine (on {display}); waited {:.2}s of --remote-stop-timeout {:.0}s{versus}",
+                    waited.as_secs_f64(),
+                    s.stop_timeout.as_secs_f64()
+                )),
+                json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64 }),
+            );
+            return None;
+        }
+        let why = if idle {
+            "its upload failed"
+        } else {
+            "its upload did not finish in time"
+        };
+        if stopped && s.required {
+            self.rep.warn(
+                "remote_missing",
+                format!(
+                    "error: checkpoint {seq} is NOT on {display}: {why} (waited {:.2}s, --remote-stop-timeout {:.0}s{versus}); it is only in {} on this machine; exit {} (--remote-required)",
+                    waited.as_secs_f64(),
+                    s.stop_timeout.as_secs_f64(),
+                    self.store.dir().display(),
+                    exit_codes::REMOTE_MISSING
+                ),
+                json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64, "code": exit_codes::REMOTE_MISSING }),
+            );
+            return Some(exit_codes::REMOTE_MISSING);
+        }
+        self.rep.warn(
+            "remote_missing",
+            format!(
+                "checkpoint {seq} is not on {display}: {why} (waited {:.2}s); it is only in {} on this machine",
+                waited.as_secs_f64(),
+                self.store.dir().display()
+            ),
+            json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64 }),
+        );
+        None
+    }
+}
