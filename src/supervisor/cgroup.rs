@@ -8,8 +8,6 @@
 //! back to its process group + /proc walk (`spawn.rs`). Detection, not assumption: a pure v2
 //! tree at /sys/fs/cgroup, a hybrid layout's /sys/fs/cgroup/unified, or none.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,18 +61,11 @@ impl Cgroup {
         }
         let record = private.join(RECORD);
         let tmp = private.join(format!("{RECORD}.tmp"));
-        let written = (|| -> std::io::Result<()> {
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            f.write_all(path.as_os_str().as_encoded_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &record)
-        })();
+        // The record: a small owner-only file, made durable by the rename (the store's own
+        // helper for ckpt's small files).
+        let written = crate::store::io::write_owner_only(&tmp, path.as_os_str().as_encoded_bytes())
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &record));
         if written.is_err() {
             let _ = std::fs::remove_dir(&path);
             return None;
