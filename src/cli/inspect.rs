@@ -188,24 +188,10 @@ fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
         eprintln!("no checkpoints on {}", r.display);
         return Ok(0);
     }
-    println!(
-        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
-        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES", "WRITER"
-    );
+    println!("{}", header_columns());
     for row in rows {
         if row["authentic"] == json!(true) {
-            println!(
-                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
-                row["seq"].to_string(),
-                row["step"]
-                    .as_u64()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                when(row["created_ms"].as_u64().unwrap_or(0)),
-                fmt_bytes(row["bytes"].as_u64().unwrap_or(0)),
-                row["files"].to_string(),
-                escape(row["writer"].as_str().unwrap_or(""))
-            );
+            println!("{}", manifest_columns(&row));
         } else {
             println!(
                 "{:>8}  NOT RESTORABLE: {}",
@@ -215,6 +201,30 @@ fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
         }
     }
     Ok(0)
+}
+
+/// The header of the columns every listing shares.
+fn header_columns() -> String {
+    format!(
+        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
+        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES", "WRITER"
+    )
+}
+
+/// One checkpoint's shared columns (`seq`, `step`, `created_ms`, `bytes`, `files`, `writer`).
+fn manifest_columns(r: &serde_json::Value) -> String {
+    format!(
+        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}",
+        r["seq"].to_string(),
+        r["step"]
+            .as_u64()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "-".into()),
+        when(r["created_ms"].as_u64().unwrap_or(0)),
+        fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
+        r["files"].to_string(),
+        escape(r["writer"].as_str().unwrap_or(""))
+    )
 }
 
 pub fn list(a: ListArgs) -> Result<i32, Fatal> {
@@ -246,23 +256,12 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
         eprintln!("no checkpoints in {}", display_path(store.dir()));
         return Ok(0);
     }
-    println!(
-        "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}  TAGS",
-        "SEQ", "STEP", "CREATED (UTC)", "SIZE", "FILES", "WRITER"
-    );
+    println!("{}  TAGS", header_columns());
     for r in rows {
         if r["manifest_ok"] == json!(true) {
             println!(
-                "{:>8}  {:>10}  {:<20}  {:>10}  {:>5}  {:<16}  {}",
-                r["seq"].to_string(),
-                r["step"]
-                    .as_u64()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                when(r["created_ms"].as_u64().unwrap_or(0)),
-                fmt_bytes(r["bytes"].as_u64().unwrap_or(0)),
-                r["files"].to_string(),
-                escape(r["writer"].as_str().unwrap_or("")),
+                "{}  {}",
+                manifest_columns(&r),
                 escape(&tag_text(&r["tags"]))
             );
         } else {
