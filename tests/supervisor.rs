@@ -43,6 +43,15 @@ fn supervise_plain(dir: &Path, extra: &[&str]) -> Running {
     child
 }
 
+/// The pid a job wrote into `path`.
+fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn sh(script: &str) -> Vec<String> {
     vec!["bash".into(), "-c".into(), script.into()]
 }
@@ -261,15 +270,12 @@ fn the_next_run_ends_what_a_sigkilled_supervisor_left() {
         .stderr(Stdio::null())
         .spawn_guarded();
     wait_until(T, "the orphan-to-be to start", || pidf.exists());
-    let orphan: i32 = std::fs::read_to_string(&pidf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let orphan = read_pid(&pidf);
     signal(sup.id(), libc::SIGKILL);
     let _ = sup.wait();
-    // PDEATHSIG took the job's leader; the setsid() grandchild lives on.
-    std::thread::sleep(Duration::from_millis(100));
+    // PDEATHSIG takes the job's leader; the setsid() grandchild lives on.
+    let leader = events(&dir, "launch")[0]["pid"].as_i64().unwrap() as i32;
+    wait_until(T, "the leader to die with ckpt", || !pid_alive(leader));
     assert!(pid_alive(orphan), "the scenario needs a survivor");
     let out = output_deadline(
         ckpt().args(["run", "--dir"]).arg(&dir).args(["--", "true"]),
@@ -333,11 +339,7 @@ fn a_blocked_client_does_not_hold_a_sigterm_for_long() {
         .stderr(Stdio::piped())
         .spawn_guarded();
     wait_until(T, "the job to block", || pidf.exists());
-    let pid: u32 = std::fs::read_to_string(&pidf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = read_pid(&pidf) as u32;
     // The SIGTERM comes from the launcher, not from ckpt.
     signal(pid, libc::SIGTERM);
     wait_until(Duration::from_secs(10), "the blocked job to exit", || {
