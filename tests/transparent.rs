@@ -644,3 +644,221 @@ fn a_failed_restore_is_explained() {
     );
     assert_no_survivors(&dir);
 }
+
+// ---------------------------------------------------------------------------------------
+// `ckpt check --transparent`
+
+/// Runs `ckpt check --transparent --json` on `job` (run in each run's own directory, so
+/// its result and start marker go to `./result` and `./starts`); returns its exit code,
+/// its JSON document and its stderr.
+fn check_transparent(
+    name: &str,
+    work: &Path,
+    kills: u32,
+    job: &[String],
+) -> (Option<i32>, serde_json::Value, String) {
+    let seed = seed(name);
+    let w = work.join("check");
+    let out = output_deadline(
+        ckpt()
+            .args(["check", "--transparent", "--json", "--seed"])
+            .arg(seed.to_string())
+            .args(["--kills", &kills.to_string(), "--timeout", "120s", "--work"])
+            .arg(&w)
+            .args(["--output", "result", "--output", "starts", "--"])
+            .args(job)
+            .stdin(Stdio::null()),
+        Duration::from_secs(600),
+    );
+    let err = text(&out.stderr);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{name}: no JSON on stdout ({e}): {}\n{err}",
+            text(&out.stdout)
+        )
+    });
+    (out.status.code(), doc, err)
+}
+
+/// Every interrupted run of a `ckpt check` document was resumed by `criu restore` (a launch
+/// with a checkpoint to restore) and left no process behind; returns how many were
+/// interrupted.
+fn interrupted_runs_were_restored(name: &str, doc: &serde_json::Value, err: &str) -> usize {
+    let mut interrupted = 0;
+    for r in doc["runs"].as_array().unwrap() {
+        let ck = PathBuf::from(r["dir"].as_str().unwrap()).join("ckpt");
+        assert_no_survivors(&ck);
+        if r["interruptions"].as_array().is_none_or(|i| i.is_empty()) {
+            continue;
+        }
+        interrupted += 1;
+        let restored = events(&ck, "launch")
+            .iter()
+            .filter(|e| !e["restore_seq"].is_null())
+            .count();
+        assert!(
+            restored >= 1,
+            "{name}: run {} was interrupted but never restored by CRIU\n{err}",
+            r["name"]
+        );
+        assert!(!events(&ck, "dumped").is_empty(), "{name}: {}", r["name"]);
+    }
+    interrupted
+}
+
+/// `ckpt check --transparent` on the C, Python and bash jobs (no client): every kind of
+/// interruption, each resumed by `criu restore`, ends with the uninterrupted result and a
+/// single start (`--output starts`: a restart from scratch would add a line): exit 0.
+fn check_passes(name: &str, job: Vec<String>, kills: u32, work: &Path) {
+    let (code, doc, err) = check_transparent(name, work, kills, &job);
+    assert_eq!(code, Some(0), "{name}: {doc:#}\n{err}");
+    assert_eq!(doc["verdict"], "match", "{name}: {doc:#}");
+    let interrupted = interrupted_runs_were_restored(name, &doc, &err);
+    assert!(
+        interrupted + 1 >= kills as usize,
+        "{name}: only {interrupted} of {kills} runs were interrupted\n{err}"
+    );
+    eprintln!("{name}: {}", doc["summary"]);
+}
+
+#[test]
+fn check_transparent_c_program_matches() {
+    require_criu!("check_c");
+    let t = tempdir();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    check_passes(
+        "check_c",
+        vec![bin.display().to_string(), "100000".into(), ".".into()],
+        5,
+        t.path(),
+    );
+}
+
+#[test]
+fn check_transparent_python_program_matches() {
+    require_criu!("check_python");
+    let t = tempdir();
+    let py = t.path().join("count.py");
+    std::fs::write(&py, PY_SRC).unwrap();
+    check_passes(
+        "check_python",
+        vec![
+            "python3".into(),
+            py.display().to_string(),
+            "100000".into(),
+            ".".into(),
+        ],
+        3,
+        t.path(),
+    );
+}
+
+#[test]
+fn check_transparent_bash_loop_matches() {
+    require_criu!("check_bash");
+    let t = tempdir();
+    let sh = t.path().join("count.sh");
+    std::fs::write(&sh, SH_SRC).unwrap();
+    check_passes(
+        "check_bash",
+        vec![
+            "bash".into(),
+            sh.display().to_string(),
+            "300000".into(),
+            ".".into(),
+        ],
+        3,
+        t.path(),
+    );
+}
+
+/// A job that keeps part of its state in a file it rewrites (a tally, read and written
+/// back every 1000 iterations) is deterministic uninterrupted, but CRIU restores its memory,
+/// not the file: resumed, the job counts the iterations redone since the checkpoint twice.
+/// `ckpt check --transparent` names the difference in `result` (exit 1).
+#[test]
+fn check_transparent_detects_state_kept_in_a_rewritten_file() {
+    require_criu!("check_differs");
+    let t = tempdir();
+    let src = C_SRC
+        .replace(
+            "if (i % 100 == 0) nanosleep(&ts, 0);",
+            "if (i % 100 == 0) nanosleep(&ts, 0);\n        if (i % 1000 == 0) { unsigned long long k = 0; FILE *g = fopen(\"tally\", \"r\"); if (g) { if (fscanf(g, \"%llu\", &k) != 1) k = 0; fclose(g); } g = fopen(\"tally\", \"w\"); fprintf(g, \"%llu\", k + 1); fclose(g); tally = k + 1; }",
+        )
+        .replace(
+            "acc = 0;",
+            "acc = 0, tally = 0;",
+        )
+        .replace(
+            "fprintf(f, \"%llu %llu\", n, acc);",
+            "fprintf(f, \"%llu %llu tally %llu\", n, acc, tally);",
+        );
+    assert!(src.contains("tally %llu"));
+    let bin = compile_c(t.path(), &src, "tally");
+    let (code, doc, err) = check_transparent(
+        "check_differs",
+        t.path(),
+        3,
+        &[bin.display().to_string(), "100000".into(), ".".into()],
+    );
+    assert_eq!(code, Some(1), "{doc:#}\n{err}");
+    assert_eq!(doc["verdict"], "differs", "{doc:#}");
+    let first = &doc["first_difference"];
+    assert_eq!(first["file"], "result", "{doc:#}");
+    assert!(
+        first["message"].as_str().unwrap().contains("tally"),
+        "{first}"
+    );
+    interrupted_runs_were_restored("check_differs", &doc, &err);
+    eprintln!("check_differs: {}", first["message"]);
+}
+
+/// Where CRIU cannot work (here: a criu failing `criu check`), `ckpt check --transparent`
+/// says so with the cause after the first uninterrupted run (exit 3); without --output it is
+/// a usage error (64).
+#[test]
+fn check_transparent_without_criu_or_output_is_explained() {
+    require_criu!("check_no_criu");
+    let t = tempdir();
+    let job = [
+        "sh".to_string(),
+        "-c".into(),
+        "echo 1 > result; echo start > starts".into(),
+    ];
+    let out = output_deadline(
+        ckpt()
+            .env("CKPT_CRIU", "/bin/false")
+            .args(["check", "--transparent", "--work"])
+            .arg(t.path().join("w"))
+            .args(["--output", "result", "--"])
+            .args(&job)
+            .stdin(Stdio::null()),
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("CRIU cannot checkpoint this job here")
+            && text(&out.stdout).contains("check` fails"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = output_deadline(
+        ckpt()
+            .args(["check", "--transparent", "--"])
+            .args(&job)
+            .stdin(Stdio::null()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--output"),
+        "{}",
+        text(&out.stderr)
+    );
+}

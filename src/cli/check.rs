@@ -50,6 +50,10 @@ HOW IT WORKS:
   It also reports what went wrong on the way, from each run's event log: checkpoint
   requests never answered, resumes that started over, restored steps going backwards.
 
+  With --transparent (a job without a client, root): every `ckpt run` gets --transparent,
+  each checkpoint is a CRIU dump, each restart a `criu restore` of the job's whole process
+  tree; --output is required. Exit 3 when CRIU cannot checkpoint the job here.
+
   The job runs in a scratch directory (RUN/job/, its checkpoints in RUN/ckpt/). A relative
   program path (./train.sh) and arguments naming existing files (train.py, or the value
   of --config=conf.yaml) are made absolute; other relative paths are the job's own,
@@ -70,6 +74,7 @@ EXAMPLES:
   ckpt check --output model.npz --kills 10 --every 2s -- python3 train.py --epochs 1
   ckpt check --seed 42 --run-opt=--signal=USR1 --output counter -- ./job.sh
   ckpt check --json -- python3 train.py > check.json
+  sudo ckpt check --transparent --output result -- ./old_code input.nml
 
 Documentation: docs/check.md";
 
@@ -111,6 +116,11 @@ pub struct CheckArgs {
     /// Print the result as one JSON document on stdout (schema in docs/check.md).
     #[arg(long)]
     pub json: bool,
+    /// Check a job that links no client, checkpointed from outside with CRIU: every `ckpt
+    /// run` gets --transparent (root and a working CRIU needed; docs/transparent.md). Needs
+    /// --output: CRIU images differ from run to run.
+    #[arg(long)]
+    pub transparent: bool,
     /// An extra option for every `ckpt run` (repeatable), e.g. --run-opt=--signal=USR1.
     #[arg(long = "run-opt", value_name = "ARG", allow_hyphen_values = true)]
     pub run_opt: Vec<OsString>,
@@ -880,13 +890,38 @@ fn analyse(events: &[Value], killed: &[u32]) -> Vec<Finding> {
             _ => {}
         }
     }
-    if !hello && steps.is_empty() {
+    for e in events {
+        if e["event"] == "restore_failed" {
+            out.push(Finding {
+                kind: "restore_failed",
+                message: format!(
+                    "criu restore failed: {}",
+                    e["cause"].as_str().unwrap_or("see the run's log")
+                ),
+            });
+        }
+    }
+    if let Some(why) = transparent_unavailable(events) {
+        out.push(Finding {
+            kind: "transparent_unavailable",
+            message: format!("--transparent: CRIU could not checkpoint the job ({why}): it ran with restarts only"),
+        });
+    } else if !hello && steps.is_empty() {
         out.push(Finding {
             kind: "no_checkpoint",
             message: "the job never announced a ckpt client and never committed a checkpoint: every restart started over (hint: use a client library, or --run-opt=--signal=USR1 for a job that traps the signal itself)".into(),
         });
     }
     out
+}
+
+/// The cause of a `transparent_unavailable` warning in a run's event log (CRIU cannot
+/// checkpoint the job: up front or at its first dump).
+fn transparent_unavailable(events: &[Value]) -> Option<String> {
+    events
+        .iter()
+        .find(|e| e["event"] == "transparent_unavailable")
+        .map(|e| e["cause"].as_str().unwrap_or("no cause given").to_string())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1764,6 +1799,16 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
             }
         }
     }
+    // --transparent (or --run-opt=--transparent): CRIU images hold pids, addresses and
+    // timestamps, so the job's own outputs are what can be compared.
+    let transparent = a.transparent || a.run_opt.iter().any(|o| o == "--transparent");
+    if transparent && a.output.is_empty() {
+        return Err(usage("--transparent: give --output PATH (the files the job writes): CRIU image sets differ from run to run and cannot be compared"));
+    }
+    let mut run_opts = a.run_opt.clone();
+    if transparent && !run_opts.iter().any(|o| o == "--transparent") {
+        run_opts.push("--transparent".into());
+    }
     if a.output
         .iter()
         .any(|o| o.is_absolute() || o.components().any(|c| c == std::path::Component::ParentDir))
@@ -1818,7 +1863,7 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
     let ctx = Ctx {
         exe,
         command,
-        run_opts: a.run_opt.clone(),
+        run_opts,
         timeout: a.timeout,
     };
     ctx.progress(format!(
@@ -1922,6 +1967,16 @@ fn check(
                     ended(code, a.timeout),
                     d.log.display()
                 ),
+                None,
+            ));
+        }
+        if let Some(why) = transparent_unavailable(&read_all_events(&d.ckpt)) {
+            r.result = "failed".into();
+            runs.push(r);
+            return Ok((
+                codes::CANNOT_CHECK,
+                "cannot_check",
+                format!("--transparent: CRIU cannot checkpoint this job here ({why}): its interrupted runs would restart from scratch"),
                 None,
             ));
         }
