@@ -619,3 +619,189 @@ fn a_margin_longer_than_the_time_limit_leaves_the_job_its_share() {
     assert_eq!(read_digest(&digest).unwrap(), reference(steps, DIM));
     assert_no_survivors(&ck);
 }
+
+// ---------------------------------------------------------------------------------------
+// `ckpt run --transparent` (CRIU) under Slurm: no client in the job.
+
+/// Why CRIU cannot be used here, if it cannot (as in tests/transparent.rs).
+fn criu_skip_reason() -> Option<String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    let criu = std::env::var_os("CKPT_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ckpt/criu-4.1.1/criu"));
+    match std::process::Command::new(&criu)
+        .arg("check")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => None,
+        other => Some(format!("`{} check`: {other:?}", criu.display())),
+    }
+}
+
+/// A job without a client: an LCG over 1..=n with a 1 ms sleep every 100 iterations (n =
+/// 1,500,000: about 17 s), a start marker appended to `starts`, the result in `result`.
+const COUNT_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+int main(int argc, char **argv) {
+    unsigned long long n = strtoull(argv[1], 0, 10), acc = 0;
+    FILE *f = fopen("starts", "a"); fprintf(f, "start\n"); fclose(f);
+    struct timespec ts = {0, 1000000};
+    for (unsigned long long i = 1; i <= n; i++) {
+        acc = acc * 6364136223846793005ULL + i;
+        if (i % 100 == 0) nanosleep(&ts, 0);
+    }
+    f = fopen("result.tmp", "w"); fprintf(f, "%llu %llu", n, acc); fclose(f);
+    rename("result.tmp", "result");
+    return 0;
+}
+"#;
+
+fn lcg(n: u64) -> String {
+    let mut acc: u64 = 0;
+    for i in 1..=n {
+        acc = acc.wrapping_mul(6364136223846793005).wrapping_add(i);
+    }
+    format!("{n} {acc}")
+}
+
+/// Compiles COUNT_C as `count` in the test's directory (the job's working directory).
+fn compile_count(t: &T) {
+    let src = t.path("count.c");
+    std::fs::write(&src, COUNT_C).unwrap();
+    let out = output_deadline(
+        std::process::Command::new("cc")
+            .args(["-O1", "-o"])
+            .arg(t.path("count"))
+            .arg(&src),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "cc: {}", text(&out.stderr));
+}
+
+/// After a transparent job's stop and requeue: it finishes with the uninterrupted result,
+/// started once (the requeued run restored it with CRIU: the count continued), and Slurm
+/// ran it twice.
+fn transparent_job_resumed(t: &T, id: &str, ck: &Path, n: u64) {
+    wait_for(t, Duration::from_secs(30), "requeued event", || {
+        !events(ck, "requeued").is_empty()
+    });
+    assert!(!events(ck, "dumped").is_empty(), "{}", t.output());
+    assert_eq!(events(ck, "kill_after_dump").len(), 1, "{}", t.output());
+    assert!(!t.path("result").exists(), "finished before its stop");
+    wait_for(
+        t,
+        Duration::from_secs(120),
+        "the second run finished",
+        || read_digest(&t.path("result")).is_some() && !events(ck, "finished").is_empty(),
+    );
+    assert_eq!(
+        read_digest(&t.path("result")).unwrap(),
+        lcg(n),
+        "{}",
+        t.output()
+    );
+    let starts = std::fs::read_to_string(t.path("starts")).unwrap_or_default();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "the job started from scratch again\n{}",
+        t.output()
+    );
+    assert_eq!(restart_counts(ck), vec![0, 1], "{}", t.output());
+    let launches = events(ck, "launch");
+    assert_eq!(
+        launches.last().unwrap()["restore_seq"],
+        events(ck, "dumped").last().unwrap()["seq"],
+        "the requeued run did not restore the stop's dump: {launches:?}\n{}",
+        t.output()
+    );
+    assert!(
+        events(ck, "transparent_unavailable").is_empty(),
+        "{}",
+        t.output()
+    );
+    assert!(events(ck, "restore_failed").is_empty(), "{}", t.output());
+    wait_for(t, Duration::from_secs(30), "JobState=COMPLETED", || {
+        show_job(id).get("JobState").map(String::as_str) == Some("COMPLETED")
+    });
+    assert_eq!(show_job(id).get("Restarts").map(String::as_str), Some("1"));
+    assert_no_survivors(ck);
+}
+
+/// The batch script of docs/transparent.md ("Under Slurm"), as written there (only `ckpt`
+/// replaced by the binary under test; `sbatch --time=5` on the command line overrides its
+/// 24 h): the warning (`scancel -b -s USR1`, what `--signal=B:USR1@180` sends) makes ckpt
+/// dump the job, kill it and requeue it; the requeued run restores it with CRIU.
+#[test]
+fn transparent_recipe_warning_dumps_requeues_and_restores() {
+    if let Some(why) = criu_skip_reason() {
+        eprintln!("transparent_recipe: SKIPPED: {why}");
+        return;
+    }
+    if !ensure_cluster("transparent_recipe") {
+        return;
+    }
+    let t = T::new("crwarn");
+    compile_count(&t);
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/transparent.md"))
+            .unwrap();
+    let recipe = doc
+        .split_once("\n## Under Slurm\n")
+        .and_then(|(_, rest)| rest.split_once("```bash\n"))
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block.to_string())
+        .expect("docs/transparent.md: no bash block under \"## Under Slurm\"");
+    assert!(recipe.contains("exec ckpt run --transparent"), "{recipe}");
+    let body = recipe.replace(
+        "exec ckpt run",
+        &format!("exec {} run", ckpt_bin().display()),
+    );
+    let n = 1_500_000;
+    assert!(body.contains(&format!("./count {n}")), "{body}");
+    let ck = t.path("ck");
+    let (id, _g) = t.submit(&body, &["--time=5"]);
+    wait_for(&t, Duration::from_secs(60), "the job started", || {
+        t.path("starts").exists() && !events(&ck, "launch").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    scancel_batch_usr1(&id);
+    transparent_job_resumed(&t, &id, &ck, n);
+}
+
+/// A 1-minute time limit: ckpt's end-time watch (`--slurm-margin 48s`, adapted to leave the
+/// job a quarter of its time) stops the transparent job with a CRIU dump before the limit,
+/// requeues it, and the requeued run restores it. About 45 s.
+#[test]
+fn transparent_time_limit_dumps_requeues_and_restores() {
+    if let Some(why) = criu_skip_reason() {
+        eprintln!("transparent_time_limit: SKIPPED: {why}");
+        return;
+    }
+    if !ensure_cluster("transparent_time_limit") {
+        return;
+    }
+    let t = T::new("crtlim");
+    compile_count(&t);
+    let ck = t.path("ck");
+    let n = 2_500_000; // about 28 s of work: more than the first run's ~15 s window
+    let body = format!(
+        "exec {} run --transparent --dir {} --every off --slurm-margin 48s -- ./count {n}",
+        ckpt_bin().display(),
+        ck.display()
+    );
+    let (id, _g) = t.submit(&body, &["--requeue", "--time=1"]);
+    wait_for(
+        &t,
+        Duration::from_secs(60),
+        "slurm_time_limit event",
+        || !events(&ck, "slurm_time_limit").is_empty(),
+    );
+    transparent_job_resumed(&t, &id, &ck, n);
+}
