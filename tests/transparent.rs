@@ -648,9 +648,10 @@ fn a_failed_restore_is_explained() {
 // ---------------------------------------------------------------------------------------
 // `ckpt check --transparent`
 
-/// Runs `ckpt check --transparent --json` on `job` (run in each run's own directory, so
-/// its result and start marker go to `./result` and `./starts`); returns its exit code,
-/// its JSON document and its stderr.
+/// Runs `ckpt check --transparent --json --output result` on `job` (run in each run's own
+/// directory, so its result goes to `./result`); returns its exit code, its JSON document
+/// and its stderr. (Not `--output starts`: a first dump taken before the job wrote its
+/// start marker, restored, rightly writes it again.)
 fn check_transparent(
     name: &str,
     work: &Path,
@@ -665,7 +666,7 @@ fn check_transparent(
             .arg(seed.to_string())
             .args(["--kills", &kills.to_string(), "--timeout", "120s", "--work"])
             .arg(&w)
-            .args(["--output", "result", "--output", "starts", "--"])
+            .args(["--output", "result", "--"])
             .args(job)
             .stdin(Stdio::null()),
         Duration::from_secs(600),
@@ -707,13 +708,16 @@ fn interrupted_runs_were_restored(name: &str, doc: &serde_json::Value, err: &str
 }
 
 /// `ckpt check --transparent` on the C, Python and bash jobs (no client): every kind of
-/// interruption, each resumed by `criu restore`, ends with the uninterrupted result and a
-/// single start (`--output starts`: a restart from scratch would add a line): exit 0.
+/// interruption, each resumed by `criu restore` (never a fresh start: no finding), ends with
+/// the uninterrupted result: exit 0.
 fn check_passes(name: &str, job: Vec<String>, kills: u32, work: &Path) {
     let (code, doc, err) = check_transparent(name, work, kills, &job);
     assert_eq!(code, Some(0), "{name}: {doc:#}\n{err}");
     assert_eq!(doc["verdict"], "match", "{name}: {doc:#}");
     let interrupted = interrupted_runs_were_restored(name, &doc, &err);
+    for r in doc["runs"].as_array().unwrap() {
+        assert_eq!(r["findings"], serde_json::json!([]), "{name}: {r:#}");
+    }
     assert!(
         interrupted + 1 >= kills as usize,
         "{name}: only {interrupted} of {kills} runs were interrupted\n{err}"
@@ -861,4 +865,231 @@ fn check_transparent_without_criu_or_output_is_explained() {
         "{}",
         text(&out.stderr)
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Incremental pre-dumps
+
+/// The real criu of these tests.
+fn real_criu() -> PathBuf {
+    std::env::var_os("CKPT_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/ckpt/criu-4.1.1/criu"))
+}
+
+/// ckpt's side of incremental dumps, on a kernel whose soft-dirty tracking a wrapper
+/// pretends (this development kernel has none, so CRIU's own `pre-dump --track-mem` cannot
+/// run here): the wrapper records every call, says yes to `criu check --feature
+/// mem_dirty_track`, and makes each `pre-dump` a real `dump --leave-running` (valid images
+/// of the whole memory) and each final dump a real full dump. What is tested: the two
+/// pre-dump rounds run in order into `parent/parent` and `parent` of the staging directory,
+/// each with `--track-mem` and the round after the first with `--prev-images-dir parent`,
+/// then the final `dump --track-mem --prev-images-dir parent`; the whole chain is published
+/// as one checkpoint that verifies; the job, killed, is restored from it and finishes with
+/// the uninterrupted result, started once; a failing pre-dump leaves a full dump, said in
+/// the `dumped` event. What CRIU does with the tracking itself is not (cannot be) tested here.
+#[test]
+fn pre_dumps_run_in_order_and_are_published_in_the_checkpoint() {
+    require_criu!("pre_dumps");
+    let t = tempdir();
+    let calls = t.path().join("calls");
+    let fail = t.path().join("fail-pre-dump");
+    let fake = t.path().join("criu");
+    std::fs::write(
+        &fake,
+        format!(
+            r#"#!/bin/bash
+real={real}
+echo "$*" >> {calls}
+[ "$*" = "check --feature mem_dirty_track" ] && exit 0
+cmd=$1; shift
+args=(); skip=0; prev=0; d=
+for a in "$@"; do
+  if [ $skip = 1 ]; then skip=0; continue; fi
+  [ "$prev" = -D ] && d=$a; prev=$a
+  case "$a" in --track-mem) ;; --prev-images-dir) skip=1 ;; *) args+=("$a") ;; esac
+done
+# A full dump in place of each: the earlier rounds' `parent` kept aside meanwhile (CRIU
+# would look for the tracking data of a parent it finds).
+aside() {{ [ -d "$d/parent" ] && mv "$d/parent" "$d/.parent-aside"; "$@"; rc=$?; [ -d "$d/.parent-aside" ] && mv "$d/.parent-aside" "$d/parent"; exit $rc; }}
+case "$cmd" in
+  pre-dump) [ -e {fail} ] && {{ echo "Error (criu/fake.c:1): simulated pre-dump failure" > {work}/pre-dump.log; exit 1; }}
+            aside "$real" dump --leave-running "${{args[@]}}" ;;
+  dump) aside "$real" dump "${{args[@]}}" ;;
+  *) exec "$real" "$cmd" "$@" ;;
+esac
+"#,
+            real = real_criu().display(),
+            calls = calls.display(),
+            fail = fail.display(),
+            work = t.path().join("ck/.ckpt/criu").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let n = 300_000;
+    let job = vec![
+        bin.display().to_string(),
+        n.to_string(),
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let run = |log: &Path| {
+        let out = std::fs::File::create(log).unwrap();
+        ckpt()
+            .env("CKPT_CRIU", &fake)
+            .args(["run", "--dir"])
+            .arg(&dir)
+            .args([
+                "--transparent",
+                "--every",
+                "off",
+                "--backoff",
+                "50ms..200ms",
+                "--",
+            ])
+            .args(&job)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn_guarded()
+    };
+    let mut sup = run(&log);
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        t.path().join("starts").exists() && job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    let text_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        asked.status.success(),
+        "{}\n{}",
+        text(&asked.stderr),
+        text_log()
+    );
+    assert!(
+        text_log().contains("incremental dumps (2 pre-dumps"),
+        "{}",
+        text_log()
+    );
+    // The calls, in order: the two rounds, then the final dump of the delta.
+    let c = std::fs::read_to_string(&calls).unwrap();
+    let c = format!("{c}\n{:?}", events(&dir, "dumped"));
+    let dumps: Vec<&str> = c.lines().filter(|l| l.contains("dump -t")).collect();
+    assert_eq!(dumps.len(), 3, "{c}");
+    let staging = dir.join(".ckpt/staging");
+    let d_of = |l: &str| {
+        l.split(" -D ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let stage = d_of(dumps[2]);
+    assert!(stage.starts_with(&staging.display().to_string()), "{c}");
+    assert!(
+        dumps[0].starts_with("pre-dump ") && d_of(dumps[0]) == format!("{stage}/parent/parent"),
+        "{c}"
+    );
+    assert!(dumps[0].ends_with("--track-mem"), "{c}");
+    assert!(
+        dumps[1].starts_with("pre-dump ") && d_of(dumps[1]) == format!("{stage}/parent"),
+        "{c}"
+    );
+    assert!(
+        dumps[1].ends_with("--track-mem --prev-images-dir parent"),
+        "{c}"
+    );
+    assert!(
+        dumps[2].starts_with("dump ") && dumps[2].contains("--leave-running"),
+        "{c}"
+    );
+    assert!(
+        dumps[2].ends_with("--track-mem --prev-images-dir parent"),
+        "{c}"
+    );
+    // One checkpoint holding the chain, verified.
+    assert_eq!(checkpoints(&dir), vec![1]);
+    let manifest = std::fs::read_to_string(dir.join("ckpt-000000000001/MANIFEST.ckpt")).unwrap();
+    for f in [
+        "inventory.img",
+        "parent/inventory.img",
+        "parent/parent/inventory.img",
+    ] {
+        assert!(
+            manifest.contains(&format!("\"name\":\"{f}\"")),
+            "{f} not in the manifest: {manifest}"
+        );
+    }
+    let verify = output_deadline(
+        ckpt().args(["verify", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(verify.status.success(), "{}", text(&verify.stdout));
+    let d = &events(&dir, "dumped")[0];
+    assert_eq!(
+        d["pre_dump_frozen_us"].as_array().map(Vec::len),
+        Some(2),
+        "{d}"
+    );
+    assert!(d["pre_dump_error"].is_null(), "{d}");
+    // A failing pre-dump: a full dump instead, said so.
+    std::fs::write(&fail, "").unwrap();
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(asked.status.success(), "{}", text_log());
+    let d = &events(&dir, "dumped")[1];
+    assert!(
+        d["pre_dump_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("simulated pre-dump failure")),
+        "{d}"
+    );
+    assert_eq!(
+        d["pre_dump_frozen_us"].as_array().map(Vec::len),
+        Some(0),
+        "{d}"
+    );
+    assert!(!dir.join("ckpt-000000000002/parent").exists());
+    assert!(
+        text_log().contains("a full dump: the pre-dumps failed"),
+        "{}",
+        text_log()
+    );
+    std::fs::remove_file(&fail).unwrap();
+    // A third, incremental again; then the job is killed and restored from it.
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--wait", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(asked.status.success(), "{}", text_log());
+    assert!(dir
+        .join("ckpt-000000000003/parent/parent/inventory.img")
+        .exists());
+    let init = job_init(&dir).unwrap();
+    signal(init, libc::SIGKILL);
+    let st = wait_deadline(&mut sup, Duration::from_secs(120));
+    assert!(st.success(), "{}", text_log());
+    assert!(
+        text_log().contains("resuming from checkpoint 3"),
+        "{}",
+        text_log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("result"))
+            .unwrap_or_default()
+            .trim(),
+        reference(n)
+    );
+    let starts = std::fs::read_to_string(t.path().join("starts")).unwrap_or_default();
+    assert_eq!(starts.lines().count(), 1, "{}", text_log());
+    assert_no_survivors(&dir);
 }

@@ -8,9 +8,13 @@
 //!   status on, and whose death SIGKILLs the init (the init's parent-death signal).
 //! - **Checkpoint**: `criu dump --leave-running -t INIT` of the namespace into a [`Stage`]
 //!   directory, then [`Stage::commit`]: the images get the same checksummed manifest, atomic
-//!   publish, verification, retention and quarantine as a client's files. Only full dumps:
-//!   incremental pre-dumps need the kernel's soft-dirty memory tracking, which is probed
-//!   (`criu check --feature mem_dirty_track`) and logged, but not used yet.
+//!   publish, verification, retention and quarantine as a client's files. Incremental when
+//!   the kernel tracks dirty memory (`criu check --feature mem_dirty_track`, i.e. soft-dirty
+//!   bits): [`PRE_DUMP_ROUNDS`] `criu pre-dump`s while the job runs, then the final dump of
+//!   the pages dirtied since, the job frozen only for that delta; the pre-dumps' images go
+//!   into the checkpoint (`parent/`, `parent/parent/`), so it stays self-contained. Without
+//!   tracking (CRIU 4.1.1 has no other way: `pre-dump` needs soft-dirty bits, even through
+//!   PAGEMAP_SCAN), every checkpoint is a full dump, and the probe's log line says why.
 //! - **Restore**: `criu restore -D ckpt-N --exec-cmd -- ckpt __criu-waiter`: CRIU recreates
 //!   the namespace and the tree from the newest verified image set (read in place; CRIU's
 //!   log goes to a work directory), then execs the waiter, which stays the restored init's
@@ -55,13 +59,22 @@ pub struct Criu {
     pub work: PathBuf,
 }
 
+/// How many `criu pre-dump` rounds precede a dump when the kernel tracks dirty memory: the
+/// first copies all memory while the job runs, the second what the first round let it
+/// dirty, and the final dump (the job frozen) only what the second let it dirty.
+pub const PRE_DUMP_ROUNDS: usize = 2;
+
 /// A committed dump.
 #[derive(Debug, Clone)]
 pub struct Dumped {
     pub seq: u64,
     pub bytes: u64,
-    /// How long the job was frozen (CRIU's "Frozen time"), microseconds.
+    /// How long the job was frozen (CRIU's "Frozen time"), microseconds: by the final dump.
     pub frozen_us: Option<u64>,
+    /// The pre-dump rounds' frozen times (empty: a full dump).
+    pub pre_frozen_us: Vec<Option<u64>>,
+    /// Why pre-dumps were tried but not used for this dump (it was then a full dump).
+    pub pre_dump_error: Option<String>,
     /// The whole dump + publish, milliseconds.
     pub total_ms: u64,
 }
@@ -100,6 +113,63 @@ pub fn privilege_problem() -> Option<String> {
         "ckpt runs as uid {uid} without CAP_SYS_ADMIN{}: creating the job's PID namespace and CRIU's dump and restore need it; run ckpt as root with its full capabilities",
         if has(CAP_CHECKPOINT_RESTORE) { "" } else { " (and without CAP_CHECKPOINT_RESTORE)" }
     ))
+}
+
+/// Where the pre-dump rounds of a dump into `stage` write, in the order they run: round 1
+/// deepest (`parent/parent` for 2 rounds), the last round in `parent`, whose images the
+/// final dump (`--prev-images-dir parent`) refers to. Each round's own parent is its
+/// `parent` subdirectory, so the chain lives inside the checkpoint.
+pub fn pre_dump_dirs(stage: &Path, rounds: usize) -> Vec<PathBuf> {
+    (1..=rounds)
+        .rev()
+        .map(|depth| (0..depth).fold(stage.to_path_buf(), |p, _| p.join("parent")))
+        .collect()
+}
+
+/// The arguments of `criu dump` (`pre_dump` false) or `criu pre-dump` of the namespace
+/// whose init is `init` into `dir`; `parent`: the images dir of the previous round holds a
+/// `parent` directory to take unchanged pages from (`--prev-images-dir parent`, relative to
+/// `dir`, with `--track-mem`).
+pub fn dump_args(
+    init: u32,
+    dir: &Path,
+    work: &Path,
+    pre_dump: bool,
+    parent: bool,
+) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
+        if pre_dump { "pre-dump" } else { "dump" }.into(),
+        "-t".into(),
+        init.to_string().into(),
+        "-D".into(),
+        dir.into(),
+        "-W".into(),
+        work.into(),
+        "-o".into(),
+        if pre_dump { "pre-dump.log" } else { "dump.log" }.into(),
+    ];
+    if !pre_dump {
+        v.push("--leave-running".into());
+    }
+    for a in ["--shell-job", "--manage-cgroups=ignore", "--display-stats"] {
+        v.push(a.into());
+    }
+    if pre_dump || parent {
+        v.push("--track-mem".into());
+    }
+    if parent {
+        v.push("--prev-images-dir".into());
+        v.push("parent".into());
+    }
+    v
+}
+
+/// CRIU's "Frozen time: N us" from `--display-stats` output.
+fn frozen_time(stats: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(stats)
+        .lines()
+        .find_map(|l| l.strip_prefix("Frozen time:"))
+        .and_then(|v| v.trim().trim_end_matches("us").trim().parse::<u64>().ok())
 }
 
 /// CRIU's own error lines from a log (its noise about rlimits left out), at most `max`.
@@ -198,6 +268,56 @@ impl Criu {
         })
     }
 
+    /// What kind of dumps this CRIU makes here, and why (the probe's log line).
+    pub fn dump_mode(&self) -> String {
+        if self.dirty_tracking {
+            format!("incremental dumps ({PRE_DUMP_ROUNDS} pre-dumps while the job runs, then a dump of the pages dirtied since: the job is frozen only for that delta)")
+        } else {
+            "full dumps (no incremental pre-dumps: `criu check --feature mem_dirty_track` fails, this kernel has no soft-dirty memory tracking, CONFIG_MEM_SOFT_DIRTY, which CRIU's pre-dump needs)".into()
+        }
+    }
+
+    /// Runs `criu pre-dump` or `criu dump` (`args` from [`dump_args`]); its stdout (the
+    /// stats) on success, else CRIU's error lines from `log`.
+    fn run_criu(&self, args: &[OsString], log: &Path) -> Result<Vec<u8>, String> {
+        let _ = std::fs::remove_file(log);
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+        // A dump must not outlive ckpt (it would write into a staging directory nobody
+        // publishes, and keep the job frozen).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        if !out.status.success() {
+            let cause =
+                log_cause(log, 3).unwrap_or_else(|| format!("criu exited with {}", out.status));
+            return Err(format!("{cause} (CRIU's log: {})", log.display()));
+        }
+        Ok(out.stdout)
+    }
+
+    /// The pre-dump rounds into `stage` (see [`pre_dump_dirs`]); their frozen times.
+    fn pre_dumps(&self, init: u32, stage: &Path) -> Result<Vec<Option<u64>>, String> {
+        let log = self.work.join("pre-dump.log");
+        let mut frozen = Vec::new();
+        for (i, dir) in pre_dump_dirs(stage, PRE_DUMP_ROUNDS).iter().enumerate() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let stats = self
+                .run_criu(&dump_args(init, dir, &self.work, true, i > 0), &log)
+                .map_err(|e| format!("pre-dump round {}: {e}", i + 1))?;
+            frozen.push(frozen_time(&stats));
+        }
+        Ok(frozen)
+    }
+
     /// The command that starts the job as the init of its own PID namespace
     /// (`ckpt __criu-waiter -- CMD`).
     pub fn wrap(command: &[OsString]) -> Vec<OsString> {
@@ -258,54 +378,36 @@ impl Criu {
             })
             .collect();
         let stage = Stage::new(store, Algo::Crc32c).map_err(|e| e.to_string())?;
-        let log = self.work.join("dump.log");
-        let _ = std::fs::remove_file(&log);
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("dump")
-            .arg("-t")
-            .arg(init.to_string())
-            .arg("-D")
-            .arg(stage.path())
-            .arg("-W")
-            .arg(&self.work)
-            .args([
-                "-o",
-                "dump.log",
-                "--leave-running",
-                "--shell-job",
-                "--manage-cgroups=ignore",
-                "--display-stats",
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null());
-        // A dump must not outlive ckpt (it would write into a staging directory nobody
-        // publishes, and keep the job frozen).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+        // Incremental: pre-dumps while the job runs, then the delta. A pre-dump that fails
+        // leaves a full dump (said in the `dumped` event), not a failed checkpoint.
+        let (mut pre_frozen_us, mut pre_dump_error) = (Vec::new(), None);
+        if self.dirty_tracking {
+            match self.pre_dumps(init, stage.path()) {
+                Ok(f) => pre_frozen_us = f,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(stage.path().join("parent"));
+                    pre_dump_error = Some(e);
+                }
+            }
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
-        if !out.status.success() {
-            let cause =
-                log_cause(&log, 3).unwrap_or_else(|| format!("criu exited with {}", out.status));
-            return Err(format!("{cause} (CRIU's log: {})", log.display()));
-        }
-        let stats = String::from_utf8_lossy(&out.stdout);
-        let frozen_us = stats
-            .lines()
-            .find_map(|l| l.strip_prefix("Frozen time:"))
-            .and_then(|v| v.trim().trim_end_matches("us").trim().parse::<u64>().ok());
+        let args = dump_args(
+            init,
+            stage.path(),
+            &self.work,
+            false,
+            !pre_frozen_us.is_empty(),
+        );
+        let stats = self.run_criu(&args, &self.work.join("dump.log"))?;
+        let frozen_us = frozen_time(&stats);
         let mut meta = serde_json::Map::new();
         meta.insert("transparent".into(), "criu".into());
         meta.insert("criu_version".into(), self.version.clone().into());
         meta.insert("stdio".into(), stdio.into());
         if let Some(f) = frozen_us {
             meta.insert("frozen_us".into(), f.into());
+        }
+        if !pre_frozen_us.is_empty() {
+            meta.insert("pre_dumps".into(), pre_frozen_us.len().into());
         }
         let m = stage
             .commit(None, WRITER, meta)
@@ -314,6 +416,8 @@ impl Criu {
             seq: m.seq,
             bytes: m.total_bytes(),
             frozen_us,
+            pre_frozen_us,
+            pre_dump_error,
             total_ms: t0.elapsed().as_millis() as u64,
         })
     }
@@ -562,18 +666,38 @@ impl Run {
             Ok(d) => {
                 self.dumps += 1;
                 self.last_commit_ms = Some(d.total_ms);
+                let ms = |f: Option<u64>| {
+                    f.map(|f| format!("{:.1} ms", f as f64 / 1000.0))
+                        .unwrap_or_else(|| "? ms".into())
+                };
+                let pre = if d.pre_frozen_us.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " for the delta after {} pre-dumps (frozen {})",
+                        d.pre_frozen_us.len(),
+                        d.pre_frozen_us
+                            .iter()
+                            .map(|&f| ms(f))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                let failed = d
+                    .pre_dump_error
+                    .as_ref()
+                    .map(|e| format!("; a full dump: the pre-dumps failed: {e}"))
+                    .unwrap_or_default();
                 self.rep.event(
                     "dumped",
                     Some(format!(
-                        "CRIU dump {}: job frozen {}, image {} (dump + publish {} ms)",
+                        "CRIU dump {}: job frozen {}{pre}, image {} (dump + publish {} ms){failed}",
                         d.seq,
-                        d.frozen_us
-                            .map(|f| format!("{:.1} ms", f as f64 / 1000.0))
-                            .unwrap_or_else(|| "? ms".into()),
+                        ms(d.frozen_us),
                         fmt_bytes(d.bytes),
                         d.total_ms
                     )),
-                    json!({ "seq": d.seq, "frozen_us": d.frozen_us, "bytes": d.bytes, "duration_ms": d.total_ms }),
+                    json!({ "seq": d.seq, "frozen_us": d.frozen_us, "pre_dump_frozen_us": d.pre_frozen_us, "pre_dump_error": d.pre_dump_error, "bytes": d.bytes, "duration_ms": d.total_ms }),
                 );
                 // As a client's `committed` message would: the cost of a checkpoint is the
                 // time the job was frozen (`--every auto`), the stop margin under Slurm is
@@ -662,6 +786,66 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_dump_rounds_nest_inside_the_checkpoint() {
+        let st = Path::new("/d/.ckpt/staging/x");
+        assert_eq!(
+            pre_dump_dirs(st, 2),
+            vec![st.join("parent/parent"), st.join("parent")]
+        );
+        assert_eq!(pre_dump_dirs(st, 1), vec![st.join("parent")]);
+        assert!(pre_dump_dirs(st, 0).is_empty());
+        let w = Path::new("/d/.ckpt/criu");
+        let s = |v: Vec<OsString>| {
+            v.iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // The first round: memory tracking on, no parent, the job left running.
+        assert_eq!(
+            s(dump_args(7, &st.join("parent/parent"), w, true, false)),
+            "pre-dump -t 7 -D /d/.ckpt/staging/x/parent/parent -W /d/.ckpt/criu -o pre-dump.log --shell-job --manage-cgroups=ignore --display-stats --track-mem"
+        );
+        assert_eq!(
+            s(dump_args(7, &st.join("parent"), w, true, true)),
+            "pre-dump -t 7 -D /d/.ckpt/staging/x/parent -W /d/.ckpt/criu -o pre-dump.log --shell-job --manage-cgroups=ignore --display-stats --track-mem --prev-images-dir parent"
+        );
+        assert_eq!(
+            s(dump_args(7, st, w, false, true)),
+            "dump -t 7 -D /d/.ckpt/staging/x -W /d/.ckpt/criu -o dump.log --leave-running --shell-job --manage-cgroups=ignore --display-stats --track-mem --prev-images-dir parent"
+        );
+        // A full dump: no tracking asked for (CRIU refuses --track-mem without it).
+        assert_eq!(
+            s(dump_args(7, st, w, false, false)),
+            "dump -t 7 -D /d/.ckpt/staging/x -W /d/.ckpt/criu -o dump.log --leave-running --shell-job --manage-cgroups=ignore --display-stats"
+        );
+    }
+
+    #[test]
+    fn dump_mode_says_why_dumps_are_full() {
+        let mut c = Criu {
+            bin: "criu".into(),
+            version: "4.1.1".into(),
+            dirty_tracking: false,
+            work: "/w".into(),
+        };
+        let full = c.dump_mode();
+        assert!(full.starts_with("full dumps"), "{full}");
+        assert!(
+            full.contains("mem_dirty_track") && full.contains("soft-dirty"),
+            "{full}"
+        );
+        assert!(!full.contains('\n'));
+        c.dirty_tracking = true;
+        assert!(c.dump_mode().starts_with("incremental dumps (2 pre-dumps"));
+        assert_eq!(
+            frozen_time(b"Dumping finished successfully\nFrozen time: 40195 us\n"),
+            Some(40195)
+        );
+        assert_eq!(frozen_time(b"nothing"), None);
+    }
 
     #[test]
     fn inherit_keys() {

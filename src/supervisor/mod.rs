@@ -665,11 +665,7 @@ fn start_uploader(
 fn transparent_probe(store: &Store, rep: &mut Reporter) -> Option<criu::Criu> {
     match criu::Criu::probe(store) {
         Ok(c) => {
-            let how = if c.dirty_tracking {
-                "full dumps (the kernel tracks dirty memory, but incremental pre-dumps are not used yet)"
-            } else {
-                "full dumps (this kernel has no soft-dirty memory tracking: no incremental pre-dumps)"
-            };
+            let how = c.dump_mode();
             rep.event(
                 "transparent",
                 Some(format!(
