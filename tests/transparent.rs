@@ -1093,3 +1093,61 @@ esac
     assert_eq!(starts.lines().count(), 1, "{}", text_log());
     assert_no_survivors(&dir);
 }
+
+/// The fenced ```lang blocks of `doc` after the line `heading`, in order.
+fn doc_blocks(doc: &str, lang: &str, heading: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(doc)).unwrap();
+    let rest = text
+        .split_once(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("{doc} has no heading {heading:?}"))
+        .1;
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in rest.lines() {
+        match &mut cur {
+            None if line.trim_start() == format!("```{lang}") => cur = Some(String::new()),
+            Some(_) if line.trim_start() == "```" => out.push(cur.take().unwrap_or_default()),
+            Some(b) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// docs/check.md, "Jobs without a client": the C program and the commands, as written
+/// (with `ckpt` on PATH and a seed added): MATCH, exit 0.
+#[test]
+fn docs_check_md_transparent_recipe_works() {
+    require_criu!("check_recipe");
+    let heading = "## Jobs without a client (`--transparent`)";
+    let src = &doc_blocks("docs/check.md", "c", heading)[0];
+    let cmd = &doc_blocks("docs/check.md", "sh", heading)[0];
+    let t = tempdir();
+    std::fs::write(t.path().join("count.c"), src).unwrap();
+    let seed = seed("check_recipe");
+    let cmd = cmd.replace("ckpt check ", &format!("ckpt check --seed {seed} "));
+    let bin = ckpt_bin().parent().unwrap().to_path_buf();
+    let mut c = Command::new("bash");
+    clear_ckpt_env(&mut c);
+    c.args(["-e", "-c", &cmd])
+        .current_dir(t.path())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdin(Stdio::null());
+    let out = output_deadline(&mut c, Duration::from_secs(300));
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{cmd}\n{o}\n{e}");
+    assert!(
+        o.starts_with("MATCH: all 4 interrupted runs ended bit-identical to the uninterrupted run"),
+        "{o}\n{e}"
+    );
+}
