@@ -4,6 +4,8 @@
 //! resume, and a stop through SIGTERM followed by a second `ckpt run`), and compares what
 //! every run produced with the uninterrupted run. It drives the real `ckpt run` (this very
 //! executable) as a child process and times its interruptions on the supervisor's event log.
+//! With `--transparent`, every `ckpt run` checkpoints the job from outside with CRIU (a job
+//! without a client), and only the job's `--output` files are compared.
 //! Documented in docs/check.md.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -66,7 +68,8 @@ EXIT CODES (ckpt check):
        --strict also: a problem was seen on the way)
   2    the job is not deterministic even uninterrupted (its two plain runs differ)
   3    nothing to check: the job failed uninterrupted, wrote no --output / checkpoint, or
-       never committed a checkpoint before it finished (no run could be interrupted)
+       never committed a checkpoint before it finished (no run could be interrupted), or
+       (--transparent) CRIU cannot checkpoint the job here
   64   usage error          70  internal error          74  I/O error
 
 EXAMPLES:
