@@ -885,9 +885,10 @@ fn real_criu() -> PathBuf {
 /// pre-dump rounds run in order into `parent/parent` and `parent` of the staging directory,
 /// each with `--track-mem` and the round after the first with `--prev-images-dir parent`,
 /// then the final `dump --track-mem --prev-images-dir parent`; the whole chain is published
-/// as one checkpoint that verifies; the job, killed, is restored from it and finishes with
-/// the uninterrupted result, started once; a failing pre-dump leaves a full dump, said in
-/// the `dumped` event. What CRIU does with the tracking itself is not (cannot be) tested here.
+/// as one checkpoint that verifies; a failing pre-dump leaves a full dump, said in the
+/// `dumped` event; the job, killed, is restored from an incremental checkpoint; a stop then
+/// makes a full dump (no pre-dump), and the next run restores it and finishes with the
+/// uninterrupted result, started once. What CRIU does with the tracking itself is not (cannot be) tested here.
 #[test]
 fn pre_dumps_run_in_order_and_are_published_in_the_checkpoint() {
     require_criu!("pre_dumps");
@@ -1076,13 +1077,54 @@ esac
         .exists());
     let init = job_init(&dir).unwrap();
     signal(init, libc::SIGKILL);
-    let st = wait_deadline(&mut sup, Duration::from_secs(120));
-    assert!(st.success(), "{}", text_log());
+    // Restored from it; then a stop, whose dump is a full one (the job is killed after it).
+    wait_until(Duration::from_secs(60), "the restored job runs", || {
+        events(&dir, "launch")
+            .last()
+            .is_some_and(|l| l["restore_seq"] == 3)
+            && job_init(&dir).is_some_and(|p| p != init)
+            // CRIU is done: it became the waiter (a stop during the restore would find
+            // nothing whole to dump, and stop with checkpoint 3).
+            && status(&dir)
+                .and_then(|s| s["job_pid"].as_u64())
+                .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+                .is_some_and(|c| c.split(|&b| b == 0).any(|a| a == b"__criu-waiter"))
+    });
     assert!(
         text_log().contains("resuming from checkpoint 3"),
         "{}",
         text_log()
     );
+    let calls_before = std::fs::read_to_string(&calls).unwrap().lines().count();
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(
+        wait_deadline(&mut sup, Duration::from_secs(60)).code(),
+        Some(75),
+        "{}",
+        text_log()
+    );
+    let d = events(&dir, "dumped").last().unwrap().clone();
+    assert_eq!(d["seq"], 4, "{d}");
+    assert_eq!(d["pre_dump_frozen_us"], serde_json::json!([]), "{d}");
+    assert!(d["pre_dump_error"].is_null(), "{d}");
+    let c = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        !c.lines()
+            .skip(calls_before)
+            .any(|l| l.starts_with("pre-dump")),
+        "a stop ran pre-dumps: {c}"
+    );
+    // The next run restores the stop's checkpoint and finishes.
+    let log2 = t.path().join("ckpt2.log");
+    let mut sup = run(&log2);
+    let st = wait_deadline(&mut sup, Duration::from_secs(120));
+    let log2 = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(st.success(), "{log2}");
+    assert!(log2.contains("resuming from checkpoint 4"), "{log2}");
     assert_eq!(
         std::fs::read_to_string(t.path().join("result"))
             .unwrap_or_default()

@@ -35,7 +35,7 @@ use std::collections::VecDeque;
 
 use serde_json::json;
 
-use super::machine::{Action, Event};
+use super::machine::{Action, Event, Phase};
 use super::spawn::{self, Exit};
 use super::{fmt_bytes, Fatal, Run};
 use crate::store::{Algo, Found, Stage, Store};
@@ -366,9 +366,9 @@ impl Criu {
     }
 
     /// Dumps the tree of the namespace whose init is `init` (host pid) into a new checkpoint
-    /// of `store`, leaving it running. Nothing is visible unless the whole dump succeeded
-    /// and was published.
-    pub fn dump(&self, store: &Store, init: u32) -> Result<Dumped, String> {
+    /// of `store`, leaving it running; `incremental`: pre-dumps first, if the kernel tracks
+    /// dirty memory. Nothing is visible unless the whole dump succeeded and was published.
+    pub fn dump(&self, store: &Store, init: u32, incremental: bool) -> Result<Dumped, String> {
         let t0 = Instant::now();
         let stdio: Vec<String> = (0..3)
             .map(|n| {
@@ -381,7 +381,7 @@ impl Criu {
         // Incremental: pre-dumps while the job runs, then the delta. A pre-dump that fails
         // leaves a full dump (said in the `dumped` event), not a failed checkpoint.
         let (mut pre_frozen_us, mut pre_dump_error) = (Vec::new(), None);
-        if self.dirty_tracking {
+        if self.dirty_tracking && incremental {
             match self.pre_dumps(init, stage.path()) {
                 Ok(f) => pre_frozen_us = f,
                 Err(e) => {
@@ -648,6 +648,9 @@ impl Run {
             return;
         }
         let init = only_child(leader);
+        // A stop's dump is full: the job is killed right after it, so pre-dumps would only
+        // make the stop longer (under Slurm, eat into the margin).
+        let incremental = !matches!(self.m.phase, Phase::Stopping { .. });
         // A dump can fail for a moment's reason (a child exiting while CRIU seizes the
         // tree: "Unable to detach ... No such process"): up to 3 attempts.
         let mut res = Err("the job's process tree is gone".to_string());
@@ -655,7 +658,7 @@ impl Run {
             let Some(init) = init.filter(|&p| is_alive(p)) else {
                 break;
             };
-            res = c.dump(&self.store, init);
+            res = c.dump(&self.store, init, incremental);
             if res.is_ok() {
                 break;
             }
