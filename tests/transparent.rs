@@ -113,12 +113,24 @@ printf '%d %u' "$n" "$acc" > "$d/result.tmp"
 mv "$d/result.tmp" "$d/result"
 "#;
 
-/// The host pid of the job's own process (the init of its PID namespace): the only child of
-/// the leader ckpt launched.
+/// The host pid of the job's own process (the init of its PID namespace): the child of the
+/// leader ckpt launched whose `NSpid` ends with 1 (right after a restore the leader also
+/// has CRIU's exiting helper for a moment).
 fn job_init(dir: &Path) -> Option<u32> {
     let leader = status(dir)?["job_pid"].as_u64()?;
     let s = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
+    s.split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/status")).is_ok_and(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .is_some_and(|v| {
+                        let f: Vec<&str> = v.split_whitespace().collect();
+                        f.len() >= 2 && f.last() == Some(&"1")
+                    })
+            })
+        })
 }
 
 fn ckpt_transparent(dir: &Path, every: &str, job: &[String], log: &Path) -> Running {
@@ -929,7 +941,7 @@ esac
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let bin = compile_c(t.path(), C_SRC, "count");
-    let n = 300_000;
+    let n = 800_000; // about 9 s: the stop below must come before the end
     let job = vec![
         bin.display().to_string(),
         n.to_string(),
@@ -1108,7 +1120,7 @@ esac
         text_log()
     );
     let d = events(&dir, "dumped").last().unwrap().clone();
-    assert_eq!(d["seq"], 4, "{d}");
+    assert_eq!(d["seq"], 4, "{d}\n{}", text_log());
     assert_eq!(d["pre_dump_frozen_us"], serde_json::json!([]), "{d}");
     assert!(d["pre_dump_error"].is_null(), "{d}");
     let c = std::fs::read_to_string(&calls).unwrap();

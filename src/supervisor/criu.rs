@@ -480,10 +480,39 @@ fn inherit_key(target: &str) -> Option<String> {
     None
 }
 
-/// The only child of `pid` (the namespace's init under `unshare` or the waiter).
-pub fn only_child(pid: u32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
+/// The children of `pid` (of all its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Whether `status` (the text of `/proc/PID/status`) is that of the init of a PID namespace
+/// below ours: its `NSpid` line ends with 1 (and has more than one field).
+fn status_is_ns_init(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>())
+        .is_some_and(|f| f.len() >= 2 && f.last() == Some(&"1"))
+}
+
+fn is_ns_init(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| status_is_ns_init(&s))
+}
+
+/// The job's own process: the init of its PID namespace, among the children of `pid` (the
+/// waiter). Not merely its first child: right after `criu restore --exec-cmd`, the waiter
+/// also has CRIU's exiting restore helper for a moment, and a dump of that fails.
+pub fn ns_init(pid: u32) -> Option<u32> {
+    children(pid).into_iter().find(|&c| is_ns_init(c))
 }
 
 /// `ckpt __criu-waiter [-- CMD...]`. With CMD: the launch of a transparent job: enters a new
@@ -510,15 +539,35 @@ pub fn waiter(command: &[OsString]) -> i32 {
     ] {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
+    // The job's status is its init's: after a restore, the waiter's children also include
+    // CRIU's restore helper, which exits at once (its status is not the job's).
     let mut last: Option<WaitStatus> = None;
+    let mut init_status: Option<WaitStatus> = None;
     loop {
-        match waitpid(None, None) {
-            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => last = Some(s),
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
+        // Which child ended, before reaping it (a zombie's NSpid still says whether it
+        // was the namespace's init).
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r != 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            break;
+        }
+        let pid = unsafe { info.si_pid() };
+        let was_init = is_ns_init(pid as u32);
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                if was_init {
+                    init_status = Some(s);
+                }
+                last = Some(s);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => break,
         }
     }
+    let last = init_status.or(last);
     match last {
         Some(WaitStatus::Exited(_, code)) => code,
         Some(WaitStatus::Signaled(_, sig, _)) => {
@@ -598,7 +647,7 @@ impl Run {
             return true;
         }
         if sig == libc::SIGTERM {
-            if let Some(init) = self.job_pid.and_then(only_child) {
+            if let Some(init) = self.job_pid.and_then(ns_init) {
                 if dumping {
                     self.rep.event(
                         "kill_after_dump",
@@ -647,7 +696,7 @@ impl Run {
             ));
             return;
         }
-        let init = only_child(leader);
+        let mut init = ns_init(leader);
         // A stop's dump is full: the job is killed right after it, so pre-dumps would only
         // make the stop longer (under Slurm, eat into the margin).
         let incremental = !matches!(self.m.phase, Phase::Stopping { .. });
@@ -655,13 +704,14 @@ impl Run {
         // tree: "Unable to detach ... No such process"): up to 3 attempts.
         let mut res = Err("the job's process tree is gone".to_string());
         for _ in 0..3 {
-            let Some(init) = init.filter(|&p| is_alive(p)) else {
+            let Some(pid) = init.filter(|&p| is_alive(p)) else {
                 break;
             };
-            res = c.dump(&self.store, init, incremental);
+            res = c.dump(&self.store, pid, incremental);
             if res.is_ok() {
                 break;
             }
+            init = ns_init(leader);
         }
         // A job that died during its dump says nothing about what CRIU can do.
         let alive = init.is_some_and(is_alive);
@@ -848,6 +898,27 @@ mod tests {
             Some(40195)
         );
         assert_eq!(frozen_time(b"nothing"), None);
+    }
+
+    #[test]
+    fn the_namespace_init_is_told_by_its_nspid() {
+        let st = |nspid: &str| {
+            format!("Name:\tcount\nState:\tS (sleeping)\nNSpid:\t{nspid}\nNSpgid:\t1\n")
+        };
+        assert!(status_is_ns_init(&st("23387\t1")));
+        assert!(
+            !status_is_ns_init(&st("23386")),
+            "CRIU's helper, in our namespace"
+        );
+        assert!(
+            !status_is_ns_init(&st("23390\t7")),
+            "another process of the job"
+        );
+        assert!(!status_is_ns_init(&st("1")), "the host's init");
+        assert!(!status_is_ns_init("Name:\tx\n"));
+        // This process is in no namespace below the test's own.
+        assert!(!is_ns_init(std::process::id()));
+        assert_eq!(ns_init(std::process::id()), None);
     }
 
     #[test]
