@@ -17,6 +17,8 @@ pub mod cli;
 #[cfg(feature = "supervisor")]
 pub mod demo;
 #[cfg(feature = "supervisor")]
+pub mod exit;
+#[cfg(feature = "supervisor")]
 pub mod fmt;
 #[cfg(feature = "supervisor")]
 pub mod integrations;

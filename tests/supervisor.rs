@@ -405,6 +405,51 @@ fn durations_too_long_and_unusable_signals_are_refused() {
     }
 }
 
+/// Errors become exit codes in one place (`ErrKind::code`, called at the CLI's edge): no
+/// source file outside `src/exit.rs` builds a `Fatal` from a number or names an error's code.
+#[test]
+fn errors_become_exit_codes_only_at_the_cli_edge() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.clone()];
+    let mut offenders = Vec::new();
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if p.extension().is_none_or(|e| e != "rs") || p.ends_with("exit.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let error_code = [
+                "USAGE",
+                "DATA",
+                "SOFTWARE",
+                "CANT_CREATE",
+                "IO",
+                "NOT_RUNNING",
+                "NO_CLIENT",
+                "CANNOT_EXECUTE",
+                "NOT_FOUND",
+            ]
+            .iter()
+            .any(|c| {
+                line.contains(&format!("exit_codes::{c}"))
+                    && !line.contains(&format!("exit_codes::{c}_"))
+            });
+            if error_code || line.contains("code: ") && line.contains("Fatal") {
+                offenders.push(format!("{}:{}: {}", p.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "error codes picked outside src/exit.rs (use an ErrKind):\n{}",
+        offenders.join("\n")
+    );
+}
+
 #[test]
 fn the_exit_code_table_is_one_table() {
     let readme =

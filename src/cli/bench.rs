@@ -12,7 +12,7 @@ use serde_json::json;
 use super::parse_duration;
 use crate::store::{Algo, Stage, Store};
 use crate::supervisor::interval::{auto_choice, auto_interval, ASYNC_HEADROOM, DEFAULT_MTBF};
-use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
+use crate::supervisor::{fmt_bytes, fmt_dur, Fatal};
 
 /// Measure checkpoint costs on this storage.
 ///
@@ -95,10 +95,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn io_fail(what: &str, p: &Path, e: impl std::fmt::Display) -> Fatal {
-    Fatal {
-        code: exit_codes::IO,
-        msg: format!("bench: {what} {}: {e}", p.display()),
-    }
+    Fatal::io(format!("bench: {what} {}: {e}", p.display()))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -304,10 +301,8 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
-    let mut ck = crate::Checkpointer::open(work.join("async")).map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: format!("bench: {e}"),
-    })?;
+    let mut ck = crate::Checkpointer::open(work.join("async"))
+        .map_err(|e| Fatal::io(format!("bench: {e}")))?;
 
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -556,10 +551,7 @@ fn fmt_secs(s: f64) -> String {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> Fatal {
-    Fatal {
-        code: exit_codes::IO,
-        msg: format!("bench: {e}"),
-    }
+    Fatal::io(format!("bench: {e}"))
 }
 
 /// The child of `ckpt bench --path python`: holds one numpy array (the bytes of `argv[2]`),

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::parse_duration;
+use crate::exit::ErrKind;
 use crate::supervisor::{exit_codes, fmt_dur, Fatal};
 
 /// `ckpt check`'s own exit codes (documented in `--help` and docs/check.md).
@@ -132,18 +133,8 @@ pub struct CheckArgs {
     pub command: Vec<OsString>,
 }
 
-fn usage(msg: impl Into<String>) -> Fatal {
-    Fatal {
-        code: exit_codes::USAGE,
-        msg: msg.into(),
-    }
-}
-
 fn io_err(what: &str, p: &Path, e: std::io::Error) -> Fatal {
-    Fatal {
-        code: exit_codes::IO,
-        msg: format!("cannot {what} {}: {e}", p.display()),
-    }
+    Fatal::io(format!("cannot {what} {}: {e}", p.display()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -298,10 +289,9 @@ enum Wait {
 
 impl Sup {
     fn try_exit(&mut self) -> Result<Option<ExitStatus>, Fatal> {
-        self.child.try_wait().map_err(|e| Fatal {
-            code: exit_codes::SOFTWARE,
-            msg: format!("waiting for ckpt run: {e}"),
-        })
+        self.child
+            .try_wait()
+            .map_err(|e| Fatal::new(ErrKind::Internal, format!("waiting for ckpt run: {e}")))
     }
 
     fn timed_out(&self) -> bool {
@@ -487,9 +477,11 @@ impl Ctx {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
-        let child = c.spawn().map_err(|e| Fatal {
-            code: exit_codes::SOFTWARE,
-            msg: format!("cannot start {} run: {e}", self.exe.display()),
+        let child = c.spawn().map_err(|e| {
+            Fatal::new(
+                ErrKind::Internal,
+                format!("cannot start {} run: {e}", self.exe.display()),
+            )
         })?;
         Ok(Sup {
             child,
@@ -1762,7 +1754,7 @@ fn make_root(work: &Option<PathBuf>) -> Result<(PathBuf, bool), Fatal> {
                     .next()
                     .is_some()
             {
-                return Err(usage(format!(
+                return Err(Fatal::usage(format!(
                     "--work {}: the directory is not empty; give a new or empty one",
                     w.display()
                 )));
@@ -1798,7 +1790,7 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
             ("-d", "ckpt check gives every run its own directory"),
         ] {
             if s == flag || s.starts_with(&format!("{flag}=")) {
-                return Err(usage(format!("--run-opt {s}: {hint}")));
+                return Err(Fatal::usage(format!("--run-opt {s}: {hint}")));
             }
         }
     }
@@ -1806,7 +1798,7 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
     // timestamps, so the job's own outputs are what can be compared.
     let transparent = a.transparent || a.run_opt.iter().any(|o| o == "--transparent");
     if transparent && a.output.is_empty() {
-        return Err(usage("--transparent: give --output PATH (the files the job writes): CRIU image sets differ from run to run and cannot be compared"));
+        return Err(Fatal::usage("--transparent: give --output PATH (the files the job writes): CRIU image sets differ from run to run and cannot be compared"));
     }
     let mut run_opts = a.run_opt.clone();
     if transparent && !run_opts.iter().any(|o| o == "--transparent") {
@@ -1816,11 +1808,13 @@ pub fn run(a: CheckArgs) -> Result<i32, Fatal> {
         .iter()
         .any(|o| o.is_absolute() || o.components().any(|c| c == std::path::Component::ParentDir))
     {
-        return Err(usage("--output: give a path relative to the job's working directory (each run has its own), without .."));
+        return Err(Fatal::usage("--output: give a path relative to the job's working directory (each run has its own), without .."));
     }
-    let exe = std::env::current_exe().map_err(|e| Fatal {
-        code: exit_codes::SOFTWARE,
-        msg: format!("cannot find the ckpt executable: {e}"),
+    let exe = std::env::current_exe().map_err(|e| {
+        Fatal::new(
+            ErrKind::Internal,
+            format!("cannot find the ckpt executable: {e}"),
+        )
     })?;
     let mut command = a.command.clone();
     let prog = PathBuf::from(&command[0]);

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{parse_duration, DirArg};
+use crate::exit::ErrKind;
 use crate::store::Store;
 use crate::supervisor::control::{self, Request};
-use crate::supervisor::{exit_codes, fmt_bytes, fmt_dur, Fatal};
+use crate::supervisor::{fmt_bytes, fmt_dur, Fatal};
 
 /// Show what a running supervisor and its job are doing.
 #[derive(Debug, clap::Args)]
@@ -82,16 +83,13 @@ fn check_serves(store: &Store, v: &Value) -> Result<(), Fatal> {
     if ours.is_some() && ours == id(std::path::Path::new(theirs)) {
         return Ok(());
     }
-    Err(Fatal {
-        code: exit_codes::NOT_RUNNING,
-        msg: format!(
+    Err(Fatal::new(ErrKind::NotRunning, format!(
             "no ckpt supervisor is running on {}: the supervisor its .ckpt/status.json leads to (pid {}) serves {}, another directory (is {} a copy?)",
             crate::store::display_path(store.dir()),
             v["supervisor_pid"],
             crate::store::escape(theirs),
             crate::store::display_path(store.dir())
-        ),
-    })
+        )))
 }
 
 fn call(dir: &DirArg, req: &Request, timeout: Option<Duration>) -> Result<Value, Fatal> {
@@ -136,21 +134,18 @@ fn call_at(
                 path.display()
             ),
         };
-        Fatal {
-            code: exit_codes::NOT_RUNNING,
-            msg: why,
-        }
+        Fatal::new(ErrKind::NotRunning, why)
     })?;
     if answer["ok"] != Value::Bool(true) {
         let e = answer["error"]
             .as_str()
             .unwrap_or("unknown error")
             .to_string();
-        let code = match answer["code"].as_str() {
-            Some("no_client") => exit_codes::NO_CLIENT,
-            _ => exit_codes::TEMPFAIL,
+        let kind = match answer["code"].as_str() {
+            Some("no_client") => ErrKind::NoClient,
+            _ => ErrKind::TryAgain,
         };
-        return Err(Fatal { code, msg: e });
+        return Err(Fatal::new(kind, e));
     }
     if matches!(req, Request::Status {}) {
         check_serves(store, &answer)?;
@@ -199,7 +194,7 @@ pub fn status(a: StatusArgs) -> Result<i32, Fatal> {
         std::thread::sleep(every);
         v = match call(&a.dir, &Request::Status {}, Some(Duration::from_secs(10))) {
             Ok(v) => v,
-            Err(e) if e.code == exit_codes::NOT_RUNNING => {
+            Err(e) if e.kind == ErrKind::NotRunning => {
                 eprintln!("ckpt: the supervisor on {} has exited", a.dir.dir.display());
                 return Ok(0);
             }
@@ -372,13 +367,13 @@ pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
     let deadline = Instant::now() + a.timeout;
     while running(pid) {
         if Instant::now() > deadline {
-            return Err(Fatal {
-                code: exit_codes::TEMPFAIL,
-                msg: format!(
+            return Err(Fatal::new(
+                ErrKind::TryAgain,
+                format!(
                     "supervisor {pid} is still running after {}",
                     fmt_dur(a.timeout)
                 ),
-            });
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -6,9 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::demo::{reference_digest, run_trainer, TrainerArgs};
+use crate::exit::ErrKind;
 use crate::store::scan::read_manifest;
 use crate::store::Store;
-use crate::supervisor::{exit_codes, Fatal};
+use crate::supervisor::Fatal;
 
 /// Run the built-in demo.
 #[derive(Debug, clap::Args)]
@@ -53,17 +54,21 @@ pub fn trainer(a: TrainerCli) -> Result<i32, Fatal> {
         crash_at: a.crash_at,
         digest_file: a.digest_file,
     };
-    run_trainer(&args).map_err(|e| Fatal {
-        code: 1,
-        msg: e.to_string(),
-    })
+    // The demo's job: a failure is the job's own (exit 1, as any program), not ckpt's.
+    match run_trainer(&args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!(
+                "ckpt: error: {}",
+                crate::store::escape_lines(&e.to_string())
+            );
+            Ok(1)
+        }
+    }
 }
 
 fn err(msg: String) -> Fatal {
-    Fatal {
-        code: exit_codes::SOFTWARE,
-        msg,
-    }
+    Fatal::new(ErrKind::Internal, msg)
 }
 
 pub fn run(a: DemoArgs) -> Result<i32, Fatal> {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::DirArg;
 use crate::store::Store;
-use crate::supervisor::{exit_codes, fmt_dur, Fatal};
+use crate::supervisor::{fmt_dur, Fatal};
 
 /// Show the event log.
 #[derive(Debug, clap::Args)]
@@ -41,14 +41,11 @@ fn log_paths(dir: &DirArg) -> Result<(PathBuf, PathBuf), Fatal> {
     let store = Store::new(&dir.dir);
     let p = store.private().join("events.jsonl");
     if !p.exists() {
-        return Err(Fatal {
-            code: exit_codes::USAGE,
-            msg: format!(
-                "no event log at {}; hint: is {} a directory used by `ckpt run`?",
-                p.display(),
-                store.dir().display()
-            ),
-        });
+        return Err(Fatal::usage(format!(
+            "no event log at {}; hint: is {} a directory used by `ckpt run`?",
+            p.display(),
+            store.dir().display()
+        )));
     }
     Ok((store.private().join("events.jsonl.1"), p))
 }
@@ -56,9 +53,11 @@ fn log_paths(dir: &DirArg) -> Result<(PathBuf, PathBuf), Fatal> {
 /// Opens an event log file (a regular file only: a FIFO or symlink planted there must not
 /// hang or redirect `ckpt log`/`ckpt stats`).
 fn open_log(p: &std::path::Path) -> Result<std::fs::File, Fatal> {
-    crate::store::io::open_read(p).map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: format!("cannot read {}: {e}", crate::store::display_path(p)),
+    crate::store::io::open_read(p).map_err(|e| {
+        Fatal::io(format!(
+            "cannot read {}: {e}",
+            crate::store::display_path(p)
+        ))
     })
 }
 
@@ -85,10 +84,10 @@ fn read_events(dir: &DirArg) -> Result<Vec<Value>, Fatal> {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Fatal {
-                        code: exit_codes::IO,
-                        msg: format!("cannot read {}: {e}", crate::store::display_path(&p)),
-                    })
+                    return Err(Fatal::io(format!(
+                        "cannot read {}: {e}",
+                        crate::store::display_path(&p)
+                    )))
                 }
             }
         }

@@ -3,9 +3,10 @@
 use serde_json::json;
 
 use super::DirArg;
+use crate::exit::ErrKind;
 use crate::store::scan::{read_manifest, verify_path};
 use crate::store::{display_path, escape, Store};
-use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
+use crate::supervisor::{fmt_bytes, Fatal};
 
 /// List checkpoints, newest last.
 #[derive(Debug, clap::Args)]
@@ -65,27 +66,22 @@ fn open_remote(
         required: false,
         stop_timeout: std::time::Duration::ZERO,
     })
-    .map_err(|e| Fatal {
-        code: exit_codes::USAGE,
-        msg: format!("--remote: {e}"),
-    })
+    .map_err(|e| Fatal::usage(format!("--remote: {e}")))
 }
 
 /// `ckpt verify --remote URL [SEQ...]`.
 fn verify_remote(a: &VerifyArgs, url: &str) -> Result<i32, Fatal> {
     let r = open_remote(url, &a.remote_key, a.remote_allow_http)?;
     let seqs: Vec<u64> = if a.ids.is_empty() {
-        r.list().map_err(|e| Fatal {
-            code: exit_codes::IO,
-            msg: e,
-        })?
+        r.list().map_err(Fatal::io)?
     } else {
         a.ids
             .iter()
             .map(|i| {
-                i.parse().map_err(|_| Fatal {
-                    code: exit_codes::USAGE,
-                    msg: format!("{i:?}: with --remote, give remote sequence numbers"),
+                i.parse().map_err(|_| {
+                    Fatal::usage(format!(
+                        "{i:?}: with --remote, give remote sequence numbers"
+                    ))
                 })
             })
             .collect::<Result<_, _>>()?
@@ -126,19 +122,16 @@ fn verify_remote(a: &VerifyArgs, url: &str) -> Result<i32, Fatal> {
             bad
         );
     }
-    Ok(if bad > 0 { exit_codes::DATA } else { 0 })
+    Ok(if bad > 0 { ErrKind::Data.code() } else { 0 })
 }
 
 fn open(dir: &DirArg) -> Result<Store, Fatal> {
     let store = Store::new(&dir.dir);
     if !store.dir().is_dir() {
-        return Err(Fatal {
-            code: exit_codes::USAGE,
-            msg: format!(
-                "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
-                display_path(store.dir())
-            ),
-        });
+        return Err(Fatal::usage(format!(
+            "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
+            display_path(store.dir())
+        )));
     }
     Ok(store)
 }
@@ -169,10 +162,7 @@ fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
         stop_timeout: std::time::Duration::ZERO,
     };
     let r = open_remote(&settings.url, &settings.keys, settings.allow_http)?;
-    let seqs = r.list().map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: e,
-    })?;
+    let seqs = r.list().map_err(Fatal::io)?;
     let rows: Vec<serde_json::Value> = seqs
         .iter()
         .map(|&seq| match r.check(seq) {
@@ -232,14 +222,8 @@ pub fn list(a: ListArgs) -> Result<i32, Fatal> {
         return list_remote(&a, &url);
     }
     let store = open(&a.dir)?;
-    let list = store.list().map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: e.to_string(),
-    })?;
-    let mut tags = store.tags_by_seq().map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: e.to_string(),
-    })?;
+    let list = store.list().map_err(|e| Fatal::io(e.to_string()))?;
+    let mut tags = store.tags_by_seq().map_err(|e| Fatal::io(e.to_string()))?;
     let mut rows = Vec::new();
     for (seq, path) in &list {
         let t = tags.remove(seq).unwrap_or_default();
@@ -281,10 +265,7 @@ pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
         return verify_remote(&a, &url);
     }
     let store = open(&a.dir)?;
-    let list = store.list().map_err(|e| Fatal {
-        code: exit_codes::IO,
-        msg: e.to_string(),
-    })?;
+    let list = store.list().map_err(|e| Fatal::io(e.to_string()))?;
     let mut targets = Vec::new();
     if a.ids.is_empty() {
         targets = list.clone();
@@ -332,5 +313,5 @@ pub fn verify(a: VerifyArgs) -> Result<i32, Fatal> {
             bad
         );
     }
-    Ok(if bad > 0 { exit_codes::DATA } else { 0 })
+    Ok(if bad > 0 { ErrKind::Data.code() } else { 0 })
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::exit::ErrKind;
 use crate::supervisor::{exit_codes, Fatal};
 
 /// Process-level checkpoint/restore supervisor for long-running jobs.
@@ -164,7 +165,11 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit_codes::USAGE } else { 0 };
+            let code = if e.use_stderr() {
+                ErrKind::Usage.code()
+            } else {
+                0
+            };
             let _ = e.print();
             if let Some(hint) = missing_dashes_hint(&e) {
                 eprintln!("{hint}");
@@ -206,10 +211,7 @@ pub fn main() -> i32 {
             let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
             page.render(&mut std::io::stdout())
                 .map(|_| 0)
-                .map_err(|e| Fatal {
-                    code: exit_codes::IO,
-                    msg: e.to_string(),
-                })
+                .map_err(|e| Fatal::io(e.to_string()))
         }
         Cmd::Service(a) => service::run(a),
         Cmd::Trainer(a) => demo::trainer(a),
@@ -217,10 +219,11 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(code) => code,
-        Err(Fatal { code, msg }) => {
+        // The CLI's edge: the only place an error becomes an exit code (`ErrKind::code`).
+        Err(f) => {
             // Messages quote names and words from directories, logs and jobs: escaped.
-            eprintln!("ckpt: error: {}", crate::store::escape_lines(&msg));
-            code
+            eprintln!("ckpt: error: {}", crate::store::escape_lines(&f.msg));
+            f.code()
         }
     }
 }

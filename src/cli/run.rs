@@ -185,7 +185,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 fn bounded(flag: &str, d: Duration) -> Result<Duration, Fatal> {
     if d > MAX_DURATION {
-        return Err(usage(format!(
+        return Err(Fatal::usage(format!(
             "{flag} {}s is too long (at most 100 years); hint: use `off` where the flag takes it",
             d.as_secs()
         )));
@@ -203,13 +203,6 @@ pub enum SlurmMode {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-fn usage(msg: String) -> Fatal {
-    Fatal {
-        code: exit_codes::USAGE,
-        msg,
-    }
 }
 
 /// Parses `MIN..MAX`.
@@ -231,20 +224,20 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
     let auto_every = (a.every.trim() == "auto")
         .then_some(crate::supervisor::interval::AutoEvery { mtbf: a.mtbf });
     if a.mtbf.is_some() && auto_every.is_none() {
-        return Err(usage("--mtbf is only used with --every auto".into()));
+        return Err(Fatal::usage("--mtbf is only used with --every auto"));
     }
     let every = match a.every.trim() {
         "off" | "never" | "0" => None,
         "auto" => Some(crate::supervisor::interval::AUTO_INITIAL),
         s => Some(
             parse_duration(s)
-                .map_err(|e| usage(format!("--every {s:?}: {e}; or `off` or `auto`")))?,
+                .map_err(|e| Fatal::usage(format!("--every {s:?}: {e}; or `off` or `auto`")))?,
         ),
     };
     let (signal, signal_explicit) = match &a.signal {
         Some(s) => (
             parse_signal(s).ok_or_else(|| {
-                usage(format!(
+                Fatal::usage(format!(
                     "--signal {s:?} is not a signal name or number (e.g. USR1, SIGUSR2, 12)"
                 ))
             })?,
@@ -253,7 +246,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         None => (libc::SIGUSR1, false),
     };
     if let Some(why) = crate::protocol::request_signal_problem(signal) {
-        return Err(usage(format!(
+        return Err(Fatal::usage(format!(
             "--signal {}: this signal cannot serve as a checkpoint request: it {why}; hint: use USR1, USR2 or a real-time signal (docs/protocol.md)",
             a.signal.clone().unwrap_or_default()
         )));
@@ -261,7 +254,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
     if let Some(e) = every {
         bounded("--every", e)?;
     }
-    let (backoff_min, backoff_max) = parse_backoff(&a.backoff).map_err(usage)?;
+    let (backoff_min, backoff_max) = parse_backoff(&a.backoff).map_err(Fatal::usage)?;
     bounded("--backoff", backoff_max)?;
     bounded("--grace", a.grace)?;
     bounded("--kill-after", a.kill_after)?;
@@ -283,18 +276,18 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             let warning_signal = parse_signal(&a.slurm_signal)
                 .filter(|s| ![libc::SIGKILL, libc::SIGSTOP, libc::SIGCHLD].contains(s))
                 .ok_or_else(|| {
-                    usage(format!(
+                    Fatal::usage(format!(
                         "--slurm-signal {:?} is not a usable signal name or number (e.g. USR1, USR2, 10)",
                         a.slurm_signal
                     ))
                 })?;
-            let margin = match a.slurm_margin.trim() {
-                "off" | "never" => None,
-                s => Some(
-                    parse_duration(s)
-                        .map_err(|e| usage(format!("--slurm-margin {s:?}: {e}; or `off`")))?,
-                ),
-            };
+            let margin =
+                match a.slurm_margin.trim() {
+                    "off" | "never" => None,
+                    s => Some(parse_duration(s).map_err(|e| {
+                        Fatal::usage(format!("--slurm-margin {s:?}: {e}; or `off`"))
+                    })?),
+                };
             Some(crate::integrations::slurm::Settings {
                 requeue: a.requeue,
                 warning_signal,
@@ -304,7 +297,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
     };
     let hang_signal = match &a.hang_signal {
         Some(s) => Some(parse_signal(s).ok_or_else(|| {
-            usage(format!(
+            Fatal::usage(format!(
                 "--hang-signal {s:?} is not a signal name or number (e.g. QUIT, USR2)"
             ))
         })?),
@@ -315,14 +308,14 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         Some(choice) => {
             if let Some(u) = &a.metadata_url {
                 if !u.starts_with("http://") {
-                    return Err(usage(format!(
+                    return Err(Fatal::usage(format!(
                         "--metadata-url {u:?}: only plain http:// URLs are supported (metadata services are not https)"
                     )));
                 }
             }
             if a.preemption_poll.is_zero() || a.metadata_timeout.is_zero() {
-                return Err(usage(
-                    "--preemption-poll and --metadata-timeout must be above zero".into(),
+                return Err(Fatal::usage(
+                    "--preemption-poll and --metadata-timeout must be above zero",
                 ));
             }
             let mut p = crate::integrations::cloud::Settings::new(choice);
@@ -344,8 +337,8 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         }),
         None => {
             if a.remote_required || a.remote_keep.is_some() || !a.remote_key.is_empty() {
-                return Err(usage(
-                    "--remote-required, --remote-keep and --remote-key need --remote URL".into(),
+                return Err(Fatal::usage(
+                    "--remote-required, --remote-keep and --remote-key need --remote URL",
                 ));
             }
             None

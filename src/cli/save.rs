@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::DirArg;
+use crate::exit::ErrKind;
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
 use crate::store::{display_path, Algo, Stage, Store};
-use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
+use crate::supervisor::{fmt_bytes, Fatal};
 
 /// Publish files as a new checkpoint.
 ///
@@ -32,10 +33,6 @@ pub struct SaveArgs {
     pub files: Vec<PathBuf>,
 }
 
-fn fail(code: i32, msg: String) -> Fatal {
-    Fatal { code, msg }
-}
-
 /// Adds `src` under `name`: a regular file, or a directory with its tree. `top` is a path
 /// the user named (a symlink there is followed: the user chose it); inside a saved
 /// directory nothing is followed: a symlink is refused naming it (it could lead anywhere,
@@ -47,24 +44,21 @@ fn add(stage: &mut Stage, name: &str, src: &Path, top: bool) -> Result<u64, Fata
     } else {
         std::fs::symlink_metadata(src)
     }
-    .map_err(|e| fail(exit_codes::USAGE, format!("cannot read {shown}: {e}")))?;
+    .map_err(|e| Fatal::new(ErrKind::Usage, format!("cannot read {shown}: {e}")))?;
     if meta.is_symlink() {
-        return Err(fail(
-            exit_codes::USAGE,
-            format!("{shown} is a symlink; ckpt save does not follow links inside a saved directory; hint: replace it by the file itself, or save its target separately"),
+        return Err(Fatal::new(ErrKind::Usage, format!("{shown} is a symlink; ckpt save does not follow links inside a saved directory; hint: replace it by the file itself, or save its target separately"),
         ));
     }
     if meta.is_dir() {
         let mut total = 0;
         let rd = std::fs::read_dir(src)
-            .map_err(|e| fail(exit_codes::IO, format!("cannot list {shown}: {e}")))?;
+            .map_err(|e| Fatal::new(ErrKind::Io, format!("cannot list {shown}: {e}")))?;
         for ent in rd {
-            let ent = ent.map_err(|e| fail(exit_codes::IO, format!("cannot list {shown}: {e}")))?;
+            let ent =
+                ent.map_err(|e| Fatal::new(ErrKind::Io, format!("cannot list {shown}: {e}")))?;
             let fname = ent.file_name();
             let Some(fname) = fname.to_str() else {
-                return Err(fail(
-                    exit_codes::USAGE,
-                    format!(
+                return Err(Fatal::new(ErrKind::Usage, format!(
                         "{} has a file name that is not valid UTF-8; checkpoint file names are UTF-8 text; hint: rename it",
                         display_path(ent.path())
                     ),
@@ -78,16 +72,16 @@ fn add(stage: &mut Stage, name: &str, src: &Path, top: bool) -> Result<u64, Fata
         // A symlink the user named on the command line: copy what it points to.
         let real = if top {
             src.canonicalize()
-                .map_err(|e| fail(exit_codes::USAGE, format!("cannot read {shown}: {e}")))?
+                .map_err(|e| Fatal::new(ErrKind::Usage, format!("cannot read {shown}: {e}")))?
         } else {
             src.to_path_buf()
         };
         stage
             .copy_from(name, &real)
-            .map_err(|e| fail(exit_codes::IO, e.to_string()))
+            .map_err(|e| Fatal::new(ErrKind::Io, e.to_string()))
     } else {
-        Err(fail(
-            exit_codes::USAGE,
+        Err(Fatal::new(
+            ErrKind::Usage,
             format!("{shown} is not a regular file or directory (a FIFO, socket or device)"),
         ))
     }
@@ -98,29 +92,26 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
     let mut meta = serde_json::Map::new();
     for kv in &a.meta {
         let (k, v) = kv.split_once('=').ok_or_else(|| {
-            fail(
-                exit_codes::USAGE,
-                format!("--meta {kv:?}: expected KEY=VALUE"),
-            )
+            Fatal::new(ErrKind::Usage, format!("--meta {kv:?}: expected KEY=VALUE"))
         })?;
         meta.insert(k.to_string(), json!(v));
     }
     let store = Store::new(&a.dir.dir);
     store
         .create()
-        .map_err(|e| fail(exit_codes::CANT_CREATE, e.to_string()))?;
+        .map_err(|e| Fatal::new(ErrKind::CantCreate, e.to_string()))?;
     let mut stage = Stage::new(&store, Algo::Crc32c)
-        .map_err(|e| fail(exit_codes::CANT_CREATE, e.to_string()))?;
+        .map_err(|e| Fatal::new(ErrKind::CantCreate, e.to_string()))?;
     let mut names = std::collections::HashSet::new();
     for f in &a.files {
         let name = f
             .file_name()
             .and_then(|n| n.to_str())
             .filter(|n| *n != "." && *n != "..")
-            .ok_or_else(|| fail(exit_codes::USAGE, format!("{}: cannot tell the file's name, or it is not valid UTF-8; hint: give a path that ends in a UTF-8 file name", display_path(f))))?
+            .ok_or_else(|| Fatal::new(ErrKind::Usage, format!("{}: cannot tell the file's name, or it is not valid UTF-8; hint: give a path that ends in a UTF-8 file name", display_path(f))))?
             .to_string();
         if !names.insert(name.clone()) {
-            return Err(fail(exit_codes::USAGE, format!("two files are both named {name:?}; checkpoint files are stored under their base names")));
+            return Err(Fatal::new(ErrKind::Usage, format!("two files are both named {name:?}; checkpoint files are stored under their base names")));
         }
         add(&mut stage, &name, f, true)?;
     }
@@ -130,7 +121,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
             concat!("ckpt-save/", env!("CARGO_PKG_VERSION")),
             meta,
         )
-        .map_err(|e| fail(exit_codes::IO, format!("save failed: {e}")))?;
+        .map_err(|e| Fatal::new(ErrKind::Io, format!("save failed: {e}")))?;
     let dur = started.elapsed();
     if let Some(sock) = std::env::var_os(protocol::ENV_SOCKET).filter(|s| !s.is_empty()) {
         if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {

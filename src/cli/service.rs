@@ -10,7 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::{parse_duration, Cli, Cmd, DirArg};
-use crate::supervisor::{exit_codes, Fatal};
+use crate::exit::ErrKind;
+use crate::supervisor::Fatal;
 
 /// Print (or install) a systemd unit that runs CMD under `ckpt run`.
 ///
@@ -50,13 +51,6 @@ pub struct ServiceArgs {
     pub args: Vec<OsString>,
 }
 
-fn usage(msg: String) -> Fatal {
-    Fatal {
-        code: exit_codes::USAGE,
-        msg,
-    }
-}
-
 /// Quotes one word of an `ExecStart=` command line (systemd.service(5), "Command lines"):
 /// `%` and `$` are doubled so neither specifiers nor variables are expanded.
 pub fn quote_exec_word(w: &str) -> String {
@@ -89,14 +83,15 @@ fn quote(w: &str) -> String {
 
 fn text(s: &OsString) -> Result<String, Fatal> {
     s.to_str().map(str::to_string).ok_or_else(|| {
-        usage(format!(
+        Fatal::usage(format!(
             "{s:?} is not valid UTF-8, which a unit file cannot hold"
         ))
     })
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
-    std::path::absolute(p).map_err(|e| usage(format!("cannot make {} absolute: {e}", p.display())))
+    std::path::absolute(p)
+        .map_err(|e| Fatal::usage(format!("cannot make {} absolute: {e}", p.display())))
 }
 
 /// The unit's text.
@@ -107,7 +102,7 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
     {
-        return Err(usage(format!(
+        return Err(Fatal::usage(format!(
             "--name {:?}: use letters, digits and - _ . @ only",
             a.name
         )));
@@ -116,24 +111,24 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
     let workdir = match &a.workdir {
         Some(w) => absolute(w)?,
         None => std::env::current_dir()
-            .map_err(|e| usage(format!("cannot read the current directory: {e}")))?,
+            .map_err(|e| Fatal::usage(format!("cannot read the current directory: {e}")))?,
     };
-    let ckpt =
-        std::env::current_exe().map_err(|e| usage(format!("cannot find the ckpt binary: {e}")))?;
+    let ckpt = std::env::current_exe()
+        .map_err(|e| Fatal::usage(format!("cannot find the ckpt binary: {e}")))?;
     let args: Vec<String> = a.args.iter().map(text).collect::<Result<_, _>>()?;
     let (run_opts, cmd) = match args.first() {
         Some(f) if f.starts_with('-') => match args.iter().position(|x| x == "--") {
             Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
             None => {
-                return Err(usage(
-                    "ckpt run options need a `--` before the command: ckpt service --name N -- --every 5m -- CMD".into(),
+                return Err(Fatal::usage(
+                    "ckpt run options need a `--` before the command: ckpt service --name N -- --every 5m -- CMD",
                 ))
             }
         },
         _ => (Vec::new(), args.clone()),
     };
     if cmd.is_empty() {
-        return Err(usage("no command given after `--`".into()));
+        return Err(Fatal::usage("no command given after `--`"));
     }
     let mut argv = vec![
         ckpt.display().to_string(),
@@ -152,7 +147,7 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
     argv.extend(cmd);
     // The same parser as `ckpt run`: a mistake shows now, not at boot.
     let parsed = Cli::try_parse_from(&argv).map_err(|e| {
-        usage(format!(
+        Fatal::usage(format!(
             "the generated `ckpt run` command is not valid: {e}"
         ))
     })?;
@@ -169,7 +164,7 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
     let mut envs = String::new();
     for e in &a.env {
         if !e.contains('=') || e.starts_with('=') {
-            return Err(usage(format!("--env {e:?}: expected VAR=VALUE")));
+            return Err(Fatal::usage(format!("--env {e:?}: expected VAR=VALUE")));
         }
         envs.push_str(&format!("Environment={}\n", quote(e)));
     }
@@ -182,7 +177,7 @@ pub fn unit(a: &ServiceArgs) -> Result<String, Fatal> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.@$".contains(c))
         {
-            return Err(usage(format!(
+            return Err(Fatal::usage(format!(
                 "--user {:?}: a user name or uid is letters, digits and - _ . @ $ only",
                 u
             )));
@@ -251,17 +246,19 @@ pub fn run(a: ServiceArgs) -> Result<i32, Fatal> {
         return Ok(0);
     }
     let path = a.unit_dir.join(format!("{}.service", a.name));
-    let fail = |what: &str, e: std::io::Error| Fatal {
-        code: exit_codes::CANT_CREATE,
-        msg: format!(
-            "cannot {what} {}: {e}{}",
-            path.display(),
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                "; hint: run as root (sudo), or print the unit and place it yourself"
-            } else {
-                ""
-            }
-        ),
+    let fail = |what: &str, e: std::io::Error| {
+        Fatal::new(
+            ErrKind::CantCreate,
+            format!(
+                "cannot {what} {}: {e}{}",
+                path.display(),
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    "; hint: run as root (sudo), or print the unit and place it yourself"
+                } else {
+                    ""
+                }
+            ),
+        )
     };
     let tmp = a.unit_dir.join(format!(".{}.service.tmp", a.name));
     (|| -> std::io::Result<()> {

@@ -9,28 +9,22 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{parse_duration, DirArg};
+use crate::exit::ErrKind;
 use crate::store::manifest::Manifest;
 use crate::store::scan::{read_manifest, verify_path};
 use crate::store::tags::{check_tag_name, Resolved};
 use crate::store::{
     display_path as dp, escape, escape_lines, Store, PRIVATE, QUARANTINE, ROLLED_BACK,
 };
-use crate::supervisor::branch::{ref_fatal, rollback as do_rollback, store_fatal};
-use crate::supervisor::{exit_codes, fmt_bytes, Fatal};
-
-fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
-    Fatal {
-        code,
-        msg: msg.into(),
-    }
-}
+use crate::supervisor::branch::{ref_fatal, rollback as do_rollback};
+use crate::supervisor::{fmt_bytes, Fatal};
 
 /// The store of `--dir`, which must exist.
 pub fn open(dir: &Path) -> Result<Store, Fatal> {
     let store = Store::new(dir);
     if !store.dir().is_dir() {
-        return Err(fatal(
-            exit_codes::USAGE,
+        return Err(Fatal::new(
+            ErrKind::Usage,
             format!(
                 "{} is not a directory; hint: give the checkpoint directory with --dir or CKPT_DIR",
                 dp(store.dir())
@@ -63,8 +57,8 @@ fn resolve_anywhere(default: &Path, arg: &str) -> Result<(Store, Resolved), Fata
 
 fn manifest_of(res: &Resolved) -> Result<Manifest, Fatal> {
     read_manifest(&res.path).map_err(|e| {
-        fatal(
-            exit_codes::DATA,
+        Fatal::new(
+            ErrKind::Data,
             format!("checkpoint {} ({}): {e}", res.seq, dp(&res.path)),
         )
     })
@@ -89,7 +83,7 @@ pub struct TagArgs {
 }
 
 pub fn tag(a: TagArgs) -> Result<i32, Fatal> {
-    check_tag_name(&a.name).map_err(|m| fatal(exit_codes::USAGE, m))?;
+    check_tag_name(&a.name).map_err(|m| Fatal::new(ErrKind::Usage, m))?;
     let store = open(&a.dir.dir)?;
     resolve(&store, &a.id)?;
     // Resolved (again) under the tag lock: retention cannot remove it between check and write.
@@ -108,7 +102,7 @@ pub fn tag(a: TagArgs) -> Result<i32, Fatal> {
             tags.insert(a.name.clone(), r.seq);
             Ok((r.seq, old))
         })
-        .map_err(|e| store_fatal("cannot tag", e));
+        .map_err(|e| Fatal::store("cannot tag", e));
     let (seq, old) = res?;
     if a.json {
         println!("{}", json!({ "tag": a.name, "seq": seq, "previous": old }));
@@ -151,7 +145,7 @@ pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
                 }
             ))),
         })
-        .map_err(|e| store_fatal("cannot untag", e))?;
+        .map_err(|e| Fatal::store("cannot untag", e))?;
     if a.json {
         println!("{}", json!({ "tag": a.name, "seq": seq }));
     } else {
@@ -180,7 +174,7 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
     let m = manifest_of(&res)?;
     let tags = store
         .tags_by_seq()
-        .map_err(|e| store_fatal("cannot read tags", e))?
+        .map_err(|e| Fatal::store("cannot read tags", e))?
         .remove(&res.seq)
         .unwrap_or_default();
     let verified = a.verify.then(|| verify_path(&res.path, Some(res.seq)));
@@ -260,7 +254,7 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
         print!("{}", escape_lines(&out));
     }
     Ok(match verified {
-        Some(Err(_)) => exit_codes::DATA,
+        Some(Err(_)) => ErrKind::Data.code(),
         _ => 0,
     })
 }
@@ -384,7 +378,7 @@ pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
     let res = resolve(&store, &a.id)?;
     let m =
         crate::store::transfer::export_to(&res.path, Some(res.seq), &a.to, &crate::store::RealIo)
-            .map_err(|e| store_fatal(&format!("cannot export checkpoint {}", res.seq), e))?;
+            .map_err(|e| Fatal::store(&format!("cannot export checkpoint {}", res.seq), e))?;
     let to = std::path::absolute(&a.to).unwrap_or(a.to.clone());
     if a.json {
         println!(
@@ -422,7 +416,7 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
     let store = Store::new(&a.dir.dir);
     let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
     let src_m = read_manifest(&src)
-        .map_err(|e| fatal(exit_codes::DATA, format!("cannot import {}: {e}", dp(&src))))?;
+        .map_err(|e| Fatal::new(ErrKind::Data, format!("cannot import {}: {e}", dp(&src))))?;
     let mut extra = serde_json::Map::new();
     extra.insert(
         "imported_from".into(),
@@ -431,7 +425,7 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
     extra.insert("parent".into(), Value::Null);
     let imp = store
         .import_from(&src, None, extra, a.link)
-        .map_err(|e| store_fatal(&format!("cannot import {}", dp(&src)), e))?;
+        .map_err(|e| Fatal::store(&format!("cannot import {}", dp(&src)), e))?;
     if a.json {
         println!(
             "{}",
@@ -466,9 +460,9 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
     let store = open(&a.dir.dir)?;
     store
         .create()
-        .map_err(|e| store_fatal("cannot prepare the directory", e))?;
+        .map_err(|e| Fatal::store("cannot prepare the directory", e))?;
     let _lock = crate::supervisor::lock::DirLock::acquire(&store, "ckpt rollback")
-        .map_err(|e| fatal(exit_codes::CANT_CREATE, format!("cannot roll back: {e}")))?;
+        .map_err(|e| Fatal::new(ErrKind::CantCreate, format!("cannot roll back: {e}")))?;
     let r = do_rollback(&store, &a.id)?;
     let moved: Vec<Value> = r
         .moved
@@ -538,10 +532,7 @@ pub struct GcArgs {
 /// `ckpt gc --remote URL --keep N`.
 fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     let Some(keep) = a.keep else {
-        return Err(Fatal {
-            code: exit_codes::USAGE,
-            msg: "ckpt gc --remote needs --keep N".into(),
-        });
+        return Err(Fatal::usage("ckpt gc --remote needs --keep N"));
     };
     let r = crate::remote::Remote::open(&crate::remote::Settings {
         url: url.to_string(),
@@ -551,10 +542,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
         required: false,
         stop_timeout: Duration::ZERO,
     })
-    .map_err(|e| Fatal {
-        code: exit_codes::USAGE,
-        msg: format!("--remote: {e}"),
-    })?;
+    .map_err(|e| Fatal::usage(format!("--remote: {e}")))?;
     let store = Store::new(&a.dir.dir);
     let tagged: Vec<u64> = if store.dir().is_dir() {
         store
@@ -564,10 +552,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     } else {
         Vec::new()
     };
-    let io_err = |e: String| Fatal {
-        code: exit_codes::IO,
-        msg: e,
-    };
+    let io_err = |e: String| Fatal::io(e);
     let seqs = r.list().map_err(io_err)?;
     let mut ours = Vec::new();
     let mut foreign = Vec::new();
@@ -630,20 +615,20 @@ pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
     // Everything below lists and deletes under DIR/.ckpt: never through a planted symlink.
     store
         .check_private()
-        .map_err(|e| store_fatal("refusing to collect garbage", e))?;
+        .map_err(|e| Fatal::store("refusing to collect garbage", e))?;
     let mut retention: Vec<(u64, PathBuf)> = Vec::new();
     if let Some(keep) = a.keep {
         let newest = store
             .latest_verified(false, |_| {})
-            .map_err(|e| store_fatal("cannot scan checkpoints", e))?;
+            .map_err(|e| Fatal::store("cannot scan checkpoints", e))?;
         let protect: Vec<u64> = newest.iter().map(|f| f.seq).collect();
         retention = store
             .prune_plan(keep as usize, a.keep_every, &protect)
-            .map_err(|e| store_fatal("cannot plan retention", e))?;
+            .map_err(|e| Fatal::store("cannot plan retention", e))?;
         if !a.dry_run {
             let gone = store
                 .prune(keep as usize, a.keep_every, &protect)
-                .map_err(|e| store_fatal("retention failed", e))?;
+                .map_err(|e| Fatal::store("retention failed", e))?;
             retention.retain(|(s, _)| gone.contains(s));
         }
     }
@@ -702,8 +687,8 @@ pub fn gc(a: GcArgs) -> Result<i32, Fatal> {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(fatal(
-                        exit_codes::IO,
+                    return Err(Fatal::new(
+                        ErrKind::Io,
                         format!("cannot remove {}: {e}", p.display()),
                     ))
                 }

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::report::Reporter;
-use super::{exit_codes, fatal, Fatal};
+use super::Fatal;
 use crate::error::Error;
+use crate::exit::ErrKind;
 use crate::store::tags::RefError;
 use crate::store::Store;
 
@@ -62,21 +63,10 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// that name nothing in the directory are data errors (65, as `ckpt verify 99`).
 pub fn ref_fatal(what: &str, e: RefError) -> Fatal {
     match e {
-        RefError::Syntax(m) => fatal(exit_codes::USAGE, format!("{what}: {m}")),
-        RefError::Unknown(m) => fatal(exit_codes::DATA, format!("{what}: {m}")),
-        RefError::Io(m) => fatal(exit_codes::IO, format!("{what}: {m}")),
+        RefError::Syntax(m) => Fatal::new(ErrKind::Usage, format!("{what}: {m}")),
+        RefError::Unknown(m) => Fatal::new(ErrKind::Data, format!("{what}: {m}")),
+        RefError::Io(m) => Fatal::new(ErrKind::Io, format!("{what}: {m}")),
     }
-}
-
-/// A store error as a fatal error: data that does not verify is 65.
-pub fn store_fatal(what: &str, e: Error) -> Fatal {
-    let code = match &e {
-        Error::Invalid { .. } => exit_codes::DATA,
-        Error::Usage(_) | Error::Name(_) => exit_codes::USAGE,
-        Error::Locked { .. } => exit_codes::CANT_CREATE,
-        _ => exit_codes::IO,
-    };
-    fatal(code, format!("{what}: {e}"))
 }
 
 /// What a rollback did.
@@ -96,9 +86,7 @@ pub fn rollback(store: &Store, reference: &str) -> Result<RolledBack, Fatal> {
         .resolve(reference)
         .map_err(|e| ref_fatal("cannot roll back", e))?;
     let m = store.verify(target.seq).map_err(|reason| {
-        fatal(
-            exit_codes::DATA,
-            format!(
+        Fatal::new(ErrKind::Data, format!(
                 "cannot roll back to checkpoint {} ({reference}): it does not verify: {reason}; hint: `ckpt verify --dir {}` shows which ones do",
                 target.seq,
                 store.dir().display()
@@ -107,14 +95,14 @@ pub fn rollback(store: &Store, reference: &str) -> Result<RolledBack, Fatal> {
     })?;
     let newer: Vec<u64> = store
         .list()
-        .map_err(|e| store_fatal("cannot list checkpoints", e))?
+        .map_err(|e| Fatal::store("cannot list checkpoints", e))?
         .into_iter()
         .map(|(s, _)| s)
         .filter(|s| *s > target.seq)
         .collect();
     let tags = store
         .tags()
-        .map_err(|e| store_fatal("cannot read tags", e))?;
+        .map_err(|e| Fatal::store("cannot read tags", e))?;
     let dangling_tags = tags
         .iter()
         .filter(|(_, s)| newer.contains(s))
@@ -122,12 +110,12 @@ pub fn rollback(store: &Store, reference: &str) -> Result<RolledBack, Fatal> {
         .collect();
     let moved = store
         .set_aside(&newer)
-        .map_err(|e| store_fatal("cannot set checkpoints aside", e))?;
+        .map_err(|e| Fatal::store("cannot set checkpoints aside", e))?;
     let finished = store.private().join("finished");
     if finished.exists() {
         std::fs::remove_file(&finished).map_err(|e| {
-            fatal(
-                exit_codes::CANT_CREATE,
+            Fatal::new(
+                ErrKind::CantCreate,
                 format!("cannot remove {}: {e}", finished.display()),
             )
         })?;
@@ -162,8 +150,8 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
             let moved: Vec<u64> = r.moved.iter().map(|(s, _)| *s).collect();
             crate::store::io::write_owner_only(&marker, format!("{spec}\n").as_bytes()).map_err(
                 |e| {
-                    fatal(
-                        exit_codes::CANT_CREATE,
+                    Fatal::new(
+                        ErrKind::CantCreate,
                         format!("cannot write {}: {e}", marker.display()),
                     )
                 },
@@ -183,7 +171,7 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
         FromSpec::Other { dir, reference } => {
             let existing = store
                 .list()
-                .map_err(|e| store_fatal("cannot list checkpoints", e))?;
+                .map_err(|e| Fatal::store("cannot list checkpoints", e))?;
             if let Some((seq, _)) = existing.last() {
                 rep.event(
                     "from_ignored",
@@ -197,9 +185,7 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
             }
             let src = Store::new(&dir);
             if !src.dir().is_dir() {
-                return Err(fatal(
-                    exit_codes::USAGE,
-                    format!(
+                return Err(Fatal::new(ErrKind::Usage, format!(
                         "--from {spec}: {} is not a directory; hint: --from SRC_DIR[:ID|NAME|latest~N]",
                         src.dir().display()
                     ),
@@ -229,8 +215,8 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
                 } else {
                     String::new()
                 };
-                let f = store_fatal(&format!("{what}: cannot branch from checkpoint {} of {}", r.seq, src.dir().display()), e);
-                Fatal { code: f.code, msg: f.msg + &hint }
+                let f = Fatal::store(&format!("{what}: cannot branch from checkpoint {} of {}", r.seq, src.dir().display()), e);
+                f.with_hint(&hint)
             })?;
             rep.event(
                 "branched",

@@ -800,10 +800,7 @@ impl Run {
             f.seq
         );
         if !self.cfg.allow_fresh {
-            return Err(Fatal {
-                code: super::exit_codes::USAGE,
-                msg: format!("{msg}; refusing to start the job from scratch over it; hint: run with --transparent where CRIU works, or pass --allow-fresh to start over"),
-            });
+            return Err(Fatal::usage(format!("{msg}; refusing to start the job from scratch over it; hint: run with --transparent where CRIU works, or pass --allow-fresh to start over")));
         }
         self.rep.warn(
             "image_not_restored",

@@ -37,93 +37,7 @@ use machine::{Action, Event, Machine, Mark, Outcome, Phase, Why};
 use policy::Policy;
 use report::Reporter;
 
-/// ckpt's exit codes: one table, documented in the README.
-pub mod exit_codes {
-    /// The job finished (exit 0), now or in an earlier run.
-    pub const FINISHED: i32 = 0;
-    /// Bad command line.
-    pub const USAGE: i32 = 64;
-    /// Checkpoints exist but none verifies (restore refused), or `ckpt verify` found bad ones.
-    pub const DATA: i32 = 65;
-    /// Internal error (a bug: please report it).
-    pub const SOFTWARE: i32 = 70;
-    /// The checkpoint directory cannot be created, locked or written.
-    pub const CANT_CREATE: i32 = 73;
-    /// An I/O error while saving or reading.
-    pub const IO: i32 = 74;
-    /// Stopped (signal, preemption, time limit) after a checkpoint: run me again.
-    pub const TEMPFAIL: i32 = 75;
-    /// `ckpt status/checkpoint/stop`: no supervisor runs on that directory.
-    pub const NOT_RUNNING: i32 = 69;
-    /// Stopped, and the job made no progress since its launch in more than
-    /// `--max-stops-without-progress` stops in a row: not requeued or run again (it would
-    /// only loop).
-    pub const NO_PROGRESS: i32 = 76;
-    /// `ckpt checkpoint`: the job has not announced a client, so it cannot be asked.
-    pub const NO_CLIENT: i32 = 78;
-    /// Stopped after a checkpoint and requeued through Slurm (`scontrol requeue`): nothing
-    /// left to do, Slurm runs the batch script again (docs/slurm.md).
-    pub const REQUEUED: i32 = 79;
-    /// Stopped after a checkpoint, but with `--remote-required` the stop's final checkpoint
-    /// did not reach the remote before ckpt had to exit.
-    pub const REMOTE_MISSING: i32 = 77;
-    /// The command exists but cannot be executed.
-    pub const CANNOT_EXECUTE: i32 = 126;
-    /// The command was not found.
-    pub const NOT_FOUND: i32 = 127;
-
-    /// The one table of exit codes: `ckpt --help`, `ckpt run --help` and the README's table
-    /// are all this (a test compares the README with it).
-    pub const TABLE: &[(&str, &str)] = &[
-        ("0", "the job finished (now, or in an earlier run on this directory)"),
-        ("75", "stopped (signal, preemption, time limit) after asking for a checkpoint: **run again to resume**"),
-        ("76", "stopped, and the job made no progress since its launch in more than `--max-stops-without-progress` stops in a row: not run again or requeued (it would only loop)"),
-        ("64", "usage error (bad flag or value)"),
-        ("65", "checkpoints exist but none verifies (pass `--allow-fresh` to start over); `ckpt verify` found a bad one"),
-        ("70", "internal error (please report it)"),
-        ("73", "the checkpoint directory cannot be created, locked (another supervisor holds it) or written"),
-        ("74", "I/O error"),
-        ("79", "under Slurm: stopped after a checkpoint and requeued by ckpt (the batch script must not requeue again)"),
-        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory)"),
-        ("69", "`ckpt status/checkpoint/stop`: no supervisor runs on that directory"),
-        ("78", "`ckpt checkpoint`: the job has not announced a client, so it cannot be asked to checkpoint"),
-        ("126 / 127", "the command cannot be executed / was not found"),
-        ("other", "ckpt gave up restarting: the job's own exit code, or 128 + the signal that killed it"),
-    ];
-
-    /// The table as `--help` text.
-    pub fn help() -> String {
-        let mut s = String::from("EXIT CODES:\n");
-        for (code, what) in TABLE {
-            s.push_str(&format!(
-                "  {code:<9} {}\n",
-                what.replace("**", "").replace('`', "")
-            ));
-        }
-        s.push_str("\nDocumentation: README.md, docs/design.md, docs/protocol.md");
-        s
-    }
-}
-
-/// A fatal error: the exit code and the message.
-#[derive(Debug)]
-pub struct Fatal {
-    pub code: i32,
-    pub msg: String,
-}
-
-impl std::fmt::Display for Fatal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.msg)
-    }
-}
-
-fn fatal(code: i32, msg: impl Into<String>) -> Fatal {
-    Fatal {
-        code,
-        msg: msg.into(),
-    }
-}
+pub use crate::exit::{codes as exit_codes, ErrKind, Fatal};
 
 /// Where `--signal` requests go when the job announced no client (`--signal-to`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,8 +126,8 @@ pub const IGNORED_SIGNALS: [i32; 2] = [libc::SIGVTALRM, libc::SIGPROF];
 pub fn run(cfg: Config) -> Result<i32, Fatal> {
     let store = Store::new(&cfg.dir);
     store.create().map_err(|e| {
-        fatal(
-            exit_codes::CANT_CREATE,
+        Fatal::new(
+            ErrKind::CantCreate,
             format!("cannot prepare checkpoint directory: {e}"),
         )
     })?;
@@ -224,7 +138,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         .collect::<Vec<_>>()
         .join(" ");
     let lock = lock::DirLock::acquire(&store, &cmdline)
-        .map_err(|e| fatal(exit_codes::CANT_CREATE, e.to_string()))?;
+        .map_err(|e| Fatal::new(ErrKind::CantCreate, e.to_string()))?;
     let mut rep = Reporter::new(store.private(), cfg.quiet, cfg.log_json);
     // What a dead predecessor left running (it was SIGKILLed, so it could not clean up).
     let ended = cgroup::end_leftovers(&store.private());
@@ -243,8 +157,8 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     if finished.exists() {
         if cfg.again {
             std::fs::remove_file(&finished).map_err(|e| {
-                fatal(
-                    exit_codes::CANT_CREATE,
+                Fatal::new(
+                    ErrKind::CantCreate,
                     format!("cannot remove {}: {e}", finished.display()),
                 )
             })?;
@@ -277,8 +191,8 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
     let tx_keep = tx.clone();
     start_signal_thread(tx, session.as_ref().map(|s| s.settings.warning_signal))?;
     spawn::become_subreaper().map_err(|e| {
-        fatal(
-            exit_codes::SOFTWARE,
+        Fatal::new(
+            ErrKind::Internal,
             format!("cannot become a child subreaper: {e}"),
         )
     })?;
@@ -392,8 +306,8 @@ fn socket_path(store: &Store, name: &str) -> Result<PathBuf, Fatal> {
         .mode(0o700)
         .create(&d)
         .map_err(|e| {
-            fatal(
-                exit_codes::CANT_CREATE,
+            Fatal::new(
+                ErrKind::CantCreate,
                 format!("cannot create {}: {e}", d.display()),
             )
         })?;
@@ -459,8 +373,8 @@ fn bind_control(store: &Store, tx: Sender<Ev>, shared: Arc<Shared>) -> Result<Pa
         move |req| shared.fallback(req),
     )
     .map_err(|e| {
-        fatal(
-            exit_codes::CANT_CREATE,
+        Fatal::new(
+            ErrKind::CantCreate,
             format!("cannot bind control socket {}: {e}", path.display()),
         )
     })?;
@@ -476,8 +390,8 @@ fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
     let bound = UnixDatagram::bind(&path);
     unsafe { libc::umask(old) };
     let sock = bound.map_err(|e| {
-        fatal(
-            exit_codes::CANT_CREATE,
+        Fatal::new(
+            ErrKind::CantCreate,
             format!("cannot bind job socket {}: {e}", path.display()),
         )
     })?;
@@ -501,8 +415,8 @@ fn bind_socket(store: &Store, tx: Sender<Ev>) -> Result<PathBuf, Fatal> {
             }
         })
         .map_err(|e| {
-            fatal(
-                exit_codes::SOFTWARE,
+            Fatal::new(
+                ErrKind::Internal,
                 format!("cannot start socket thread: {e}"),
             )
         })?;
@@ -544,8 +458,8 @@ fn start_signal_thread(tx: Sender<Ev>, extra: Option<i32>) -> Result<(), Fatal> 
             .chain(extra),
     )
     .map_err(|e| {
-        fatal(
-            exit_codes::SOFTWARE,
+        Fatal::new(
+            ErrKind::Internal,
             format!("cannot install signal handlers: {e}"),
         )
     })?;
@@ -559,8 +473,8 @@ fn start_signal_thread(tx: Sender<Ev>, extra: Option<i32>) -> Result<(), Fatal> 
             }
         })
         .map_err(|e| {
-            fatal(
-                exit_codes::SOFTWARE,
+            Fatal::new(
+                ErrKind::Internal,
                 format!("cannot start signal thread: {e}"),
             )
         })?;
@@ -626,7 +540,7 @@ fn start_uploader(
     rep: &mut Reporter,
 ) -> Result<crate::remote::Uploader, Fatal> {
     let remote = crate::remote::Remote::open(s)
-        .map_err(|e| fatal(exit_codes::USAGE, format!("--remote: {e}")))?;
+        .map_err(|e| Fatal::new(ErrKind::Usage, format!("--remote: {e}")))?;
     rep.event(
         "remote",
         Some(format!(
@@ -653,8 +567,8 @@ fn start_uploader(
         }),
     )
     .map_err(|e| {
-        fatal(
-            exit_codes::SOFTWARE,
+        Fatal::new(
+            ErrKind::Internal,
             format!("cannot start the upload thread: {e}"),
         )
     })
@@ -1050,7 +964,7 @@ impl Run {
         let found = self
             .store
             .latest_verified(true, |b| bad.push(b.to_string()))
-            .map_err(|e| fatal(exit_codes::IO, format!("cannot scan checkpoints: {e}")))?;
+            .map_err(|e| Fatal::new(ErrKind::Io, format!("cannot scan checkpoints: {e}")))?;
         for b in &bad {
             self.rep
                 .warn("quarantined", b.clone(), json!({ "detail": b }));
@@ -1072,9 +986,7 @@ impl Run {
                     .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).count())
                     .unwrap_or(0);
                 if quarantined > 0 && !self.cfg.allow_fresh {
-                    return Err(fatal(
-                        exit_codes::DATA,
-                        format!(
+                    return Err(Fatal::new(ErrKind::Data, format!(
                             "no checkpoint in {} verifies ({quarantined} set aside in {}); refusing to start the job from scratch; hint: inspect them with `ckpt verify`, or pass --allow-fresh to start over",
                             self.store.dir().display(),
                             qdir.display()
@@ -1156,9 +1068,9 @@ impl Run {
         let pid = command.and_then(|command| spawn::launch(&command, &env, cgroup_procs.as_deref(), self.lock_fds)).map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
-                std::io::ErrorKind::NotFound => fatal(exit_codes::NOT_FOUND, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
-                std::io::ErrorKind::PermissionDenied => fatal(exit_codes::CANNOT_EXECUTE, format!("cannot run `{prog}`: permission denied; hint: chmod +x it")),
-                _ => fatal(exit_codes::CANNOT_EXECUTE, format!("cannot run `{prog}`: {e}")),
+                std::io::ErrorKind::NotFound => Fatal::new(ErrKind::NotFound, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
+                std::io::ErrorKind::PermissionDenied => Fatal::new(ErrKind::CannotExecute, format!("cannot run `{prog}`: permission denied; hint: chmod +x it")),
+                _ => Fatal::new(ErrKind::CannotExecute, format!("cannot run `{prog}`: {e}")),
             }
         })?;
         let what = match restore {
