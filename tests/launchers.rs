@@ -141,10 +141,7 @@ fn doc_mpirun_recipe() -> Vec<String> {
         .map(str::trim)
         .find(|l| l.starts_with("ckpt run ") && l.contains(" mpirun "))
         .expect("no `ckpt run ... mpirun` line in the Quick start of docs/multi-rank.md");
-    line.split_whitespace()
-        .skip(2)
-        .map(String::from)
-        .collect()
+    line.split_whitespace().skip(2).map(String::from).collect()
 }
 
 /// The supervisor's arguments after `ckpt run` for mpirun: the recipe's, with the test's
@@ -406,7 +403,10 @@ struct Local {
 
 impl Local {
     fn spawn(mut cmd: Command) -> Local {
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn_guarded();
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn_guarded();
         let pipe = child.stderr.take().unwrap();
         let err = std::thread::spawn(move || {
             let mut s = String::new();
@@ -486,18 +486,33 @@ fn kill_plan(rng: &mut fastrand::Rng) -> Vec<(Target, bool)> {
     v
 }
 
-/// Runs `job` (already started on `dir`, ranks writing under `out`) through one kill of each
-/// kind, then checks the result against an uninterrupted run of `steps`.
-fn kill_each_way(
-    test: &str,
+/// One run: what [`kill_each_way`] needs to know about the job.
+struct Case<'a> {
+    test: &'a str,
     seed: u64,
-    job: &mut dyn Job,
     lang: Lang,
-    dir: &Path,
-    out: &Path,
+    /// The checkpoint directory and the ranks' output directory.
+    dir: &'a Path,
+    out: &'a Path,
     steps: u64,
     limit: Duration,
-) {
+    /// The launcher ends the other ranks of a killed one with SIGTERM and a long grace (srun).
+    sigterm_survivors: bool,
+}
+
+/// Runs `job` (already started on `case.dir`) through one kill of each kind, then checks the
+/// result against an uninterrupted run of `case.steps`.
+fn kill_each_way(case: &Case, job: &mut dyn Job) {
+    let &Case {
+        test,
+        seed,
+        lang,
+        dir,
+        out,
+        steps,
+        limit,
+        sigterm_survivors,
+    } = case;
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
     let deadline = Instant::now() + limit;
     let plan = kill_plan(&mut rng);
@@ -506,13 +521,9 @@ fn kill_each_way(
         let base = checkpoints(dir).len();
         // Between saves: a new checkpoint, then a seeded pause of up to 60 ms (no save may
         // have started). Mid-save: a save running, a seeded pause of up to 20 ms into it.
-        let pause = Duration::from_millis(if mid {
-            rng.u64(0..20)
-        } else {
-            rng.u64(0..60)
-        });
+        let pause = Duration::from_millis(if mid { rng.u64(0..20) } else { rng.u64(0..60) });
         let mut seen: Option<Instant> = None;
-        let victims = loop {
+        let (victims, ranks) = loop {
             if job.ended().is_some() {
                 let log = job.log();
                 panic!("{test}: the job ended before kill {i} ({target:?}, mid-save {mid}): raise the steps\n{log}\n{}", diagnose(dir));
@@ -538,11 +549,12 @@ fn kill_each_way(
                     seen = None;
                 }
             } else if seen.get_or_insert_with(Instant::now).elapsed() >= pause {
-                break match target {
+                let victims = match target {
                     Target::OneRank => vec![p.ranks[rng.usize(..p.ranks.len())]],
-                    Target::AllRanks => p.ranks,
+                    Target::AllRanks => p.ranks.clone(),
                     Target::Launcher => p.launcher,
                 };
+                break (victims, p.ranks);
             }
             std::thread::sleep(Duration::from_millis(1));
         };
@@ -556,6 +568,39 @@ fn kill_each_way(
             checkpoints(dir)
         );
         done.push((target, mid));
+        // The launch's other ranks go with it, soon: the launcher ends them when a rank dies;
+        // when the launcher itself died, ckpt ends its descendants (mpirun's and the
+        // torchrun-like launcher's ranks) and Slurm the step of a dead srun. srun -K ends a
+        // step with a killed rank by SIGTERM and, KillWait later (30 s here), SIGKILL: the
+        // survivors, asked to stop, wait for a round that the dead rank never completes (or
+        // exit after CKPT_STOP_TIMEOUT, 5 s, if no safe point comes).
+        let t = Instant::now();
+        let gone = Duration::from_secs(if sigterm_survivors && target == Target::OneRank {
+            45
+        } else {
+            10
+        });
+        loop {
+            let left: Vec<i32> = procs(dir, lang)
+                .ranks
+                .into_iter()
+                .filter(|r| ranks.contains(r))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < gone,
+                "{test}: ranks {left:?} of the launch still run {gone:?} after kill {i} ({target:?})\n{}\n{}",
+                job.log(),
+                diagnose(dir)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!(
+            "{test}: kill {i}: the launch's ranks were gone {:?} later",
+            t.elapsed()
+        );
         // The next launch is up before the next kill.
         while events(dir, "launch").len() <= launches {
             assert!(
@@ -587,12 +632,15 @@ fn kill_each_way(
     };
     let log = job.log();
     assert!(ok, "{test}: ckpt run failed:\n{log}\n{}", diagnose(dir));
-    // Every launcher takes the other ranks down with a killed one: no live rank ever waits for
-    // a dead one, so no round may time out.
-    assert!(
-        !log.contains("abandoning the round"),
-        "{test}: a save round timed out although every rank was alive:\n{log}"
-    );
+    // mpirun and the torchrun-like launcher SIGKILL the other ranks with a killed one: no live
+    // rank ever waits for a dead one, so no round may time out. (Under srun, the survivors of
+    // a killed rank run until KillWait, their rounds timing out: see above.)
+    if !sigterm_survivors {
+        assert!(
+            !log.contains("abandoning the round"),
+            "{test}: a save round timed out although every rank was alive:\n{log}"
+        );
+    }
     assert_eq!(
         combined(out),
         reference(steps),
@@ -651,33 +699,42 @@ fn local_launcher(test: &str, launcher: Launcher, lang: Lang, steps: u64) {
             ompi_env(&mut cmd, tmp.path(), other_node);
         }
         Launcher::TorchrunLike => {
-            cmd.args(["run", "--quiet", "--every", "150ms", "--backoff", "20ms..100ms"])
-                .args(["--max-failures", "30", "--dir"])
-                .arg(&dir)
-                .arg("--")
-                .arg("python3")
-                .arg(repo().join("test-programs/python_rank_launcher.py"))
-                .args(["--n", &WORLD.to_string(), "--"])
-                .args(&prog);
+            cmd.args([
+                "run",
+                "--quiet",
+                "--every",
+                "150ms",
+                "--backoff",
+                "20ms..100ms",
+            ])
+            .args(["--max-failures", "30", "--dir"])
+            .arg(&dir)
+            .arg("--")
+            .arg("python3")
+            .arg(repo().join("test-programs/python_rank_launcher.py"))
+            .args(["--n", &WORLD.to_string(), "--"])
+            .args(&prog);
         }
     }
     // The Python client from the checkout (ranks on this node inherit it; the other node's
-    // login sets it). A stalled round would be abandoned after 10 s, within the deadline, and
-    // fail the test by its message.
+    // login sets it). A stalled round of ranks on this node would be abandoned after 10 s,
+    // within the deadline, and fail the test by its message (ranks on the other node keep the
+    // default, 300 s: the deadline fails the test).
     cmd.env("PYTHONPATH", repo().join("python/src"))
         .env("CKPT_ROUND_TIMEOUT", "10");
     eprintln!("{test}: {:?}", cmd.get_args().collect::<Vec<_>>());
     let mut job = Local::spawn(cmd);
-    kill_each_way(
+    let case = Case {
         test,
         seed,
-        &mut job,
         lang,
-        &dir,
-        &out,
+        dir: &dir,
+        out: &out,
         steps,
-        Duration::from_secs(120),
-    );
+        limit: Duration::from_secs(120),
+        sigterm_survivors: false,
+    };
+    kill_each_way(&case, &mut job);
 }
 
 #[test]
@@ -765,14 +822,15 @@ fn srun_python_ranks_killed_each_way_resume_bit_identical() {
         out: job_out,
         dir: dir.clone(),
     };
-    kill_each_way(
+    let case = Case {
         test,
         seed,
-        &mut job,
-        Lang::Python,
-        &dir,
-        &out,
+        lang: Lang::Python,
+        dir: &dir,
+        out: &out,
         steps,
-        Duration::from_secs(150),
-    );
+        limit: Duration::from_secs(240),
+        sigterm_survivors: true,
+    };
+    kill_each_way(&case, &mut job);
 }
