@@ -21,7 +21,8 @@
 //! Open MPI as root: `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1` (the
 //! environment form of `--allow-run-as-root`), and `OMPI_MCA_rmaps_base_oversubscribe=1`
 //! (`--oversubscribe`: 4 ranks on 2 cores); nothing else is needed offline (the ranks do not
-//! call MPI; mpirun's own connections are on the machine). The mpirun tests are skipped
+//! call MPI); the simulated other node's daemon connects back to mpirun on loopback
+//! (`OMPI_MCA_oob_tcp_if_include=lo`). The mpirun tests are skipped
 //! without `mpirun`, unless `CI` is set (then they fail): `scripts/setup` installs
 //! `openmpi-bin`. The srun test follows tests/slurm.rs (skipped without a cluster unless `CI`).
 
@@ -236,8 +237,10 @@ fn ompi_env(cmd: &mut Command, tmp: &Path, other_node: bool) {
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
         let hosts = tmp.join("hostfile");
         std::fs::write(&hosts, "nodeb slots=4\n").unwrap();
+        // The daemon connects back to mpirun on loopback, whatever the machine's interfaces.
         cmd.env("OMPI_MCA_plm_rsh_agent", &ssh)
-            .env("OMPI_MCA_orte_default_hostfile", &hosts);
+            .env("OMPI_MCA_orte_default_hostfile", &hosts)
+            .env("OMPI_MCA_oob_tcp_if_include", "lo");
     }
 }
 
@@ -745,7 +748,7 @@ fn mpirun_rust_ranks_killed_each_way_resume_bit_identical() {
             test,
             Launcher::Mpirun { other_node: false },
             Lang::Rust,
-            1500,
+            1000,
         );
     }
 }
@@ -760,7 +763,7 @@ fn mpirun_python_ranks_on_another_node_killed_each_way_resume_bit_identical() {
             test,
             Launcher::Mpirun { other_node: true },
             Lang::Python,
-            1500,
+            1000,
         );
     }
 }
@@ -771,7 +774,7 @@ fn torchrun_like_python_ranks_killed_each_way_resume_bit_identical() {
         "torchrun_like_python",
         Launcher::TorchrunLike,
         Lang::Python,
-        1500,
+        1000,
     );
 }
 
@@ -784,7 +787,7 @@ fn srun_python_ranks_killed_each_way_resume_bit_identical() {
     }
     let seed = seed(test);
     let (tmp, dir, out) = prepare(true);
-    let steps = 1500;
+    let steps = 1000;
     let prog = rank_program(Lang::Python, steps, &out);
     let script = tmp.path().join("job.sh");
     std::fs::write(
