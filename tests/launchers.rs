@@ -290,18 +290,20 @@ fn procs(dir: &Path, lang: Lang) -> Procs {
     p
 }
 
-/// The newest launch's round directory (`r<restart>.<pid>`: the highest restart count).
+/// The round directory of the newest launch (`r<restart>.<pid>`, its restart count), once it
+/// exists: the previous launch's rounds, which a kill may have left mid-save, do not count.
 fn current_epoch(dir: &Path) -> Option<PathBuf> {
+    let restart = events(dir, "launch").last()?["restart"].as_u64()?;
     std::fs::read_dir(dir.join(".ckpt/rounds"))
         .ok()?
         .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let restart: u64 = n.strip_prefix('r')?.split('.').next()?.parse().ok()?;
-            Some((restart, e.path()))
+        .find(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('r')?.split('.').next()?.parse::<u64>().ok())
+                == Some(restart)
         })
-        .max_by_key(|(r, _)| *r)
-        .map(|(_, p)| p)
+        .map(|e| e.path())
 }
 
 /// A save is running: a live rank has a staging directory, or a round of the current launch
@@ -520,8 +522,10 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
     let deadline = Instant::now() + limit;
     let plan = kill_plan(&mut rng);
     let mut done = Vec::new();
+    // The newest checkpoint (retention keeps three: their count stops growing).
+    let newest = || checkpoints(dir).last().copied().unwrap_or(0);
     for (i, &(target, mid)) in plan.iter().enumerate() {
-        let base = checkpoints(dir).len();
+        let base = newest();
         // Between saves: a new checkpoint, then a seeded pause of up to 60 ms (no save may
         // have started). Mid-save: a save running, a seeded pause of up to 20 ms into it.
         let pause = Duration::from_millis(if mid { rng.u64(0..20) } else { rng.u64(0..60) });
@@ -544,11 +548,11 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
                 && if mid {
                     running
                 } else {
-                    checkpoints(dir).len() > base && !running
+                    newest() > base && !running
                 };
             if !ready {
                 // Mid-save: the pause starts with the save; between: with the checkpoint.
-                if mid || checkpoints(dir).len() <= base {
+                if mid || newest() <= base {
                     seen = None;
                 }
             } else if seen.get_or_insert_with(Instant::now).elapsed() >= pause {
