@@ -22,9 +22,10 @@
 //! environment form of `--allow-run-as-root`), and `OMPI_MCA_rmaps_base_oversubscribe=1`
 //! (`--oversubscribe`: 4 ranks on 2 cores); nothing else is needed offline (the ranks do not
 //! call MPI); the simulated other node's daemon connects back to mpirun on loopback
-//! (`OMPI_MCA_oob_tcp_if_include=lo`). The mpirun tests are skipped
-//! without `mpirun`, unless `CI` is set (then they fail): `scripts/setup` installs
-//! `openmpi-bin`. The srun test follows tests/slurm.rs (skipped without a cluster unless `CI`).
+//! (`OMPI_MCA_oob_tcp_if_include=lo`). The mpirun tests are skipped without `mpirun`, unless
+//! `CI` is set (then they fail): `scripts/setup` installs `openmpi-bin`. The srun test follows
+//! tests/slurm.rs (skipped without a cluster unless `CI` is set). About 1.5-2 min in all on 2
+//! cores, most of it srun's: a killed rank's survivors run until Slurm's KillWait (30 s).
 
 mod common;
 
