@@ -191,6 +191,13 @@ fn mpirun_args(dir: &Path, prog: &[String]) -> Vec<String> {
         .position(|w| w == "-n")
         .expect("-n in the recipe");
     assert_eq!(launcher[n + 1], WORLD.to_string(), "{recipe:?}");
+    // Every variable the supervisor sets is forwarded to ranks on other nodes.
+    for k in ckpt::protocol::SUPERVISOR_ENV {
+        assert!(
+            launcher.windows(2).any(|w| w[0] == "-x" && w[1] == k),
+            "the mpirun recipe in docs/multi-rank.md does not forward {k} (-x {k})"
+        );
+    }
     v.extend(launcher[..launcher.len() - 1].iter().cloned());
     v.extend(prog.iter().cloned());
     v
