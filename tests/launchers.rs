@@ -1,0 +1,851 @@
+//! Multi-rank jobs under real launchers (docs/multi-rank.md, "Quick start"): `mpirun` from
+//! Open MPI with Rust ranks and with Python ranks (the latter on a simulated other node, where
+//! only what the recipe's `-x` list forwards reaches the ranks), `srun -K -n 4` with Python
+//! ranks on the local Slurm cluster, and the torchrun-like Python launcher
+//! (`test-programs/python_rank_launcher.py`) with Python ranks.
+//!
+//! For every launcher, one run of `ckpt run -- LAUNCHER ... rank trainer` takes one SIGKILL of
+//! each kind, in a seeded order at seeded instants: one rank, all ranks and the launcher, each
+//! mid-save (a rank is writing its shard or a round's stage holds shards) and between saves (a
+//! new checkpoint exists and no save is running). The resumed job must end with the global
+//! digest of an uninterrupted run (bit-identical per-rank digest chains), every restore must
+//! have seen all shards, every published checkpoint must verify with one shard per rank, and
+//! no process of the job may survive. Seeds are printed; replay with `CKPT_TEST_SEED`.
+//!
+//! The ranks use the single-process calls: Rust ranks run the README loop (`rank_trainer
+//! --readme step`: `should_checkpoint()` without a step), Python ranks
+//! `should_checkpoint(step=)` and `saving(step=)`; rank and world size come from the
+//! launcher's variables (`OMPI_COMM_WORLD_RANK`/`_SIZE`, `SLURM_PROCID`/`SLURM_STEP_NUM_TASKS`,
+//! `RANK`/`WORLD_SIZE`).
+//!
+//! Open MPI as root: `OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1` (the
+//! environment form of `--allow-run-as-root`), and `OMPI_MCA_rmaps_base_oversubscribe=1`
+//! (`--oversubscribe`: 4 ranks on 2 cores); nothing else is needed offline (the ranks do not
+//! call MPI); the simulated other node's daemon connects back to mpirun on loopback
+//! (`OMPI_MCA_oob_tcp_if_include=lo`). The mpirun tests are skipped without `mpirun`, unless
+//! `CI` is set (then they fail): `scripts/setup` installs `openmpi-bin`. The srun test follows
+//! tests/slurm.rs (skipped without a cluster unless `CI` is set). About 1.5-2 min in all on 2
+//! cores, most of it srun's: a killed rank's survivors run until Slurm's KillWait (30 s).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::slurm::*;
+use common::*;
+
+const WORLD: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Launcher {
+    /// mpirun on this node; `other_node`: through a stand-in for ssh that starts Open MPI's
+    /// daemon with an empty environment, as a login on another node would.
+    Mpirun { other_node: bool },
+    /// `test-programs/python_rank_launcher.py` (torchrun-like: RANK/WORLD_SIZE, kills the
+    /// other ranks when one fails).
+    TorchrunLike,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lang {
+    Rust,
+    Python,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Target {
+    OneRank,
+    AllRanks,
+    Launcher,
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The rank program's command line (the same arguments for both languages: the Python
+/// trainer has the Rust one's digest chain and shard format).
+fn rank_program(lang: Lang, steps: u64, out: &Path) -> Vec<String> {
+    let mut v = match lang {
+        Lang::Rust => vec![test_bin("rank_trainer").display().to_string()],
+        Lang::Python => vec![
+            "python3".into(),
+            repo()
+                .join("test-programs/python_rank_trainer.py")
+                .display()
+                .to_string(),
+        ],
+    };
+    v.extend(
+        [
+            "--steps",
+            &steps.to_string(),
+            "--step-ms",
+            "3",
+            "--save-ms",
+            "40",
+            "--pad-kib",
+            "64",
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    if lang == Lang::Rust {
+        // The README's loop: should_checkpoint() without a step, save with the step.
+        v.extend(["--readme".into(), "step".into()]);
+    }
+    v
+}
+
+fn reference(steps: u64) -> String {
+    let out = Command::new(test_bin("rank_trainer"))
+        .args(["--reference", "--world", &WORLD.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+fn combined(out: &Path) -> String {
+    let ds: Vec<String> = (0..WORLD)
+        .map(|r| {
+            std::fs::read_to_string(out.join(format!("digest-{r}")))
+                .unwrap_or_else(|_| panic!("rank {r} wrote no digest"))
+        })
+        .collect();
+    let o = Command::new(test_bin("rank_trainer"))
+        .args(["--combine", &ds.join(",")])
+        .output()
+        .unwrap();
+    text(&o.stdout).trim().to_string()
+}
+
+// ---- the recipe in docs/multi-rank.md ----
+
+/// The `mpirun` recipe of docs/multi-rank.md's Quick start as written: the words of the
+/// command after `ckpt run` (continuation lines joined).
+fn doc_mpirun_recipe() -> Vec<String> {
+    let doc = std::fs::read_to_string(repo().join("docs/multi-rank.md")).unwrap();
+    let quick = doc
+        .split("\n## Quick start\n")
+        .nth(1)
+        .expect("docs/multi-rank.md has a Quick start")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let joined = quick.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ckpt run ") && l.contains(" mpirun "))
+        .expect("no `ckpt run ... mpirun` line in the Quick start of docs/multi-rank.md");
+    line.split_whitespace().skip(2).map(String::from).collect()
+}
+
+/// The supervisor's arguments after `ckpt run` for mpirun: the recipe's, with the test's
+/// directory and interval for its `--dir` and `--every`, options to survive many kills added,
+/// and the recipe's program (`./train`) replaced by `prog`.
+fn mpirun_args(dir: &Path, prog: &[String]) -> Vec<String> {
+    let recipe = doc_mpirun_recipe();
+    let sep = recipe.iter().position(|w| w == "--").expect("-- in recipe");
+    let mut v: Vec<String> = Vec::new();
+    let mut it = recipe[..sep].iter();
+    while let Some(w) = it.next() {
+        match w.as_str() {
+            "--dir" => {
+                it.next();
+                v.extend(["--dir".into(), dir.display().to_string()]);
+            }
+            "--every" => {
+                it.next();
+                v.extend(["--every".into(), "150ms".into()]);
+            }
+            _ => v.push(w.clone()),
+        }
+    }
+    v.extend(
+        [
+            "--quiet",
+            "--backoff",
+            "20ms..100ms",
+            "--max-failures",
+            "30",
+            "--",
+        ]
+        .map(String::from),
+    );
+    let launcher = &recipe[sep + 1..];
+    assert_eq!(launcher[0], "mpirun", "{recipe:?}");
+    assert_eq!(
+        launcher.last().map(String::as_str),
+        Some("./train"),
+        "{recipe:?}"
+    );
+    // The recipe's world size is the test's.
+    let n = launcher
+        .iter()
+        .position(|w| w == "-n")
+        .expect("-n in the recipe");
+    assert_eq!(launcher[n + 1], WORLD.to_string(), "{recipe:?}");
+    // Every variable the supervisor sets is forwarded to ranks on other nodes.
+    for k in ckpt::protocol::SUPERVISOR_ENV {
+        assert!(
+            launcher.windows(2).any(|w| w[0] == "-x" && w[1] == k),
+            "the mpirun recipe in docs/multi-rank.md does not forward {k} (-x {k})"
+        );
+    }
+    v.extend(launcher[..launcher.len() - 1].iter().cloned());
+    v.extend(prog.iter().cloned());
+    v
+}
+
+fn have_mpirun(test: &str) -> bool {
+    let ok = Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI is set but mpirun is missing (scripts/setup installs openmpi-bin)"
+        );
+        eprintln!("{test}: SKIPPED: no mpirun (install openmpi-bin, as scripts/setup does)");
+    }
+    ok
+}
+
+/// Open MPI's settings for this machine (see the module's comment); `other_node`: a hostfile
+/// naming one other node of 4 slots and the stand-in for ssh (`fake-ssh` in `tmp`).
+fn ompi_env(cmd: &mut Command, tmp: &Path, other_node: bool) {
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    }
+    cmd.env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    if other_node {
+        // The daemon (orted) on "nodeb" is started with an empty environment plus what a login
+        // there would set (PATH, HOME, PYTHONPATH for the client): everything ckpt's ranks
+        // need must come through the recipe's -x list. (It runs here, so its ranks are still
+        // the supervisor's descendants and can announce themselves.)
+        let ssh = tmp.join("fake-ssh");
+        std::fs::write(
+            &ssh,
+            format!(
+                "#!/bin/sh\n# ssh HOST COMMAND: the command 'on HOST' (here), in a login's environment\nshift\nexec env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root PYTHONPATH={} /bin/sh -c \"$*\"\n",
+                repo().join("python/src").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let hosts = tmp.join("hostfile");
+        std::fs::write(&hosts, "nodeb slots=4\n").unwrap();
+        // The daemon connects back to mpirun on loopback, whatever the machine's interfaces.
+        cmd.env("OMPI_MCA_plm_rsh_agent", &ssh)
+            .env("OMPI_MCA_orte_default_hostfile", &hosts)
+            .env("OMPI_MCA_oob_tcp_if_include", "lo");
+    }
+}
+
+// ---- the job's processes and its checkpoint directory ----
+
+/// The job's processes on `dir`: the ranks (the trainer itself, not a wrapper) and the
+/// launcher (the supervisor's child).
+struct Procs {
+    ranks: Vec<i32>,
+    launcher: Vec<i32>,
+}
+
+fn procs(dir: &Path, lang: Lang) -> Procs {
+    let mut p = Procs {
+        ranks: vec![],
+        launcher: vec![],
+    };
+    let ckpt_exe = ckpt_bin();
+    for pid in job_processes(dir) {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        // The script is the interpreter's first argument (a launcher's command line names it
+        // later).
+        let script = cmd.split(|&b| b == 0).nth(1).unwrap_or_default();
+        let rank = match lang {
+            Lang::Rust => exe.ends_with("rank_trainer"),
+            Lang::Python => {
+                exe.to_string_lossy().contains("python")
+                    && script.ends_with(b"/python_rank_trainer.py")
+            }
+        };
+        if rank {
+            p.ranks.push(pid);
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid: i32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if std::fs::read_link(format!("/proc/{ppid}/exe")).is_ok_and(|e| e == ckpt_exe) {
+            p.launcher.push(pid);
+        }
+    }
+    p
+}
+
+/// The round directory of the newest launch (`r<restart>.<pid>`, its restart count), once it
+/// exists: the previous launch's rounds, which a kill may have left mid-save, do not count.
+fn current_epoch(dir: &Path) -> Option<PathBuf> {
+    let restart = events(dir, "launch").last()?["restart"].as_u64()?;
+    std::fs::read_dir(dir.join(".ckpt/rounds"))
+        .ok()?
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('r')?.split('.').next()?.parse::<u64>().ok())
+                == Some(restart)
+        })
+        .map(|e| e.path())
+}
+
+/// A save is running: a live rank has a staging directory, or a round of the current launch
+/// that has not concluded holds shards in its stage.
+fn mid_save(dir: &Path) -> bool {
+    let staging = std::fs::read_dir(dir.join(".ckpt/staging"))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.rsplit('.').next())
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            })
+        })
+        .unwrap_or(false);
+    if staging {
+        return true;
+    }
+    let Some(epoch) = current_epoch(dir) else {
+        return false;
+    };
+    std::fs::read_dir(epoch)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|r| !r.path().join("published").exists() && !r.path().join("aborted").exists())
+        .any(|r| {
+            std::fs::read_dir(r.path().join("stage"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("rank-"))
+        })
+}
+
+/// Every published checkpoint verifies and holds exactly one shard per rank.
+fn assert_complete_checkpoints(dir: &Path) {
+    let store = ckpt::store::Store::new(dir);
+    let seqs = checkpoints(dir);
+    assert!(!seqs.is_empty(), "no checkpoint was published");
+    for seq in seqs {
+        let m = store
+            .verify(seq)
+            .unwrap_or_else(|e| panic!("checkpoint {seq} does not verify: {e}"));
+        assert_eq!(m.world_size, Some(WORLD), "checkpoint {seq}: world_size");
+        for r in 0..WORLD {
+            let name = format!("rank-{r:05}/state.bin");
+            assert!(
+                m.files.iter().any(|f| f.name == name),
+                "checkpoint {seq} lacks {name}"
+            );
+        }
+    }
+}
+
+/// Every restore any rank made saw all shards of a checkpoint of this world size; returns
+/// how many there were.
+fn assert_restores_complete(out: &Path) -> usize {
+    let log = std::fs::read_to_string(out.join("restores.log")).unwrap_or_default();
+    for l in log.lines() {
+        assert!(
+            l.ends_with(&format!("world {WORLD} shards {WORLD}")),
+            "a partial or foreign checkpoint was restored: {l}"
+        );
+    }
+    log.lines().count()
+}
+
+/// The event log and the round files of the job on `dir`, for a failure message.
+fn diagnose(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap_or_default();
+    let mut rounds = String::new();
+    if let Some(e) = current_epoch(dir) {
+        for r in std::fs::read_dir(&e).into_iter().flatten().flatten() {
+            let names: Vec<String> = std::fs::read_dir(r.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .collect();
+            rounds.push_str(&format!("{}: {names:?}\n", r.path().display()));
+        }
+    }
+    format!("--- events\n{log}\n--- rounds of the last launch\n{rounds}")
+}
+
+// ---- the kills ----
+
+/// What the test watches: the supervisor (a child of the test, or a Slurm batch job).
+trait Job {
+    /// The supervisor has ended (`Some(success)`).
+    fn ended(&mut self) -> Option<bool>;
+    /// Its stderr so far (for failure messages) or in full once ended.
+    fn log(&mut self) -> String;
+}
+
+struct Local {
+    child: Running,
+    err: Option<std::thread::JoinHandle<String>>,
+    text: String,
+}
+
+impl Local {
+    fn spawn(mut cmd: Command) -> Local {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn_guarded();
+        let pipe = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut { pipe }, &mut s);
+            s
+        });
+        Local {
+            child,
+            err: Some(err),
+            text: String::new(),
+        }
+    }
+}
+
+impl Job for Local {
+    fn ended(&mut self) -> Option<bool> {
+        let st = self.child.try_wait().unwrap()?;
+        if let Some(t) = self.err.take() {
+            self.text = t.join().unwrap();
+        }
+        Some(st.success())
+    }
+    fn log(&mut self) -> String {
+        if self.err.as_ref().is_some_and(|t| t.is_finished()) {
+            self.text = self.err.take().unwrap().join().unwrap();
+        }
+        self.text.clone()
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+struct Batch {
+    id: String,
+    out: PathBuf,
+    dir: PathBuf,
+}
+
+impl Job for Batch {
+    fn ended(&mut self) -> Option<bool> {
+        if self.dir.join(".ckpt/finished").exists() {
+            return Some(true);
+        }
+        let q = slurm_cmd("squeue")
+            .args(["-h", "-j", &self.id, "-o", "%T"])
+            .output()
+            .ok()?;
+        let state = text(&q.stdout);
+        // Gone from the queue (or completing) without the finished marker: it failed.
+        (q.status.success() && (state.trim().is_empty() || state.contains("COMPLETING")))
+            .then_some(false)
+    }
+    fn log(&mut self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = slurm_cmd("scancel").arg(&self.id).output();
+    }
+}
+
+/// The six kinds of kill (each target mid-save and between saves) in a seeded order.
+fn kill_plan(rng: &mut fastrand::Rng) -> Vec<(Target, bool)> {
+    let mut v: Vec<(Target, bool)> = [Target::OneRank, Target::AllRanks, Target::Launcher]
+        .into_iter()
+        .flat_map(|t| [(t, true), (t, false)])
+        .collect();
+    rng.shuffle(&mut v);
+    v
+}
+
+/// One run: what [`kill_each_way`] needs to know about the job.
+struct Case<'a> {
+    test: &'a str,
+    seed: u64,
+    lang: Lang,
+    /// The checkpoint directory and the ranks' output directory.
+    dir: &'a Path,
+    out: &'a Path,
+    steps: u64,
+    limit: Duration,
+    /// The launcher ends the other ranks of a killed one with SIGTERM and a long grace (srun).
+    sigterm_survivors: bool,
+}
+
+/// Runs `job` (already started on `case.dir`) through one kill of each kind, then checks the
+/// result against an uninterrupted run of `case.steps`.
+fn kill_each_way(case: &Case, job: &mut dyn Job) {
+    let &Case {
+        test,
+        seed,
+        lang,
+        dir,
+        out,
+        steps,
+        limit,
+        sigterm_survivors,
+    } = case;
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+    let deadline = Instant::now() + limit;
+    let plan = kill_plan(&mut rng);
+    let mut done = Vec::new();
+    // The newest checkpoint (retention keeps three: their count stops growing).
+    let newest = || checkpoints(dir).last().copied().unwrap_or(0);
+    for (i, &(target, mid)) in plan.iter().enumerate() {
+        let base = newest();
+        // Between saves: a new checkpoint, then a seeded pause of up to 60 ms (no save may
+        // have started). Mid-save: a save running, a seeded pause of up to 20 ms into it.
+        let pause = Duration::from_millis(if mid { rng.u64(0..20) } else { rng.u64(0..60) });
+        let mut seen: Option<Instant> = None;
+        let (victims, ranks) = loop {
+            if job.ended().is_some() {
+                let log = job.log();
+                panic!("{test}: the job ended before kill {i} ({target:?}, mid-save {mid}): raise the steps\n{log}\n{}", diagnose(dir));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{test}: no moment for kill {i} ({target:?}, mid-save {mid}) came in time\n{}\n{}",
+                job.log(),
+                diagnose(dir)
+            );
+            let p = procs(dir, lang);
+            let running = mid_save(dir);
+            let ready = p.ranks.len() == WORLD as usize
+                && !p.launcher.is_empty()
+                && if mid {
+                    running
+                } else {
+                    newest() > base && !running
+                };
+            if !ready {
+                // Mid-save: the pause starts with the save; between: with the checkpoint.
+                if mid || newest() <= base {
+                    seen = None;
+                }
+            } else if seen.get_or_insert_with(Instant::now).elapsed() >= pause {
+                let victims = match target {
+                    Target::OneRank => vec![p.ranks[rng.usize(..p.ranks.len())]],
+                    Target::AllRanks => p.ranks.clone(),
+                    Target::Launcher => p.launcher,
+                };
+                break (victims, p.ranks);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let launches = events(dir, "launch").len();
+        for &v in &victims {
+            unsafe { libc::kill(v, libc::SIGKILL) };
+        }
+        eprintln!(
+            "{test}: kill {i}: SIGKILL {target:?} {victims:?} {} (checkpoints {:?})",
+            if mid { "mid-save" } else { "between saves" },
+            checkpoints(dir)
+        );
+        done.push((target, mid));
+        // The launch's other ranks go with it, soon: the launcher ends them when a rank dies;
+        // when the launcher itself died, ckpt ends its descendants (mpirun's and the
+        // torchrun-like launcher's ranks) and Slurm the step of a dead srun. srun -K ends a
+        // step with a killed rank by SIGTERM and, KillWait later (30 s here), SIGKILL: the
+        // survivors, asked to stop, wait for a round that the dead rank never completes (or
+        // exit after CKPT_STOP_TIMEOUT, 5 s, if no safe point comes).
+        let t = Instant::now();
+        let gone = Duration::from_secs(if sigterm_survivors && target == Target::OneRank {
+            45
+        } else {
+            10
+        });
+        loop {
+            let left: Vec<i32> = procs(dir, lang)
+                .ranks
+                .into_iter()
+                .filter(|r| ranks.contains(r))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < gone,
+                "{test}: ranks {left:?} of the launch still run {gone:?} after kill {i} ({target:?})\n{}\n{}",
+                job.log(),
+                diagnose(dir)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!(
+            "{test}: kill {i}: the launch's ranks were gone {:?} later",
+            t.elapsed()
+        );
+        // The next launch is up before the next kill.
+        while events(dir, "launch").len() <= launches {
+            assert!(
+                job.ended().is_none(),
+                "{test}: the supervisor ended instead of relaunching after kill {i}\n{}\n{}",
+                job.log(),
+                diagnose(dir)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{test}: no relaunch after kill {i}\n{}\n{}",
+                job.log(),
+                diagnose(dir)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let ok = loop {
+        if let Some(ok) = job.ended() {
+            break ok;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the job did not finish in time\n{}\n{}",
+            job.log(),
+            diagnose(dir)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let log = job.log();
+    assert!(ok, "{test}: ckpt run failed:\n{log}\n{}", diagnose(dir));
+    // mpirun and the torchrun-like launcher SIGKILL the other ranks with a killed one: no live
+    // rank ever waits for a dead one, so no round may time out. (Under srun, the survivors of
+    // a killed rank run until KillWait, their rounds timing out: see above.)
+    if !sigterm_survivors {
+        assert!(
+            !log.contains("abandoning the round"),
+            "{test}: a save round timed out although every rank was alive:\n{log}"
+        );
+    }
+    assert_eq!(
+        combined(out),
+        reference(steps),
+        "{test}: the resumed job's global digest differs from an uninterrupted run\n{log}"
+    );
+    let restores = assert_restores_complete(out);
+    assert_complete_checkpoints(dir);
+    assert_no_survivors(dir);
+    let launches = events(dir, "launch");
+    // Every rank of every launch handed a checkpoint restored its shard (the first launches
+    // may have had none yet).
+    let handed = launches
+        .iter()
+        .filter(|l| l["restore_seq"].as_u64().is_some())
+        .count();
+    assert!(handed > 0, "{test}: no launch resumed a checkpoint");
+    assert_eq!(
+        restores,
+        WORLD as usize * handed,
+        "{test}: shard restores in {} launches, {handed} with a checkpoint",
+        launches.len()
+    );
+    let mut kinds = done.clone();
+    kinds.sort_by_key(|k| format!("{k:?}"));
+    kinds.dedup();
+    assert_eq!(kinds.len(), 6, "{test}: kinds of kill done: {done:?}");
+    eprintln!(
+        "{test}: {} kills, {} launches, {restores} shard restores, checkpoints {:?}",
+        done.len(),
+        launches.len(),
+        checkpoints(dir)
+    );
+}
+
+fn prepare(world_readable: bool) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempdir();
+    if world_readable {
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    (tmp, dir, out)
+}
+
+/// `ckpt run -- <launcher> <ranks>` on this machine (mpirun or the torchrun-like launcher;
+/// srun: [`srun_python_ranks_killed_each_way_resume_bit_identical`]).
+fn local_launcher(test: &str, launcher: Launcher, lang: Lang, steps: u64) {
+    let seed = seed(test);
+    let (tmp, dir, out) = prepare(false);
+    let prog = rank_program(lang, steps, &out);
+    let mut cmd = ckpt();
+    match launcher {
+        Launcher::Mpirun { other_node } => {
+            cmd.arg("run").args(mpirun_args(&dir, &prog));
+            ompi_env(&mut cmd, tmp.path(), other_node);
+        }
+        Launcher::TorchrunLike => {
+            cmd.args([
+                "run",
+                "--quiet",
+                "--every",
+                "150ms",
+                "--backoff",
+                "20ms..100ms",
+            ])
+            .args(["--max-failures", "30", "--dir"])
+            .arg(&dir)
+            .arg("--")
+            .arg("python3")
+            .arg(repo().join("test-programs/python_rank_launcher.py"))
+            .args(["--n", &WORLD.to_string(), "--"])
+            .args(&prog);
+        }
+    }
+    // The Python client from the checkout (ranks on this node inherit it; the other node's
+    // login sets it). A stalled round of ranks on this node would be abandoned after 10 s,
+    // within the deadline, and fail the test by its message (ranks on the other node keep the
+    // default, 300 s: the deadline fails the test).
+    cmd.env("PYTHONPATH", repo().join("python/src"))
+        .env("CKPT_ROUND_TIMEOUT", "10");
+    eprintln!("{test}: {:?}", cmd.get_args().collect::<Vec<_>>());
+    let mut job = Local::spawn(cmd);
+    let case = Case {
+        test,
+        seed,
+        lang,
+        dir: &dir,
+        out: &out,
+        steps,
+        limit: Duration::from_secs(120),
+        sigterm_survivors: false,
+    };
+    kill_each_way(&case, &mut job);
+}
+
+#[test]
+fn mpirun_rust_ranks_killed_each_way_resume_bit_identical() {
+    let test = "mpirun_rust";
+    if have_mpirun(test) {
+        local_launcher(
+            test,
+            Launcher::Mpirun { other_node: false },
+            Lang::Rust,
+            1000,
+        );
+    }
+}
+
+/// Python ranks under mpirun on a simulated other node: the recipe's `-x` list is all that
+/// ckpt's ranks get from the supervisor's environment.
+#[test]
+fn mpirun_python_ranks_on_another_node_killed_each_way_resume_bit_identical() {
+    let test = "mpirun_python";
+    if have_mpirun(test) {
+        local_launcher(
+            test,
+            Launcher::Mpirun { other_node: true },
+            Lang::Python,
+            1000,
+        );
+    }
+}
+
+#[test]
+fn torchrun_like_python_ranks_killed_each_way_resume_bit_identical() {
+    local_launcher(
+        "torchrun_like_python",
+        Launcher::TorchrunLike,
+        Lang::Python,
+        1000,
+    );
+}
+
+/// `ckpt run -- srun -K -n 4 python3 python_rank_trainer.py` in a batch job of 4 tasks.
+#[test]
+fn srun_python_ranks_killed_each_way_resume_bit_identical() {
+    let test = "srun_python";
+    if !ensure_cluster(test) {
+        return;
+    }
+    let seed = seed(test);
+    let (tmp, dir, out) = prepare(true);
+    let steps = 1000;
+    let prog = rank_program(Lang::Python, steps, &out);
+    let script = tmp.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nexport PYTHONPATH={} CKPT_ROUND_TIMEOUT=10\nexec {} run --every 150ms --backoff 20ms..100ms --max-failures 30 --dir {} -- srun -K -n {WORLD} {}\n",
+            repo().join("python/src").display(),
+            ckpt_bin().display(),
+            dir.display(),
+            prog.join(" ")
+        ),
+    )
+    .unwrap();
+    let job_out = tmp.path().join("job.out");
+    let sb = output_deadline(
+        slurm_cmd("sbatch")
+            .arg("--parsable")
+            .arg(format!("--job-name=ckpt-launchers-{}", std::process::id()))
+            .arg(format!("-n{WORLD}"))
+            .arg("--time=3")
+            .arg(format!("--chdir={}", tmp.path().display()))
+            .arg(format!("--output={}", job_out.display()))
+            .arg(&script),
+        Duration::from_secs(30),
+    );
+    assert!(sb.status.success(), "sbatch: {}", text(&sb.stderr));
+    let id = text(&sb.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut job = Batch {
+        id,
+        out: job_out,
+        dir: dir.clone(),
+    };
+    let case = Case {
+        test,
+        seed,
+        lang: Lang::Python,
+        dir: &dir,
+        out: &out,
+        steps,
+        limit: Duration::from_secs(240),
+        sigterm_survivors: true,
+    };
+    kill_each_way(&case, &mut job);
+}
