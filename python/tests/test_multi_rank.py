@@ -92,6 +92,19 @@ def mid_save(d: Path) -> bool:
     return live or bool(stage_shards(d))
 
 
+def mid_gather(d: Path) -> bool:
+    """A round is gathering: some rank proposed, the coordinator has not written ``agreed`` yet
+    (nor did the round end)."""
+    for r in (d / ".ckpt" / "rounds").glob("*/[0-9]*"):
+        try:
+            names = os.listdir(r)
+        except OSError:
+            continue
+        if any(n.startswith("propose-") for n in names) and not {"agreed", "published", "aborted"} & set(names):
+            return True
+    return False
+
+
 def assert_complete_checkpoints(d: Path, world: int) -> None:
     """Every published checkpoint verifies and holds exactly one shard per rank."""
     for seq in checkpoints(d):
@@ -150,9 +163,11 @@ def test_readme_pattern_unchanged_under_a_launcher(tmp_path, bg, seed, flag):
     assert steps == sorted(steps), f"the step went backwards across a resume: {steps}"
 
 
-def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, rounds: int) -> Path:
+def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, rounds: int,
+                 whats: Tuple[str, ...] = ("one rank", "all ranks", "the launcher")) -> Path:
     """Runs ``prog(out)`` as ``world`` ranks under ``ckpt run`` and the Python launcher with
-    ``rounds`` random SIGKILLs (one rank, all ranks or the launcher; mid-save or between saves);
+    ``rounds`` random SIGKILLs (of one of ``whats``: one rank, all ranks, the launcher, or the
+    coordinator (rank 0, also while the round gathers proposals); mid-save or between saves);
     checks the digest, the restores, every checkpoint, that nothing survives. Returns DIR."""
     rnd = random.Random(seed)
     d, out = tmp_path / "d", tmp_path / "out"
@@ -160,14 +175,23 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
     sup = bg(launch_cmd(d, world, prog(out), "--every", "150ms", "--max-failures", "30"), timeout=80)
     deadline = time.monotonic() + 70
     kills = 0
+    at_first_kill: Optional[int] = None
     for i in range(rounds):
-        what = rnd.choice(["one rank", "all ranks", "the launcher"])
+        what = rnd.choice(list(whats))
         mid = rnd.random() < 0.5
+        # The coordinator is killed at each moment in turn: while the round gathers the
+        # proposals (before ``agreed``), mid-save, between saves.
+        gather = what == "the coordinator" and i % 3 == 0
+        if what == "the coordinator":
+            mid = i % 3 != 2
         base = len(checkpoints(d))
         target: List[int] = []
         while sup.p.poll() is None:
             assert time.monotonic() < deadline, f"job did not finish in time\n{sup.stderr}"
-            ready = mid_save(d) if mid else (len(checkpoints(d)) > base and not mid_save(d))
+            if gather:
+                ready = mid_gather(d)
+            else:
+                ready = mid_save(d) if mid else (len(checkpoints(d)) > base and not mid_save(d))
             procs = job_ranks(d)
             ranks = [p for p, r in procs if r is not None]
             if ready and len(ranks) == world:
@@ -175,6 +199,8 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
                     target = [rnd.choice(ranks)]
                 elif what == "all ranks":
                     target = ranks
+                elif what == "the coordinator":
+                    target = [p for p, r in procs if r == 0]
                 else:
                     target = [p for p, r in procs if r is None]
                 break
@@ -182,13 +208,16 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
         if not target:
             break
         launches = len([e for e in events(d) if e["event"] == "launch"])
+        if at_first_kill is None:
+            at_first_kill = max(checkpoints(d), default=0)
         for p in target:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         kills += 1
-        msg = f"kill {i}: SIGKILL {what} {target} {'mid-save' if mid else 'between saves'} (checkpoints {checkpoints(d)})"
+        moment = "mid-gather" if gather else "mid-save" if mid else "between saves"
+        msg = f"kill {i}: SIGKILL {what} {target} {moment} (checkpoints {checkpoints(d)})"
         print(msg)
         sys.stderr.write(msg + "\n")
         # The next launch is up before the next kill.
@@ -202,8 +231,56 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
     assert_complete_checkpoints(d, world)
     assert_no_survivors(d)
     assert not stage_shards(d)
+    if whats == ("the coordinator",):
+        # Later rounds published without the killed coordinator's process.
+        assert max(checkpoints(d), default=0) > (at_first_kill or 0), "no checkpoint was published after the first kill"
     print(f"{kills} kills, {restores} shard restores, checkpoints {checkpoints(d)}")
     return d
+
+
+def test_coordinator_killed_mid_round_resumes_to_the_same_digest(tmp_path, bg, seed):
+    """The coordinator (rank 0: it alone gathers the proposals and done markers, writes
+    ``agreed`` and publishes) SIGKILLed while a round gathers proposals, mid-save and between
+    saves: nothing partial is visible, the next launch's rounds publish, bit-identical digest."""
+    random_kills(tmp_path, bg, seed, 4, 900, lambda out: trainer(900, out), 4, whats=("the coordinator",))
+
+
+def _bench_scale():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "python" / "bench_scale.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_round_cost_per_rank_is_flat_in_the_number_of_ranks(monkeypatch):
+    """The cost of a save round per rank is flat in the number of ranks (docs/multi-rank.md,
+    "Scale"), counted by ``python/bench_scale.py`` (the client's file-system calls in each rank
+    process): a rank other than the coordinator never names another rank's ``propose-*`` or
+    ``done-*`` file (it reads the round's ``agreed``, ``published``, ``aborted``); the
+    coordinator reads each once per round; so over all ranks at most 2 (N-1) such calls per
+    round, under 2 per rank, with 2 ranks as with 16. Before the coordinator, every rank read
+    every proposal at every look and looked for every done marker: 2 (N-1) or more per rank."""
+    import ckpt
+
+    bench = _bench_scale()
+    # The ranks import the client this test imports.
+    monkeypatch.setenv("PYTHONPATH", str(Path(ckpt.__file__).resolve().parent.parent))
+    for world in (2, 16):
+        outs = bench.run(world, 4, 3)
+        for i in range(3):
+            rs = [o[i] for o in outs]
+            assert [r["published"] for r in rs] == [True] + [False] * (world - 1), (world, i, rs)
+            for rank, r in enumerate(rs[1:], 1):
+                assert r["others"] == 0, f"{world} ranks, round {i + 1}: rank {rank} named other ranks' files: {r}"
+            assert rs[0]["others"] <= 2 * (world - 1), f"{world} ranks, round {i + 1}: the coordinator: {rs[0]}"
+            per_rank = sum(r["others"] for r in rs) / world
+            assert per_rank < 2, (world, i, per_rank)
+            print(f"{world} ranks, round {i + 1}: other ranks' files named per rank {per_rank:.2f}; "
+                  f"lookups + reads: coordinator {rs[0]['lookup'] + rs[0]['read']}, "
+                  f"others max {max(r['lookup'] + r['read'] for r in rs[1:])}")
 
 
 def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
