@@ -25,6 +25,16 @@ Prints one table row per world size (per round: totals over all ranks, and per r
 checkout of the previous protocol's ``python/src``): for each world size the runs alternate
 ``--repeat`` times between the clients (interleaved, ``sync`` and, as root, the page cache
 dropped before each run), one row per client with the medians over all its rounds.
+
+``--rust A,B`` measures Rust ranks instead: directories holding the ``ckpt``, ``rank_launcher``
+and ``rank_trainer`` binaries of a build (``target/debug``). The job runs under ``ckpt run
+--every 250ms`` (the supervisor signals every rank), each rank under ``strace -f -ttt``; the
+calls of each rank that name the checkpoint directory (and its fsyncs and listings) are
+counted from its first proposal on, divided by the rounds it took part in (so the between-round
+polling, one ``stat`` per 100 ms, is included); wall time per round from the first proposal's
+rename to the ``published`` rename, under ``strace`` (slower than without)::
+
+    python3 python/bench_scale.py --worlds 2,4,8,16,32,64 --rust /path/to/old/target/debug,target/debug
 """
 
 from __future__ import annotations
@@ -150,6 +160,109 @@ def run(world: int, kib: int, rounds: int, client: "str | None" = None) -> "list
         return outs
 
 
+def run_rust(world: int, bindir: str, rounds: int) -> dict:
+    """``world`` Rust ranks under ``ckpt run`` and ``strace``; per round: totals over all ranks
+    and rank 0's and the other ranks' lookups + reads (see ``--rust``)."""
+    import re
+    import shutil
+
+    b = os.path.abspath(bindir)
+    with tempfile.TemporaryDirectory(prefix="ckpt-scale-rs-") as t:
+        d, out = os.path.join(t, "ckpt"), os.path.join(t, "out")
+        os.mkdir(out)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPT_")}
+        env["CKPT_ROUND_TIMEOUT"] = "120"
+        steps = (rounds + 1) * 125
+        cmd = [os.path.join(b, "ckpt"), "run", "--quiet", "--every", "250ms", "--dir", d, "--",
+               os.path.join(b, "rank_launcher"), "--n", str(world), "--",
+               "sh", "-c", 'exec strace -f -qq -ttt -e trace=%file,fsync,fdatasync,getdents64 -o "$0/strace-$RANK" "$@"',
+               out, os.path.join(b, "rank_trainer"), "--steps", str(steps), "--step-ms", "2", "--out", out]
+        r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=900)
+        if r.returncode != 0:
+            raise SystemExit(f"the Rust job failed ({r.returncode}): {r.stderr[-2000:]}")
+        create = re.compile(r"O_CREAT|mkdir")
+        tot = {"create": 0, "rename": 0, "fsync": 0, "lookup": 0, "read": 0, "others": 0, "listing": 0}
+        per_rank = []
+        first: "dict[str, float]" = {}
+        published: "dict[str, float]" = {}
+        nrounds = 0
+        for rank in range(world):
+            own = f"{rank:05d}"
+            c = {k: 0 for k in tot}
+            started = False
+            joined = 0
+            with open(os.path.join(out, f"strace-{rank}")) as f:
+                for line in f:
+                    parts = line.split(None, 2)
+                    if len(parts) < 3:
+                        continue
+                    ts, call = float(parts[1]), parts[2]
+                    m = re.search(r'/rounds/[^/"]+/(\d{8})/\.?propose-' + own + r'[."]', call)
+                    if m and call.startswith("rename"):
+                        started = True
+                        joined += 1
+                        k = m.group(1)
+                        first[k] = min(first.get(k, ts), ts)
+                    if not started:
+                        continue
+                    name = call.split("(", 1)[0]
+                    if name in ("fsync", "fdatasync"):
+                        c["fsync"] += 1
+                        continue
+                    if name == "getdents64":
+                        c["listing"] += 1
+                        continue
+                    if d not in call:
+                        continue
+                    for x in re.findall(r'/(?:propose|done)-(\d{5})"', call):
+                        if x != own:
+                            c["others"] += 1
+                    if name.startswith("rename"):
+                        c["rename"] += 1
+                        pm = re.search(r'/rounds/[^/"]+/(\d{8})/published"', call)
+                        if pm:
+                            published[pm.group(1)] = ts
+                    elif create.search(call):
+                        c["create"] += 1
+                    elif name in ("openat", "open"):
+                        c["read"] += 1
+                    else:
+                        c["lookup"] += 1
+            if rank == 0:
+                nrounds = joined
+            per_rank.append((c, max(joined, 1)))
+        walls = sorted(published[k] - first[k] for k in published if k in first)
+        res = {k: sum(c[k] / n for c, n in per_rank) for k in tot}
+        res["coord"] = (per_rank[0][0]["lookup"] + per_rank[0][0]["read"]) / per_rank[0][1]
+        res["rest"] = max(((c["lookup"] + c["read"]) / n for c, n in per_rank[1:]), default=0)
+        res["wall"] = statistics.median(walls) if walls else float("nan")
+        res["rounds"] = nrounds
+        shutil.rmtree(out, ignore_errors=True)
+        return res
+
+
+def main_rust(a: argparse.Namespace) -> None:
+    bins = a.rust.split(",")
+    print(f"Rust ranks under ckpt run --every 250ms and strace, {os.cpu_count()} cpu(s); per round, per rank: calls "
+          "naming the checkpoint directory from the rank's first proposal on, / rounds it took part in")
+    print("| build | ranks | rounds | wall ms (strace) | created | renames | fsyncs | lookups | opens (reads) | listings | "
+          "other ranks' files | per rank: created, renames, fsyncs, lookups + reads | rank 0: lookups + reads | "
+          "other ranks: lookups + reads |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for w in [int(x) for x in a.worlds.split(",")]:
+        for _ in range(a.repeat):
+            for bdir in bins:
+                settle()
+                r = run_rust(w, bdir, a.rounds)
+                print(
+                    f"| {bdir} | {w} | {r['rounds']} | {r['wall'] * 1e3:.0f} | {r['create']:.0f} | {r['rename']:.0f} | "
+                    f"{r['fsync']:.0f} | {r['lookup']:.0f} | {r['read']:.0f} | {r['listing']:.0f} | {r['others']:.0f} | "
+                    f"{r['create'] / w:.1f}, {r['rename'] / w:.1f}, {r['fsync'] / w:.1f}, "
+                    f"{(r['lookup'] + r['read']) / w:.0f} | {r['coord']:.0f} | {r['rest']:.0f} (max) |",
+                    flush=True,
+                )
+
+
 def settle() -> None:
     os.sync()
     if os.geteuid() == 0:
@@ -168,7 +281,11 @@ def main() -> None:
     p.add_argument("--kib", type=int, default=4)
     p.add_argument("--clients", default=None, help="comma-separated client trees to compare (PYTHONPATH of the ranks)")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--rust", default=None, help="comma-separated build directories: measure Rust ranks (see above)")
     a = p.parse_args()
+    if a.rust:
+        main_rust(a)
+        return
     clients = a.clients.split(",") if a.clients else [None]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpu(s), {a.rounds} rounds x {a.repeat}, {a.kib} KiB shards; "
           "per round: median over rounds 2.. (round 1 includes start-up skew)")

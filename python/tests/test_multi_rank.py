@@ -255,6 +255,29 @@ def _bench_scale():
     return mod
 
 
+def test_bench_scale_recipes_run():
+    """The two measurements of docs/multi-rank.md "Scale", as written there but small (2 ranks,
+    2 rounds; the same client or build for "before" and "after"): each prints its table, and
+    every row shows the coordinator naming each other rank's files once per round (2 in all)."""
+    import shutil
+
+    src = str(REPO / "python" / "src")
+    r = run([PY, REPO / "python" / "bench_scale.py", "--worlds", "2", "--rounds", "2", "--repeat", "1",
+             "--clients", f"{src},{src}"], 120, env=clean_env(PYTHONPATH=src))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith(f"| {src} | 2 |")]
+    assert len(rows) == 2 and all(x[9].strip() == "2" for x in rows), r.stdout
+    if shutil.which("strace") is None:
+        assert "CI" not in os.environ, "strace is needed: scripts/setup must install it (Debian package strace)"
+        return
+    bins = str(ckpt_bin().parent)
+    r = run([PY, REPO / "python" / "bench_scale.py", "--worlds", "2", "--rounds", "2", "--rust", f"{bins},{bins}"],
+            180, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith(f"| {bins} | 2 |")]
+    assert len(rows) == 2 and all(x[11].strip() == "2" for x in rows), r.stdout
+
+
 def test_round_cost_per_rank_is_flat_in_the_number_of_ranks(monkeypatch):
     """The cost of a save round per rank is flat in the number of ranks (docs/multi-rank.md,
     "Scale"), counted by ``python/bench_scale.py`` (the client's file-system calls in each rank
@@ -331,7 +354,8 @@ def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
 
 
 def standalone_env(d: Path, rank: int, size: int, **extra: str) -> dict:
-    return clean_env(CKPT_DIR=str(d), CKPT_RANK=str(rank), CKPT_WORLD_SIZE=str(size), CKPT_RUN_ID="t", **extra)
+    return clean_env(**{"CKPT_DIR": str(d), "CKPT_RANK": str(rank), "CKPT_WORLD_SIZE": str(size), "CKPT_RUN_ID": "t",
+                        **extra})
 
 
 def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
@@ -368,9 +392,13 @@ def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
     assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
 
 
-def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg):
-    """Ranks without a launcher: rank 1 dies while writing its shard; the others abandon the
-    round after CKPT_ROUND_TIMEOUT, nothing is published and their shards are removed."""
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank-1", "coordinator"])
+def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
+    """Ranks without a launcher: rank 1, or the coordinator (rank 0, which alone gathers and
+    publishes), dies while writing its shard; the others abandon the round after
+    CKPT_ROUND_TIMEOUT (they do not hang), nothing is published and their shards are removed.
+    After the coordinator's death, a new launch on the same directory saves: its round
+    publishes, with the digest of an uninterrupted run."""
     d, out = tmp_path / "d", tmp_path / "out"
     out.mkdir()
     world = 4
@@ -389,19 +417,36 @@ def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg):
     wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
     for k in kids:
         os.kill(k.pid, signal.SIGUSR1)
-    pid1 = kids[1].pid
+    pid1 = kids[victim].pid
     wait_until(lambda: any(n.endswith(f".{pid1}") for n in os.listdir(d / ".ckpt" / "staging")), 20,
-               "rank 1 writing its shard")
+               f"rank {victim} writing its shard")
     os.kill(pid1, signal.SIGKILL)
-    kids[1].p.wait()
+    kids[victim].p.wait()
     for r, k in enumerate(kids):
-        if r != 1:
+        if r != victim:
             assert k.wait() == 0, f"rank {r}: {k.stderr}"
             assert "abandon" in k.stderr, k.stderr
-    assert checkpoints(d) == [], "a checkpoint was published without rank 1's shard"
+    assert checkpoints(d) == [], f"a checkpoint was published without rank {victim}'s shard"
     assert not stage_shards(d), stage_shards(d)
     rounds = list((d / ".ckpt" / "rounds" / "t.0").iterdir())
     assert any((r / "aborted").exists() for r in rounds), rounds
+    assert_no_survivors(d)
+    if victim != 0:
+        return
+    # A later launch (a new run id) on the same directory: one request to one rank, its round
+    # publishes, bit-identical result.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    steps = 300
+    kids = [bg(trainer(steps, out2, save_ms=0), timeout=60,
+               env=standalone_env(d, r, world, CKPT_ROUND_TIMEOUT="1", CKPT_RUN_ID="t2")) for r in range(world)]
+    wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
+    os.kill(kids[2].pid, signal.SIGUSR1)
+    for r, k in enumerate(kids):
+        assert k.wait() == 0, f"rank {r}: {k.stderr}"
+    assert len(checkpoints(d)) == 1, checkpoints(d)
+    assert_complete_checkpoints(d, world)
+    assert combined(world, out2) == reference(world, steps)
     assert_no_survivors(d)
 
 
