@@ -737,7 +737,9 @@ fn srun_four_ranks(test: &str, python: bool) {
         .to_string();
     let _cancel = Cancel(id.clone());
     let log = || std::fs::read_to_string(tmp.path().join("job.out")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // About 35 s alone; up to 60 s seen with the other multi-rank tests running beside it on
+    // 2 busy cores (the same on the previous protocol's build): room for that.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let finished = || tmp.path().join("ckpt/.ckpt/finished").exists();
     // Kill one rank in the middle of a save, after a first checkpoint exists.
     let mut rng = fastrand::Rng::with_seed(seed);
