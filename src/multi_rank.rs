@@ -976,7 +976,10 @@ impl MultiRank {
         loop {
             let names = self.list(&r)?;
             if names.iter().any(|n| n == "aborted") {
-                return Err(self.abandoned(k, "a rank did not finish its shard in time"));
+                return Err(self.abandoned(
+                    k,
+                    "another rank abandoned it: a shard was late, failed or was refused",
+                ));
             }
             if self.count_ranks(&names, "done-") == self.world.size {
                 return match self.publish(k, t, writer) {
