@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::store::scan::read_manifest;
 use crate::store::{Algo, FileEntry, Manifest, Stage, Store};
 
 /// Explicit rank (wins over every launcher's variables).
@@ -783,8 +782,11 @@ impl MultiRank {
 
     /// Saves this rank's shard: `stage` (filled by the job) becomes `rank-NNNNN/` of the
     /// round's checkpoint. `step`: the step the job gave to the save, recorded in the manifest
-    /// (`None`: the agreed position). Returns the published manifest once every shard is
-    /// durable and the checkpoint is visible, or an error when the round was abandoned.
+    /// (`None`: the agreed position). Returns once every shard is durable and the checkpoint is
+    /// visible, or an error when the round was abandoned: on the coordinator (rank 0, which
+    /// publishes) the checkpoint's manifest, on every other rank the checkpoint's `seq`,
+    /// `step`, `world_size` and checksum with only this rank's files (without reading the
+    /// whole manifest, whose size grows with the number of ranks).
     pub fn commit_shard(
         &mut self,
         stage: Stage,
@@ -907,6 +909,16 @@ impl MultiRank {
         }
         let done_tmp = r.join(format!(".done.{}", crate::store::token()));
         let done = r.join(format!("done-{:05}", self.world.rank));
+        // What this rank returns once the checkpoint is published, unless it publishes it: its
+        // own shard's entries, as the manifest names them.
+        let prefix = self.world.shard_dir();
+        let own: Vec<FileEntry> = entries
+            .iter()
+            .map(|f| FileEntry {
+                name: format!("{prefix}/{}", f.name),
+                ..f.clone()
+            })
+            .collect();
         let body = serde_json::to_vec(&ShardDone {
             rank: self.world.rank,
             step: t.step,
@@ -942,8 +954,12 @@ impl MultiRank {
             if let Ok(b) = crate::store::io::read_small(&r.join("published"), 64 << 10) {
                 let p: Published = serde_json::from_slice(&b)
                     .map_err(|e| Error::Usage(format!("bad round outcome: {e}")))?;
-                let path = self.store.path_of(p.seq);
-                return read_manifest(&path).map_err(|reason| Error::Invalid { path, reason });
+                // Not the whole manifest, which lists every rank's files (its size grows with
+                // the number of ranks): the checkpoint's number, step and world size, and this
+                // rank's own files (`docs/multi-rank.md`, step 7 of the commit).
+                let mut m = Manifest::new(p.seq, Some(t.step), writer, algo, own);
+                m.world_size = Some(self.world.size);
+                return Ok(m);
             }
             if r.join("aborted").exists() {
                 return Err(self.abandoned(k, "a rank did not finish its shard in time"));

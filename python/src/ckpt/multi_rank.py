@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import protocol as P
-from .errors import CkptError, EnvError, InvalidCheckpoint
+from .errors import CkptError, EnvError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, now_ms
-from .store import Stage, Store, _fsync_path, _rmtree, read_manifest, rename_noreplace, token
+from .store import Stage, Store, _fsync_path, _rmtree, rename_noreplace, token
 
 __all__ = [
     "ENV_RANK",
@@ -603,8 +603,11 @@ class MultiRank:
         """Saves this rank's shard: ``stage`` (filled by the job) becomes ``rank-NNNNN/`` of the
         round's checkpoint. ``step``: the step the job gave to the save (recorded in the
         manifest; ``None``: the agreed position); ``pos``: this rank's position (the last one
-        given to :meth:`poll`). Returns the published manifest once every shard is durable and
-        the checkpoint is visible; raises when the round was abandoned."""
+        given to :meth:`poll`). Returns once every shard is durable and the checkpoint is
+        visible; raises when the round was abandoned. Returns, on the coordinator (rank 0, which
+        publishes), the checkpoint's manifest; on every other rank the checkpoint's ``seq``,
+        ``step``, ``world_size`` and checksum with only this rank's files (without reading the
+        whole manifest, whose size grows with the number of ranks)."""
         self.published_last = False
         # Where this save is, when it is not the save should_checkpoint() asked for: the
         # explicit step wins, else the position.
@@ -717,11 +720,21 @@ class MultiRank:
                     seq = json.loads(b)["seq"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise CkptError(f"bad round outcome: {e}") from None
-                path = self.store.path_of(seq)
-                try:
-                    return read_manifest(path)
-                except InvalidCheckpoint as e:
-                    raise e.at(str(path)) from None
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                    raise CkptError(f"bad round outcome: seq {seq!r}")
+                # Not the whole manifest, which lists every rank's files (its size grows with
+                # the number of ranks): the checkpoint's number, step and world size, and this
+                # rank's own files (docs/multi-rank.md, step 7 of the commit).
+                prefix = self.world.shard_dir
+                return Manifest(
+                    seq=seq,
+                    created_ms=now_ms(),
+                    writer=writer,
+                    checksum=stage.algo,
+                    files=[FileEntry(f"{prefix}/{f.name}", f.size, f.sum) for f in entries],
+                    step=t.step,
+                    world_size=self.world.size,
+                )
             if os.path.lexists(r / "aborted"):
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if time.monotonic() - start >= self.timeout:
