@@ -67,6 +67,8 @@ pub struct Saved {
     pub seq: u64,
     pub path: PathBuf,
     pub step: Option<u64>,
+    /// Bytes of the checkpoint's files; in a multi-rank job, on every rank but rank 0 (which
+    /// publishes), of this rank's shard only (`docs/multi-rank.md`, step 7 of the commit).
     pub bytes: u64,
     pub duration: Duration,
 }

@@ -4,15 +4,21 @@
 //! coordinator process), so it works across nodes on a shared file system. Specified, with
 //! its crash analysis and the file-system requirements, in `docs/multi-rank.md`.
 //!
+//! Rank 0 is each round's **coordinator**: it alone gathers the other ranks' files (one
+//! `readdir` of the round per look, then one read of each file), writes the round's `agreed`
+//! step and publishes; every other rank only ever reads the round's few shared files
+//! (`agreed`, `published`, `aborted`), so a rank's cost per round does not grow with the
+//! number of ranks (`docs/multi-rank.md`, "Scale").
+//!
 //! ```text
 //! DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
 //!   00000003/                             save round 3 of that launch
 //!     propose-00002                       rank 2's proposal {"step":S,"stop":B}
+//!     agreed                              rank 0's verdict from all proposals {"step":T,"stop":B}
 //!     stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
 //!       rank-00002/<files>                rank 2's shard, fsynced
-//!       MANIFEST.ckpt                     written by the publisher only
+//!       MANIFEST.ckpt                     written by rank 0 (the publisher) only
 //!     done-00002                          rank 2's shard is durable: its file list and sums
-//!     publisher                           claimed (O_EXCL) by the rank that publishes
 //!     published                           {"seq":N}: the round's outcome
 //!     aborted                             the other outcome (the stage was removed)
 //!   left                                  some rank left the launch (dropped its client):
@@ -27,7 +33,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::store::scan::read_manifest;
 use crate::store::{Algo, FileEntry, Manifest, Stage, Store};
 
 /// Explicit rank (wins over every launcher's variables).
@@ -55,8 +60,17 @@ pub const ENV_ROUND_LOOKAHEAD: &str = "CKPT_ROUND_LOOKAHEAD";
 /// (`docs/multi-rank.md`, "Checksums").
 pub const SHARD_ALGO: Algo = Algo::Crc32;
 
-/// How often a rank without a request of its own looks for a round started by another rank.
+/// How often a rank without a request of its own looks for a round started by another rank:
+/// every 100 ms, or every 0.25 ms per rank from 400 ranks on ([`MultiRank::idle_poll`]).
 const POLL: Duration = Duration::from_millis(100);
+
+/// How often the coordinator, while it still steps towards its own proposal, gathers the
+/// proposals (the other ranks may already wait for its `agreed`).
+const GATHER_POLL: Duration = Duration::from_millis(20);
+
+/// The rank that coordinates every round: gathers the proposals into `agreed`, the done
+/// markers into the manifest, and publishes (`docs/multi-rank.md`, "Save rounds").
+pub const COORDINATOR: u32 = 0;
 
 /// The launcher variables, in order of preference: explicit, torchrun, srun, Open MPI, PMI.
 const SOURCES: &[(&str, &str, &str, &str)] = &[
@@ -446,7 +460,11 @@ impl MultiRank {
     /// the round this rank is in.
     pub fn poll(&mut self, want: bool, stop: bool, step: u64) -> Result<bool> {
         if self.joined.is_none() {
-            if !want && self.last_poll.is_some_and(|t| t.elapsed() < POLL) {
+            if !want
+                && self
+                    .last_poll
+                    .is_some_and(|t| t.elapsed() < self.idle_poll())
+            {
                 return Ok(false);
             }
             self.last_poll = Some(Instant::now());
@@ -465,7 +483,10 @@ impl MultiRank {
             let state = if step >= proposal {
                 // This rank may not pass its proposal before it knows the agreed step.
                 self.wait_target()?
-            } else if self.last_poll.is_none_or(|t| t.elapsed() >= POLL) {
+            } else if self
+                .last_poll
+                .is_none_or(|t| t.elapsed() >= self.look_every())
+            {
                 self.last_poll = Some(Instant::now());
                 self.state(self.k)?
             } else {
@@ -569,8 +590,69 @@ impl MultiRank {
         }
     }
 
+    /// This rank coordinates the rounds ([`COORDINATOR`]).
+    fn coordinator(&self) -> bool {
+        self.world.rank == COORDINATOR
+    }
+
+    /// How often a rank that has proposed but is not yet at its proposal looks at the round:
+    /// the coordinator more often, since the other ranks may be waiting for its `agreed`.
+    fn look_every(&self) -> Duration {
+        if self.coordinator() {
+            GATHER_POLL
+        } else {
+            self.idle_poll()
+        }
+    }
+
+    /// How often a rank without a request looks for a new round: 100 ms, or 0.25 ms per rank
+    /// from 400 ranks on, so that the ranks of a job make at most about 4 000 such lookups a
+    /// second in all between rounds (`docs/multi-rank.md`, "Scale").
+    fn idle_poll(&self) -> Duration {
+        Duration::from_micros(250 * u64::from(self.world.size)).max(POLL)
+    }
+
+    /// The longest pause between two looks of a waiting rank: 20 ms, or 0.25 ms per rank from
+    /// 80 ranks on, so that all ranks waiting together look at most about 4 000 times a
+    /// second in all, whatever their number (`docs/multi-rank.md`, "Waiting").
+    fn max_pause(&self) -> Duration {
+        Duration::from_micros(250 * u64::from(self.world.size)).max(Duration::from_millis(20))
+    }
+
+    /// The names in round directory `r`: one `readdir`, the coordinator's only look at the
+    /// other ranks' files while it waits for them.
+    fn list(&self, r: &Path) -> Result<Vec<String>> {
+        let rd = fs::read_dir(r).ctx("read round", r)?;
+        let mut v = Vec::new();
+        for e in rd {
+            let e = e.ctx("read round", r)?;
+            if let Ok(n) = e.file_name().into_string() {
+                v.push(n);
+            }
+        }
+        Ok(v)
+    }
+
+    /// How many of `names` are `<prefix><rank>` for distinct ranks of this world.
+    fn count_ranks(&self, names: &[String], prefix: &str) -> u32 {
+        names
+            .iter()
+            .filter(|n| {
+                n.strip_prefix(prefix)
+                    .and_then(|d| d.parse::<u32>().ok().map(|r| (r, d)))
+                    .is_some_and(|(r, d)| r < self.world.size && d == format!("{r:05}"))
+            })
+            .count() as u32
+    }
+
+    /// One look at round `k`'s agreement. Every rank but the coordinator reads the one file
+    /// `agreed` (and `aborted`, `left`); the coordinator lists the round and, once every
+    /// rank's proposal is there, reads them (once), and writes `agreed`.
     fn state(&mut self, k: u64) -> Result<State> {
         let r = self.round(k);
+        if self.coordinator() {
+            return self.gather_proposals(k);
+        }
         if r.join("aborted").exists() {
             return Ok(State::Aborted);
         }
@@ -579,23 +661,53 @@ impl MultiRank {
             self.abort(k);
             return Ok(State::Aborted);
         }
+        let p = r.join("agreed");
+        match crate::store::io::read_small(&p, 64 << 10) {
+            Ok(b) => {
+                let t: Target = serde_json::from_slice(&b)
+                    .map_err(|e| Error::Usage(format!("bad agreement {}: {e}", p.display())))?;
+                Ok(State::Agreed(t))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::Open),
+            Err(e) => Err(Error::io("read agreement", p, e)),
+        }
+    }
+
+    /// The coordinator's look at round `k`: one `readdir`; once all `world_size` proposals
+    /// are there, it reads each once, and writes the agreed position `agreed` (temporary name,
+    /// then rename) for every other rank to read.
+    fn gather_proposals(&mut self, k: u64) -> Result<State> {
+        let r = self.round(k);
+        let names = self.list(&r)?;
+        if names.iter().any(|n| n == "aborted") {
+            return Ok(State::Aborted);
+        }
+        if self.someone_left() {
+            self.abort(k);
+            return Ok(State::Aborted);
+        }
+        if self.count_ranks(&names, "propose-") < self.world.size {
+            return Ok(State::Open);
+        }
         let mut t = Target {
             step: 0,
             stop: false,
         };
         for rank in 0..self.world.size {
             let p = r.join(format!("propose-{rank:05}"));
-            match crate::store::io::read_small(&p, 64 << 10) {
-                Ok(b) => {
-                    let x: Target = serde_json::from_slice(&b)
-                        .map_err(|e| Error::Usage(format!("bad proposal {}: {e}", p.display())))?;
-                    t.step = t.step.max(x.step);
-                    t.stop |= x.stop;
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::Open),
-                Err(e) => return Err(Error::io("read proposal", p, e)),
-            }
+            let b = crate::store::io::read_small(&p, 64 << 10).ctx("read proposal", &p)?;
+            let x: Target = serde_json::from_slice(&b)
+                .map_err(|e| Error::Usage(format!("bad proposal {}: {e}", p.display())))?;
+            t.step = t.step.max(x.step);
+            t.stop |= x.stop;
         }
+        let io = self.store.io();
+        let tmp = r.join(format!(".agreed.{}", crate::store::token()));
+        let agreed = r.join("agreed");
+        io.write_new(&tmp, &serde_json::to_vec(&t).expect("serialises"))
+            .ctx("write agreement", &tmp)?;
+        io.rename_replace(&tmp, &agreed)
+            .ctx("write agreement", &agreed)?;
         Ok(State::Agreed(t))
     }
 
@@ -617,7 +729,7 @@ impl MultiRank {
                 s => return Ok(s),
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            pause = (pause * 2).min(self.max_pause());
         }
     }
 
@@ -670,8 +782,11 @@ impl MultiRank {
 
     /// Saves this rank's shard: `stage` (filled by the job) becomes `rank-NNNNN/` of the
     /// round's checkpoint. `step`: the step the job gave to the save, recorded in the manifest
-    /// (`None`: the agreed position). Returns the published manifest once every shard is
-    /// durable and the checkpoint is visible, or an error when the round was abandoned.
+    /// (`None`: the agreed position). Returns once every shard is durable and the checkpoint is
+    /// visible, or an error when the round was abandoned: on the coordinator (rank 0, which
+    /// publishes) the checkpoint's manifest, on every other rank the checkpoint's `seq`,
+    /// `step`, `world_size` and checksum with only this rank's files (without reading the
+    /// whole manifest, whose size grows with the number of ranks).
     pub fn commit_shard(
         &mut self,
         stage: Stage,
@@ -794,6 +909,16 @@ impl MultiRank {
         }
         let done_tmp = r.join(format!(".done.{}", crate::store::token()));
         let done = r.join(format!("done-{:05}", self.world.rank));
+        // What this rank returns once the checkpoint is published, unless it publishes it: its
+        // own shard's entries, as the manifest names them.
+        let prefix = self.world.shard_dir();
+        let own: Vec<FileEntry> = entries
+            .iter()
+            .map(|f| FileEntry {
+                name: format!("{prefix}/{}", f.name),
+                ..f.clone()
+            })
+            .collect();
         let body = serde_json::to_vec(&ShardDone {
             rank: self.world.rank,
             step: t.step,
@@ -818,24 +943,10 @@ impl MultiRank {
             self.abort(k);
             return Err(e);
         }
-        let all_done = (0..self.world.size).all(|i| r.join(format!("done-{i:05}")).exists());
-        if all_done && io.write_new(&r.join("publisher"), b"").is_ok() {
-            match self.publish(k, t, writer) {
-                Ok(m) => {
-                    self.published_last = true;
-                    // Every rank has finished with the previous round (it joined this one).
-                    if k > 1 {
-                        let _ = io.remove_dir_all(&self.round(k - 1));
-                    }
-                    return Ok(m);
-                }
-                Err(e) => {
-                    self.abort(k);
-                    return Err(e);
-                }
-            }
+        if self.coordinator() {
+            return self.gather_done(k, t, writer);
         }
-        // Wait for the outcome.
+        // Wait for the outcome: two files, whatever the number of ranks.
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
         let mut gave_up = false;
@@ -843,8 +954,12 @@ impl MultiRank {
             if let Ok(b) = crate::store::io::read_small(&r.join("published"), 64 << 10) {
                 let p: Published = serde_json::from_slice(&b)
                     .map_err(|e| Error::Usage(format!("bad round outcome: {e}")))?;
-                let path = self.store.path_of(p.seq);
-                return read_manifest(&path).map_err(|reason| Error::Invalid { path, reason });
+                // Not the whole manifest, which lists every rank's files (its size grows with
+                // the number of ranks): the checkpoint's number, step and world size, and this
+                // rank's own files (`docs/multi-rank.md`, step 7 of the commit).
+                let mut m = Manifest::new(p.seq, Some(t.step), writer, algo, own);
+                m.world_size = Some(self.world.size);
+                return Ok(m);
             }
             if r.join("aborted").exists() {
                 return Err(self.abandoned(k, "a rank did not finish its shard in time"));
@@ -864,7 +979,50 @@ impl MultiRank {
                 continue;
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            pause = (pause * 2).min(self.max_pause());
+        }
+    }
+
+    /// The coordinator, its own shard durable, waits for every rank's done marker (one
+    /// `readdir` of the round per look), then publishes; abandons the round after the timeout.
+    fn gather_done(&mut self, k: u64, t: Target, writer: &str) -> Result<Manifest> {
+        let r = self.round(k);
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let names = self.list(&r)?;
+            if names.iter().any(|n| n == "aborted") {
+                return Err(self.abandoned(
+                    k,
+                    "another rank abandoned it: a shard was late, failed or was refused",
+                ));
+            }
+            if self.count_ranks(&names, "done-") == self.world.size {
+                return match self.publish(k, t, writer) {
+                    Ok(m) => {
+                        self.published_last = true;
+                        // Every rank has finished with the previous round (it joined this one).
+                        if k > 1 {
+                            let _ = self.store.io().remove_dir_all(&self.round(k - 1));
+                        }
+                        Ok(m)
+                    }
+                    Err(e) => {
+                        self.abort(k);
+                        Err(e)
+                    }
+                };
+            }
+            if start.elapsed() >= self.timeout {
+                eprintln!(
+                    "ckpt: warning: rank {}: not every shard of save round {k} was durable within {:?}; abandoning the round",
+                    self.world.rank, self.timeout
+                );
+                self.abort(k);
+                return Err(self.abandoned(k, "a rank did not finish its shard in time"));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(self.max_pause());
         }
     }
 

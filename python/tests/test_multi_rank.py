@@ -92,6 +92,19 @@ def mid_save(d: Path) -> bool:
     return live or bool(stage_shards(d))
 
 
+def mid_gather(d: Path) -> bool:
+    """A round is gathering: some rank proposed, the coordinator has not written ``agreed`` yet
+    (nor did the round end)."""
+    for r in (d / ".ckpt" / "rounds").glob("*/[0-9]*"):
+        try:
+            names = os.listdir(r)
+        except OSError:
+            continue
+        if any(n.startswith("propose-") for n in names) and not {"agreed", "published", "aborted"} & set(names):
+            return True
+    return False
+
+
 def assert_complete_checkpoints(d: Path, world: int) -> None:
     """Every published checkpoint verifies and holds exactly one shard per rank."""
     for seq in checkpoints(d):
@@ -150,9 +163,11 @@ def test_readme_pattern_unchanged_under_a_launcher(tmp_path, bg, seed, flag):
     assert steps == sorted(steps), f"the step went backwards across a resume: {steps}"
 
 
-def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, rounds: int) -> Path:
+def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, rounds: int,
+                 whats: Tuple[str, ...] = ("one rank", "all ranks", "the launcher")) -> Path:
     """Runs ``prog(out)`` as ``world`` ranks under ``ckpt run`` and the Python launcher with
-    ``rounds`` random SIGKILLs (one rank, all ranks or the launcher; mid-save or between saves);
+    ``rounds`` random SIGKILLs (of one of ``whats``: one rank, all ranks, the launcher, or the
+    coordinator (rank 0, also while the round gathers proposals); mid-save or between saves);
     checks the digest, the restores, every checkpoint, that nothing survives. Returns DIR."""
     rnd = random.Random(seed)
     d, out = tmp_path / "d", tmp_path / "out"
@@ -160,14 +175,23 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
     sup = bg(launch_cmd(d, world, prog(out), "--every", "150ms", "--max-failures", "30"), timeout=80)
     deadline = time.monotonic() + 70
     kills = 0
+    at_first_kill: Optional[int] = None
     for i in range(rounds):
-        what = rnd.choice(["one rank", "all ranks", "the launcher"])
+        what = rnd.choice(list(whats))
         mid = rnd.random() < 0.5
+        # The coordinator is killed at each moment in turn: while the round gathers the
+        # proposals (before ``agreed``), mid-save, between saves.
+        gather = what == "the coordinator" and i % 3 == 0
+        if what == "the coordinator":
+            mid = i % 3 != 2
         base = len(checkpoints(d))
         target: List[int] = []
         while sup.p.poll() is None:
             assert time.monotonic() < deadline, f"job did not finish in time\n{sup.stderr}"
-            ready = mid_save(d) if mid else (len(checkpoints(d)) > base and not mid_save(d))
+            if gather:
+                ready = mid_gather(d)
+            else:
+                ready = mid_save(d) if mid else (len(checkpoints(d)) > base and not mid_save(d))
             procs = job_ranks(d)
             ranks = [p for p, r in procs if r is not None]
             if ready and len(ranks) == world:
@@ -175,6 +199,8 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
                     target = [rnd.choice(ranks)]
                 elif what == "all ranks":
                     target = ranks
+                elif what == "the coordinator":
+                    target = [p for p, r in procs if r == 0]
                 else:
                     target = [p for p, r in procs if r is None]
                 break
@@ -182,13 +208,16 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
         if not target:
             break
         launches = len([e for e in events(d) if e["event"] == "launch"])
+        if at_first_kill is None:
+            at_first_kill = max(checkpoints(d), default=0)
         for p in target:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         kills += 1
-        msg = f"kill {i}: SIGKILL {what} {target} {'mid-save' if mid else 'between saves'} (checkpoints {checkpoints(d)})"
+        moment = "mid-gather" if gather else "mid-save" if mid else "between saves"
+        msg = f"kill {i}: SIGKILL {what} {target} {moment} (checkpoints {checkpoints(d)})"
         print(msg)
         sys.stderr.write(msg + "\n")
         # The next launch is up before the next kill.
@@ -202,8 +231,79 @@ def random_kills(tmp_path: Path, bg, seed: int, world: int, steps: int, prog, ro
     assert_complete_checkpoints(d, world)
     assert_no_survivors(d)
     assert not stage_shards(d)
+    if whats == ("the coordinator",):
+        # Later rounds published without the killed coordinator's process.
+        assert max(checkpoints(d), default=0) > (at_first_kill or 0), "no checkpoint was published after the first kill"
     print(f"{kills} kills, {restores} shard restores, checkpoints {checkpoints(d)}")
     return d
+
+
+def test_coordinator_killed_mid_round_resumes_to_the_same_digest(tmp_path, bg, seed):
+    """The coordinator (rank 0: it alone gathers the proposals and done markers, writes
+    ``agreed`` and publishes) SIGKILLed while a round gathers proposals, mid-save and between
+    saves: nothing partial is visible, the next launch's rounds publish, bit-identical digest."""
+    random_kills(tmp_path, bg, seed, 4, 900, lambda out: trainer(900, out), 4, whats=("the coordinator",))
+
+
+def _bench_scale():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "python" / "bench_scale.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_scale_recipes_run():
+    """The two measurements of docs/multi-rank.md "Scale", as written there but small (2 ranks,
+    2 rounds; the same client or build for "before" and "after"): each prints its table, and
+    every row shows the coordinator naming each other rank's files once per round (2 in all)."""
+    import shutil
+
+    src = str(REPO / "python" / "src")
+    r = run([PY, REPO / "python" / "bench_scale.py", "--worlds", "2", "--rounds", "2", "--repeat", "1",
+             "--clients", f"{src},{src}"], 120, env=clean_env(PYTHONPATH=src))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith(f"| {src} | 2 |")]
+    assert len(rows) == 2 and all(x[9].strip() == "2" for x in rows), r.stdout
+    if shutil.which("strace") is None:
+        assert "CI" not in os.environ, "strace is needed: scripts/setup must install it (Debian package strace)"
+        return
+    bins = str(ckpt_bin().parent)
+    r = run([PY, REPO / "python" / "bench_scale.py", "--worlds", "2", "--rounds", "2", "--rust", f"{bins},{bins}"],
+            180, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith(f"| {bins} | 2 |")]
+    assert len(rows) == 2 and all(x[11].strip() == "2" for x in rows), r.stdout
+
+
+def test_round_cost_per_rank_is_flat_in_the_number_of_ranks(monkeypatch):
+    """The cost of a save round per rank is flat in the number of ranks (docs/multi-rank.md,
+    "Scale"), counted by ``python/bench_scale.py`` (the client's file-system calls in each rank
+    process): a rank other than the coordinator never names another rank's ``propose-*`` or
+    ``done-*`` file (it reads the round's ``agreed``, ``published``, ``aborted``); the
+    coordinator reads each once per round; so over all ranks at most 2 (N-1) such calls per
+    round, under 2 per rank, with 2 ranks as with 16. Before the coordinator, every rank read
+    every proposal at every look and looked for every done marker: 2 (N-1) or more per rank."""
+    import ckpt
+
+    bench = _bench_scale()
+    # The ranks import the client this test imports.
+    monkeypatch.setenv("PYTHONPATH", str(Path(ckpt.__file__).resolve().parent.parent))
+    for world in (2, 16):
+        outs = bench.run(world, 4, 3)
+        for i in range(3):
+            rs = [o[i] for o in outs]
+            assert [r["published"] for r in rs] == [True] + [False] * (world - 1), (world, i, rs)
+            for rank, r in enumerate(rs[1:], 1):
+                assert r["others"] == 0, f"{world} ranks, round {i + 1}: rank {rank} named other ranks' files: {r}"
+            assert rs[0]["others"] <= 2 * (world - 1), f"{world} ranks, round {i + 1}: the coordinator: {rs[0]}"
+            per_rank = sum(r["others"] for r in rs) / world
+            assert per_rank < 2, (world, i, per_rank)
+            print(f"{world} ranks, round {i + 1}: other ranks' files named per rank {per_rank:.2f}; "
+                  f"lookups + reads: coordinator {rs[0]['lookup'] + rs[0]['read']}, "
+                  f"others max {max(r['lookup'] + r['read'] for r in rs[1:])}")
 
 
 def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
@@ -254,7 +354,8 @@ def test_rust_python_and_mixed_ranks_share_checkpoints(tmp_path):
 
 
 def standalone_env(d: Path, rank: int, size: int, **extra: str) -> dict:
-    return clean_env(CKPT_DIR=str(d), CKPT_RANK=str(rank), CKPT_WORLD_SIZE=str(size), CKPT_RUN_ID="t", **extra)
+    return clean_env(**{"CKPT_DIR": str(d), "CKPT_RANK": str(rank), "CKPT_WORLD_SIZE": str(size), "CKPT_RUN_ID": "t",
+                        **extra})
 
 
 def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
@@ -291,9 +392,13 @@ def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
     assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
 
 
-def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg):
-    """Ranks without a launcher: rank 1 dies while writing its shard; the others abandon the
-    round after CKPT_ROUND_TIMEOUT, nothing is published and their shards are removed."""
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank-1", "coordinator"])
+def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
+    """Ranks without a launcher: rank 1, or the coordinator (rank 0, which alone gathers and
+    publishes), dies while writing its shard; the others abandon the round after
+    CKPT_ROUND_TIMEOUT (they do not hang), nothing is published and their shards are removed.
+    After the coordinator's death, a new launch on the same directory saves: its round
+    publishes, with the digest of an uninterrupted run."""
     d, out = tmp_path / "d", tmp_path / "out"
     out.mkdir()
     world = 4
@@ -312,19 +417,36 @@ def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg):
     wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
     for k in kids:
         os.kill(k.pid, signal.SIGUSR1)
-    pid1 = kids[1].pid
+    pid1 = kids[victim].pid
     wait_until(lambda: any(n.endswith(f".{pid1}") for n in os.listdir(d / ".ckpt" / "staging")), 20,
-               "rank 1 writing its shard")
+               f"rank {victim} writing its shard")
     os.kill(pid1, signal.SIGKILL)
-    kids[1].p.wait()
+    kids[victim].p.wait()
     for r, k in enumerate(kids):
-        if r != 1:
+        if r != victim:
             assert k.wait() == 0, f"rank {r}: {k.stderr}"
             assert "abandon" in k.stderr, k.stderr
-    assert checkpoints(d) == [], "a checkpoint was published without rank 1's shard"
+    assert checkpoints(d) == [], f"a checkpoint was published without rank {victim}'s shard"
     assert not stage_shards(d), stage_shards(d)
     rounds = list((d / ".ckpt" / "rounds" / "t.0").iterdir())
     assert any((r / "aborted").exists() for r in rounds), rounds
+    assert_no_survivors(d)
+    if victim != 0:
+        return
+    # A later launch (a new run id) on the same directory: one request to one rank, its round
+    # publishes, bit-identical result.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    steps = 300
+    kids = [bg(trainer(steps, out2, save_ms=0), timeout=60,
+               env=standalone_env(d, r, world, CKPT_ROUND_TIMEOUT="1", CKPT_RUN_ID="t2")) for r in range(world)]
+    wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
+    os.kill(kids[2].pid, signal.SIGUSR1)
+    for r, k in enumerate(kids):
+        assert k.wait() == 0, f"rank {r}: {k.stderr}"
+    assert len(checkpoints(d)) == 1, checkpoints(d)
+    assert_complete_checkpoints(d, world)
+    assert combined(world, out2) == reference(world, steps)
     assert_no_survivors(d)
 
 

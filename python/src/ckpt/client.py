@@ -116,6 +116,8 @@ class Saved:
     seq: int
     path: Path
     step: Optional[int]
+    #: Bytes of the checkpoint's files; in a multi-rank job, on every rank but rank 0 (which
+    #: publishes), of this rank's shard only (docs/multi-rank.md, step 7 of the commit).
     bytes: int
     #: Seconds the save took.
     duration: float

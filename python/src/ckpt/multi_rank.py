@@ -4,18 +4,25 @@ lives entirely in files of the shared checkpoint directory (no network, no coord
 is byte-compatible with the Rust client (``src/multi_rank.rs``): Rust and Python ranks may
 take part in the same rounds. Specified in ``docs/multi-rank.md``.
 
+Rank 0 is each round's **coordinator**: it alone gathers the other ranks' files (one
+``listdir`` of the round per look, then one read of each file), writes the round's ``agreed``
+step and publishes; every other rank only ever reads the round's few shared files (``agreed``,
+``published``, ``aborted``), so a rank's cost per round does not grow with the number of ranks
+(docs/multi-rank.md, "Scale").
+
 ::
 
     DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
       00000003/                             save round 3 of that launch
         propose-00002                       rank 2's proposal {"step":S,"stop":B}
+        agreed                              rank 0's verdict from all proposals {"step":T,"stop":B}
         stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
           rank-00002/<files>                rank 2's shard, fsynced
-          MANIFEST.ckpt                     written by the publisher only
+          MANIFEST.ckpt                     written by rank 0 (the publisher) only
         done-00002                          rank 2's shard is durable: its file list and sums
-        publisher                           claimed (O_EXCL) by the rank that publishes
         published                           {"seq":N}: the round's outcome
         aborted                             the other outcome (the stage was removed)
+      left                                  some rank left the launch (closed its client)
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import protocol as P
-from .errors import CkptError, EnvError, InvalidCheckpoint
+from .errors import CkptError, EnvError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, now_ms
-from .store import Stage, Store, _fsync_path, _rmtree, read_manifest, rename_noreplace, token
+from .store import Stage, Store, _fsync_path, _rmtree, rename_noreplace, token
 
 __all__ = [
     "ENV_RANK",
@@ -72,8 +79,15 @@ ENV_ROUND_LOOKAHEAD = "CKPT_ROUND_LOOKAHEAD"
 #: Rust client's ``SHARD_ALGO``): CRC-32 via ``zlib``, at C speed with the standard library alone.
 SHARD_ALGO = "crc32"
 
-#: How often a rank without a request of its own looks for a round started by another rank.
+#: How often a rank without a request of its own looks for a round started by another rank:
+#: every 100 ms, or every 0.25 ms per rank from 400 ranks on (:func:`idle_poll`).
 POLL_S = 0.1
+#: How often the coordinator, while it still steps towards its own proposal, gathers the
+#: proposals (the other ranks may already wait for its ``agreed``).
+GATHER_POLL_S = 0.02
+#: The rank that coordinates every round: gathers the proposals into ``agreed``, the done
+#: markers into the manifest, and publishes (as the Rust client's ``COORDINATOR``).
+COORDINATOR = 0
 _U64 = (1 << 64) - 1
 
 #: The launcher variables, in order of preference: explicit, torchrun, srun, Open MPI, PMI.
@@ -265,12 +279,27 @@ def _env_lookahead() -> int:
     return int(v)
 
 
-def _pause(waited: float) -> float:
+def max_pause(world_size: int) -> float:
+    """The longest pause between two looks of a waiting rank: 20 ms, or 0.25 ms per rank from
+    80 ranks on, so that all ranks waiting together look at most about 4 000 times a second in
+    all, whatever their number (as the Rust client; docs/multi-rank.md, "Waiting")."""
+    return max(0.02, 0.00025 * world_size)
+
+
+def idle_poll(world_size: int) -> float:
+    """How often a rank without a request looks for a new round: 100 ms, or 0.25 ms per rank
+    from 400 ranks on, so that the ranks of a job make at most about 4 000 such lookups a second
+    in all between rounds (as the Rust client; docs/multi-rank.md, "Scale")."""
+    return max(POLL_S, 0.00025 * world_size)
+
+
+def _pause(waited: float, cap: float = 0.02) -> float:
     """How long a rank sleeps between two looks at the round while it waits for the other
-    ranks: a tenth of the time it has waited so far, between 0.5 ms and 20 ms. A wait thus
-    overshoots by at most about 10 % (plus 0.5 ms), and a long wait costs one look every 20 ms
-    (a few ``stat`` calls; docs/multi-rank.md, "Waiting")."""
-    return min(max(waited / 10, 0.0005), 0.02)
+    ranks: a tenth of the time it has waited so far, between 0.5 ms and ``cap``
+    (:func:`max_pause`). A wait thus overshoots by at most about 10 % (plus 0.5 ms), and a long
+    wait costs one look every ``cap`` (a few ``stat`` calls, or the coordinator's one listing;
+    docs/multi-rank.md, "Waiting")."""
+    return min(max(waited / 10, 0.0005), cap)
 
 
 @dataclass
@@ -316,6 +345,8 @@ class MultiRank:
         self.joined: Optional[_Joined] = None
         self.last_poll: Optional[float] = None
         self.timeout = _env_timeout()
+        self._max_pause = max_pause(world.size)
+        self._idle_poll = idle_poll(world.size)
         self.lookahead = _env_lookahead()
         #: The last round this rank took part in published with ``stop``.
         self.stop_agreed = False
@@ -350,7 +381,7 @@ class MultiRank:
         True exactly at the agreed position of the round this rank is in."""
         if self.joined is None:
             now = time.monotonic()
-            if not want and self.last_poll is not None and now - self.last_poll < POLL_S:
+            if not want and self.last_poll is not None and now - self.last_poll < self._idle_poll:
                 return False
             self.last_poll = now
             if not want and not os.path.lexists(self.round(self.k)):
@@ -364,7 +395,7 @@ class MultiRank:
             if step >= j.proposal:
                 # This rank may not pass its proposal before it knows the agreed step.
                 state = self._wait_target()
-            elif self.last_poll is None or time.monotonic() - self.last_poll >= POLL_S:
+            elif self.last_poll is None or time.monotonic() - self.last_poll >= self._look_every():
                 self.last_poll = time.monotonic()
                 state = self._state(self.k)
             else:
@@ -426,31 +457,79 @@ class MultiRank:
             _rmtree(tmp)
             raise
 
+    def _coordinator(self) -> bool:
+        return self.world.rank == COORDINATOR
+
+    def _look_every(self) -> float:
+        """How often a rank that has proposed but is not yet at its proposal looks at the
+        round: the coordinator more often, since the other ranks may wait for its ``agreed``."""
+        return GATHER_POLL_S if self._coordinator() else self._idle_poll
+
+    def _count_ranks(self, names: List[str], prefix: str) -> int:
+        """How many of ``names`` are ``<prefix><rank>`` for distinct ranks of this world."""
+        n = 0
+        for name in names:
+            if name.startswith(prefix):
+                d = name[len(prefix) :]
+                if d.isascii() and d.isdigit() and int(d) < self.world.size and d == f"{int(d):05d}":
+                    n += 1
+        return n
+
     def _state(self, k: int) -> object:
+        """One look at round ``k``'s agreement. Every rank but the coordinator reads the one file
+        ``agreed`` (and ``aborted``, ``left``); the coordinator lists the round and, once every
+        rank's proposal is there, reads them (once) and writes ``agreed``."""
         r = self.round(k)
+        if self._coordinator():
+            return self._gather_proposals(k)
         if os.path.lexists(r / "aborted"):
             return _ABORTED
         if self._someone_left():
             # The rank that left will never propose: abandon rather than wait for it.
             self._abort(k)
             return _ABORTED
+        p = r / "agreed"
+        try:
+            with open(p, "rb") as f:
+                b = f.read()
+        except FileNotFoundError:
+            return _OPEN
+        return self._parse_target(p, b, "agreement")
+
+    @staticmethod
+    def _parse_target(p: Path, b: bytes, what: str) -> Target:
+        try:
+            x = json.loads(b)
+            step, stop = x["step"], x["stop"]
+            if not isinstance(step, int) or isinstance(step, bool) or not isinstance(stop, bool):
+                raise ValueError("step must be an integer and stop a boolean")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CkptError(f"bad {what} {p}: {e}") from None
+        return Target(step, stop)
+
+    def _gather_proposals(self, k: int) -> object:
+        """The coordinator's look at round ``k``: one ``listdir``; once all ``world_size``
+        proposals are there, it reads each once and writes the agreed position ``agreed``
+        (temporary name, then rename) for every other rank to read."""
+        r = self.round(k)
+        names = os.listdir(r)
+        if "aborted" in names:
+            return _ABORTED
+        if self._someone_left():
+            self._abort(k)
+            return _ABORTED
+        if self._count_ranks(names, "propose-") < self.world.size:
+            return _OPEN
         t = Target(0, False)
         for rank in range(self.world.size):
             p = r / f"propose-{rank:05d}"
-            try:
-                with open(p, "rb") as f:
-                    b = f.read()
-            except FileNotFoundError:
-                return _OPEN
-            try:
-                x = json.loads(b)
-                step, stop = x["step"], x["stop"]
-                if not isinstance(step, int) or not isinstance(stop, bool):
-                    raise ValueError("step must be an integer and stop a boolean")
-            except (ValueError, KeyError, TypeError) as e:
-                raise CkptError(f"bad proposal {p}: {e}") from None
-            t.step = max(t.step, step)
-            t.stop = t.stop or stop
+            with open(p, "rb") as f:
+                x = self._parse_target(p, f.read(), "proposal")
+            t.step = max(t.step, x.step)
+            t.stop = t.stop or x.stop
+        tmp = r / f".agreed.{token()}"
+        _write_new(tmp, _dumps({"step": t.step, "stop": t.stop}))
+        os.rename(tmp, r / "agreed")
         return t
 
     def _wait_target(self) -> object:
@@ -468,7 +547,7 @@ class MultiRank:
                 return _ABORTED
             if s != _OPEN:
                 return s
-            time.sleep(_pause(time.monotonic() - start))
+            time.sleep(_pause(time.monotonic() - start, self._max_pause))
 
     def _abort(self, k: int) -> None:
         """Abandons round ``k``: the stage (and every shard in it) goes, ``aborted`` records it.
@@ -524,8 +603,11 @@ class MultiRank:
         """Saves this rank's shard: ``stage`` (filled by the job) becomes ``rank-NNNNN/`` of the
         round's checkpoint. ``step``: the step the job gave to the save (recorded in the
         manifest; ``None``: the agreed position); ``pos``: this rank's position (the last one
-        given to :meth:`poll`). Returns the published manifest once every shard is durable and
-        the checkpoint is visible; raises when the round was abandoned."""
+        given to :meth:`poll`). Returns once every shard is durable and the checkpoint is
+        visible; raises when the round was abandoned. Returns, on the coordinator (rank 0, which
+        publishes), the checkpoint's manifest; on every other rank the checkpoint's ``seq``,
+        ``step``, ``world_size`` and checksum with only this rank's files (without reading the
+        whole manifest, whose size grows with the number of ranks)."""
         self.published_last = False
         # Where this save is, when it is not the save should_checkpoint() asked for: the
         # explicit step wins, else the position.
@@ -622,26 +704,9 @@ class MultiRank:
         except BaseException:
             self._abort(k)
             raise
-        all_done = all(os.path.lexists(r / f"done-{i:05d}") for i in range(self.world.size))
-        claimed = False
-        if all_done:
-            try:
-                _write_new(r / "publisher", b"")
-                claimed = True
-            except OSError:
-                pass
-        if claimed:
-            try:
-                m = self._publish(k, t, writer)
-            except BaseException:
-                self._abort(k)
-                raise
-            self.published_last = True
-            if k > 1:
-                # Every rank has finished with the previous round (it joined this one).
-                _rmtree(self.round(k - 1))
-            return m
-        # Wait for the outcome.
+        if self._coordinator():
+            return self._gather_done(k, t, writer)
+        # Wait for the outcome: two files, whatever the number of ranks.
         start = time.monotonic()
         gave_up = False
         while True:
@@ -655,11 +720,21 @@ class MultiRank:
                     seq = json.loads(b)["seq"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise CkptError(f"bad round outcome: {e}") from None
-                path = self.store.path_of(seq)
-                try:
-                    return read_manifest(path)
-                except InvalidCheckpoint as e:
-                    raise e.at(str(path)) from None
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                    raise CkptError(f"bad round outcome: seq {seq!r}")
+                # Not the whole manifest, which lists every rank's files (its size grows with
+                # the number of ranks): the checkpoint's number, step and world size, and this
+                # rank's own files (docs/multi-rank.md, step 7 of the commit).
+                prefix = self.world.shard_dir
+                return Manifest(
+                    seq=seq,
+                    created_ms=now_ms(),
+                    writer=writer,
+                    checksum=stage.algo,
+                    files=[FileEntry(f"{prefix}/{f.name}", f.size, f.sum) for f in entries],
+                    step=t.step,
+                    world_size=self.world.size,
+                )
             if os.path.lexists(r / "aborted"):
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if time.monotonic() - start >= self.timeout:
@@ -673,7 +748,38 @@ class MultiRank:
                 self._abort(k)
                 gave_up = True
                 continue
-            time.sleep(_pause(time.monotonic() - start))
+            time.sleep(_pause(time.monotonic() - start, self._max_pause))
+
+    def _gather_done(self, k: int, t: Target, writer: str) -> Manifest:
+        """The coordinator, its own shard durable, waits for every rank's done marker (one
+        ``listdir`` of the round per look), then publishes; abandons the round after the
+        timeout."""
+        r = self.round(k)
+        start = time.monotonic()
+        while True:
+            names = os.listdir(r)
+            if "aborted" in names:
+                raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
+            if self._count_ranks(names, "done-") == self.world.size:
+                try:
+                    m = self._publish(k, t, writer)
+                except BaseException:
+                    self._abort(k)
+                    raise
+                self.published_last = True
+                if k > 1:
+                    # Every rank has finished with the previous round (it joined this one).
+                    _rmtree(self.round(k - 1))
+                return m
+            if time.monotonic() - start >= self.timeout:
+                print(
+                    f"ckpt: warning: rank {self.world.rank}: not every shard of save round {k} was durable "
+                    f"within {self.timeout}s; abandoning the round",
+                    file=sys.stderr,
+                )
+                self._abort(k)
+                raise self._abandoned(k, "a rank did not finish its shard in time")
+            time.sleep(_pause(time.monotonic() - start, self._max_pause))
 
     def _publish(self, k: int, t: Target, writer: str) -> Manifest:
         """Writes the top-level manifest listing every shard's files and publishes the stage
