@@ -2111,6 +2111,16 @@ mod tests {
     }
 
     #[test]
+    fn ranks_parse() {
+        assert_eq!(parse_ranks("0").unwrap(), vec![0]);
+        assert_eq!(parse_ranks("4-7,1,5").unwrap(), vec![1, 4, 5, 6, 7]);
+        assert!(parse_ranks("").is_err());
+        assert!(parse_ranks("3-1").is_err());
+        assert!(parse_ranks("a").is_err());
+        assert!(parse_ranks("0-99999999").is_err());
+    }
+
+    #[test]
     fn loopback() {
         assert!(is_loopback_url("http://127.0.0.1:9000"));
         assert!(is_loopback_url("http://localhost:9000/"));

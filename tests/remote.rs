@@ -1714,3 +1714,63 @@ fn s3_multi_rank_each_node_uploads_its_shards_and_the_manifest_waits_for_all() {
     assert_eq!(rank_combined(2, &out2), rank_reference(2, steps), "{err}");
     assert_no_survivors(&dir2);
 }
+
+/// docs/cloud.md's "By hand" recipe, line by line as written (the bucket and /tmp replaced).
+#[test]
+fn cloud_md_by_hand_recipe_runs_as_written() {
+    need_moto!();
+    let moto = Moto::start();
+    let t = tempdir();
+    let home = t.path().join("home");
+    let cwd = t.path().join("work");
+    std::fs::create_dir_all(cwd.join("data")).unwrap();
+    std::fs::write(cwd.join("model.pt"), b"weights 7000").unwrap();
+    std::fs::write(cwd.join("data/shard-0"), b"data").unwrap();
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cloud.md"))
+        .unwrap();
+    let block = doc
+        .split("6. **By hand")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .nth(1)
+        .unwrap();
+    let tmp = t.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut ran = 0;
+    for line in block
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("ckpt "))
+    {
+        let cmd = line.split('#').next().unwrap().trim();
+        let cmd = cmd
+            .replace("s3://my-bucket", "s3://ckpt-remote-test")
+            .replace("/tmp/", &format!("{}/", tmp.display()));
+        let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+        let out = output_deadline(
+            ckpt_env(&home, Some(&moto)).current_dir(&cwd).args(&args),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{line}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 6, "{block}");
+    assert_eq!(
+        std::fs::read(tmp.join("model-7000/model.pt")).unwrap(),
+        b"weights 7000"
+    );
+    for prefix in ["train/", "other/", "third/"] {
+        assert!(
+            moto.keys(prefix)
+                .contains(&format!("{prefix}ckpt-000000000001/MANIFEST.ckpt")),
+            "{prefix}: {:?}",
+            moto.keys(prefix)
+        );
+    }
+}

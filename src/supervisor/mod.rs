@@ -84,7 +84,7 @@ pub mod exit_codes {
         ("73", "the checkpoint directory cannot be created, locked (another supervisor holds it) or written"),
         ("74", "I/O error"),
         ("79", "under Slurm: stopped after a checkpoint and requeued by ckpt (the batch script must not requeue again)"),
-        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory)"),
+        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory); `ckpt save/import/upload --remote`: the checkpoint is saved locally but its upload failed"),
         ("69", "`ckpt status/checkpoint/stop`: no supervisor runs on that directory"),
         ("78", "`ckpt checkpoint`: the job has not announced a client, so it cannot be asked to checkpoint"),
         ("126 / 127", "the command cannot be executed / was not found"),
