@@ -600,6 +600,24 @@ impl Remote {
     }
 
     async fn list_async(&self) -> Result<Vec<u64>, String> {
+        let seqs = self.dirs_async().await?;
+        let mut out = Vec::new();
+        for s in seqs {
+            match self.store.head(&self.ckpt_key(s, MANIFEST_NAME)?).await {
+                Ok(_) => out.push(s),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("inspect", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sequence numbers of every remote checkpoint directory, with or without a manifest.
+    pub fn list_dirs(&self) -> Result<Vec<u64>, String> {
+        self.rt.block_on(self.dirs_async())
+    }
+
+    async fn dirs_async(&self) -> Result<Vec<u64>, String> {
         let prefix = if self.prefix.is_empty() {
             None
         } else {
@@ -616,15 +634,7 @@ impl Remote {
             .filter_map(|p| p.filename().and_then(|n| parse_seq(n, false)))
             .collect();
         seqs.sort_unstable();
-        let mut out = Vec::new();
-        for s in seqs {
-            match self.store.head(&self.ckpt_key(s, MANIFEST_NAME)?).await {
-                Ok(_) => out.push(s),
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.err("inspect", e)),
-            }
-        }
-        Ok(out)
+        Ok(seqs)
     }
 
     /// Whether checkpoint `seq` has its commit record remotely.
@@ -2027,8 +2037,18 @@ fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) 
         }
     };
     let cut = seqs.len().saturating_sub(keep);
+    // Also the leftovers older than every checkpoint kept: objects of checkpoints that never
+    // got their manifest (an upload cut short, a multi-rank checkpoint whose shards did not
+    // all come), invisible and never restorable.
+    let oldest_kept = seqs.get(cut).copied().unwrap_or(0);
+    let leftovers: Vec<u64> = remote
+        .list_dirs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| *s < oldest_kept && !seqs.contains(s))
+        .collect();
     let mut gone = Vec::new();
-    for &s in &seqs[..cut] {
+    for &s in seqs[..cut].iter().chain(&leftovers) {
         if protected.contains(&s) {
             continue;
         }

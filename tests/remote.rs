@@ -275,6 +275,7 @@ fn run_and_stop_with(
         v["remote"]["last_upload"]["bytes"].as_u64().unwrap() > 0,
         "{st}"
     );
+    assert!(v["remote"].get("behind_ms").is_some(), "{st}");
     signal(sup.id(), libc::SIGTERM);
     let st = wait_deadline(&mut sup, Duration::from_secs(60));
     assert_eq!(
@@ -530,6 +531,28 @@ fn remote_keep_prunes_the_remote_and_flags_need_remote() {
     let url = format!("file://{}", root.display());
     run_and_stop_with(&dir, t.path(), &url, None, 4, &["--remote-keep", "2"]);
     assert!(!events(&dir, "remote_pruned").is_empty());
+    assert!(remote_seqs(&root).len() <= 2, "{:?}", remote_seqs(&root));
+    // A leftover without a manifest older than every kept checkpoint (an upload cut short,
+    // a multi-rank checkpoint whose shards never all came) goes with the next retention.
+    let oldest = remote_seqs(&root)[0];
+    let left = root.join(format!("ckpt-{:012}", oldest - 1));
+    std::fs::create_dir_all(left.join("rank-00000")).unwrap();
+    std::fs::write(left.join("rank-00000/state.bin"), b"partial").unwrap();
+    let step = the_step(&root.join(format!("ckpt-{:012}", remote_seqs(&root)[1])));
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms", "--remote-keep", "2"]);
+    trainer_cmd(&mut c, step + 100, 5, &dir.with_extension("digest3"));
+    let out = output_deadline(&mut c, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !left.exists(),
+        "{:?}",
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
     assert!(remote_seqs(&root).len() <= 2, "{:?}", remote_seqs(&root));
 
     let mut c = ckpt();
