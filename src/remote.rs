@@ -1466,6 +1466,13 @@ pub fn claim_shard(
         .mode(0o700)
         .create(claims)
         .map_err(|e| format!("cannot create {}: {e}", claims.display()))?;
+    // Never claim through a symlink planted in place of our own directory.
+    if !std::fs::symlink_metadata(claims).is_ok_and(|m| m.is_dir()) {
+        return Err(format!(
+            "{} is not a directory (a symlink?); ckpt never follows links planted in the checkpoint directory",
+            claims.display()
+        ));
+    }
     let me = Claim {
         node: node_name(),
         pid: std::process::id(),
@@ -1521,8 +1528,11 @@ fn pid_alive(pid: u32) -> bool {
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
-/// Removes the claims of checkpoints older than `oldest` (they are gone locally).
+/// Removes the claims of checkpoints numbered below `oldest` (long handled).
 pub fn prune_claims(claims: &Path, oldest: u64) {
+    if !std::fs::symlink_metadata(claims).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
     let Ok(rd) = std::fs::read_dir(claims) else {
         return;
     };
@@ -2127,6 +2137,48 @@ mod tests {
         assert!(Keys::load(std::slice::from_ref(&p))
             .unwrap_err()
             .contains("chmod 600"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn shard_claims_are_exclusive_and_dead_ones_of_this_node_are_taken_over() {
+        let d = std::env::temp_dir().join(format!("ckpt-claim-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        // Ours: claimed, and claiming again is a no-op.
+        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
+        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
+        let path = d.join("ckpt-000000000005.rank-00001.r1");
+        // Another node's claim is respected.
+        std::fs::write(&path, br#"{"node":"elsewhere","pid":1}"#).unwrap();
+        assert_eq!(
+            claim_shard(&d, "r1", 5, 1).unwrap().as_deref(),
+            Some("elsewhere (pid 1)")
+        );
+        // Another remote is another claim.
+        assert_eq!(claim_shard(&d, "r2", 5, 1).unwrap(), None);
+        // A claim of a process of this node that is gone is taken over.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let dead = c.id();
+        c.wait().unwrap();
+        let body = serde_json::to_vec(&Claim {
+            node: node_name(),
+            pid: dead,
+        })
+        .unwrap();
+        std::fs::write(&path, body).unwrap();
+        assert_eq!(claim_shard(&d, "r1", 5, 1).unwrap(), None);
+        let now: Claim = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(now.pid, std::process::id());
+        // A live process of this node keeps its claim.
+        let body = serde_json::to_vec(&Claim {
+            node: node_name(),
+            pid: 1,
+        })
+        .unwrap();
+        std::fs::write(&path, body).unwrap();
+        assert!(claim_shard(&d, "r1", 5, 1).unwrap().is_some());
+        prune_claims(&d, 6);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
