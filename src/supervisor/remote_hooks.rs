@@ -9,8 +9,9 @@ use super::report::Reporter;
 use super::{exit_codes, Run};
 use crate::store::Store;
 
-/// Before anything runs (the local directory has no `finished` marker): with `--remote`, a
-/// job that the remote records as finished (on a machine since lost) is finished here too:
+/// Before anything runs (the local directory has no `finished` marker, nor any checkpoint: a
+/// new machine): with `--remote`, a job that the remote records as finished (on a machine
+/// since lost) is finished here too:
 /// the local marker is written and ckpt exits 0 without running the job again. With
 /// `--again` the remote record is removed instead. A record that does not authenticate
 /// counts for nothing (a planted one must not stop a job), nor does a remote that cannot be
@@ -35,6 +36,12 @@ pub(super) fn remote_finished(
                 json!({ "remote": remote.display, "error": crate::remote::redact(&e) }),
             );
         }
+        return false;
+    }
+    // Only a new machine (no local checkpoint) asks: where checkpoints are local, the job
+    // ran here, and a finish here left the local marker; nor does a remote that is down
+    // delay the start of a job that has its checkpoints at hand.
+    if store.list().is_ok_and(|l| !l.is_empty()) {
         return false;
     }
     match remote.finished() {
