@@ -56,7 +56,7 @@ pub mod codes {
         ("73", "the checkpoint directory cannot be created, locked (another supervisor holds it) or written"),
         ("74", "I/O error"),
         ("79", "under Slurm: stopped after a checkpoint and requeued by ckpt (the batch script must not requeue again)"),
-        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory)"),
+        ("77", "with `--remote-required`: stopped, but the stop's final checkpoint was not uploaded to `--remote` in time (it is still in the local directory); `ckpt save/import/upload --remote`: the checkpoint is saved locally but its upload failed"),
         ("69", "`ckpt status/checkpoint/stop`: no supervisor runs on that directory"),
         ("78", "`ckpt checkpoint`: the job has not announced a client, so it cannot be asked to checkpoint"),
         ("126 / 127", "the command cannot be executed / was not found"),
@@ -101,11 +101,13 @@ pub enum ErrKind {
     /// `ckpt checkpoint/stop`: the supervisor could not do it now or in time (a save failed,
     /// a stop is under way, it is still running after `--timeout`): try again.
     TryAgain,
+    /// `ckpt save/import/upload --remote`: saved locally, but the upload failed.
+    UploadFailed,
 }
 
 impl ErrKind {
     /// Every kind, for the test that checks the table documents each one.
-    pub const ALL: [ErrKind; 10] = [
+    pub const ALL: [ErrKind; 11] = [
         ErrKind::Usage,
         ErrKind::Data,
         ErrKind::NotRunning,
@@ -116,6 +118,7 @@ impl ErrKind {
         ErrKind::CannotExecute,
         ErrKind::NotFound,
         ErrKind::TryAgain,
+        ErrKind::UploadFailed,
     ];
 
     /// The exit code of a failure of this kind: the only place a kind becomes a number.
@@ -131,6 +134,7 @@ impl ErrKind {
             ErrKind::CannotExecute => codes::CANNOT_EXECUTE,
             ErrKind::NotFound => codes::NOT_FOUND,
             ErrKind::TryAgain => codes::TEMPFAIL,
+            ErrKind::UploadFailed => codes::REMOTE_MISSING,
         }
     }
 
@@ -224,7 +228,9 @@ mod tests {
     fn kinds_have_distinct_codes() {
         let mut seen = std::collections::HashSet::new();
         // TryAgain shares 75 with a stopped run on purpose: both mean "run it again".
-        for k in ErrKind::ALL.into_iter().filter(|k| *k != ErrKind::TryAgain) {
+        // UploadFailed shares 77 with a stop whose checkpoint did not get off the machine.
+        let shared = [ErrKind::TryAgain, ErrKind::UploadFailed];
+        for k in ErrKind::ALL.into_iter().filter(|k| !shared.contains(k)) {
             assert!(seen.insert(k.code()), "{k:?} shares its code");
         }
     }

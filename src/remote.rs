@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::store::io::Io as _;
 use crate::store::manifest::{limits, Manifest, MANIFEST_NAME};
 use crate::store::{parse_seq, Stage, Store, PREFIX};
 
@@ -62,6 +63,9 @@ pub struct Settings {
     pub required: bool,
     /// How long a stop waits for uploads before ckpt exits.
     pub stop_timeout: Duration,
+    /// `--remote-ranks`: of a multi-rank checkpoint, upload only these ranks' shards (the
+    /// other nodes upload theirs with `ckpt upload`); None: every shard no one else claimed.
+    pub ranks: Option<Vec<u32>>,
 }
 
 /// A log line for the supervisor's reporter.
@@ -318,6 +322,89 @@ struct SigDoc {
 // ---------------------------------------------------------------------------------------
 // The store
 
+/// The remote record that the job finished: `PREFIX/FINISHED.ckpt.sig`, beside the
+/// checkpoint directories (never listed as one).
+pub const FINISHED_NAME: &str = "FINISHED.ckpt.sig";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FinishedBody {
+    v: u32,
+    kind: String,
+    /// The newest checkpoint when the job finished.
+    seq: u64,
+    t_ms: u64,
+}
+
+/// What [`Remote::finished`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    No,
+    Yes {
+        seq: u64,
+        t_ms: u64,
+    },
+    /// A record is there but does not authenticate (planted, or another key's).
+    Invalid(String),
+}
+
+/// The record of one shard of a multi-rank checkpoint, beside its manifest.
+pub fn shard_record_name(rank: u32) -> String {
+    format!(
+        "{MANIFEST_NAME}.{}.sig",
+        crate::multi_rank::shard_name(rank)
+    )
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ShardBody {
+    v: u32,
+    kind: String,
+    seq: u64,
+    manifest_sha256: String,
+    shard: String,
+    files: Vec<SignedFile>,
+}
+
+/// What [`Remote::publish_shards`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Publish {
+    /// The manifest is up (now, with the bytes written, or already).
+    Done(u64),
+    /// These ranks' shards are not up yet: nothing was written.
+    Missing(Vec<u32>),
+}
+
+/// The files of rank `rank`'s shard in a multi-rank manifest.
+fn shard_files(m: &Manifest, rank: u32) -> impl Iterator<Item = &crate::store::FileEntry> {
+    let prefix = format!("{}/", crate::multi_rank::shard_name(rank));
+    m.files.iter().filter(move |f| f.name.starts_with(&prefix))
+}
+
+/// The manifest of local checkpoint `seq` at `dir`: its bytes and decoded.
+fn read_local_manifest(seq: u64, dir: &Path) -> Result<(Vec<u8>, Manifest), String> {
+    let mpath = dir.join(MANIFEST_NAME);
+    let mbytes = crate::store::io::read_small(&mpath, limits::MANIFEST_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", mpath.display()))?;
+    let m = Manifest::decode(&mbytes).map_err(|e| format!("{}: {e}", mpath.display()))?;
+    if m.seq != seq {
+        return Err(format!(
+            "{} names checkpoint {}, not {seq}",
+            mpath.display(),
+            m.seq
+        ));
+    }
+    Ok((mbytes, m))
+}
+
+/// What [`Remote::upload_checked`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// Uploaded now: the bytes sent.
+    Done(u64),
+    /// The remote already held this very checkpoint.
+    Present,
+}
+
 /// An opened remote.
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
@@ -413,14 +500,29 @@ impl Remote {
                 (Arc::new(b.build().map_err(|e| redact(&e.to_string()))?), prefix)
             }
             "gs" => {
+                // GOOGLE_BASE_URL points object_store at another endpoint (an emulator).
+                let http = http_ok(env("GOOGLE_BASE_URL"))?;
                 let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(url_s)
                     .with_retry(retry)
-                    .with_client_options(opts(false));
+                    .with_client_options(opts(http));
                 (Arc::new(b.build().map_err(|e| redact(&e.to_string()))?), prefix)
             }
             "az" | "azure" | "abfs" | "abfss" => {
-                let http = http_ok(env("AZURE_STORAGE_ENDPOINT"))?;
+                // Azurite (AZURE_STORAGE_USE_EMULATOR=true): object_store talks plain http to
+                // AZURITE_BLOB_STORAGE_URL (default http://127.0.0.1:10000), held to the same
+                // rule as any other endpoint.
+                let emulator = env("AZURE_STORAGE_USE_EMULATOR")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+                let endpoint = if emulator {
+                    Some(
+                        env("AZURITE_BLOB_STORAGE_URL")
+                            .unwrap_or_else(|| "http://127.0.0.1:10000".into()),
+                    )
+                } else {
+                    env("AZURE_STORAGE_ENDPOINT")
+                };
+                let http = http_ok(endpoint)?;
                 let b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url_s)
                     .with_retry(retry)
@@ -464,6 +566,12 @@ impl Remote {
         })
     }
 
+    /// Names this remote in upload claims (claims are per remote: a second remote of the
+    /// same directory is uploaded independently).
+    pub fn claim_tag(&self) -> String {
+        hex(&Sha256::digest(self.display.as_bytes())[..6])
+    }
+
     /// The id of the signing key (a hash; never the key).
     pub fn key_id(&self) -> &str {
         self.keys.signing_id()
@@ -492,6 +600,24 @@ impl Remote {
     }
 
     async fn list_async(&self) -> Result<Vec<u64>, String> {
+        let seqs = self.dirs_async().await?;
+        let mut out = Vec::new();
+        for s in seqs {
+            match self.store.head(&self.ckpt_key(s, MANIFEST_NAME)?).await {
+                Ok(_) => out.push(s),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("inspect", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sequence numbers of every remote checkpoint directory, with or without a manifest.
+    pub fn list_dirs(&self) -> Result<Vec<u64>, String> {
+        self.rt.block_on(self.dirs_async())
+    }
+
+    async fn dirs_async(&self) -> Result<Vec<u64>, String> {
         let prefix = if self.prefix.is_empty() {
             None
         } else {
@@ -508,15 +634,7 @@ impl Remote {
             .filter_map(|p| p.filename().and_then(|n| parse_seq(n, false)))
             .collect();
         seqs.sort_unstable();
-        let mut out = Vec::new();
-        for s in seqs {
-            match self.store.head(&self.ckpt_key(s, MANIFEST_NAME)?).await {
-                Ok(_) => out.push(s),
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.err("inspect", e)),
-            }
-        }
-        Ok(out)
+        Ok(seqs)
     }
 
     /// Whether checkpoint `seq` has its commit record remotely.
@@ -551,68 +669,9 @@ impl Remote {
         let mut signed = Vec::with_capacity(m.files.len());
         let mut total = 0u64;
         for f in &m.files {
-            let mut file = crate::store::scan::open_member(dir, &f.name)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            let key = self.ckpt_key(seq, &f.name)?;
-            let mut crc = m.checksum.hasher();
-            let mut sha = Sha256::new();
-            let mut size = 0u64;
-            let mut read_chunk = |buf: &mut Vec<u8>| -> Result<usize, String> {
-                buf.resize(PART, 0);
-                let mut n = 0;
-                while n < PART {
-                    match file.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(format!("read {}: {e}", f.name)),
-                    }
-                }
-                buf.truncate(n);
-                crc.update(buf);
-                sha.update(&buf[..]);
-                size += n as u64;
-                Ok(n)
-            };
-            let mut buf = Vec::new();
-            read_chunk(&mut buf)?;
-            if buf.len() < PART {
-                self.store
-                    .put(&key, PutPayload::from(std::mem::take(&mut buf)))
-                    .await
-                    .map_err(|e| self.err("upload", e))?;
-            } else {
-                let up = self
-                    .store
-                    .put_multipart(&key)
-                    .await
-                    .map_err(|e| self.err("start multipart upload", e))?;
-                let mut w = WriteMultipart::new_with_chunk_size(up, PART);
-                loop {
-                    w.wait_for_capacity(PARTS_IN_FLIGHT)
-                        .await
-                        .map_err(|e| self.err("upload part", e))?;
-                    w.put(bytes::Bytes::from(std::mem::take(&mut buf)));
-                    if read_chunk(&mut buf)? == 0 {
-                        break;
-                    }
-                }
-                w.finish()
-                    .await
-                    .map_err(|e| self.err("finish multipart upload", e))?;
-            }
-            if size != f.size || crc.finish() != f.sum {
-                return Err(format!(
-                    "{} changed while uploaded (size {size}, expected {})",
-                    f.name, f.size
-                ));
-            }
-            total += size;
-            signed.push(SignedFile {
-                name: f.name.clone(),
-                size,
-                sha256: hex(&sha.finalize()),
-            });
+            let sf = self.put_file(seq, dir, &m, f).await?;
+            total += sf.size;
+            signed.push(sf);
         }
         let body = serde_json::to_string(&Body {
             v: 1,
@@ -642,6 +701,78 @@ impl Remote {
             .await
             .map_err(|e| self.err("upload manifest", e))?;
         Ok(total)
+    }
+
+    /// Uploads file `f` of local checkpoint `seq` at `dir` (a multipart upload above
+    /// [`PART`]), checking it against the manifest while read; returns its signed entry.
+    async fn put_file(
+        &self,
+        seq: u64,
+        dir: &Path,
+        m: &Manifest,
+        f: &crate::store::FileEntry,
+    ) -> Result<SignedFile, String> {
+        let mut file = crate::store::scan::open_member(dir, &f.name)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let key = self.ckpt_key(seq, &f.name)?;
+        let mut crc = m.checksum.hasher();
+        let mut sha = Sha256::new();
+        let mut size = 0u64;
+        let mut read_chunk = |buf: &mut Vec<u8>| -> Result<usize, String> {
+            buf.resize(PART, 0);
+            let mut n = 0;
+            while n < PART {
+                match file.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read {}: {e}", f.name)),
+                }
+            }
+            buf.truncate(n);
+            crc.update(buf);
+            sha.update(&buf[..]);
+            size += n as u64;
+            Ok(n)
+        };
+        let mut buf = Vec::new();
+        read_chunk(&mut buf)?;
+        if buf.len() < PART {
+            self.store
+                .put(&key, PutPayload::from(std::mem::take(&mut buf)))
+                .await
+                .map_err(|e| self.err("upload", e))?;
+        } else {
+            let up = self
+                .store
+                .put_multipart(&key)
+                .await
+                .map_err(|e| self.err("start multipart upload", e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(up, PART);
+            loop {
+                w.wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(|e| self.err("upload part", e))?;
+                w.put(bytes::Bytes::from(std::mem::take(&mut buf)));
+                if read_chunk(&mut buf)? == 0 {
+                    break;
+                }
+            }
+            w.finish()
+                .await
+                .map_err(|e| self.err("finish multipart upload", e))?;
+        }
+        if size != f.size || crc.finish() != f.sum {
+            return Err(format!(
+                "{} changed while uploaded (size {size}, expected {})",
+                f.name, f.size
+            ));
+        }
+        Ok(SignedFile {
+            name: f.name.clone(),
+            size,
+            sha256: hex(&sha.finalize()),
+        })
     }
 
     async fn get_small(&self, key: &OPath, limit: u64) -> Result<Vec<u8>, String> {
@@ -715,6 +846,415 @@ impl Remote {
         Ok((m, body.files))
     }
 
+    /// Uploads local checkpoint `seq` at `dir` unless the remote already holds it. A remote
+    /// checkpoint of that number with another manifest (or one that does not authenticate) is
+    /// never overwritten: remote numbers are local ones, one writer per prefix.
+    pub fn upload_checked(&self, seq: u64, dir: &Path) -> Result<Upload, String> {
+        if self.has(seq)? {
+            let ours =
+                crate::store::io::read_small(&dir.join(MANIFEST_NAME), limits::MANIFEST_BYTES)
+                    .map_err(|e| {
+                        format!("cannot read {}: {e}", dir.join(MANIFEST_NAME).display())
+                    })?;
+            let theirs = self.rt.block_on(async {
+                self.authenticated(seq).await?;
+                self.get_small(&self.ckpt_key(seq, MANIFEST_NAME)?, limits::MANIFEST_BYTES)
+                    .await
+            });
+            return match theirs {
+                Ok(t) if t == ours => Ok(Upload::Present),
+                Ok(_) => Err(format!(
+                    "{} already holds another checkpoint {seq} (a second writer on this prefix?); not overwritten; hint: give each job its own prefix",
+                    self.display
+                )),
+                Err(e) => Err(format!(
+                    "{} already holds a checkpoint {seq} that does not authenticate ({e}); not overwritten; hint: `ckpt gc --remote` lists it, remove it by hand if it is not yours",
+                    self.display
+                )),
+            };
+        }
+        self.upload(seq, dir).map(Upload::Done)
+    }
+
+    /// Resolves `r` (a remote sequence number, `latest` or `latest~N`) to a remote checkpoint.
+    /// `latest` counts only checkpoints that authenticate with our keys (as a restore would);
+    /// the ones skipped on the way are returned with the reason.
+    pub fn resolve(&self, r: &str) -> Result<(u64, Vec<(u64, String)>), String> {
+        if let Ok(seq) = r.parse::<u64>() {
+            return if self.has(seq)? {
+                Ok((seq, Vec::new()))
+            } else {
+                Err(format!("no checkpoint {seq} on {}", self.display))
+            };
+        }
+        let back: usize = match r.strip_prefix("latest") {
+            Some("") => 0,
+            Some(n) => n
+                .strip_prefix('~')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| {
+                    format!("{r:?}: give a remote sequence number, `latest` or `latest~N`")
+                })?,
+            None => {
+                return Err(format!(
+                    "{r:?}: give a remote sequence number, `latest` or `latest~N` (tags are local)"
+                ))
+            }
+        };
+        let mut skipped = Vec::new();
+        let mut seen = 0;
+        for seq in self.list()?.into_iter().rev() {
+            match self.check(seq) {
+                Ok(_) if seen == back => return Ok((seq, skipped)),
+                Ok(_) => seen += 1,
+                Err(e) => skipped.push((seq, e)),
+            }
+        }
+        Err(format!(
+            "{} holds no checkpoint {r} that authenticates with our key{}",
+            self.display,
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} skipped: {})",
+                    skipped.len(),
+                    skipped
+                        .iter()
+                        .map(|(s, e)| format!("{s}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }
+        ))
+    }
+
+    /// Downloads remote checkpoint `seq` into the new directory `to` (its files and its
+    /// manifest, as `ckpt export` writes them), checking every byte as a restore does. The
+    /// directory appears whole (written under a temporary name, fsynced, renamed) or not at
+    /// all. Returns the manifest and the bytes downloaded.
+    pub fn export(&self, seq: u64, to: &Path) -> Result<(Manifest, u64), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if std::fs::symlink_metadata(to).is_ok() {
+            return Err(format!(
+                "{} already exists; hint: --to must name a new directory",
+                to.display()
+            ));
+        }
+        let to = std::path::absolute(to).unwrap_or_else(|_| to.to_path_buf());
+        let parent = to
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| "/".into());
+        let name = to
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into());
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        let tmp = parent.join(format!(".{name}.export.{}", crate::store::token()));
+        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let res = self.rt.block_on(async {
+            let (m, signed) = self.authenticated(seq).await?;
+            let mbytes = self
+                .get_small(&self.ckpt_key(seq, MANIFEST_NAME)?, limits::MANIFEST_BYTES)
+                .await?;
+            let mut dirs = BTreeSet::new();
+            let mut total = 0u64;
+            for (f, s) in m.files.iter().zip(&signed) {
+                crate::store::manifest::check_name(&f.name).map_err(|e| e.to_string())?;
+                let dst = tmp.join(&f.name);
+                let mut d = dst.parent().map(Path::to_path_buf);
+                while let Some(p) = d.filter(|p| *p != tmp) {
+                    dirs.insert(p.clone());
+                    d = p.parent().map(Path::to_path_buf);
+                }
+                if let Some(d) = dst.parent() {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                }
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&dst)
+                    .map_err(|e| format!("cannot create {}: {e}", dst.display()))?;
+                total += self
+                    .fetch(seq, &m, f, s, &mut |chunk| {
+                        out.write_all(chunk)
+                            .map_err(|e| format!("write {}: {e}", dst.display()))
+                    })
+                    .await?;
+                out.sync_all()
+                    .map_err(|e| format!("fsync {}: {e}", dst.display()))?;
+            }
+            let mp = tmp.join(MANIFEST_NAME);
+            let mut mf = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&mp)
+                .map_err(|e| format!("cannot create {}: {e}", mp.display()))?;
+            mf.write_all(&mbytes)
+                .and_then(|()| mf.sync_all())
+                .map_err(|e| format!("write {}: {e}", mp.display()))?;
+            for d in dirs.iter().rev().chain(std::iter::once(&tmp)) {
+                crate::store::io::RealIo
+                    .fsync_dir(d)
+                    .map_err(|e| format!("fsync {}: {e}", d.display()))?;
+            }
+            Ok::<_, String>((m, total))
+        });
+        let res = res.and_then(|r| {
+            std::fs::rename(&tmp, &to)
+                .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), to.display()))?;
+            crate::store::io::RealIo
+                .fsync_dir(&parent)
+                .map_err(|e| format!("fsync {}: {e}", parent.display()))?;
+            Ok(r)
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        res
+    }
+
+    /// Records remotely that the job finished after checkpoint `seq` ([`FINISHED_NAME`], a
+    /// record signed like a checkpoint's): a new machine with the same `--remote` then
+    /// finishes at once instead of running the job again.
+    pub fn mark_finished(&self, seq: u64) -> Result<(), String> {
+        let body = serde_json::to_string(&FinishedBody {
+            v: 1,
+            kind: "finished".into(),
+            seq,
+            t_ms: crate::store::manifest::now_ms(),
+        })
+        .map_err(|e| e.to_string())?;
+        let (key, tag) = self.keys.sign(body.as_bytes());
+        let doc = serde_json::to_vec(&SigDoc {
+            alg: "hmac-sha256".into(),
+            key,
+            body,
+            tag,
+        })
+        .map_err(|e| e.to_string())?;
+        self.rt.block_on(async {
+            self.store
+                .put(&self.key(FINISHED_NAME)?, PutPayload::from(doc))
+                .await
+                .map_err(|e| self.err("upload the finished record", e))?;
+            Ok(())
+        })
+    }
+
+    /// Whether the remote records that the job finished. A record that does not
+    /// authenticate with our keys counts for nothing ([`Finished::Invalid`]).
+    pub fn finished(&self) -> Result<Finished, String> {
+        self.rt.block_on(async {
+            let key = self.key(FINISHED_NAME)?;
+            let raw = match self.store.head(&key).await {
+                Ok(_) => self.get_small(&key, SIG_BYTES).await?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(Finished::No),
+                Err(e) => return Err(self.err("inspect", e)),
+            };
+            let check = || -> Result<FinishedBody, String> {
+                let doc: SigDoc = serde_json::from_slice(&raw)
+                    .map_err(|e| format!("the finished record is malformed: {e}"))?;
+                if doc.alg != "hmac-sha256" {
+                    return Err("unknown authentication algorithm".into());
+                }
+                self.keys.verify(&doc.key, doc.body.as_bytes(), &doc.tag)?;
+                let b: FinishedBody = serde_json::from_str(&doc.body)
+                    .map_err(|e| format!("the signed finished record is malformed: {e}"))?;
+                if b.v != 1 || b.kind != "finished" {
+                    return Err("the signed record is not a finished record".into());
+                }
+                Ok(b)
+            };
+            Ok(match check() {
+                Ok(b) => Finished::Yes {
+                    seq: b.seq,
+                    t_ms: b.t_ms,
+                },
+                Err(e) => Finished::Invalid(e),
+            })
+        })
+    }
+
+    /// Removes the finished record (`ckpt run --again`).
+    pub fn clear_finished(&self) -> Result<(), String> {
+        self.rt.block_on(async {
+            match self.store.delete(&self.key(FINISHED_NAME)?).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.err("delete the finished record", e)),
+            }
+        })
+    }
+
+    fn sign_doc(&self, body: String) -> Result<Vec<u8>, String> {
+        let (key, tag) = self.keys.sign(body.as_bytes());
+        serde_json::to_vec(&SigDoc {
+            alg: "hmac-sha256".into(),
+            key,
+            body,
+            tag,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// The signed body of a record, once its tag checks out with one of our keys.
+    fn open_doc(&self, raw: &[u8]) -> Result<String, String> {
+        let doc: SigDoc =
+            serde_json::from_slice(raw).map_err(|e| format!("the record is malformed: {e}"))?;
+        if doc.alg != "hmac-sha256" {
+            return Err(format!(
+                "unknown authentication algorithm {:?}",
+                crate::store::escape(&doc.alg)
+            ));
+        }
+        self.keys.verify(&doc.key, doc.body.as_bytes(), &doc.tag)?;
+        Ok(doc.body)
+    }
+
+    /// Uploads the shard of rank `rank` of the multi-rank local checkpoint `seq` at `dir`
+    /// (the files under `rank-NNNNN/`), then its signed shard record
+    /// (`MANIFEST.ckpt.rank-NNNNN.sig`). Nothing is uploaded when that record is already
+    /// up for this very manifest. Returns the bytes sent.
+    pub fn upload_shard(&self, seq: u64, dir: &Path, rank: u32) -> Result<u64, String> {
+        let (mbytes, m) = read_local_manifest(seq, dir)?;
+        let msha = hex(&Sha256::digest(&mbytes));
+        let shard = crate::multi_rank::shard_name(rank);
+        self.rt.block_on(async {
+            if self.shard_record(seq, &m, &msha, rank).await?.is_some() {
+                return Ok(0);
+            }
+            let mut files = Vec::new();
+            let mut total = 0u64;
+            for f in shard_files(&m, rank) {
+                let sf = self.put_file(seq, dir, &m, f).await?;
+                total += sf.size;
+                files.push(sf);
+            }
+            if files.is_empty() {
+                return Err(format!("checkpoint {seq} has no shard {shard}"));
+            }
+            let body = serde_json::to_string(&ShardBody {
+                v: 1,
+                kind: "shard".into(),
+                seq,
+                manifest_sha256: msha.clone(),
+                shard: shard.clone(),
+                files,
+            })
+            .map_err(|e| e.to_string())?;
+            let doc = self.sign_doc(body)?;
+            total += doc.len() as u64;
+            self.store
+                .put(
+                    &self.ckpt_key(seq, &shard_record_name(rank))?,
+                    PutPayload::from(doc),
+                )
+                .await
+                .map_err(|e| self.err("upload", e))?;
+            Ok(total)
+        })
+    }
+
+    /// Shard `rank`'s record of checkpoint `seq`, if it is up, authentic and made for the
+    /// manifest whose SHA-256 is `msha`, with that shard's files of `m`.
+    async fn shard_record(
+        &self,
+        seq: u64,
+        m: &Manifest,
+        msha: &str,
+        rank: u32,
+    ) -> Result<Option<Vec<SignedFile>>, String> {
+        let key = self.ckpt_key(seq, &shard_record_name(rank))?;
+        let raw = match self.store.head(&key).await {
+            Ok(_) => self.get_small(&key, SIG_BYTES).await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("inspect", e)),
+        };
+        // A record that is not ours, or of another manifest (an older job on this prefix),
+        // counts as missing: the shard's owner uploads it again.
+        let Ok(body) = self.open_doc(&raw) else {
+            return Ok(None);
+        };
+        let Ok(b) = serde_json::from_str::<ShardBody>(&body) else {
+            return Ok(None);
+        };
+        let want: Vec<(&str, u64)> = shard_files(m, rank)
+            .map(|f| (f.name.as_str(), f.size))
+            .collect();
+        let got: Vec<(&str, u64)> = b.files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        let ok = b.v == 1
+            && b.kind == "shard"
+            && b.seq == seq
+            && b.manifest_sha256 == msha
+            && b.shard == crate::multi_rank::shard_name(rank)
+            && want == got;
+        Ok(ok.then_some(b.files))
+    }
+
+    /// The remote commit of a multi-rank checkpoint: once every shard's record is up (each
+    /// uploaded by its rank's node), writes the checkpoint's authentication record (its
+    /// file list assembled from the shard records) and then the manifest, last. With a
+    /// shard missing, writes nothing and names the missing ranks.
+    pub fn publish_shards(&self, seq: u64, dir: &Path) -> Result<Publish, String> {
+        let (mbytes, m) = read_local_manifest(seq, dir)?;
+        let msha = hex(&Sha256::digest(&mbytes));
+        let world = m.world_size.unwrap_or(1);
+        self.rt.block_on(async {
+            match self.store.head(&self.ckpt_key(seq, MANIFEST_NAME)?).await {
+                Ok(_) => return Ok(Publish::Done(0)),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("inspect", e)),
+            }
+            let mut by_name = std::collections::HashMap::new();
+            let mut missing = Vec::new();
+            for r in 0..world {
+                match self.shard_record(seq, &m, &msha, r).await? {
+                    Some(files) => by_name.extend(files.into_iter().map(|f| (f.name.clone(), f))),
+                    None => missing.push(r),
+                }
+            }
+            if !missing.is_empty() {
+                return Ok(Publish::Missing(missing));
+            }
+            let files = m
+                .files
+                .iter()
+                .map(|f| {
+                    by_name
+                        .remove(&f.name)
+                        .ok_or_else(|| format!("{} is in no shard record", f.name))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let body = serde_json::to_string(&Body {
+                v: 1,
+                seq,
+                manifest_sha256: msha,
+                files,
+            })
+            .map_err(|e| e.to_string())?;
+            let doc = self.sign_doc(body)?;
+            let total = (doc.len() + mbytes.len()) as u64;
+            self.store
+                .put(&self.ckpt_key(seq, SIG_NAME)?, PutPayload::from(doc))
+                .await
+                .map_err(|e| self.err("upload", e))?;
+            self.store
+                .put(
+                    &self.ckpt_key(seq, MANIFEST_NAME)?,
+                    PutPayload::from(mbytes),
+                )
+                .await
+                .map_err(|e| self.err("upload manifest", e))?;
+            Ok(Publish::Done(total))
+        })
+    }
+
     /// Checks remote checkpoint `seq` without downloading its files (tag, manifest).
     pub fn check(&self, seq: u64) -> Result<Manifest, String> {
         self.rt.block_on(self.authenticated(seq)).map(|(m, _)| m)
@@ -733,6 +1273,7 @@ impl Remote {
             let (m, signed) = self.authenticated(seq).await?;
             store.create().map_err(|e| e.to_string())?;
             let mut stage = Stage::new(store, m.checksum).map_err(|e| e.to_string())?;
+            stage.set_world_size(m.world_size);
             let mut total = 0u64;
             for (f, s) in m.files.iter().zip(&signed) {
                 let mut w = stage.create(&f.name).map_err(|e| e.to_string())?;
@@ -881,6 +1422,262 @@ impl Remote {
 }
 
 // ---------------------------------------------------------------------------------------
+// Multi-rank checkpoints: each shard uploaded by its rank's node
+
+/// This node's name in upload claims: `CKPT_NODE`, else the host name.
+pub fn node_name() -> String {
+    std::env::var("CKPT_NODE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claim {
+    node: String,
+    pid: u32,
+}
+
+/// The claims of shard uploads, in the (shared) checkpoint directory.
+pub fn claims_dir(store: &Store) -> PathBuf {
+    store.private().join("uploads")
+}
+
+/// Claims the upload of rank `rank`'s shard of checkpoint `seq` to the remote `remote_tag`
+/// ([`Remote::claim_tag`]) for this process on this node: a file created exclusively in `claims` (shared by every node, like the checkpoint
+/// directory), so that each shard is uploaded by one node. `Ok(None)`: ours now (or
+/// already); `Ok(Some(holder))`: another live uploader holds it. A claim of a process of
+/// this node that is gone is taken over; one of another node is respected (its shard goes up
+/// when that node uploads it; until then the remote manifest is not written).
+pub fn claim_shard(
+    claims: &Path,
+    remote_tag: &str,
+    seq: u64,
+    rank: u32,
+) -> Result<Option<String>, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(claims)
+        .map_err(|e| format!("cannot create {}: {e}", claims.display()))?;
+    // Never claim through a symlink planted in place of our own directory.
+    if !std::fs::symlink_metadata(claims).is_ok_and(|m| m.is_dir()) {
+        return Err(format!(
+            "{} is not a directory (a symlink?); ckpt never follows links planted in the checkpoint directory",
+            claims.display()
+        ));
+    }
+    let me = Claim {
+        node: node_name(),
+        pid: std::process::id(),
+    };
+    let path = claims.join(format!(
+        "{PREFIX}{seq:012}.{}.{}",
+        crate::multi_rank::shard_name(rank),
+        remote_tag
+    ));
+    for _ in 0..3 {
+        let tmp = claims.join(format!(".claim.{}.tmp", crate::store::token()));
+        let res = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec(&me).unwrap_or_default())?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, &path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        match res {
+            Ok(()) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot claim {}: {e}", path.display())),
+        }
+        let held: Option<Claim> = crate::store::io::read_small(&path, 4096)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match held {
+            Some(c) if c.node == me.node && c.pid == me.pid => return Ok(None),
+            Some(c) if c.node == me.node && !pid_alive(c.pid) => {
+                // Its uploader is gone: take it over.
+                let _ = std::fs::remove_file(&path);
+            }
+            Some(c) => return Ok(Some(format!("{} (pid {})", c.node, c.pid))),
+            // Unreadable (being written: the content is complete before the link, so this
+            // is damage): taken over.
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Err(format!("cannot claim {}: contended", path.display()))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Removes the claims of checkpoints numbered below `oldest` (long handled).
+pub fn prune_claims(claims: &Path, oldest: u64) {
+    if !std::fs::symlink_metadata(claims).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(claims) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str() else { continue };
+        let seq = n.split('.').next().and_then(|s| parse_seq(s, false));
+        if seq.is_some_and(|s| s < oldest) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// What [`upload_node_shards`] did.
+#[derive(Debug, Default)]
+pub struct ShardUpload {
+    /// Ranks whose shard this call uploaded (or found up).
+    pub uploaded: Vec<u32>,
+    /// Ranks left to another uploader, with its name.
+    pub others: Vec<(u32, String)>,
+    pub bytes: u64,
+    pub world: u32,
+}
+
+/// This node's part of the upload of multi-rank checkpoint `seq` at `dir`: the shards of
+/// `ranks` (None: every shard no other uploader claimed), each claimed first in `claims`.
+pub fn upload_node_shards(
+    remote: &Remote,
+    seq: u64,
+    dir: &Path,
+    claims: &Path,
+    ranks: Option<&[u32]>,
+) -> Result<ShardUpload, String> {
+    let (_, m) = read_local_manifest(seq, dir)?;
+    let world = m.world_size.unwrap_or(1);
+    let mut out = ShardUpload {
+        world,
+        ..Default::default()
+    };
+    for r in 0..world {
+        if ranks.is_some_and(|rs| !rs.contains(&r)) {
+            continue;
+        }
+        match claim_shard(claims, &remote.claim_tag(), seq, r)? {
+            Some(holder) => out.others.push((r, holder)),
+            None => {
+                out.bytes += remote.upload_shard(seq, dir, r)?;
+                out.uploaded.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether local checkpoint `dir` is a multi-rank one (its manifest's `world_size` > 1).
+pub fn is_multi_rank(dir: &Path) -> bool {
+    crate::store::io::read_small(&dir.join(MANIFEST_NAME), limits::MANIFEST_BYTES)
+        .ok()
+        .and_then(|b| Manifest::decode(&b).ok())
+        .and_then(|m| m.world_size)
+        .is_some_and(|n| n > 1)
+}
+
+/// The uploader's upload of a multi-rank checkpoint: this node's shards, then, polling
+/// until every other shard is up (or `give_up` says so), the remote commit.
+fn upload_multi_rank(
+    remote: &Remote,
+    seq: u64,
+    dir: &Path,
+    shards: &ShardCfg,
+    give_up: &dyn Fn() -> bool,
+) -> Result<u64, String> {
+    let claims = &shards.claims;
+    let mine = upload_node_shards(remote, seq, dir, claims, shards.ranks.as_deref())?;
+    let t = Instant::now();
+    loop {
+        match remote.publish_shards(seq, dir)? {
+            Publish::Done(b) => return Ok(mine.bytes + b),
+            Publish::Missing(missing) => {
+                if give_up() || t.elapsed() >= shards.wait {
+                    let by: Vec<String> = missing
+                        .iter()
+                        .map(|r| match mine.others.iter().find(|(o, _)| o == r) {
+                            Some((_, h)) => format!("rank {r} (claimed by {h})"),
+                            None => format!("rank {r} (not claimed: no uploader of its node)"),
+                        })
+                        .collect();
+                    return Err(format!(
+                        "shard(s) of {} are not up after {:.1}s: the remote manifest is not written",
+                        by.join(", "),
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+/// How the uploader handles multi-rank checkpoints.
+#[derive(Debug, Clone)]
+pub struct ShardCfg {
+    /// Where the shard upload claims live (`DIR/.ckpt/uploads`).
+    pub claims: PathBuf,
+    /// `--remote-ranks`: the shards this node uploads (None: every unclaimed one).
+    pub ranks: Option<Vec<u32>>,
+    /// How long one attempt waits for the other nodes' shards.
+    pub wait: Duration,
+}
+
+/// A set of ranks on the command line (`0,2,4-7`), for clap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranks(pub Vec<u32>);
+
+/// [`parse_ranks`] for clap.
+pub fn parse_rank_set(s: &str) -> Result<Ranks, String> {
+    parse_ranks(s).map(Ranks)
+}
+
+/// Parses `--ranks`/`--remote-ranks`: `0,2,4-7`.
+pub fn parse_ranks(s: &str) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("{part:?}: give ranks as N, N-M, or a comma-separated list of them");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b - a > 1 << 20 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err("no ranks given".into());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
 // Restore before a launch
 
 /// Restores the newest remote checkpoint newer than `local_newest` that authenticates and
@@ -950,8 +1747,9 @@ pub fn restore_newer(
 struct UpState {
     /// Submitted, not yet handled: seq → (path, committed at).
     pending: std::collections::BTreeMap<u64, (PathBuf, Instant)>,
-    /// Being uploaded now.
+    /// Being uploaded now, and when it committed.
     current: Option<u64>,
+    current_since: Option<Instant>,
     /// Uploaded (or found already uploaded).
     done: BTreeSet<u64>,
     /// Newest seq whose upload failed for good.
@@ -973,6 +1771,7 @@ impl Uploader {
     pub fn start(
         remote: Arc<Remote>,
         keep: Option<usize>,
+        shards: ShardCfg,
         protected: Box<dyn Fn() -> Vec<u64> + Send>,
         log: Box<dyn Fn(Report) + Send>,
     ) -> std::io::Result<Uploader> {
@@ -981,7 +1780,7 @@ impl Uploader {
         let (r, st) = (remote.clone(), state.clone());
         std::thread::Builder::new()
             .name("ckpt-upload".into())
-            .spawn(move || upload_loop(r, st, rx, keep, protected, log))?;
+            .spawn(move || upload_loop(r, st, rx, keep, shards, protected, log))?;
         Ok(Uploader { remote, state, tx })
     }
 
@@ -1015,8 +1814,16 @@ impl Uploader {
     /// figures, what is queued. No credentials.
     pub fn summary(&self) -> Value {
         let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        // How long the oldest checkpoint not yet off the machine has been waiting.
+        let behind = g
+            .current_since
+            .into_iter()
+            .chain(g.pending.values().map(|(_, at)| *at))
+            .min()
+            .map(|at| at.elapsed().as_millis() as u64);
         json!({
             "url": self.remote.display,
+            "behind_ms": behind,
             "newest_uploaded": g.done.iter().next_back(),
             "uploading": g.current,
             "queued": g.pending.keys().collect::<Vec<_>>(),
@@ -1058,6 +1865,7 @@ fn upload_loop(
     state: Arc<(Mutex<UpState>, Condvar)>,
     rx: mpsc::Receiver<()>,
     keep: Option<usize>,
+    shards: ShardCfg,
     protected: Box<dyn Fn() -> Vec<u64> + Send>,
     log: Box<dyn Fn(Report) + Send>,
 ) {
@@ -1074,6 +1882,7 @@ fn upload_loop(
                     let skipped: Vec<u64> = g.pending.keys().copied().collect();
                     g.pending.clear();
                     g.current = Some(seq);
+                    g.current_since = Some(at);
                     Some((seq, path, at, skipped))
                 }
             }
@@ -1100,7 +1909,8 @@ fn upload_loop(
                 json!({ "seqs": skipped, "newer": seq }),
             ));
         }
-        let ok = upload_one(&remote, seq, &path, committed_at, &state, &*log);
+        let ok = upload_one(&remote, seq, &path, committed_at, &state, &shards, &*log);
+        prune_claims(&shards.claims, seq.saturating_sub(64));
         // Before the upload counts as done: a stop waiting for the uploads also waits for
         // the retention that follows them.
         if ok {
@@ -1111,6 +1921,7 @@ fn upload_loop(
         {
             let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
             g.current = None;
+            g.current_since = None;
             if ok {
                 g.done.insert(seq);
             } else {
@@ -1128,8 +1939,17 @@ fn upload_one(
     path: &Path,
     committed_at: Instant,
     state: &Arc<(Mutex<UpState>, Condvar)>,
+    shards: &ShardCfg,
     log: &dyn Fn(Report),
 ) -> bool {
+    let newer = || {
+        state
+            .0
+            .lock()
+            .map(|g| g.pending.keys().any(|s| *s > seq))
+            .unwrap_or(false)
+    };
+    let multi = is_multi_rank(path);
     let rec = |bytes: u64, ms: u64, lag: u64| {
         let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
         g.last = Some((seq, bytes, ms, lag, crate::store::manifest::now_ms()));
@@ -1150,7 +1970,12 @@ fn upload_one(
     let mut pause = Duration::from_millis(500);
     for attempt in 1..=8u32 {
         let t = Instant::now();
-        match remote.upload(seq, path) {
+        let res = if multi {
+            upload_multi_rank(remote, seq, path, shards, &newer)
+        } else {
+            remote.upload(seq, path)
+        };
+        match res {
             Ok(bytes) => {
                 let secs = t.elapsed().as_secs_f64();
                 let lag = committed_at.elapsed();
@@ -1176,11 +2001,7 @@ fn upload_one(
             }
             Err(e) => {
                 let vanished = std::fs::symlink_metadata(path).is_err();
-                let newer = state
-                    .0
-                    .lock()
-                    .map(|g| g.pending.keys().any(|s| *s > seq))
-                    .unwrap_or(false);
+                let newer = newer();
                 let give_up = vanished || newer || attempt == 8;
                 log(report(
                     "upload_failed",
@@ -1226,8 +2047,18 @@ fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) 
         }
     };
     let cut = seqs.len().saturating_sub(keep);
+    // Also the leftovers older than every checkpoint kept: objects of checkpoints that never
+    // got their manifest (an upload cut short, a multi-rank checkpoint whose shards did not
+    // all come), invisible and never restorable.
+    let oldest_kept = seqs.get(cut).copied().unwrap_or(0);
+    let leftovers: Vec<u64> = remote
+        .list_dirs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| *s < oldest_kept && !seqs.contains(s))
+        .collect();
     let mut gone = Vec::new();
-    for &s in &seqs[..cut] {
+    for &s in seqs[..cut].iter().chain(&leftovers) {
         if protected.contains(&s) {
             continue;
         }
@@ -1307,6 +2138,58 @@ mod tests {
             .unwrap_err()
             .contains("chmod 600"));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn shard_claims_are_exclusive_and_dead_ones_of_this_node_are_taken_over() {
+        let d = std::env::temp_dir().join(format!("ckpt-claim-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        // Ours: claimed, and claiming again is a no-op.
+        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
+        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
+        let path = d.join("ckpt-000000000005.rank-00001.r1");
+        // Another node's claim is respected.
+        std::fs::write(&path, br#"{"node":"elsewhere","pid":1}"#).unwrap();
+        assert_eq!(
+            claim_shard(&d, "r1", 5, 1).unwrap().as_deref(),
+            Some("elsewhere (pid 1)")
+        );
+        // Another remote is another claim.
+        assert_eq!(claim_shard(&d, "r2", 5, 1).unwrap(), None);
+        // A claim of a process of this node that is gone is taken over.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let dead = c.id();
+        c.wait().unwrap();
+        let body = serde_json::to_vec(&Claim {
+            node: node_name(),
+            pid: dead,
+        })
+        .unwrap();
+        std::fs::write(&path, body).unwrap();
+        assert_eq!(claim_shard(&d, "r1", 5, 1).unwrap(), None);
+        let now: Claim = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(now.pid, std::process::id());
+        // A live process of this node keeps its claim.
+        let body = serde_json::to_vec(&Claim {
+            node: node_name(),
+            pid: 1,
+        })
+        .unwrap();
+        std::fs::write(&path, body).unwrap();
+        assert!(claim_shard(&d, "r1", 5, 1).unwrap().is_some());
+        prune_claims(&d, 6);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn ranks_parse() {
+        assert_eq!(parse_ranks("0").unwrap(), vec![0]);
+        assert_eq!(parse_ranks("4-7,1,5").unwrap(), vec![1, 4, 5, 6, 7]);
+        assert!(parse_ranks("").is_err());
+        assert!(parse_ranks("3-1").is_err());
+        assert!(parse_ranks("a").is_err());
+        assert!(parse_ranks("0-99999999").is_err());
     }
 
     #[test]

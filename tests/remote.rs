@@ -176,7 +176,18 @@ impl Drop for Moto {
 // Runs
 
 /// A `ckpt run --remote URL` command on `dir` with its own key under `home`.
-fn ckpt_remote(dir: &Path, home: &Path, url: &str, moto: Option<&Moto>) -> Command {
+fn ckpt_remote(dir: &Path, home: &Path, url: &str, moto: Option<&dyn Server>) -> Command {
+    let mut c = ckpt_env(home, moto);
+    c.arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--remote", url, "--backoff", "10ms..20ms"]);
+    c
+}
+
+/// A `ckpt` command with its key under `home` and, with `moto`, the credentials and the
+/// endpoint of that server.
+fn ckpt_env(home: &Path, moto: Option<&dyn Server>) -> Command {
     let mut c = ckpt();
     c.env("XDG_CONFIG_HOME", home.join("config"))
         .env("HOME", home)
@@ -190,17 +201,33 @@ fn ckpt_remote(dir: &Path, home: &Path, url: &str, moto: Option<&Moto>) -> Comma
     ] {
         c.env_remove(k);
     }
+    for k in [
+        "AZURE_STORAGE_USE_EMULATOR",
+        "AZURITE_BLOB_STORAGE_URL",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_ENDPOINT",
+    ] {
+        c.env_remove(k);
+    }
     if let Some(m) = moto {
+        m.env(&mut c);
+    }
+    c
+}
+
+/// An object-storage server the tests run on loopback: what ckpt needs in its environment.
+trait Server {
+    fn env(&self, c: &mut Command);
+}
+
+impl Server for Moto {
+    fn env(&self, c: &mut Command) {
         c.env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_ENDPOINT_URL", m.endpoint())
+            .env("AWS_ENDPOINT_URL", self.endpoint())
             .env("AWS_REGION", "us-east-1");
     }
-    c.arg("run")
-        .arg("--dir")
-        .arg(dir)
-        .args(["--remote", url, "--backoff", "10ms..20ms"]);
-    c
 }
 
 fn trainer_cmd(c: &mut Command, steps: u64, step_ms: u64, digest: &Path) {
@@ -209,7 +236,7 @@ fn trainer_cmd(c: &mut Command, steps: u64, step_ms: u64, digest: &Path) {
 
 /// Runs the trainer under `ckpt run --remote` with periodic saves until at least `uploads`
 /// checkpoints are uploaded, then stops it (exit 75).
-fn run_and_stop(dir: &Path, home: &Path, url: &str, moto: Option<&Moto>, uploads: usize) {
+fn run_and_stop(dir: &Path, home: &Path, url: &str, moto: Option<&dyn Server>, uploads: usize) {
     run_and_stop_with(dir, home, url, moto, uploads, &[])
 }
 
@@ -217,7 +244,7 @@ fn run_and_stop_with(
     dir: &Path,
     home: &Path,
     url: &str,
-    moto: Option<&Moto>,
+    moto: Option<&dyn Server>,
     uploads: usize,
     extra: &[&str],
 ) {
@@ -248,6 +275,7 @@ fn run_and_stop_with(
         v["remote"]["last_upload"]["bytes"].as_u64().unwrap() > 0,
         "{st}"
     );
+    assert!(v["remote"].get("behind_ms").is_some(), "{st}");
     signal(sup.id(), libc::SIGTERM);
     let st = wait_deadline(&mut sup, Duration::from_secs(60));
     assert_eq!(
@@ -267,7 +295,7 @@ fn new_vm_finish(
     dir: &Path,
     home: &Path,
     url: &str,
-    moto: Option<&Moto>,
+    moto: Option<&dyn Server>,
     steps: u64,
 ) -> (Option<u64>, String) {
     let _ = std::fs::remove_dir_all(dir);
@@ -503,6 +531,28 @@ fn remote_keep_prunes_the_remote_and_flags_need_remote() {
     let url = format!("file://{}", root.display());
     run_and_stop_with(&dir, t.path(), &url, None, 4, &["--remote-keep", "2"]);
     assert!(!events(&dir, "remote_pruned").is_empty());
+    assert!(remote_seqs(&root).len() <= 2, "{:?}", remote_seqs(&root));
+    // A leftover without a manifest older than every kept checkpoint (an upload cut short,
+    // a multi-rank checkpoint whose shards never all came) goes with the next retention.
+    let oldest = remote_seqs(&root)[0];
+    let left = root.join(format!("ckpt-{:012}", oldest - 1));
+    std::fs::create_dir_all(left.join("rank-00000")).unwrap();
+    std::fs::write(left.join("rank-00000/state.bin"), b"partial").unwrap();
+    let step = the_step(&root.join(format!("ckpt-{:012}", remote_seqs(&root)[1])));
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms", "--remote-keep", "2"]);
+    trainer_cmd(&mut c, step + 100, 5, &dir.with_extension("digest3"));
+    let out = output_deadline(&mut c, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !left.exists(),
+        "{:?}",
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
     assert!(remote_seqs(&root).len() <= 2, "{:?}", remote_seqs(&root));
 
     let mut c = ckpt();
@@ -847,4 +897,903 @@ fn a_notice_stop_uploads_the_final_checkpoint_and_says_how_long_before_the_end()
     let seq = safe[0]["seq"].as_u64().unwrap();
     assert_eq!(remote_seqs(&root).last(), Some(&seq), "{err}");
     assert!(err.contains("before the machine's announced end"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// save / show / export / import with --remote (moto)
+
+fn moto_get(moto: &Moto, key: &str) -> Vec<u8> {
+    let (code, body) = moto.http("GET", &format!("/ckpt-remote-test/{key}"), b"");
+    assert_eq!(code, 200, "GET {key}");
+    body
+}
+
+fn moto_put(moto: &Moto, key: &str, body: &[u8]) {
+    let (code, _) = moto.http("PUT", &format!("/ckpt-remote-test/{key}"), body);
+    assert_eq!(code, 200, "PUT {key}");
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn s3_save_show_export_import_with_remote() {
+    need_moto!();
+    let seed = seed("s3_save_show_export_import_with_remote");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let url = "s3://ckpt-remote-test/cli/a";
+    let dir = t.path().join("d");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    let small: Vec<u8> = (0..1000).map(|_| rng.u8(..)).collect();
+    let big: Vec<u8> = (0..(12 << 20)).map(|_| rng.u8(..)).collect();
+    std::fs::write(src.join("small.bin"), &small).unwrap();
+    std::fs::write(src.join("data/big.bin"), &big).unwrap();
+    let run = |moto: &Moto, args: &[&str], extra: &[&Path]| {
+        let mut c = ckpt_env(home, Some(moto));
+        c.args(args);
+        for p in extra {
+            c.arg(p);
+        }
+        output_deadline(&mut c, Duration::from_secs(120))
+    };
+
+    // `ckpt save --remote`: durable locally, then uploaded (multipart for the 12 MiB file)
+    // and reported; the job-facing command waits for the upload.
+    let d = dir.to_str().unwrap();
+    let out = run(
+        &moto,
+        &["save", "--json", "--step", "5", "--remote", url, "--dir", d],
+        &[&src.join("small.bin"), &src.join("data")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    assert_eq!(v["seq"], 1, "{v}");
+    assert_eq!(v["remote"]["uploaded"], true, "{v}");
+    assert!(v["remote"]["bytes"].as_u64().unwrap() > 12 << 20, "{v}");
+    let keys = moto.keys("cli/a/");
+    for k in [
+        "data/big.bin",
+        "small.bin",
+        "MANIFEST.ckpt.sig",
+        "MANIFEST.ckpt",
+    ] {
+        assert!(
+            keys.contains(&format!("cli/a/ckpt-000000000001/{k}")),
+            "{k} not uploaded: {keys:?}"
+        );
+    }
+    // Human form, a second checkpoint.
+    let out = run(
+        &moto,
+        &["save", "--step", "6", "--remote", url, "--dir", d],
+        &[&src.join("small.bin")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("uploaded checkpoint 2 to s3://ckpt-remote-test/cli/a"),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET), "{err}");
+
+    // `ckpt show --remote`: the authenticated manifest; --verify reads every byte.
+    let out = run(&moto, &["show", "--json", "--remote", url, "1"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    assert_eq!(v["step"], 5, "{v}");
+    assert_eq!(v["remote"]["authenticated"], true, "{v}");
+    let mut names: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["data/big.bin", "small.bin"], "{v}");
+    let out = run(&moto, &["show", "--verify", "--remote", url, "latest"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let so = text(&out.stdout);
+    assert!(
+        so.contains("checkpoint 2") && so.contains("step:     6"),
+        "{so}"
+    );
+    assert!(
+        so.contains("authenticated") && so.contains("verified: ok"),
+        "{so}"
+    );
+
+    // `ckpt export --remote`: downloaded, checked, and bit-identical; `ckpt import` takes it.
+    let exp = t.path().join("exp");
+    let e = exp.to_str().unwrap();
+    let out = run(
+        &moto,
+        &["export", "--json", "--remote", url, "1", "--to", e],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(exp.join("small.bin")).unwrap(), small);
+    assert!(std::fs::read(exp.join("data/big.bin")).unwrap() == big);
+    let d2 = t.path().join("d2");
+    let out = run(
+        &moto,
+        &["import", "--json", "--dir", d2.to_str().unwrap(), e],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // `ckpt import --remote`: committed locally, then uploaded to (another) remote.
+    let url2 = "s3://ckpt-remote-test/cli/b";
+    let d3 = t.path().join("d3");
+    let out = run(
+        &moto,
+        &[
+            "import",
+            "--json",
+            "--remote",
+            url2,
+            "--dir",
+            d3.to_str().unwrap(),
+            e,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    assert_eq!(v["remote"]["uploaded"], true, "{v}");
+    let out = run(&moto, &["list", "--json", "--remote", url2], &[]);
+    let rows = json_of(&out);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["authentic"], true, "{rows}");
+    // A second writer on that prefix: its checkpoint 1 is another one, never overwritten;
+    // the local checkpoint stays, the command fails with 77.
+    let d4 = t.path().join("d4");
+    let out = run(
+        &moto,
+        &["save", "--remote", url2, "--dir", d4.to_str().unwrap()],
+        &[&src.join("small.bin")],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("another checkpoint 1"), "{err}");
+    assert_eq!(checkpoints(&d4), vec![1]);
+
+    // A corrupted remote object: the manifest still authenticates (show says so), but
+    // --verify and export download every byte and refuse it; nothing is left at --to.
+    let mut bad = small.clone();
+    let i = rng.usize(..bad.len());
+    bad[i] ^= 1 << rng.u8(..8);
+    moto_put(&moto, "cli/a/ckpt-000000000001/small.bin", &bad);
+    let out = run(&moto, &["show", "--remote", url, "1", "--verify"], &[]);
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("verified: INVALID"));
+    let exp2 = t.path().join("exp2");
+    let out = run(
+        &moto,
+        &[
+            "export",
+            "--remote",
+            url,
+            "1",
+            "--to",
+            exp2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(!exp2.exists());
+    let leftovers: Vec<String> = std::fs::read_dir(t.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".export."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A planted checkpoint 9 (checkpoint 2's files and manifest, renumbered, no valid
+    // record): show and export refuse it by number; `latest` skips it and says so.
+    let mut m =
+        Manifest::decode(&moto_get(&moto, "cli/a/ckpt-000000000002/MANIFEST.ckpt")).unwrap();
+    m.seq = 9;
+    moto_put(&moto, "cli/a/ckpt-000000000009/small.bin", &small);
+    moto_put(
+        &moto,
+        "cli/a/ckpt-000000000009/MANIFEST.ckpt.sig",
+        &moto_get(&moto, "cli/a/ckpt-000000000002/MANIFEST.ckpt.sig"),
+    );
+    moto_put(&moto, "cli/a/ckpt-000000000009/MANIFEST.ckpt", &m.encode());
+    let out = run(&moto, &["show", "--remote", url, "9"], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("NOT RESTORABLE"), "{err}");
+    let out = run(
+        &moto,
+        &[
+            "export",
+            "--remote",
+            url,
+            "9",
+            "--to",
+            exp2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    assert!(!exp2.exists());
+    let out = run(&moto, &["show", "--json", "--remote", url, "latest"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json_of(&out)["seq"], 2);
+    assert!(text(&out.stderr).contains("skipped remote checkpoint 9"));
+
+    // The server down: the save is durable locally, the upload fails, exit 77.
+    let mut moto = moto;
+    moto.kill();
+    let out = run(
+        &moto,
+        &["save", "--json", "--remote", url, "--dir", d],
+        &[&src.join("small.bin")],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains("checkpoint 3 is saved in") && err.contains("NOT uploaded"),
+        "{err}"
+    );
+    assert_eq!(json_of(&out)["remote"]["uploaded"], false);
+    assert_eq!(checkpoints(&dir), vec![1, 2, 3]);
+    assert!(!err.contains(SECRET), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The finished marker, stats and log
+
+#[test]
+fn file_remote_finished_job_is_not_run_again_on_a_new_vm() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let digest = dir.with_extension("digest");
+    let finish = |extra: &[&str]| {
+        let _ = std::fs::remove_file(&digest);
+        let mut c = ckpt_remote(&dir, t.path(), &url, None);
+        c.args(["--every", "100ms"]).args(extra);
+        trainer_cmd(&mut c, 100, 5, &digest);
+        let out = output_deadline(&mut c, Duration::from_secs(120));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_no_survivors(&dir);
+        text(&out.stderr)
+    };
+    let err = finish(&[]);
+    assert_eq!(events(&dir, "remote_finished").len(), 1, "{err}");
+    assert!(root.join("FINISHED.ckpt.sig").exists());
+    let uploads = events(&dir, "uploaded");
+    assert!(!uploads.is_empty(), "{err}");
+
+    // `ckpt stats` sums the uploads; `ckpt log --uploads` shows only the remote's events.
+    let out = output_deadline(
+        ckpt().args(["stats", "--json", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = json_of(&out);
+    let r = &s["remote"];
+    assert_eq!(r["uploads"].as_u64().unwrap(), uploads.len() as u64, "{s}");
+    let bytes: u64 = uploads.iter().map(|e| e["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(r["bytes_uploaded"].as_u64().unwrap(), bytes, "{s}");
+    let mut lags: Vec<u64> = uploads
+        .iter()
+        .map(|e| e["lag_ms"].as_u64().unwrap())
+        .collect();
+    lags.sort();
+    assert_eq!(r["lag_ms_max"].as_u64(), lags.last().copied(), "{s}");
+    assert_eq!(
+        r["lag_ms_median"].as_u64(),
+        Some(lags[lags.len() / 2]),
+        "{s}"
+    );
+    assert_eq!(
+        r["newest_uploaded"].as_u64(),
+        uploads.iter().filter_map(|e| e["seq"].as_u64()).max(),
+        "{s}"
+    );
+    assert!(r["url"].as_str().unwrap().starts_with("file://"), "{s}");
+    let out = output_deadline(
+        ckpt().args(["stats", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    let so = text(&out.stdout);
+    assert!(
+        so.contains(&format!("uploads:            {} to file://", uploads.len())),
+        "{so}"
+    );
+    let out = output_deadline(
+        ckpt()
+            .args(["log", "--uploads", "--json", "--dir"])
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"uploaded") && names.contains(&"remote_finished"),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| *n == "uploaded" || n.starts_with("upload_") || n.starts_with("remote")),
+        "{names:?}"
+    );
+    let out = output_deadline(
+        ckpt().args(["log", "--uploads", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    let so = text(&out.stdout);
+    assert!(so.lines().last().unwrap().starts_with("uploads:"), "{so}");
+
+    // A new VM: the disk is gone; the remote says the job finished: exit 0 at once, the
+    // job is not run again.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(&digest);
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    trainer_cmd(&mut c, 100, 5, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(60));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("already finished"), "{err}");
+    assert!(!digest.exists(), "the job ran again: {err}");
+    assert!(dir.join(".ckpt/finished").exists());
+    assert_eq!(events(&dir, "already_finished").len(), 1);
+
+    // A finished record someone else signed (another key) counts for nothing: the job
+    // runs, resumes from the newest remote checkpoint, and finishes.
+    let ohome = t.path().join("other");
+    let oroot = t.path().join("oremote");
+    let mut c = ckpt_remote(
+        &t.path().join("od"),
+        &ohome,
+        &format!("file://{}", oroot.display()),
+        None,
+    );
+    c.args(["--", "true"]);
+    let out = output_deadline(&mut c, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    std::fs::copy(
+        oroot.join("FINISHED.ckpt.sig"),
+        root.join("FINISHED.ckpt.sig"),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = finish(&[]);
+    assert_eq!(events(&dir, "remote_finished_invalid").len(), 1, "{err}");
+    assert_eq!(events(&dir, "remote_restored").len(), 1, "{err}");
+    assert!(digest.exists());
+
+    // `--again` on a new VM: the remote record is removed and the job runs once more.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = finish(&["--again"]);
+    assert!(events(&dir, "already_finished").is_empty(), "{err}");
+    assert!(digest.exists());
+    assert_eq!(events(&dir, "remote_finished").len(), 1, "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// az:// against Azurite, Azure's official storage emulator (npm package `azurite`)
+
+struct Azurite {
+    child: Option<Child>,
+    port: u16,
+    _data: tempfile::TempDir,
+}
+
+fn azurite_installed() -> bool {
+    Command::new("azurite-blob")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Azurite's documented development account and key.
+const AZ_ACCOUNT: &str = "devstoreaccount1";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64_encode(b: &[u8]) -> String {
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for ch in s.bytes().filter(|c| *c != b'=') {
+        acc = acc << 6 | B64.iter().position(|x| *x == ch).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// The current time as HTTP wants it (RFC 1123, GMT).
+fn http_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl Azurite {
+    fn start(container: &str) -> Azurite {
+        let data = tempdir();
+        let port = free_port();
+        let child = Command::new("azurite-blob")
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(data.path())
+            .args(["--silent", "--skipApiVersionCheck"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start azurite-blob");
+        let az = Azurite {
+            child: Some(child),
+            port,
+            _data: data,
+        };
+        wait_until(Duration::from_secs(60), "azurite to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        // Create the container (object_store does not): Put Container, signed with the
+        // emulator's shared key.
+        use hmac::Mac;
+        let date = http_date();
+        let version = "2021-08-06";
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZ_ACCOUNT}/{AZ_ACCOUNT}/{container}\nrestype:container"
+        );
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&b64_decode(AZ_KEY)).unwrap();
+        mac.update(to_sign.as_bytes());
+        let sig = b64_encode(&mac.finalize().into_bytes());
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "PUT /{AZ_ACCOUNT}/{container}?restype=container HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nx-ms-date: {date}\r\nx-ms-version: {version}\r\nAuthorization: SharedKey {AZ_ACCOUNT}:{sig}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let resp = String::from_utf8_lossy(&resp).to_string();
+        assert!(resp.starts_with("HTTP/1.1 201"), "create container: {resp}");
+        az
+    }
+}
+
+impl Server for Azurite {
+    fn env(&self, c: &mut Command) {
+        c.env("AZURE_STORAGE_USE_EMULATOR", "true").env(
+            "AZURITE_BLOB_STORAGE_URL",
+            format!("http://127.0.0.1:{}", self.port),
+        );
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn az_azurite_new_vm_resumes_bit_identical_save_and_export_round_trip() {
+    if !azurite_installed() {
+        eprintln!(
+            "SKIPPED: azurite is not installed (scripts/setup installs it: npm install -g azurite)"
+        );
+        return;
+    }
+    let az = Azurite::start("ckpt");
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let url = "az://ckpt/jobs/a";
+    run_and_stop(&dir, t.path(), url, Some(&az), 2);
+    let newest = events(&dir, "uploaded")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    let step = the_step(&dir.join(format!("ckpt-{newest:012}")));
+    // Listed and authenticated through the emulator.
+    let out = output_deadline(
+        ckpt_env(t.path(), Some(&az)).args(["list", "--json", "--remote", url]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = json_of(&out);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["seq"] == newest && r["authentic"] == true),
+        "{rows}"
+    );
+    // A new VM resumes from it, bit-identical; the job's finish is recorded there too.
+    let (restored, err) = new_vm_finish(&dir, t.path(), url, Some(&az), step + 200);
+    assert_eq!(restored, Some(newest), "{err}");
+    assert_eq!(events(&dir, "remote_finished").len(), 1, "{err}");
+    // `ckpt save --remote az://` and `ckpt export --remote az://` round trip.
+    let f = t.path().join("blob.bin");
+    std::fs::write(&f, b"hello azurite").unwrap();
+    let d2 = t.path().join("d2");
+    let out = output_deadline(
+        ckpt_env(t.path(), Some(&az))
+            .args(["save", "--json", "--remote", "az://ckpt/saves", "--dir"])
+            .arg(&d2)
+            .arg(&f),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json_of(&out)["remote"]["uploaded"], true);
+    let exp = t.path().join("exp");
+    let out = output_deadline(
+        ckpt_env(t.path(), Some(&az))
+            .args(["export", "--remote", "az://ckpt/saves", "latest", "--to"])
+            .arg(&exp),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(exp.join("blob.bin")).unwrap(),
+        b"hello azurite"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Multi-rank: each shard uploaded by its rank's node, the manifest when every shard is up
+
+fn rank_trainer_args(steps: u64, out: &Path) -> Vec<String> {
+    vec![
+        test_bin("rank_trainer").display().to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--step-ms".into(),
+        "3".into(),
+        "--save-ms".into(),
+        "20".into(),
+        "--pad-kib".into(),
+        "64".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]
+}
+
+fn rank_job(c: &mut Command, world: u32, steps: u64, out: &Path) {
+    c.arg("--")
+        .arg(test_bin("rank_launcher"))
+        .args(["--n", &world.to_string(), "--"])
+        .args(rank_trainer_args(steps, out));
+}
+
+fn rank_reference(world: u32, steps: u64) -> String {
+    let out = Command::new(test_bin("rank_trainer"))
+        .args(["--reference", "--world", &world.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+fn rank_combined(world: u32, out: &Path) -> String {
+    let ds: Vec<String> = (0..world)
+        .map(|r| std::fs::read_to_string(out.join(format!("digest-{r}"))).unwrap())
+        .collect();
+    let o = Command::new(test_bin("rank_trainer"))
+        .args(["--combine", &ds.join(",")])
+        .output()
+        .unwrap();
+    text(&o.stdout).trim().to_string()
+}
+
+/// Remote checkpoint numbers under `prefix` with (a) a manifest, (b) the shard record of
+/// each rank.
+fn remote_parts(moto: &Moto, prefix: &str) -> (Vec<u64>, Vec<(u64, u32)>) {
+    let mut manifests = Vec::new();
+    let mut shards = Vec::new();
+    for k in moto.keys(prefix) {
+        let mut it = k.trim_start_matches(prefix).split('/');
+        let (Some(d), Some(name)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some(seq) = ckpt::store::parse_seq(d, false) else {
+            continue;
+        };
+        if name == "MANIFEST.ckpt" {
+            manifests.push(seq);
+        } else if let Some(r) = name
+            .strip_prefix("MANIFEST.ckpt.rank-")
+            .and_then(|r| r.strip_suffix(".sig"))
+        {
+            shards.push((seq, r.parse().unwrap()));
+        }
+    }
+    manifests.sort();
+    shards.sort();
+    (manifests, shards)
+}
+
+#[test]
+fn s3_multi_rank_each_node_uploads_its_shards_and_the_manifest_waits_for_all() {
+    need_moto!();
+    let moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let out = t.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let url = "s3://ckpt-remote-test/mr";
+
+    // "Node A": the supervisor, uploading rank 0's shards only. Nobody uploads rank 1's:
+    // shard records of rank 0 appear, never a manifest.
+    let log = t.path().join("sup.log");
+    let mut c = ckpt_remote(&dir, home, url, Some(&moto));
+    c.args([
+        "--every",
+        "150ms",
+        "--remote-ranks",
+        "0",
+        "--remote-stop-timeout",
+        "30s",
+    ]);
+    rank_job(&mut c, 2, 1_000_000, &out);
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut sup = c.spawn_guarded();
+    wait_until(
+        Duration::from_secs(90),
+        "rank 0's shards of two checkpoints",
+        || {
+            remote_parts(&moto, "mr/")
+                .1
+                .iter()
+                .filter(|(_, r)| *r == 0)
+                .count()
+                >= 2
+        },
+    );
+    let (manifests, shards) = remote_parts(&moto, "mr/");
+    assert!(
+        manifests.is_empty(),
+        "a manifest without rank 1's shard: {manifests:?}"
+    );
+    assert!(shards.iter().all(|(_, r)| *r == 0), "{shards:?}");
+    assert!(
+        moto.keys("mr/").iter().all(|k| !k.contains("/rank-00001/")),
+        "rank 1's files were uploaded by node A"
+    );
+
+    // "Node B": `ckpt upload --follow --ranks 1` uploads rank 1's shards; whichever node
+    // completes a checkpoint writes its manifest.
+    let mut agent = ckpt_env(home, Some(&moto));
+    agent
+        .env("CKPT_NODE", "node-b")
+        .args([
+            "upload", "--follow", "--json", "--poll", "100ms", "--ranks", "1",
+        ])
+        .args(["--remote", url, "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut agent = agent.spawn_guarded();
+    wait_until(Duration::from_secs(90), "a remote manifest", || {
+        !remote_parts(&moto, "mr/").0.is_empty()
+    });
+    // Stop the job: its final checkpoint gets off the machine once node B's shard is up.
+    signal(sup.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut sup, Duration::from_secs(90));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(75), "{err}");
+    assert_eq!(events(&dir, "remote_safe").len(), 1, "{err}");
+    signal(agent.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut agent, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0));
+    assert_no_survivors(&dir);
+    let (manifests, shards) = remote_parts(&moto, "mr/");
+    for m in &manifests {
+        assert!(
+            shards.contains(&(*m, 0)) && shards.contains(&(*m, 1)),
+            "manifest {m} without both shard records: {shards:?}"
+        );
+    }
+    let newest = *manifests.last().unwrap();
+    assert_eq!(Some(newest), checkpoints(&dir).last().copied());
+
+    // Deterministic: to a second prefix, node B alone: the manifest is not written; `ckpt
+    // list --remote` shows nothing; then node C takes every unclaimed shard and completes it.
+    let url2 = "s3://ckpt-remote-test/mr2";
+    let seq = newest.to_string();
+    let up = |node: &str, extra: &[&str]| {
+        let out = output_deadline(
+            ckpt_env(home, Some(&moto))
+                .env("CKPT_NODE", node)
+                .args(["upload", "--json", "--remote", url2, "--dir"])
+                .arg(&dir)
+                .args(extra)
+                .arg(&seq),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        json_of(&out)
+    };
+    let v = up("node-b", &["--ranks", "1"]);
+    assert_eq!(v["uploaded"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["published"], false, "{v}");
+    assert_eq!(v["missing"], serde_json::json!([0]), "{v}");
+    let (m2, s2) = remote_parts(&moto, "mr2/");
+    assert!(m2.is_empty(), "{m2:?}");
+    assert_eq!(s2, vec![(newest, 1)]);
+    assert!(!moto
+        .keys("mr2/")
+        .iter()
+        .any(|k| k.ends_with("MANIFEST.ckpt.sig")));
+    let out = output_deadline(
+        ckpt_env(home, Some(&moto)).args(["list", "--json", "--remote", url2]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(json_of(&out), serde_json::json!([]));
+    let v = up("node-c", &[]);
+    assert_eq!(v["uploaded"], serde_json::json!([0]), "{v}");
+    assert_eq!(v["others"][0]["rank"], 1, "{v}");
+    assert!(
+        v["others"][0]["holder"]
+            .as_str()
+            .unwrap()
+            .starts_with("node-b"),
+        "{v}"
+    );
+    assert_eq!(v["published"], true, "{v}");
+    assert_eq!(remote_parts(&moto, "mr2/").0, vec![newest]);
+
+    // A new machine resumes the two-rank job from the remote and ends bit-identical.
+    let step = {
+        let m = Manifest::decode(&moto_get(
+            &moto,
+            &format!("mr2/ckpt-{newest:012}/MANIFEST.ckpt"),
+        ))
+        .unwrap();
+        assert_eq!(m.world_size, Some(2));
+        m.step.unwrap()
+    };
+    let steps = step + 100;
+    let dir2 = t.path().join("d2");
+    let out2 = t.path().join("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    let mut c = ckpt_remote(&dir2, home, url2, Some(&moto));
+    c.args(["--every", "off"]);
+    rank_job(&mut c, 2, steps, &out2);
+    let o = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(events(&dir2, "remote_restored").len(), 1, "{err}");
+    assert_eq!(rank_combined(2, &out2), rank_reference(2, steps), "{err}");
+    assert_no_survivors(&dir2);
+}
+
+/// docs/cloud.md's "By hand" recipe, line by line as written (the bucket and /tmp replaced).
+#[test]
+fn cloud_md_by_hand_recipe_runs_as_written() {
+    need_moto!();
+    let moto = Moto::start();
+    let t = tempdir();
+    let home = t.path().join("home");
+    let cwd = t.path().join("work");
+    std::fs::create_dir_all(cwd.join("data")).unwrap();
+    std::fs::write(cwd.join("model.pt"), b"weights 7000").unwrap();
+    std::fs::write(cwd.join("data/shard-0"), b"data").unwrap();
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cloud.md"))
+        .unwrap();
+    let block = doc
+        .split("6. **By hand")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .nth(1)
+        .unwrap();
+    let tmp = t.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut ran = 0;
+    for line in block
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("ckpt "))
+    {
+        let cmd = line.split('#').next().unwrap().trim();
+        let cmd = cmd
+            .replace("s3://my-bucket", "s3://ckpt-remote-test")
+            .replace("/tmp/", &format!("{}/", tmp.display()));
+        let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+        let out = output_deadline(
+            ckpt_env(&home, Some(&moto)).current_dir(&cwd).args(&args),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{line}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 6, "{block}");
+    assert_eq!(
+        std::fs::read(tmp.join("model-7000/model.pt")).unwrap(),
+        b"weights 7000"
+    );
+    for prefix in ["train/", "other/", "third/"] {
+        assert!(
+            moto.keys(prefix)
+                .contains(&format!("{prefix}ckpt-000000000001/MANIFEST.ckpt")),
+            "{prefix}: {:?}",
+            moto.keys(prefix)
+        );
+    }
 }

@@ -294,6 +294,12 @@ fn render_status(v: &Value) -> String {
         if let Some(u) = r["uploading"].as_u64() {
             line.push_str(&format!(", uploading {u}"));
         }
+        if let Some(b) = r["behind_ms"].as_u64() {
+            line.push_str(&format!(
+                ", newest local checkpoint waiting {} ms to get off the machine",
+                b
+            ));
+        }
         if let Some(f) = r["failed"].as_u64() {
             line.push_str(&format!(", upload of {f} failed"));
         }

@@ -25,6 +25,17 @@ pub struct LogArgs {
     /// Only the last N events.
     #[arg(long, short = 'n', value_name = "N")]
     pub lines: Option<usize>,
+    /// Only the events of `--remote` (uploads with their size, duration, throughput and lag
+    /// behind the commit, failures, skips, retention, restores, stops' waits), then a
+    /// one-line summary as `ckpt stats` gives it.
+    #[arg(long)]
+    pub uploads: bool,
+}
+
+/// The events of `--remote` (`ckpt log --uploads`).
+pub fn is_remote_event(e: &Value) -> bool {
+    let n = e["event"].as_str().unwrap_or("");
+    n == "uploaded" || n.starts_with("upload_") || n.starts_with("remote")
 }
 
 /// Summarise the run: overhead, lost work, restarts, goodput, and a suggested interval.
@@ -142,10 +153,15 @@ pub fn human(e: &Value) -> String {
 }
 
 pub fn log(a: LogArgs) -> Result<i32, Fatal> {
-    let events = read_events(&a.dir)?;
+    let all = read_events(&a.dir)?;
+    let keep = |e: &Value| !a.uploads || is_remote_event(e);
+    let events: Vec<&Value> = all.iter().filter(|e| keep(e)).collect();
     let skip = a.lines.map(|n| events.len().saturating_sub(n)).unwrap_or(0);
     for e in &events[skip..] {
         println!("{}", if a.json { e.to_string() } else { human(e) });
+    }
+    if a.uploads && !a.follow && !a.json {
+        println!("{}", upload_summary_line(&compute_stats(&all)["remote"]));
     }
     if !a.follow {
         return Ok(0);
@@ -173,7 +189,10 @@ pub fn log(a: LogArgs) -> Result<i32, Fatal> {
                         pos += n as u64;
                         partial.push_str(&l);
                         if partial.ends_with('\n') {
-                            if let Ok(e) = serde_json::from_str::<Value>(partial.trim_end()) {
+                            if let Some(e) = serde_json::from_str::<Value>(partial.trim_end())
+                                .ok()
+                                .filter(|e| keep(e))
+                            {
                                 println!("{}", if a.json { e.to_string() } else { human(&e) });
                                 let _ = std::io::Write::flush(&mut std::io::stdout());
                             }
@@ -207,6 +226,15 @@ pub fn compute_stats(events: &[Value]) -> Value {
     let mut no_progress_commits = 0u64;
     let mut requests = 0u64;
     let mut unanswered = 0u64;
+    // --remote: uploads (count, bytes, time, lag behind the commit), failures, restores.
+    let (mut uploads, mut up_bytes, mut up_ms, mut up_failed, mut up_skipped) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut lags = Vec::new();
+    let mut newest_uploaded: Option<u64> = None;
+    let mut remote_url: Option<String> = None;
+    let (mut restores, mut restore_bytes, mut restore_ms) = (0u64, 0u64, 0u64);
+    let (mut stops_safe, mut stops_missing, mut remote_invalid) = (0u64, 0u64, 0u64);
+    let mut last_upload_t: Option<u64> = None;
     // Per launch: when it started and when it last committed.
     let mut launch_t = None;
     let mut last_commit_t: Option<u64> = None;
@@ -245,6 +273,31 @@ pub fn compute_stats(events: &[Value]) -> Value {
                 restarts += 1;
                 backoff_ms = backoff_ms.saturating_add(e["delay_ms"].as_u64().unwrap_or(0));
             }
+            "uploaded" => {
+                uploads += 1;
+                up_bytes = up_bytes.saturating_add(e["bytes"].as_u64().unwrap_or(0));
+                up_ms = up_ms.saturating_add(e["duration_ms"].as_u64().unwrap_or(0));
+                if let Some(l) = e["lag_ms"].as_u64() {
+                    lags.push(l);
+                }
+                newest_uploaded = newest_uploaded.max(e["seq"].as_u64());
+                remote_url = e["remote"].as_str().map(String::from).or(remote_url);
+                last_upload_t = Some(t(e));
+            }
+            "upload_present" => newest_uploaded = newest_uploaded.max(e["seq"].as_u64()),
+            "upload_failed" => up_failed += 1,
+            "upload_skipped" => {
+                up_skipped += e["seqs"].as_array().map(|a| a.len() as u64).unwrap_or(1)
+            }
+            "remote_restored" => {
+                restores += 1;
+                restore_bytes = restore_bytes.saturating_add(e["bytes"].as_u64().unwrap_or(0));
+                restore_ms = restore_ms.saturating_add(e["duration_ms"].as_u64().unwrap_or(0));
+            }
+            "remote_invalid" => remote_invalid += 1,
+            "remote_safe" => stops_safe += 1,
+            "remote_missing" => stops_missing += 1,
+            "remote" => remote_url = e["remote"].as_str().map(String::from).or(remote_url),
             "stopped" => stops += 1,
             "request" => requests += 1,
             "unanswered" => unanswered = unanswered.max(e["unanswered"].as_u64().unwrap_or(1)),
@@ -274,7 +327,33 @@ pub fn compute_stats(events: &[Value]) -> Value {
         (Some(c), Some(m)) => Some((2.0 * c * m).sqrt() / 1000.0),
         _ => None,
     };
+    let remote =
+        remote_url.is_some() || uploads + up_failed + restores + stops_safe + stops_missing > 0;
+    let remote = remote.then(|| {
+        lags.sort_unstable();
+        json!({
+            "url": remote_url,
+            "uploads": uploads,
+            "upload_failed_attempts": up_failed,
+            "uploads_skipped": up_skipped,
+            "bytes_uploaded": up_bytes,
+            "upload_seconds": up_ms as f64 / 1000.0,
+            "upload_bytes_per_s": (up_bytes * 1000).checked_div(up_ms),
+            "lag_ms_median": lags.get(lags.len() / 2),
+            "lag_ms_max": lags.last(),
+            "lag_ms_last": events.iter().rev().find(|e| e["event"] == "uploaded").and_then(|e| e["lag_ms"].as_u64()),
+            "newest_uploaded": newest_uploaded,
+            "last_upload_seconds_ago": last_upload_t.map(|u| t(last).saturating_sub(u) as f64 / 1000.0),
+            "restores": restores,
+            "bytes_restored": restore_bytes,
+            "restore_seconds": restore_ms as f64 / 1000.0,
+            "remote_invalid": remote_invalid,
+            "stops_uploaded": stops_safe,
+            "stops_not_uploaded": stops_missing,
+        })
+    });
     json!({
+        "remote": remote,
         "events": events.len(),
         "wall_seconds": wall_ms as f64 / 1000.0,
         "launches": launches,
@@ -295,6 +374,49 @@ pub fn compute_stats(events: &[Value]) -> Value {
         "mtbf_seconds": mtbf_ms.map(|m| m / 1000.0),
         "suggested_interval_seconds": suggested,
     })
+}
+
+/// The one-line upload summary of `ckpt stats` and `ckpt log --uploads`.
+pub fn upload_summary_line(r: &Value) -> String {
+    if r.is_null() {
+        return "uploads:            none (no --remote in this log)".into();
+    }
+    let ms = |v: &Value| {
+        v.as_u64()
+            .map(|x| format!("{x} ms"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut line = format!(
+        "uploads:            {} to {} ({} in {:.2}s, {}/s); lag behind the commit: median {}, max {}, last {}; newest uploaded {}",
+        r["uploads"],
+        crate::store::escape(r["url"].as_str().unwrap_or("?")),
+        crate::supervisor::fmt_bytes(r["bytes_uploaded"].as_u64().unwrap_or(0)),
+        r["upload_seconds"].as_f64().unwrap_or(0.0),
+        crate::supervisor::fmt_bytes(r["upload_bytes_per_s"].as_u64().unwrap_or(0)),
+        ms(&r["lag_ms_median"]),
+        ms(&r["lag_ms_max"]),
+        ms(&r["lag_ms_last"]),
+        r["newest_uploaded"].as_u64().map(|s| s.to_string()).unwrap_or_else(|| "none".into()),
+    );
+    for (k, what) in [
+        ("upload_failed_attempts", "failed attempt(s)"),
+        ("uploads_skipped", "skipped (a newer one went instead)"),
+        ("restores", "remote restore(s)"),
+        ("remote_invalid", "remote checkpoint(s) refused"),
+        (
+            "stops_uploaded",
+            "stop(s) with the final checkpoint off the machine",
+        ),
+        (
+            "stops_not_uploaded",
+            "stop(s) with the final checkpoint NOT off the machine",
+        ),
+    ] {
+        if r[k].as_u64().unwrap_or(0) > 0 {
+            line.push_str(&format!("; {} {what}", r[k]));
+        }
+    }
+    line
 }
 
 pub fn stats(a: StatsArgs) -> Result<i32, Fatal> {
@@ -361,6 +483,9 @@ pub fn stats(a: StatsArgs) -> Result<i32, Fatal> {
         "goodput:            {:.1}% of the wall time was useful work",
         s["goodput_percent"].as_f64().unwrap_or(0.0)
     );
+    if !s["remote"].is_null() {
+        println!("{}", upload_summary_line(&s["remote"]));
+    }
     match s["suggested_interval_seconds"].as_f64() {
         Some(i) => println!(
             "suggested --every:  {} (Young/Daly: sqrt(2 x checkpoint cost x MTBF {}))",

@@ -53,7 +53,7 @@ pub struct VerifyArgs {
     pub remote_allow_http: bool,
 }
 
-fn open_remote(
+pub(super) fn open_remote(
     url: &str,
     keys: &[std::path::PathBuf],
     allow_http: bool,
@@ -65,6 +65,7 @@ fn open_remote(
         keep: None,
         required: false,
         stop_timeout: std::time::Duration::ZERO,
+        ranks: None,
     })
     .map_err(|e| Fatal::usage(format!("--remote: {e}")))
 }
@@ -160,6 +161,7 @@ fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
         keep: None,
         required: false,
         stop_timeout: std::time::Duration::ZERO,
+        ranks: None,
     };
     let r = open_remote(&settings.url, &settings.keys, settings.allow_http)?;
     let seqs = r.list().map_err(Fatal::io)?;

@@ -9,6 +9,7 @@ mod inspect;
 mod run;
 mod save;
 mod service;
+mod upload;
 mod versions;
 
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub enum Cmd {
     Run(Box<run::RunArgs>),
     /// Publish files as a new checkpoint (for shell jobs); returns once it is durable.
     Save(save::SaveArgs),
+    /// Upload a checkpoint to a remote; of a multi-rank job, this node's shards (--follow).
+    Upload(upload::UploadArgs),
     /// List the checkpoints of a directory (manifests only; `verify` reads everything).
     List(inspect::ListArgs),
     /// Fully verify checkpoints (sizes and checksums); non-zero exit if any is bad.
@@ -180,6 +183,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Cmd::Run(a) => run::run(*a),
         Cmd::Save(a) => save::run(a),
+        Cmd::Upload(a) => upload::run(a),
         Cmd::List(a) => inspect::list(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Tag(a) => versions::tag(a),

@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// How long ckpt waits for uploads before it exits.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub remote_stop_timeout: Duration,
+    /// Of a multi-rank checkpoint, upload only these ranks' shards (e.g. `0-3`, this node's
+    /// ranks); every other node runs `ckpt upload --follow --ranks ...` for its own. The
+    /// remote manifest is written once every shard is up. Default: every shard that no
+    /// other node's `ckpt upload` claimed.
+    #[arg(long, value_parser = crate::remote::parse_rank_set, value_name = "RANKS")]
+    pub remote_ranks: Option<crate::remote::Ranks>,
     /// The job's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -334,11 +340,16 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             keep: a.remote_keep.map(|n| n as usize),
             required: a.remote_required,
             stop_timeout: bounded("--remote-stop-timeout", a.remote_stop_timeout)?,
+            ranks: a.remote_ranks.map(|r| r.0),
         }),
         None => {
-            if a.remote_required || a.remote_keep.is_some() || !a.remote_key.is_empty() {
+            if a.remote_required
+                || a.remote_keep.is_some()
+                || !a.remote_key.is_empty()
+                || a.remote_ranks.is_some()
+            {
                 return Err(Fatal::usage(
-                    "--remote-required, --remote-keep and --remote-key need --remote URL",
+                    "--remote-required, --remote-keep, --remote-key and --remote-ranks need --remote URL",
                 ));
             }
             None

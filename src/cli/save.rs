@@ -28,6 +28,19 @@ pub struct SaveArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also upload the checkpoint to this remote (s3://, gs://, az://, file://; see `ckpt run
+    /// --remote`) once it is durable locally, and wait for the upload. If the upload fails
+    /// the local checkpoint stays and ckpt exits 77. Not taken from CKPT_REMOTE: under `ckpt
+    /// run --remote` the supervisor already uploads every commit in the background.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// The key that signs the upload (default: ~/.config/ckpt/remote.key, created on first
+    /// use).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
     /// Files or directories to save.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
@@ -96,6 +109,15 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
         })?;
         meta.insert(k.to_string(), json!(v));
     }
+    // Opened before anything is written: a bad URL or key fails without a checkpoint.
+    let remote = match a.remote.as_deref().filter(|u| !u.is_empty()) {
+        Some(u) => Some(super::inspect::open_remote(
+            u,
+            &a.remote_key,
+            a.remote_allow_http,
+        )?),
+        None => None,
+    };
     let store = Store::new(&a.dir.dir);
     store
         .create()
@@ -138,12 +160,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
         }
     }
     let path = store.path_of(m.seq);
-    if a.json {
-        println!(
-            "{}",
-            json!({ "seq": m.seq, "step": m.step, "path": display_path(&path), "bytes": m.total_bytes(), "files": m.files.len(), "duration_ms": dur.as_millis() as u64 })
-        );
-    } else {
+    if !a.json {
         eprintln!(
             "ckpt: saved checkpoint {} ({}, {} files) to {}",
             m.seq,
@@ -152,5 +169,19 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
             display_path(&path)
         );
     }
-    Ok(0)
+    let (up, code) = match &remote {
+        Some(r) => {
+            let (v, code) = super::versions::upload_after(r, m.seq, &path, a.json);
+            (Some(v), code)
+        }
+        None => (None, 0),
+    };
+    if a.json {
+        let mut v = json!({ "seq": m.seq, "step": m.step, "path": display_path(&path), "bytes": m.total_bytes(), "files": m.files.len(), "duration_ms": dur.as_millis() as u64 });
+        if let Some(up) = up {
+            v["remote"] = up;
+        }
+        println!("{v}");
+    }
+    Ok(code)
 }

@@ -64,6 +64,89 @@ fn manifest_of(res: &Resolved) -> Result<Manifest, Fatal> {
     })
 }
 
+/// `--remote URL` for the commands that create a checkpoint (`save`, `import`): after the
+/// local commit, uploads checkpoint `seq` at `path` and waits for it. Returns the `remote`
+/// object of `--json` and the exit code: 0, or 77 when the upload failed (the local
+/// checkpoint stays).
+pub(super) fn upload_after(
+    r: &crate::remote::Remote,
+    seq: u64,
+    path: &Path,
+    quiet: bool,
+) -> (Value, i32) {
+    let t = std::time::Instant::now();
+    let res = r.upload_checked(seq, path);
+    let ms = t.elapsed().as_millis() as u64;
+    match res {
+        Ok(crate::remote::Upload::Done(bytes)) => {
+            let rate = (bytes as f64 / t.elapsed().as_secs_f64().max(1e-6)) as u64;
+            if !quiet {
+                eprintln!(
+                    "ckpt: uploaded checkpoint {seq} to {} ({} in {:.2}s, {}/s)",
+                    r.display,
+                    fmt_bytes(bytes),
+                    ms as f64 / 1000.0,
+                    fmt_bytes(rate)
+                );
+            }
+            (
+                json!({ "url": r.display, "uploaded": true, "already": false, "bytes": bytes, "duration_ms": ms, "bytes_per_s": rate }),
+                0,
+            )
+        }
+        Ok(crate::remote::Upload::Present) => {
+            if !quiet {
+                eprintln!("ckpt: checkpoint {seq} is already on {}", r.display);
+            }
+            (
+                json!({ "url": r.display, "uploaded": true, "already": true, "bytes": 0, "duration_ms": ms }),
+                0,
+            )
+        }
+        Err(e) => {
+            let e = crate::remote::redact(&e);
+            eprintln!(
+                "ckpt: error: checkpoint {seq} is saved in {} but NOT uploaded to {}: {}; exit {}",
+                dp(path),
+                r.display,
+                escape(&e),
+                ErrKind::UploadFailed.code()
+            );
+            (
+                json!({ "url": r.display, "uploaded": false, "error": e, "duration_ms": ms }),
+                ErrKind::UploadFailed.code(),
+            )
+        }
+    }
+}
+
+/// `--remote URL [--remote-key FILE] [--remote-allow-http]`, opened (exit 64 on a bad URL,
+/// an http endpoint off loopback or an unusable key).
+fn remote_of(
+    url: &Option<String>,
+    keys: &[PathBuf],
+    allow_http: bool,
+) -> Result<Option<crate::remote::Remote>, Fatal> {
+    match url.as_deref().filter(|u| !u.is_empty()) {
+        Some(u) => super::inspect::open_remote(u, keys, allow_http).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A remote checkpoint named by `r`, with what `latest` skipped on the way said on stderr.
+fn resolve_remote(remote: &crate::remote::Remote, r: &str) -> Result<u64, Fatal> {
+    let (seq, skipped) = remote
+        .resolve(r)
+        .map_err(|e| Fatal::new(ErrKind::Usage, e))?;
+    for (s, e) in skipped {
+        eprintln!(
+            "ckpt: skipped remote checkpoint {s}: {} (NOT RESTORABLE)",
+            escape(&e)
+        );
+    }
+    Ok(seq)
+}
+
 /// Name a checkpoint; a named checkpoint is never removed by retention.
 #[derive(Debug, clap::Args)]
 pub struct TagArgs {
@@ -167,17 +250,66 @@ pub struct ShowArgs {
     pub verify: bool,
     #[arg(long)]
     pub json: bool,
+    /// Show a checkpoint of this remote instead (ID: a remote sequence number, `latest` or
+    /// `latest~N`, counting only checkpoints that authenticate with our key). The manifest
+    /// is shown only once its authentication record checks out (exit 65 otherwise);
+    /// --verify downloads and checks every byte as a restore would.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
 }
 
 pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
-    let (store, res) = resolve_anywhere(&a.dir.dir, &a.id)?;
-    let m = manifest_of(&res)?;
-    let tags = store
-        .tags_by_seq()
-        .map_err(|e| Fatal::store("cannot read tags", e))?
-        .remove(&res.seq)
-        .unwrap_or_default();
-    let verified = a.verify.then(|| verify_path(&res.path, Some(res.seq)));
+    let remote = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)?;
+    let (res, m, tags, verified) = match &remote {
+        Some(r) => {
+            let seq = resolve_remote(r, &a.id)?;
+            let m = r.check(seq).map_err(|e| {
+                Fatal::new(
+                    ErrKind::Data,
+                    format!(
+                        "remote checkpoint {seq} on {} is NOT RESTORABLE: {}",
+                        r.display,
+                        crate::remote::redact(&e)
+                    ),
+                )
+            })?;
+            let verified = a.verify.then(|| {
+                r.verify(seq)
+                    .map(|_| ())
+                    .map_err(|e| crate::remote::redact(&e))
+            });
+            let res = Resolved {
+                seq,
+                path: PathBuf::from(format!(
+                    "{}/{}{seq:012}",
+                    r.display.trim_end_matches('/'),
+                    crate::store::PREFIX
+                )),
+            };
+            (res, m, Vec::new(), verified)
+        }
+        None => {
+            let (store, res) = resolve_anywhere(&a.dir.dir, &a.id)?;
+            let m = manifest_of(&res)?;
+            let tags = store
+                .tags_by_seq()
+                .map_err(|e| Fatal::store("cannot read tags", e))?
+                .remove(&res.seq)
+                .unwrap_or_default();
+            let verified = a.verify.then(|| {
+                verify_path(&res.path, Some(res.seq))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            (res, m, tags, verified)
+        }
+    };
     let files: Vec<Value> = m
         .files
         .iter()
@@ -194,6 +326,9 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
             if let Err(e) = r {
                 v["error"] = json!(e.to_string());
             }
+        }
+        if let Some(r) = &remote {
+            v["remote"] = json!({ "url": r.display, "authenticated": true, "key_id": r.key_id() });
         }
         println!("{v}");
     } else {
@@ -222,6 +357,13 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
                     .as_u64()
                     .map(|s| format!(" (step {s})"))
                     .unwrap_or_default()
+            );
+        }
+        if let Some(r) = &remote {
+            println!(
+                "  remote:   {}, authenticated (HMAC-SHA256 with one of our keys; signing key {})",
+                r.display,
+                r.key_id()
             );
         }
         if let Some(p) = m.meta.get("imported_from") {
@@ -371,9 +513,63 @@ pub struct ExportArgs {
     pub to: PathBuf,
     #[arg(long)]
     pub json: bool,
+    /// Export a checkpoint of this remote instead (ID: a remote sequence number, `latest`
+    /// or `latest~N`, counting only checkpoints that authenticate with our key): every byte
+    /// is downloaded and checked as a restore would (exit 65 if it does not verify, and
+    /// nothing is left at --to). `ckpt import` takes the result on any machine.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
+}
+
+/// `ckpt export --remote URL ID --to PATH`.
+fn export_remote(a: &ExportArgs, r: &crate::remote::Remote) -> Result<i32, Fatal> {
+    let seq = resolve_remote(r, &a.id)?;
+    let t = std::time::Instant::now();
+    let (m, bytes) = r.export(seq, &a.to).map_err(|e| {
+        let e = crate::remote::redact(&e);
+        let kind = if e.contains("already exists") {
+            ErrKind::Usage
+        } else if e.starts_with("cannot") || e.starts_with("write") || e.starts_with("fsync") {
+            ErrKind::Io
+        } else {
+            ErrKind::Data
+        };
+        Fatal::new(
+            kind,
+            format!(
+                "cannot export remote checkpoint {seq} from {}: {e}",
+                r.display
+            ),
+        )
+    })?;
+    let to = std::path::absolute(&a.to).unwrap_or(a.to.clone());
+    if a.json {
+        println!(
+            "{}",
+            json!({ "seq": seq, "step": m.step, "to": dp(&to), "files": m.files.len(), "bytes": m.total_bytes(), "remote": r.display, "downloaded": bytes, "duration_ms": t.elapsed().as_millis() as u64 })
+        );
+    } else {
+        println!(
+            "exported remote checkpoint {seq} of {} ({} in {} files) to {}, authenticated and verified",
+            r.display,
+            fmt_bytes(m.total_bytes()),
+            m.files.len(),
+            dp(&to)
+        );
+    }
+    Ok(0)
 }
 
 pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
+    if let Some(r) = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)? {
+        return export_remote(&a, &r);
+    }
     let store = open(&a.dir.dir)?;
     let res = resolve(&store, &a.id)?;
     let m =
@@ -410,9 +606,23 @@ pub struct ImportArgs {
     pub link: bool,
     #[arg(long)]
     pub json: bool,
+    /// Also upload the imported checkpoint to this remote once it is committed locally
+    /// (as `ckpt save --remote`): waits for the upload; if it fails the local checkpoint
+    /// stays and ckpt exits 77. To bring a remote checkpoint here, `ckpt export --remote`
+    /// it, then import the result.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// The key that signs the upload (default: ~/.config/ckpt/remote.key, created on first
+    /// use).
+    #[arg(long, value_name = "FILE")]
+    pub remote_key: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine.
+    #[arg(long)]
+    pub remote_allow_http: bool,
 }
 
 pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
+    let remote = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)?;
     let store = Store::new(&a.dir.dir);
     let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
     let src_m = read_manifest(&src)
@@ -426,12 +636,7 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
     let imp = store
         .import_from(&src, None, extra, a.link)
         .map_err(|e| Fatal::store(&format!("cannot import {}", dp(&src)), e))?;
-    if a.json {
-        println!(
-            "{}",
-            json!({ "seq": imp.manifest.seq, "step": imp.manifest.step, "path": dp(&imp.path), "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied })
-        );
-    } else {
+    if !a.json {
         println!(
             "imported {} as checkpoint {} ({} in {} files), verified",
             dp(&src),
@@ -440,7 +645,21 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
             imp.manifest.files.len()
         );
     }
-    Ok(0)
+    let (up, code) = match &remote {
+        Some(r) => {
+            let (v, code) = upload_after(r, imp.manifest.seq, &imp.path, a.json);
+            (Some(v), code)
+        }
+        None => (None, 0),
+    };
+    if a.json {
+        let mut v = json!({ "seq": imp.manifest.seq, "step": imp.manifest.step, "path": dp(&imp.path), "linked": imp.linked, "reflinked": imp.reflinked, "copied": imp.copied });
+        if let Some(up) = up {
+            v["remote"] = up;
+        }
+        println!("{v}");
+    }
+    Ok(code)
 }
 
 /// Roll a directory back: checkpoints newer than ID go to rolled-back/ (never deleted), so
@@ -541,6 +760,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
         keep: None,
         required: false,
         stop_timeout: Duration::ZERO,
+        ranks: None,
     })
     .map_err(|e| Fatal::usage(format!("--remote: {e}")))?;
     let store = Store::new(&a.dir.dir);

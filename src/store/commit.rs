@@ -26,9 +26,18 @@ pub struct Stage {
     algo: Algo,
     known: Vec<FileEntry>,
     done: bool,
+    /// The manifest's `world_size` (a multi-rank checkpoint brought back whole, e.g. from a
+    /// remote): [`Stage::set_world_size`].
+    world_size: Option<u32>,
 }
 
 impl Stage {
+    /// Records the checkpoint as one of a multi-rank job of `n` ranks (its files are the
+    /// `rank-NNNNN/` shards); checked when the manifest is published.
+    pub fn set_world_size(&mut self, n: Option<u32>) {
+        self.world_size = n;
+    }
+
     /// Starts a new staging directory in `store`.
     pub fn new(store: &Store, algo: Algo) -> Result<Stage> {
         let staging = store.private().join("staging");
@@ -61,6 +70,7 @@ impl Stage {
             path,
             algo,
             known: Vec::new(),
+            world_size: None,
             done: false,
         })
     }
@@ -241,6 +251,7 @@ impl Stage {
         }
         let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
         manifest.meta = meta;
+        manifest.world_size = self.world_size;
         let res = publish_at_least(&self.store, &self.path, &mut manifest, &dirs, min_seq);
         // Published (renamed away) even if a later fsync failed: nothing left to remove.
         self.done = res.is_ok() || fs::symlink_metadata(&self.path).is_err();

@@ -171,6 +171,11 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
             return Ok(exit_codes::FINISHED);
         }
     }
+    if let Some(s) = &cfg.remote {
+        if remote_hooks::remote_finished(s, &store, cfg.again, &mut rep) {
+            return Ok(exit_codes::FINISHED);
+        }
+    }
 
     let cgroup = cgroup::Cgroup::create(&store.private());
     let shared = Arc::new(Shared {
@@ -555,6 +560,11 @@ fn start_uploader(
     crate::remote::Uploader::start(
         Arc::new(remote),
         s.keep,
+        crate::remote::ShardCfg {
+            claims: crate::remote::claims_dir(store),
+            ranks: s.ranks.clone(),
+            wait: Duration::from_secs(300),
+        },
         Box::new(move || {
             tags.tags_by_seq()
                 .map(|t| t.into_keys().collect())
@@ -798,6 +808,7 @@ impl Run {
         }
         match outcome {
             Outcome::Finished => {
+                self.remote_mark_finished();
                 self.rep.event(
                     "finished",
                     Some("job finished successfully".into()),
