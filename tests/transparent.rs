@@ -596,6 +596,88 @@ fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
     assert_no_survivors(&dir);
 }
 
+/// A dump that takes long (a large job; here a wrapper makes each `criu dump` wait 4 s before
+/// CRIU runs) keeps the supervisor's loop busy: `ckpt status` says so, and `ckpt stop` waits
+/// for the dump and then stops with a checkpoint, instead of being told the loop is stuck
+/// ("waiting for disk I/O", exit 75, no stop: found running ckpt in a VM where dumps took
+/// 10 s).
+#[test]
+fn stop_during_a_long_dump_waits_for_it_and_stops() {
+    require_criu!("stop_during_dump");
+    let t = tempdir();
+    let marker = t.path().join("dumping");
+    let slow = t.path().join("criu");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/bash\nif [ \"$1\" = dump ]; then touch {m}; sleep 4; fi\nexec {real} \"$@\"\n",
+            m = marker.display(),
+            real = real_criu().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let job = vec![
+        bin.display().to_string(),
+        "5000000".into(), // about a minute: it must still run at the stop
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut sup = ckpt()
+        .env("CKPT_CRIU", &slow)
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--transparent", "--every", "off", "--"])
+        .args(&job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded();
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    wait_until(Duration::from_secs(30), "the dump starts", || {
+        marker.exists()
+    });
+    let st = output_deadline(
+        ckpt().args(["status", "--json", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(
+        text(&st.stdout).contains("taking a CRIU dump"),
+        "status during the dump: {} {}",
+        text(&st.stdout),
+        text(&st.stderr)
+    );
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(120),
+    );
+    let text_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        stop.status.success(),
+        "ckpt stop during a dump: {} {}",
+        text(&stop.stderr),
+        text_log()
+    );
+    let code = wait_deadline(&mut sup, Duration::from_secs(120)).code();
+    assert_eq!(code, Some(75), "{}", text_log());
+    assert_eq!(checkpoints(&dir), vec![1, 2], "{}", text_log());
+    assert!(
+        !t.path().join("result").exists(),
+        "the job ended before its stop"
+    );
+    assert_no_survivors(&dir);
+}
+
 /// A checkpoint that CRIU cannot restore (the job's executable was deleted since) is
 /// explained with CRIU's reason; the restart policy then gives up (no silent fresh start).
 #[test]

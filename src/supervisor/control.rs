@@ -83,13 +83,19 @@ fn answer(mut stream: &UnixStream, v: &Value) {
 /// must still work then.
 pub const LOOP_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a request waits for a loop that is busy with a known, bounded task (a CRIU dump
+/// of a large job) before it is answered as stuck.
+pub const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Binds the socket (removing a stale one: the caller holds the directory lock) and serves it
 /// on a thread. `forward` returns false once the supervisor is gone; `fallback` answers a
-/// request the loop did not answer within [`LOOP_ANSWER_TIMEOUT`].
+/// request the loop did not answer within [`LOOP_ANSWER_TIMEOUT`], or returns `None` when the
+/// loop is busy with a known task: the request then waits for the loop's own answer (up to
+/// [`BUSY_ANSWER_TIMEOUT`]).
 pub fn serve<F, G>(path: &Path, forward: F, fallback: G) -> std::io::Result<()>
 where
     F: Fn(ControlEvent) -> bool + Send + Sync + 'static,
-    G: Fn(&Request) -> Value + Send + Sync + 'static,
+    G: Fn(&Request) -> Option<Value> + Send + Sync + 'static,
 {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
@@ -127,7 +133,7 @@ where
 fn handle(
     stream: UnixStream,
     forward: &(dyn Fn(ControlEvent) -> bool + Send + Sync),
-    fallback: &(dyn Fn(&Request) -> Value + Send + Sync),
+    fallback: &(dyn Fn(&Request) -> Option<Value> + Send + Sync),
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = Vec::new();
@@ -160,7 +166,12 @@ fn handle(
                         json!({ "ok": false, "error": "the supervisor ended before answering" })
                     })
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => fallback(&req),
+                Err(mpsc::RecvTimeoutError::Timeout) => match fallback(&req) {
+                    Some(v) => v,
+                    None => rx.recv_timeout(BUSY_ANSWER_TIMEOUT).unwrap_or_else(|_| {
+                        json!({ "ok": false, "error": format!("the supervisor did not answer within {}s; try again, or `ckpt stop --no-checkpoint`", BUSY_ANSWER_TIMEOUT.as_secs()) })
+                    }),
+                },
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     json!({ "ok": false, "error": "the supervisor ended before answering" })
                 }

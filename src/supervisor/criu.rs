@@ -703,6 +703,9 @@ impl Run {
         // A dump can fail for a moment's reason (a child exiting while CRIU seizes the
         // tree: "Unable to detach ... No such process"): up to 3 attempts.
         let mut res = Err("the job's process tree is gone".to_string());
+        // Control requests (`ckpt stop`, `ckpt checkpoint`) wait for the dump to end rather
+        // than being told the loop is stuck; `status` says what it is doing.
+        let busy = self.shared.busy_with("taking a CRIU dump");
         for _ in 0..3 {
             let Some(pid) = init.filter(|&p| is_alive(p)) else {
                 break;
@@ -713,6 +716,7 @@ impl Run {
             }
             init = ns_init(leader);
         }
+        drop(busy);
         // A job that died during its dump says nothing about what CRIU can do.
         let alive = init.is_some_and(is_alive);
         match res {

@@ -182,6 +182,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         status: Mutex::new((json!({ "ok": true, "state": "starting" }), Instant::now())),
         job_pid: AtomicU32::new(0),
         cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+        busy: Mutex::new(None),
     });
     let (tx, rx) = mpsc::channel();
     let socket_path = bind_socket(&store, tx.clone())?;
@@ -325,11 +326,63 @@ struct Shared {
     status: Mutex<(serde_json::Value, Instant)>,
     job_pid: AtomicU32,
     cgroup: Option<PathBuf>,
+    /// What the loop is doing when it is busy on purpose (a CRIU dump), and since when:
+    /// requests then wait for it instead of being told it is stuck.
+    busy: Mutex<Option<(&'static str, Instant)>>,
+}
+
+/// Marks the loop busy with a known, bounded task until dropped (`Shared::busy`).
+struct BusyGuard(Arc<Shared>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.0.busy.lock() {
+            *b = None;
+        }
+    }
 }
 
 impl Shared {
-    /// The answer when the loop did not answer in time.
-    fn fallback(&self, req: &control::Request) -> serde_json::Value {
+    /// Marks the loop busy with `what` until the guard is dropped.
+    fn busy_with(self: &Arc<Self>, what: &'static str) -> BusyGuard {
+        if let Ok(mut b) = self.busy.lock() {
+            *b = Some((what, Instant::now()));
+        }
+        BusyGuard(self.clone())
+    }
+
+    /// The answer when the loop did not answer in time; `None`: the loop is busy with a
+    /// known task (a CRIU dump), wait for its own answer.
+    fn fallback(&self, req: &control::Request) -> Option<serde_json::Value> {
+        let known = self.busy.lock().ok().and_then(|b| *b);
+        if let Some((what, since)) = known {
+            if !matches!(
+                req,
+                control::Request::Status {} | control::Request::Stop { checkpoint: false }
+            ) {
+                return None;
+            }
+            if let control::Request::Status {} = req {
+                let (mut v, at) = self
+                    .status
+                    .lock()
+                    .map(|g| g.clone())
+                    .unwrap_or_else(|e| e.into_inner().clone());
+                v["stale_seconds"] = json!(at.elapsed().as_secs_f64());
+                v["busy"] = json!(what);
+                v["note"] = json!(format!(
+                    "the supervisor is {what} (for {:.1}s); this status is {:.1}s old",
+                    since.elapsed().as_secs_f64(),
+                    at.elapsed().as_secs_f64()
+                ));
+                return Some(v);
+            }
+        }
+        Some(self.stuck_answer(req))
+    }
+
+    /// The answer when the loop is stuck (not busy with a known task).
+    fn stuck_answer(&self, req: &control::Request) -> serde_json::Value {
         let busy = "the supervisor's loop is busy (waiting for disk I/O: is the file system frozen or hung?)";
         match req {
             control::Request::Status {} => {
