@@ -596,11 +596,11 @@ fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
     assert_no_survivors(&dir);
 }
 
-/// A dump that takes long (a large job; here a wrapper makes each `criu dump` wait 4 s before
-/// CRIU runs) keeps the supervisor's loop busy: `ckpt status` says so, and `ckpt stop` waits
-/// for the dump and then stops with a checkpoint, instead of being told the loop is stuck
-/// ("waiting for disk I/O", exit 75, no stop: found running ckpt in a VM where dumps took
-/// 10 s).
+/// A dump that takes long (a large job; here a wrapper makes the first `criu dump` wait 12 s
+/// before CRIU runs) keeps the supervisor's loop busy: `ckpt status` says so, and `ckpt stop`
+/// waits for the dump and then stops with a checkpoint, instead of being told the loop is
+/// stuck ("waiting for disk I/O", exit 75, no stop: found running ckpt in a VM where dumps
+/// took 10 s) or giving up after its own 10 s.
 #[test]
 fn stop_during_a_long_dump_waits_for_it_and_stops() {
     require_criu!("stop_during_dump");
@@ -610,7 +610,7 @@ fn stop_during_a_long_dump_waits_for_it_and_stops() {
     std::fs::write(
         &slow,
         format!(
-            "#!/bin/bash\nif [ \"$1\" = dump ]; then touch {m}; sleep 4; fi\nexec {real} \"$@\"\n",
+            "#!/bin/bash\nif [ \"$1\" = dump ] && [ ! -e {m} ]; then touch {m}; sleep 12; fi\nexec {real} \"$@\"\n",
             m = marker.display(),
             real = real_criu().display()
         ),

@@ -320,7 +320,11 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32, Fatal> {
     let v = call(
         &a.dir,
         &Request::Checkpoint { wait: a.wait },
-        a.wait.then_some(a.timeout),
+        Some(if a.wait {
+            a.timeout
+        } else {
+            crate::supervisor::control::BUSY_ANSWER_TIMEOUT + Duration::from_secs(10)
+        }),
     )?;
     if a.json {
         println!("{v}");
@@ -355,7 +359,9 @@ pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
         &Request::Stop {
             checkpoint: !a.no_checkpoint,
         },
-        Some(Duration::from_secs(10)),
+        // The supervisor answers within its own bounds (a loop busy with a CRIU dump is
+        // waited for up to BUSY_ANSWER_TIMEOUT), then says it is stuck.
+        Some(crate::supervisor::control::BUSY_ANSWER_TIMEOUT + Duration::from_secs(10)),
     )?;
     let pid = v["supervisor_pid"].as_i64().unwrap_or(0) as i32;
     let will_checkpoint = v["will_checkpoint"].as_bool().unwrap_or(true);

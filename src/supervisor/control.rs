@@ -83,19 +83,30 @@ fn answer(mut stream: &UnixStream, v: &Value) {
 /// must still work then.
 pub const LOOP_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a request waits for a loop that is busy with a known, bounded task (a CRIU dump
-/// of a large job) before it is answered as stuck.
+/// How long a request that needs the loop (`checkpoint`, `stop` with a checkpoint) waits for
+/// it when it did not answer within [`LOOP_ANSWER_TIMEOUT`]: the loop may be publishing or
+/// verifying a large checkpoint.
+pub const SLOW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long such a request waits for a loop that says it is busy with a known, bounded task
+/// (a CRIU dump of a large job) before it is answered as stuck.
 pub const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// What the control thread does with a request the loop did not answer in time.
+pub enum Fallback {
+    /// Answer this now.
+    Answer(Value),
+    /// Wait this much longer for the loop's own answer; answer this if it does not come.
+    Wait(Duration, Value),
+}
+
 /// Binds the socket (removing a stale one: the caller holds the directory lock) and serves it
-/// on a thread. `forward` returns false once the supervisor is gone; `fallback` answers a
-/// request the loop did not answer within [`LOOP_ANSWER_TIMEOUT`], or returns `None` when the
-/// loop is busy with a known task: the request then waits for the loop's own answer (up to
-/// [`BUSY_ANSWER_TIMEOUT`]).
+/// on a thread. `forward` returns false once the supervisor is gone; `fallback` says what to
+/// do with a request the loop did not answer within [`LOOP_ANSWER_TIMEOUT`].
 pub fn serve<F, G>(path: &Path, forward: F, fallback: G) -> std::io::Result<()>
 where
     F: Fn(ControlEvent) -> bool + Send + Sync + 'static,
-    G: Fn(&Request) -> Option<Value> + Send + Sync + 'static,
+    G: Fn(&Request) -> Fallback + Send + Sync + 'static,
 {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
@@ -133,7 +144,7 @@ where
 fn handle(
     stream: UnixStream,
     forward: &(dyn Fn(ControlEvent) -> bool + Send + Sync),
-    fallback: &(dyn Fn(&Request) -> Option<Value> + Send + Sync),
+    fallback: &(dyn Fn(&Request) -> Fallback + Send + Sync),
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = Vec::new();
@@ -167,10 +178,8 @@ fn handle(
                     })
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => match fallback(&req) {
-                    Some(v) => v,
-                    None => rx.recv_timeout(BUSY_ANSWER_TIMEOUT).unwrap_or_else(|_| {
-                        json!({ "ok": false, "error": format!("the supervisor did not answer within {}s; try again, or `ckpt stop --no-checkpoint`", BUSY_ANSWER_TIMEOUT.as_secs()) })
-                    }),
+                    Fallback::Answer(v) => v,
+                    Fallback::Wait(d, v) => rx.recv_timeout(d).unwrap_or(v),
                 },
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     json!({ "ok": false, "error": "the supervisor ended before answering" })

@@ -351,17 +351,24 @@ impl Shared {
         BusyGuard(self.clone())
     }
 
-    /// The answer when the loop did not answer in time; `None`: the loop is busy with a
-    /// known task (a CRIU dump), wait for its own answer.
-    fn fallback(&self, req: &control::Request) -> Option<serde_json::Value> {
+    /// What to do with a request the loop did not answer in time: `status` and
+    /// `stop --no-checkpoint` are answered at once; the others wait for the loop (longer when
+    /// it said it is busy with a CRIU dump), then are told it is stuck.
+    fn fallback(&self, req: &control::Request) -> control::Fallback {
+        use control::Fallback::{Answer, Wait};
         let known = self.busy.lock().ok().and_then(|b| *b);
+        if !matches!(
+            req,
+            control::Request::Status {} | control::Request::Stop { checkpoint: false }
+        ) {
+            let wait = if known.is_some() {
+                control::BUSY_ANSWER_TIMEOUT
+            } else {
+                control::SLOW_ANSWER_TIMEOUT
+            };
+            return Wait(wait, self.stuck_answer(req));
+        }
         if let Some((what, since)) = known {
-            if !matches!(
-                req,
-                control::Request::Status {} | control::Request::Stop { checkpoint: false }
-            ) {
-                return None;
-            }
             if let control::Request::Status {} = req {
                 let (mut v, at) = self
                     .status
@@ -375,10 +382,10 @@ impl Shared {
                     since.elapsed().as_secs_f64(),
                     at.elapsed().as_secs_f64()
                 ));
-                return Some(v);
+                return Answer(v);
             }
         }
-        Some(self.stuck_answer(req))
+        Answer(self.stuck_answer(req))
     }
 
     /// The answer when the loop is stuck (not busy with a known task).
