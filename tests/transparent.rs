@@ -678,6 +678,78 @@ fn stop_during_a_long_dump_waits_for_it_and_stops() {
     assert_no_survivors(&dir);
 }
 
+/// The job finishes while `ckpt stop` waits for a long dump: the stop reports that the
+/// supervisor ended (exit 0), not that its loop is stuck (found in the VM run of
+/// scripts/criu-soft-dirty-vm, where the waiting request was answered "busy ... exit 75").
+#[test]
+fn a_job_that_finishes_while_stop_waits_for_a_dump_is_not_reported_stuck() {
+    require_criu!("finish_during_stop");
+    let t = tempdir();
+    let marker = t.path().join("dumping");
+    let slow = t.path().join("criu");
+    // The dump waits until the job has finished, then fails as CRIU would on a gone tree.
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/bash\nif [ \"$1\" = dump ]; then touch {m}; while [ ! -e {r} ]; do sleep 0.1; done; sleep 1; echo 'Error (fake): the tree is gone' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            m = marker.display(),
+            r = t.path().join("result").display(),
+            real = real_criu().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bin = compile_c(t.path(), C_SRC, "count");
+    let job = vec![
+        bin.display().to_string(),
+        "300000".into(), // about 3 s
+        t.path().display().to_string(),
+    ];
+    let dir = t.path().join("ck");
+    let log = t.path().join("ckpt.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut sup = ckpt()
+        .env("CKPT_CRIU", &slow)
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--transparent", "--every", "off", "--"])
+        .args(&job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded();
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    wait_until(Duration::from_secs(30), "the dump starts", || {
+        marker.exists()
+    });
+    let stop = output_deadline(
+        ckpt().args(["stop", "--dir"]).arg(&dir),
+        Duration::from_secs(120),
+    );
+    let text_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        stop.status.success(),
+        "ckpt stop while the job finished: {} {}",
+        text(&stop.stderr),
+        text_log()
+    );
+    assert!(
+        !text(&stop.stderr).contains("busy"),
+        "{}",
+        text(&stop.stderr)
+    );
+    wait_deadline(&mut sup, Duration::from_secs(120));
+    assert!(t.path().join("result").exists(), "{}", text_log());
+    assert_no_survivors(&dir);
+}
+
 /// A checkpoint that CRIU cannot restore (the job's executable was deleted since) is
 /// explained with CRIU's reason; the restart policy then gives up (no silent fresh start).
 #[test]

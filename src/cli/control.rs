@@ -124,6 +124,7 @@ fn call_at(
                 "permission denied on {}; hint: run as the user who started `ckpt run`",
                 path.display()
             ),
+            std::io::ErrorKind::UnexpectedEof => control::ENDED.to_string(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
                 "the supervisor on {} did not answer in time",
                 store.dir().display()
@@ -143,6 +144,7 @@ fn call_at(
             .to_string();
         let kind = match answer["code"].as_str() {
             Some("no_client") => ErrKind::NoClient,
+            Some("ended") => ErrKind::NotRunning,
             _ => ErrKind::TryAgain,
         };
         return Err(Fatal::new(kind, e));
@@ -354,7 +356,7 @@ fn running(pid: i32) -> bool {
 }
 
 pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
-    let v = call(
+    let v = match call(
         &a.dir,
         &Request::Stop {
             checkpoint: !a.no_checkpoint,
@@ -362,7 +364,18 @@ pub fn stop(a: StopArgs) -> Result<i32, Fatal> {
         // The supervisor answers within its own bounds (a loop busy with a CRIU dump is
         // waited for up to BUSY_ANSWER_TIMEOUT), then says it is stuck.
         Some(crate::supervisor::control::BUSY_ANSWER_TIMEOUT + Duration::from_secs(10)),
-    )?;
+    ) {
+        Ok(v) => v,
+        // What a stop asks for happened anyway: nothing runs on the directory any more.
+        Err(e) if e.kind == ErrKind::NotRunning && e.msg == control::ENDED => {
+            eprintln!(
+                "ckpt: the supervisor on {} ended before acting on the stop (the job finished or stopped meanwhile; `ckpt log` says which)",
+                a.dir.dir.display()
+            );
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
     let pid = v["supervisor_pid"].as_i64().unwrap_or(0) as i32;
     let will_checkpoint = v["will_checkpoint"].as_bool().unwrap_or(true);
     if a.no_wait {

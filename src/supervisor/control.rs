@@ -92,6 +92,10 @@ pub const SLOW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// (a CRIU dump of a large job) before it is answered as stuck.
 pub const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The answer to a request the loop ended without acting on (`"code": "ended"`).
+pub const ENDED: &str =
+    "the supervisor ended before acting on the request (the job finished or stopped meanwhile)";
+
 /// What the control thread does with a request the loop did not answer in time.
 pub enum Fallback {
     /// Answer this now.
@@ -179,7 +183,14 @@ fn handle(
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => match fallback(&req) {
                     Fallback::Answer(v) => v,
-                    Fallback::Wait(d, v) => rx.recv_timeout(d).unwrap_or(v),
+                    Fallback::Wait(d, v) => match rx.recv_timeout(d) {
+                        Ok(answer) => answer,
+                        Err(mpsc::RecvTimeoutError::Timeout) => v,
+                        // The loop ended (the job finished or stopped) without acting on it.
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            json!({ "ok": false, "code": "ended", "error": ENDED })
+                        }
+                    },
                 },
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     json!({ "ok": false, "error": "the supervisor ended before answering" })
@@ -208,6 +219,8 @@ pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> std::io:
     BufReader::new((&s).take(16 << 20)).read_until(b'\n', &mut resp)?;
     if resp.is_empty() {
         written?;
+        // The supervisor exited while the request waited (its process, threads and all).
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, ENDED));
     }
     serde_json::from_slice(&resp).map_err(|e| {
         std::io::Error::new(
