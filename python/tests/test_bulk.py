@@ -289,18 +289,21 @@ def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
     assert "RESUMED-OK" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("path", ["python", "file"])
+@pytest.mark.parametrize("path", ["python", "file", "torch"])
 def test_ckpt_bench_measures_the_users_path(tmp_path, path):
-    """`ckpt bench --path python|file` runs the real path (a python3 child saving a numpy
-    array; the `ckpt save` command) next to dd and reports ratios (no figure is asserted)."""
-    r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json"], 240)
+    """`ckpt bench --path python|file|torch` runs the real path (a python child saving a numpy
+    array, or a state dict through ckpt.torch; the `ckpt save` command) next to dd and reports
+    ratios (no figure is asserted)."""
+    extra = ["--python", _torch_python()] if path == "torch" else []
+    r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json", *extra], 240)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["path"] == path and out["runs"] == 2
     assert len(out["write_ratio_to_dd_direct"]["per_round"]) == 2
     assert len(out["read_ratio_to_dd"]["per_round"]) == 2
+    assert len(out["read_ratio_to_dd_direct"]["per_round"]) == 2
     assert out["recommended_every_s"] > 0
-    if path == "python":
+    if path != "file":
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
         assert out["save_peak_extra_mib"] is not None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
@@ -384,7 +387,8 @@ def _torch_python() -> str:
 
 def test_torch_train_state_save_goes_through_the_direct_writer(tmp_path):
     """`ckpt.torch.TrainState.save` writes `train_state.pt` with `ck.direct_file` (torch.save's
-    stream past the page cache): it loads with the safe loader, bit-exact (float32, bfloat16,
+    stream past the page cache, torch's own zip CRC-32 pass off meanwhile and put back): it
+    loads with the safe loader, bit-exact (float32, bfloat16,
     int64, a tied weight stays tied), the manifest's checksum is right (`ckpt verify`), and
     `TrainState.restore` brings it back."""
     py = _torch_python()
@@ -407,6 +411,8 @@ def test_torch_train_state_save_goes_through_the_direct_writer(tmp_path):
         "ts.step = 9\n"
         "s = ts.save(ck)\n"
         "assert calls == ['train_state.pt'], calls\n"
+        "from torch.utils.serialization import config as tcfg\n"
+        "assert tcfg.save.compute_crc32 is True, 'the zip CRC setting was not put back'\n"
         "st = torch.load(s.path / 'train_state.pt', weights_only=True)\n"
         "want = m.state_dict()\n"
         "got = st['objects']['model/m']\n"

@@ -48,12 +48,14 @@ pub struct BenchArgs {
     /// FILE` of a SIZE-byte file, the real command; restore: `ckpt verify`, what a resume
     /// reads), `python` (the Python client's `Checkpointer.save` of a numpy array of SIZE
     /// bytes in a python3 child, next to the job's own `np.save` + fsync; restore:
-    /// `Checkpointer.restore`). `file` and `python` are measured against `dd bs=4M
-    /// oflag=direct` of the same bytes (and a cold `dd` read) in the same rounds. PyTorch
-    /// (`torch.save` states) has no path here yet.
+    /// `Checkpointer.restore`), `torch` (`ckpt.torch.TrainState.save` of a state dict holding
+    /// one float32 tensor of SIZE bytes, next to the job's own `torch.save` + fsync; restore:
+    /// `TrainState.restore`; needs --python with torch, e.g. /opt/ckpt-torch/bin/python).
+    /// `file`, `python` and `torch` are measured against `dd bs=4M oflag=direct` of the same
+    /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds.
     #[arg(long, value_enum, default_value = "rust")]
     pub path: BenchPath,
-    /// Python interpreter for `--path python` (needs numpy and the ckpt package; the package
+    /// Python interpreter for `--path python|torch` (needs numpy, torch for `torch`, and the ckpt package; the package
     /// of this source tree is found when ckpt runs from its target/ directory).
     #[arg(long, default_value = "python3", value_name = "PYTHON")]
     pub python: PathBuf,
@@ -68,6 +70,8 @@ pub enum BenchPath {
     File,
     /// The Python client's `Checkpointer.save` of numpy arrays.
     Python,
+    /// `ckpt.torch.TrainState.save` of a state dict (torch.save through `ck.direct_file`).
+    Torch,
 }
 
 /// Parses `256MiB`, `1GiB`, `512M`, `1G`, `4096` (bytes).
@@ -210,11 +214,18 @@ fn raw_write(
 
 /// Raw sequential read (4 MiB reads into one reused buffer), like `dd bs=4M of=/dev/null`.
 fn raw_read(path: &Path, use_dd: bool) -> Result<Duration, Fatal> {
+    raw_read_dd(path, use_dd, false)
+}
+
+/// A read of `path` to /dev/null: `dd bs=4M` (with `iflag=direct` when `direct`), or an
+/// in-process 4 MiB read loop without dd.
+fn raw_read_dd(path: &Path, use_dd: bool, direct: bool) -> Result<Duration, Fatal> {
     let t = Instant::now();
     if use_dd {
         let st = Command::new("dd")
             .arg(format!("if={}", path.display()))
             .args(["of=/dev/null", "bs=4M"])
+            .args(direct.then_some("iflag=direct"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -254,7 +265,7 @@ pub fn run(a: BenchArgs) -> Result<i32, Fatal> {
     fs::create_dir_all(&work).map_err(|e| io_fail("create", &work, e))?;
     let res = match a.path {
         BenchPath::Rust => measure(&a, &work),
-        BenchPath::File | BenchPath::Python => measure_path(&a, &work),
+        BenchPath::File | BenchPath::Python | BenchPath::Torch => measure_path(&a, &work),
     };
     let _ = fs::remove_dir_all(&work);
     res
@@ -569,10 +580,22 @@ const PY_CHILD: &str = r#"
 import json, os, sys, time
 import numpy as np
 import ckpt
-d, src, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
+d, src, scratch, kind = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 w = np.fromfile(src, dtype="<f4")
 state = {"weights": w}
 ck = ckpt.Checkpointer(d)  # the parent prunes, untimed (under ckpt run the supervisor does)
+if kind == "torch":
+    import torch
+    import ckpt.torch as ckt
+    w = torch.from_numpy(w)
+    class Holder:
+        def __init__(self, sd):
+            self.sd = sd
+        def state_dict(self):
+            return self.sd
+        def load_state_dict(self, sd):
+            self.sd = sd
+    ts = ckt.TrainState(models={"model": Holder({"weights": w})})
 def kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -594,7 +617,10 @@ for line in sys.stdin:
         ok = hwm_reset()
         before = kib("VmRSS")
         t = time.perf_counter()
-        ck.save(state)
+        if kind == "torch":
+            ts.save(ck)
+        else:
+            ck.save(state)
         out["s"] = time.perf_counter() - t
         if ok:
             out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
@@ -605,7 +631,10 @@ for line in sys.stdin:
             pass
         t = time.perf_counter()
         with open(scratch, "wb") as f:
-            np.save(f, w)
+            if kind == "torch":
+                torch.save({"weights": w}, f)
+            else:
+                np.save(f, w)
             f.flush()
             os.fsync(f.fileno())
         out["s"] = time.perf_counter() - t
@@ -613,10 +642,18 @@ for line in sys.stdin:
         reader = ckpt.Checkpointer(d)
     elif cmd in ("restore", "restore-check"):
         t = time.perf_counter()
-        got = reader.restore()
+        if kind == "torch":
+            h = Holder(None)
+            ckt.TrainState(models={"model": h}).restore(reader)
+            got = h.sd
+        else:
+            got = reader.restore()
         out["s"] = time.perf_counter() - t
         if cmd == "restore-check":
-            out["same"] = bool(got["weights"].dtype == w.dtype and np.array_equal(got["weights"], w))
+            if kind == "torch":
+                out["same"] = bool(got["weights"].dtype == w.dtype and torch.equal(got["weights"], w))
+            else:
+                out["same"] = bool(got["weights"].dtype == w.dtype and np.array_equal(got["weights"], w))
         del got
         reader.close()
         reader = None
@@ -666,6 +703,11 @@ fn spawn_python(a: &BenchArgs, store: &Path, src: &Path, scratch: &Path) -> Resu
         .arg(store)
         .arg(src)
         .arg(scratch)
+        .arg(if a.path == BenchPath::Torch {
+            "torch"
+        } else {
+            "numpy"
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -696,8 +738,9 @@ fn spawn_python(a: &BenchArgs, store: &Path, src: &Path, scratch: &Path) -> Resu
     let mut c = PyChild { child, out };
     let hello = c.answer("start").map_err(|_| {
         fail(&format!(
-            "{} could not start the benchmark (needs numpy and the ckpt package: pip install numpy, and python/ of ckpt's source on PYTHONPATH)",
-            a.python.display()
+            "{} could not start the benchmark (needs numpy{} and the ckpt package: pip install numpy, and python/ of ckpt's source on PYTHONPATH)",
+            a.python.display(),
+            if a.path == BenchPath::Torch { ", torch" } else { "" }
         ))
     });
     if hello?.get("ready").is_none() {
@@ -770,11 +813,11 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let scratch = work.join("own.npy");
     let exe = std::env::current_exe().map_err(|e| fail(&e))?;
     let mut py = match a.path {
-        BenchPath::Python => Some(spawn_python(a, &store_dir, &src, &scratch)?),
+        BenchPath::Python | BenchPath::Torch => Some(spawn_python(a, &store_dir, &src, &scratch)?),
         _ => None,
     };
-    let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ck) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ddd, mut r_ck) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut peak: Vec<f64> = vec![];
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
@@ -834,19 +877,29 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                     w_ck.push(s);
                 }
                 _ => {
-                    prog.say(&format!("{tag}: np.save + fsync"));
+                    prog.say(&format!("{tag}: the job's own save + fsync"));
                     let c = py.as_mut().expect("python");
                     w_own.push(c.ask("npsave")?["s"].as_f64().unwrap_or(f64::NAN));
                     let _ = fs::remove_file(&scratch);
                 }
             }
         }
-        // Reads, cold and settled, alternating which goes first.
-        for first_dd in [round % 2 == 1, round % 2 == 0] {
-            if first_dd {
-                prog.say(&format!("{tag}: dd read"));
+        // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt.
+        let mut reads = [0u8, 1, 2];
+        reads.rotate_left((round as usize - 1) % 3);
+        for which in reads {
+            if which < 2 {
+                prog.say(&format!(
+                    "{tag}: dd read{}",
+                    if which == 1 { " iflag=direct" } else { "" }
+                ));
                 drop_caches();
-                r_dd.push(raw_read(&raw, true)?.as_secs_f64());
+                let t = raw_read_dd(&raw, true, which == 1)?.as_secs_f64();
+                if which == 1 {
+                    r_ddd.push(t);
+                } else {
+                    r_dd.push(t);
+                }
                 continue;
             }
             prog.say(&format!("{tag}: ckpt restore"));
@@ -904,6 +957,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     };
     let w_ratio = ratio(&w_dd, &w_ck);
     let r_ratio = ratio(&r_dd, &r_ck);
+    let rd_ratio = ratio(&r_ddd, &r_ck);
     let own_ratio = ratio(&w_own, &w_ck);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
@@ -919,6 +973,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let rec = auto_interval(Duration::from_secs_f64(save_s), mtbf);
     let name = match a.path {
         BenchPath::File => "file",
+        BenchPath::Torch => "torch",
         _ => "python",
     };
     let out = json!({
@@ -928,13 +983,14 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "loadavg": [load_start, load_end],
-        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
-        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", _ => "Checkpointer.restore() (verified), cold" },
-        "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_np_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
+        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore (torch.load, weights_only), cold", _ => "Checkpointer.restore() (verified), cold" },
+        "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
         "write_ratio_to_dd_direct": spread(&w_ratio),
         "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
-        "read_gbps": { "dd_cold": speeds(&r_dd), "ckpt": speeds(&r_ck) },
+        "read_gbps": { "dd_cold": speeds(&r_dd), "dd_iflag_direct_cold": speeds(&r_ddd), "ckpt": speeds(&r_ck) },
         "read_ratio_to_dd": spread(&r_ratio),
+        "read_ratio_to_dd_direct": spread(&rd_ratio),
         "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
         "mtbf_s": mtbf.as_secs_f64(),
         "save_s_median": save_s,
@@ -961,10 +1017,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (lo, hi) = mm(&gbs(&w_dd));
     println!("  save     dd oflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_dd)), med(&gbs(&w_ck)), med(&w_ratio), mm(&w_ratio).0, mm(&w_ratio).1);
     if !w_own.is_empty() {
-        println!("  save     the job's own np.save + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
+        println!("  save     the job's own {} + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", if a.path == BenchPath::Torch { "torch.save" } else { "np.save" }, med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
     }
     let (lo, hi) = mm(&gbs(&r_dd));
     println!("  restore  dd read {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_dd)), med(&gbs(&r_ck)), med(&r_ratio), mm(&r_ratio).0, mm(&r_ratio).1);
+    let (lo, hi) = mm(&gbs(&r_ddd));
+    println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
     if !peak.is_empty() {
         println!(
             "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",
