@@ -309,6 +309,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             .and_then(|_| f.sync_all())
             .map_err(|e| io_fail("write", &src, e))?;
     }
+    let mut r_ddd: Vec<f64> = Vec::new();
     let (mut w_dd, mut w_ck, mut r_dd, mut r_ck, mut r_ck_fresh) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut w_direct = vec![];
@@ -355,6 +356,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             prog.say(&format!("{tag}: raw read"));
             drop_caches();
             r_dd.push(gb(raw_read(&raw, use_dd)?));
+            if use_dd {
+                drop_caches();
+                r_ddd.push(gb(raw_read_dd(&raw, true, true)?));
+            }
         }
         prog.say(&format!("{tag}: ckpt restore"));
         drop_caches();
@@ -377,6 +382,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             prog.say(&format!("{tag}: raw read"));
             drop_caches();
             r_dd.push(gb(raw_read(&raw, use_dd)?));
+            if use_dd {
+                drop_caches();
+                r_ddd.push(gb(raw_read_dd(&raw, true, true)?));
+            }
         }
         drop_caches();
         let t = Instant::now();
@@ -463,6 +472,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let w_dd = median(&mut w_dd);
     let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
+    let rd_rounds = per_round(&r_ck, &r_ddd);
+    let fd_rounds = per_round(&r_ck_fresh, &r_ddd);
+    let r_ddd = (!r_ddd.is_empty()).then(|| median(&mut r_ddd));
     let r_dd = median(&mut r_dd);
     let r_ck = median(&mut r_ck);
     let r_ck_fresh = median(&mut r_ck_fresh);
@@ -491,7 +503,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
-        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds) },
+        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
         "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
@@ -521,6 +533,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}, median per round {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d, med_of(&wd_rounds));
     }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
+    if let Some(d) = r_ddd {
+        println!("  read ({rd}) dd iflag=direct {d:>6.2} GB/s   per-round ratios (median): restore {:.2}, fresh restore {:.2}", med_of(&rd_rounds), med_of(&fd_rounds));
+    }
     println!(
         "  per-round ratios (median): save {:.2}, restore {:.2}, fresh restore {:.2}",
         med_of(&w_rounds),
