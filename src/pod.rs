@@ -432,32 +432,47 @@ const DIRECT_READERS: usize = 2;
 /// Buffers per reader: one being read, one being copied out and checksummed or ready.
 const DIRECT_BUFFERS: usize = 2;
 
-/// The read pass past the page cache, for a fresh destination (`read_file`, `read_pod`,
-/// `read_f32s`: memory allocated for the restore) of at least [`CHUNK`] bytes not in the
-/// cache: [`DIRECT_READERS`] helper threads read [`CHUNK`]-byte pieces with `O_DIRECT` into
-/// page-aligned buffers, back to back (one read each in flight), while this thread copies each finished piece into `dest` and
-/// checksums it (from the cache, just after the copy); a second helper faults `dest` in ahead.
-/// No page-cache page is allocated: a fresh restore pays for one set of new pages instead of
-/// two. Cold 1 GiB on the VM of `docs/benchmarks.md` (run G), median per-round ratio to `dd`:
-/// 0.97 against 0.50 through the cache (1.53 against 1.08 with free-page reports settled).
-/// Into memory the job already owns (`read_into`), reading through the cache (then with a
-/// `POSIX_FADV_WILLNEED` read-ahead, since replaced by [`prefetch`]) was as fast or faster
-/// (1.24 against 1.12; 2.34 against 1.86), so that path stays buffered. `None`: not applicable or refused (the caller reads through the cache); a
-/// refusal of the first read falls back the same way.
+static READERS_NOW: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DIRECT_READERS);
+
+/// Sets the number of reader threads of a direct restore (1..=4; the default is
+/// [`DIRECT_READERS`]), for benchmarks comparing them (`test-programs` `readab`).
+#[doc(hidden)]
+pub fn set_direct_readers(n: usize) {
+    READERS_NOW.store(n.clamp(1, 4), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The read pass past the page cache, for a member of at least [`CHUNK`] bytes not in the
+/// cache, into fresh memory (`read_file`, `read_pod`, `read_f32s`) or memory the job owns
+/// (`read_into`, `read_pod_into`): [`DIRECT_READERS`] helper threads read [`CHUNK`]-byte
+/// pieces with `O_DIRECT` into page-aligned buffers, back to back (one read each in flight),
+/// while this thread copies each finished piece into `dest` and checksums it (from the cache,
+/// just after the copy); for fresh memory a further helper faults `dest` in ahead. No
+/// page-cache page is allocated: a fresh restore pays for one set of new pages instead of
+/// two, a restore into the job's memory for none. Cold 1 GiB on the VM of
+/// `docs/benchmarks.md`, median per-round ratio to `dd bs=4M`: fresh memory 0.97 against 0.50
+/// through the cache (run G); into the job's memory 2.64 against 0.95 through the cache with
+/// the prefetcher, faster in each of 8 interleaved rounds (run I; run G had measured the
+/// buffered path as fast or faster, with one reader and the `POSIX_FADV_WILLNEED` hint).
+/// `None`: not applicable or refused (the caller reads through the cache); a refusal of the
+/// first read falls back the same way.
 fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
     let len = dest.len();
-    if !fresh || !direct_io() || len < CHUNK || cached(file, len) {
+    if !direct_io() || len < CHUNK || cached(file, len) {
         return None;
     }
     let _direct = DirectMode::set(file)?;
     let (addr, total) = (dest.as_ptr() as usize, len);
     // (buffer, offset, bytes read, error)
     type Piece = (Bounce, usize, usize, Option<io::Error>);
+    let readers = READERS_NOW.load(std::sync::atomic::Ordering::Relaxed);
     let out = std::thread::scope(|s| {
-        s.spawn(move || prefault(addr, total));
+        if fresh {
+            s.spawn(move || prefault(addr, total));
+        }
         let mut free_txs = Vec::new();
         let mut full_rxs = Vec::new();
-        for r in 0..DIRECT_READERS {
+        for r in 0..readers {
             let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(DIRECT_BUFFERS);
             let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(DIRECT_BUFFERS);
             for _ in 0..DIRECT_BUFFERS {
@@ -483,7 +498,7 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
                     if full_tx.send((b, off, n, err)).is_err() || last {
                         return;
                     }
-                    off += DIRECT_READERS * CHUNK;
+                    off += readers * CHUNK;
                 }
             });
         }
@@ -495,9 +510,9 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
             more: false,
         };
         let mut done = 0;
-        // Piece k comes from reader k % DIRECT_READERS, in order.
+        // Piece k comes from reader k % readers, in order.
         for k in 0.. {
-            let r = k % DIRECT_READERS;
+            let r = k % readers;
             let Ok((mut b, off, n, err)) = full_rxs[r].recv() else {
                 break;
             };
