@@ -425,55 +425,83 @@ impl Drop for DirectMode<'_> {
     }
 }
 
-/// Pieces of a direct restore in flight or waiting: one being read, one being copied out and
-/// checksummed, one ready.
-const DIRECT_BUFFERS: usize = 3;
+/// Reader threads of a direct restore, each with one [`CHUNK`]-byte read in flight (pieces
+/// k, k + 2, ...): the Python client's same reader measured 1.57 x a cold `dd` with two reads
+/// in flight against 1.06 with one (docs/benchmarks.md, run H).
+const DIRECT_READERS: usize = 2;
+/// Buffers per reader: one being read, one being copied out and checksummed or ready.
+const DIRECT_BUFFERS: usize = 2;
 
-/// The read pass past the page cache, for a fresh destination (`read_file`, `read_pod`,
-/// `read_f32s`: memory allocated for the restore) of at least [`CHUNK`] bytes not in the
-/// cache: a helper thread reads [`CHUNK`]-byte pieces with `O_DIRECT` into page-aligned
-/// buffers, back to back, while this thread copies each finished piece into `dest` and
-/// checksums it (from the cache, just after the copy); a second helper faults `dest` in ahead.
-/// No page-cache page is allocated: a fresh restore pays for one set of new pages instead of
-/// two. Cold 1 GiB on the VM of `docs/benchmarks.md` (run G), median per-round ratio to `dd`:
-/// 0.97 against 0.50 through the cache (1.53 against 1.08 with free-page reports settled).
-/// Into memory the job already owns (`read_into`), reading through the cache (then with a
-/// `POSIX_FADV_WILLNEED` read-ahead, since replaced by [`prefetch`]) was as fast or faster
-/// (1.24 against 1.12; 2.34 against 1.86), so that path stays buffered. `None`: not applicable or refused (the caller reads through the cache); a
-/// refusal of the first read falls back the same way.
+static READERS_NOW: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DIRECT_READERS);
+
+/// Sets the number of reader threads of a direct restore (1..=4; the default is
+/// [`DIRECT_READERS`]), for benchmarks comparing them (`test-programs` `readab`).
+#[doc(hidden)]
+pub fn set_direct_readers(n: usize) {
+    READERS_NOW.store(n.clamp(1, 4), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The read pass past the page cache, for a member of at least [`CHUNK`] bytes not in the
+/// cache, into fresh memory (`read_file`, `read_pod`, `read_f32s`) or memory the job owns
+/// (`read_into`, `read_pod_into`): [`DIRECT_READERS`] helper threads read [`CHUNK`]-byte
+/// pieces with `O_DIRECT` into page-aligned buffers, back to back (one read each in flight),
+/// while this thread copies each finished piece into `dest` and checksums it (from the cache,
+/// just after the copy); for fresh memory a further helper faults `dest` in ahead. No
+/// page-cache page is allocated: a fresh restore pays for one set of new pages instead of
+/// two, a restore into the job's memory for none. Cold 1 GiB on the VM of
+/// `docs/benchmarks.md`, median per-round ratio to `dd bs=4M`: fresh memory 0.97 against 0.50
+/// through the cache (run G); into the job's memory 2.64 against 0.95 through the cache with
+/// the prefetcher, faster in each of 8 interleaved rounds (run I; run G had measured the
+/// buffered path as fast or faster, with one reader and the `POSIX_FADV_WILLNEED` hint).
+/// `None`: not applicable or refused (the caller reads through the cache); a refusal of the
+/// first read falls back the same way.
 fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
     let len = dest.len();
-    if !fresh || !direct_io() || len < CHUNK || cached(file, len) {
+    if !direct_io() || len < CHUNK || cached(file, len) {
         return None;
     }
     let _direct = DirectMode::set(file)?;
     let (addr, total) = (dest.as_ptr() as usize, len);
     // (buffer, offset, bytes read, error)
     type Piece = (Bounce, usize, usize, Option<io::Error>);
+    let readers = READERS_NOW.load(std::sync::atomic::Ordering::Relaxed);
     let out = std::thread::scope(|s| {
-        s.spawn(move || prefault(addr, total));
-        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(DIRECT_BUFFERS);
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(DIRECT_BUFFERS);
-        for _ in 0..DIRECT_BUFFERS {
-            let _ = free_tx.send(Bounce::new(CHUNK));
+        if fresh {
+            s.spawn(move || prefault(addr, total));
         }
-        s.spawn(move || {
-            let mut off = 0;
-            for mut b in free_rx {
-                // Whole pages: the last piece asks for up to a page more than the member has
-                // (a direct read stops at the end of the file; more than asked = it grew).
-                let want = CHUNK
-                    .min(len - off)
-                    .next_multiple_of(DIRECT_ALIGN)
-                    .min(CHUNK);
-                let (n, err) = fill_at(file, &mut b.get()[..want], off);
-                let last = err.is_some() || off + n >= len || n < want;
-                if full_tx.send((b, off, n, err)).is_err() || last {
-                    return;
-                }
-                off += n;
+        let mut free_txs = Vec::new();
+        let mut full_rxs = Vec::new();
+        for r in 0..readers {
+            let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(DIRECT_BUFFERS);
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(DIRECT_BUFFERS);
+            for _ in 0..DIRECT_BUFFERS {
+                let _ = free_tx.send(Bounce::new(CHUNK));
             }
-        });
+            free_txs.push(free_tx);
+            full_rxs.push(full_rx);
+            s.spawn(move || {
+                let mut off = r * CHUNK;
+                for mut b in free_rx {
+                    if off >= len {
+                        return;
+                    }
+                    // Whole pages: the last piece asks for up to a page more than the member
+                    // has (a direct read stops at the end of the file; more than asked = it
+                    // grew).
+                    let want = CHUNK
+                        .min(len - off)
+                        .next_multiple_of(DIRECT_ALIGN)
+                        .min(CHUNK);
+                    let (n, err) = fill_at(file, &mut b.get()[..want], off);
+                    let last = err.is_some() || off + n >= len || n < want;
+                    if full_tx.send((b, off, n, err)).is_err() || last {
+                        return;
+                    }
+                    off += readers * CHUNK;
+                }
+            });
+        }
         let mut h = algo.hasher();
         let mut got = Filled {
             sum: 0,
@@ -482,7 +510,13 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
             more: false,
         };
         let mut done = 0;
-        for (mut b, off, n, err) in full_rx.iter() {
+        // Piece k comes from reader k % readers, in order.
+        for k in 0.. {
+            let r = k % readers;
+            let Ok((mut b, off, n, err)) = full_rxs[r].recv() else {
+                break;
+            };
+            debug_assert_eq!(off, k * CHUNK);
             let take = n.min(len - off);
             let piece = &b.get()[..take];
             dest[off..off + take].copy_from_slice(piece);
@@ -505,11 +539,11 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
                 got.short_at = Some(done as u64);
                 break;
             }
-            // The reader may be gone already (it stops after the last piece).
-            let _ = free_tx.send(b);
+            // The reader may be gone already (it stops after its last piece).
+            let _ = free_txs[r].send(b);
         }
-        drop(free_tx);
-        drop(full_rx);
+        drop(free_txs);
+        drop(full_rxs);
         if got.err.is_none() && got.short_at.is_none() && done < len {
             got.short_at = Some(done as u64);
         }

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from conftest import ckpt_bin, clean_env, run
+from conftest import assert_no_survivors, ckpt_bin, run, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -121,13 +122,103 @@ def test_an_old_single_pickle_checkpoint_still_restores(tmp_path, monkeypatch):
     st.commit(9, "ckpt-python/0.1.0")
     with ckpt.Checkpointer(d) as ck:
         _same(state, ck.restore())
-        # ...and save_async still writes that format, which restores the same way.
-        ck.save_async(state, step=10)
-        ck.wait()
+
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_save_async_writes_the_raw_buffers_format_and_restores_bit_exact(tmp_path, monkeypatch, direct):
+    """save_async writes what save writes (header + stream, the arrays raw at aligned offsets),
+    byte for byte the same files for the same state; the checkpoint holds the state as it was
+    at the call even though the job changes it at once; the snapshot block is reused by the next
+    save_async (its stale padding zeroed)."""
+    monkeypatch.setenv("CKPT_DIRECT_IO", direct)
+    for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "ck"
+    state = _state(13)
+    want = pickle.loads(pickle.dumps(state, protocol=5))  # a deep copy
+    with ckpt.Checkpointer(d, checksum="crc32") as ck:
+        sync = ck.save(state, step=1)
+        ck.save_async(state, step=2)
+        # The job goes on changing its state while the save is written.
+        state["big"] *= -1.0
+        state["f64"][:] = 0.0
+        a = ck.wait()
+        assert a is not None and a.step == 2
+        block = ck._snap_block
+        assert block is not None
+        # A smaller state next: the block is reused, the old bytes past each segment zeroed.
+        small = {"w": np.full(70_001, 7, dtype=np.float32), "big": state["big"][:1000].copy()}
+        ck.save_async(small, step=3)
+        b = ck.wait()
+        assert ck._snap_block is block or len(block) > 2 * (small["w"].nbytes + small["big"].nbytes)
+    for name in ("state.pickle", "state.pickle.buffers"):
+        assert (a.path / name).read_bytes() == (sync.path / name).read_bytes(), name
+    assert sorted(p.name for p in a.path.iterdir()) == ["MANIFEST.ckpt", "state.pickle", "state.pickle.buffers"]
+    _verify_with_rust(d)
+    raw = (b.path / "state.pickle.buffers").read_bytes()
+    assert raw[70_001 * 4 : -(-70_001 * 4 // 4096) * 4096] == bytes(-(70_001 * 4) % 4096)
+    for path, expect in ((b.path, small), (a.path, want)):
+        with ckpt.Checkpointer(d) as ck:
+            assert ck.restore_point.path == path
+            _same(expect, ck.restore())
+        shutil.rmtree(path)  # the older one next
+
+
+def test_save_async_of_a_state_without_large_buffers_is_one_plain_pickle(tmp_path, monkeypatch):
+    for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "ck"
+    state = {"small": np.arange(100), "blob": os.urandom(1 << 20), "n": 1}
     with ckpt.Checkpointer(d) as ck:
-        assert ck.restore_point.step == 10
-        assert ck.restore_point.manifest.file("state.pickle.buffers") is None
-        _same(state, ck.restore())
+        ck.save_async(state, step=1)
+        state["n"] = 2
+        s = ck.wait()
+    assert sorted(p.name for p in s.path.iterdir()) == ["MANIFEST.ckpt", "state.pickle"]
+    got = pickle.loads((s.path / "state.pickle").read_bytes())
+    assert got["n"] == 1 and got["blob"] == state["blob"] and got["small"].tolist() == list(range(100))
+
+
+def test_stop_waits_for_save_async_of_arrays_under_ckpt_run(tmp_path, bg):
+    """Under the real supervisor: the job starts a save_async of a 48 MiB numpy state, changes
+    the arrays at once, and is stopped (SIGTERM to ckpt run) while that save may be in flight;
+    should_stop() waits for it, the job exits 0, and the checkpoint it leaves restores bit-exact
+    to the state at the call, in the raw-buffers format."""
+    d = tmp_path / "ck"
+    job = tmp_path / "job.py"
+    out = tmp_path / "sum.txt"
+    job.write_text(
+        "import sys, time, numpy as np, ckpt\n"
+        "ck = ckpt.Checkpointer()\n"
+        "w = np.random.default_rng(int(sys.argv[1])).standard_normal(6_000_001)\n"
+        "ck.save_async({'w': w, 'step': 1}, step=1)\n"
+        "import hashlib\n"
+        "open(sys.argv[2], 'w').write(hashlib.sha256(w.tobytes()).hexdigest())\n"
+        "w[:] = 0.0\n"
+        "print('STARTED', ck.save_pending(), flush=True)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not ck.should_stop():\n"
+        "    assert time.monotonic() < deadline, 'no stop'\n"
+        "    time.sleep(0.01)\n"
+        "assert not ck.save_pending()\n"
+        "print('STOPPED', flush=True)\n"
+    )
+    seed = int.from_bytes(os.urandom(2), "little")
+    print("seed", seed)
+    sup = bg([ckpt_bin(), "run", "--every", "off", "--dir", d, "--", os.sys.executable, job, seed, out], timeout=120)
+    wait_until(lambda: "STARTED" in sup.stdout, 60, "the job to start its save_async")
+    os.kill(sup.pid, signal.SIGTERM)
+    assert sup.wait() in (0, 75), sup.stdout + sup.stderr
+    assert "STOPPED" in sup.stdout, sup.stdout + sup.stderr
+    assert_no_survivors(d)
+    import hashlib
+
+    with ckpt.Checkpointer(d) as ck:
+        rp = ck.restore_point
+        assert rp is not None and rp.manifest.file("state.pickle.buffers") is not None
+        got = ck.restore()
+    assert got["step"] == 1
+    assert hashlib.sha256(got["w"].tobytes()).hexdigest() == out.read_text()
 
 
 def test_corrupt_or_truncated_buffers_are_refused(tmp_path, monkeypatch):
@@ -198,18 +289,21 @@ def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
     assert "RESUMED-OK" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("path", ["python", "file"])
+@pytest.mark.parametrize("path", ["python", "file", "torch"])
 def test_ckpt_bench_measures_the_users_path(tmp_path, path):
-    """`ckpt bench --path python|file` runs the real path (a python3 child saving a numpy
-    array; the `ckpt save` command) next to dd and reports ratios (no figure is asserted)."""
-    r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json"], 240)
+    """`ckpt bench --path python|file|torch` runs the real path (a python child saving a numpy
+    array, or a state dict through ckpt.torch; the `ckpt save` command) next to dd and reports
+    ratios (no figure is asserted)."""
+    extra = ["--python", _torch_python()] if path == "torch" else []
+    r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json", *extra], 240)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["path"] == path and out["runs"] == 2
     assert len(out["write_ratio_to_dd_direct"]["per_round"]) == 2
     assert len(out["read_ratio_to_dd"]["per_round"]) == 2
+    assert len(out["read_ratio_to_dd_direct"]["per_round"]) == 2
     assert out["recommended_every_s"] > 0
-    if path == "python":
+    if path != "file":
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
         assert out["save_peak_extra_mib"] is not None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
@@ -240,3 +334,107 @@ def test_ckpt_direct_io_0_keeps_every_bulk_write_and_read_in_the_page_cache(tmp_
     else:
         # Both the write and the (cold: written past the cache) read asked for O_DIRECT.
         assert calls.count(True) == 2, calls
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_direct_file_in_saving_writes_a_librarys_stream_exactly(tmp_path, monkeypatch, direct):
+    """`ck.direct_file(name)` inside `ck.saving()`: np.save's stream (several pieces plus a
+    partial tail, odd size) lands byte for byte, with the size and checksum the commit records
+    (the Rust verifier agrees), without the commit reading it back; outside a saving block it
+    is refused; a failing serializer publishes nothing."""
+    monkeypatch.setenv("CKPT_DIRECT_IO", direct)
+    for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "ck"
+    a = np.random.default_rng(17).standard_normal(_bulk.PIECE // 4 + 12_345)  # 2 pieces + a tail
+    reads = []
+    with ckpt.Checkpointer(d, checksum="crc32") as ck:
+        with pytest.raises(ckpt.CkptError):
+            ck.direct_file("x.npy")
+        with ck.saving(step=4) as sd:
+            with ck.direct_file("w.npy") as f:
+                np.save(f, a)
+                assert f.tell() > a.nbytes
+            real_read = os.read
+            monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+        monkeypatch.setattr(os, "read", real_read)
+        saved = ck.last_saved
+        with pytest.raises(RuntimeError):
+            with ck.saving(step=5):
+                with ck.direct_file("w.npy") as f:
+                    f.write(b"x" * 100)
+                    raise RuntimeError("serializer failed")
+    assert reads == [], "the commit read the file back"
+    assert saved.step == 4 and not sd.exists()
+    want = tmp_path / "want.npy"
+    np.save(want, a)
+    assert (saved.path / "w.npy").read_bytes() == want.read_bytes()
+    m = ckpt.store.read_manifest(saved.path)
+    assert m.file("w.npy").size == want.stat().st_size
+    assert m.file("w.npy").sum == ckpt._crc.checksum("crc32", want.read_bytes())
+    _verify_with_rust(d)
+    assert [p.name for p in d.iterdir() if p.name.startswith("ckpt-")] == [saved.path.name]
+
+
+def _torch_python() -> str:
+    for p in (os.environ.get("CKPT_TORCH_PYTHON"), "/opt/ckpt-torch/bin/python"):
+        if p and os.path.exists(p):
+            r = run([p, "-c", "import torch, numpy"], 120)
+            if r.returncode == 0:
+                return p
+    pytest.skip("no Python with torch: set CKPT_TORCH_PYTHON or run scripts/setup (installs /opt/ckpt-torch)")
+
+
+def test_torch_train_state_save_goes_through_the_direct_writer(tmp_path):
+    """`ckpt.torch.TrainState.save` writes `train_state.pt` with `ck.direct_file` (torch.save's
+    stream past the page cache, torch's own zip CRC-32 pass off meanwhile and put back): it
+    loads with the safe loader, bit-exact (float32, bfloat16,
+    int64, a tied weight stays tied), the manifest's checksum is right (`ckpt verify`), and
+    `TrainState.restore` brings it back."""
+    py = _torch_python()
+    d = tmp_path / "ck"
+    job = (
+        "import sys, os, torch, ckpt, ckpt.torch as ckt\n"
+        "from ckpt import _bulk\n"
+        "calls = []\n"
+        "real = _bulk.open_direct\n"
+        "_bulk.open_direct = lambda st, n: calls.append(n) or real(st, n)\n"
+        "torch.manual_seed(int(sys.argv[2]))\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(1024, 2500), torch.nn.Linear(2500, 1024))\n"
+        "m.register_buffer('bf', torch.randn(3001, 7).to(torch.bfloat16))\n"
+        "m.register_buffer('idx', torch.arange(100_003))\n"
+        "m.tied = m[0].weight\n"
+        "opt = torch.optim.Adam(m.parameters())\n"
+        "m(torch.randn(4, 1024)).sum().backward(); opt.step()\n"
+        "ck = ckpt.Checkpointer(sys.argv[1], checksum='crc32')\n"
+        "ts = ckt.TrainState(models={'m': m}, optimizers={'opt': opt})\n"
+        "ts.step = 9\n"
+        "s = ts.save(ck)\n"
+        "assert calls == ['train_state.pt'], calls\n"
+        "from torch.utils.serialization import config as tcfg\n"
+        "assert tcfg.save.compute_crc32 is True, 'the zip CRC setting was not put back'\n"
+        "st = torch.load(s.path / 'train_state.pt', weights_only=True)\n"
+        "want = m.state_dict()\n"
+        "got = st['objects']['model/m']\n"
+        "assert got.keys() == want.keys()\n"
+        "for k in want:\n"
+        "    assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k\n"
+        "assert got['tied'].data_ptr() == got['0.weight'].data_ptr()\n"
+        "m2 = torch.nn.Sequential(torch.nn.Linear(1024, 2500), torch.nn.Linear(2500, 1024))\n"
+        "m2.register_buffer('bf', torch.zeros(3001, 7, dtype=torch.bfloat16))\n"
+        "m2.register_buffer('idx', torch.zeros(100_003, dtype=torch.int64))\n"
+        "m2.tied = m2[0].weight\n"
+        "opt2 = torch.optim.Adam(m2.parameters())\n"
+        "ts2 = ckt.TrainState(models={'m': m2}, optimizers={'opt': opt2})\n"
+        "assert ts2.restore(ckpt.Checkpointer(sys.argv[1])) and ts2.step == 9\n"
+        "for k, v in m.state_dict().items():\n"
+        "    assert torch.equal(v, m2.state_dict()[k]), k\n"
+        "assert opt.state_dict()['state'][0]['exp_avg'].equal(opt2.state_dict()['state'][0]['exp_avg'])\n"
+        "print('TORCH-OK', (s.path / 'train_state.pt').stat().st_size)\n"
+    )
+    seed = int.from_bytes(os.urandom(2), "little")
+    print("seed", seed)
+    r = run([py, "-c", job, d, seed], 180)
+    assert r.returncode == 0 and "TORCH-OK" in r.stdout, r.stdout + r.stderr
+    assert int(r.stdout.split()[-1]) > 2 * _bulk.PIECE  # several direct pieces and a tail
+    _verify_with_rust(d)

@@ -48,12 +48,14 @@ pub struct BenchArgs {
     /// FILE` of a SIZE-byte file, the real command; restore: `ckpt verify`, what a resume
     /// reads), `python` (the Python client's `Checkpointer.save` of a numpy array of SIZE
     /// bytes in a python3 child, next to the job's own `np.save` + fsync; restore:
-    /// `Checkpointer.restore`). `file` and `python` are measured against `dd bs=4M
-    /// oflag=direct` of the same bytes (and a cold `dd` read) in the same rounds. PyTorch
-    /// (`torch.save` states) has no path here yet.
+    /// `Checkpointer.restore`), `torch` (`ckpt.torch.TrainState.save` of a state dict holding
+    /// one float32 tensor of SIZE bytes, next to the job's own `torch.save` + fsync; restore:
+    /// `TrainState.restore`; needs --python with torch, e.g. /opt/ckpt-torch/bin/python).
+    /// `file`, `python` and `torch` are measured against `dd bs=4M oflag=direct` of the same
+    /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds.
     #[arg(long, value_enum, default_value = "rust")]
     pub path: BenchPath,
-    /// Python interpreter for `--path python` (needs numpy and the ckpt package; the package
+    /// Python interpreter for `--path python|torch` (needs numpy, torch for `torch`, and the ckpt package; the package
     /// of this source tree is found when ckpt runs from its target/ directory).
     #[arg(long, default_value = "python3", value_name = "PYTHON")]
     pub python: PathBuf,
@@ -68,6 +70,8 @@ pub enum BenchPath {
     File,
     /// The Python client's `Checkpointer.save` of numpy arrays.
     Python,
+    /// `ckpt.torch.TrainState.save` of a state dict (torch.save through `ck.direct_file`).
+    Torch,
 }
 
 /// Parses `256MiB`, `1GiB`, `512M`, `1G`, `4096` (bytes).
@@ -207,11 +211,18 @@ fn raw_write(
 
 /// Raw sequential read (4 MiB reads into one reused buffer), like `dd bs=4M of=/dev/null`.
 fn raw_read(path: &Path, use_dd: bool) -> Result<Duration, Fatal> {
+    raw_read_dd(path, use_dd, false)
+}
+
+/// A read of `path` to /dev/null: `dd bs=4M` (with `iflag=direct` when `direct`), or an
+/// in-process 4 MiB read loop without dd.
+fn raw_read_dd(path: &Path, use_dd: bool, direct: bool) -> Result<Duration, Fatal> {
     let t = Instant::now();
     if use_dd {
         let st = Command::new("dd")
             .arg(format!("if={}", path.display()))
             .args(["of=/dev/null", "bs=4M"])
+            .args(direct.then_some("iflag=direct"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -251,7 +262,7 @@ pub fn run(a: BenchArgs) -> Result<i32, Fatal> {
     fs::create_dir_all(&work).map_err(|e| io_fail("create", &work, e))?;
     let res = match a.path {
         BenchPath::Rust => measure(&a, &work),
-        BenchPath::File | BenchPath::Python => measure_path(&a, &work),
+        BenchPath::File | BenchPath::Python | BenchPath::Torch => measure_path(&a, &work),
     };
     let _ = fs::remove_dir_all(&work);
     res
@@ -295,6 +306,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             .and_then(|_| f.sync_all())
             .map_err(|e| io_fail("write", &src, e))?;
     }
+    let mut r_ddd: Vec<f64> = Vec::new();
     let (mut w_dd, mut w_ck, mut r_dd, mut r_ck, mut r_ck_fresh) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut w_direct = vec![];
@@ -339,6 +351,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             prog.say(&format!("{tag}: raw read"));
             drop_caches();
             r_dd.push(gb(raw_read(&raw, use_dd)?));
+            if use_dd {
+                drop_caches();
+                r_ddd.push(gb(raw_read_dd(&raw, true, true)?));
+            }
         }
         prog.say(&format!("{tag}: ckpt restore"));
         drop_caches();
@@ -361,6 +377,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             prog.say(&format!("{tag}: raw read"));
             drop_caches();
             r_dd.push(gb(raw_read(&raw, use_dd)?));
+            if use_dd {
+                drop_caches();
+                r_ddd.push(gb(raw_read_dd(&raw, true, true)?));
+            }
         }
         drop_caches();
         let t = Instant::now();
@@ -447,6 +467,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let w_dd = median(&mut w_dd);
     let w_direct = (!w_direct.is_empty()).then(|| median(&mut w_direct));
     let w_ck = median(&mut w_ck);
+    let rd_rounds = per_round(&r_ck, &r_ddd);
+    let fd_rounds = per_round(&r_ck_fresh, &r_ddd);
+    let r_ddd = (!r_ddd.is_empty()).then(|| median(&mut r_ddd));
     let r_dd = median(&mut r_dd);
     let r_ck = median(&mut r_ck);
     let r_ck_fresh = median(&mut r_ck_fresh);
@@ -475,7 +498,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
-        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds) },
+        "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
         "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
@@ -505,6 +528,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("  write+fsync  dd oflag=direct {d:>6.2} GB/s   ratio {:.2}, median per round {:.2}  (the stricter baseline: past the page cache, like ckpt's bulk writes)", w_ck / d, med_of(&wd_rounds));
     }
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
+    if let Some(d) = r_ddd {
+        println!("  read ({rd}) dd iflag=direct {d:>6.2} GB/s   per-round ratios (median): restore {:.2}, fresh restore {:.2}", med_of(&rd_rounds), med_of(&fd_rounds));
+    }
     println!(
         "  per-round ratios (median): save {:.2}, restore {:.2}, fresh restore {:.2}",
         med_of(&w_rounds),
@@ -561,10 +587,22 @@ const PY_CHILD: &str = r#"
 import json, os, sys, time
 import numpy as np
 import ckpt
-d, src, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
+d, src, scratch, kind = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 w = np.fromfile(src, dtype="<f4")
 state = {"weights": w}
 ck = ckpt.Checkpointer(d)  # the parent prunes, untimed (under ckpt run the supervisor does)
+if kind == "torch":
+    import torch
+    import ckpt.torch as ckt
+    w = torch.from_numpy(w)
+    class Holder:
+        def __init__(self, sd):
+            self.sd = sd
+        def state_dict(self):
+            return self.sd
+        def load_state_dict(self, sd):
+            self.sd = sd
+    ts = ckt.TrainState(models={"model": Holder({"weights": w})})
 def kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -586,7 +624,10 @@ for line in sys.stdin:
         ok = hwm_reset()
         before = kib("VmRSS")
         t = time.perf_counter()
-        ck.save(state)
+        if kind == "torch":
+            ts.save(ck)
+        else:
+            ck.save(state)
         out["s"] = time.perf_counter() - t
         if ok:
             out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
@@ -597,7 +638,10 @@ for line in sys.stdin:
             pass
         t = time.perf_counter()
         with open(scratch, "wb") as f:
-            np.save(f, w)
+            if kind == "torch":
+                torch.save({"weights": w}, f)
+            else:
+                np.save(f, w)
             f.flush()
             os.fsync(f.fileno())
         out["s"] = time.perf_counter() - t
@@ -605,10 +649,18 @@ for line in sys.stdin:
         reader = ckpt.Checkpointer(d)
     elif cmd in ("restore", "restore-check"):
         t = time.perf_counter()
-        got = reader.restore()
+        if kind == "torch":
+            h = Holder(None)
+            ckt.TrainState(models={"model": h}).restore(reader)
+            got = h.sd
+        else:
+            got = reader.restore()
         out["s"] = time.perf_counter() - t
         if cmd == "restore-check":
-            out["same"] = bool(got["weights"].dtype == w.dtype and np.array_equal(got["weights"], w))
+            if kind == "torch":
+                out["same"] = bool(got["weights"].dtype == w.dtype and torch.equal(got["weights"], w))
+            else:
+                out["same"] = bool(got["weights"].dtype == w.dtype and np.array_equal(got["weights"], w))
         del got
         reader.close()
         reader = None
@@ -658,6 +710,11 @@ fn spawn_python(a: &BenchArgs, store: &Path, src: &Path, scratch: &Path) -> Resu
         .arg(store)
         .arg(src)
         .arg(scratch)
+        .arg(if a.path == BenchPath::Torch {
+            "torch"
+        } else {
+            "numpy"
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -688,8 +745,9 @@ fn spawn_python(a: &BenchArgs, store: &Path, src: &Path, scratch: &Path) -> Resu
     let mut c = PyChild { child, out };
     let hello = c.answer("start").map_err(|_| {
         fail(&format!(
-            "{} could not start the benchmark (needs numpy and the ckpt package: pip install numpy, and python/ of ckpt's source on PYTHONPATH)",
-            a.python.display()
+            "{} could not start the benchmark (needs numpy{} and the ckpt package: pip install numpy, and python/ of ckpt's source on PYTHONPATH)",
+            a.python.display(),
+            if a.path == BenchPath::Torch { ", torch" } else { "" }
         ))
     });
     if hello?.get("ready").is_none() {
@@ -762,11 +820,11 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let scratch = work.join("own.npy");
     let exe = std::env::current_exe().map_err(|e| fail(&e))?;
     let mut py = match a.path {
-        BenchPath::Python => Some(spawn_python(a, &store_dir, &src, &scratch)?),
+        BenchPath::Python | BenchPath::Torch => Some(spawn_python(a, &store_dir, &src, &scratch)?),
         _ => None,
     };
-    let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ck) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ddd, mut r_ck) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut peak: Vec<f64> = vec![];
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
@@ -826,19 +884,29 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                     w_ck.push(s);
                 }
                 _ => {
-                    prog.say(&format!("{tag}: np.save + fsync"));
+                    prog.say(&format!("{tag}: the job's own save + fsync"));
                     let c = py.as_mut().expect("python");
                     w_own.push(c.ask("npsave")?["s"].as_f64().unwrap_or(f64::NAN));
                     let _ = fs::remove_file(&scratch);
                 }
             }
         }
-        // Reads, cold and settled, alternating which goes first.
-        for first_dd in [round % 2 == 1, round % 2 == 0] {
-            if first_dd {
-                prog.say(&format!("{tag}: dd read"));
+        // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt.
+        let mut reads = [0u8, 1, 2];
+        reads.rotate_left((round as usize - 1) % 3);
+        for which in reads {
+            if which < 2 {
+                prog.say(&format!(
+                    "{tag}: dd read{}",
+                    if which == 1 { " iflag=direct" } else { "" }
+                ));
                 drop_caches();
-                r_dd.push(raw_read(&raw, true)?.as_secs_f64());
+                let t = raw_read_dd(&raw, true, which == 1)?.as_secs_f64();
+                if which == 1 {
+                    r_ddd.push(t);
+                } else {
+                    r_dd.push(t);
+                }
                 continue;
             }
             prog.say(&format!("{tag}: ckpt restore"));
@@ -896,6 +964,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     };
     let w_ratio = ratio(&w_dd, &w_ck);
     let r_ratio = ratio(&r_dd, &r_ck);
+    let rd_ratio = ratio(&r_ddd, &r_ck);
     let own_ratio = ratio(&w_own, &w_ck);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
@@ -911,6 +980,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let rec = auto_interval(Duration::from_secs_f64(save_s), mtbf);
     let name = match a.path {
         BenchPath::File => "file",
+        BenchPath::Torch => "torch",
         _ => "python",
     };
     let out = json!({
@@ -920,13 +990,14 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "loadavg": [load_start, load_end],
-        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
-        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", _ => "Checkpointer.restore() (verified), cold" },
-        "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_np_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
+        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore (torch.load, weights_only), cold", _ => "Checkpointer.restore() (verified), cold" },
+        "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
         "write_ratio_to_dd_direct": spread(&w_ratio),
         "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
-        "read_gbps": { "dd_cold": speeds(&r_dd), "ckpt": speeds(&r_ck) },
+        "read_gbps": { "dd_cold": speeds(&r_dd), "dd_iflag_direct_cold": speeds(&r_ddd), "ckpt": speeds(&r_ck) },
         "read_ratio_to_dd": spread(&r_ratio),
+        "read_ratio_to_dd_direct": spread(&rd_ratio),
         "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
         "mtbf_s": mtbf.as_secs_f64(),
         "save_s_median": save_s,
@@ -953,10 +1024,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (lo, hi) = mm(&gbs(&w_dd));
     println!("  save     dd oflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_dd)), med(&gbs(&w_ck)), med(&w_ratio), mm(&w_ratio).0, mm(&w_ratio).1);
     if !w_own.is_empty() {
-        println!("  save     the job's own np.save + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
+        println!("  save     the job's own {} + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", if a.path == BenchPath::Torch { "torch.save" } else { "np.save" }, med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
     }
     let (lo, hi) = mm(&gbs(&r_dd));
     println!("  restore  dd read {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_dd)), med(&gbs(&r_ck)), med(&r_ratio), mm(&r_ratio).0, mm(&r_ratio).1);
+    let (lo, hi) = mm(&gbs(&r_ddd));
+    println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
     if !peak.is_empty() {
         println!(
             "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",

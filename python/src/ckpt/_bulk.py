@@ -7,8 +7,13 @@ byte for byte, into one file, ``state.pickle.buffers``, each buffer at a :data:`
 (zero padding between them and at the end). ``state.pickle`` then holds two pickles: a small
 header (the offset and length of every segment) and the state's stream. Both are ordinary
 checkpoint files (size and checksum in the manifest). A checkpoint with ``state.pickle``
-alone (written before, by :meth:`Checkpointer.save_async`, or by a state without large
-buffers) holds the state's pickle only and restores as before.
+alone (written by an older client, or of a state without large buffers) holds the state's
+pickle only and restores as before.
+
+:meth:`Checkpointer.save_async` writes the same files: it blocks the job while the stream is
+pickled and the buffers are copied (:func:`snapshot`) into one page-aligned block laid out
+exactly as ``state.pickle.buffers`` (kept for the next asynchronous save); a background thread
+then writes that block with ``O_DIRECT`` straight from it (:func:`write_block`).
 
 Writes: the buffers are copied, :data:`PIECE` bytes at a time, into page-aligned reused
 ``mmap`` buffers (:data:`BUFFERS` of them: the only extra memory a save needs besides the
@@ -267,6 +272,157 @@ def write_segments(path: "os.PathLike[str] | str", views: List[memoryview], algo
         os.close(fd)
 
 
+class DirectWriter:
+    """A binary file object for a library's own serializer (``torch.save(sd, f)``,
+    ``np.save(f, a)``) that writes the stream past the page cache: the bytes are copied into
+    the reused :data:`PIECE`-byte aligned buffers, checksummed there, and each full piece is
+    written with ``O_DIRECT`` by a helper thread while the next one fills; the last partial
+    piece goes through the page cache. Sequential writes only (no ``seek``). ``close()``
+    returns (size, checksum); ``on_close`` gets them too (a stage records them, so the commit
+    does not read the file back)."""
+
+    def __init__(self, path: "os.PathLike[str] | str", algo: str,
+                 on_close: Optional[Callable[[int, int], None]] = None) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._on_close = on_close
+        self._h = Hasher(algo)
+        self._bufs = _take_buffers()
+        self._free = list(self._bufs)
+        self._cond = threading.Condition()
+        self._w = _Writer(self._fd, direct_io() and _set_direct(self._fd, True), self._free, self._cond)
+        self._w.start()
+        self._cur: Optional[mmap.mmap] = None
+        self._mv: Optional[memoryview] = None
+        self._fill = 0
+        self._off = 0  # file offset of the current piece
+        self.closed = False
+        self.result: Optional[Tuple[int, int]] = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._off + self._fill
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, "a ckpt direct writer has no file descriptor to share")
+
+    def _take(self) -> None:
+        with self._cond:
+            while not self._free and self._w.error is None:
+                self._cond.wait()
+            if self._w.error is not None:
+                raise self._w.error
+            self._cur = self._free.pop()
+        self._mv = memoryview(self._cur)
+        self._fill = 0
+
+    def _flush_piece(self) -> None:
+        assert self._mv is not None
+        self._h.update(self._mv[: self._fill])
+        self._mv.release()
+        self._mv = None
+        with self._cond:
+            self._w.jobs.append((self._cur, self._fill, self._off))
+            self._cond.notify_all()
+        self._off += self._fill
+        self._cur = None
+        self._fill = 0
+
+    def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed ckpt direct writer")
+        v = memoryview(data)
+        v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+        n, i = v.nbytes, 0
+        while i < n:
+            if self._cur is None:
+                self._take()
+            assert self._mv is not None
+            k = min(PIECE - self._fill, n - i)
+            self._mv[self._fill : self._fill + k] = v[i : i + k]
+            self._fill += k
+            i += k
+            if self._fill == PIECE:
+                self._flush_piece()
+        return n
+
+    def _stop_writer(self) -> None:
+        with self._cond:
+            self._w.jobs.append(None)
+            self._cond.notify_all()
+        self._w.join()
+
+    def close(self) -> Tuple[int, int]:
+        if self.closed:
+            assert self.result is not None
+            return self.result
+        self.closed = True
+        try:
+            self._stop_writer()
+            if self._w.error is not None:
+                raise self._w.error
+            if self._fill:
+                # The tail (not a whole piece: its length need not be a page multiple) through
+                # the page cache; the commit's fsync makes it durable.
+                assert self._mv is not None
+                tail = self._mv[: self._fill]
+                self._h.update(tail)
+                _set_direct(self._fd, False)
+                _pwrite_all(self._fd, tail, self._off)
+                tail.release()
+                self._off += self._fill
+            size = self._off
+            self.result = (size, self._h.value)
+        finally:
+            if self._mv is not None:
+                self._mv.release()
+                self._mv = None
+            _give_buffers(self._bufs)
+            os.close(self._fd)
+        if self._on_close is not None:
+            self._on_close(*self.result)
+        return self.result
+
+    def abandon(self) -> None:
+        """Stops without finishing the file (the stage is aborted)."""
+        if not self.closed:
+            self.closed = True
+            self._stop_writer()
+            if self._mv is not None:
+                self._mv.release()
+            _give_buffers(self._bufs)
+            os.close(self._fd)
+
+    def __enter__(self) -> "DirectWriter":
+        return self
+
+    def __exit__(self, et: object, *exc: object) -> None:
+        if et is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+def open_direct(stage: Any, name: str) -> DirectWriter:
+    """A :class:`DirectWriter` for the new file ``name`` of ``stage``, whose size and checksum
+    the stage records when it is closed."""
+
+    def done(size: int, sm: int) -> None:
+        stage._known[name] = (size, sm)
+
+    return DirectWriter(stage._target(name), stage.algo, done)
+
+
 def _cached(fd: int, size: int) -> bool:
     """Whether the start and the middle of the file are in the page cache."""
     flag = getattr(os, "RWF_NOWAIT", None)
@@ -417,6 +573,119 @@ def save_state(stage: Any, name: str, state: Any) -> None:
     with stage.open(name) as f:
         f.write(pickle.dumps(_Header(1, segs), protocol=5))
         f.write(stream)
+
+
+def _layout(views: List[memoryview]) -> Tuple[int, List[Tuple[int, int]]]:
+    """(file size, [(offset, length)]) of ``views`` laid out at :data:`ALIGN`-aligned offsets."""
+    segs: List[Tuple[int, int]] = []
+    pos = 0
+    for v in views:
+        segs.append((pos, v.nbytes))
+        pos += -(-v.nbytes // ALIGN) * ALIGN
+    return pos, segs
+
+
+class Snapshot:
+    """A state frozen for a background save: its pickle stream (with the header when it has
+    large buffers) and a page-aligned anonymous ``mmap`` holding, at their final offsets, the
+    exact bytes of ``state.pickle.buffers``. The job may change its state once this exists."""
+
+    def __init__(self, head: bytes, stream: bytes, block: Optional[mmap.mmap], size: int) -> None:
+        self.head = head
+        self.stream = stream
+        self.block = block
+        self.size = size
+
+
+def snapshot(state: Any, reuse: Optional[mmap.mmap] = None) -> Snapshot:
+    """Pickles ``state`` (protocol 5) and copies its large out-of-band buffers into one
+    page-aligned block laid out as ``state.pickle.buffers`` (``reuse``, the block of the previous
+    snapshot, when it is big enough and not more than twice too big: its pages are already
+    faulted in, so the copy is a plain ``memcpy``). This is all a background save blocks the
+    job for: the stream and the copy."""
+    stream, bufs = dumps(state)
+    if not bufs:
+        return Snapshot(b"", stream, None, 0)
+    size, segs = _layout(bufs)
+    if reuse is not None and size <= len(reuse) <= 2 * size:
+        block = reuse
+    else:
+        block = mmap.mmap(-1, max(size, ALIGN))
+    whole = memoryview(block)
+    try:
+        for v, (off, n) in zip(bufs, segs):
+            v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            whole[off : off + n] = v
+            pad = (-n) % ALIGN
+            if pad and block is reuse:
+                whole[off + n : off + n + pad] = bytes(pad)
+            v.release()
+    finally:
+        whole.release()
+        for v in bufs:
+            v.release()
+    return Snapshot(pickle.dumps(_Header(1, segs), protocol=5), stream, block, size)
+
+
+def write_block(path: "os.PathLike[str] | str", block: mmap.mmap, size: int, algo: str) -> int:
+    """Writes the first ``size`` bytes (a multiple of :data:`ALIGN`) of the page-aligned ``block``
+    to the new file ``path``, :data:`PIECE` bytes per ``O_DIRECT`` write straight from the block (no
+    copy), on a helper thread, while this thread checksums the same bytes; returns the checksum."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    whole = memoryview(block)
+    try:
+        direct = direct_io() and _set_direct(fd, True)
+        err: List[BaseException] = []
+
+        def write() -> None:
+            nonlocal direct
+            try:
+                ok_once = False
+                for off in range(0, size, PIECE):
+                    view = whole[off : min(size, off + PIECE)]
+                    try:
+                        _pwrite_all(fd, view, off)
+                    except OSError as e:
+                        if not (direct and not ok_once and e.errno == errno.EINVAL):
+                            raise
+                        _set_direct(fd, False)
+                        direct = False
+                        _pwrite_all(fd, view, off)
+                    finally:
+                        view.release()
+                    ok_once = True
+            except BaseException as e:  # noqa: BLE001 - raised below
+                err.append(e)
+
+        w = threading.Thread(target=write, name="ckpt-write", daemon=True)
+        w.start()
+        h = Hasher(algo)
+        try:
+            for off in range(0, size, PIECE):
+                if err:
+                    break
+                h.update(whole[off : min(size, off + PIECE)])
+        finally:
+            w.join()
+        if err:
+            raise err[0]
+        return h.value
+    finally:
+        whole.release()
+        os.close(fd)
+
+
+def save_snapshot(stage: Any, name: str, snap: Snapshot) -> None:
+    """Writes a :class:`Snapshot` into ``stage``: the same files as :func:`save_state`."""
+    if snap.block is None:
+        stage.write_file(name, snap.stream)
+        return
+    bname = name + BUFFERS_SUFFIX
+    sm = write_block(stage._target(bname), snap.block, snap.size, stage.algo)
+    stage._known[bname] = (snap.size, sm)
+    with stage.open(name) as f:
+        f.write(snap.head)
+        f.write(snap.stream)
 
 
 def load_state(data: bytes, name: str, read_big: Callable[[str], memoryview]) -> Any:

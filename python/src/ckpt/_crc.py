@@ -1,7 +1,7 @@
 """The two checksum algorithms of the manifest: ``crc32`` (IEEE, ``zlib.crc32``) and
 ``crc32c`` (Castagnoli).
 
-CRC-32C comes from ``google_crc32c`` or ``crc32c`` when one of them is importable; otherwise a
+CRC-32C comes from ``crc32c`` or ``google_crc32c`` when one of them is importable; otherwise a
 pure-Python table implementation is used (correct, but only a few MB/s: fine for reading small
 checkpoints written by other clients, which is the only time this client needs it unless asked).
 """
@@ -43,17 +43,21 @@ def _crc32c_py(data: bytes, crc: int = 0) -> int:
 
 
 def _load_fast() -> Optional[Callable[[bytes, int], int]]:
+    # ``crc32c`` first: it takes any buffer (an ``mmap`` view: no copy) and releases the GIL
+    # while it runs, so the bulk paths checksum beside their reads and writes. Both use the
+    # CPU's CRC-32C instructions where there are some.
+    try:  # pragma: no cover - depends on the environment
+        import crc32c as _c  # type: ignore
+
+        return lambda data, crc=0: _c.crc32c(data, crc)
+    except Exception:
+        pass
     try:  # pragma: no cover - depends on the environment
         import google_crc32c  # type: ignore
 
         if getattr(google_crc32c, "implementation", "c") == "c":
-            return lambda data, crc=0: google_crc32c.extend(crc, bytes(data))
-    except Exception:
-        pass
-    try:  # pragma: no cover - depends on the environment
-        import crc32c as _c  # type: ignore
-
-        return lambda data, crc=0: _c.crc32c(bytes(data), crc)
+            # It accepts only objects that need no buffer release (bytes): a copy.
+            return lambda data, crc=0: google_crc32c.extend(crc, data if isinstance(data, bytes) else bytes(data))
     except Exception:
         pass
     return None

@@ -2,13 +2,14 @@
 //! (`docs/benchmarks.md` run G):
 //!
 //!   readab --dir DIR [--mib 1024] [--rounds 8] [--settle-ms 0] [--seed N]
-//!          [--variants into,fresh-cache,fresh-direct]
+//!          [--variants into,fresh-cache,fresh-direct,fresh-direct1]
 //!
 //! Saves one `--mib` MiB f32 array with ckpt, then each round drops the page cache (root)
 //! before every read, waits `--settle-ms`, and reads the file with `dd bs=4M of=/dev/null`
-//! and with each variant: `into` = `read_pod_into` an existing buffer (always through the
-//! page cache), `fresh-cache`/`fresh-direct` = `read_f32s` (a fresh allocation) with direct
-//! I/O off/on (`pod::set_direct_io`). Prints each round's GB/s and ratio to that round's dd, then the
+//! and with each variant: `into`/`into-direct` = `read_pod_into` an existing buffer with
+//! direct I/O off/on, `fresh-cache`/`fresh-direct` = `read_f32s` (a fresh allocation) with direct
+//! I/O off/on (`pod::set_direct_io`); `fresh-direct1` = `fresh-direct` with one reader thread
+//! (`pod::set_direct_readers(1)`; the default has two reads in flight). Prints each round's GB/s and ratio to that round's dd, then the
 //! median ratio per variant as JSON. The order is drawn from `--seed` (printed).
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,8 +49,15 @@ fn main() {
         .collect();
     for v in &variants {
         assert!(
-            ["into", "fresh-cache", "fresh-direct"].contains(&v.as_str()),
-            "unknown variant {v}: into, fresh-cache, fresh-direct"
+            [
+                "into",
+                "into-direct",
+                "fresh-cache",
+                "fresh-direct",
+                "fresh-direct1"
+            ]
+            .contains(&v.as_str()),
+            "unknown variant {v}: into, into-direct, fresh-cache, fresh-direct, fresh-direct1"
         );
     }
     let seed = num(
@@ -94,7 +102,8 @@ fn main() {
                 assert!(ok, "dd failed");
             } else {
                 let v = variants[k - 1].as_str();
-                ckpt::pod::set_direct_io(v.ends_with("direct"));
+                ckpt::pod::set_direct_io(v.contains("direct"));
+                ckpt::pod::set_direct_readers(if v == "fresh-direct1" { 1 } else { 2 });
                 if v.starts_with("fresh") {
                     let w = ck.read_f32s("w.f32").expect("restore");
                     assert!(w == state, "restored state differs");
