@@ -220,7 +220,10 @@ pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> std::io:
     if resp.is_empty() {
         written?;
         // The supervisor exited while the request waited (its process, threads and all).
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, ENDED));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            ENDED,
+        ));
     }
     serde_json::from_slice(&resp).map_err(|e| {
         std::io::Error::new(
