@@ -596,6 +596,39 @@ fn checkpoint_wait_and_stop_then_the_next_run_resumes() {
     assert_no_survivors(&dir);
 }
 
+/// Starts the C counter (`n` steps, in `t`) under `ckpt run --transparent --every off` with
+/// the CRIU wrapper `criu`, asks for a checkpoint and waits until the wrapper's dump has
+/// started (it touches `marker`). Returns the supervisor, DIR and the log path.
+fn dump_under_way(t: &Path, criu: &Path, marker: &Path, n: &str) -> (Running, PathBuf, PathBuf) {
+    let bin = compile_c(t, C_SRC, "count");
+    let job = vec![bin.display().to_string(), n.into(), t.display().to_string()];
+    let dir = t.join("ck");
+    let log = t.join("ckpt.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let sup = ckpt()
+        .env("CKPT_CRIU", criu)
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--transparent", "--every", "off", "--"])
+        .args(&job)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn_guarded();
+    wait_until(Duration::from_secs(60), "the job runs", || {
+        job_init(&dir).is_some()
+    });
+    let asked = output_deadline(
+        ckpt().args(["checkpoint", "--dir"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    wait_until(Duration::from_secs(30), "the dump starts", || {
+        marker.exists()
+    });
+    (sup, dir, log)
+}
+
 /// A dump that takes long (a large job; here a wrapper makes the first `criu dump` wait 12 s
 /// before CRIU runs) keeps the supervisor's loop busy: `ckpt status` says so, and `ckpt stop`
 /// waits for the dump and then stops with a checkpoint, instead of being told the loop is
@@ -617,36 +650,8 @@ fn stop_during_a_long_dump_waits_for_it_and_stops() {
     )
     .unwrap();
     std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let bin = compile_c(t.path(), C_SRC, "count");
-    let job = vec![
-        bin.display().to_string(),
-        "5000000".into(), // about a minute: it must still run at the stop
-        t.path().display().to_string(),
-    ];
-    let dir = t.path().join("ck");
-    let log = t.path().join("ckpt.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut sup = ckpt()
-        .env("CKPT_CRIU", &slow)
-        .args(["run", "--dir"])
-        .arg(&dir)
-        .args(["--transparent", "--every", "off", "--"])
-        .args(&job)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn_guarded();
-    wait_until(Duration::from_secs(60), "the job runs", || {
-        job_init(&dir).is_some()
-    });
-    let asked = output_deadline(
-        ckpt().args(["checkpoint", "--dir"]).arg(&dir),
-        Duration::from_secs(30),
-    );
-    assert!(asked.status.success(), "{}", text(&asked.stderr));
-    wait_until(Duration::from_secs(30), "the dump starts", || {
-        marker.exists()
-    });
+    // about a minute: it must still run at the stop
+    let (mut sup, dir, log) = dump_under_way(t.path(), &slow, &marker, "5000000");
     let st = output_deadline(
         ckpt().args(["status", "--json", "--dir"]).arg(&dir),
         Duration::from_secs(30),
@@ -699,36 +704,8 @@ fn a_job_that_finishes_while_stop_waits_for_a_dump_is_not_reported_stuck() {
     )
     .unwrap();
     std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let bin = compile_c(t.path(), C_SRC, "count");
-    let job = vec![
-        bin.display().to_string(),
-        "300000".into(), // about 3 s
-        t.path().display().to_string(),
-    ];
-    let dir = t.path().join("ck");
-    let log = t.path().join("ckpt.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut sup = ckpt()
-        .env("CKPT_CRIU", &slow)
-        .args(["run", "--dir"])
-        .arg(&dir)
-        .args(["--transparent", "--every", "off", "--"])
-        .args(&job)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn_guarded();
-    wait_until(Duration::from_secs(60), "the job runs", || {
-        job_init(&dir).is_some()
-    });
-    let asked = output_deadline(
-        ckpt().args(["checkpoint", "--dir"]).arg(&dir),
-        Duration::from_secs(30),
-    );
-    assert!(asked.status.success(), "{}", text(&asked.stderr));
-    wait_until(Duration::from_secs(30), "the dump starts", || {
-        marker.exists()
-    });
+    // about 3 s
+    let (mut sup, dir, log) = dump_under_way(t.path(), &slow, &marker, "300000");
     let stop = output_deadline(
         ckpt().args(["stop", "--dir"]).arg(&dir),
         Duration::from_secs(120),
