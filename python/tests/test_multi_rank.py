@@ -74,12 +74,24 @@ def job_ranks(d: Path) -> List[Tuple[int, Optional[int]]]:
     return out
 
 
+def _ls(p: Path) -> List[str]:
+    """The names in ``p``, or none: round and launch directories vanish while a test looks
+    (pathlib's glob raises then)."""
+    try:
+        return os.listdir(p)
+    except OSError:
+        return []
+
+
+def _rounds(d: Path) -> List[Path]:
+    """Every round directory of every launch (``rounds/<epoch>/<k>``, ``<k>`` all digits)."""
+    base = d / ".ckpt" / "rounds"
+    return [base / e / k for e in _ls(base) for k in _ls(base / e) if k.isdigit()]
+
+
 def stage_shards(d: Path) -> List[Path]:
     """Shard directories waiting in the stage of any save round."""
-    out = []
-    for stage in (d / ".ckpt" / "rounds").glob("*/*/stage"):
-        out.extend(p for p in stage.glob("rank-*"))
-    return out
+    return [r / "stage" / n for r in _rounds(d) for n in _ls(r / "stage") if n.startswith("rank-")]
 
 
 def mid_save(d: Path) -> bool:
@@ -95,11 +107,8 @@ def mid_save(d: Path) -> bool:
 def mid_gather(d: Path) -> bool:
     """A round is gathering: some rank proposed, the coordinator has not written ``agreed`` yet
     (nor did the round end)."""
-    for r in (d / ".ckpt" / "rounds").glob("*/[0-9]*"):
-        try:
-            names = os.listdir(r)
-        except OSError:
-            continue
+    for r in _rounds(d):
+        names = _ls(r)
         if any(n.startswith("propose-") for n in names) and not {"agreed", "published", "aborted"} & set(names):
             return True
     return False
