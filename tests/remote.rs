@@ -505,7 +505,12 @@ fn planted_checkpoints_without_a_valid_tag_are_never_restored() {
     assert!(rows
         .iter()
         .any(|r| r["seq"] == newest && r["authentic"] == true));
-    // `ckpt gc --remote --keep 1`: older authentic ones go, planted ones are left alone.
+    // `ckpt gc --remote --keep 1`: older authentic ones go, planted ones are left alone, and
+    // so does a leftover without a manifest older than the checkpoint kept (an upload cut
+    // short).
+    let leftover = root.join(format!("ckpt-{:012}", newest + 5));
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("state.bin"), b"partial").unwrap();
     let out = output_deadline(
         ckpt()
             .env("XDG_CONFIG_HOME", t.path().join("config"))
@@ -521,6 +526,12 @@ fn planted_checkpoints_without_a_valid_tag_are_never_restored() {
     let expect: Vec<u64> = (newest + 10..=newest + 14).collect();
     assert_eq!(left, expect, "{v}");
     assert_eq!(v["not_authentic"].as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(
+        v["leftovers_removed"],
+        serde_json::json!([newest + 5]),
+        "{v}"
+    );
+    assert!(!leftover.exists(), "{v}");
 }
 
 #[test]

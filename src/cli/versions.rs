@@ -774,6 +774,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     };
     let io_err = |e: String| Fatal::io(e);
     let seqs = r.list().map_err(io_err)?;
+    let listed = seqs.clone();
     let mut ours = Vec::new();
     let mut foreign = Vec::new();
     for s in seqs {
@@ -788,17 +789,32 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
         .copied()
         .filter(|s| !tagged.contains(s))
         .collect();
+    // As `--remote-keep` does: objects of checkpoints that never got their manifest (an
+    // upload cut short, a multi-rank checkpoint whose shards never all came), older than
+    // every checkpoint kept, are invisible and never restorable: they go too.
+    let oldest_kept = ours.get(cut).copied().unwrap_or(0);
+    let leftovers: Vec<u64> = r
+        .list_dirs()
+        .map_err(io_err)?
+        .into_iter()
+        .filter(|s| *s < oldest_kept && !listed.contains(s) && !tagged.contains(s))
+        .collect();
     let mut removed = Vec::new();
+    let mut leftovers_removed = Vec::new();
     if !a.dry_run {
         for &s in &doomed {
             r.remove(s).map_err(io_err)?;
             removed.push(s);
         }
+        for &s in &leftovers {
+            r.remove(s).map_err(io_err)?;
+            leftovers_removed.push(s);
+        }
     }
     if a.json {
         println!(
             "{}",
-            json!({ "remote": r.display, "removed": removed, "would_remove": if a.dry_run { doomed.clone() } else { vec![] }, "kept": ours[cut..], "not_authentic": foreign.iter().map(|(s, e)| json!({ "seq": s, "reason": e })).collect::<Vec<_>>() })
+            json!({ "remote": r.display, "removed": removed, "would_remove": if a.dry_run { doomed.clone() } else { vec![] }, "leftovers_removed": leftovers_removed, "would_remove_leftovers": if a.dry_run { leftovers.clone() } else { vec![] }, "kept": ours[cut..], "not_authentic": foreign.iter().map(|(s, e)| json!({ "seq": s, "reason": e })).collect::<Vec<_>>() })
         );
     } else {
         let verb = if a.dry_run { "would remove" } else { "removed" };
@@ -808,12 +824,20 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if doomed.is_empty() {
+        if doomed.is_empty() && leftovers.is_empty() {
             eprintln!("nothing to remove on {}", r.display);
-        } else {
+        }
+        if !doomed.is_empty() {
             eprintln!(
                 "{verb} remote checkpoint(s) {} from {}",
                 list(&doomed),
+                r.display
+            );
+        }
+        if !leftovers.is_empty() {
+            eprintln!(
+                "{verb} manifest-less leftover(s) {} from {} (uploads cut short, older than every checkpoint kept)",
+                list(&leftovers),
                 r.display
             );
         }
