@@ -54,6 +54,13 @@ pub const ENV_ROUND_TIMEOUT: &str = "CKPT_ROUND_TIMEOUT";
 /// Jobs whose ranks synchronise every step (collectives) should set 2 or more.
 pub const ENV_ROUND_LOOKAHEAD: &str = "CKPT_ROUND_LOOKAHEAD";
 
+/// The lookahead without `CKPT_ROUND_LOOKAHEAD`: a rank proposes its position plus 2, so that
+/// ranks that synchronise every step (collectives, DDP) all see the request before any of
+/// them blocks at its proposal (docs/multi-rank.md, "Waiting"; with 0, a rank blocked at its
+/// proposal and another waiting for it inside a collective deadlocked until the round timed
+/// out: seen with the torchrun recipe in CI).
+pub const DEFAULT_LOOKAHEAD: u64 = 2;
+
 /// The checksum of every shard of a multi-rank checkpoint, whichever client writes it: CRC-32
 /// (IEEE), which the Python client computes with `zlib` at C speed from the standard library
 /// alone, so that Rust and Python ranks of one job agree without negotiating
@@ -358,7 +365,7 @@ impl MultiRank {
                 })
             })
             .transpose()?
-            .unwrap_or(0);
+            .unwrap_or(DEFAULT_LOOKAHEAD);
         Ok(MultiRank {
             world,
             store: store.clone(),

@@ -270,10 +270,16 @@ def _env_timeout() -> float:
     return t
 
 
+#: The lookahead without ``CKPT_ROUND_LOOKAHEAD``: a rank proposes its position plus 2, so that
+#: ranks that synchronise every step (collectives, DDP) all see the request before any of them
+#: blocks at its proposal (docs/multi-rank.md, "Waiting"; as the Rust client).
+DEFAULT_LOOKAHEAD = 2
+
+
 def _env_lookahead() -> int:
     v = P.env(ENV_ROUND_LOOKAHEAD)
     if v is None:
-        return 0
+        return DEFAULT_LOOKAHEAD
     if not (v.isascii() and v.isdigit()):
         raise EnvError(f"environment variable {ENV_ROUND_LOOKAHEAD}={v!r} is invalid: not a whole number of steps")
     return int(v)
