@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::ranks::{assert_complete_checkpoints, assert_restores_complete, combined, reference};
 use common::slurm::*;
 use common::*;
 
@@ -99,29 +100,6 @@ fn rank_program(lang: Lang, steps: u64, out: &Path) -> Vec<String> {
         v.extend(["--readme".into(), "step".into()]);
     }
     v
-}
-
-fn reference(steps: u64) -> String {
-    let out = Command::new(test_bin("rank_trainer"))
-        .args(["--reference", "--world", &WORLD.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .output()
-        .unwrap();
-    text(&out.stdout).trim().to_string()
-}
-
-fn combined(out: &Path) -> String {
-    let ds: Vec<String> = (0..WORLD)
-        .map(|r| {
-            std::fs::read_to_string(out.join(format!("digest-{r}")))
-                .unwrap_or_else(|_| panic!("rank {r} wrote no digest"))
-        })
-        .collect();
-    let o = Command::new(test_bin("rank_trainer"))
-        .args(["--combine", &ds.join(",")])
-        .output()
-        .unwrap();
-    text(&o.stdout).trim().to_string()
 }
 
 // ---- the recipe in docs/multi-rank.md ----
@@ -345,39 +323,6 @@ fn mid_save(dir: &Path) -> bool {
                 .flatten()
                 .any(|e| e.file_name().to_string_lossy().starts_with("rank-"))
         })
-}
-
-/// Every published checkpoint verifies and holds exactly one shard per rank.
-fn assert_complete_checkpoints(dir: &Path) {
-    let store = ckpt::store::Store::new(dir);
-    let seqs = checkpoints(dir);
-    assert!(!seqs.is_empty(), "no checkpoint was published");
-    for seq in seqs {
-        let m = store
-            .verify(seq)
-            .unwrap_or_else(|e| panic!("checkpoint {seq} does not verify: {e}"));
-        assert_eq!(m.world_size, Some(WORLD), "checkpoint {seq}: world_size");
-        for r in 0..WORLD {
-            let name = format!("rank-{r:05}/state.bin");
-            assert!(
-                m.files.iter().any(|f| f.name == name),
-                "checkpoint {seq} lacks {name}"
-            );
-        }
-    }
-}
-
-/// Every restore any rank made saw all shards of a checkpoint of this world size; returns
-/// how many there were.
-fn assert_restores_complete(out: &Path) -> usize {
-    let log = std::fs::read_to_string(out.join("restores.log")).unwrap_or_default();
-    for l in log.lines() {
-        assert!(
-            l.ends_with(&format!("world {WORLD} shards {WORLD}")),
-            "a partial or foreign checkpoint was restored: {l}"
-        );
-    }
-    log.lines().count()
 }
 
 /// The event log and the round files of the job on `dir`, for a failure message.
@@ -657,12 +602,13 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         );
     }
     assert_eq!(
-        combined(out),
-        reference(steps),
+        combined(WORLD, out),
+        reference(WORLD, steps),
         "{test}: the resumed job's global digest differs from an uninterrupted run\n{log}"
     );
-    let restores = assert_restores_complete(out);
-    assert_complete_checkpoints(dir);
+    let restores = assert_restores_complete(out, WORLD);
+    assert!(!checkpoints(dir).is_empty(), "no checkpoint was published");
+    assert_complete_checkpoints(dir, WORLD);
     assert_no_survivors(dir);
     let launches = events(dir, "launch");
     // Every rank of every launch handed a checkpoint restored its shard (the first launches

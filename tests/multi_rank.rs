@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::ranks::{assert_complete_checkpoints, assert_restores_complete, combined, reference};
 use common::slurm::*;
 use common::*;
 
@@ -31,29 +32,6 @@ fn trainer_args(steps: u64, out: &Path) -> Vec<String> {
         "--out".into(),
         out.display().to_string(),
     ]
-}
-
-fn reference(world: u32, steps: u64) -> String {
-    let out = Command::new(test_bin("rank_trainer"))
-        .args(["--reference", "--world", &world.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .output()
-        .unwrap();
-    text(&out.stdout).trim().to_string()
-}
-
-fn combined(world: u32, out: &Path) -> String {
-    let ds: Vec<String> = (0..world)
-        .map(|r| {
-            std::fs::read_to_string(out.join(format!("digest-{r}")))
-                .unwrap_or_else(|_| panic!("rank {r} wrote no digest"))
-        })
-        .collect();
-    let o = Command::new(test_bin("rank_trainer"))
-        .args(["--combine", &ds.join(",")])
-        .output()
-        .unwrap();
-    text(&o.stdout).trim().to_string()
 }
 
 /// The job's processes on `dir`: (pid, rank) with `None` for the launcher.
@@ -112,36 +90,6 @@ fn stage_shards(dir: &Path) -> Vec<PathBuf> {
         }
     }
     v
-}
-
-/// Every published checkpoint verifies and holds exactly one shard per rank.
-fn assert_complete_checkpoints(dir: &Path, world: u32) {
-    let store = ckpt::store::Store::new(dir);
-    for seq in checkpoints(dir) {
-        let m = store
-            .verify(seq)
-            .unwrap_or_else(|e| panic!("checkpoint {seq} does not verify: {e}"));
-        assert_eq!(m.world_size, Some(world), "checkpoint {seq}: world_size");
-        for r in 0..world {
-            let name = format!("rank-{r:05}/state.bin");
-            assert!(
-                m.files.iter().any(|f| f.name == name),
-                "checkpoint {seq} lacks {name}"
-            );
-        }
-    }
-}
-
-/// Every restore any rank made saw all shards of a checkpoint of this world size.
-fn assert_restores_complete(out: &Path, world: u32) -> usize {
-    let log = std::fs::read_to_string(out.join("restores.log")).unwrap_or_default();
-    for l in log.lines() {
-        assert!(
-            l.ends_with(&format!("world {world} shards {world}")),
-            "a partial or foreign checkpoint was restored: {l}"
-        );
-    }
-    log.lines().count()
 }
 
 /// A round is gathering: some rank proposed, the coordinator has not written `agreed` yet

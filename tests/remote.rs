@@ -1545,26 +1545,6 @@ fn rank_job(c: &mut Command, world: u32, steps: u64, out: &Path) {
         .args(rank_trainer_args(steps, out));
 }
 
-fn rank_reference(world: u32, steps: u64) -> String {
-    let out = Command::new(test_bin("rank_trainer"))
-        .args(["--reference", "--world", &world.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .output()
-        .unwrap();
-    text(&out.stdout).trim().to_string()
-}
-
-fn rank_combined(world: u32, out: &Path) -> String {
-    let ds: Vec<String> = (0..world)
-        .map(|r| std::fs::read_to_string(out.join(format!("digest-{r}"))).unwrap())
-        .collect();
-    let o = Command::new(test_bin("rank_trainer"))
-        .args(["--combine", &ds.join(",")])
-        .output()
-        .unwrap();
-    text(&o.stdout).trim().to_string()
-}
-
 /// Remote checkpoint numbers under `prefix` with (a) a manifest, (b) the shard record of
 /// each rank.
 fn remote_parts(moto: &Moto, prefix: &str) -> (Vec<u64>, Vec<(u64, u32)>) {
@@ -1745,7 +1725,11 @@ fn s3_multi_rank_each_node_uploads_its_shards_and_the_manifest_waits_for_all() {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert_eq!(events(&dir2, "remote_restored").len(), 1, "{err}");
-    assert_eq!(rank_combined(2, &out2), rank_reference(2, steps), "{err}");
+    assert_eq!(
+        ranks::combined(2, &out2),
+        ranks::reference(2, steps),
+        "{err}"
+    );
     assert_no_survivors(&dir2);
 }
 

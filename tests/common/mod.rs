@@ -3,6 +3,7 @@
 //! replayed, and checking that no process of a job survives.
 #![allow(dead_code)]
 
+pub mod ranks;
 pub mod slurm;
 
 use std::path::{Path, PathBuf};
