@@ -21,12 +21,8 @@ pub struct ListArgs {
     /// our key (files are not downloaded).
     #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
-    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<std::path::PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 /// Verify checkpoints fully.
@@ -45,12 +41,8 @@ pub struct VerifyArgs {
     /// downloaded and checked against the authenticated record; nothing is written).
     #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
-    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<std::path::PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 pub(super) fn open_remote(
@@ -72,7 +64,7 @@ pub(super) fn open_remote(
 
 /// `ckpt verify --remote URL [SEQ...]`.
 fn verify_remote(a: &VerifyArgs, url: &str) -> Result<i32, Fatal> {
-    let r = open_remote(url, &a.remote_key, a.remote_allow_http)?;
+    let r = open_remote(url, &a.remote_auth.keys, a.remote_auth.allow_http)?;
     let seqs: Vec<u64> = if a.ids.is_empty() {
         r.list().map_err(Fatal::io)?
     } else {
@@ -156,8 +148,8 @@ fn tag_text(v: &serde_json::Value) -> String {
 fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
     let settings = crate::remote::Settings {
         url: url.to_string(),
-        allow_http: a.remote_allow_http,
-        keys: a.remote_key.clone(),
+        allow_http: a.remote_auth.allow_http,
+        keys: a.remote_auth.keys.clone(),
         keep: None,
         required: false,
         stop_timeout: std::time::Duration::ZERO,

@@ -114,6 +114,23 @@ pub struct DirArg {
     pub dir: PathBuf,
 }
 
+/// `--remote-key` and `--remote-allow-http`, shared by every subcommand that takes
+/// `--remote`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RemoteAuth {
+    /// The key that authenticates remote checkpoints (HMAC-SHA256; 32 random bytes as hex).
+    /// Repeat it to rotate keys: the first one signs uploads, every one is accepted when
+    /// checking. Default: $XDG_CONFIG_HOME/ckpt/remote.key (else ~/.config/ckpt/remote.key),
+    /// created owner-only the first time ckpt signs. Every machine that uploads or restores a
+    /// job's checkpoints needs the same key (docs/cloud.md, "The key").
+    #[arg(long = "remote-key", value_name = "FILE")]
+    pub keys: Vec<PathBuf>,
+    /// Allow a plain-http endpoint that is not on this machine (loopback endpoints always
+    /// are allowed).
+    #[arg(long = "remote-allow-http")]
+    pub allow_http: bool,
+}
+
 /// A time stamp in milliseconds since the epoch as RFC 3339 UTC (with milliseconds when
 /// `millis`); one beyond year 9999 (or otherwise unrepresentable), as found in a hostile
 /// manifest or event log, is shown raw instead of panicking.

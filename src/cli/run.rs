@@ -149,18 +149,11 @@ pub struct RunArgs {
     /// instance roles, ...). See docs/cloud.md.
     #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
-    /// The key that authenticates remote checkpoints (HMAC-SHA256; 32 random bytes as hex,
-    /// created owner-only when missing). Repeat it to rotate: the first signs, all verify.
-    /// Default: ~/.config/ckpt/remote.key.
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<std::path::PathBuf>,
     /// Keep only the newest N remote checkpoints (tagged ones are never pruned).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
     pub remote_keep: Option<u64>,
-    /// Allow a plain-http endpoint that is not on this machine (loopback endpoints always
-    /// are allowed).
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
     /// After a stop, exit 77 (not 75) when the final checkpoint could not be uploaded within
     /// --remote-stop-timeout.
     #[arg(long)]
@@ -335,8 +328,8 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
     let remote = match a.remote.filter(|u| !u.is_empty()) {
         Some(url) => Some(crate::remote::Settings {
             url,
-            allow_http: a.remote_allow_http,
-            keys: a.remote_key,
+            allow_http: a.remote_auth.allow_http,
+            keys: a.remote_auth.keys,
             keep: a.remote_keep.map(|n| n as usize),
             required: a.remote_required,
             stop_timeout: bounded("--remote-stop-timeout", a.remote_stop_timeout)?,
@@ -345,7 +338,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
         None => {
             if a.remote_required
                 || a.remote_keep.is_some()
-                || !a.remote_key.is_empty()
+                || !a.remote_auth.keys.is_empty()
                 || a.remote_ranks.is_some()
             {
                 return Err(Fatal::usage(

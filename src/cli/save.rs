@@ -34,13 +34,8 @@ pub struct SaveArgs {
     /// run --remote` the supervisor already uploads every commit in the background.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
-    /// The key that signs the upload (default: ~/.config/ckpt/remote.key, created on first
-    /// use).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
     /// Files or directories to save.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
@@ -113,8 +108,8 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
     let remote = match a.remote.as_deref().filter(|u| !u.is_empty()) {
         Some(u) => Some(super::inspect::open_remote(
             u,
-            &a.remote_key,
-            a.remote_allow_http,
+            &a.remote_auth.keys,
+            a.remote_auth.allow_http,
         )?),
         None => None,
     };

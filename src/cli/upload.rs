@@ -1,7 +1,6 @@
 //! `ckpt upload`: copy local checkpoints to a remote by hand, and the per-node uploader of a
 //! multi-rank job (docs/cloud.md, "Multi-rank jobs").
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -31,13 +30,8 @@ pub struct UploadArgs {
     /// The remote: s3://bucket/prefix, gs://..., az://container/prefix, file:///path.
     #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
     pub remote: String,
-    /// The key that signs the upload (default: ~/.config/ckpt/remote.key; every node of
-    /// the job needs the same key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
     /// Of a multi-rank checkpoint, upload only these ranks' shards (e.g. `4-7`, this
     /// node's ranks). Default: every shard no other node claimed.
     #[arg(long, value_parser = crate::remote::parse_rank_set, value_name = "RANKS")]
@@ -145,7 +139,7 @@ fn upload_one(
 }
 
 pub fn run(a: UploadArgs) -> Result<i32, Fatal> {
-    let r = super::inspect::open_remote(&a.remote, &a.remote_key, a.remote_allow_http)?;
+    let r = super::inspect::open_remote(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
     let store = super::versions::open(&a.dir.dir)?;
     if !a.follow {
         let res = super::versions::resolve(&store, &a.id)?;

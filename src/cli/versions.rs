@@ -256,16 +256,12 @@ pub struct ShowArgs {
     /// --verify downloads and checks every byte as a restore would.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
-    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
-    let remote = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)?;
+    let remote = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
     let (res, m, tags, verified) = match &remote {
         Some(r) => {
             let seq = resolve_remote(r, &a.id)?;
@@ -519,12 +515,8 @@ pub struct ExportArgs {
     /// nothing is left at --to). `ckpt import` takes the result on any machine.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
-    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 /// `ckpt export --remote URL ID --to PATH`.
@@ -567,7 +559,7 @@ fn export_remote(a: &ExportArgs, r: &crate::remote::Remote) -> Result<i32, Fatal
 }
 
 pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
-    if let Some(r) = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)? {
+    if let Some(r) = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)? {
         return export_remote(&a, &r);
     }
     let store = open(&a.dir.dir)?;
@@ -612,17 +604,12 @@ pub struct ImportArgs {
     /// it, then import the result.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
-    /// The key that signs the upload (default: ~/.config/ckpt/remote.key, created on first
-    /// use).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
-    let remote = remote_of(&a.remote, &a.remote_key, a.remote_allow_http)?;
+    let remote = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
     let store = Store::new(&a.dir.dir);
     let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
     let src_m = read_manifest(&src)
@@ -740,12 +727,8 @@ pub struct GcArgs {
     /// checkpoints that do not authenticate are listed, never removed.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
-    /// Keys to check remote checkpoints with (default: ~/.config/ckpt/remote.key).
-    #[arg(long, value_name = "FILE")]
-    pub remote_key: Vec<PathBuf>,
-    /// Allow a plain-http endpoint that is not on this machine.
-    #[arg(long)]
-    pub remote_allow_http: bool,
+    #[command(flatten)]
+    pub remote_auth: super::RemoteAuth,
 }
 
 /// `ckpt gc --remote URL --keep N`.
@@ -755,8 +738,8 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     };
     let r = crate::remote::Remote::open(&crate::remote::Settings {
         url: url.to_string(),
-        allow_http: a.remote_allow_http,
-        keys: a.remote_key.clone(),
+        allow_http: a.remote_auth.allow_http,
+        keys: a.remote_auth.keys.clone(),
         keep: None,
         required: false,
         stop_timeout: Duration::ZERO,
