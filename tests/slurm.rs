@@ -686,6 +686,29 @@ fn compile_count(t: &T) {
     assert!(out.status.success(), "cc: {}", text(&out.stderr));
 }
 
+/// The voluntary context switches (one per 1 ms sleep: its progress) of the test's `count`
+/// process (0 if it is not running).
+fn count_sleeps(t: &T) -> u64 {
+    let (Ok(rd), Ok(work)) = (std::fs::read_dir("/proc"), t.work.path().canonicalize()) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim() != "count" || std::fs::read_link(p.join("cwd")).ok().as_ref() != Some(&work)
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+    }
+    0
+}
+
 /// After a transparent job's stop and requeue: it finishes with the uninterrupted result,
 /// started once (each requeued run restored it with CRIU: the count continued), and Slurm
 /// ran it once more per stop (a loaded machine may need a third run under a time limit).
@@ -798,7 +821,11 @@ fn transparent_recipe_warning_dumps_requeues_and_restores() {
     wait_for(&t, Duration::from_secs(60), "the job started", || {
         t.path("starts").exists() && !events(&ck, "launch").is_empty()
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Let the count get under way (a tenth of it: 1,500 of its 1 ms sleeps) before the
+    // warning, so that the dump catches it mid-computation.
+    wait_for(&t, Duration::from_secs(60), "the count under way", || {
+        count_sleeps(&t) >= 1_500
+    });
     scancel_batch_usr1(&id);
     transparent_job_resumed(&t, &id, &ck, n);
 }
