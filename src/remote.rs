@@ -1914,6 +1914,194 @@ pub fn parse_ranks(s: &str) -> Result<Vec<u32>, String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// The remotes a directory was uploaded to, and rollbacks
+
+/// Where a directory remembers the remotes it was uploaded to (for `ckpt rollback`).
+const REMEMBERED: &str = "remotes.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RememberedRemote {
+    url: String,
+    allow_http: bool,
+    /// Absolute key paths (empty: the default key).
+    keys: Vec<PathBuf>,
+}
+
+fn remembered(store: &Store) -> Vec<RememberedRemote> {
+    crate::store::io::read_small(&store.private().join(REMEMBERED), 1 << 20)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Records in `DIR/.ckpt/remotes.json` that `store` is uploaded to the remote of `s` (its
+/// URL, `--remote-allow-http` and key paths; never a credential), so that `ckpt rollback`
+/// can roll the remote back too. At most 8 remotes, the most recent last. Best effort.
+pub fn remember(s: &Settings, store: &Store) {
+    let me = RememberedRemote {
+        url: s.url.clone(),
+        allow_http: s.allow_http,
+        keys: s
+            .keys
+            .iter()
+            .map(|k| std::path::absolute(k).unwrap_or_else(|_| k.clone()))
+            .collect(),
+    };
+    let mut all = remembered(store);
+    if all.last() == Some(&me) {
+        return;
+    }
+    all.retain(|r| r.url != me.url);
+    all.push(me);
+    let drop = all.len().saturating_sub(8);
+    all.drain(..drop);
+    if let Ok(b) = serde_json::to_vec_pretty(&all) {
+        let path = store.private().join(REMEMBERED);
+        let tmp = store
+            .private()
+            .join(format!(".{REMEMBERED}.{}.tmp", crate::store::token()));
+        if crate::store::io::write_owner_only(&tmp, &b).is_ok() {
+            if std::fs::rename(&tmp, &path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+}
+
+/// What a rollback did to one remote.
+#[derive(Debug, Clone)]
+pub struct RemoteRollback {
+    /// The checkpoint rolled back to.
+    pub seq: u64,
+    /// The remote, as shown (no credentials).
+    pub remote: String,
+    /// Remote checkpoints above the rollback target, removed.
+    pub removed: Vec<u64>,
+    /// Whether a finished record was there (removed).
+    pub was_finished: bool,
+    /// What went wrong, if anything (the rest was still tried).
+    pub error: Option<String>,
+}
+
+/// After a local rollback to checkpoint `seq`: on every remote the directory was uploaded to
+/// ([`remember`]), removes the finished record (the job is not finished any more) and every
+/// remote checkpoint numbered above `seq` (the rolled-back ones: a new machine resumes from
+/// `seq`, as this one does; the local copies stay in `rolled-back/`).
+pub fn after_rollback(store: &Store, seq: u64) -> Vec<RemoteRollback> {
+    remembered(store)
+        .into_iter()
+        .map(|rr| {
+            let mut out = RemoteRollback {
+                seq,
+                remote: rr.url.clone(),
+                removed: Vec::new(),
+                was_finished: false,
+                error: None,
+            };
+            let s = Settings {
+                url: rr.url.clone(),
+                allow_http: rr.allow_http,
+                keys: rr.keys.clone(),
+                keep: None,
+                required: false,
+                stop_timeout: Duration::ZERO,
+                ranks: None,
+            };
+            let remote = match Remote::open(&s) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.error = Some(redact(&e));
+                    return out;
+                }
+            };
+            out.remote = remote.display.clone();
+            let mut errs = Vec::new();
+            match remote.finished() {
+                // A record that does not authenticate counts for nothing: left alone.
+                Ok(Finished::No | Finished::Invalid(_)) => {}
+                Ok(Finished::Yes { .. }) => {
+                    out.was_finished = true;
+                    if let Err(e) = remote.clear_finished() {
+                        errs.push(e);
+                    }
+                }
+                Err(e) => errs.push(e),
+            }
+            let visible = remote.list();
+            match (remote.list_dirs(), visible) {
+                (Ok(seqs), Ok(visible)) => {
+                    for s in seqs.into_iter().filter(|s| *s > seq) {
+                        // Checkpoints that do not authenticate are someone else's (never
+                        // restored anyway): left alone, as by `ckpt gc --remote`.
+                        if visible.contains(&s) && remote.check(s).is_err() {
+                            continue;
+                        }
+                        match remote.remove(s) {
+                            Ok(()) => out.removed.push(s),
+                            Err(e) => errs.push(e),
+                        }
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => errs.push(e),
+            }
+            if !errs.is_empty() {
+                out.error = Some(redact(&errs.join("; ")));
+            }
+            out
+        })
+        .collect()
+}
+
+impl RemoteRollback {
+    /// One line for a person (what was done, or what failed).
+    pub fn human(&self) -> String {
+        let removed = if self.removed.is_empty() {
+            "no newer checkpoint there".to_string()
+        } else {
+            format!(
+                "removed checkpoint{} {} there",
+                if self.removed.len() == 1 { "" } else { "s" },
+                self.removed
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let finished = if self.was_finished {
+            "; removed its finished record (a new machine resumes the job)"
+        } else {
+            ""
+        };
+        match &self.error {
+            None => format!("remote {}: {removed}{finished}", self.remote),
+            Some(e) => format!(
+                "remote {} NOT fully rolled back: {e} ({removed}{finished}); a new machine may still restore a rolled-back checkpoint or take the job as finished (hint: run `ckpt rollback {}` again once the remote is reachable)",
+                self.remote, self.seq
+            ),
+        }
+    }
+
+    /// The same as an event for the supervisor's log.
+    pub fn report(&self) -> Report {
+        report(
+            if self.error.is_some() {
+                "remote_rollback_failed"
+            } else {
+                "remote_rolled_back"
+            },
+            self.error.is_some(),
+            self.human(),
+            self.json(),
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        json!({ "remote": self.remote, "removed": self.removed, "finished_cleared": self.was_finished, "error": self.error })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Restore before a launch
 
 /// Restores the newest remote checkpoint newer than `local_newest` that authenticates and

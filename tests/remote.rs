@@ -2115,3 +2115,62 @@ fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently()
     assert!(out.status.success(), "{}", text(&out.stderr));
     new_vm_two_ranks(home, &moto, url, "nl/", new, &t.path().join("vm2"));
 }
+
+#[test]
+fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_back_run() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let digest = dir.with_extension("digest");
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms"]);
+    trainer_cmd(&mut c, 100, 5, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(root.join("FINISHED.ckpt.sig").exists());
+    let before = remote_seqs(&root);
+    assert!(before.len() >= 3, "{before:?}");
+
+    // Roll back two checkpoints: the remote loses the finished record and the newer ones.
+    let out = output_deadline(
+        ckpt()
+            .args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg("latest~2")
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .env("HOME", t.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    let target = v["seq"].as_u64().unwrap();
+    let newer: Vec<u64> = before.iter().copied().filter(|s| *s > target).collect();
+    assert_eq!(newer.len(), 2, "{v}");
+    assert_eq!(v["remote"][0]["removed"], serde_json::json!(newer), "{v}");
+    assert_eq!(v["remote"][0]["finished_cleared"], true, "{v}");
+    assert!(!root.join("FINISHED.ckpt.sig").exists());
+    assert_eq!(*remote_seqs(&root).last().unwrap(), target);
+    let target_step = the_step(&root.join(format!("ckpt-{target:012}")));
+
+    // A new VM resumes the rolled-back run (from the rollback target), not "finished".
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(&digest);
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(events(&dir, "already_finished").is_empty(), "{err}");
+    let restored = events(&dir, "remote_restored");
+    assert_eq!(restored.len(), 1, "{err}");
+    assert_eq!(restored[0]["remote_seq"], target, "{err}");
+    assert_eq!(restored[0]["step"], target_step, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}

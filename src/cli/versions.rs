@@ -691,7 +691,8 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
     if a.json {
         println!(
             "{}",
-            json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags })
+            json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags,
+                    "remote": r.remote.iter().map(|x| x.json()).collect::<Vec<_>>() })
         );
     } else {
         println!(
@@ -707,8 +708,19 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
                 escape(t)
             );
         }
+        for x in &r.remote {
+            if x.error.is_none() {
+                println!("{}", x.human());
+            }
+        }
     }
-    Ok(0)
+    // A remote that could not be rolled back: said loudly, exit 77 (the local rollback stands).
+    let mut code = 0;
+    for x in r.remote.iter().filter(|x| x.error.is_some()) {
+        eprintln!("ckpt: error: {}", escape(&x.human()));
+        code = ErrKind::UploadFailed.code();
+    }
+    Ok(code)
 }
 
 /// What retention would remove, and leftovers (quarantine, staging, trash) older than an age.
