@@ -1850,7 +1850,15 @@ fn upload_as(
 
 /// A new machine resumes the two-rank job from remote checkpoint `seq` under `prefix` and
 /// ends with the uninterrupted run's digest.
-fn new_vm_two_ranks(home: &Path, moto: &Moto, url: &str, prefix: &str, seq: u64, at: &Path) {
+fn new_vm_two_ranks(
+    home: &Path,
+    moto: &Moto,
+    url: &str,
+    prefix: &str,
+    seq: u64,
+    at: &Path,
+    extra: &[&str],
+) {
     let m = Manifest::decode(&moto_get(
         moto,
         &format!("{prefix}ckpt-{seq:012}/MANIFEST.ckpt"),
@@ -1862,7 +1870,7 @@ fn new_vm_two_ranks(home: &Path, moto: &Moto, url: &str, prefix: &str, seq: u64,
     let out = at.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let mut c = ckpt_remote(&dir, home, url, Some(moto));
-    c.args(["--every", "off"]);
+    c.args(["--every", "off"]).args(extra);
     rank_job(&mut c, 2, steps, &out);
     let o = output_deadline(&mut c, Duration::from_secs(120));
     let err = text(&o.stderr);
@@ -1890,6 +1898,46 @@ fn claim_files(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// An uploader of node `node` claims rank `rank`'s shard of checkpoint `seq` and dies before
+/// its shard record is up: the server is down meanwhile (its requests are being retried),
+/// so the claim is certainly made and the record certainly not; then the uploader is
+/// SIGKILLed and the server restarted.
+fn die_holding_claim(
+    home: &Path,
+    moto: &mut Moto,
+    dir: &Path,
+    url: &str,
+    seq: u64,
+    rank: u32,
+    node: &str,
+) {
+    moto.kill();
+    let mut b = ckpt_env(home, Some(moto));
+    b.env("CKPT_NODE", node)
+        .args([
+            "upload",
+            "--json",
+            "--ranks",
+            &rank.to_string(),
+            "--remote",
+            url,
+            "--dir",
+        ])
+        .arg(dir)
+        .arg(seq.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut b = b.spawn_guarded();
+    wait_until(Duration::from_secs(30), "the uploader's claim", || {
+        claim_files(dir)
+            .iter()
+            .any(|n| n.starts_with(&format!("ckpt-{seq:012}.rank-{rank:05}.")))
+    });
+    signal(b.id(), libc::SIGKILL);
+    let _ = wait_deadline(&mut b, Duration::from_secs(10));
+    moto.restart();
+}
+
 #[test]
 fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
     need_moto!();
@@ -1902,26 +1950,8 @@ fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
         .last()
         .unwrap();
 
-    // Node B's uploader claims rank 1's shard and dies before its shard record is up: the
-    // server is down meanwhile (its requests are being retried), so the claim is certainly
-    // made and the record certainly not; then node B is SIGKILLed.
-    moto.kill();
-    let mut b = ckpt_env(home, Some(&moto));
-    b.env("CKPT_NODE", "node-b")
-        .args(["upload", "--json", "--ranks", "1", "--remote", url, "--dir"])
-        .arg(&dir)
-        .arg(seq.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut b = b.spawn_guarded();
-    wait_until(Duration::from_secs(30), "node B's claim", || {
-        claim_files(&dir)
-            .iter()
-            .any(|n| n.starts_with(&format!("ckpt-{seq:012}.rank-00001.")))
-    });
-    signal(b.id(), libc::SIGKILL);
-    let _ = wait_deadline(&mut b, Duration::from_secs(10));
-    moto.restart();
+    // Node B's uploader claims rank 1's shard and dies before its shard record is up.
+    die_holding_claim(home, &mut moto, &dir, url, seq, 1, "node-b");
 
     // Node A uploads rank 0: the manifest waits for rank 1, whose claim is node B's.
     let v = upload_as(
@@ -1989,7 +2019,7 @@ fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // A new machine resumes from it and ends bit-identical.
-    new_vm_two_ranks(home, &moto, url, "lease/", seq, &t.path().join("vm2"));
+    new_vm_two_ranks(home, &moto, url, "lease/", seq, &t.path().join("vm2"), &[]);
 }
 
 /// Copies checkpoint `seq` of `from` into `to` with rank `rank`'s shard only (a node-local
@@ -2113,7 +2143,7 @@ fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently()
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    new_vm_two_ranks(home, &moto, url, "nl/", new, &t.path().join("vm2"));
+    new_vm_two_ranks(home, &moto, url, "nl/", new, &t.path().join("vm2"), &[]);
 }
 
 #[test]
@@ -2173,4 +2203,54 @@ fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_ba
         "{err}"
     );
     assert_no_survivors(&dir);
+}
+
+#[test]
+fn s3_the_next_ckpt_run_takes_over_a_shard_whose_uploader_died() {
+    need_moto!();
+    let mut moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let out = t.path().join("out");
+    let url = "s3://ckpt-remote-test/sup";
+    let seq = *two_rank_checkpoints(home, &dir, &out, 2).last().unwrap();
+    die_holding_claim(home, &mut moto, &dir, url, seq, 1, "node-b");
+    let step = the_step(&dir.join(format!("ckpt-{seq:012}")));
+
+    // The job's next `ckpt run --remote` (its steps already done: it resumes and exits at
+    // once) re-offers checkpoint `seq`: it uploads rank 0, respects node B's claim while its
+    // lease runs, then takes it over and writes the manifest before it exits.
+    let mut c = ckpt_remote(&dir, home, url, Some(&moto));
+    c.env("CKPT_UPLOAD_LEASE", "2s")
+        .args(["--every", "off", "--remote-stop-timeout", "60s"]);
+    rank_job(&mut c, 2, step, &out);
+    let o = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let took = events(&dir, "upload_taken_over");
+    assert_eq!(took.len(), 1, "{err}");
+    assert_eq!(took[0]["seq"], seq, "{err}");
+    assert_eq!(took[0]["rank"], 1, "{err}");
+    assert!(
+        took[0]["from"].as_str().unwrap().starts_with("node-b"),
+        "{err}"
+    );
+    let up = events(&dir, "uploaded");
+    assert!(up.iter().any(|e| e["seq"] == seq), "{err}");
+    assert_eq!(events(&dir, "remote_safe").len(), 1, "{err}");
+    let (manifests, shards) = remote_parts(&moto, "sup/");
+    assert_eq!(manifests, vec![seq]);
+    assert!(shards.contains(&(seq, 0)) && shards.contains(&(seq, 1)));
+    assert_no_survivors(&dir);
+    // The job finished: a new machine resumes it only with --again.
+    new_vm_two_ranks(
+        home,
+        &moto,
+        url,
+        "sup/",
+        seq,
+        &t.path().join("vm2"),
+        &["--again"],
+    );
 }
