@@ -1960,10 +1960,10 @@ pub fn remember(s: &Settings, store: &Store) {
         let tmp = store
             .private()
             .join(format!(".{REMEMBERED}.{}.tmp", crate::store::token()));
-        if crate::store::io::write_owner_only(&tmp, &b).is_ok() {
-            if std::fs::rename(&tmp, &path).is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
+        if crate::store::io::write_owner_only(&tmp, &b).is_ok()
+            && std::fs::rename(&tmp, &path).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 }

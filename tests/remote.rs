@@ -1825,20 +1825,20 @@ fn two_rank_checkpoints(home: &Path, dir: &Path, out: &Path, n: usize) -> Vec<u6
     checkpoints(dir)
 }
 
-/// `ckpt upload --json` of checkpoint `seq` of `dir` to `url` as node `node`.
+/// `ckpt upload --json` of checkpoint `seq` of `dir` to `url` as node `node`, with `lease`
+/// as `CKPT_UPLOAD_LEASE` if given.
 fn upload_as(
-    home: &Path,
-    moto: &Moto,
+    (home, moto): (&Path, &Moto),
     node: &str,
     dir: &Path,
     url: &str,
     seq: u64,
     extra: &[&str],
-    env: &[(&str, &str)],
+    lease: Option<&str>,
 ) -> serde_json::Value {
     let mut c = ckpt_env(home, Some(moto));
     c.env("CKPT_NODE", node)
-        .envs(env.iter().copied())
+        .envs(lease.map(|l| ("CKPT_UPLOAD_LEASE", l)))
         .args(["upload", "--json", "--remote", url, "--dir"])
         .arg(dir)
         .args(extra)
@@ -1955,29 +1955,19 @@ fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
 
     // Node A uploads rank 0: the manifest waits for rank 1, whose claim is node B's.
     let v = upload_as(
-        home,
-        &moto,
+        (home, &moto),
         "node-a",
         &dir,
         url,
         seq,
         &["--ranks", "0"],
-        &[],
+        None,
     );
     assert_eq!(v["uploaded"], serde_json::json!([0]), "{v}");
     assert_eq!(v["published"], false, "{v}");
     assert_eq!(v["missing"], serde_json::json!([1]), "{v}");
     // While node B's lease runs, its claim is respected by every other node.
-    let v = upload_as(
-        home,
-        &moto,
-        "node-c",
-        &dir,
-        url,
-        seq,
-        &[],
-        &[("CKPT_UPLOAD_LEASE", "10m")],
-    );
+    let v = upload_as((home, &moto), "node-c", &dir, url, seq, &[], Some("10m"));
     assert_eq!(v["published"], false, "{v}");
     assert!(
         v["others"]
@@ -1991,16 +1981,7 @@ fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
 
     // Once it ran out (no renewal: node B is dead), node C checks its copy of the shard,
     // takes the claim over, uploads it and writes the manifest.
-    let v = upload_as(
-        home,
-        &moto,
-        "node-c",
-        &dir,
-        url,
-        seq,
-        &[],
-        &[("CKPT_UPLOAD_LEASE", "1ms")],
-    );
+    let v = upload_as((home, &moto), "node-c", &dir, url, seq, &[], Some("1ms"));
     assert_eq!(v["published"], true, "{v}");
     let took = v["taken_over"].as_array().unwrap();
     assert!(
@@ -2103,14 +2084,13 @@ fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently()
     );
     // Node A alone, without --ranks: it takes what it holds, never what it does not.
     let v = upload_as(
-        home,
-        &moto,
+        (home, &moto),
         "node-a",
         &da,
         "s3://ckpt-remote-test/nl-a",
         new,
         &[],
-        &[],
+        None,
     );
     assert_eq!(v["uploaded"], serde_json::json!([0]), "{v}");
     assert_eq!(v["absent"], serde_json::json!([1]), "{v}");

@@ -17,9 +17,10 @@ use crate::supervisor::{fmt_bytes, Fatal};
 ///
 /// A single-process checkpoint is uploaded whole (as `ckpt run --remote` does after each
 /// commit). Of a multi-rank checkpoint, only the shards of --ranks (this node's ranks) are
-/// uploaded, each claimed first in DIR so that no two nodes upload the same shard; the
-/// remote manifest, the remote commit record, is written by whichever node finds every
-/// shard up. Run `ckpt upload --follow --ranks R` on every node of the job (R: its ranks)
+/// uploaded, each claimed first in DIR so that no two nodes upload the same shard (a claim
+/// whose uploader died is taken over once its lease, CKPT_UPLOAD_LEASE, default 2m, ran
+/// out); the remote manifest, the remote commit record, is written by whichever node finds
+/// every shard up. Run `ckpt upload --follow --ranks R` on every node of the job (R: its ranks)
 /// next to `ckpt run --remote URL --remote-ranks R0` on the supervisor's node.
 #[derive(Debug, clap::Args)]
 pub struct UploadArgs {
@@ -42,8 +43,9 @@ pub struct UploadArgs {
     /// node's ranks). Default: every shard no other node claimed.
     #[arg(long, value_parser = crate::remote::parse_rank_set, value_name = "RANKS")]
     pub ranks: Option<crate::remote::Ranks>,
-    /// Keep watching DIR and upload each new checkpoint (this node's part of it) until the
-    /// job finished (DIR/.ckpt/finished) or SIGTERM/SIGINT.
+    /// Keep watching DIR and upload each new checkpoint (this node's part of it), and
+    /// finish older ones whose remote manifest is not written yet, until the job finished
+    /// (DIR/.ckpt/finished) or SIGTERM/SIGINT.
     #[arg(long)]
     pub follow: bool,
     /// With --follow: how often DIR is looked at.

@@ -664,6 +664,9 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
 
 /// Roll a directory back: checkpoints newer than ID go to rolled-back/ (never deleted), so
 /// the next `ckpt run` resumes from ID. Refused while a supervisor runs on the directory.
+/// The remotes DIR is uploaded to (`ckpt run --remote`, `ckpt upload`) are rolled back too:
+/// their finished record and their checkpoints above ID are removed (exit 77 if a remote
+/// cannot be).
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     #[command(flatten)]
