@@ -2163,6 +2163,40 @@ fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_ba
     assert_eq!(*remote_seqs(&root).last().unwrap(), target);
     let target_step = the_step(&root.join(format!("ckpt-{target:012}")));
 
+    // On this machine, the next run resumes from the target: the rolled-back checkpoints
+    // are not restored from the remote (they are no longer there).
+    let launches = events(&dir, "launch").len();
+    let _ = std::fs::remove_file(&digest);
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(events(&dir, "remote_restored").is_empty(), "{err}");
+    let launch = &events(&dir, "launch")[launches];
+    assert_eq!(launch["restore_seq"], target, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert!(root.join("FINISHED.ckpt.sig").exists());
+    // Roll back to the same target again (the run above finished and uploaded).
+    let out = output_deadline(
+        ckpt()
+            .args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg(target.to_string())
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .env("HOME", t.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(json_of(&out)["remote"][0]["finished_cleared"], true);
+    assert!(!root.join("FINISHED.ckpt.sig").exists());
+    assert_eq!(*remote_seqs(&root).last().unwrap(), target);
+
     // A new VM resumes the rolled-back run (from the rollback target), not "finished".
     std::fs::remove_dir_all(&dir).unwrap();
     let _ = std::fs::remove_file(&digest);
