@@ -2268,3 +2268,46 @@ fn s3_the_next_ckpt_run_takes_over_a_shard_whose_uploader_died() {
         &["--again"],
     );
 }
+
+#[test]
+fn s3_rollback_with_the_remote_unreachable_says_so_and_exits_77_then_completes() {
+    need_moto!();
+    let moto = Moto::start();
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let url = "s3://ckpt-remote-test/rb";
+    run_and_stop(&dir, t.path(), url, Some(&moto), 3);
+    let before = remote_parts(&moto, "rb/").0;
+    let target = before[before.len() - 2];
+    let rollback = |endpoint: Option<String>| {
+        let mut c = ckpt_env(t.path(), Some(&moto));
+        if let Some(e) = endpoint {
+            c.env("AWS_ENDPOINT_URL", e);
+        }
+        c.args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg(target.to_string());
+        output_deadline(&mut c, Duration::from_secs(120))
+    };
+    // The remote cannot be reached from here (nothing listens at the endpoint): the local
+    // rollback stands, the remote one is reported, exit 77; the remote is untouched.
+    let out = rollback(Some(format!("http://127.0.0.1:{}", free_port())));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("NOT fully rolled back"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+    assert!(json_of(&out)["remote"][0]["error"].is_string());
+    assert_eq!(*checkpoints(&dir).last().unwrap(), target);
+    assert_eq!(remote_parts(&moto, "rb/").0, before);
+    // Reachable again: the same command rolls the remote back.
+    let out = rollback(None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    assert!(v["remote"][0]["error"].is_null(), "{v}");
+    assert_eq!(
+        v["remote"][0]["removed"],
+        serde_json::json!([before[before.len() - 1]]),
+        "{v}"
+    );
+    assert_eq!(*remote_parts(&moto, "rb/").0.last().unwrap(), target);
+}
