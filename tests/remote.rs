@@ -2311,3 +2311,49 @@ fn s3_rollback_with_the_remote_unreachable_says_so_and_exits_77_then_completes()
     );
     assert_eq!(*remote_parts(&moto, "rb/").0.last().unwrap(), target);
 }
+
+#[test]
+fn file_remote_run_from_rolls_the_remote_back_too() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let digest = dir.with_extension("digest");
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms"]);
+    trainer_cmd(&mut c, 100, 5, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let before = remote_seqs(&root);
+    let local = checkpoints(&dir);
+    assert!(local.len() >= 3, "{local:?}");
+    let target = local[local.len() - 3];
+
+    // `ckpt run --from latest~2`: rolled back locally and remotely, then resumed from the
+    // target (not from a rolled-back checkpoint restored from the remote).
+    let _ = std::fs::remove_file(&digest);
+    let launches = events(&dir, "launch").len();
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off", "--from", "latest~2"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let rb = events(&dir, "remote_rolled_back");
+    assert_eq!(rb.len(), 1, "{err}");
+    let newer: Vec<u64> = before.iter().copied().filter(|s| *s > target).collect();
+    assert_eq!(rb[0]["removed"], serde_json::json!(newer), "{err}");
+    assert_eq!(rb[0]["finished_cleared"], true, "{err}");
+    assert!(events(&dir, "remote_restored").is_empty(), "{err}");
+    assert_eq!(
+        events(&dir, "launch")[launches]["restore_seq"],
+        target,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}
