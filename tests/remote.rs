@@ -2104,7 +2104,14 @@ fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently()
     });
     // Node A's restarts too and finds both done.
     let mut a = follower(home, &moto, "node-a", &da, url, 0);
-    std::thread::sleep(Duration::from_millis(500));
+    let alog = da.with_extension("node-a.log");
+    wait_until(Duration::from_secs(60), "node A to find both done", || {
+        std::fs::read_to_string(&alog)
+            .unwrap_or_default()
+            .matches("the remote manifest is written")
+            .count()
+            >= 2
+    });
     for p in [&mut a, &mut b] {
         signal(p.id(), libc::SIGTERM);
         let st = wait_deadline(p, Duration::from_secs(30));
