@@ -1441,6 +1441,22 @@ pub fn node_name() -> String {
 struct Claim {
     node: String,
     pid: u32,
+    /// When it was claimed (ms since the epoch; shown, not used: the lease runs from the
+    /// claim file's modification time, which its holder renews).
+    #[serde(default)]
+    at_ms: u64,
+}
+
+/// How long a shard claim holds without being renewed: its holder renews it (the claim
+/// file's modification time) every quarter of it while it uploads; once a claim is older
+/// than this, any uploader that holds the shard intact takes it over (docs/cloud.md).
+/// `CKPT_UPLOAD_LEASE` (a duration such as `2m`), default 2 minutes.
+pub fn claim_lease() -> Duration {
+    std::env::var("CKPT_UPLOAD_LEASE")
+        .ok()
+        .and_then(|v| crate::cli::parse_duration(&v).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(120))
 }
 
 /// The claims of shard uploads, in the (shared) checkpoint directory.
@@ -1448,18 +1464,50 @@ pub fn claims_dir(store: &Store) -> PathBuf {
     store.private().join("uploads")
 }
 
+fn claim_path(claims: &Path, remote_tag: &str, seq: u64, rank: u32) -> PathBuf {
+    claims.join(format!(
+        "{PREFIX}{seq:012}.{}.{}",
+        crate::multi_rank::shard_name(rank),
+        remote_tag
+    ))
+}
+
+/// How long ago a claim was made or last renewed (0 for a time in the future).
+fn claim_age(path: &Path) -> Option<Duration> {
+    let m = std::fs::symlink_metadata(path).ok()?.modified().ok()?;
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(m)
+            .unwrap_or_default(),
+    )
+}
+
+/// What [`claim_shard`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// Ours now (or already). `took_over`: whose claim it was, and why it was taken over.
+    Mine { took_over: Option<String> },
+    /// Another live uploader holds it (its name).
+    Held(String),
+    /// Nobody claimed it, and we were asked only to take over abandoned claims.
+    Unclaimed,
+}
+
 /// Claims the upload of rank `rank`'s shard of checkpoint `seq` to the remote `remote_tag`
-/// ([`Remote::claim_tag`]) for this process on this node: a file created exclusively in `claims` (shared by every node, like the checkpoint
-/// directory), so that each shard is uploaded by one node. `Ok(None)`: ours now (or
-/// already); `Ok(Some(holder))`: another live uploader holds it. A claim of a process of
-/// this node that is gone is taken over; one of another node is respected (its shard goes up
-/// when that node uploads it; until then the remote manifest is not written).
+/// ([`Remote::claim_tag`]) for this process on this node: a file created exclusively in
+/// `claims` (shared by every node, like the checkpoint directory), so that each shard is
+/// uploaded by one node. A claim is taken over when its holder is gone: a process of this
+/// node that no longer exists, or any claim whose lease (`lease`, see [`claim_lease`])
+/// ran out without being renewed (a node that died). With `takeover_only`, a shard nobody
+/// claimed is left alone ([`Claimed::Unclaimed`]: its own node's uploader will come).
 pub fn claim_shard(
     claims: &Path,
     remote_tag: &str,
     seq: u64,
     rank: u32,
-) -> Result<Option<String>, String> {
+    lease: Duration,
+    takeover_only: bool,
+) -> Result<Claimed, String> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -1476,13 +1524,10 @@ pub fn claim_shard(
     let me = Claim {
         node: node_name(),
         pid: std::process::id(),
+        at_ms: crate::store::manifest::now_ms(),
     };
-    let path = claims.join(format!(
-        "{PREFIX}{seq:012}.{}.{}",
-        crate::multi_rank::shard_name(rank),
-        remote_tag
-    ));
-    for _ in 0..3 {
+    let path = claim_path(claims, remote_tag, seq, rank);
+    let link_ours = || -> std::io::Result<()> {
         let tmp = claims.join(format!(".claim.{}.tmp", crate::store::token()));
         let res = (|| {
             let mut f = std::fs::OpenOptions::new()
@@ -1496,29 +1541,119 @@ pub fn claim_shard(
             std::fs::hard_link(&tmp, &path)
         })();
         let _ = std::fs::remove_file(&tmp);
-        match res {
-            Ok(()) => return Ok(None),
+        res
+    };
+    let mut took_over = None;
+    for _ in 0..4 {
+        if !takeover_only || took_over.is_some() {
+            match link_ours() {
+                Ok(()) => return Ok(Claimed::Mine { took_over }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("cannot claim {}: {e}", path.display())),
+            }
+        }
+        let raw = match crate::store::io::read_small(&path, 4096) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if takeover_only && took_over.is_none() {
+                    return Ok(Claimed::Unclaimed);
+                }
+                continue;
+            }
+            Err(_) => Vec::new(),
+        };
+        let age = claim_age(&path).unwrap_or_default();
+        let held: Option<Claim> = serde_json::from_slice(&raw).ok();
+        let why = match &held {
+            Some(c) if c.node == me.node && c.pid == me.pid => {
+                return Ok(Claimed::Mine { took_over })
+            }
+            Some(c) if c.node == me.node && !pid_alive(c.pid) => format!(
+                "{} (pid {}): that uploader is gone",
+                crate::store::escape(&c.node),
+                c.pid
+            ),
+            Some(c) if age > lease => format!(
+                "{} (pid {}): its lease of {:.0?} ran out {:.1}s ago",
+                crate::store::escape(&c.node),
+                c.pid,
+                lease,
+                (age - lease).as_secs_f64()
+            ),
+            Some(c) => {
+                return Ok(Claimed::Held(format!(
+                    "{} (pid {})",
+                    crate::store::escape(&c.node),
+                    c.pid
+                )))
+            }
+            // Unreadable (the content is complete before the link, so this is damage).
+            None => "an unreadable claim".to_string(),
+        };
+        // Take it over: move the stale claim aside, then claim. Whoever moved something
+        // else aside (a taker faster than us already claimed) puts it back.
+        let tomb = claims.join(format!(".stale.{}", crate::store::token()));
+        if std::fs::rename(&path, &tomb).is_err() {
+            continue;
+        }
+        let moved = crate::store::io::read_small(&tomb, 4096).unwrap_or_default();
+        if moved != raw {
+            let _ = std::fs::hard_link(&tomb, &path);
+            let _ = std::fs::remove_file(&tomb);
+            continue;
+        }
+        let _ = std::fs::remove_file(&tomb);
+        took_over = Some(why);
+        match link_ours() {
+            Ok(()) => return Ok(Claimed::Mine { took_over }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("cannot claim {}: {e}", path.display())),
         }
-        let held: Option<Claim> = crate::store::io::read_small(&path, 4096)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        match held {
-            Some(c) if c.node == me.node && c.pid == me.pid => return Ok(None),
-            Some(c) if c.node == me.node && !pid_alive(c.pid) => {
-                // Its uploader is gone: take it over.
-                let _ = std::fs::remove_file(&path);
-            }
-            Some(c) => return Ok(Some(format!("{} (pid {})", c.node, c.pid))),
-            // Unreadable (being written: the content is complete before the link, so this
-            // is damage): taken over.
-            None => {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
     }
     Err(format!("cannot claim {}: contended", path.display()))
+}
+
+/// Renews our claim (its modification time) while it is still ours.
+fn renew_claim(path: &Path) -> bool {
+    let ours = crate::store::io::read_small(path, 4096)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Claim>(&b).ok())
+        .is_some_and(|c| c.node == node_name() && c.pid == std::process::id());
+    ours && std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags_nofollow()
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .is_ok()
+}
+
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOFOLLOW)
+    }
+}
+
+/// Runs `f` while renewing the claim at `path` every quarter of `lease`.
+fn with_renewed_claim<T>(path: &Path, lease: Duration, f: impl FnOnce() -> T) -> T {
+    let (tx, rx) = mpsc::channel::<()>();
+    let every = (lease / 4).max(Duration::from_millis(50));
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                if !renew_claim(path) {
+                    return;
+                }
+            }
+        });
+        let out = f();
+        drop(tx);
+        out
+    })
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -1553,12 +1688,61 @@ pub struct ShardUpload {
     pub uploaded: Vec<u32>,
     /// Ranks left to another uploader, with its name.
     pub others: Vec<(u32, String)>,
+    /// Ranks whose abandoned claim this call took over: whose it was, and why.
+    pub taken_over: Vec<(u32, String)>,
+    /// Ranks whose shard is not in this directory (another node's disk).
+    pub absent: Vec<u32>,
     pub bytes: u64,
     pub world: u32,
 }
 
+/// Whether every file of rank `rank`'s shard is in `dir` with its manifest size.
+fn shard_present(dir: &Path, m: &Manifest, rank: u32) -> bool {
+    let mut any = false;
+    let all = shard_files(m, rank).all(|f| {
+        any = true;
+        std::fs::symlink_metadata(dir.join(&f.name))
+            .is_ok_and(|md| md.is_file() && md.len() == f.size)
+    });
+    any && all
+}
+
+/// Reads rank `rank`'s shard in `dir` and checks every file against the manifest (size and
+/// CRC), as a takeover must before it uploads another node's shard.
+fn verify_local_shard(dir: &Path, m: &Manifest, rank: u32) -> Result<(), String> {
+    for f in shard_files(m, rank) {
+        let mut file = crate::store::scan::open_member(dir, &f.name)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut crc = m.checksum.hasher();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    crc.update(&buf[..k]);
+                    size += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read {}: {e}", f.name)),
+            }
+        }
+        if size != f.size || crc.finish() != f.sum {
+            return Err(format!(
+                "{} in {} does not match the manifest",
+                f.name,
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// This node's part of the upload of multi-rank checkpoint `seq` at `dir`: the shards of
-/// `ranks` (None: every shard no other uploader claimed), each claimed first in `claims`.
+/// `ranks` (None: every shard in `dir` that no other uploader claimed), each claimed first in
+/// `claims`, plus any shard in `dir` whose claim was abandoned (its holder gone, or its lease
+/// run out: a node that died mid-upload) once the local copy is checked against the manifest.
+/// Each claim is renewed while its shard uploads.
 pub fn upload_node_shards(
     remote: &Remote,
     seq: u64,
@@ -1568,18 +1752,41 @@ pub fn upload_node_shards(
 ) -> Result<ShardUpload, String> {
     let (_, m) = read_local_manifest(seq, dir)?;
     let world = m.world_size.unwrap_or(1);
+    let lease = claim_lease();
+    let tag = remote.claim_tag();
     let mut out = ShardUpload {
         world,
         ..Default::default()
     };
     for r in 0..world {
-        if ranks.is_some_and(|rs| !rs.contains(&r)) {
+        let asked = ranks.is_none_or(|rs| rs.contains(&r));
+        if !shard_present(dir, &m, r) {
+            if ranks.is_some() && asked {
+                return Err(format!(
+                    "the shard {} of checkpoint {seq} is not in {}",
+                    crate::multi_rank::shard_name(r),
+                    dir.display()
+                ));
+            }
+            out.absent.push(r);
             continue;
         }
-        match claim_shard(claims, &remote.claim_tag(), seq, r)? {
-            Some(holder) => out.others.push((r, holder)),
-            None => {
-                out.bytes += remote.upload_shard(seq, dir, r)?;
+        match claim_shard(claims, &tag, seq, r, lease, !asked)? {
+            Claimed::Held(holder) => out.others.push((r, holder)),
+            Claimed::Unclaimed => {}
+            Claimed::Mine { took_over } => {
+                let path = claim_path(claims, &tag, seq, r);
+                if let Some(why) = took_over {
+                    if let Err(e) = verify_local_shard(dir, &m, r) {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(format!(
+                            "cannot take over the upload of shard {} of checkpoint {seq} from {why}: {e}",
+                            crate::multi_rank::shard_name(r)
+                        ));
+                    }
+                    out.taken_over.push((r, why));
+                }
+                out.bytes += with_renewed_claim(&path, lease, || remote.upload_shard(seq, dir, r))?;
                 out.uploaded.push(r);
             }
         }
@@ -1597,26 +1804,50 @@ pub fn is_multi_rank(dir: &Path) -> bool {
 }
 
 /// The uploader's upload of a multi-rank checkpoint: this node's shards, then, polling
-/// until every other shard is up (or `give_up` says so), the remote commit.
+/// until every other shard is up (or `give_up` says so), the remote commit. While it waits
+/// it looks again at the claims now and then: a shard whose uploader died is taken over once
+/// its lease runs out.
 fn upload_multi_rank(
     remote: &Remote,
     seq: u64,
     dir: &Path,
     shards: &ShardCfg,
     give_up: &dyn Fn() -> bool,
+    log: &dyn Fn(Report),
 ) -> Result<u64, String> {
     let claims = &shards.claims;
-    let mine = upload_node_shards(remote, seq, dir, claims, shards.ranks.as_deref())?;
+    let node = |remote: &Remote| -> Result<ShardUpload, String> {
+        let up = upload_node_shards(remote, seq, dir, claims, shards.ranks.as_deref())?;
+        for (r, why) in &up.taken_over {
+            log(report(
+                "upload_taken_over",
+                true,
+                format!(
+                    "checkpoint {seq}: took over the upload of shard {} from {why}",
+                    crate::multi_rank::shard_name(*r)
+                ),
+                json!({ "seq": seq, "rank": r, "from": why }),
+            ));
+        }
+        Ok(up)
+    };
+    let mut mine = node(remote)?;
+    let mut bytes = mine.bytes;
     let t = Instant::now();
+    let relook = (claim_lease() / 2).min(Duration::from_secs(5));
+    let mut looked = Instant::now();
     loop {
         match remote.publish_shards(seq, dir)? {
-            Publish::Done(b) => return Ok(mine.bytes + b),
+            Publish::Done(b) => return Ok(bytes + b),
             Publish::Missing(missing) => {
                 if give_up() || t.elapsed() >= shards.wait {
                     let by: Vec<String> = missing
                         .iter()
                         .map(|r| match mine.others.iter().find(|(o, _)| o == r) {
                             Some((_, h)) => format!("rank {r} (claimed by {h})"),
+                            None if mine.absent.contains(r) => {
+                                format!("rank {r} (not in this directory: its node uploads it)")
+                            }
                             None => format!("rank {r} (not claimed: no uploader of its node)"),
                         })
                         .collect();
@@ -1625,6 +1856,11 @@ fn upload_multi_rank(
                         by.join(", "),
                         t.elapsed().as_secs_f64()
                     ));
+                }
+                if looked.elapsed() >= relook {
+                    looked = Instant::now();
+                    mine = node(remote)?;
+                    bytes += mine.bytes;
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -1675,6 +1911,194 @@ pub fn parse_ranks(s: &str) -> Result<Vec<u32>, String> {
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// The remotes a directory was uploaded to, and rollbacks
+
+/// Where a directory remembers the remotes it was uploaded to (for `ckpt rollback`).
+const REMEMBERED: &str = "remotes.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RememberedRemote {
+    url: String,
+    allow_http: bool,
+    /// Absolute key paths (empty: the default key).
+    keys: Vec<PathBuf>,
+}
+
+fn remembered(store: &Store) -> Vec<RememberedRemote> {
+    crate::store::io::read_small(&store.private().join(REMEMBERED), 1 << 20)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Records in `DIR/.ckpt/remotes.json` that `store` is uploaded to the remote of `s` (its
+/// URL, `--remote-allow-http` and key paths; never a credential), so that `ckpt rollback`
+/// can roll the remote back too. At most 8 remotes, the most recent last. Best effort.
+pub fn remember(s: &Settings, store: &Store) {
+    let me = RememberedRemote {
+        url: s.url.clone(),
+        allow_http: s.allow_http,
+        keys: s
+            .keys
+            .iter()
+            .map(|k| std::path::absolute(k).unwrap_or_else(|_| k.clone()))
+            .collect(),
+    };
+    let mut all = remembered(store);
+    if all.last() == Some(&me) {
+        return;
+    }
+    all.retain(|r| r.url != me.url);
+    all.push(me);
+    let drop = all.len().saturating_sub(8);
+    all.drain(..drop);
+    if let Ok(b) = serde_json::to_vec_pretty(&all) {
+        let path = store.private().join(REMEMBERED);
+        let tmp = store
+            .private()
+            .join(format!(".{REMEMBERED}.{}.tmp", crate::store::token()));
+        if crate::store::io::write_owner_only(&tmp, &b).is_ok()
+            && std::fs::rename(&tmp, &path).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// What a rollback did to one remote.
+#[derive(Debug, Clone)]
+pub struct RemoteRollback {
+    /// The checkpoint rolled back to.
+    pub seq: u64,
+    /// The remote, as shown (no credentials).
+    pub remote: String,
+    /// Remote checkpoints above the rollback target, removed.
+    pub removed: Vec<u64>,
+    /// Whether a finished record was there (removed).
+    pub was_finished: bool,
+    /// What went wrong, if anything (the rest was still tried).
+    pub error: Option<String>,
+}
+
+/// After a local rollback to checkpoint `seq`: on every remote the directory was uploaded to
+/// ([`remember`]), removes the finished record (the job is not finished any more) and every
+/// remote checkpoint numbered above `seq` (the rolled-back ones: a new machine resumes from
+/// `seq`, as this one does; the local copies stay in `rolled-back/`).
+pub fn after_rollback(store: &Store, seq: u64) -> Vec<RemoteRollback> {
+    remembered(store)
+        .into_iter()
+        .map(|rr| {
+            let mut out = RemoteRollback {
+                seq,
+                remote: rr.url.clone(),
+                removed: Vec::new(),
+                was_finished: false,
+                error: None,
+            };
+            let s = Settings {
+                url: rr.url.clone(),
+                allow_http: rr.allow_http,
+                keys: rr.keys.clone(),
+                keep: None,
+                required: false,
+                stop_timeout: Duration::ZERO,
+                ranks: None,
+            };
+            let remote = match Remote::open(&s) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.error = Some(redact(&e));
+                    return out;
+                }
+            };
+            out.remote = remote.display.clone();
+            let mut errs = Vec::new();
+            match remote.finished() {
+                // A record that does not authenticate counts for nothing: left alone.
+                Ok(Finished::No | Finished::Invalid(_)) => {}
+                Ok(Finished::Yes { .. }) => {
+                    out.was_finished = true;
+                    if let Err(e) = remote.clear_finished() {
+                        errs.push(e);
+                    }
+                }
+                Err(e) => errs.push(e),
+            }
+            let visible = remote.list();
+            match (remote.list_dirs(), visible) {
+                (Ok(seqs), Ok(visible)) => {
+                    for s in seqs.into_iter().filter(|s| *s > seq) {
+                        // Checkpoints that do not authenticate are someone else's (never
+                        // restored anyway): left alone, as by `ckpt gc --remote`.
+                        if visible.contains(&s) && remote.check(s).is_err() {
+                            continue;
+                        }
+                        match remote.remove(s) {
+                            Ok(()) => out.removed.push(s),
+                            Err(e) => errs.push(e),
+                        }
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => errs.push(e),
+            }
+            if !errs.is_empty() {
+                out.error = Some(redact(&errs.join("; ")));
+            }
+            out
+        })
+        .collect()
+}
+
+impl RemoteRollback {
+    /// One line for a person (what was done, or what failed).
+    pub fn human(&self) -> String {
+        let removed = if self.removed.is_empty() {
+            "no newer checkpoint there".to_string()
+        } else {
+            format!(
+                "removed checkpoint{} {} there",
+                if self.removed.len() == 1 { "" } else { "s" },
+                self.removed
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let finished = if self.was_finished {
+            "; removed its finished record (a new machine resumes the job)"
+        } else {
+            ""
+        };
+        match &self.error {
+            None => format!("remote {}: {removed}{finished}", self.remote),
+            Some(e) => format!(
+                "remote {} NOT fully rolled back: {e} ({removed}{finished}); a new machine may still restore a rolled-back checkpoint or take the job as finished (hint: run `ckpt rollback {}` again once the remote is reachable)",
+                self.remote, self.seq
+            ),
+        }
+    }
+
+    /// The same as an event for the supervisor's log.
+    pub fn report(&self) -> Report {
+        report(
+            if self.error.is_some() {
+                "remote_rollback_failed"
+            } else {
+                "remote_rolled_back"
+            },
+            self.error.is_some(),
+            self.human(),
+            self.json(),
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        json!({ "remote": self.remote, "removed": self.removed, "finished_cleared": self.was_finished, "error": self.error })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1971,7 +2395,7 @@ fn upload_one(
     for attempt in 1..=8u32 {
         let t = Instant::now();
         let res = if multi {
-            upload_multi_rank(remote, seq, path, shards, &newer)
+            upload_multi_rank(remote, seq, path, shards, &newer, log)
         } else {
             remote.upload(seq, path)
         };
@@ -2141,42 +2565,85 @@ mod tests {
     }
 
     #[test]
-    fn shard_claims_are_exclusive_and_dead_ones_of_this_node_are_taken_over() {
+    fn shard_claims_are_exclusive_and_abandoned_ones_are_taken_over() {
         let d = std::env::temp_dir().join(format!("ckpt-claim-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
+        let lease = Duration::from_secs(60);
+        let mine = Claimed::Mine { took_over: None };
         // Ours: claimed, and claiming again is a no-op.
-        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
-        assert_eq!(claim_shard(&d, "r1", 5, 0).unwrap(), None);
+        assert_eq!(claim_shard(&d, "r1", 5, 0, lease, false).unwrap(), mine);
+        assert_eq!(claim_shard(&d, "r1", 5, 0, lease, false).unwrap(), mine);
         let path = d.join("ckpt-000000000005.rank-00001.r1");
-        // Another node's claim is respected.
-        std::fs::write(&path, br#"{"node":"elsewhere","pid":1}"#).unwrap();
+        // Nobody's claim: left alone when only abandoned ones are to be taken over.
         assert_eq!(
-            claim_shard(&d, "r1", 5, 1).unwrap().as_deref(),
-            Some("elsewhere (pid 1)")
+            claim_shard(&d, "r1", 5, 1, lease, true).unwrap(),
+            Claimed::Unclaimed
         );
+        // Another node's claim is respected while its lease runs.
+        std::fs::write(&path, br#"{"node":"elsewhere","pid":1}"#).unwrap();
+        for only in [false, true] {
+            assert_eq!(
+                claim_shard(&d, "r1", 5, 1, lease, only).unwrap(),
+                Claimed::Held("elsewhere (pid 1)".into())
+            );
+        }
+        // ... and taken over once it ran out without being renewed (a node that died).
+        let old = std::time::SystemTime::now() - Duration::from_secs(61);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        match claim_shard(&d, "r1", 5, 1, lease, true).unwrap() {
+            Claimed::Mine { took_over: Some(w) } => {
+                assert!(w.starts_with("elsewhere (pid 1): its lease"), "{w}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let now: Claim = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(now.pid, std::process::id());
+        // Renewed while ours: its age starts again.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(renew_claim(&path));
+        assert!(claim_age(&path).unwrap() < Duration::from_secs(5));
         // Another remote is another claim.
-        assert_eq!(claim_shard(&d, "r2", 5, 1).unwrap(), None);
-        // A claim of a process of this node that is gone is taken over.
+        assert_eq!(claim_shard(&d, "r2", 5, 1, lease, false).unwrap(), mine);
+        // A claim of a process of this node that is gone is taken over at once.
         let mut c = std::process::Command::new("true").spawn().unwrap();
         let dead = c.id();
         c.wait().unwrap();
         let body = serde_json::to_vec(&Claim {
             node: node_name(),
             pid: dead,
+            at_ms: 0,
         })
         .unwrap();
         std::fs::write(&path, body).unwrap();
-        assert_eq!(claim_shard(&d, "r1", 5, 1).unwrap(), None);
+        assert!(matches!(
+            claim_shard(&d, "r1", 5, 1, lease, false).unwrap(),
+            Claimed::Mine { took_over: Some(_) }
+        ));
         let now: Claim = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(now.pid, std::process::id());
-        // A live process of this node keeps its claim.
+        // A live process of this node keeps its claim, and ours is not renewed any more.
         let body = serde_json::to_vec(&Claim {
             node: node_name(),
             pid: 1,
+            at_ms: 0,
         })
         .unwrap();
         std::fs::write(&path, body).unwrap();
-        assert!(claim_shard(&d, "r1", 5, 1).unwrap().is_some());
+        assert!(matches!(
+            claim_shard(&d, "r1", 5, 1, lease, false).unwrap(),
+            Claimed::Held(_)
+        ));
+        assert!(!renew_claim(&path));
         prune_claims(&d, 6);
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         std::fs::remove_dir_all(&d).unwrap();

@@ -1792,3 +1792,575 @@ fn cloud_md_by_hand_recipe_runs_as_written() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Multi-rank: an uploader that dies holding a claim; nodes with node-local directories
+
+/// A two-rank job on `dir` (no remote) stopped once it has at least `n` checkpoints; returns
+/// them.
+fn two_rank_checkpoints(home: &Path, dir: &Path, out: &Path, n: usize) -> Vec<u64> {
+    std::fs::create_dir_all(out).unwrap();
+    let log = dir.with_extension("log");
+    let mut c = ckpt_env(home, None);
+    c.arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--every", "150ms", "--backoff", "10ms..20ms"]);
+    rank_job(&mut c, 2, 1_000_000, out);
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut sup = c.spawn_guarded();
+    wait_until(Duration::from_secs(90), "two-rank checkpoints", || {
+        checkpoints(dir).len() >= n
+    });
+    signal(sup.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_no_survivors(dir);
+    checkpoints(dir)
+}
+
+/// `ckpt upload --json` of checkpoint `seq` of `dir` to `url` as node `node`, with `lease`
+/// as `CKPT_UPLOAD_LEASE` if given.
+fn upload_as(
+    (home, moto): (&Path, &Moto),
+    node: &str,
+    dir: &Path,
+    url: &str,
+    seq: u64,
+    extra: &[&str],
+    lease: Option<&str>,
+) -> serde_json::Value {
+    let mut c = ckpt_env(home, Some(moto));
+    c.env("CKPT_NODE", node)
+        .envs(lease.map(|l| ("CKPT_UPLOAD_LEASE", l)))
+        .args(["upload", "--json", "--remote", url, "--dir"])
+        .arg(dir)
+        .args(extra)
+        .arg(seq.to_string());
+    let out = output_deadline(&mut c, Duration::from_secs(90));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    json_of(&out)
+}
+
+/// A new machine resumes the two-rank job from remote checkpoint `seq` under `prefix` and
+/// ends with the uninterrupted run's digest.
+fn new_vm_two_ranks(
+    home: &Path,
+    moto: &Moto,
+    url: &str,
+    prefix: &str,
+    seq: u64,
+    at: &Path,
+    extra: &[&str],
+) {
+    let m = Manifest::decode(&moto_get(
+        moto,
+        &format!("{prefix}ckpt-{seq:012}/MANIFEST.ckpt"),
+    ))
+    .unwrap();
+    assert_eq!(m.world_size, Some(2));
+    let steps = m.step.unwrap() + 100;
+    let dir = at.join("d");
+    let out = at.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut c = ckpt_remote(&dir, home, url, Some(moto));
+    c.args(["--every", "off"]).args(extra);
+    rank_job(&mut c, 2, steps, &out);
+    let o = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let restored = events(&dir, "remote_restored");
+    assert_eq!(restored.len(), 1, "{err}");
+    assert_eq!(restored[0]["remote_seq"], seq, "{err}");
+    assert_eq!(
+        ranks::combined(2, &out),
+        ranks::reference(2, steps),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}
+
+/// The claim files of `dir` (names).
+fn claim_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join(".ckpt/uploads"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ckpt-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An uploader of node `node` claims rank `rank`'s shard of checkpoint `seq` and dies before
+/// its shard record is up: the server is down meanwhile (its requests are being retried),
+/// so the claim is certainly made and the record certainly not; then the uploader is
+/// SIGKILLed and the server restarted.
+fn die_holding_claim(
+    home: &Path,
+    moto: &mut Moto,
+    dir: &Path,
+    url: &str,
+    seq: u64,
+    rank: u32,
+    node: &str,
+) {
+    moto.kill();
+    let mut b = ckpt_env(home, Some(moto));
+    b.env("CKPT_NODE", node)
+        .args([
+            "upload",
+            "--json",
+            "--ranks",
+            &rank.to_string(),
+            "--remote",
+            url,
+            "--dir",
+        ])
+        .arg(dir)
+        .arg(seq.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut b = b.spawn_guarded();
+    wait_until(Duration::from_secs(30), "the uploader's claim", || {
+        claim_files(dir)
+            .iter()
+            .any(|n| n.starts_with(&format!("ckpt-{seq:012}.rank-{rank:05}.")))
+    });
+    signal(b.id(), libc::SIGKILL);
+    let _ = wait_deadline(&mut b, Duration::from_secs(10));
+    moto.restart();
+}
+
+#[test]
+fn s3_a_shard_claimed_by_an_uploader_that_died_is_taken_over_after_its_lease() {
+    need_moto!();
+    let mut moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let url = "s3://ckpt-remote-test/lease";
+    let seq = *two_rank_checkpoints(home, &dir, &t.path().join("out"), 2)
+        .last()
+        .unwrap();
+
+    // Node B's uploader claims rank 1's shard and dies before its shard record is up.
+    die_holding_claim(home, &mut moto, &dir, url, seq, 1, "node-b");
+
+    // Node A uploads rank 0: the manifest waits for rank 1, whose claim is node B's.
+    let v = upload_as(
+        (home, &moto),
+        "node-a",
+        &dir,
+        url,
+        seq,
+        &["--ranks", "0"],
+        None,
+    );
+    assert_eq!(v["uploaded"], serde_json::json!([0]), "{v}");
+    assert_eq!(v["published"], false, "{v}");
+    assert_eq!(v["missing"], serde_json::json!([1]), "{v}");
+    // While node B's lease runs, its claim is respected by every other node.
+    let v = upload_as((home, &moto), "node-c", &dir, url, seq, &[], Some("10m"));
+    assert_eq!(v["published"], false, "{v}");
+    assert!(
+        v["others"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["rank"] == 1 && o["holder"].as_str().unwrap().starts_with("node-b")),
+        "{v}"
+    );
+    assert_eq!(remote_parts(&moto, "lease/").0, Vec::<u64>::new());
+
+    // Once it ran out (no renewal: node B is dead), node C checks its copy of the shard,
+    // takes the claim over, uploads it and writes the manifest.
+    let v = upload_as((home, &moto), "node-c", &dir, url, seq, &[], Some("1ms"));
+    assert_eq!(v["published"], true, "{v}");
+    let took = v["taken_over"].as_array().unwrap();
+    assert!(
+        took.iter().any(|o| o["rank"] == 1
+            && o["from"].as_str().unwrap().starts_with("node-b")
+            && o["from"].as_str().unwrap().contains("lease")),
+        "{v}"
+    );
+    let (manifests, shards) = remote_parts(&moto, "lease/");
+    assert_eq!(manifests, vec![seq]);
+    assert!(shards.contains(&(seq, 0)) && shards.contains(&(seq, 1)));
+    let out = output_deadline(
+        ckpt_env(home, Some(&moto)).args(["verify", "--remote", url]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A new machine resumes from it and ends bit-identical.
+    new_vm_two_ranks(home, &moto, url, "lease/", seq, &t.path().join("vm2"), &[]);
+}
+
+/// Copies checkpoint `seq` of `from` into `to` with rank `rank`'s shard only (a node-local
+/// disk holds its own ranks' shards).
+fn copy_node_local(from: &Path, to: &Path, seq: u64, rank: u32) {
+    let name = format!("ckpt-{seq:012}");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from.join(&name))
+        .arg(to.join(&name))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for e in std::fs::read_dir(to.join(&name)).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("rank-") && n != format!("rank-{rank:05}") {
+            std::fs::remove_dir_all(e.path()).unwrap();
+        }
+    }
+}
+
+/// A `ckpt upload --follow --ranks R` agent of node `node` on `dir`.
+fn follower(home: &Path, moto: &Moto, node: &str, dir: &Path, url: &str, rank: u32) -> Running {
+    let mut c = ckpt_env(home, Some(moto));
+    c.env("CKPT_NODE", node)
+        .args(["upload", "--follow", "--poll", "100ms", "--ranks"])
+        .arg(rank.to_string())
+        .args(["--remote", url, "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension(format!("{node}.log"))).unwrap());
+    c.spawn_guarded()
+}
+
+#[test]
+fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently() {
+    need_moto!();
+    let mut moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let shared = t.path().join("shared");
+    let url = "s3://ckpt-remote-test/nl";
+    let seqs = two_rank_checkpoints(home, &shared, &t.path().join("out"), 3);
+    let (old, new) = (seqs[seqs.len() - 2], seqs[seqs.len() - 1]);
+    // Two "nodes": their own directories, each with its own rank's shard of `old` only.
+    let (da, db) = (t.path().join("node-a"), t.path().join("node-b"));
+    for (d, rank) in [(&da, 0), (&db, 1)] {
+        std::fs::create_dir_all(d.join(".ckpt")).unwrap();
+        copy_node_local(&shared, d, old, rank);
+    }
+
+    // Node B's uploader claims rank 1 of `old` while the server is down, and is SIGKILLed.
+    moto.kill();
+    let mut b = follower(home, &moto, "node-b", &db, url, 1);
+    wait_until(Duration::from_secs(60), "node B's claim", || {
+        claim_files(&db)
+            .iter()
+            .any(|n| n.starts_with(&format!("ckpt-{old:012}.rank-00001.")))
+    });
+    signal(b.id(), libc::SIGKILL);
+    let _ = wait_deadline(&mut b, Duration::from_secs(10));
+    moto.restart();
+
+    // `new` lands on both nodes. Node A's uploader (started only now) uploads rank 0 of
+    // both: no manifest (rank 1 is on node B alone); then it is SIGKILLed too.
+    copy_node_local(&shared, &da, new, 0);
+    copy_node_local(&shared, &db, new, 1);
+    let mut a = follower(home, &moto, "node-a", &da, url, 0);
+    wait_until(Duration::from_secs(60), "rank 0's records of both", || {
+        let s = remote_parts(&moto, "nl/").1;
+        s.contains(&(old, 0)) && s.contains(&(new, 0))
+    });
+    signal(a.id(), libc::SIGKILL);
+    let _ = wait_deadline(&mut a, Duration::from_secs(10));
+    let (manifests, shards) = remote_parts(&moto, "nl/");
+    assert!(manifests.is_empty(), "{manifests:?}");
+    assert!(shards.iter().all(|(_, r)| *r == 0), "{shards:?}");
+    assert!(
+        moto.keys("nl/").iter().all(|k| !k.contains("/rank-00001/")),
+        "node A sent rank 1's files, which it does not have"
+    );
+    // Node A alone, without --ranks: it takes what it holds, never what it does not.
+    let v = upload_as(
+        (home, &moto),
+        "node-a",
+        &da,
+        "s3://ckpt-remote-test/nl-a",
+        new,
+        &[],
+        None,
+    );
+    assert_eq!(v["uploaded"], serde_json::json!([0]), "{v}");
+    assert_eq!(v["absent"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["published"], false, "{v}");
+
+    // Node B's uploader restarts: it uploads rank 1 of `new`, and of `old` (its own claim,
+    // left by its dead predecessor): both manifests are written.
+    let mut b = follower(home, &moto, "node-b", &db, url, 1);
+    wait_until(Duration::from_secs(90), "both manifests", || {
+        remote_parts(&moto, "nl/").0 == vec![old, new]
+    });
+    // Node A's restarts too and finds both done.
+    let mut a = follower(home, &moto, "node-a", &da, url, 0);
+    let alog = da.with_extension("node-a.log");
+    wait_until(Duration::from_secs(60), "node A to find both done", || {
+        std::fs::read_to_string(&alog)
+            .unwrap_or_default()
+            .matches("the remote manifest is written")
+            .count()
+            >= 2
+    });
+    for p in [&mut a, &mut b] {
+        signal(p.id(), libc::SIGTERM);
+        let st = wait_deadline(p, Duration::from_secs(30));
+        assert_eq!(st.code(), Some(0));
+    }
+    let (manifests, shards) = remote_parts(&moto, "nl/");
+    assert_eq!(manifests, vec![old, new]);
+    for s in [old, new] {
+        assert!(
+            shards.contains(&(s, 0)) && shards.contains(&(s, 1)),
+            "{shards:?}"
+        );
+    }
+    let out = output_deadline(
+        ckpt_env(home, Some(&moto)).args(["verify", "--remote", url]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    new_vm_two_ranks(home, &moto, url, "nl/", new, &t.path().join("vm2"), &[]);
+}
+
+#[test]
+fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_back_run() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let digest = dir.with_extension("digest");
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms"]);
+    trainer_cmd(&mut c, 100, 5, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(root.join("FINISHED.ckpt.sig").exists());
+    let before = remote_seqs(&root);
+    assert!(before.len() >= 3, "{before:?}");
+
+    // Roll back two checkpoints: the remote loses the finished record and the newer ones.
+    let out = output_deadline(
+        ckpt()
+            .args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg("latest~2")
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .env("HOME", t.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    let target = v["seq"].as_u64().unwrap();
+    let newer: Vec<u64> = before.iter().copied().filter(|s| *s > target).collect();
+    assert_eq!(newer.len(), 2, "{v}");
+    assert_eq!(v["remote"][0]["removed"], serde_json::json!(newer), "{v}");
+    assert_eq!(v["remote"][0]["finished_cleared"], true, "{v}");
+    assert!(!root.join("FINISHED.ckpt.sig").exists());
+    assert_eq!(*remote_seqs(&root).last().unwrap(), target);
+    let target_step = the_step(&root.join(format!("ckpt-{target:012}")));
+
+    // On this machine, the next run resumes from the target: the rolled-back checkpoints
+    // are not restored from the remote (they are no longer there).
+    let launches = events(&dir, "launch").len();
+    let _ = std::fs::remove_file(&digest);
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(events(&dir, "remote_restored").is_empty(), "{err}");
+    let launch = &events(&dir, "launch")[launches];
+    assert_eq!(launch["restore_seq"], target, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert!(root.join("FINISHED.ckpt.sig").exists());
+    // Roll back to the same target again (the run above finished and uploaded).
+    let out = output_deadline(
+        ckpt()
+            .args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg(target.to_string())
+            .env("XDG_CONFIG_HOME", t.path().join("config"))
+            .env("HOME", t.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(json_of(&out)["remote"][0]["finished_cleared"], true);
+    assert!(!root.join("FINISHED.ckpt.sig").exists());
+    assert_eq!(*remote_seqs(&root).last().unwrap(), target);
+
+    // A new VM resumes the rolled-back run (from the rollback target), not "finished".
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(&digest);
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(events(&dir, "already_finished").is_empty(), "{err}");
+    let restored = events(&dir, "remote_restored");
+    assert_eq!(restored.len(), 1, "{err}");
+    assert_eq!(restored[0]["remote_seq"], target, "{err}");
+    assert_eq!(restored[0]["step"], target_step, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}
+
+#[test]
+fn s3_the_next_ckpt_run_takes_over_a_shard_whose_uploader_died() {
+    need_moto!();
+    let mut moto = Moto::start();
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let out = t.path().join("out");
+    let url = "s3://ckpt-remote-test/sup";
+    let seq = *two_rank_checkpoints(home, &dir, &out, 2).last().unwrap();
+    die_holding_claim(home, &mut moto, &dir, url, seq, 1, "node-b");
+    let step = the_step(&dir.join(format!("ckpt-{seq:012}")));
+
+    // The job's next `ckpt run --remote` (its steps already done: it resumes and exits at
+    // once) re-offers checkpoint `seq`: it uploads rank 0, respects node B's claim while its
+    // lease runs, then takes it over and writes the manifest before it exits.
+    let mut c = ckpt_remote(&dir, home, url, Some(&moto));
+    c.env("CKPT_UPLOAD_LEASE", "2s")
+        .args(["--every", "off", "--remote-stop-timeout", "60s"]);
+    rank_job(&mut c, 2, step, &out);
+    let o = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let took = events(&dir, "upload_taken_over");
+    assert_eq!(took.len(), 1, "{err}");
+    assert_eq!(took[0]["seq"], seq, "{err}");
+    assert_eq!(took[0]["rank"], 1, "{err}");
+    assert!(
+        took[0]["from"].as_str().unwrap().starts_with("node-b"),
+        "{err}"
+    );
+    let up = events(&dir, "uploaded");
+    assert!(up.iter().any(|e| e["seq"] == seq), "{err}");
+    assert_eq!(events(&dir, "remote_safe").len(), 1, "{err}");
+    let (manifests, shards) = remote_parts(&moto, "sup/");
+    assert_eq!(manifests, vec![seq]);
+    assert!(shards.contains(&(seq, 0)) && shards.contains(&(seq, 1)));
+    assert_no_survivors(&dir);
+    // The job finished: a new machine resumes it only with --again.
+    new_vm_two_ranks(
+        home,
+        &moto,
+        url,
+        "sup/",
+        seq,
+        &t.path().join("vm2"),
+        &["--again"],
+    );
+}
+
+#[test]
+fn s3_rollback_with_the_remote_unreachable_says_so_and_exits_77_then_completes() {
+    need_moto!();
+    let moto = Moto::start();
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let url = "s3://ckpt-remote-test/rb";
+    run_and_stop(&dir, t.path(), url, Some(&moto), 3);
+    let before = remote_parts(&moto, "rb/").0;
+    let target = before[before.len() - 2];
+    let rollback = |endpoint: Option<String>| {
+        let mut c = ckpt_env(t.path(), Some(&moto));
+        if let Some(e) = endpoint {
+            c.env("AWS_ENDPOINT_URL", e);
+        }
+        c.args(["rollback", "--json", "--dir"])
+            .arg(&dir)
+            .arg(target.to_string());
+        output_deadline(&mut c, Duration::from_secs(120))
+    };
+    // The remote cannot be reached from here (nothing listens at the endpoint): the local
+    // rollback stands, the remote one is reported, exit 77; the remote is untouched.
+    let out = rollback(Some(format!("http://127.0.0.1:{}", free_port())));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("NOT fully rolled back"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+    assert!(json_of(&out)["remote"][0]["error"].is_string());
+    assert_eq!(*checkpoints(&dir).last().unwrap(), target);
+    assert_eq!(remote_parts(&moto, "rb/").0, before);
+    // Reachable again: the same command rolls the remote back.
+    let out = rollback(None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of(&out);
+    assert!(v["remote"][0]["error"].is_null(), "{v}");
+    assert_eq!(
+        v["remote"][0]["removed"],
+        serde_json::json!([before[before.len() - 1]]),
+        "{v}"
+    );
+    assert_eq!(*remote_parts(&moto, "rb/").0.last().unwrap(), target);
+}
+
+#[test]
+fn file_remote_run_from_rolls_the_remote_back_too() {
+    let t = tempdir();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let digest = dir.with_extension("digest");
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "100ms"]);
+    trainer_cmd(&mut c, 100, 5, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let before = remote_seqs(&root);
+    let local = checkpoints(&dir);
+    assert!(local.len() >= 3, "{local:?}");
+    let target = local[local.len() - 3];
+
+    // `ckpt run --from latest~2`: rolled back locally and remotely, then resumed from the
+    // target (not from a rolled-back checkpoint restored from the remote).
+    let _ = std::fs::remove_file(&digest);
+    let launches = events(&dir, "launch").len();
+    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    c.args(["--every", "off", "--from", "latest~2"]);
+    trainer_cmd(&mut c, 100, 0, &digest);
+    let out = output_deadline(&mut c, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let rb = events(&dir, "remote_rolled_back");
+    assert_eq!(rb.len(), 1, "{err}");
+    let newer: Vec<u64> = before.iter().copied().filter(|s| *s > target).collect();
+    assert_eq!(rb[0]["removed"], serde_json::json!(newer), "{err}");
+    assert_eq!(rb[0]["finished_cleared"], true, "{err}");
+    assert!(events(&dir, "remote_restored").is_empty(), "{err}");
+    assert_eq!(
+        events(&dir, "launch")[launches]["restore_seq"],
+        target,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&digest).unwrap().trim(),
+        reference(100, DIM).trim(),
+        "{err}"
+    );
+    assert_no_survivors(&dir);
+}

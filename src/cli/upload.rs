@@ -16,9 +16,10 @@ use crate::supervisor::{fmt_bytes, Fatal};
 ///
 /// A single-process checkpoint is uploaded whole (as `ckpt run --remote` does after each
 /// commit). Of a multi-rank checkpoint, only the shards of --ranks (this node's ranks) are
-/// uploaded, each claimed first in DIR so that no two nodes upload the same shard; the
-/// remote manifest, the remote commit record, is written by whichever node finds every
-/// shard up. Run `ckpt upload --follow --ranks R` on every node of the job (R: its ranks)
+/// uploaded, each claimed first in DIR so that no two nodes upload the same shard (a claim
+/// whose uploader died is taken over once its lease, CKPT_UPLOAD_LEASE, default 2m, ran
+/// out); the remote manifest, the remote commit record, is written by whichever node finds
+/// every shard up. Run `ckpt upload --follow --ranks R` on every node of the job (R: its ranks)
 /// next to `ckpt run --remote URL --remote-ranks R0` on the supervisor's node.
 #[derive(Debug, clap::Args)]
 pub struct UploadArgs {
@@ -36,8 +37,9 @@ pub struct UploadArgs {
     /// node's ranks). Default: every shard no other node claimed.
     #[arg(long, value_parser = crate::remote::parse_rank_set, value_name = "RANKS")]
     pub ranks: Option<crate::remote::Ranks>,
-    /// Keep watching DIR and upload each new checkpoint (this node's part of it) until the
-    /// job finished (DIR/.ckpt/finished) or SIGTERM/SIGINT.
+    /// Keep watching DIR and upload each new checkpoint (this node's part of it), and
+    /// finish older ones whose remote manifest is not written yet, until the job finished
+    /// (DIR/.ckpt/finished) or SIGTERM/SIGINT.
     #[arg(long)]
     pub follow: bool,
     /// With --follow: how often DIR is looked at.
@@ -86,12 +88,24 @@ fn upload_one(
             };
             if !a.json {
                 eprintln!(
-                    "ckpt: checkpoint {seq} (world size {}): uploaded the shard(s) of rank(s) {:?} to {} ({} in {:.2}s){}; {}",
+                    "ckpt: checkpoint {seq} (world size {}): uploaded the shard(s) of rank(s) {:?} to {} ({} in {:.2}s){}{}; {}",
                     up.world,
                     up.uploaded,
                     r.display,
                     fmt_bytes(up.bytes),
                     ms as f64 / 1000.0,
+                    if up.taken_over.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; took over: {}",
+                            up.taken_over
+                                .iter()
+                                .map(|(k, w)| format!("rank {k} from {w}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
                     if up.others.is_empty() {
                         String::new()
                     } else {
@@ -116,6 +130,8 @@ fn upload_one(
             (
                 json!({ "seq": seq, "world": up.world, "uploaded": up.uploaded, "bytes": up.bytes, "duration_ms": ms,
                         "others": up.others.iter().map(|(k, h)| json!({ "rank": k, "holder": h })).collect::<Vec<_>>(),
+                        "taken_over": up.taken_over.iter().map(|(k, w)| json!({ "rank": k, "from": w })).collect::<Vec<_>>(),
+                        "absent": up.absent,
                         "published": published, "missing": missing, "remote": r.display }),
                 0,
                 published,
@@ -141,6 +157,19 @@ fn upload_one(
 pub fn run(a: UploadArgs) -> Result<i32, Fatal> {
     let r = super::inspect::open_remote(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
     let store = super::versions::open(&a.dir.dir)?;
+    // So that `ckpt rollback` on DIR rolls this remote back too.
+    crate::remote::remember(
+        &crate::remote::Settings {
+            url: a.remote.clone(),
+            allow_http: a.remote_allow_http,
+            keys: a.remote_key.clone(),
+            keep: None,
+            required: false,
+            stop_timeout: Duration::ZERO,
+            ranks: None,
+        },
+        &store,
+    );
     if !a.follow {
         let res = super::versions::resolve(&store, &a.id)?;
         let (v, code, _) = upload_one(&a, &r, &store, res.seq, &res.path);
@@ -153,39 +182,88 @@ pub fn run(a: UploadArgs) -> Result<i32, Fatal> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(s, on_stop as *const () as libc::sighandler_t) };
     }
-    // The newest checkpoint handled, and whether its remote manifest is written (else this
-    // node looks again: the last shard's node may be this one's).
-    let mut handled: Option<(u64, bool)> = None;
+    // The checkpoints handled whose remote manifest is not written yet (the other nodes'
+    // shards are not all up, or a shard's uploader died: its claim is taken over once its
+    // lease runs out), with when each was last looked at: the newest at every poll, older
+    // ones now and then, while they are still in DIR. At start, every local multi-rank
+    // checkpoint above the newest remote one, and those an uploader of DIR claimed a shard of (an
+    // uploader killed mid-upload is finished by the next one).
+    let mut open: std::collections::BTreeMap<u64, Option<Instant>> = Default::default();
+    let mut newest_handled: Option<u64> = None;
+    let relook = (crate::remote::claim_lease() / 2).min(Duration::from_secs(5));
     let finished = store.private().join("finished");
-    loop {
-        let done = std::fs::symlink_metadata(&finished).is_ok();
-        let newest = store
+    let list = |store: &Store| {
+        store
             .list()
-            .map_err(|e| Fatal::io(format!("cannot list {}: {e}", dp(store.dir()))))?
-            .last()
-            .map(|(s, p)| (*s, p.clone()));
-        if let Some((seq, path)) = newest {
-            let again = match handled {
-                Some((h, published)) => h < seq || (h == seq && !published),
-                None => true,
-            };
-            if again {
-                let first = handled.is_none_or(|(h, _)| h < seq);
-                let (v, _, published) = upload_one(&a, &r, &store, seq, &path);
-                if a.json && (first || published) {
-                    println!("{v}");
-                }
-                handled = Some((seq, published));
+            .map_err(|e| Fatal::io(format!("cannot list {}: {e}", dp(store.dir()))))
+    };
+    {
+        let claims = crate::remote::claims_dir(&store);
+        let tag = r.claim_tag();
+        let claimed: std::collections::BTreeSet<u64> = std::fs::read_dir(&claims)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_str()?.to_string();
+                        n.ends_with(&format!(".{tag}"))
+                            .then(|| crate::store::parse_seq(n.split('.').next()?, false))?
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let local = list(&store)?;
+        let remote_newest = r.list().ok().and_then(|l| l.last().copied());
+        for (seq, path) in &local {
+            let behind = claimed.contains(seq) || remote_newest.is_none_or(|n| *seq > n);
+            if behind && crate::remote::is_multi_rank(path) {
+                open.insert(*seq, None);
             }
         }
-        if STOP.load(Ordering::SeqCst) || (done && handled.is_none_or(|(_, p)| p)) {
+    }
+    loop {
+        let done = std::fs::symlink_metadata(&finished).is_ok();
+        let local = list(&store)?;
+        if let Some((seq, _)) = local.last() {
+            if newest_handled.is_none_or(|h| h < *seq) {
+                newest_handled = Some(*seq);
+                open.insert(*seq, None);
+            }
+        }
+        let newest = newest_handled;
+        let seqs: Vec<u64> = open.keys().rev().copied().collect();
+        for seq in seqs {
+            let Some(path) = local
+                .iter()
+                .find(|(s, _)| *s == seq)
+                .map(|(_, p)| p.clone())
+            else {
+                open.remove(&seq);
+                continue;
+            };
+            let last = open[&seq];
+            let due = Some(seq) == newest || last.is_none_or(|t| t.elapsed() >= relook);
+            if !due {
+                continue;
+            }
+            let (v, _, published) = upload_one(&a, &r, &store, seq, &path);
+            if a.json && (last.is_none() || published) {
+                println!("{v}");
+            }
+            if published {
+                open.remove(&seq);
+            } else {
+                open.insert(seq, Some(Instant::now()));
+            }
+        }
+        let newest_open = newest.is_some_and(|n| open.contains_key(&n));
+        if STOP.load(Ordering::SeqCst) || (done && !newest_open) {
             return Ok(0);
         }
         if done {
             // The job finished: this node's part of the last checkpoint is up; the other
             // nodes may still be uploading theirs. One more look, then exit.
             std::thread::sleep(a.poll);
-            if let Some((seq, false)) = handled {
+            if let Some(seq) = newest {
                 if let Ok(res) = store.resolve(&seq.to_string()) {
                     let (v, _, _) = upload_one(&a, &r, &store, seq, &res.path);
                     if a.json {

@@ -651,6 +651,9 @@ pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
 
 /// Roll a directory back: checkpoints newer than ID go to rolled-back/ (never deleted), so
 /// the next `ckpt run` resumes from ID. Refused while a supervisor runs on the directory.
+/// The remotes DIR is uploaded to (`ckpt run --remote`, `ckpt upload`) are rolled back too:
+/// their finished record and their checkpoints above ID are removed (exit 77 if a remote
+/// cannot be).
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     #[command(flatten)]
@@ -678,7 +681,8 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
     if a.json {
         println!(
             "{}",
-            json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags })
+            json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags,
+                    "remote": r.remote.iter().map(|x| x.json()).collect::<Vec<_>>() })
         );
     } else {
         println!(
@@ -694,8 +698,19 @@ pub fn rollback(a: RollbackArgs) -> Result<i32, Fatal> {
                 escape(t)
             );
         }
+        for x in &r.remote {
+            if x.error.is_none() {
+                println!("{}", x.human());
+            }
+        }
     }
-    Ok(0)
+    // A remote that could not be rolled back: said loudly, exit 77 (the local rollback stands).
+    let mut code = 0;
+    for x in r.remote.iter().filter(|x| x.error.is_some()) {
+        eprintln!("ckpt: error: {}", escape(&x.human()));
+        code = ErrKind::UploadFailed.code();
+    }
+    Ok(code)
 }
 
 /// What retention would remove, and leftovers (quarantine, staging, trash) older than an age.

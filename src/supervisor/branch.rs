@@ -77,6 +77,8 @@ pub struct RolledBack {
     pub moved: Vec<(u64, PathBuf)>,
     /// Tags that now name a checkpoint in `rolled-back/`.
     pub dangling_tags: Vec<String>,
+    /// The remotes the directory is uploaded to, rolled back too (docs/cloud.md).
+    pub remote: Vec<crate::remote::RemoteRollback>,
 }
 
 /// Rolls `store` back to `reference` (the caller holds the directory lock): verifies it,
@@ -120,11 +122,13 @@ pub fn rollback(store: &Store, reference: &str) -> Result<RolledBack, Fatal> {
             )
         })?;
     }
+    let remote = crate::remote::after_rollback(store, target.seq);
     Ok(RolledBack {
         seq: target.seq,
         step: m.step,
         moved,
         dangling_tags,
+        remote,
     })
 }
 
@@ -166,6 +170,13 @@ pub fn apply(store: &Store, spec: &str, rep: &mut Reporter) -> Result<(), Fatal>
                 )),
                 json!({ "seq": r.seq, "step": r.step, "moved": moved, "dangling_tags": r.dangling_tags }),
             );
+            for rr in r.remote.iter().map(|rr| rr.report()) {
+                if rr.warn {
+                    rep.warn(rr.event, rr.human, rr.data);
+                } else {
+                    rep.event(rr.event, Some(rr.human), rr.data);
+                }
+            }
             Ok(())
         }
         FromSpec::Other { dir, reference } => {

@@ -606,6 +606,7 @@ fn start_uploader(
 ) -> Result<crate::remote::Uploader, Fatal> {
     let remote = crate::remote::Remote::open(s)
         .map_err(|e| Fatal::new(ErrKind::Usage, format!("--remote: {e}")))?;
+    crate::remote::remember(s, store);
     rep.event(
         "remote",
         Some(format!(
