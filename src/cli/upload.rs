@@ -161,8 +161,8 @@ pub fn run(a: UploadArgs) -> Result<i32, Fatal> {
     crate::remote::remember(
         &crate::remote::Settings {
             url: a.remote.clone(),
-            allow_http: a.remote_allow_http,
-            keys: a.remote_key.clone(),
+            allow_http: a.remote_auth.allow_http,
+            keys: a.remote_auth.keys.clone(),
             keep: None,
             required: false,
             stop_timeout: Duration::ZERO,
