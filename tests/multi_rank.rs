@@ -1108,7 +1108,10 @@ fn srun_survivors(test: &str, python: bool) {
             "the relaunch",
             || events(&dir, "launch").len() > launches || finished(),
         );
-        assert!(!finished(), "{test}: the job finished instead of relaunching");
+        assert!(
+            !finished(),
+            "{test}: the job finished instead of relaunching"
+        );
     }
     while !finished() {
         assert!(
@@ -1130,7 +1133,10 @@ fn srun_survivors(test: &str, python: bool) {
     );
     assert_restores_complete(&out, 4);
     assert_complete_checkpoints(&dir, 4);
-    eprintln!("{test}: survivors gone after {gone_after:?}, checkpoints {:?}", checkpoints(&dir));
+    eprintln!(
+        "{test}: survivors gone after {gone_after:?}, checkpoints {:?}",
+        checkpoints(&dir)
+    );
 }
 
 /// Ranks whose steps end in a collective (`rank_trainer --barrier`: all ranks meet every
