@@ -817,6 +817,10 @@ impl MultiRank {
                 }
             }
             State::Open => {}
+            State::Aborted => {
+                self.stop_abandoned(k);
+                return Ok(State::Aborted);
+            }
             s => return Ok(s),
         }
         let Some(since) = self.joined.as_ref().map(|j| j.since) else {
@@ -895,12 +899,32 @@ impl MultiRank {
         } else {
             "proposed"
         };
-        self.leave();
-        eprintln!(
-            "ckpt: SIGTERM: rank {}: the stop checkpoint cannot complete: {who} (not {what} in save round {k} of {} within the stop timeout of {:.1}s: gone or blocked); exiting now with status 143 without a checkpoint (hint: set {} to wait longer)",
-            self.world.rank,
+        self.exit_stop(format!(
+            "{who} (not {what} in save round {k} of {} within the stop timeout of {:.1}s: gone or blocked)",
             self.dir.display(),
             bound.as_secs_f64(),
+        ));
+    }
+
+    /// A rank asked to stop whose round was abandoned by another rank (which gave up on a
+    /// missing rank, or left): the stop checkpoint cannot complete either; it exits as in
+    /// [`MultiRank::stop_expired`]. Returns when the job was not asked to stop.
+    fn stop_abandoned(&mut self, k: u64) {
+        if self.stop_bound().is_some() {
+            self.exit_stop(format!(
+                "save round {k} of {} was abandoned by another rank (a rank is gone or left: see its message)",
+                self.dir.display()
+            ));
+        }
+    }
+
+    /// Leaves the launch, says why on stderr and exits with status 143 (a stop without a
+    /// checkpoint).
+    fn exit_stop(&mut self, why: String) -> ! {
+        self.leave();
+        eprintln!(
+            "ckpt: SIGTERM: rank {}: the stop checkpoint cannot complete: {why}; exiting now with status 143 without a checkpoint (hint: set {} to wait longer)",
+            self.world.rank,
             crate::client::ENV_STOP_TIMEOUT
         );
         std::process::exit(128 + libc::SIGTERM);
@@ -1151,6 +1175,7 @@ impl MultiRank {
             }
             if r.join("aborted").exists() {
                 self.someone_left();
+                self.stop_abandoned(k);
                 return Err(self.abandoned(k, "a rank did not finish its shard in time"));
             }
             self.outcome_stop_check(k, start, own_time);
@@ -1202,6 +1227,7 @@ impl MultiRank {
             let names = self.list(&r)?;
             if names.iter().any(|n| n == "aborted") {
                 self.someone_left();
+                self.stop_abandoned(k);
                 return Err(self.abandoned(
                     k,
                     "another rank abandoned it: a shard was late, failed or was refused",

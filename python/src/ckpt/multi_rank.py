@@ -618,6 +618,9 @@ class MultiRank:
             if movable and j is not None and s.step > j.bound:
                 j.bound = s.step
                 j.at_bound = None
+        elif s == _ABORTED:
+            self._stop_abandoned(k)
+            return s
         elif s != _OPEN:
             return s
         if j is None:
@@ -674,11 +677,27 @@ class MultiRank:
         else:
             who = f"rank(s) {', '.join(missing)} never joined it"
         what = "saved their shard" if prefix == "done-" else "proposed"
+        self._exit_stop(
+            f"{who} (not {what} in save round {k} of {self.dir} within the stop timeout of {bound:.1f}s: "
+            "gone or blocked)"
+        )
+
+    def _stop_abandoned(self, k: int) -> None:
+        """A rank asked to stop whose round was abandoned by another rank (which gave up on a
+        missing rank, or left): the stop checkpoint cannot complete either; it exits as in
+        :meth:`_stop_expired`. Returns when the job was not asked to stop."""
+        if self._stop_bound() is not None:
+            self._exit_stop(
+                f"save round {k} of {self.dir} was abandoned by another rank (a rank is gone or left: see its message)"
+            )
+
+    def _exit_stop(self, why: str) -> None:
+        """Leaves the launch, says why on stderr and exits with status 143 (a stop without a
+        checkpoint)."""
         self.leave()
         sys.stderr.write(
-            f"ckpt: SIGTERM: rank {self.world.rank}: the stop checkpoint cannot complete: {who} (not {what} "
-            f"in save round {k} of {self.dir} within the stop timeout of {bound:.1f}s: gone or blocked); "
-            f"exiting now with status 143 without a checkpoint (hint: set CKPT_STOP_TIMEOUT to wait longer)\n"
+            f"ckpt: SIGTERM: rank {self.world.rank}: the stop checkpoint cannot complete: {why}; exiting now "
+            "with status 143 without a checkpoint (hint: set CKPT_STOP_TIMEOUT to wait longer)\n"
         )
         for f in (sys.stdout, sys.stderr):
             try:
@@ -879,6 +898,7 @@ class MultiRank:
                 )
             if os.path.lexists(r / "aborted"):
                 self._someone_left()
+                self._stop_abandoned(k)
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             self._outcome_stop_check(k, start, own)
             if time.monotonic() - start >= self.timeout:
@@ -921,6 +941,7 @@ class MultiRank:
             names = os.listdir(r)
             if "aborted" in names:
                 self._someone_left()
+                self._stop_abandoned(k)
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if self._count_ranks(names, "done-") == self.world.size:
                 try:
