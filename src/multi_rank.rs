@@ -14,6 +14,7 @@
 //! DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
 //!   00000003/                             save round 3 of that launch
 //!     propose-00002                       rank 2's proposal {"step":S,"stop":B}
+//!     horizon                             rank 0 moved the round's bound on {"step":H} (late ranks)
 //!     agreed                              rank 0's verdict from all proposals {"step":T,"stop":B}
 //!     stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
 //!       rank-00002/<files>                rank 2's shard, fsynced
