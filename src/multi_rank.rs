@@ -884,27 +884,29 @@ impl MultiRank {
         }
         let n = missing.len();
         missing.truncate(16);
-        let who = if n == 0 {
-            format!("rank {COORDINATOR} (the coordinator) never concluded it")
-        } else if n > missing.len() {
-            format!(
-                "rank(s) {} and {} more never joined it",
-                missing.join(", "),
-                n - missing.len()
-            )
-        } else {
-            format!("rank(s) {} never joined it", missing.join(", "))
-        };
         let what = if prefix == "done-" {
             "saved their shard"
         } else {
             "proposed"
         };
-        self.exit_stop(format!(
-            "{who} (not {what} in save round {k} of {} within the stop timeout of {:.1}s: gone or blocked)",
+        let within = format!(
+            "in save round {k} of {} within the stop timeout of {:.1}s",
             self.dir.display(),
-            bound.as_secs_f64(),
-        ));
+            bound.as_secs_f64()
+        );
+        self.exit_stop(if n == 0 {
+            format!("rank {COORDINATOR} (the coordinator) never concluded the round (every rank {what} {within}: it is gone or blocked)")
+        } else {
+            let more = if n > missing.len() {
+                format!(" and {} more", n - missing.len())
+            } else {
+                String::new()
+            };
+            format!(
+                "rank(s) {}{more} never joined it (not {what} {within}: gone or blocked)",
+                missing.join(", ")
+            )
+        });
     }
 
     /// A rank asked to stop whose round was abandoned by another rank (which gave up on a

@@ -1240,3 +1240,46 @@ fn late_ranks(test: &str, lookahead: Option<u64>, python: bool) {
     assert_complete_checkpoints(&dir, world);
     eprintln!("{test}: requests published after {took:?}");
 }
+
+/// docs/multi-rank.md, "Late ranks", step by step (the Rust side of
+/// python/tests/test_multi_rank.py::test_a_late_rank_follows_the_coordinators_horizon): rank 0
+/// proposes 10 + 2 and waits at its bound 12; rank 1 has not looked yet. After the longest
+/// pause (20 ms) rank 0 writes `horizon` 14 and runs on; rank 1, late, proposes 13 + 2 = 15;
+/// the agreed step is the highest of the proposals and the horizon, and both ranks are true
+/// there only.
+#[test]
+fn a_late_rank_follows_the_coordinators_horizon() {
+    use ckpt::multi_rank::{MultiRank, World};
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
+    store.create().unwrap();
+    let rank = |r: u32| {
+        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), "h.0").unwrap();
+        m.set_timeout(Duration::from_secs(30));
+        m
+    };
+    let (mut r0, mut r1) = (rank(0), rank(1));
+    let rd = store.private().join("rounds/h.0/00000001");
+    let read = |n: &str| text(&std::fs::read(rd.join(n)).unwrap());
+    assert!(!r0.poll(true, false, 10).unwrap());
+    assert!(!r0.poll(false, false, 11).unwrap());
+    let t = Instant::now();
+    assert!(
+        !r0.poll(false, false, 12).unwrap(),
+        "rank 0 passed its bound without an agreement"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "rank 0 waited at its bound instead of moving the horizon on"
+    );
+    assert_eq!(read("horizon"), r#"{"step":14}"#);
+    assert!(!rd.join("agreed").exists());
+    assert!(!r0.poll(false, false, 13).unwrap());
+    // Rank 1 looks for the first time at its position 13: it joins and proposes 15.
+    assert!(!r1.poll(false, false, 13).unwrap());
+    assert_eq!(read("propose-00001"), r#"{"step":15,"stop":false}"#);
+    assert!(!r0.poll(false, false, 14).unwrap()); // at its bound: gathers both proposals
+    assert_eq!(read("agreed"), r#"{"step":15,"stop":false}"#);
+    assert!(!r1.poll(false, false, 14).unwrap());
+    assert!(r0.poll(false, false, 15).unwrap() && r1.poll(false, false, 15).unwrap());
+}

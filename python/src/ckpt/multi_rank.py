@@ -671,17 +671,15 @@ class MultiRank:
             return
         n = len(missing)
         missing = missing[:16]
-        if n == 0:
-            who = f"rank {COORDINATOR} (the coordinator) never concluded it"
-        elif n > len(missing):
-            who = f"rank(s) {', '.join(missing)} and {n - len(missing)} more never joined it"
-        else:
-            who = f"rank(s) {', '.join(missing)} never joined it"
         what = "saved their shard" if prefix == "done-" else "proposed"
-        self._exit_stop(
-            f"{who} (not {what} in save round {k} of {self.dir} within the stop timeout of {bound:.1f}s: "
-            "gone or blocked)"
-        )
+        within = f"in save round {k} of {self.dir} within the stop timeout of {bound:.1f}s"
+        if n == 0:
+            self._exit_stop(
+                f"rank {COORDINATOR} (the coordinator) never concluded the round (every rank {what} {within}: "
+                "it is gone or blocked)"
+            )
+        more = f" and {n - len(missing)} more" if n > len(missing) else ""
+        self._exit_stop(f"rank(s) {', '.join(missing)}{more} never joined it (not {what} {within}: gone or blocked)")
 
     def _stop_abandoned(self, k: int) -> None:
         """A rank asked to stop whose round was abandoned by another rank (which gave up on a
