@@ -6,7 +6,10 @@
 //! timeout and its shards removed), a world-size mismatch, and `srun -n 4` on the local Slurm
 //! cluster (skipped without one unless `CI` is set). The coordinator (rank 0) killed while a
 //! round gathers, mid-save and between saves, with and without a launcher; and the cost of a
-//! round per rank, flat in the number of ranks (2 and 16 ranks under `strace`).
+//! round per rank, flat in the number of ranks (2 and 16 ranks under `strace`). The survivors
+//! of a killed rank under `srun -K`, asked to stop, exit 143 within the stop timeout; late
+//! ranks in a per-step collective (only rank 0 signalled) converge through the coordinator's
+//! horizon (docs/multi-rank.md, "A stop that cannot complete", "Late ranks").
 
 mod common;
 
