@@ -166,6 +166,22 @@ impl StopWatch {
         }
     }
 
+    /// For the save rounds of a multi-rank job: the stop timeout once a SIGTERM came. A rank
+    /// waiting in a round is in the client, which then bounds its wait by it (docs/multi-rank.md,
+    /// "A stop that cannot complete"), so the watchdog stands down.
+    fn probe(self: &Arc<Self>) -> crate::multi_rank::StopProbe {
+        let w = Arc::downgrade(self);
+        Box::new(move || {
+            let w = w.upgrade()?;
+            if !w.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let bound = w.bound();
+            w.last_call.store(w.now_ms(), Ordering::Relaxed);
+            Some(bound)
+        })
+    }
+
     fn bound(&self) -> Duration {
         self.fixed.unwrap_or_else(|| {
             STOP_TIMEOUT_MIN.max(Duration::from_millis(
@@ -366,6 +382,10 @@ impl Checkpointer {
         let request = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let watch = StopWatch::new(stop.clone())?;
+        let mut multi = multi;
+        if let Some(m) = multi.as_mut() {
+            m.set_stop_probe(watch.probe());
+        }
         let mut sig_ids = Vec::new();
         let reg = |r: std::io::Result<signal_hook::SigId>| {
             r.map_err(|e| Error::io("install a signal handler", "(process)", e))

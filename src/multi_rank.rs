@@ -14,6 +14,7 @@
 //! DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
 //!   00000003/                             save round 3 of that launch
 //!     propose-00002                       rank 2's proposal {"step":S,"stop":B}
+//!     horizon                             rank 0 moved the round's bound on {"step":H} (late ranks)
 //!     agreed                              rank 0's verdict from all proposals {"step":T,"stop":B}
 //!     stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
 //!       rank-00002/<files>                rank 2's shard, fsynced
@@ -279,16 +280,41 @@ struct Published {
     seq: u64,
 }
 
+/// `R/horizon`: the coordinator moved the round's bound on to `step` (no agreement yet).
+#[derive(Serialize, Deserialize)]
+struct Horizon {
+    step: u64,
+}
+
 enum State {
     Open,
     Agreed(Target),
     Aborted,
+    /// No agreement yet, but the coordinator moved the round's horizon to this step: a rank
+    /// waiting at its bound may run on to it (`docs/multi-rank.md`, "Late ranks").
+    Horizon(u64),
 }
 
 struct Joined {
-    proposal: u64,
     target: Option<Target>,
+    /// When this rank proposed: the round timeout and the stop bound count from it.
+    since: Instant,
+    /// The step this rank may reach before it knows the agreed one: its proposal, raised by
+    /// the coordinator's horizon.
+    bound: u64,
+    /// The coordinator: the horizon it wrote last (the agreed step is at least that), and
+    /// the next extension.
+    horizon: Option<u64>,
+    ext: u64,
+    /// Since when this rank has waited at its bound (the coordinator extends after a while).
+    at_bound: Option<Instant>,
+    /// When this rank learned the agreed step (its own save's time counts from it).
+    agreed_at: Option<Instant>,
 }
+
+/// Asked to stop? The client's stop timeout if so (`CKPT_STOP_TIMEOUT`, or its default: the
+/// SIGTERM bound of `docs/protocol.md` section 3).
+pub type StopProbe = Box<dyn Fn() -> Option<Duration> + Send + Sync>;
 
 /// One rank's side of the save rounds (held by [`crate::Checkpointer`]).
 pub struct MultiRank {
@@ -317,6 +343,10 @@ pub struct MultiRank {
     base: u64,
     explicit: Option<u64>,
     pos: Option<u64>,
+    /// Whether the job was asked to stop, and its stop timeout ([`MultiRank::set_stop_probe`]).
+    stop_probe: Option<StopProbe>,
+    /// When this rank first saw the stop request in a round.
+    stop_seen: Option<Instant>,
 }
 
 impl std::fmt::Debug for MultiRank {
@@ -383,7 +413,23 @@ impl MultiRank {
             base: 0,
             explicit: None,
             pos: None,
+            stop_probe: None,
+            stop_seen: None,
         })
+    }
+
+    /// How the rounds learn that the job was asked to stop and its stop timeout: a rank asked
+    /// to stop waits for the other ranks at most that long, then exits with status 143
+    /// without a checkpoint (`docs/multi-rank.md`, "A stop that cannot complete").
+    pub fn set_stop_probe(&mut self, probe: StopProbe) {
+        self.stop_probe = Some(probe);
+    }
+
+    /// The stop timeout when the job was asked to stop (and when this rank first saw it).
+    fn stop_bound(&mut self) -> Option<(Duration, Instant)> {
+        let b = (self.stop_probe.as_ref()?)()?;
+        let seen = *self.stop_seen.get_or_insert_with(Instant::now);
+        Some((b, seen))
     }
 
     /// This rank.
@@ -486,21 +532,20 @@ impl MultiRank {
             return Ok(false);
         };
         if j.target.is_none() {
-            let proposal = j.proposal;
-            let state = if step >= proposal {
-                // This rank may not pass its proposal before it knows the agreed step.
-                self.wait_target()?
+            let state = if step >= j.bound {
+                // This rank may not pass its bound before it knows the agreed step.
+                self.wait_target(step, true)?
             } else if self
                 .last_poll
                 .is_none_or(|t| t.elapsed() >= self.look_every())
             {
                 self.last_poll = Some(Instant::now());
-                self.state(self.k)?
+                self.look(step, true)?
             } else {
                 State::Open
             };
             match state {
-                State::Open => return Ok(false),
+                State::Open | State::Horizon(_) => return Ok(false),
                 State::Aborted => {
                     self.conclude();
                     return Ok(false);
@@ -508,6 +553,7 @@ impl MultiRank {
                 State::Agreed(t) => {
                     if let Some(j) = self.joined.as_mut() {
                         j.target = Some(t);
+                        j.agreed_at = Some(Instant::now());
                     }
                 }
             }
@@ -566,8 +612,13 @@ impl MultiRank {
                 .rename_replace(&tmp, &r.join(&name))
                 .ctx("write proposal", &r.join(&name))?;
             self.joined = Some(Joined {
-                proposal,
                 target: None,
+                since: Instant::now(),
+                bound: proposal,
+                horizon: None,
+                ext: self.lookahead.max(1),
+                at_bound: None,
+                agreed_at: None,
             });
             return Ok(true);
         }
@@ -673,10 +724,21 @@ impl MultiRank {
             Ok(b) => {
                 let t: Target = serde_json::from_slice(&b)
                     .map_err(|e| Error::Usage(format!("bad agreement {}: {e}", p.display())))?;
-                Ok(State::Agreed(t))
+                return Ok(State::Agreed(t));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("read agreement", p, e)),
+        }
+        // Not agreed yet: has the coordinator moved the horizon on ("Late ranks")?
+        let p = r.join("horizon");
+        match crate::store::io::read_small(&p, 64 << 10) {
+            Ok(b) => {
+                let h: Horizon = serde_json::from_slice(&b)
+                    .map_err(|e| Error::Usage(format!("bad horizon {}: {e}", p.display())))?;
+                Ok(State::Horizon(h.step))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::Open),
-            Err(e) => Err(Error::io("read agreement", p, e)),
+            Err(e) => Err(Error::io("read horizon", p, e)),
         }
     }
 
@@ -696,8 +758,9 @@ impl MultiRank {
         if self.count_ranks(&names, "propose-") < self.world.size {
             return Ok(State::Open);
         }
+        // At least the horizon the coordinator gave: ranks may already be there.
         let mut t = Target {
-            step: 0,
+            step: self.joined.as_ref().and_then(|j| j.horizon).unwrap_or(0),
             stop: false,
         };
         for rank in 0..self.world.size {
@@ -718,38 +781,178 @@ impl MultiRank {
         Ok(State::Agreed(t))
     }
 
-    /// Waits for every rank's proposal; abandons the round after the timeout.
-    fn wait_target(&mut self) -> Result<State> {
+    /// Waits at `step`, this rank's bound, for the agreed step. Returns [`State::Open`] when
+    /// the bound moved past `step` (`movable`: the coordinator's horizon, or the coordinator
+    /// extending it; a save without a request cannot move), and [`State::Aborted`] after the
+    /// round timeout.
+    fn wait_target(&mut self, step: u64, movable: bool) -> Result<State> {
         let start = Instant::now();
-        let mut pause = Duration::from_millis(1);
         loop {
-            match self.state(self.k)? {
-                State::Open if start.elapsed() >= self.timeout => {
-                    eprintln!(
-                        "ckpt: warning: rank {}: not every rank proposed a step in save round {} within {:?}; abandoning the round",
-                        self.world.rank, self.k, self.timeout
-                    );
-                    self.abort(self.k);
-                    return Ok(State::Aborted);
+            match self.look(step, movable)? {
+                State::Open | State::Horizon(_) => {
+                    if movable && self.joined.as_ref().is_some_and(|j| j.bound > step) {
+                        return Ok(State::Open);
+                    }
                 }
-                State::Open => {}
                 s => return Ok(s),
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(self.max_pause());
+            std::thread::sleep(self.pause(start.elapsed()));
         }
+    }
+
+    /// One look at the current round's agreement from a rank at `step`, with the rules of an
+    /// open round: a horizon raises this rank's bound (`movable`); a rank asked to stop gives
+    /// up after its stop timeout ([`MultiRank::stop_expired`]); the round is abandoned
+    /// `CKPT_ROUND_TIMEOUT` after this rank proposed; the coordinator, waiting at its bound
+    /// for a while with proposals missing, moves the horizon on (`docs/multi-rank.md`, "Late
+    /// ranks").
+    fn look(&mut self, step: u64, movable: bool) -> Result<State> {
+        let k = self.k;
+        match self.state(k)? {
+            State::Horizon(h) => {
+                if let Some(j) = self.joined.as_mut().filter(|_| movable) {
+                    if h > j.bound {
+                        j.bound = h;
+                        j.at_bound = None;
+                    }
+                }
+            }
+            State::Open => {}
+            State::Aborted => {
+                self.stop_abandoned(k);
+                return Ok(State::Aborted);
+            }
+            s => return Ok(s),
+        }
+        let Some(since) = self.joined.as_ref().map(|j| j.since) else {
+            return Ok(State::Open);
+        };
+        if let Some((bound, seen)) = self.stop_bound() {
+            if seen.max(since).elapsed() >= bound {
+                self.stop_expired(k, "propose-", bound);
+            }
+        }
+        if since.elapsed() >= self.timeout {
+            eprintln!(
+                "ckpt: warning: rank {}: not every rank proposed a step in save round {k} within {:?}; abandoning the round",
+                self.world.rank, self.timeout
+            );
+            self.abort(k);
+            return Ok(State::Aborted);
+        }
+        let wait = self.max_pause();
+        let extend = self.coordinator() && movable;
+        let mut horizon = None;
+        if let Some(j) = self.joined.as_mut().filter(|j| extend && step >= j.bound) {
+            if j.at_bound.get_or_insert_with(Instant::now).elapsed() >= wait {
+                let h = j.bound.saturating_add(j.ext);
+                j.ext = j.ext.saturating_mul(2);
+                j.bound = h;
+                j.horizon = Some(h);
+                j.at_bound = None;
+                horizon = Some(h);
+            }
+        }
+        if let Some(h) = horizon {
+            let r = self.round(k);
+            let io = self.store.io();
+            let tmp = r.join(format!(".horizon.{}", crate::store::token()));
+            let body = serde_json::to_vec(&Horizon { step: h }).expect("serialises");
+            io.write_new(&tmp, &body).ctx("write horizon", &tmp)?;
+            io.rename_replace(&tmp, &r.join("horizon"))
+                .ctx("write horizon", &r.join("horizon"))?;
+        }
+        Ok(State::Open)
+    }
+
+    /// A rank asked to stop whose round did not complete within its stop timeout (`bound`):
+    /// some rank never joined (`prefix`: no `propose-` or no `done-` marker: it is gone or
+    /// blocked), so the stop checkpoint can never be published. It abandons the round, leaves
+    /// the launch, names the missing ranks and exits with status 143, as a single process
+    /// that reached no safe point within the stop timeout (`docs/multi-rank.md`, "A stop that
+    /// cannot complete"). Returns only if the round was published meanwhile.
+    fn stop_expired(&mut self, k: u64, prefix: &str, bound: Duration) {
+        let r = self.round(k);
+        let names = self.list(&r).unwrap_or_default();
+        let mut missing: Vec<String> = (0..self.world.size)
+            .filter(|rank| !names.iter().any(|n| *n == format!("{prefix}{rank:05}")))
+            .map(|rank| rank.to_string())
+            .collect();
+        let won = self.abort(k);
+        if !won && r.join("published").exists() {
+            return;
+        }
+        let n = missing.len();
+        missing.truncate(16);
+        let what = if prefix == "done-" {
+            "saved their shard"
+        } else {
+            "proposed"
+        };
+        let within = format!(
+            "in save round {k} of {} within the stop timeout of {:.1}s",
+            self.dir.display(),
+            bound.as_secs_f64()
+        );
+        self.exit_stop(if n == 0 {
+            format!("rank {COORDINATOR} (the coordinator) never concluded the round (every rank {what} {within}: it is gone or blocked)")
+        } else {
+            let more = if n > missing.len() {
+                format!(" and {} more", n - missing.len())
+            } else {
+                String::new()
+            };
+            format!(
+                "rank(s) {}{more} never joined it (not {what} {within}: gone or blocked)",
+                missing.join(", ")
+            )
+        });
+    }
+
+    /// A rank asked to stop whose round was abandoned by another rank (which gave up on a
+    /// missing rank, or left): the stop checkpoint cannot complete either; it exits as in
+    /// [`MultiRank::stop_expired`]. Returns when the job was not asked to stop.
+    fn stop_abandoned(&mut self, k: u64) {
+        if self.stop_bound().is_some() {
+            self.exit_stop(format!(
+                "save round {k} of {} was abandoned by another rank (a rank is gone or left: see its message)",
+                self.dir.display()
+            ));
+        }
+    }
+
+    /// Leaves the launch, says why on stderr and exits with status 143 (a stop without a
+    /// checkpoint).
+    fn exit_stop(&mut self, why: String) -> ! {
+        self.leave();
+        eprintln!(
+            "ckpt: SIGTERM: rank {}: the stop checkpoint cannot complete: {why}; exiting now with status 143 without a checkpoint (hint: set {} to wait longer)",
+            self.world.rank,
+            crate::client::ENV_STOP_TIMEOUT
+        );
+        std::process::exit(128 + libc::SIGTERM);
+    }
+
+    /// How long a waiting rank sleeps before its next look: a tenth of the time it has waited
+    /// so far, between 0.5 ms and [`MultiRank::max_pause`] (both clients; `docs/multi-rank.md`,
+    /// "Waiting").
+    fn pause(&self, waited: Duration) -> Duration {
+        (waited / 10).clamp(Duration::from_micros(500), self.max_pause())
     }
 
     /// Abandons round `k`: the stage (and every shard in it) goes, `aborted` records it. The
     /// rename of the stage is the arbiter against a concurrent publish.
-    fn abort(&self, k: u64) {
+    /// Returns whether this rank's rename won (false: the round had already concluded).
+    fn abort(&self, k: u64) -> bool {
         let r = self.round(k);
         let io = self.store.io();
         let trash = r.join(format!("trash-{}", crate::store::token()));
         if io.rename_noreplace(&r.join("stage"), &trash).is_ok() {
             let _ = io.write_new(&r.join("aborted"), b"");
             let _ = io.remove_dir_all(&trash);
+            return true;
         }
+        false
     }
 
     /// This rank leaves the launch (its `Checkpointer` is dropped: it finished or is
@@ -818,8 +1021,13 @@ impl MultiRank {
         let k = self.k;
         let t = match self.joined.as_ref().and_then(|j| j.target) {
             Some(t) => t,
-            None => match self.wait_target()? {
-                State::Agreed(t) => t,
+            None => match self.wait_target(here, false)? {
+                State::Agreed(t) => {
+                    if let Some(j) = self.joined.as_mut() {
+                        j.agreed_at = Some(Instant::now());
+                    }
+                    t
+                }
                 _ => {
                     self.conclude();
                     return Err(self.abandoned(k, "not every rank proposed a step"));
@@ -955,7 +1163,7 @@ impl MultiRank {
         }
         // Wait for the outcome: two files, whatever the number of ranks.
         let start = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let own_time = self.own_save_time();
         let mut gave_up = false;
         loop {
             if let Ok(b) = crate::store::io::read_small(&r.join("published"), 64 << 10) {
@@ -969,8 +1177,11 @@ impl MultiRank {
                 return Ok(m);
             }
             if r.join("aborted").exists() {
+                self.someone_left();
+                self.stop_abandoned(k);
                 return Err(self.abandoned(k, "a rank did not finish its shard in time"));
             }
+            self.outcome_stop_check(k, start, own_time);
             if start.elapsed() >= self.timeout {
                 if gave_up {
                     return Err(
@@ -985,8 +1196,27 @@ impl MultiRank {
                 gave_up = true;
                 continue;
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(self.max_pause());
+            std::thread::sleep(self.pause(start.elapsed()));
+        }
+    }
+
+    /// How long this rank's own save took, from learning the agreed step to its done marker:
+    /// the other ranks' shards, as large in an SPMD job, take about as long.
+    fn own_save_time(&self) -> Duration {
+        self.joined
+            .as_ref()
+            .and_then(|j| j.agreed_at)
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// A rank asked to stop that waits for the round's outcome gives up after its stop
+    /// timeout plus its own save's time (`own`), counted from its done marker (`start`) or
+    /// the stop request, whichever came later ([`MultiRank::stop_expired`]).
+    fn outcome_stop_check(&mut self, k: u64, start: Instant, own: Duration) {
+        if let Some((bound, seen)) = self.stop_bound() {
+            if seen.max(start).elapsed() >= bound + own {
+                self.stop_expired(k, "done-", bound + own);
+            }
         }
     }
 
@@ -995,10 +1225,12 @@ impl MultiRank {
     fn gather_done(&mut self, k: u64, t: Target, writer: &str) -> Result<Manifest> {
         let r = self.round(k);
         let start = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let own = self.own_save_time();
         loop {
             let names = self.list(&r)?;
             if names.iter().any(|n| n == "aborted") {
+                self.someone_left();
+                self.stop_abandoned(k);
                 return Err(self.abandoned(
                     k,
                     "another rank abandoned it: a shard was late, failed or was refused",
@@ -1020,6 +1252,7 @@ impl MultiRank {
                     }
                 };
             }
+            self.outcome_stop_check(k, start, own);
             if start.elapsed() >= self.timeout {
                 eprintln!(
                     "ckpt: warning: rank {}: not every shard of save round {k} was durable within {:?}; abandoning the round",
@@ -1028,8 +1261,7 @@ impl MultiRank {
                 self.abort(k);
                 return Err(self.abandoned(k, "a rank did not finish its shard in time"));
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(self.max_pause());
+            std::thread::sleep(self.pause(start.elapsed()));
         }
     }
 

@@ -58,6 +58,7 @@ p.add_argument("--out")
 p.add_argument("--reference", action="store_true")
 p.add_argument("--world", type=int, default=4)
 p.add_argument("--combine")
+p.add_argument("--barrier", help="a collective every step through files in this directory (as rank_trainer's)")
 args = p.parse_args()
 
 if args.reference:
@@ -97,10 +98,29 @@ if rp is not None:
     assert r == rank, f"rank {rank} restored rank {r}'s shard"
     assert step == rp.step, f"shard step {step} != checkpoint step {rp.step}"
 
+def barrier(dirname, step):
+    """rank_trainer's --barrier: a collective every step, through files."""
+    open(os.path.join(dirname, f"{step}.{rank}"), "wb").close()
+    if step > 2:
+        try:
+            os.unlink(os.path.join(dirname, f"{step - 2}.{rank}"))
+        except FileNotFoundError:
+            pass
+    t = time.monotonic()
+    for r in range(ck.world.size):
+        while not os.path.exists(os.path.join(dirname, f"{step}.{r}")):
+            if time.monotonic() - t > 600:
+                print(f"python_rank_trainer: rank {rank}: barrier {step} timed out", file=sys.stderr)
+                sys.exit(3)
+            time.sleep(0.0002)
+
+
 while step < args.steps:
     step += 1
     d = step_digest(d, rank, step)
     time.sleep(args.step_ms / 1000)
+    if args.barrier:
+        barrier(args.barrier, step)
     if ck.should_checkpoint(step=step):
         try:
             if args.format == "pickle":

@@ -6,7 +6,10 @@
 //! timeout and its shards removed), a world-size mismatch, and `srun -n 4` on the local Slurm
 //! cluster (skipped without one unless `CI` is set). The coordinator (rank 0) killed while a
 //! round gathers, mid-save and between saves, with and without a launcher; and the cost of a
-//! round per rank, flat in the number of ranks (2 and 16 ranks under `strace`).
+//! round per rank, flat in the number of ranks (2 and 16 ranks under `strace`). The survivors
+//! of a killed rank under `srun -K`, asked to stop, exit 143 within the stop timeout; late
+//! ranks in a per-step collective (only rank 0 signalled) converge through the coordinator's
+//! horizon (docs/multi-rank.md, "A stop that cannot complete", "Late ranks").
 
 mod common;
 
@@ -938,4 +941,348 @@ fn round_cost_per_rank_is_flat_in_the_number_of_ranks() {
             "{world} ranks: {per_rank:.2} per rank and round"
         );
     }
+}
+
+// ---- a stop that cannot complete; late ranks (docs/multi-rank.md) ----
+
+/// The ranks of an srun step on `dir` (the trainer processes, not srun's or env's): (pid,
+/// `SLURM_PROCID`).
+fn srun_rank_pids(dir: &Path, python: bool) -> Vec<(i32, u32)> {
+    job_processes(dir)
+        .into_iter()
+        .filter_map(|p| {
+            let env = std::fs::read(format!("/proc/{p}/environ")).ok()?;
+            let rank = env
+                .split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"SLURM_PROCID="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())?;
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let exe = std::fs::read_link(format!("/proc/{p}/exe")).unwrap_or_default();
+            let trainer = if python {
+                exe.to_string_lossy().contains("python")
+                    && text(&cmd).contains("python_rank_trainer.py")
+            } else {
+                exe.ends_with("rank_trainer")
+            };
+            trainer.then_some((p, rank))
+        })
+        .collect()
+}
+
+/// `ckpt run -- srun -K -n 4` with one rank SIGKILLed between saves and then mid-save: srun
+/// ends the step by SIGTERM (and SIGKILL only KillWait = 30 s later); the survivors, asked to
+/// stop, cannot complete a stop round without the dead rank, so they give up after the stop
+/// timeout (CKPT_STOP_TIMEOUT = 2 s here), name the rank that never joined and exit 143
+/// (docs/multi-rank.md, "A stop that cannot complete"). They must be gone within 5 s plus the
+/// stop timeout of the kill (before: they ran on until KillWait, 5-30 s); no partial
+/// checkpoint is published, and the relaunched job ends bit-identical.
+#[test]
+fn srun_survivors_of_a_killed_rank_stop_within_the_stop_timeout() {
+    srun_survivors("srun_survivors", false);
+}
+
+/// The same with the Python client's ranks.
+#[test]
+fn srun_python_survivors_of_a_killed_rank_stop_within_the_stop_timeout() {
+    srun_survivors("srun_python_survivors", true);
+}
+
+fn srun_survivors(test: &str, python: bool) {
+    if !ensure_cluster(test) {
+        return;
+    }
+    let seed = seed(test);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tmp = tempdir();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let steps = 1500;
+    let stop_timeout = Duration::from_secs(2);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut job = trainer_args(steps, &out);
+    if python {
+        job[0] = format!(
+            "env PYTHONPATH={} python3 {}",
+            repo.join("python/src").display(),
+            repo.join("test-programs/python_rank_trainer.py").display()
+        );
+    }
+    let script = tmp.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nexport CKPT_STOP_TIMEOUT={}ms\nexec {} run --every 300ms --backoff 20ms..100ms --max-failures 10 --dir {} -- srun -K -n 4 {}\n",
+            stop_timeout.as_millis(),
+            ckpt_bin().display(),
+            dir.display(),
+            job.join(" ")
+        ),
+    )
+    .unwrap();
+    let sb = output_deadline(
+        slurm_cmd("sbatch")
+            .arg("--parsable")
+            .arg(format!("--job-name=ckpt-survivors-{}", std::process::id()))
+            .arg("-n4")
+            .arg("--time=3")
+            .arg(format!("--chdir={}", tmp.path().display()))
+            .arg(format!("--output={}/job.out", tmp.path().display()))
+            .arg(&script),
+        Duration::from_secs(30),
+    );
+    assert!(sb.status.success(), "sbatch: {}", text(&sb.stderr));
+    let id = text(&sb.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let _cancel = Cancel(id);
+    let log = || std::fs::read_to_string(tmp.path().join("job.out")).unwrap_or_default();
+    let finished = || dir.join(".ckpt/finished").exists();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let bound = Duration::from_secs(5) + stop_timeout;
+    let mut gone_after = Vec::new();
+    for mid in [false, true] {
+        let base = checkpoints(&dir).last().copied().unwrap_or(0);
+        let victim = rng.u32(..4);
+        let launches = events(&dir, "launch").len();
+        // Between saves: a new checkpoint of this launch, no save running. Mid-save: a rank
+        // writing its shard or shards in a round's stage.
+        let (pid, ranks) = loop {
+            assert!(
+                Instant::now() < deadline && !finished(),
+                "{test}: no moment to kill rank {victim} (mid-save {mid})\n{}\n{}",
+                log(),
+                diagnose(&dir)
+            );
+            let ranks = srun_rank_pids(&dir, python);
+            let newest = checkpoints(&dir).last().copied().unwrap_or(0);
+            let ready = ranks.len() == 4
+                && if mid {
+                    newest > 0 && mid_save(&dir)
+                } else {
+                    newest > base && !mid_save(&dir)
+                };
+            if let Some(&(p, _)) = ranks.iter().find(|&&(_, r)| r == victim).filter(|_| ready) {
+                break (p, ranks);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t = Instant::now();
+        eprintln!(
+            "{test}: SIGKILL rank {victim} (pid {pid}) {}, checkpoints {:?}",
+            if mid { "mid-save" } else { "between saves" },
+            checkpoints(&dir)
+        );
+        loop {
+            let alive: Vec<i32> = ranks
+                .iter()
+                .map(|&(p, _)| p)
+                .filter(|&p| srun_rank_pids(&dir, python).iter().any(|&(q, _)| q == p))
+                .collect();
+            if alive.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < bound,
+                "{test}: ranks {alive:?} still run {:?} after rank {victim} was killed (bound {bound:?})\n{}\n{}",
+                t.elapsed(),
+                log(),
+                diagnose(&dir)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!(
+            "{test}: the survivors of rank {victim} ({}) were gone {:?} after the kill (bound {bound:?})",
+            if mid { "mid-save" } else { "between saves" },
+            t.elapsed()
+        );
+        gone_after.push(t.elapsed());
+        wait_until(
+            deadline.saturating_duration_since(Instant::now()),
+            "the relaunch",
+            || events(&dir, "launch").len() > launches || finished(),
+        );
+        assert!(
+            !finished(),
+            "{test}: the job finished instead of relaunching"
+        );
+    }
+    while !finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: job did not finish\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = log();
+    assert!(
+        log.contains("the stop checkpoint cannot complete") && log.contains("never joined"),
+        "{test}: no survivor said which rank never joined:\n{log}"
+    );
+    assert_eq!(
+        combined(4, &out),
+        reference(4, steps),
+        "{test}: digest differs\n{log}"
+    );
+    assert_restores_complete(&out, 4);
+    assert_complete_checkpoints(&dir, 4);
+    eprintln!(
+        "{test}: survivors gone after {gone_after:?}, checkpoints {:?}",
+        checkpoints(&dir)
+    );
+}
+
+/// Ranks whose steps end in a collective (`rank_trainer --barrier`: all ranks meet every
+/// step, as in DDP) of a few ms, started directly; only rank 0 is signalled (the others as on
+/// another node, finding the round at most every 100 ms). Rank 0 proposes and reaches its
+/// proposal long before the others look; before, it blocked there while the others blocked in
+/// the next step's barrier, until CKPT_ROUND_TIMEOUT. Now the coordinator moves the round's
+/// horizon on (docs/multi-rank.md, "Late ranks"): every request must be published within 5 s
+/// (the round timeout is 120 s here), three times, and the job ends bit-identical.
+#[test]
+fn late_ranks_in_a_collective_converge_quickly() {
+    late_ranks("late_ranks", None, false);
+}
+
+/// The same with `CKPT_ROUND_LOOKAHEAD=0`: rank 0 blocks at once at its proposal, a sure
+/// deadlock before.
+#[test]
+fn late_ranks_in_a_collective_converge_quickly_with_lookahead_0() {
+    late_ranks("late_ranks_lookahead_0", Some(0), false);
+}
+
+/// Python ranks, lookahead 0.
+#[test]
+fn late_python_ranks_in_a_collective_converge_quickly() {
+    late_ranks("late_python_ranks", Some(0), true);
+}
+
+fn late_ranks(test: &str, lookahead: Option<u64>, python: bool) {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    let bar = tmp.path().join("barrier");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::create_dir(&bar).unwrap();
+    let world = 4u32;
+    let steps = if python { 2500 } else { 4000 };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut args = trainer_args(steps, &out);
+    args[4] = "1".into(); // --step-ms
+    args[6] = "0".into(); // --save-ms
+    args.extend(["--barrier".into(), bar.display().to_string()]);
+    if python {
+        args[0] = repo
+            .join("test-programs/python_rank_trainer.py")
+            .display()
+            .to_string();
+        args.insert(0, "python3".into());
+    }
+    let mut kids: Vec<Running> = (0..world)
+        .map(|r| {
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..])
+                .env("CKPT_DIR", &dir)
+                .env("CKPT_RUN_ID", "late")
+                .env("CKPT_ROUND_TIMEOUT", "120")
+                .env("PYTHONPATH", repo.join("python/src"))
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string());
+            match lookahead {
+                Some(l) => c.env("CKPT_ROUND_LOOKAHEAD", l.to_string()),
+                None => c.env_remove("CKPT_ROUND_LOOKAHEAD"),
+            };
+            for k in ["CKPT_SOCKET", "CKPT_RESTORE", "CKPT_SUPERVISOR_PID"] {
+                c.env_remove(k);
+            }
+            c.spawn_guarded()
+        })
+        .collect();
+    wait_until(Duration::from_secs(20), "every rank's handlers", || {
+        kids.iter().all(|k| catches_usr1(k.id()))
+    });
+    let mut took = Vec::new();
+    for i in 0..3 {
+        let before = checkpoints(&dir).len();
+        let t = Instant::now();
+        signal(kids[0].id(), libc::SIGUSR1);
+        loop {
+            if checkpoints(&dir).len() > before {
+                break;
+            }
+            assert!(
+                kids.iter_mut().all(|k| k.try_wait().unwrap().is_none()),
+                "{test}: a rank ended before request {i} was published\n{}",
+                diagnose(&dir)
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{test}: request {i} to rank 0 was not published within 5 s (late ranks not waited for?)\n{}",
+                diagnose(&dir)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        eprintln!("{test}: request {i} published after {:?}", t.elapsed());
+        took.push(t.elapsed());
+    }
+    for (r, k) in kids.iter_mut().enumerate() {
+        let st = wait_deadline(k, Duration::from_secs(120));
+        assert!(st.success(), "{test}: rank {r}: {st}");
+    }
+    assert_eq!(combined(world, &out), reference(world, steps), "{test}");
+    assert_complete_checkpoints(&dir, world);
+    eprintln!("{test}: requests published after {took:?}");
+}
+
+/// docs/multi-rank.md, "Late ranks", step by step (the Rust side of
+/// python/tests/test_multi_rank.py::test_a_late_rank_follows_the_coordinators_horizon): rank 0
+/// proposes 10 + 2 and waits at its bound 12; rank 1 has not looked yet. After the longest
+/// pause (20 ms) rank 0 writes `horizon` 14 and runs on; rank 1, late, proposes 13 + 2 = 15;
+/// the agreed step is the highest of the proposals and the horizon, and both ranks are true
+/// there only.
+#[test]
+fn a_late_rank_follows_the_coordinators_horizon() {
+    use ckpt::multi_rank::{MultiRank, World};
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
+    store.create().unwrap();
+    let rank = |r: u32| {
+        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), "h.0").unwrap();
+        m.set_timeout(Duration::from_secs(30));
+        m
+    };
+    let (mut r0, mut r1) = (rank(0), rank(1));
+    let rd = store.private().join("rounds/h.0/00000001");
+    let read = |n: &str| text(&std::fs::read(rd.join(n)).unwrap());
+    assert!(!r0.poll(true, false, 10).unwrap());
+    assert!(!r0.poll(false, false, 11).unwrap());
+    let t = Instant::now();
+    assert!(
+        !r0.poll(false, false, 12).unwrap(),
+        "rank 0 passed its bound without an agreement"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "rank 0 waited at its bound instead of moving the horizon on"
+    );
+    assert_eq!(read("horizon"), r#"{"step":14}"#);
+    assert!(!rd.join("agreed").exists());
+    assert!(!r0.poll(false, false, 13).unwrap());
+    // Rank 1 looks for the first time at its position 13: it joins and proposes 15.
+    assert!(!r1.poll(false, false, 13).unwrap());
+    assert_eq!(read("propose-00001"), r#"{"step":15,"stop":false}"#);
+    assert!(!r0.poll(false, false, 14).unwrap()); // at its bound: gathers both proposals
+    assert_eq!(read("agreed"), r#"{"step":15,"stop":false}"#);
+    assert!(!r1.poll(false, false, 14).unwrap());
+    assert!(r0.poll(false, false, 15).unwrap() && r1.poll(false, false, 15).unwrap());
 }

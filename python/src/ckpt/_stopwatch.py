@@ -103,6 +103,14 @@ class StopWatch:
         if last is not None and self.busy == 0:
             self._max_gap = max(self._max_gap, now - last)
 
+    def handled(self) -> float:
+        """For the save rounds of a multi-rank job, after a SIGTERM: the stop timeout. A rank
+        waiting in a round is in the client, which then bounds its wait by it
+        (docs/multi-rank.md, "A stop that cannot complete"), so the watchdog stands down."""
+        b = self.bound()
+        self._last_call = time.monotonic()
+        return b
+
     def bound(self) -> float:
         if self._fixed is not None:
             return self._fixed

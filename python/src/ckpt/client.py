@@ -269,6 +269,7 @@ class Checkpointer:
             if multi and not self._passive:
                 assert world is not None
                 self._multi = MultiRank(self._store, world, epoch_from_env())
+                self._multi.stop_probe = self._stop_probe
                 atexit.register(_leave_at_exit, weakref.ref(self), self._pid)
         except BaseException:
             self.close()
@@ -624,6 +625,10 @@ class Checkpointer:
             # A job exits when this is true: never with a save in flight.
             self.wait_pending()
         return stop
+
+    def _stop_probe(self) -> Optional[float]:
+        """For the save rounds: the stop timeout once the job was asked to stop."""
+        return self._watch.handled() if self._stop else None
 
     def request_checkpoint(self) -> None:
         """Makes the next :meth:`should_checkpoint` true, as the request signal does."""

@@ -15,6 +15,7 @@ step and publishes; every other rank only ever reads the round's few shared file
     DIR/.ckpt/rounds/<epoch>/               one launch of the job (all its ranks agree on it)
       00000003/                             save round 3 of that launch
         propose-00002                       rank 2's proposal {"step":S,"stop":B}
+        horizon                             rank 0 moved the round's bound on {"step":H} (late ranks)
         agreed                              rank 0's verdict from all proposals {"step":T,"stop":B}
         stage/                              becomes DIR/ckpt-<seq> (the single atomic rename)
           rank-00002/<files>                rank 2's shard, fsynced
@@ -30,12 +31,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import protocol as P
 from .errors import CkptError, EnvError
@@ -323,8 +325,28 @@ _ABORTED = "aborted"
 
 
 @dataclass
+class _Horizon:
+    """No agreement yet, but the coordinator moved the round's horizon to ``step``: a rank
+    waiting at its bound may run on to it (docs/multi-rank.md, "Late ranks")."""
+
+    step: int
+
+
+@dataclass
 class _Joined:
-    proposal: int
+    #: The step this rank may reach before it knows the agreed one: its proposal, raised by
+    #: the coordinator's horizon.
+    bound: int
+    #: When this rank proposed: the round timeout and the stop bound count from it.
+    since: float
+    #: The coordinator: the next extension of the horizon, and the horizon it wrote last (the
+    #: agreed step is at least that).
+    ext: int = 1
+    horizon: Optional[int] = None
+    #: Since when this rank has waited at its bound (the coordinator extends after a while).
+    at_bound: Optional[float] = None
+    #: When this rank learned the agreed step (its own save's time counts from it).
+    agreed_at: Optional[float] = None
     target: Optional[Target] = None
 
 
@@ -362,6 +384,11 @@ class MultiRank:
         self.rank_left = False
         #: The last :meth:`poll` returned true: this rank is at the agreed position of its round.
         self.at_target = False
+        #: Whether the job was asked to stop, and its stop timeout in seconds (None: not asked);
+        #: set by the client (docs/multi-rank.md, "A stop that cannot complete").
+        self.stop_probe: Optional[Callable[[], Optional[float]]] = None
+        #: When this rank first saw the stop request in a round.
+        self._stop_seen: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"MultiRank(world={self.world}, dir={str(self.dir)!r}, round={self.k})"
@@ -398,12 +425,12 @@ class MultiRank:
         if j is None:
             return False
         if j.target is None:
-            if step >= j.proposal:
-                # This rank may not pass its proposal before it knows the agreed step.
-                state = self._wait_target()
+            if step >= j.bound:
+                # This rank may not pass its bound before it knows the agreed step.
+                state = self._wait_target(step, True)
             elif self.last_poll is None or time.monotonic() - self.last_poll >= self._look_every():
                 self.last_poll = time.monotonic()
-                state = self._state(self.k)
+                state = self._look(step, True)
             else:
                 state = _OPEN
             if state == _OPEN:
@@ -413,6 +440,7 @@ class MultiRank:
                 return False
             assert isinstance(state, Target)
             j.target = state
+            j.agreed_at = time.monotonic()
         t = j.target
         if step > t.step:
             # Impossible by construction; never save a different step.
@@ -444,7 +472,7 @@ class MultiRank:
             tmp = r / f".{name}.{token()}"
             _write_new(tmp, _dumps({"step": proposal, "stop": bool(stop)}))
             os.rename(tmp, r / name)
-            self.joined = _Joined(proposal)
+            self.joined = _Joined(bound=proposal, since=time.monotonic(), ext=max(self.lookahead, 1))
             return True
 
     def _ensure_round(self, r: Path) -> None:
@@ -497,10 +525,23 @@ class MultiRank:
         p = r / "agreed"
         try:
             with open(p, "rb") as f:
+                return self._parse_target(p, f.read(), "agreement")
+        except FileNotFoundError:
+            pass
+        # Not agreed yet: has the coordinator moved the horizon on ("Late ranks")?
+        p = r / "horizon"
+        try:
+            with open(p, "rb") as f:
                 b = f.read()
         except FileNotFoundError:
             return _OPEN
-        return self._parse_target(p, b, "agreement")
+        try:
+            h = json.loads(b)["step"]
+            if not isinstance(h, int) or isinstance(h, bool) or h < 0:
+                raise ValueError("step must be a whole number")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CkptError(f"bad horizon {p}: {e}") from None
+        return _Horizon(h)
 
     @staticmethod
     def _parse_target(p: Path, b: bytes, what: str) -> Target:
@@ -526,7 +567,8 @@ class MultiRank:
             return _ABORTED
         if self._count_ranks(names, "propose-") < self.world.size:
             return _OPEN
-        t = Target(0, False)
+        # At least the horizon the coordinator gave: ranks may already be there.
+        t = Target((self.joined.horizon if self.joined is not None else None) or 0, False)
         for rank in range(self.world.size):
             p = r / f"propose-{rank:05d}"
             with open(p, "rb") as f:
@@ -538,37 +580,147 @@ class MultiRank:
         os.rename(tmp, r / "agreed")
         return t
 
-    def _wait_target(self) -> object:
-        """Waits for every rank's proposal; abandons the round after the timeout."""
+    def _wait_target(self, step: int, movable: bool) -> object:
+        """Waits at ``step``, this rank's bound, for the agreed step. Returns ``_OPEN`` when the
+        bound moved past ``step`` (``movable``: the coordinator's horizon, or the coordinator
+        extending it; a save without a request cannot move), ``_ABORTED`` after the round
+        timeout."""
         start = time.monotonic()
         while True:
-            s = self._state(self.k)
-            if s == _OPEN and time.monotonic() - start >= self.timeout:
-                print(
-                    f"ckpt: warning: rank {self.world.rank}: not every rank proposed a step in save round "
-                    f"{self.k} within {self.timeout}s; abandoning the round",
-                    file=sys.stderr,
-                )
-                self._abort(self.k)
-                return _ABORTED
+            s = self._look(step, movable)
             if s != _OPEN:
                 return s
+            if movable and self.joined is not None and self.joined.bound > step:
+                return _OPEN
             time.sleep(_pause(time.monotonic() - start, self._max_pause))
 
-    def _abort(self, k: int) -> None:
+    def _stop_bound(self) -> Optional[Tuple[float, float]]:
+        """The stop timeout when the job was asked to stop, and when this rank first saw it."""
+        if self.stop_probe is None:
+            return None
+        b = self.stop_probe()
+        if b is None:
+            return None
+        if self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        return b, self._stop_seen
+
+    def _look(self, step: int, movable: bool) -> object:
+        """One look at the current round's agreement from a rank at ``step``, with the rules of
+        an open round: a horizon raises this rank's bound (``movable``); a rank asked to stop
+        gives up after its stop timeout (:meth:`_stop_expired`); the round is abandoned
+        ``CKPT_ROUND_TIMEOUT`` after this rank proposed; the coordinator, waiting at its bound
+        for a while with proposals missing, moves the horizon on (docs/multi-rank.md, "Late
+        ranks")."""
+        k = self.k
+        s = self._state(k)
+        j = self.joined
+        if isinstance(s, _Horizon):
+            if movable and j is not None and s.step > j.bound:
+                j.bound = s.step
+                j.at_bound = None
+        elif s == _ABORTED:
+            self._stop_abandoned(k)
+            return s
+        elif s != _OPEN:
+            return s
+        if j is None:
+            return _OPEN
+        sb = self._stop_bound()
+        if sb is not None and time.monotonic() - max(sb[1], j.since) >= sb[0]:
+            self._stop_expired(k, "propose-", sb[0])
+        if time.monotonic() - j.since >= self.timeout:
+            print(
+                f"ckpt: warning: rank {self.world.rank}: not every rank proposed a step in save round "
+                f"{k} within {self.timeout}s; abandoning the round",
+                file=sys.stderr,
+            )
+            self._abort(k)
+            return _ABORTED
+        if self._coordinator() and movable and step >= j.bound:
+            now = time.monotonic()
+            if j.at_bound is None:
+                j.at_bound = now
+            if now - j.at_bound >= self._max_pause:
+                h = min(j.bound + j.ext, _U64)
+                j.ext = min(j.ext * 2, _U64)
+                j.bound = h
+                j.horizon = h
+                j.at_bound = None
+                r = self.round(k)
+                tmp = r / f".horizon.{token()}"
+                _write_new(tmp, _dumps({"step": h}))
+                os.rename(tmp, r / "horizon")
+        return _OPEN
+
+    def _stop_expired(self, k: int, prefix: str, bound: float) -> None:
+        """A rank asked to stop whose round did not complete within its stop timeout (``bound``):
+        some rank never joined (``prefix``: no ``propose-`` or no ``done-`` marker: it is gone or
+        blocked), so the stop checkpoint can never be published. It abandons the round, leaves
+        the launch, names the missing ranks and exits with status 143, as a single process that
+        reached no safe point within the stop timeout (docs/multi-rank.md, "A stop that cannot
+        complete"). Returns only if the round was published meanwhile."""
+        r = self.round(k)
+        try:
+            names = set(os.listdir(r))
+        except OSError:
+            names = set()
+        missing = [str(rank) for rank in range(self.world.size) if f"{prefix}{rank:05d}" not in names]
+        won = self._abort(k)
+        if not won and os.path.lexists(r / "published"):
+            return
+        n = len(missing)
+        missing = missing[:16]
+        what = "saved their shard" if prefix == "done-" else "proposed"
+        within = f"in save round {k} of {self.dir} within the stop timeout of {bound:.1f}s"
+        if n == 0:
+            self._exit_stop(
+                f"rank {COORDINATOR} (the coordinator) never concluded the round (every rank {what} {within}: "
+                "it is gone or blocked)"
+            )
+        more = f" and {n - len(missing)} more" if n > len(missing) else ""
+        self._exit_stop(f"rank(s) {', '.join(missing)}{more} never joined it (not {what} {within}: gone or blocked)")
+
+    def _stop_abandoned(self, k: int) -> None:
+        """A rank asked to stop whose round was abandoned by another rank (which gave up on a
+        missing rank, or left): the stop checkpoint cannot complete either; it exits as in
+        :meth:`_stop_expired`. Returns when the job was not asked to stop."""
+        if self._stop_bound() is not None:
+            self._exit_stop(
+                f"save round {k} of {self.dir} was abandoned by another rank (a rank is gone or left: see its message)"
+            )
+
+    def _exit_stop(self, why: str) -> None:
+        """Leaves the launch, says why on stderr and exits with status 143 (a stop without a
+        checkpoint)."""
+        self.leave()
+        sys.stderr.write(
+            f"ckpt: SIGTERM: rank {self.world.rank}: the stop checkpoint cannot complete: {why}; exiting now "
+            "with status 143 without a checkpoint (hint: set CKPT_STOP_TIMEOUT to wait longer)\n"
+        )
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(128 + signal.SIGTERM)
+
+    def _abort(self, k: int) -> bool:
         """Abandons round ``k``: the stage (and every shard in it) goes, ``aborted`` records it.
-        The rename of the stage is the arbiter against a concurrent publish."""
+        The rename of the stage is the arbiter against a concurrent publish. Returns whether
+        this rank's rename won (False: the round had already concluded)."""
         r = self.round(k)
         trash = r / f"trash-{token()}"
         try:
             rename_noreplace(r / "stage", trash)
         except OSError:
-            return
+            return False
         try:
             _write_new(r / "aborted", b"")
         except OSError:
             pass
         _rmtree(trash)
+        return True
 
     def leave(self) -> None:
         """This rank leaves the launch: a round it is in is abandoned (it will never write its
@@ -631,12 +783,13 @@ class MultiRank:
         assert self.joined is not None
         t = self.joined.target
         if t is None:
-            s = self._wait_target()
+            s = self._wait_target(here, False)
             if not isinstance(s, Target):
                 stage.abort()
                 self._conclude()
                 raise self._abandoned(k, "not every rank proposed a step")
             t = s
+            self.joined.agreed_at = time.monotonic()
         if not self.at_target and t.step != here:
             stage.abort()
             self._abort(k)
@@ -714,6 +867,7 @@ class MultiRank:
             return self._gather_done(k, t, writer)
         # Wait for the outcome: two files, whatever the number of ranks.
         start = time.monotonic()
+        own = self._own_save_time()
         gave_up = False
         while True:
             try:
@@ -742,7 +896,10 @@ class MultiRank:
                     world_size=self.world.size,
                 )
             if os.path.lexists(r / "aborted"):
+                self._someone_left()
+                self._stop_abandoned(k)
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
+            self._outcome_stop_check(k, start, own)
             if time.monotonic() - start >= self.timeout:
                 if gave_up:
                     raise self._abandoned(k, "its outcome is unknown: the publishing rank vanished")
@@ -756,15 +913,34 @@ class MultiRank:
                 continue
             time.sleep(_pause(time.monotonic() - start, self._max_pause))
 
+    def _own_save_time(self) -> float:
+        """How long this rank's own save took, from learning the agreed step to its done
+        marker: the other ranks' shards, as large in an SPMD job, take about as long."""
+        j = self.joined
+        if j is None or j.agreed_at is None:
+            return 0.0
+        return time.monotonic() - j.agreed_at
+
+    def _outcome_stop_check(self, k: int, start: float, own: float) -> None:
+        """A rank asked to stop that waits for the round's outcome gives up after its stop
+        timeout plus its own save's time (``own``), counted from its done marker (``start``) or
+        the stop request, whichever came later (:meth:`_stop_expired`)."""
+        sb = self._stop_bound()
+        if sb is not None and time.monotonic() - max(sb[1], start) >= sb[0] + own:
+            self._stop_expired(k, "done-", sb[0] + own)
+
     def _gather_done(self, k: int, t: Target, writer: str) -> Manifest:
         """The coordinator, its own shard durable, waits for every rank's done marker (one
         ``listdir`` of the round per look), then publishes; abandons the round after the
         timeout."""
         r = self.round(k)
         start = time.monotonic()
+        own = self._own_save_time()
         while True:
             names = os.listdir(r)
             if "aborted" in names:
+                self._someone_left()
+                self._stop_abandoned(k)
                 raise self._abandoned(k, "another rank abandoned it: a shard was late, failed or was refused")
             if self._count_ranks(names, "done-") == self.world.size:
                 try:
@@ -777,6 +953,7 @@ class MultiRank:
                     # Every rank has finished with the previous round (it joined this one).
                     _rmtree(self.round(k - 1))
                 return m
+            self._outcome_stop_check(k, start, own)
             if time.monotonic() - start >= self.timeout:
                 print(
                     f"ckpt: warning: rank {self.world.rank}: not every shard of save round {k} was durable "

@@ -7,6 +7,10 @@
 //! `rank_trainer --steps 400 --step-ms 2 --save-ms 20 --out DIR`
 //! `rank_trainer --reference --world 4 --steps 400`: prints the uninterrupted global digest.
 //!
+//! `--barrier DIR`: a collective every step, as DDP's all-reduce: after its step's work, a rank
+//! creates `DIR/<step>.<rank>` and waits until every rank's file for that step exists (so a
+//! rank blocked at a safe point blocks the others inside the next step's barrier).
+//!
 //! `--readme step|none`: the README's single-process loop unchanged, `if ck.should_checkpoint()`
 //! without a step (the ranks agree on the count of calls, `docs/multi-rank.md` "Which step"),
 //! then a save with the step (`step`) or without one (`none`: the manifest records the count,
@@ -45,6 +49,25 @@ fn log(out: &str, file: &str, line: &str) {
     f.write_all(format!("{line}\n").as_bytes()).expect("log");
 }
 
+/// The file-system barrier of `--barrier DIR` for `step` (see the module comment).
+fn barrier(dir: &str, step: u64, rank: u64, world: u64) {
+    std::fs::write(format!("{dir}/{step}.{rank}"), b"").expect("barrier file");
+    if step > 2 {
+        // Every rank left the barrier of `step - 2` (it reached `step - 1`'s).
+        let _ = std::fs::remove_file(format!("{dir}/{}.{rank}", step - 2));
+    }
+    let t = std::time::Instant::now();
+    for r in 0..world {
+        while !std::path::Path::new(&format!("{dir}/{step}.{r}")).exists() {
+            if t.elapsed() > Duration::from_secs(600) {
+                eprintln!("rank_trainer: rank {rank}: barrier {step} timed out");
+                std::process::exit(3);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
 fn main() {
     let steps = num("--steps", 400);
     if arg("--reference").is_some() || std::env::args().any(|a| a == "--reference") {
@@ -68,6 +91,7 @@ fn main() {
     let pad = num("--pad-kib", 0) as usize * 1024;
     let out = arg("--out").expect("--out DIR");
     let readme = arg("--readme");
+    let bar = arg("--barrier");
     let mut ck = match ckpt::Checkpointer::from_env() {
         Ok(ck) => ck,
         Err(e) => {
@@ -113,6 +137,9 @@ fn main() {
         step += 1;
         d = step_digest(d, rank, step);
         std::thread::sleep(Duration::from_millis(step_ms));
+        if let Some(b) = &bar {
+            barrier(b, step, rank, u64::from(world.size));
+        }
         let asked = match readme.as_deref() {
             Some(_) => ck.should_checkpoint(),
             None => ck.should_checkpoint_at(step),
