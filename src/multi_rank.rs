@@ -72,10 +72,6 @@ pub const SHARD_ALGO: Algo = Algo::Crc32;
 /// every 100 ms, or every 0.25 ms per rank from 400 ranks on ([`MultiRank::idle_poll`]).
 const POLL: Duration = Duration::from_millis(100);
 
-/// How often the coordinator, while it still steps towards its own proposal, gathers the
-/// proposals (the other ranks may already wait for its `agreed`).
-const GATHER_POLL: Duration = Duration::from_millis(20);
-
 /// The rank that coordinates every round: gathers the proposals into `agreed`, the done
 /// markers into the manifest, and publishes (`docs/multi-rank.md`, "Save rounds").
 pub const COORDINATOR: u32 = 0;
@@ -654,10 +650,14 @@ impl MultiRank {
     }
 
     /// How often a rank that has proposed but is not yet at its proposal looks at the round:
-    /// the coordinator more often, since the other ranks may be waiting for its `agreed`.
+    /// the coordinator at every call, since the other ranks may already be waiting for its
+    /// `agreed` (a rank that proposed one step earlier blocks at its proposal; if the
+    /// coordinator then went on into a collective without gathering, neither would move
+    /// until the round timeout: `docs/multi-rank.md`, "Waiting"). At most lookahead + 1
+    /// listings per round (plus the horizon's steps), since it blocks at its bound anyway.
     fn look_every(&self) -> Duration {
         if self.coordinator() {
-            GATHER_POLL
+            Duration::ZERO
         } else {
             self.idle_poll()
         }

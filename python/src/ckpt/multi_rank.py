@@ -84,9 +84,6 @@ SHARD_ALGO = "crc32"
 #: How often a rank without a request of its own looks for a round started by another rank:
 #: every 100 ms, or every 0.25 ms per rank from 400 ranks on (:func:`idle_poll`).
 POLL_S = 0.1
-#: How often the coordinator, while it still steps towards its own proposal, gathers the
-#: proposals (the other ranks may already wait for its ``agreed``).
-GATHER_POLL_S = 0.02
 #: The rank that coordinates every round: gathers the proposals into ``agreed``, the done
 #: markers into the manifest, and publishes (as the Rust client's ``COORDINATOR``).
 COORDINATOR = 0
@@ -496,8 +493,11 @@ class MultiRank:
 
     def _look_every(self) -> float:
         """How often a rank that has proposed but is not yet at its proposal looks at the
-        round: the coordinator more often, since the other ranks may wait for its ``agreed``."""
-        return GATHER_POLL_S if self._coordinator() else self._idle_poll
+        round: the coordinator at every call, since the other ranks may already wait for its
+        ``agreed`` (a rank that proposed a step earlier blocks at its proposal; had the
+        coordinator gone on into a collective without gathering, neither would move until the
+        round timeout; as the Rust client, docs/multi-rank.md "Waiting")."""
+        return 0.0 if self._coordinator() else self._idle_poll
 
     def _count_ranks(self, names: List[str], prefix: str) -> int:
         """How many of ``names`` are ``<prefix><rank>`` for distinct ranks of this world."""
