@@ -31,10 +31,9 @@
 //! tests/slurm.rs (skipped without a cluster unless `CI` is set). The torchrun test uses the
 //! Python with torch as python/tests/test_training.py does (`$CKPT_TORCH_PYTHON`, else
 //! `/opt/ckpt-torch`, which `scripts/setup` installs): skipped without it, unless `CI` is set
-//! (then it fails). About 1.5-2 min in all on 2 cores without torchrun, most of it srun's: a
-//! killed rank's survivors run until Slurm's KillWait (30 s); torchrun's test alone takes
-//! 1.5-2 min (7 launches of 5 processes importing torch; a rank killed mid-save leaves its
-//! peers waiting in the round until `CKPT_ROUND_TIMEOUT`, 10 s here).
+//! (then it fails). About 1-1.5 min in all on 2 cores without torchrun, most of it srun's
+//! (30-90 s: a killed rank's survivors run until the stop timeout, 5 s); torchrun's test alone
+//! takes 1-1.7 min (7 launches of 5 processes that import torch).
 
 mod common;
 
@@ -438,12 +437,14 @@ fn mid_save(dir: &Path) -> bool {
         })
 }
 
-/// The rounds of the current launch that were abandoned (`aborted`), but the newest one (a rank
-/// that leaves at the end of the job abandons the round it is in). With every rank alive
-/// (no kill in the launch yet) and every rank signalled, none may be: a round of ranks that
-/// all proposed is abandoned only when they waited for each other until `CKPT_ROUND_TIMEOUT`
-/// (a deadlock between the rounds and the ranks' own collectives).
-fn abandoned_rounds(dir: &Path) -> Vec<String> {
+/// The rounds of the current launch that every rank joined, proposing positions within the
+/// job's `steps`, and that were nevertheless abandoned (`aborted`). With every rank alive (no
+/// kill in the launch yet) none may be: each rank would save at the agreed position before
+/// ending, so such a round was abandoned only because the ranks waited for each other until
+/// `CKPT_ROUND_TIMEOUT` (a deadlock between the rounds and the ranks' own collectives). Rounds
+/// that ranks leave at the end of the job (a position past `steps`, or not every rank in) are
+/// abandoned by design.
+fn abandoned_rounds(dir: &Path, world: u32, steps: u64) -> Vec<String> {
     let Some(epoch) = current_epoch(dir) else {
         return vec![];
     };
@@ -457,19 +458,28 @@ fn abandoned_rounds(dir: &Path) -> Vec<String> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
+        .filter(|r| r.join("aborted").exists())
         .collect();
     rounds.sort();
-    rounds.pop();
     rounds
         .into_iter()
-        .filter(|r| r.join("aborted").exists())
+        .filter(|r| {
+            let proposals: Vec<u64> = (0..world)
+                .filter_map(|k| {
+                    let b = std::fs::read(r.join(format!("propose-{k:05}"))).ok()?;
+                    serde_json::from_slice::<serde_json::Value>(&b).ok()?["step"].as_u64()
+                })
+                .collect();
+            proposals.len() == world as usize && proposals.iter().all(|&p| p <= steps)
+        })
         .map(|r| r.display().to_string())
         .collect()
 }
 
 /// Fails the test when a round of the current launch was abandoned with every rank alive.
-fn assert_no_abandoned_round(test: &str, dir: &Path, when: &str, job: &mut dyn Job) {
-    let abandoned = abandoned_rounds(dir);
+fn assert_no_abandoned_round(case: &Case, when: &str, job: &mut dyn Job) {
+    let (test, dir) = (case.test, case.dir);
+    let abandoned = abandoned_rounds(dir, WORLD, case.steps);
     assert!(
         abandoned.is_empty(),
         "{test}: {when}: save rounds of the launch were abandoned although every rank was alive \
@@ -658,7 +668,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         let mut looked = Instant::now();
         let (victims, ranks) = loop {
             if looked.elapsed() >= Duration::from_millis(50) {
-                assert_no_abandoned_round(test, dir, &format!("before kill {i}"), job);
+                assert_no_abandoned_round(case, &format!("before kill {i}"), job);
                 looked = Instant::now();
             }
             if job.ended().is_some() {
@@ -695,7 +705,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        assert_no_abandoned_round(test, dir, &format!("before kill {i}"), job);
+        assert_no_abandoned_round(case, &format!("before kill {i}"), job);
         let launches = events(dir, "launch").len();
         for &v in &victims {
             unsafe { libc::kill(v, libc::SIGKILL) };
@@ -711,9 +721,9 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         // torchruns' ranks: torchrun's are in sessions of their own) and Slurm the step of a
         // dead srun. srun -K ends a step with a killed rank by SIGTERM and, KillWait later (30 s
         // here), SIGKILL, torchrun by SIGTERM and SIGKILL 30 s later: the survivors, asked to
-        // stop, wait for a round that the dead rank never completes (until CKPT_ROUND_TIMEOUT,
-        // 10 s here), or exit after CKPT_STOP_TIMEOUT (5 s) if no safe point comes; torchrun's
-        // ranks usually fail at once, out of a collective with the dead rank.
+        // stop, cannot complete a stop round without the dead rank and exit after the stop
+        // timeout (5 s); torchrun's ranks often fail at once, out of a collective with the
+        // dead rank.
         let t = Instant::now();
         let gone = Duration::from_secs(if sigterm_survivors && target == Target::OneRank {
             45
@@ -762,7 +772,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         if let Some(ok) = job.ended() {
             break ok;
         }
-        assert_no_abandoned_round(test, dir, "the last launch", job);
+        assert_no_abandoned_round(case, "the last launch", job);
         assert!(
             Instant::now() < deadline,
             "{test}: the job did not finish in time\n{}\n{}",
@@ -773,7 +783,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
     };
     let log = job.log();
     assert!(ok, "{test}: ckpt run failed:\n{log}\n{}", diagnose(dir));
-    assert_no_abandoned_round(test, dir, "the last launch", job);
+    assert_no_abandoned_round(case, "the last launch", job);
     // mpirun and the torchrun-like launcher SIGKILL the other ranks with a killed one: no live
     // rank ever waits for a dead one, so no round may time out. (Under srun and torchrun, the
     // survivors of a killed rank are sent SIGTERM, their rounds may time out: see above.)
