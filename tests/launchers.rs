@@ -1,16 +1,20 @@
 //! Multi-rank jobs under real launchers (docs/multi-rank.md, "Quick start"): `mpirun` from
 //! Open MPI with Rust ranks and with Python ranks (the latter on a simulated other node, where
 //! only what the recipe's `-x` list forwards reaches the ranks), `srun -K -n 4` with Python
-//! ranks on the local Slurm cluster, and the torchrun-like Python launcher
-//! (`test-programs/python_rank_launcher.py`) with Python ranks.
+//! ranks on the local Slurm cluster, the torchrun-like Python launcher
+//! (`test-programs/python_rank_launcher.py`) with Python ranks, and PyTorch's own `torchrun`
+//! (the Quick start's recipe, `--max-restarts 0`, CPU) with Python ranks in a gloo process
+//! group that run a collective every step (`test-programs/python_torch_rank_trainer.py`).
 //!
 //! For every launcher, one run of `ckpt run -- LAUNCHER ... rank trainer` takes one SIGKILL of
 //! each kind, in a seeded order at seeded instants: one rank, all ranks and the launcher, each
 //! mid-save (a rank is writing its shard or a round's stage holds shards) and between saves (a
 //! new checkpoint exists and no save is running). The resumed job must end with the global
 //! digest of an uninterrupted run (bit-identical per-rank digest chains), every restore must
-//! have seen all shards, every published checkpoint must verify with one shard per rank, and
-//! no process of the job may survive. Seeds are printed; replay with `CKPT_TEST_SEED`.
+//! have seen all shards, every published checkpoint must verify with one shard per rank, no
+//! save round of a launch may be abandoned before a kill in it (every rank alive), and no
+//! process of the job may survive (none with the job's `CKPT_DIR`, none naming the test's
+//! directory: `pgrep -f`). Seeds are printed; replay with `CKPT_TEST_SEED`.
 //!
 //! The ranks use the single-process calls: Rust ranks run the README loop (`rank_trainer
 //! --readme step`: `should_checkpoint()` without a step), Python ranks
@@ -24,8 +28,12 @@
 //! call MPI); the simulated other node's daemon connects back to mpirun on loopback
 //! (`OMPI_MCA_oob_tcp_if_include=lo`). The mpirun tests are skipped without `mpirun`, unless
 //! `CI` is set (then they fail): `scripts/setup` installs `openmpi-bin`. The srun test follows
-//! tests/slurm.rs (skipped without a cluster unless `CI` is set). About 1.5-2 min in all on 2
-//! cores, most of it srun's: a killed rank's survivors run until Slurm's KillWait (30 s).
+//! tests/slurm.rs (skipped without a cluster unless `CI` is set). The torchrun test uses the
+//! Python with torch as python/tests/test_training.py does (`$CKPT_TORCH_PYTHON`, else
+//! `/opt/ckpt-torch`, which `scripts/setup` installs): skipped without it, unless `CI` is set
+//! (then it fails). About 1-1.5 min in all on 2 cores without torchrun, most of it srun's
+//! (30-90 s: a killed rank's survivors run until the stop timeout, 5 s); torchrun's test alone
+//! takes 1-1.7 min (7 launches of 5 processes that import torch).
 
 mod common;
 
@@ -48,12 +56,19 @@ enum Launcher {
     /// `test-programs/python_rank_launcher.py` (torchrun-like: RANK/WORLD_SIZE, kills the
     /// other ranks when one fails).
     TorchrunLike,
+    /// PyTorch's torchrun (torch.distributed.elastic), the recipe of docs/multi-rank.md's
+    /// Quick start, with `--max-restarts 0`.
+    Torchrun,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Lang {
     Rust,
     Python,
+    /// Python ranks of a PyTorch job (`test-programs/python_torch_rank_trainer.py`: the
+    /// Python trainer in a gloo process group, a collective every step), run by the
+    /// interpreter that has torch.
+    Torch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,17 +82,31 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The rank program's command line (the same arguments for both languages: the Python
+/// The script a Python rank runs (its interpreter's first argument that is not an option).
+fn rank_script(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Rust => "",
+        Lang::Python => "python_rank_trainer.py",
+        Lang::Torch => "python_torch_rank_trainer.py",
+    }
+}
+
+/// The rank program's command line (the same arguments for every language: the Python
 /// trainer has the Rust one's digest chain and shard format).
 fn rank_program(lang: Lang, steps: u64, out: &Path) -> Vec<String> {
+    let script = || {
+        repo()
+            .join("test-programs")
+            .join(rank_script(lang))
+            .display()
+            .to_string()
+    };
     let mut v = match lang {
         Lang::Rust => vec![test_bin("rank_trainer").display().to_string()],
-        Lang::Python => vec![
-            "python3".into(),
-            repo()
-                .join("test-programs/python_rank_trainer.py")
-                .display()
-                .to_string(),
+        Lang::Python => vec!["python3".into(), script()],
+        Lang::Torch => vec![
+            torch_python().expect("torch").display().to_string(),
+            script(),
         ],
     };
     v.extend(
@@ -104,9 +133,9 @@ fn rank_program(lang: Lang, steps: u64, out: &Path) -> Vec<String> {
 
 // ---- the recipe in docs/multi-rank.md ----
 
-/// The `mpirun` recipe of docs/multi-rank.md's Quick start as written: the words of the
-/// command after `ckpt run` (continuation lines joined).
-fn doc_mpirun_recipe() -> Vec<String> {
+/// The recipe of docs/multi-rank.md's Quick start for `launcher` (`mpirun`, `torchrun`) as
+/// written: the words of the command after `ckpt run` (continuation lines joined).
+fn doc_recipe(launcher: &str) -> Vec<String> {
     let doc = std::fs::read_to_string(repo().join("docs/multi-rank.md")).unwrap();
     let quick = doc
         .split("\n## Quick start\n")
@@ -119,16 +148,22 @@ fn doc_mpirun_recipe() -> Vec<String> {
     let line = joined
         .lines()
         .map(str::trim)
-        .find(|l| l.starts_with("ckpt run ") && l.contains(" mpirun "))
-        .expect("no `ckpt run ... mpirun` line in the Quick start of docs/multi-rank.md");
+        .find(|l| {
+            l.starts_with("ckpt run ")
+                && l.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| w == ["--", launcher])
+        })
+        .unwrap_or_else(|| {
+            panic!("no `ckpt run ... -- {launcher}` line in the Quick start of docs/multi-rank.md")
+        });
     line.split_whitespace().skip(2).map(String::from).collect()
 }
 
-/// The supervisor's arguments after `ckpt run` for mpirun: the recipe's, with the test's
-/// directory and interval for its `--dir` and `--every`, options to survive many kills added,
-/// and the recipe's program (`./train`) replaced by `prog`.
-fn mpirun_args(dir: &Path, prog: &[String]) -> Vec<String> {
-    let recipe = doc_mpirun_recipe();
+/// The supervisor's options of a recipe (the words before `--`): the test's directory and
+/// interval for its `--dir` and `--every`, and options to survive many kills added.
+fn supervisor_args(recipe: &[String], dir: &Path) -> Vec<String> {
     let sep = recipe.iter().position(|w| w == "--").expect("-- in recipe");
     let mut v: Vec<String> = Vec::new();
     let mut it = recipe[..sep].iter();
@@ -156,6 +191,16 @@ fn mpirun_args(dir: &Path, prog: &[String]) -> Vec<String> {
         ]
         .map(String::from),
     );
+    v
+}
+
+/// The supervisor's arguments after `ckpt run` for mpirun: the recipe's, with the test's
+/// directory and interval for its `--dir` and `--every`, options to survive many kills added,
+/// and the recipe's program (`./train`) replaced by `prog`.
+fn mpirun_args(dir: &Path, prog: &[String]) -> Vec<String> {
+    let recipe = doc_recipe("mpirun");
+    let sep = recipe.iter().position(|w| w == "--").expect("-- in recipe");
+    let mut v = supervisor_args(&recipe, dir);
     let launcher = &recipe[sep + 1..];
     assert_eq!(launcher[0], "mpirun", "{recipe:?}");
     assert_eq!(
@@ -196,6 +241,69 @@ fn have_mpirun(test: &str) -> bool {
         eprintln!("{test}: SKIPPED: no mpirun (install openmpi-bin, as scripts/setup does)");
     }
     ok
+}
+
+/// The interpreter that has torch, as python/tests/test_training.py finds it:
+/// `$CKPT_TORCH_PYTHON`, else the virtual environment `scripts/setup` makes.
+fn torch_python() -> Option<PathBuf> {
+    std::env::var_os("CKPT_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/opt/ckpt-torch/bin/python")])
+        .find(|p| p.exists())
+}
+
+/// Whether there is a Python with torch (else the test is skipped with a message, or fails
+/// under `CI`); one without a working `torchrun` next to it fails the test.
+fn have_torchrun(test: &str) -> bool {
+    let Some(py) = torch_python() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI is set but /opt/ckpt-torch is missing (scripts/setup installs PyTorch there)"
+        );
+        eprintln!(
+            "{test}: SKIPPED: no Python with torch: set CKPT_TORCH_PYTHON or run scripts/setup (installs /opt/ckpt-torch)"
+        );
+        return false;
+    };
+    let bin = py.parent().unwrap().to_path_buf();
+    let out = output_deadline(
+        Command::new(bin.join("torchrun")).arg("--help"),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{test}: {} --help failed next to {}: {}",
+        bin.join("torchrun").display(),
+        py.display(),
+        text(&out.stderr)
+    );
+    true
+}
+
+/// The supervisor's arguments after `ckpt run` for torchrun: the Quick start's recipe as
+/// written (its `torchrun` found on `PATH`), `--max-restarts 0` (torchrun's default, made
+/// explicit: ckpt restarts the job, not torchrun), the test's directory and interval, and the
+/// recipe's program (`train.py`) replaced by `script` (torchrun runs it with its own Python).
+fn torchrun_args(dir: &Path, script: &[String]) -> Vec<String> {
+    let recipe = doc_recipe("torchrun");
+    let sep = recipe.iter().position(|w| w == "--").expect("-- in recipe");
+    let mut v = supervisor_args(&recipe, dir);
+    let launcher = &recipe[sep + 1..];
+    assert_eq!(
+        launcher.last().map(String::as_str),
+        Some("train.py"),
+        "{recipe:?}"
+    );
+    let n = launcher
+        .iter()
+        .position(|w| w == "--nproc-per-node")
+        .expect("--nproc-per-node in the recipe");
+    assert_eq!(launcher[n + 1], WORLD.to_string(), "{recipe:?}");
+    v.extend(launcher[..launcher.len() - 1].iter().cloned());
+    v.extend(["--max-restarts".into(), "0".into()]);
+    v.extend(script.iter().cloned());
+    v
 }
 
 /// Open MPI's settings for this machine (see the module's comment); `other_node`: a hostfile
@@ -248,14 +356,18 @@ fn procs(dir: &Path, lang: Lang) -> Procs {
     for pid in job_processes(dir) {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        // The script is the interpreter's first argument (a launcher's command line names it
-        // later).
-        let script = cmd.split(|&b| b == 0).nth(1).unwrap_or_default();
+        // The script is the interpreter's first argument that is not an option (torchrun runs
+        // `python -u script ...`; a launcher's command line names the script later).
+        let script = cmd
+            .split(|&b| b == 0)
+            .skip(1)
+            .find(|a| !a.starts_with(b"-"))
+            .unwrap_or_default();
         let rank = match lang {
             Lang::Rust => exe.ends_with("rank_trainer"),
-            Lang::Python => {
+            Lang::Python | Lang::Torch => {
                 exe.to_string_lossy().contains("python")
-                    && script.ends_with(b"/python_rank_trainer.py")
+                    && script.ends_with(format!("/{}", rank_script(lang)).as_bytes())
             }
         };
         if rank {
@@ -325,19 +437,88 @@ fn mid_save(dir: &Path) -> bool {
         })
 }
 
+/// The rounds of the current launch that every rank joined, proposing positions within the
+/// job's `steps`, and that were nevertheless abandoned (`aborted`). With every rank alive (no
+/// kill in the launch yet) none may be: each rank would save at the agreed position before
+/// ending, so such a round was abandoned only because the ranks waited for each other until
+/// `CKPT_ROUND_TIMEOUT` (a deadlock between the rounds and the ranks' own collectives). Rounds
+/// that ranks leave at the end of the job (a position past `steps`, or not every rank in) are
+/// abandoned by design.
+fn abandoned_rounds(dir: &Path, world: u32, steps: u64) -> Vec<String> {
+    let Some(epoch) = current_epoch(dir) else {
+        return vec![];
+    };
+    let mut rounds: Vec<PathBuf> = std::fs::read_dir(epoch)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|r| r.join("aborted").exists())
+        .collect();
+    rounds.sort();
+    rounds
+        .into_iter()
+        .filter(|r| {
+            let proposals: Vec<u64> = (0..world)
+                .filter_map(|k| {
+                    let b = std::fs::read(r.join(format!("propose-{k:05}"))).ok()?;
+                    serde_json::from_slice::<serde_json::Value>(&b).ok()?["step"].as_u64()
+                })
+                .collect();
+            proposals.len() == world as usize && proposals.iter().all(|&p| p <= steps)
+        })
+        .map(|r| r.display().to_string())
+        .collect()
+}
+
+/// Fails the test when a round of the current launch was abandoned with every rank alive.
+fn assert_no_abandoned_round(case: &Case, when: &str, job: &mut dyn Job) {
+    let (test, dir) = (case.test, case.dir);
+    let abandoned = abandoned_rounds(dir, WORLD, case.steps);
+    assert!(
+        abandoned.is_empty(),
+        "{test}: {when}: save rounds of the launch were abandoned although every rank was alive \
+         (no kill in this launch yet): {abandoned:?}\n{}\n{}",
+        job.log(),
+        diagnose(dir)
+    );
+}
+
 /// The event log and the round files of the job on `dir`, for a failure message.
 fn diagnose(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap_or_default();
     let mut rounds = String::new();
     if let Some(e) = current_epoch(dir) {
-        for r in std::fs::read_dir(&e).into_iter().flatten().flatten() {
-            let names: Vec<String> = std::fs::read_dir(r.path())
+        let mut rs: Vec<PathBuf> = std::fs::read_dir(&e)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|r| r.path())
+            .collect();
+        rs.sort();
+        for r in rs {
+            // The names, with the proposals' and the agreement's contents.
+            let mut names: Vec<String> = std::fs::read_dir(&r)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .map(|f| {
+                    let n = f.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("propose-") || n == "agreed" {
+                        let c = std::fs::read_to_string(f.path()).unwrap_or_default();
+                        format!("{n}={}", c.trim())
+                    } else {
+                        n
+                    }
+                })
                 .collect();
-            rounds.push_str(&format!("{}: {names:?}\n", r.path().display()));
+            names.sort();
+            rounds.push_str(&format!("{}: {names:?}\n", r.display()));
         }
     }
     format!("--- events\n{log}\n--- rounds of the last launch\n{rounds}")
@@ -454,7 +635,8 @@ struct Case<'a> {
     out: &'a Path,
     steps: u64,
     limit: Duration,
-    /// The launcher ends the other ranks of a killed one with SIGTERM and a long grace (srun).
+    /// The launcher ends the other ranks of a killed one with SIGTERM and a long grace (srun
+    /// -K: KillWait, 30 s; torchrun: 30 s).
     sigterm_survivors: bool,
 }
 
@@ -483,7 +665,12 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         // have started). Mid-save: a save running, a seeded pause of up to 20 ms into it.
         let pause = Duration::from_millis(if mid { rng.u64(0..20) } else { rng.u64(0..60) });
         let mut seen: Option<Instant> = None;
+        let mut looked = Instant::now();
         let (victims, ranks) = loop {
+            if looked.elapsed() >= Duration::from_millis(50) {
+                assert_no_abandoned_round(case, &format!("before kill {i}"), job);
+                looked = Instant::now();
+            }
             if job.ended().is_some() {
                 let log = job.log();
                 panic!("{test}: the job ended before kill {i} ({target:?}, mid-save {mid}): raise the steps\n{log}\n{}", diagnose(dir));
@@ -518,6 +705,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
+        assert_no_abandoned_round(case, &format!("before kill {i}"), job);
         let launches = events(dir, "launch").len();
         for &v in &victims {
             unsafe { libc::kill(v, libc::SIGKILL) };
@@ -529,11 +717,13 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         );
         done.push((target, mid));
         // The launch's other ranks go with it, soon: the launcher ends them when a rank dies;
-        // when the launcher itself died, ckpt ends its descendants (mpirun's and the
-        // torchrun-like launcher's ranks) and Slurm the step of a dead srun. srun -K ends a
-        // step with a killed rank by SIGTERM and, KillWait later (30 s here), SIGKILL: the
-        // survivors, asked to stop, wait for a round that the dead rank never completes (or
-        // exit after CKPT_STOP_TIMEOUT, 5 s, if no safe point comes).
+        // when the launcher itself died, ckpt ends its descendants (mpirun's and both
+        // torchruns' ranks: torchrun's are in sessions of their own) and Slurm the step of a
+        // dead srun. srun -K ends a step with a killed rank by SIGTERM and, KillWait later (30 s
+        // here), SIGKILL, torchrun by SIGTERM and SIGKILL 30 s later: the survivors, asked to
+        // stop, cannot complete a stop round without the dead rank and exit after the stop
+        // timeout (5 s); torchrun's ranks often fail at once, out of a collective with the
+        // dead rank.
         let t = Instant::now();
         let gone = Duration::from_secs(if sigterm_survivors && target == Target::OneRank {
             45
@@ -582,6 +772,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         if let Some(ok) = job.ended() {
             break ok;
         }
+        assert_no_abandoned_round(case, "the last launch", job);
         assert!(
             Instant::now() < deadline,
             "{test}: the job did not finish in time\n{}\n{}",
@@ -592,9 +783,10 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
     };
     let log = job.log();
     assert!(ok, "{test}: ckpt run failed:\n{log}\n{}", diagnose(dir));
+    assert_no_abandoned_round(case, "the last launch", job);
     // mpirun and the torchrun-like launcher SIGKILL the other ranks with a killed one: no live
-    // rank ever waits for a dead one, so no round may time out. (Under srun, the survivors of
-    // a killed rank run until KillWait, their rounds timing out: see above.)
+    // rank ever waits for a dead one, so no round may time out. (Under srun and torchrun, the
+    // survivors of a killed rank are sent SIGTERM, their rounds may time out: see above.)
     if !sigterm_survivors {
         assert!(
             !log.contains("abandoning the round"),
@@ -610,6 +802,7 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
     assert!(!checkpoints(dir).is_empty(), "no checkpoint was published");
     assert_complete_checkpoints(dir, WORLD);
     assert_no_survivors(dir);
+    assert_nothing_names(test, out.parent().unwrap());
     let launches = events(dir, "launch");
     // Every rank of every launch handed a checkpoint restored its shard (the first launches
     // may have had none yet).
@@ -634,6 +827,32 @@ fn kill_each_way(case: &Case, job: &mut dyn Job) {
         launches.len(),
         checkpoints(dir)
     );
+}
+
+/// No process names the test's directory `root` on its command line (`pgrep -f`: the
+/// supervisor, the launcher, the ranks, wherever they were re-parented, even one that dropped
+/// ckpt's variables from its environment), within 10 s.
+fn assert_nothing_names(test: &str, root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = output_deadline(
+            Command::new("pgrep").arg("-a").arg("-f").arg(root),
+            Duration::from_secs(10),
+        );
+        // 1: no process matched.
+        match out.status.code() {
+            Some(1) => return,
+            Some(0) => {}
+            _ => panic!("{test}: pgrep failed: {}", text(&out.stderr)),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: processes naming {} survived the job:\n{}",
+            root.display(),
+            text(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn prepare(world_readable: bool) -> (tempfile::TempDir, PathBuf, PathBuf) {
@@ -676,6 +895,17 @@ fn local_launcher(test: &str, launcher: Launcher, lang: Lang, steps: u64) {
             .args(["--n", &WORLD.to_string(), "--"])
             .args(&prog);
         }
+        Launcher::Torchrun => {
+            // The recipe's `torchrun` from the environment that has torch (as an activated
+            // virtual environment would put it on PATH); it runs the script with that Python.
+            let bin = torch_python().unwrap().parent().unwrap().to_path_buf();
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut paths = vec![bin];
+            paths.extend(std::env::split_paths(&path));
+            cmd.arg("run")
+                .args(torchrun_args(&dir, &prog[1..]))
+                .env("PATH", std::env::join_paths(paths).unwrap());
+        }
     }
     // The Python client from the checkout (ranks on this node inherit it; the other node's
     // login sets it). A stalled round of ranks on this node would be abandoned after 10 s,
@@ -692,8 +922,14 @@ fn local_launcher(test: &str, launcher: Launcher, lang: Lang, steps: u64) {
         dir: &dir,
         out: &out,
         steps,
-        limit: Duration::from_secs(120),
-        sigterm_survivors: false,
+        // torchrun: 7 launches of 5 processes that import torch, up to 10 s for a round
+        // abandoned by the survivors of a killed rank (see kill_each_way).
+        limit: Duration::from_secs(if launcher == Launcher::Torchrun {
+            300
+        } else {
+            120
+        }),
+        sigterm_survivors: launcher == Launcher::Torchrun,
     };
     kill_each_way(&case, &mut job);
 }
@@ -734,6 +970,18 @@ fn torchrun_like_python_ranks_killed_each_way_resume_bit_identical() {
         Lang::Python,
         1000,
     );
+}
+
+/// The real torchrun (PyTorch's elastic launcher, CPU), the Quick start's recipe, with Python
+/// ranks in a gloo process group that run a collective every step (as DDP's gradient
+/// all-reduce): a rank whose peer died fails out of it. Skipped without a Python with torch
+/// (`/opt/ckpt-torch`, or `CKPT_TORCH_PYTHON`), unless `CI` is set (then it fails).
+#[test]
+fn torchrun_python_ranks_killed_each_way_resume_bit_identical() {
+    let test = "torchrun_python";
+    if have_torchrun(test) {
+        local_launcher(test, Launcher::Torchrun, Lang::Torch, 1000);
+    }
 }
 
 /// `ckpt run -- srun -K -n 4 python3 python_rank_trainer.py` in a batch job of 4 tasks.
