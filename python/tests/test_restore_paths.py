@@ -12,7 +12,6 @@ import errno
 import os
 import random
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 

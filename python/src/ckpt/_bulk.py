@@ -24,9 +24,12 @@ writes through the page cache; the commit fsyncs the file either way.
 
 Reads: ``state.pickle.buffers`` is read (``O_DIRECT`` when it is large and not cached) into
 one page-aligned anonymous ``mmap`` by :data:`READERS` helper threads (one piece each in
-flight), a third faulting the fresh memory in ahead of them, while this thread checksums the
-pieces in order; size and checksum are checked before anything is unpickled; the arrays are
-then views of that memory (zero-copy, writable).
+flight), a third faulting the fresh memory in ahead of them, while :data:`HASHERS` threads
+checksum the pieces as they arrive (their sums combined in file order: ``_crc.combine``); size
+and checksum are checked before anything is unpickled; the arrays are then views of that
+memory (zero-copy, writable). :class:`VerifiedFile` gives a library's own loader
+(``ckpt.torch``: ``torch.load``) the same reads into the memory it asks to fill, and checks the
+whole file before the caller uses what was loaded.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ READERS = 2
 #: file order at the end: ``zlib.crc32``, at 1.5-1.9 s per GiB on this loaded VM, was the whole
 #: cost of a restore on one thread; docs/benchmarks.md, run J).
 HASHERS = 2
+#: :class:`VerifiedFile`'s large reads: bytes per ``O_DIRECT`` read and reader threads (one
+#: buffer each).
+DIRECT_PIECE = 8 << 20
+DIRECT_READERS = 2
 #: Out-of-band buffers smaller than this stay inside the pickle stream.
 OOB_MIN = 64 << 10
 #: The file that holds the raw buffers.
@@ -765,97 +772,90 @@ class VerifiedFile(io.RawIOBase):
                 self._sums.add(off + p, dest[p : min(got, p + PIECE)])
             return got
         try:
-            return self._read_direct(dfd, dest, off)
+            got = self._read_direct(dfd, dest, off)
         finally:
             os.close(dfd)
-
-    def _read_direct(self, dfd: int, dest: memoryview, off: int) -> int:
-        import queue
-
-        n = len(dest)
-        start = off // ALIGN * ALIGN
-        end = off + n
-        npieces = -(-(end - start) // PIECE)
-        nread = min(READERS, npieces)
-        # Two buffers per reader, each reader its own (a reader running ahead can never take
-        # the buffers the other needs for the piece this thread waits for).
-        free: "List[queue.SimpleQueue[Optional[mmap.mmap]]]" = [queue.SimpleQueue() for _ in range(nread)]
-        bufs = [mmap.mmap(-1, PIECE) for _ in range(2 * nread)]
-        for i, m in enumerate(bufs):
-            free[i % nread].put(m)
-        done: Dict[int, Tuple[mmap.mmap, int, Optional[BaseException]]] = {}
-        cond = threading.Condition()
-        stop = [False]
-
-        def reader(first: int) -> None:
-            for k in range(first, npieces, nread):
-                m = free[first].get()
-                if m is None or stop[0]:
-                    return
-                at = start + k * PIECE
-                want = -(-min(PIECE, end - at) // ALIGN) * ALIGN  # whole blocks; EOF stops it
-                got, e = 0, None
-                try:
-                    with memoryview(m) as mv:
-                        while got < want:
-                            with mv[got:want] as part:
-                                r = os.preadv(dfd, [part], at + got)
-                            if r == 0:
-                                break
-                            got += r
-                except BaseException as x:  # noqa: BLE001 - handed to the consumer
-                    e = x
-                with cond:
-                    done[k] = (m, got, e)
-                    cond.notify_all()
-                if e is not None or got < want:
-                    return
-
-        addr = _address(dest)
-        threads = [threading.Thread(target=reader, args=(i,), name="ckpt-read", daemon=True) for i in range(nread)]
-        if addr is not None:
-            threads.append(threading.Thread(target=_prefault_range, args=(addr, n), name="ckpt-prefault", daemon=True))
-        for t in threads:
-            t.start()
-        filled = 0
-        fallback = False
-        try:
-            for k in range(npieces):
-                with cond:
-                    while k not in done:
-                        cond.wait()
-                    m, got, e = done.pop(k)
-                at = start + k * PIECE
-                lo = off - at if k == 0 else 0  # the first piece starts at the aligned offset
-                take = max(0, min(got, end - at) - lo)
-                if take:
-                    d0 = at + lo - off
-                    with memoryview(m) as mv:
-                        dest[d0 : d0 + take] = mv[lo : lo + take]
-                    self._sums.add(at + lo, dest[d0 : d0 + take])
-                    filled = d0 + take
-                free[k % nread].put(m)
-                if e is not None:
-                    if k == 0 and isinstance(e, OSError) and e.errno == errno.EINVAL:
-                        fallback = True  # O_DIRECT accepted at open, refused on reading
-                        break
-                    raise InvalidCheckpoint("unreadable", f"cannot read it: {self.name}: {e}")
-                if got < min(PIECE, end - at):
-                    break  # the file ended early: verify() reports the size
-        finally:
-            stop[0] = True
-            for q in free:
-                q.put(None)
-            for t in threads:
-                t.join()
-            for m in bufs:
-                m.close()
-        if fallback:
+        if got < 0:  # refused: through the cache
             self._direct = False
             got = self._pread(dest, off)
             for p in range(0, got, PIECE):
                 self._sums.add(off + p, dest[p : min(got, p + PIECE)])
-            return got
+        return got
+
+    def _read_direct(self, dfd: int, dest: memoryview, off: int) -> int:
+        """``dest`` filled from ``off`` by :data:`DIRECT_READERS` threads, each reading
+        :data:`DIRECT_PIECE`-byte pieces (k, k + readers, ...) with ``O_DIRECT`` into its own
+        page-aligned buffer and copying each into ``dest`` itself with ``ctypes.memmove`` (which
+        runs without the GIL: the copies of the readers and the checksums of the hashers run at
+        once; a copy by this thread, as a memoryview assignment, holds the GIL)."""
+        import ctypes
+
+        P = DIRECT_PIECE
+        n = len(dest)
+        start = off // ALIGN * ALIGN
+        end = off + n
+        npieces = -(-(end - start) // P)
+        nread = min(DIRECT_READERS, npieces)
+        dest_addr = _address(dest)
+        if dest_addr is None:
+            return -1
+        results: Dict[int, Tuple[int, Optional[BaseException]]] = {}
+        stop = [False]
+
+        def reader(first: int) -> None:
+            m = mmap.mmap(-1, P)
+            cbuf = ctypes.c_char.from_buffer(m)
+            try:
+                buf_addr = ctypes.addressof(cbuf)
+                with memoryview(m) as mv:
+                    for k in range(first, npieces, nread):
+                        if stop[0]:
+                            return
+                        at = start + k * P
+                        want = -(-min(P, end - at) // ALIGN) * ALIGN  # whole blocks; EOF stops it
+                        got, e = 0, None
+                        try:
+                            while got < want:
+                                with mv[got:want] as part:
+                                    r = os.preadv(dfd, [part], at + got)
+                                if r == 0:
+                                    break
+                                got += r
+                        except BaseException as x:  # noqa: BLE001 - handed to the caller
+                            e = x
+                        lo = off - at if k == 0 else 0  # the first piece starts at the aligned offset
+                        take = max(0, min(got, end - at) - lo)
+                        if take and e is None:
+                            d0 = at + lo - off
+                            ctypes.memmove(dest_addr + d0, buf_addr + lo, take)
+                            self._sums.add(at + lo, dest[d0 : d0 + take])
+                        results[k] = (got, e)
+                        if e is not None or got < min(P, end - at):
+                            stop[0] = True
+                            return
+            finally:
+                del cbuf  # the buffer's export: the mmap closes only without it
+                m.close()
+
+        threads = [threading.Thread(target=reader, args=(i,), name="ckpt-read", daemon=True) for i in range(nread)]
+        threads.append(threading.Thread(target=_prefault_range, args=(dest_addr, n), name="ckpt-prefault", daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        filled = 0
+        for k in range(npieces):
+            if k not in results:
+                break
+            got, e = results[k]
+            at = start + k * P
+            if e is not None:
+                if k == 0 and isinstance(e, OSError) and e.errno == errno.EINVAL:
+                    return -1  # O_DIRECT accepted at open, refused on reading
+                raise InvalidCheckpoint("unreadable", f"cannot read it: {self.name}: {e}")
+            filled = max(0, at + min(got, end - at) - off)
+            if got < min(P, end - at):
+                break  # the file ended early: verify() reports the size
         self.direct_reads += 1
         return filled
 
