@@ -425,12 +425,20 @@ impl Drop for DirectMode<'_> {
     }
 }
 
-/// Reader threads of a direct restore, each with one [`CHUNK`]-byte read in flight (pieces
-/// k, k + 2, ...): the Python client's same reader measured 1.57 x a cold `dd` with two reads
-/// in flight against 1.06 with one (docs/benchmarks.md, run H).
+/// Reader threads of a direct restore, each with one [`DIRECT_PIECE`]-byte read in flight
+/// (pieces k, k + readers, ...). Run J (`docs/benchmarks.md`, `readab`, 6 interleaved
+/// rounds, load 4-7): into the job's memory two readers ran at a median 0.94 x a cold `dd
+/// bs=4M iflag=direct` of the same round, one reader at 0.88.
 const DIRECT_READERS: usize = 2;
-/// Buffers per reader: one being read, one being copied out and checksummed or ready.
-const DIRECT_BUFFERS: usize = 2;
+/// Buffers per reader: one being read, the others ready or being copied out and checksummed
+/// (slack for a consumer that the scheduler holds back on a loaded machine).
+const DIRECT_BUFFERS: usize = 3;
+/// Bytes per direct read of a restore (was [`CHUNK`], 8 MiB, up to run I).
+pub const DIRECT_PIECE: usize = 4 << 20;
+/// The copy into the destination and the checksum go by this many bytes at a time, so that
+/// the checksum reads what the copy just brought into the L2 cache (one pass over the
+/// buffer from memory instead of two).
+const DIRECT_STEP: usize = 256 << 10;
 
 static READERS_NOW: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(DIRECT_READERS);
@@ -444,16 +452,14 @@ pub fn set_direct_readers(n: usize) {
 
 /// The read pass past the page cache, for a member of at least [`CHUNK`] bytes not in the
 /// cache, into fresh memory (`read_file`, `read_pod`, `read_f32s`) or memory the job owns
-/// (`read_into`, `read_pod_into`): [`DIRECT_READERS`] helper threads read [`CHUNK`]-byte
-/// pieces with `O_DIRECT` into page-aligned buffers, back to back (one read each in flight),
-/// while this thread copies each finished piece into `dest` and checksums it (from the cache,
-/// just after the copy); for fresh memory a further helper faults `dest` in ahead. No
-/// page-cache page is allocated: a fresh restore pays for one set of new pages instead of
-/// two, a restore into the job's memory for none. Cold 1 GiB on the VM of
-/// `docs/benchmarks.md`, median per-round ratio to `dd bs=4M`: fresh memory 0.97 against 0.50
-/// through the cache (run G); into the job's memory 2.64 against 0.95 through the cache with
-/// the prefetcher, faster in each of 8 interleaved rounds (run I; run G had measured the
-/// buffered path as fast or faster, with one reader and the `POSIX_FADV_WILLNEED` hint).
+/// (`read_into`, `read_pod_into`): [`DIRECT_READERS`] helper threads read
+/// [`DIRECT_PIECE`]-byte pieces with `O_DIRECT` into page-aligned buffers, back to back,
+/// while this thread copies each finished piece into `dest` and checksums it, [`DIRECT_STEP`]
+/// bytes at a time; for fresh memory a further helper faults `dest` in ahead. (The reads
+/// cannot go straight into `dest`: `O_DIRECT` wants 512-byte aligned memory, and glibc puts
+/// every large allocation 16 bytes past a page.) No page-cache page is allocated: a fresh
+/// restore pays for one set of new pages instead of two, a restore into the job's memory for
+/// none. Extra memory: [`DIRECT_BUFFERS`] buffers per reader (24 MiB).
 /// `None`: not applicable or refused (the caller reads through the cache); a refusal of the
 /// first read falls back the same way.
 fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
@@ -476,12 +482,12 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
             let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(DIRECT_BUFFERS);
             let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(DIRECT_BUFFERS);
             for _ in 0..DIRECT_BUFFERS {
-                let _ = free_tx.send(Bounce::new(CHUNK));
+                let _ = free_tx.send(Bounce::new(DIRECT_PIECE));
             }
             free_txs.push(free_tx);
             full_rxs.push(full_rx);
             s.spawn(move || {
-                let mut off = r * CHUNK;
+                let mut off = r * DIRECT_PIECE;
                 for mut b in free_rx {
                     if off >= len {
                         return;
@@ -489,16 +495,16 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
                     // Whole pages: the last piece asks for up to a page more than the member
                     // has (a direct read stops at the end of the file; more than asked = it
                     // grew).
-                    let want = CHUNK
+                    let want = DIRECT_PIECE
                         .min(len - off)
                         .next_multiple_of(DIRECT_ALIGN)
-                        .min(CHUNK);
+                        .min(DIRECT_PIECE);
                     let (n, err) = fill_at(file, &mut b.get()[..want], off);
                     let last = err.is_some() || off + n >= len || n < want;
                     if full_tx.send((b, off, n, err)).is_err() || last {
                         return;
                     }
-                    off += readers * CHUNK;
+                    off += readers * DIRECT_PIECE;
                 }
             });
         }
@@ -516,11 +522,15 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
             let Ok((mut b, off, n, err)) = full_rxs[r].recv() else {
                 break;
             };
-            debug_assert_eq!(off, k * CHUNK);
+            debug_assert_eq!(off, k * DIRECT_PIECE);
             let take = n.min(len - off);
-            let piece = &b.get()[..take];
-            dest[off..off + take].copy_from_slice(piece);
-            h.update(piece);
+            for (d, src) in dest[off..off + take]
+                .chunks_mut(DIRECT_STEP)
+                .zip(b.get()[..take].chunks(DIRECT_STEP))
+            {
+                d.copy_from_slice(src);
+                h.update(src);
+            }
             done = off + take;
             if let Some(e) = err {
                 if off == 0 && e.raw_os_error() == Some(libc::EINVAL) {
@@ -535,7 +545,7 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
             if done >= len {
                 break;
             }
-            if n < CHUNK.min(len - off) {
+            if n < DIRECT_PIECE.min(len - off) {
                 got.short_at = Some(done as u64);
                 break;
             }

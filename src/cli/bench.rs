@@ -214,6 +214,23 @@ fn raw_read(path: &Path, use_dd: bool) -> Result<Duration, Fatal> {
     raw_read_dd(path, use_dd, false)
 }
 
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS; false where the kernel
+/// does not allow it.
+fn hwm_reset() -> bool {
+    fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`).
+fn status_kib(key: &str) -> Option<u64> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A read of `path` to /dev/null: `dd bs=4M` (with `iflag=direct` when `direct`), or an
 /// in-process 4 MiB read loop without dd.
 fn raw_read_dd(path: &Path, use_dd: bool, direct: bool) -> Result<Duration, Fatal> {
@@ -313,6 +330,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
+    let (mut peak_into, mut peak_fresh): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let mut ck = crate::Checkpointer::open(work.join("async"))
         .map_err(|e| Fatal::io(format!("bench: {e}")))?;
 
@@ -359,6 +377,8 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         prog.say(&format!("{tag}: ckpt restore"));
         drop_caches();
         let entry = m.files[0].clone();
+        // Peak memory above what the process held (the buffer is touched from round 2 on).
+        let rss0 = hwm_reset().then(|| status_kib("VmRSS")).flatten();
         let t = Instant::now();
         let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
         crate::pod::read_verified(
@@ -370,6 +390,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         )
         .map_err(|e| fail(&e))?;
         r_ck.push(gb(t.elapsed()));
+        if let (Some(b), Some(h), true) = (rss0, status_kib("VmHWM"), round > 1) {
+            peak_into.push(h.saturating_sub(b) as f64 / 1024.0);
+        }
         if round == 1 && restored != state {
             return Err(fail(&"restored state differs from the saved state (a bug)"));
         }
@@ -383,6 +406,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             }
         }
         drop_caches();
+        let rss0 = hwm_reset().then(|| status_kib("VmRSS")).flatten();
         let t = Instant::now();
         let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
         let mut fresh = vec![0f32; n];
@@ -395,6 +419,10 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         )
         .map_err(|e| fail(&e))?;
         r_ck_fresh.push(gb(t.elapsed()));
+        if let (Some(b), Some(h)) = (rss0, status_kib("VmHWM")) {
+            // Above the restored state itself.
+            peak_fresh.push((h.saturating_sub(b) as f64 - size as f64 / 1024.0) / 1024.0);
+        }
         drop(fresh);
 
         prog.say(&format!("{tag}: memcpy and async save"));
@@ -499,6 +527,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
+        "restore_peak_extra_mib": { "into": peak_into.iter().copied().reduce(f64::max), "fresh_above_state": peak_fresh.iter().copied().reduce(f64::max) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
         "overhead_at_60s": { "sync_save": save_s / 60.0, "async_save": stall / 60.0 },
@@ -530,6 +559,12 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     println!("  read ({rd}) {base} {r_dd:>6.2} GB/s   ckpt restore {r_ck:>6.2} GB/s   ratio {:.2}  (into a fresh allocation: {r_ck_fresh:.2} GB/s)", r_ck / r_dd);
     if let Some(d) = r_ddd {
         println!("  read ({rd}) dd iflag=direct {d:>6.2} GB/s   per-round ratios (median): restore {:.2}, fresh restore {:.2}", med_of(&rd_rounds), med_of(&fd_rounds));
+    }
+    if let (Some(i), Some(f)) = (
+        peak_into.iter().copied().reduce(f64::max),
+        peak_fresh.iter().copied().reduce(f64::max),
+    ) {
+        println!("  peak extra memory of a restore: {i:.0} MiB into the job's buffer, {f:.0} MiB above the state into a fresh one");
     }
     println!(
         "  per-round ratios (median): save {:.2}, restore {:.2}, fresh restore {:.2}",
@@ -648,6 +683,8 @@ for line in sys.stdin:
     elif cmd == "open":
         reader = ckpt.Checkpointer(d)
     elif cmd in ("restore", "restore-check"):
+        ok = hwm_reset()
+        before = kib("VmRSS")
         t = time.perf_counter()
         if kind == "torch":
             h = Holder(None)
@@ -656,6 +693,10 @@ for line in sys.stdin:
         else:
             got = reader.restore()
         out["s"] = time.perf_counter() - t
+        if ok:
+            # Above the restored state itself (the array, or the state dict's tensor).
+            nbytes = got["weights"].nbytes if kind != "torch" else got["weights"].numel() * got["weights"].element_size()
+            out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024 - nbytes / 2**20
         if cmd == "restore-check":
             if kind == "torch":
                 out["same"] = bool(got["weights"].dtype == w.dtype and torch.equal(got["weights"], w))
@@ -826,6 +867,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ddd, mut r_ck) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut peak: Vec<f64> = vec![];
+    let mut r_peak: Vec<f64> = vec![];
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -919,6 +961,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                     } else {
                         "restore"
                     })?;
+                    if let Some(p) = v["peak_extra_mib"].as_f64() {
+                        r_peak.push(p);
+                    }
                     if round == 1 && v["same"].as_bool() != Some(true) {
                         return Err(fail(
                             &"the restored array differs from the saved one (a bug)",
@@ -991,7 +1036,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "loadavg": [load_start, load_end],
         "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
-        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore (torch.load, weights_only), cold", _ => "Checkpointer.restore() (verified), cold" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore (torch.load, weights_only, of ckpt's verified reader: tensors read past the page cache), cold", _ => "Checkpointer.restore() (verified), cold" },
         "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
         "write_ratio_to_dd_direct": spread(&w_ratio),
         "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
@@ -999,6 +1044,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "read_ratio_to_dd": spread(&r_ratio),
         "read_ratio_to_dd_direct": spread(&rd_ratio),
         "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
+        "restore_peak_extra_mib": (!r_peak.is_empty()).then(|| r_peak.iter().copied().fold(f64::MIN, f64::max)),
         "mtbf_s": mtbf.as_secs_f64(),
         "save_s_median": save_s,
         "recommended_every_s": rec.as_secs_f64(),
@@ -1034,6 +1080,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!(
             "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",
             peak.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    if !r_peak.is_empty() {
+        println!(
+            "  peak extra memory of a restore: {:.0} MiB (VmHWM above the restored state)",
+            r_peak.iter().copied().fold(f64::MIN, f64::max)
         );
     }
     println!(

@@ -24,21 +24,25 @@ writes through the page cache; the commit fsyncs the file either way.
 
 Reads: ``state.pickle.buffers`` is read (``O_DIRECT`` when it is large and not cached) into
 one page-aligned anonymous ``mmap`` by :data:`READERS` helper threads (one piece each in
-flight), a third faulting the fresh memory in ahead of them, while this thread checksums the
-pieces in order; size and checksum are checked before anything is unpickled; the arrays are
-then views of that memory (zero-copy, writable).
+flight), a third faulting the fresh memory in ahead of them, while :data:`HASHERS` threads
+checksum the pieces as they arrive (their sums combined in file order: ``_crc.combine``); size
+and checksum are checked before anything is unpickled; the arrays are then views of that
+memory (zero-copy, writable). :class:`VerifiedFile` gives a library's own loader
+(``ckpt.torch``: ``torch.load``) the same reads into the memory it asks to fill, and checks the
+whole file before the caller uses what was loaded.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import os
 import pickle
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._crc import Hasher
+from ._crc import Hasher, combine, releases_gil
 from .errors import InvalidCheckpoint
 
 #: Offsets of segments in ``state.pickle.buffers`` (and the unit of every direct write).
@@ -50,6 +54,14 @@ BUFFERS = 3
 #: Reads of a restore in flight at once (one piece each; in an interleaved A/B of cold 1 GiB
 #: restores, 4 rounds, median ratio to a cold `dd` read: 1 reader 1.06, 2 readers 1.57, 3 1.05).
 READERS = 2
+#: Threads checksumming the pieces of a restore (each piece on its own, the sums combined in
+#: file order at the end: ``zlib.crc32``, at 1.5-1.9 s per GiB on this loaded VM, was the whole
+#: cost of a restore on one thread; docs/benchmarks.md, run J).
+HASHERS = 2
+#: :class:`VerifiedFile`'s large reads: bytes per ``O_DIRECT`` read and reader threads (one
+#: buffer each).
+DIRECT_PIECE = 8 << 20
+DIRECT_READERS = 2
 #: Out-of-band buffers smaller than this stay inside the pickle stream.
 OOB_MIN = 64 << 10
 #: The file that holds the raw buffers.
@@ -471,6 +483,67 @@ def _prefaulter(mm: mmap.mmap, size: int) -> Optional[Callable[[], None]]:
     return run
 
 
+class _PieceSums:
+    """Checksums of pieces of one file, computed on :data:`HASHERS` helper threads (in any
+    order: ``zlib.crc32`` and the C CRC-32C modules release the GIL) and combined in file order
+    by :meth:`value`. A piece's memory must stay unchanged until :meth:`value` returns."""
+
+    def __init__(self, algo: str) -> None:
+        import queue
+
+        self.algo = algo
+        self._fn = Hasher(algo)._fn
+        self._q: "queue.SimpleQueue[Optional[Tuple[int, memoryview]]]" = queue.SimpleQueue()
+        self._sums: Dict[int, Tuple[int, int]] = {}  # offset -> (length, crc)
+        self._err: List[BaseException] = []
+        n = HASHERS if releases_gil(algo) else 1
+        self._threads = [threading.Thread(target=self._run, name="ckpt-sum", daemon=True) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            off, view = job
+            try:
+                c = self._fn(view, 0) & 0xFFFFFFFF if len(view) else 0
+                self._sums[off] = (len(view), c)  # one dict store: atomic under the GIL
+            except BaseException as e:  # noqa: BLE001 - raised by value()
+                self._err.append(e)
+
+    def add(self, off: int, view: memoryview) -> None:
+        """Checksums ``view``, the bytes of the file at ``off``."""
+        if len(view):
+            self._q.put((off, view))
+
+    def stop(self) -> None:
+        """Waits for the pieces given so far."""
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        if self._err:
+            raise self._err[0]
+
+    def ranges(self) -> List[Tuple[int, int, int]]:
+        """(offset, length, crc) of every piece checksummed, by offset (after :meth:`stop`)."""
+        return sorted((o, n, c) for o, (n, c) in self._sums.items())
+
+    def value(self) -> int:
+        """The checksum of the pieces, which must tile the file from offset 0."""
+        self.stop()
+        crc = at = 0
+        for off, n, c in self.ranges():
+            if off != at:
+                raise AssertionError(f"checksummed pieces do not tile the file at {at} (next at {off})")
+            crc = combine(self.algo, crc, c, n)
+            at += n
+        return crc
+
+
 def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> memoryview:
     """Reads the whole file ``fd`` (``size`` bytes per the manifest) into page-aligned memory
     and checks size and checksum; returns a writable view of exactly ``size`` bytes."""
@@ -481,7 +554,7 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
     mm = mmap.mmap(-1, cap)
     whole = memoryview(mm)
     direct = direct_io() and size >= PIECE and not _cached(fd, size) and _set_direct(fd, True)
-    h = Hasher(algo)
+    sums = _PieceSums(algo)
     npieces = max(1, -(-size // PIECE))
     done: Dict[int, int] = {}  # piece index -> bytes read into it
     finished = [0]
@@ -538,7 +611,7 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
             if n is None or err:
                 break
             off = k * PIECE
-            h.update(whole[off : off + n])
+            sums.add(off, whole[off : off + n])
             total += n
             if n < min(PIECE, size - off):
                 break
@@ -547,16 +620,299 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
             t.join()
         if mode["direct"]:
             _set_direct(fd, False)
+        sums.stop()
     if err:
         raise InvalidCheckpoint("unreadable", f"cannot read it: {name}: {err[0]}")
     if total != size or os.fstat(fd).st_size != size:
         raise InvalidCheckpoint("size-mismatch", f"file {name!r} is {total} bytes, the manifest says {size}")
-    if h.value != expect_sum:
+    got_sum = sums.value()
+    if got_sum != expect_sum:
         raise InvalidCheckpoint(
             "checksum-mismatch",
-            f"file {name!r} has checksum {h.value:08x}, the manifest says {expect_sum:08x} (the bytes changed)",
+            f"file {name!r} has checksum {got_sum:08x}, the manifest says {expect_sum:08x} (the bytes changed)",
         )
     return whole[:size]
+
+
+def _address(view: memoryview) -> Optional[int]:
+    """The address of a writable buffer (for ``madvise``), ``None`` if ctypes cannot say."""
+    try:
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except Exception:
+        return None
+
+
+_madvise: Any = None
+
+
+def _prefault_range(addr: int, size: int) -> None:
+    """Faults in the whole pages of ``size`` bytes at ``addr`` (``MADV_POPULATE_WRITE``,
+    :data:`PIECE` bytes per call, the GIL released by ctypes); stops at the first refusal."""
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            f = libc.madvise
+            f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            f.restype = ctypes.c_int
+            _madvise = f
+        except Exception:
+            _madvise = False
+    if not _madvise:
+        return
+    at = -(-addr // ALIGN) * ALIGN
+    end = (addr + size) // ALIGN * ALIGN
+    while at < end:
+        n = min(PIECE, end - at)
+        if _madvise(at, n, _MADV_POPULATE_WRITE) != 0:
+            return
+        at += n
+
+
+class VerifiedFile(io.RawIOBase):
+    """A read-only, seekable file object over a checkpoint member, for a library's own loader
+    (``ckpt.torch``: ``torch.load`` reads every tensor with one ``readinto`` into the tensor's
+    memory). Reads of at least :data:`PIECE` bytes go past the page cache when the file is
+    cold: :data:`READERS` threads read aligned :data:`PIECE`-byte pieces with ``O_DIRECT`` into
+    reused page-aligned buffers (one read each in flight), this thread copies each into the
+    caller's buffer, whose fresh pages a helper faults in ahead, and :data:`HASHERS` threads
+    checksum the copies; smaller reads go through the cache. :meth:`verify` checks the size
+    and the checksum of the whole file against the manifest (reading, through the cache, what
+    the loader skipped), so a caller uses what it loaded only after it returns. Extra memory:
+    ``2 * READERS`` buffers of :data:`PIECE` bytes while a large read runs."""
+
+    def __init__(self, fd: int, name: str, size: int, expect_sum: int, algo: str) -> None:
+        """Takes ``fd`` (the open member, e.g. from ``store.open_member``): closed by :meth:`close`."""
+        super().__init__()
+        self.name = name
+        self._fd = fd
+        self._size, self._expect, self._algo = size, expect_sum, algo
+        self._pos = 0
+        self._direct: Optional[bool] = None  # decided at the first large read
+        self.direct_reads = 0
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError as e:
+            actual = -1
+            why = InvalidCheckpoint("unreadable", f"cannot read it: {name}: {e}")
+        else:
+            why = InvalidCheckpoint("size-mismatch", f"file {name!r} is {actual} bytes, the manifest says {size}")
+        if actual != size:
+            self._fd = -1
+            os.close(fd)
+            raise why
+        self._sums = _PieceSums(algo)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        if n == 0:
+            return 0
+        off = self._pos
+        if n >= PIECE:
+            got = self._read_big(view[:n], off)
+        else:
+            # A small read (zip headers, the pickle): checksummed from a copy, as the loader
+            # may reuse its buffer.
+            got = self._pread(view[:n], off)
+            if got:
+                self._sums.add(off, memoryview(view[:got].tobytes()))
+        self._pos += got
+        return got
+
+    def _pread(self, view: memoryview, off: int) -> int:
+        got = 0
+        try:
+            while got < len(view):
+                r = os.preadv(self._fd, [view[got:]], off + got)
+                if r == 0:
+                    break
+                got += r
+        except OSError as e:
+            raise InvalidCheckpoint("unreadable", f"cannot read it: {self.name}: {e}") from None
+        return got
+
+    def _read_big(self, dest: memoryview, off: int) -> int:
+        """``len(dest)`` bytes at ``off`` into ``dest``: past the page cache when it can."""
+        if self._direct is None:
+            self._direct = direct_io() and not _cached(self._fd, self._size)
+        dfd = -1
+        if self._direct:
+            try:
+                dfd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except (OSError, AttributeError):
+                self._direct = False
+        if dfd < 0:
+            got = self._pread(dest, off)
+            for p in range(0, got, PIECE):
+                self._sums.add(off + p, dest[p : min(got, p + PIECE)])
+            return got
+        try:
+            got = self._read_direct(dfd, dest, off)
+        finally:
+            os.close(dfd)
+        if got < 0:  # refused: through the cache
+            self._direct = False
+            got = self._pread(dest, off)
+            for p in range(0, got, PIECE):
+                self._sums.add(off + p, dest[p : min(got, p + PIECE)])
+        return got
+
+    def _read_direct(self, dfd: int, dest: memoryview, off: int) -> int:
+        """``dest`` filled from ``off`` by :data:`DIRECT_READERS` threads, each reading
+        :data:`DIRECT_PIECE`-byte pieces (k, k + readers, ...) with ``O_DIRECT`` into its own
+        page-aligned buffer and copying each into ``dest`` itself with ``ctypes.memmove`` (which
+        runs without the GIL: the copies of the readers and the checksums of the hashers run at
+        once; a copy by this thread, as a memoryview assignment, holds the GIL)."""
+        import ctypes
+
+        P = DIRECT_PIECE
+        n = len(dest)
+        start = off // ALIGN * ALIGN
+        end = off + n
+        npieces = -(-(end - start) // P)
+        nread = min(DIRECT_READERS, npieces)
+        dest_addr = _address(dest)
+        if dest_addr is None:
+            return -1
+        results: Dict[int, Tuple[int, Optional[BaseException]]] = {}
+        stop = [False]
+
+        def reader(first: int) -> None:
+            m = mmap.mmap(-1, P)
+            cbuf = ctypes.c_char.from_buffer(m)
+            try:
+                buf_addr = ctypes.addressof(cbuf)
+                with memoryview(m) as mv:
+                    for k in range(first, npieces, nread):
+                        if stop[0]:
+                            return
+                        at = start + k * P
+                        want = -(-min(P, end - at) // ALIGN) * ALIGN  # whole blocks; EOF stops it
+                        got, e = 0, None
+                        try:
+                            while got < want:
+                                with mv[got:want] as part:
+                                    r = os.preadv(dfd, [part], at + got)
+                                if r == 0:
+                                    break
+                                got += r
+                        except BaseException as x:  # noqa: BLE001 - handed to the caller
+                            e = x
+                        lo = off - at if k == 0 else 0  # the first piece starts at the aligned offset
+                        take = max(0, min(got, end - at) - lo)
+                        if take and e is None:
+                            d0 = at + lo - off
+                            ctypes.memmove(dest_addr + d0, buf_addr + lo, take)
+                            self._sums.add(at + lo, dest[d0 : d0 + take])
+                        results[k] = (got, e)
+                        if e is not None or got < min(P, end - at):
+                            stop[0] = True
+                            return
+            finally:
+                del cbuf  # the buffer's export: the mmap closes only without it
+                m.close()
+
+        threads = [threading.Thread(target=reader, args=(i,), name="ckpt-read", daemon=True) for i in range(nread)]
+        threads.append(threading.Thread(target=_prefault_range, args=(dest_addr, n), name="ckpt-prefault", daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        filled = 0
+        for k in range(npieces):
+            if k not in results:
+                break
+            got, e = results[k]
+            at = start + k * P
+            if e is not None:
+                if k == 0 and isinstance(e, OSError) and e.errno == errno.EINVAL:
+                    return -1  # O_DIRECT accepted at open, refused on reading
+                raise InvalidCheckpoint("unreadable", f"cannot read it: {self.name}: {e}")
+            filled = max(0, at + min(got, end - at) - off)
+            if got < min(P, end - at):
+                break  # the file ended early: verify() reports the size
+        self.direct_reads += 1
+        return filled
+
+    def verify(self) -> None:
+        """Checks the whole file against the manifest (size and checksum): the bytes handed
+        out, and those the loader skipped (read now); raises :class:`InvalidCheckpoint`."""
+        self._sums.stop()
+        parts = []
+        at = 0
+        for off, n, c in self._sums.ranges():
+            if off < at:
+                # Read twice (the first reading counts), or overlapping the previous piece:
+                # the rest, if any, is read again below as a gap.
+                continue
+            if off > at:
+                parts.extend(self._gap(at, off))
+            parts.append((n, c))
+            at = off + n
+        if at < self._size:
+            parts.extend(self._gap(at, self._size))
+        crc = total = 0
+        for n, c in parts:
+            crc = combine(self._algo, crc, c, n)
+            total += n
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError:
+            now = -1
+        if total != self._size or now != self._size:
+            raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} is {max(total, now)} bytes, the manifest says {self._size}")
+        if crc != self._expect:
+            raise InvalidCheckpoint(
+                "checksum-mismatch",
+                f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
+            )
+
+    def _gap(self, lo: int, hi: int) -> List[Tuple[int, int]]:
+        h = Hasher(self._algo)
+        out = []
+        at = lo
+        while at < hi:
+            b = os.pread(self._fd, min(PIECE, hi - at), at)
+            if not b:
+                break
+            out.append((len(b), h._fn(b, 0) & 0xFFFFFFFF))
+            at += len(b)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                if self._sums._threads:
+                    self._sums.stop()
+            finally:
+                os.close(fd)
+        super().close()
 
 
 def save_state(stage: Any, name: str, state: Any) -> None:

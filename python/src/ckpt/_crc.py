@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from typing import Callable, Optional
 
-__all__ = ["ALGOS", "checksum", "Hasher", "crc32c_accelerated", "default_algo"]
+__all__ = ["ALGOS", "checksum", "combine", "Hasher", "crc32c_accelerated", "default_algo", "releases_gil"]
 
 #: The algorithm names a manifest may carry.
 ALGOS = ("crc32c", "crc32")
@@ -118,3 +118,52 @@ class Hasher:
     def value(self) -> int:
         """The checksum of everything fed so far."""
         return self._crc
+
+
+# --- combining the checksums of consecutive pieces ---------------------------------------------
+# zlib's crc32_combine (1.2.12+: x^(8n) mod P by repeated squaring), written for either
+# reflected polynomial: both algorithms share the conditioning (init and final xor 0xFFFFFFFF),
+# so crc(A + B) = (crc(A) * x^(8 len(B)) mod P) xor crc(B). Lets pieces of one file be
+# checksummed on several threads, in any order (the bulk reads of ``_bulk``).
+
+_POLYS = {"crc32": 0xEDB88320, "crc32c": 0x82F63B78}
+_X2N: "dict[str, list[int]]" = {}
+
+
+def _multmodp(a: int, b: int, poly: int) -> int:
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                break
+        m >>= 1
+        b = (b >> 1) ^ poly if b & 1 else b >> 1
+    return p
+
+
+def combine(algo: str, crc1: int, crc2: int, len2: int) -> int:
+    """The checksum of A followed by B, from ``crc1`` (of A), ``crc2`` (of B) and ``len2``
+    (B's length in bytes)."""
+    poly = _POLYS[algo]
+    table = _X2N.get(algo)
+    if table is None:
+        table = [1 << 30]  # x^1
+        for _ in range(31):
+            table.append(_multmodp(table[-1], table[-1], poly))
+        _X2N[algo] = table
+    p, k, n = 1 << 31, 3, len2  # x^0; x^(len2 * 2^3) = x^(8 len2)
+    while n:
+        if n & 1:
+            p = _multmodp(table[k & 31], p, poly)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1, poly) ^ crc2
+
+
+def releases_gil(algo: str) -> bool:
+    """Whether this algorithm's implementation here runs outside the GIL for large buffers
+    (``zlib.crc32``, the ``crc32c`` and ``google_crc32c`` C modules), so that several threads
+    checksum at once."""
+    return algo == "crc32" or crc32c_accelerated()

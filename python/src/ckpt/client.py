@@ -516,6 +516,27 @@ class Checkpointer:
         except InvalidCheckpoint as e:
             raise e.at(str(r.path)) from None
 
+    def _open_verified(self, name: str) -> "Optional[_bulk.VerifiedFile]":
+        """Listed file ``name`` of the restore checkpoint (this rank's shard in a multi-rank
+        job) as a file object for a library's loader (``ckpt.torch``): large reads past the
+        page cache, every byte checked against the manifest by its ``verify()``. ``None``
+        when there is no restore checkpoint or it does not list the file."""
+        r = self._restore
+        if r is None:
+            return None
+        self._refuse_other_world()
+        if self._sharded():
+            assert self._world is not None
+            name = f"{self._world.shard_dir}/{name}"
+        entry = r.manifest.file(name)
+        if entry is None:
+            return None
+        try:
+            return _bulk.VerifiedFile(open_member(r.path, entry.name), entry.name, entry.size, entry.sum,
+                                      r.manifest.checksum)
+        except InvalidCheckpoint as e:
+            raise e.at(str(r.path)) from None
+
     def restore(self, default: Any = None, *, reshard: "Optional[Callable[[OldShards], Any]]" = None) -> Any:
         """The object last saved with :meth:`save` (unpickled), or ``default`` (``None``) on a
         fresh start. The bytes are verified before they are unpickled. Like any pickle, only load

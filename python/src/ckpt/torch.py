@@ -46,7 +46,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import torch
 
 from . import training as tr
-from .errors import CkptError
+from .errors import CkptError, InvalidCheckpoint
 
 STATE_FILE = "train_state.pt"
 FORMAT = 1
@@ -287,6 +287,18 @@ class TrainState:
         d = ck.restore_dir()
         if d is None:
             return False
-        st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        opener = getattr(ck, "_open_verified", None)
+        f = opener(STATE_FILE) if opener is not None else None
+        if f is None:
+            st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        else:
+            # Every tensor read with one readinto into its own memory, past the page cache
+            # (docs/benchmarks.md, run J); nothing is applied before the whole file verifies.
+            with f:
+                st = torch.load(f, map_location="cpu", weights_only=True)
+                try:
+                    f.verify()
+                except InvalidCheckpoint as e:
+                    raise e.at(str(d)) from None
         self.load_state_dict(st)
         return True

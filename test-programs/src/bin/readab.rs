@@ -2,15 +2,16 @@
 //! (`docs/benchmarks.md` run G):
 //!
 //!   readab --dir DIR [--mib 1024] [--rounds 8] [--settle-ms 0] [--seed N]
-//!          [--variants into,fresh-cache,fresh-direct,fresh-direct1]
+//!          [--variants into,into-direct,into-direct1,fresh-cache,fresh-direct,dd-direct,...]
 //!
 //! Saves one `--mib` MiB f32 array with ckpt, then each round drops the page cache (root)
 //! before every read, waits `--settle-ms`, and reads the file with `dd bs=4M of=/dev/null`
 //! and with each variant: `into`/`into-direct` = `read_pod_into` an existing buffer with
 //! direct I/O off/on, `fresh-cache`/`fresh-direct` = `read_f32s` (a fresh allocation) with direct
-//! I/O off/on (`pod::set_direct_io`); `fresh-direct1` = `fresh-direct` with one reader thread
-//! (`pod::set_direct_readers(1)`; the default has two reads in flight). Prints each round's GB/s and ratio to that round's dd, then the
-//! median ratio per variant as JSON. The order is drawn from `--seed` (printed).
+//! I/O off/on (`pod::set_direct_io`); a `1` after `-direct` = one reader thread
+//! (`pod::set_direct_readers(1)`; the default, and `2`, has two reads in flight); `dd-direct` =
+//! `dd bs=4M iflag=direct` (the disk alone). Prints each round's GB/s and ratio to that round's
+//! dd, then the median ratio per variant as JSON. The order is drawn from `--seed` (printed).
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,12 +53,16 @@ fn main() {
             [
                 "into",
                 "into-direct",
+                "into-direct1",
+                "into-direct2",
                 "fresh-cache",
                 "fresh-direct",
-                "fresh-direct1"
+                "fresh-direct1",
+                "fresh-direct2",
+                "dd-direct"
             ]
             .contains(&v.as_str()),
-            "unknown variant {v}: into, into-direct, fresh-cache, fresh-direct, fresh-direct1"
+            "unknown variant {v}: into, into-direct[1|2], fresh-cache, fresh-direct[1|2], dd-direct"
         );
     }
     let seed = num(
@@ -103,8 +108,18 @@ fn main() {
             } else {
                 let v = variants[k - 1].as_str();
                 ckpt::pod::set_direct_io(v.contains("direct"));
-                ckpt::pod::set_direct_readers(if v == "fresh-direct1" { 1 } else { 2 });
-                if v.starts_with("fresh") {
+                // `...-direct1`: one reader thread; otherwise the default (two).
+                ckpt::pod::set_direct_readers(if v.ends_with('1') { 1 } else { 2 });
+                if v == "dd-direct" {
+                    let ok = Command::new("dd")
+                        .arg(format!("if={}", file.display()))
+                        .args(["of=/dev/null", "bs=4M", "iflag=direct"])
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("run dd")
+                        .success();
+                    assert!(ok, "dd failed");
+                } else if v.starts_with("fresh") {
                     let w = ck.read_f32s("w.f32").expect("restore");
                     assert!(w == state, "restored state differs");
                 } else {

@@ -1,0 +1,363 @@
+"""The Python restore paths of issue 19: the checksum of a restore computed piece by piece on
+helper threads and combined (`_crc.combine`, `_bulk._PieceSums`), and `ckpt.torch`'s
+`TrainState.restore` reading `train_state.pt` through `_bulk.VerifiedFile` (each tensor read
+past the page cache into its own memory, the whole file checked before anything is applied).
+Bit-exact at odd sizes, damage in every piece refused, the cache path (`CKPT_DIRECT_IO=0`)
+and a file system that refuses `O_DIRECT` (ramfs, as root) falling back. No timing here
+(docs/benchmarks.md, run J)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+
+import ckpt  # noqa: E402
+from ckpt import _bulk, _crc  # noqa: E402
+from ckpt.errors import InvalidCheckpoint  # noqa: E402
+
+SEED = int(os.environ.get("CKPT_TEST_SEED", random.randrange(1 << 30)))
+print(f"seed {SEED} (CKPT_TEST_SEED)")
+
+
+def _uncache(p: Path) -> None:
+    """Writes `p` back and drops it from the page cache (retried while read-ahead holds it)."""
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for _ in range(3000):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not _bulk._cached(fd, os.fstat(fd).st_size):
+                return
+        raise AssertionError(f"{p} stays in the page cache")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("algo", ["crc32", "crc32c"])
+def test_combined_piece_checksums_equal_the_whole_files(algo):
+    rng = random.Random(SEED)
+    for _ in range(200):
+        a = rng.randbytes(rng.randrange(0, 5000))
+        b = rng.randbytes(rng.randrange(0, 5000))
+        assert _crc.combine(algo, _crc.checksum(algo, a), _crc.checksum(algo, b), len(b)) == _crc.checksum(algo, a + b)
+    # Known values: zlib's crc32 of "123456789" is cbf43926, CRC-32C's e3069283.
+    want = {"crc32": 0xCBF43926, "crc32c": 0xE3069283}[algo]
+    assert _crc.combine(algo, _crc.checksum(algo, b"1234"), _crc.checksum(algo, b"56789"), 5) == want
+
+
+def _write(p: Path, data: bytes) -> None:
+    if p.exists():
+        os.chmod(p, 0o600)
+    p.write_bytes(data)
+    _uncache(p)
+
+
+def _algos():
+    return ["crc32"] + (["crc32c"] if _crc.crc32c_accelerated() else [])
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_read_segments_hashes_pieces_in_parallel_exactly_and_refuses_damage_in_any(tmp_path, monkeypatch, direct):
+    """`read_segments` (the Python restore of numpy arrays) at sizes around the piece size:
+    bit-exact, and a flipped bit in any piece, a cut or a grown file refused."""
+    monkeypatch.setenv("CKPT_DIRECT_IO", direct)
+    rng = random.Random(SEED + 1)
+    P = _bulk.PIECE
+    p = tmp_path / "f"
+    for algo in _algos():
+        for size in (P, 2 * P - 1, 3 * P + 4096 + 5, 4 * P + 1):
+            data = rng.randbytes(size)
+            want = _crc.checksum(algo, data)
+            _write(p, data)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                assert _bulk.read_segments(fd, "f", size, want, algo).tobytes() == data, (algo, size)
+                for k in range(-(-size // P)):
+                    at = min(size - 1, k * P + rng.randrange(P))
+                    bad = bytearray(data)
+                    bad[at] ^= 0x04
+                    _write(p, bytes(bad))
+                    with pytest.raises(InvalidCheckpoint) as e:
+                        _bulk.read_segments(fd, "f", size, want, algo)
+                    assert e.value.slug == "checksum-mismatch", (algo, size, at)
+                for cut in sorted({min(P, size - 1), size - 1, size + 1}):
+                    _write(p, (data + b"\0")[:cut])
+                    with pytest.raises(InvalidCheckpoint) as e:
+                        _bulk.read_segments(fd, "f", size, want, algo)
+                    assert e.value.slug == "size-mismatch", (algo, size, cut)
+            finally:
+                os.close(fd)
+
+
+def _verified(p: Path, size: int, sm: int, algo: str) -> "_bulk.VerifiedFile":
+    return _bulk.VerifiedFile(os.open(p, os.O_RDONLY), p.name, size, sm, algo)
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_verified_file_reads_exactly_and_verify_refuses_damage_anywhere(tmp_path, monkeypatch, direct):
+    """`VerifiedFile` as a loader uses it: small reads anywhere (also overlapping, as a zip
+    reader's), large reads at unaligned offsets into unaligned memory, bytes never read;
+    `verify()` passes on the exact file and refuses a flipped bit in any piece, in a small read,
+    in bytes the loader skipped, and a file of another size."""
+    monkeypatch.setenv("CKPT_DIRECT_IO", direct)
+    rng = random.Random(SEED + 2)
+    P = _bulk.PIECE
+    p = tmp_path / "f"
+    for size in (2 * P + 3 * 4096 + 5, 3 * P + 1, P + 100):
+        algo = rng.choice(_algos())
+        data = rng.randbytes(size)
+        sm = _crc.checksum(algo, data)
+        # (offset, length): a big read at an odd offset, small reads, an overlap, a gap at the end.
+        big_at = 4096 * 3 + 37
+        big_n = size - big_at - 1000
+        reads = [(0, 4), (size - 22, 22), (size - 3000, 2500), (100, 30), (90, 64), (big_at, big_n)]
+
+        def load(f):
+            out = {}
+            for off, n in reads:
+                f.seek(off)
+                buf = bytearray(n + 1)[1:] if n >= P else bytearray(n)  # a big one at +1 (memoryview of a bytearray)
+                view = memoryview(buf)
+                got = f.readinto(view)
+                assert got == n
+                out[off] = bytes(view)
+            return out
+
+        _write(p, data)
+        before = 0
+        with _verified(p, size, sm, algo) as f:
+            got = load(f)
+            f.verify()
+            before = f.direct_reads
+        for off, n in reads:
+            assert got[off] == data[off : off + n], (size, off, n)
+        assert before == (1 if direct == "1" and big_n >= P else 0), (size, before)
+        # Damage: in every piece of the big read, in a small read, in never-read bytes (the last 1000 but 22).
+        spots = [big_at + k * P + rng.randrange(min(P, big_n - k * P)) for k in range(-(-big_n // P))]
+        spots += [101, size - 500, big_at + big_n + 10]
+        for at in spots:
+            bad = bytearray(data)
+            bad[at] ^= 0x40
+            _write(p, bytes(bad))
+            with _verified(p, size, sm, algo) as f:
+                load(f)
+                with pytest.raises(InvalidCheckpoint) as e:
+                    f.verify()
+                assert e.value.slug == "checksum-mismatch", (size, at)
+        _write(p, data + b"x")
+        with pytest.raises(InvalidCheckpoint) as e:
+            _verified(p, size, sm, algo)
+        assert e.value.slug == "size-mismatch"
+
+
+def test_verified_file_falls_back_when_a_read_refuses_o_direct(tmp_path, monkeypatch):
+    """`O_DIRECT` accepted at open but its first read refused with EINVAL (some FUSE and
+    network file systems): the large read goes through the cache, exact and verified."""
+    P = _bulk.PIECE
+    data = random.Random(SEED + 3).randbytes(2 * P + 777)
+    p = tmp_path / "f"
+    _write(p, data)
+    real = os.preadv
+    refused = []
+
+    def preadv(fd, bufs, off, *flags):
+        if _is_direct(fd):
+            refused.append(off)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off, *flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with _verified(p, len(data), zlib.crc32(data), "crc32") as f:
+        buf = bytearray(len(data))
+        assert f.readinto(buf) == len(data)
+        f.verify()
+        assert f.direct_reads == 0
+    assert bytes(buf) == data and refused, refused
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _ramfs(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("mounting ramfs needs root")
+    m = tmp_path / "ramfs"
+    m.mkdir()
+    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(m)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount ramfs: {r.stderr.strip()}")
+    return m
+
+
+def _torch_python() -> str:
+    for p in (os.environ.get("CKPT_TORCH_PYTHON"), "/opt/ckpt-torch/bin/python"):
+        if p and os.path.exists(p):
+            r = run([p, "-c", "import torch, numpy"], 120)
+            if r.returncode == 0:
+                return p
+    pytest.skip("no Python with torch: set CKPT_TORCH_PYTHON or run scripts/setup (installs /opt/ckpt-torch)")
+
+
+# The torch job: saves a TrainState (tensors of several pieces at odd sizes, bfloat16, int64,
+# a tied weight, optimizer state), then restores it into a fresh model in three ways.
+TORCH_JOB = r"""
+import os, sys, torch, ckpt, ckpt.torch as ckt
+from ckpt import _bulk
+from ckpt.errors import InvalidCheckpoint
+d, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+P = _bulk.PIECE
+def model():
+    m = torch.nn.Sequential(torch.nn.Linear(1023, 4099), torch.nn.Linear(4099, 1021))  # 16.8 MB: 3 pieces, odd
+    m.register_buffer("bf", torch.zeros(3001, 7, dtype=torch.bfloat16))
+    m.register_buffer("big", torch.zeros(P // 4 * 2 + 1001))  # 2 pieces + 4004 bytes
+    m.register_buffer("idx", torch.zeros(100_003, dtype=torch.int64))
+    m.tied = m[0].weight
+    return m
+def uncache(p):
+    fd = os.open(p, os.O_RDONLY)
+    os.fsync(fd)
+    for _ in range(3000):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not _bulk._cached(fd, os.fstat(fd).st_size):
+            break
+    else:
+        raise SystemExit("stays cached")
+    os.close(fd)
+opened = []
+real = _bulk.VerifiedFile
+class Spy(real):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        opened.append(self)
+_bulk.VerifiedFile = Spy
+if mode == "save":
+    torch.manual_seed(seed)
+    m = model()
+    with torch.no_grad():
+        m.bf.copy_(torch.randn(3001, 7)); m.big.copy_(torch.randn(m.big.numel())); m.idx.copy_(torch.arange(100_003) * 7)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(4, 1023)).sum().backward(); opt.step()
+    ts = ckt.TrainState(models={"m": m}, optimizers={"opt": opt})
+    ts.step = 9
+    s = ts.save(ckpt.Checkpointer(d, checksum=os.environ.get("ALGO", "crc32")))
+    torch.save({"m": m.state_dict(), "opt": opt.state_dict()}, d + ".want")
+    print(s.path)
+    sys.exit(0)
+want = torch.load(d + ".want", weights_only=True)
+path = os.path.join(d, [p for p in sorted(os.listdir(d)) if p.startswith("ckpt-")][-1], "train_state.pt")
+def restore_once(cold):
+    opened.clear()
+    m2 = model()
+    opt2 = torch.optim.Adam(m2.parameters())
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    ts2 = ckt.TrainState(models={"m": m2}, optimizers={"opt": opt2})
+    ck = ckpt.Checkpointer(d)  # verifies the checkpoint, through the page cache
+    if cold:
+        uncache(path)
+    try:
+        ok = ts2.restore(ck)
+    except Exception as e:
+        # Nothing applied: the model is as it was, the step too.
+        assert ts2.step == 0
+        for k, v in m2.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        return f"REFUSED {getattr(e, 'slug', type(e).__name__)}"
+    assert ok and ts2.step == 9
+    for k, v in want["m"].items():
+        got = m2.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+    assert m2.tied.data_ptr() == m2[0].weight.data_ptr()
+    sw, sg = want["opt"]["state"], opt2.state_dict()["state"]
+    for i in sw:
+        for k in sw[i]:
+            assert torch.equal(sw[i][k], sg[i][k]), (i, k)
+    assert len(opened) == 1, opened
+    return f"DIRECT {opened[0].direct_reads}"
+if mode == "damage":
+    # A flipped bit at each offset given (then a cut file), then the file as it was; only the
+    # first restore's checkpoint is written (Checkpointer(d) skips a bad one: a fresh start).
+    data = open(path, "rb").read()
+    os.chmod(path, 0o600)
+    for at in [int(x) for x in sys.argv[4].split(",")] + [-1]:
+        # Checkpointer(d) verifies at open and would skip the bad checkpoint: damage after it.
+        real_ck = ckpt.Checkpointer
+        def opened_then_damaged(*a, **k):
+            c = real_ck(*a, **k)
+            bad = bytearray(data)
+            if at >= 0:
+                bad[at] ^= 0x01
+            else:
+                bad = bad[:-4096]
+            open(path, "wb").write(bytes(bad))
+            return c
+        ckpt.Checkpointer = opened_then_damaged
+        print("AT", at, restore_once(True), flush=True)
+        ckpt.Checkpointer = real_ck
+        open(path, "wb").write(data)
+    print("AFTER", restore_once(True))
+else:
+    print(restore_once(mode != "cached"))
+"""
+
+
+def _torch(py: str, d: Path, mode: str, env=None, extra=()):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
+    for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
+        e.pop(k, None)
+    e.update(env or {})
+    return subprocess.run([py, "-c", TORCH_JOB, str(d), mode, str(SEED), *extra], capture_output=True, text=True, timeout=300, env=e)
+
+
+@pytest.mark.parametrize("fs", ["disk", "ramfs"])
+def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_path, fs):
+    """`TrainState.restore` loads through `VerifiedFile`: bit-exact (float32 tensors of
+    several pieces at odd sizes, bfloat16, int64, optimizer state, a tied weight), its large
+    tensors read past the page cache when cold (through it when cached, with
+    `CKPT_DIRECT_IO=0`, and on ramfs, which refuses `O_DIRECT`); a flipped bit in any piece of
+    `train_state.pt` or a cut file is refused before anything is applied."""
+    py = _torch_python()
+    base = _ramfs(tmp_path) if fs == "ramfs" else tmp_path
+    try:
+        d = base / "ck"
+        r = _torch(py, d, "save")
+        assert r.returncode == 0, r.stdout + r.stderr
+        f = Path(r.stdout.split()[-1]) / "train_state.pt"
+        cases = [("cold", {}, fs == "disk"), ("cached", {}, False), ("cold", {"CKPT_DIRECT_IO": "0"}, False)]
+        for mode, env, direct in cases:
+            r = _torch(py, d, mode, env)
+            assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
+            n = int(r.stdout.split("DIRECT ")[1].split()[0])
+            # 7 tensors of at least a piece: two weights, the 2-piece buffer, Adam's 4 moments.
+            assert n == (7 if direct else 0), (mode, env, fs, n)
+        if fs == "ramfs":
+            return
+        size = f.stat().st_size
+        rng = random.Random(SEED + 4)
+        P = _bulk.PIECE
+        spots = [rng.randrange(k * P, min(size, (k + 1) * P)) for k in range(-(-size // P))] + [size - 30]
+        r = _torch(py, d, "damage", extra=[",".join(map(str, spots))])
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = [line.split() for line in r.stdout.splitlines()]
+        got = {int(w[1]): w[2:] for w in out if w[0] == "AT"}
+        assert sorted(got) == sorted(spots + [-1]), r.stdout
+        for at, res in got.items():
+            # A flipped bit in the zip's own structure may make torch refuse it first (any
+            # error: nothing applied); in the data, the checksum refuses it.
+            assert res[0] == "REFUSED", (at, r.stdout)
+        assert sum(res == ["REFUSED", "checksum-mismatch"] for res in got.values()) >= len(spots) - 1, r.stdout
+        assert out[-1][:2] == ["AFTER", "DIRECT"] and int(out[-1][2]) == 7, r.stdout
+    finally:
+        if fs == "ramfs":
+            subprocess.run(["umount", "-l", str(base)])
