@@ -45,26 +45,9 @@ pub struct VerifyArgs {
     pub remote_auth: super::RemoteAuth,
 }
 
-pub(super) fn open_remote(
-    url: &str,
-    keys: &[std::path::PathBuf],
-    allow_http: bool,
-) -> Result<crate::remote::Remote, Fatal> {
-    crate::remote::Remote::open(&crate::remote::Settings {
-        url: url.to_string(),
-        allow_http,
-        keys: keys.to_vec(),
-        keep: None,
-        required: false,
-        stop_timeout: std::time::Duration::ZERO,
-        ranks: None,
-    })
-    .map_err(|e| Fatal::usage(format!("--remote: {e}")))
-}
-
 /// `ckpt verify --remote URL [SEQ...]`.
 fn verify_remote(a: &VerifyArgs, url: &str) -> Result<i32, Fatal> {
-    let r = open_remote(url, &a.remote_auth.keys, a.remote_auth.allow_http)?;
+    let r = a.remote_auth.open(url)?;
     let seqs: Vec<u64> = if a.ids.is_empty() {
         r.list().map_err(Fatal::io)?
     } else {
@@ -146,16 +129,7 @@ fn tag_text(v: &serde_json::Value) -> String {
 
 /// `ckpt list --remote URL`.
 fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
-    let settings = crate::remote::Settings {
-        url: url.to_string(),
-        allow_http: a.remote_auth.allow_http,
-        keys: a.remote_auth.keys.clone(),
-        keep: None,
-        required: false,
-        stop_timeout: std::time::Duration::ZERO,
-        ranks: None,
-    };
-    let r = open_remote(&settings.url, &settings.keys, settings.allow_http)?;
+    let r = a.remote_auth.open(url)?;
     let seqs = r.list().map_err(Fatal::io)?;
     let rows: Vec<serde_json::Value> = seqs
         .iter()

@@ -131,6 +131,35 @@ pub struct RemoteAuth {
     pub allow_http: bool,
 }
 
+impl RemoteAuth {
+    /// The settings of a remote used by one command (no retention, no stop wait, every rank).
+    pub fn settings(&self, url: &str) -> crate::remote::Settings {
+        crate::remote::Settings {
+            url: url.to_string(),
+            allow_http: self.allow_http,
+            keys: self.keys.clone(),
+            keep: None,
+            required: false,
+            stop_timeout: Duration::ZERO,
+            ranks: None,
+        }
+    }
+
+    /// Opens the remote at `url` (a bad URL or key is a usage error naming `--remote`).
+    pub fn open(&self, url: &str) -> Result<crate::remote::Remote, Fatal> {
+        crate::remote::Remote::open(&self.settings(url))
+            .map_err(|e| Fatal::usage(format!("--remote: {e}")))
+    }
+
+    /// [`RemoteAuth::open`] when `url` is given and not empty.
+    pub fn open_opt(&self, url: &Option<String>) -> Result<Option<crate::remote::Remote>, Fatal> {
+        match url.as_deref().filter(|u| !u.is_empty()) {
+            Some(u) => self.open(u).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 /// A time stamp in milliseconds since the epoch as RFC 3339 UTC (with milliseconds when
 /// `millis`); one beyond year 9999 (or otherwise unrepresentable), as found in a hostile
 /// manifest or event log, is shown raw instead of panicking.

@@ -105,14 +105,7 @@ pub fn run(a: SaveArgs) -> Result<i32, Fatal> {
         meta.insert(k.to_string(), json!(v));
     }
     // Opened before anything is written: a bad URL or key fails without a checkpoint.
-    let remote = match a.remote.as_deref().filter(|u| !u.is_empty()) {
-        Some(u) => Some(super::inspect::open_remote(
-            u,
-            &a.remote_auth.keys,
-            a.remote_auth.allow_http,
-        )?),
-        None => None,
-    };
+    let remote = a.remote_auth.open_opt(&a.remote)?;
     let store = Store::new(&a.dir.dir);
     store
         .create()

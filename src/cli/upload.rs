@@ -155,21 +155,10 @@ fn upload_one(
 }
 
 pub fn run(a: UploadArgs) -> Result<i32, Fatal> {
-    let r = super::inspect::open_remote(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
+    let r = a.remote_auth.open(&a.remote)?;
     let store = super::versions::open(&a.dir.dir)?;
     // So that `ckpt rollback` on DIR rolls this remote back too.
-    crate::remote::remember(
-        &crate::remote::Settings {
-            url: a.remote.clone(),
-            allow_http: a.remote_auth.allow_http,
-            keys: a.remote_auth.keys.clone(),
-            keep: None,
-            required: false,
-            stop_timeout: Duration::ZERO,
-            ranks: None,
-        },
-        &store,
-    );
+    crate::remote::remember(&a.remote_auth.settings(&a.remote), &store);
     if !a.follow {
         let res = super::versions::resolve(&store, &a.id)?;
         let (v, code, _) = upload_one(&a, &r, &store, res.seq, &res.path);

@@ -120,19 +120,6 @@ pub(super) fn upload_after(
     }
 }
 
-/// `--remote URL [--remote-key FILE] [--remote-allow-http]`, opened (exit 64 on a bad URL,
-/// an http endpoint off loopback or an unusable key).
-fn remote_of(
-    url: &Option<String>,
-    keys: &[PathBuf],
-    allow_http: bool,
-) -> Result<Option<crate::remote::Remote>, Fatal> {
-    match url.as_deref().filter(|u| !u.is_empty()) {
-        Some(u) => super::inspect::open_remote(u, keys, allow_http).map(Some),
-        None => Ok(None),
-    }
-}
-
 /// A remote checkpoint named by `r`, with what `latest` skipped on the way said on stderr.
 fn resolve_remote(remote: &crate::remote::Remote, r: &str) -> Result<u64, Fatal> {
     let (seq, skipped) = remote
@@ -261,7 +248,7 @@ pub struct ShowArgs {
 }
 
 pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
-    let remote = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
+    let remote = a.remote_auth.open_opt(&a.remote)?;
     let (res, m, tags, verified) = match &remote {
         Some(r) => {
             let seq = resolve_remote(r, &a.id)?;
@@ -559,7 +546,7 @@ fn export_remote(a: &ExportArgs, r: &crate::remote::Remote) -> Result<i32, Fatal
 }
 
 pub fn export(a: ExportArgs) -> Result<i32, Fatal> {
-    if let Some(r) = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)? {
+    if let Some(r) = a.remote_auth.open_opt(&a.remote)? {
         return export_remote(&a, &r);
     }
     let store = open(&a.dir.dir)?;
@@ -609,7 +596,7 @@ pub struct ImportArgs {
 }
 
 pub fn import(a: ImportArgs) -> Result<i32, Fatal> {
-    let remote = remote_of(&a.remote, &a.remote_auth.keys, a.remote_auth.allow_http)?;
+    let remote = a.remote_auth.open_opt(&a.remote)?;
     let store = Store::new(&a.dir.dir);
     let src = std::path::absolute(&a.path).unwrap_or(a.path.clone());
     let src_m = read_manifest(&src)
@@ -751,16 +738,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     let Some(keep) = a.keep else {
         return Err(Fatal::usage("ckpt gc --remote needs --keep N"));
     };
-    let r = crate::remote::Remote::open(&crate::remote::Settings {
-        url: url.to_string(),
-        allow_http: a.remote_auth.allow_http,
-        keys: a.remote_auth.keys.clone(),
-        keep: None,
-        required: false,
-        stop_timeout: Duration::ZERO,
-        ranks: None,
-    })
-    .map_err(|e| Fatal::usage(format!("--remote: {e}")))?;
+    let r = a.remote_auth.open(url)?;
     let store = Store::new(&a.dir.dir);
     let tagged: Vec<u64> = if store.dir().is_dir() {
         store
