@@ -1286,3 +1286,38 @@ fn a_late_rank_follows_the_coordinators_horizon() {
     assert!(!r1.poll(false, false, 14).unwrap());
     assert!(r0.poll(false, false, 15).unwrap() && r1.poll(false, false, 15).unwrap());
 }
+
+/// docs/multi-rank.md, "Waiting": the request reaches rank 1 one step before rank 0 (ranks in
+/// a collective every step). Rank 1 proposes 468 + 2 = 470, rank 0 joins at 469 and proposes
+/// 471. At 470 rank 1 blocks at its proposal; rank 0, one step before its own, must gather
+/// then (every call), not "every 20 ms": it would otherwise go on into the next collective,
+/// which needs rank 1, and both would wait until the round timeout (the real torchrun test's
+/// deadlock). The agreed step is 471, and both ranks are true there only.
+#[test]
+fn the_coordinator_gathers_at_every_call_before_its_proposal() {
+    use ckpt::multi_rank::{MultiRank, World};
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
+    store.create().unwrap();
+    let rank = |r: u32| {
+        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), "g.0").unwrap();
+        m.set_timeout(Duration::from_secs(30));
+        m
+    };
+    let (mut r0, mut r1) = (rank(0), rank(1));
+    let rd = store.private().join("rounds/g.0/00000001");
+    let read = |n: &str| text(&std::fs::read(rd.join(n)).unwrap());
+    assert!(!r1.poll(true, false, 468).unwrap());
+    assert_eq!(read("propose-00001"), r#"{"step":470,"stop":false}"#);
+    assert!(!r0.poll(true, false, 469).unwrap());
+    assert_eq!(read("propose-00000"), r#"{"step":471,"stop":false}"#);
+    // Rank 0's next call comes at once (a short step): it gathers there.
+    assert!(!r0.poll(false, false, 470).unwrap());
+    assert!(
+        rd.join("agreed").exists(),
+        "rank 0 did not gather one step before its proposal: rank 1, blocked at 470, would wait for it"
+    );
+    assert_eq!(read("agreed"), r#"{"step":471,"stop":false}"#);
+    assert!(!r1.poll(false, false, 470).unwrap());
+    assert!(r0.poll(false, false, 471).unwrap() && r1.poll(false, false, 471).unwrap());
+}

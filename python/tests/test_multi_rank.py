@@ -549,6 +549,31 @@ def test_a_late_rank_follows_the_coordinators_horizon(tmp_path):
     assert r0.poll(False, False, 15) and r1.poll(False, False, 15)
 
 
+
+def test_the_coordinator_gathers_at_every_call_before_its_proposal(tmp_path):
+    """docs/multi-rank.md, "Waiting" (the Python twin of the Rust test of the same name): the
+    request reaches rank 1 one step before rank 0; rank 1 proposes 470 and blocks there, rank 0
+    proposes 471 and, at 470, must gather at once (not "every 20 ms"): otherwise it would go
+    on into the next collective and both would wait until the round timeout."""
+    from ckpt.multi_rank import MultiRank
+    from ckpt.store import Store
+
+    store = Store(tmp_path / "ckpt")
+    store.create()
+    r0 = MultiRank(store, World(0, 2), "g.0")
+    r1 = MultiRank(store, World(1, 2), "g.0")
+    r0.timeout = r1.timeout = 30.0
+    rd = store.private / "rounds" / "g.0" / "00000001"
+    assert not r1.poll(True, False, 468)
+    assert (rd / "propose-00001").read_bytes() == b'{"step":470,"stop":false}'
+    assert not r0.poll(True, False, 469)
+    assert (rd / "propose-00000").read_bytes() == b'{"step":471,"stop":false}'
+    assert not r0.poll(False, False, 470)
+    assert (rd / "agreed").exists(), "rank 0 did not gather one step before its proposal"
+    assert (rd / "agreed").read_bytes() == b'{"step":471,"stop":false}'
+    assert not r1.poll(False, False, 470)
+    assert r0.poll(False, False, 471) and r1.poll(False, False, 471)
+
 _GLOO_JOB = r"""
 import os, struct, sys, time
 import ckpt
