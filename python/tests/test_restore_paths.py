@@ -260,7 +260,11 @@ def restore_once(cold):
     opened.clear()
     m2 = model()
     opt2 = torch.optim.Adam(m2.parameters())
+    if os.environ.get("TEST_WARM"):
+        # The optimizer has its state already: the restore copies into it (run K).
+        m2(torch.randn(4, 1023)).sum().backward(); opt2.step()
     before = {k: v.clone() for k, v in m2.state_dict().items()}
+    before_opt = {(i, k): v.clone() for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
     ts2 = ckt.TrainState(models={"m": m2}, optimizers={"opt": opt2})
     ck = ckpt.Checkpointer(d)  # verifies the checkpoint, through the page cache
     if cold:
@@ -272,6 +276,8 @@ def restore_once(cold):
         assert ts2.step == 0
         for k, v in m2.state_dict().items():
             assert torch.equal(v, before[k]), k
+        now_opt = {(i, k): v for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
+        assert now_opt.keys() == before_opt.keys() and all(torch.equal(v, before_opt[k]) for k, v in now_opt.items())
         return f"REFUSED {getattr(e, 'slug', type(e).__name__)}"
     assert ok and ts2.step == 9
     for k, v in want["m"].items():
@@ -283,7 +289,47 @@ def restore_once(cold):
         for k in sw[i]:
             assert torch.equal(sw[i][k], sg[i][k]), (i, k)
     assert len(opened) == 1, opened
-    return f"DIRECT {opened[0].direct_reads}"
+    return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)}"
+if mode == "inplace":
+    # Into a model and an optimizer that already have their tensors: the restore copies into
+    # them (same memory afterwards); a state tensor of another shape or dtype is replaced.
+    m2 = model()
+    opt2 = torch.optim.Adam(m2.parameters())
+    m2(torch.randn(4, 1023)).sum().backward(); opt2.step()
+    ps = list(m2.parameters())
+    opt2.state[ps[1]]["exp_avg"] = torch.zeros(3)
+    opt2.state[ps[2]]["exp_avg_sq"] = torch.zeros(ps[2].shape, dtype=torch.float64)
+    # A model of another shape first: refused by torch, the optimizer's state untouched.
+    bad = torch.nn.Sequential(torch.nn.Linear(1023, 4099), torch.nn.Linear(4099, 1020))
+    ts_bad = ckt.TrainState(models={"m": bad}, optimizers={"opt": opt2})
+    keep = {(i, k): v.clone() for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
+    try:
+        ts_bad.restore(ckpt.Checkpointer(d))
+        raise SystemExit("a model of another shape was not refused")
+    except RuntimeError as e:
+        assert "size mismatch" in str(e), e
+    assert opened[-1].mapped  # verified, mapped, then refused by the model's load_state_dict
+    assert all(torch.equal(v, keep[(i, k)]) for i, s in opt2.state_dict()["state"].items() for k, v in s.items())
+    opened.clear()
+    ptrs = {k: v.data_ptr() for k, v in m2.state_dict().items()}
+    optp = {(i, k): v.data_ptr() for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
+    ts2 = ckt.TrainState(models={"m": m2}, optimizers={"opt": opt2})
+    ck = ckpt.Checkpointer(d)
+    uncache(path)
+    assert ts2.restore(ck) and ts2.step == 9
+    for k, v in want["m"].items():
+        got = m2.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v) and got.data_ptr() == ptrs[k], k
+    sw, sg = want["opt"]["state"], opt2.state_dict()["state"]
+    moved = []
+    for i in sw:
+        for k in sw[i]:
+            assert sg[i][k].dtype == sw[i][k].dtype and torch.equal(sw[i][k], sg[i][k]), (i, k)
+            if sg[i][k].data_ptr() != optp[(i, k)]:
+                moved.append(f"{i}/{k}")
+    assert opened[0].mapped and opened[0].direct_reads == 0
+    print("MOVED", ",".join(sorted(moved)))
+    sys.exit(0)
 if mode == "damage":
     # A flipped bit at each offset given (then a cut file), then the file as it was; only the
     # first restore's checkpoint is written (Checkpointer(d) skips a bad one: a fresh start).
@@ -325,8 +371,10 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
     """`TrainState.restore` loads through `VerifiedFile`: bit-exact (float32 tensors of
     several pieces at odd sizes, bfloat16, int64, optimizer state, a tied weight), its large
     tensors read past the page cache when cold (through it when cached, with
-    `CKPT_DIRECT_IO=0`, and on ramfs, which refuses `O_DIRECT`); a flipped bit in any piece of
-    `train_state.pt` or a cut file is refused before anything is applied."""
+    `CKPT_DIRECT_IO=0`, and on ramfs, which refuses `O_DIRECT`); into an optimizer that has its
+    state already, the file is verified from the page cache first and copied in place (run K);
+    either way a flipped bit in any piece of `train_state.pt` or a cut file is refused before
+    anything is applied."""
     py = _torch_python()
     base = _ramfs(tmp_path) if fs == "ramfs" else tmp_path
     try:
@@ -334,30 +382,54 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         r = _torch(py, d, "save")
         assert r.returncode == 0, r.stdout + r.stderr
         f = Path(r.stdout.split()[-1]) / "train_state.pt"
-        cases = [("cold", {}, fs == "disk"), ("cached", {}, False), ("cold", {"CKPT_DIRECT_IO": "0"}, False)]
-        for mode, env, direct in cases:
+        # Into the optimizer's own state: mapped and verified first (run K); into a fresh
+        # optimizer (most of the bytes need new tensors): run J's reader.
+        warm = {"TEST_WARM": "1"}
+        cases = [("cold", warm, False, True), ("cached", warm, False, True), ("cold", {}, fs == "disk", False),
+                 ("cached", {}, False, False), ("cold", {"CKPT_DIRECT_IO": "0"}, False, False)]
+        for mode, env, direct, mapped in cases:
             r = _torch(py, d, mode, env)
             assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
-            n = int(r.stdout.split("DIRECT ")[1].split()[0])
+            w = r.stdout.split("DIRECT ")[1].split()
+            n, was_mapped = int(w[0]), w[2] == "1"
             # 7 tensors of at least a piece: two weights, the 2-piece buffer, Adam's 4 moments.
-            assert n == (7 if direct else 0), (mode, env, fs, n)
+            assert (n, was_mapped) == ((7 if direct else 0), mapped), (mode, env, fs, n, was_mapped)
         if fs == "ramfs":
             return
         size = f.stat().st_size
         rng = random.Random(SEED + 4)
         P = _bulk.PIECE
         spots = [rng.randrange(k * P, min(size, (k + 1) * P)) for k in range(-(-size // P))] + [size - 30]
-        r = _torch(py, d, "damage", extra=[",".join(map(str, spots))])
-        assert r.returncode == 0, r.stdout + r.stderr
-        out = [line.split() for line in r.stdout.splitlines()]
-        got = {int(w[1]): w[2:] for w in out if w[0] == "AT"}
-        assert sorted(got) == sorted(spots + [-1]), r.stdout
-        for at, res in got.items():
-            # A flipped bit in the zip's own structure may make torch refuse it first (any
-            # error: nothing applied); in the data, the checksum refuses it.
-            assert res[0] == "REFUSED", (at, r.stdout)
-        assert sum(res == ["REFUSED", "checksum-mismatch"] for res in got.values()) >= len(spots) - 1, r.stdout
-        assert out[-1][:2] == ["AFTER", "DIRECT"] and int(out[-1][2]) == 7, r.stdout
+        for env, after in ((warm, ["AFTER", "DIRECT", "0", "MAPPED", "1"]), ({}, ["AFTER", "DIRECT", "7", "MAPPED", "0"])):
+            r = _torch(py, d, "damage", env, extra=[",".join(map(str, spots))])
+            assert r.returncode == 0, r.stdout + r.stderr
+            out = [line.split() for line in r.stdout.splitlines()]
+            got = {int(w[1]): w[2:] for w in out if w[0] == "AT"}
+            assert sorted(got) == sorted(spots + [-1]), r.stdout
+            for at, res in got.items():
+                # A flipped bit in the zip's own structure may make torch refuse it first (any
+                # error: nothing applied); in the data, the checksum refuses it.
+                assert res[0] == "REFUSED", (at, r.stdout)
+            # Mapped, the checksum is checked before torch reads anything: it refuses them all.
+            least = len(spots) + 1 if env else len(spots) - 1
+            assert sum(res == ["REFUSED", "checksum-mismatch"] or res == ["REFUSED", "size-mismatch"]
+                       for res in got.values()) >= least, r.stdout
+            assert out[-1] == after, r.stdout
     finally:
         if fs == "ramfs":
             subprocess.run(["umount", "-l", str(base)])
+
+
+def test_torch_restore_copies_into_the_tensors_the_model_and_optimizer_already_have(tmp_path):
+    """Run K: `TrainState.restore` into a model and an optimizer that already have their
+    tensors leaves every parameter, buffer and optimizer state tensor in the memory it was in,
+    bit-exact; an optimizer state tensor of another shape or dtype than the checkpoint's is
+    replaced by a fresh one holding the checkpoint's values; a model of another shape is
+    refused by torch with the optimizer's state untouched."""
+    py = _torch_python()
+    d = tmp_path / "ck"
+    r = _torch(py, d, "save")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _torch(py, d, "inplace")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split("MOVED ")[1].split()[0] == "1/exp_avg,2/exp_avg_sq", r.stdout

@@ -695,6 +695,7 @@ class VerifiedFile(io.RawIOBase):
         self._pos = 0
         self._direct: Optional[bool] = None  # decided at the first large read
         self.direct_reads = 0
+        self.mapped = False  # map_verified() verified it
         try:
             actual = os.fstat(fd).st_size
         except OSError as e:
@@ -891,6 +892,52 @@ class VerifiedFile(io.RawIOBase):
                 "checksum-mismatch",
                 f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
             )
+
+    def map_verified(self) -> Optional[mmap.mmap]:
+        """The whole file mapped read-only, after its size and checksum were checked against
+        the manifest (:class:`InvalidCheckpoint` otherwise): a helper asks the kernel to read
+        it all into the page cache ahead (``POSIX_FADV_WILLNEED``: large reads, no copy, no
+        fresh process memory) while :data:`HASHERS` threads checksum it from the mapping. For
+        a loader that then copies the bytes into memory the process already has (a model's
+        parameters, docs/benchmarks.md run K), once nothing can fail any more. ``None`` if
+        this :class:`VerifiedFile` was already read from, or the file cannot be mapped."""
+        if self._pos or self._sums._sums or self._size == 0:
+            return None
+        try:
+            mm = mmap.mmap(self._fd, self._size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        try:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+
+        def ahead() -> None:
+            try:
+                at = 0
+                while at < self._size:  # in pieces: the hashers start on the first at once
+                    n = min(4 * PIECE, self._size - at)
+                    os.posix_fadvise(self._fd, at, n, os.POSIX_FADV_WILLNEED)
+                    at += n
+            except (OSError, AttributeError):
+                pass
+
+        t = threading.Thread(target=ahead, name="ckpt-readahead", daemon=True)
+        t.start()
+        ok = False
+        try:
+            with memoryview(mm) as whole:
+                for off in range(0, self._size, PIECE):
+                    self._sums.add(off, whole[off : min(self._size, off + PIECE)])
+                try:
+                    self.verify()
+                finally:
+                    t.join()
+            ok = self.mapped = True
+            return mm
+        finally:
+            if not ok:
+                mm.close()
 
     def _gap(self, lo: int, hi: int) -> List[Tuple[int, int]]:
         h = Hasher(self._algo)

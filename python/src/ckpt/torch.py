@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -50,6 +50,17 @@ from .errors import CkptError, InvalidCheckpoint
 
 STATE_FILE = "train_state.pt"
 FORMAT = 1
+# A restore copies into the tensors the objects already have (docs/benchmarks.md, run K) when
+# they hold at least this share of the file's bytes; else torch.load makes fresh tensors (run
+# J's reader), which was faster when most tensors have to be made anyway (a fresh optimizer).
+IN_PLACE_SHARE = 0.75
+
+
+def _size(f: Any) -> int:
+    try:
+        return int(f.seek(0, 2))
+    finally:
+        f.seek(0)
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -179,6 +190,7 @@ class TrainState:
         self.step = 0
         self.restored_step: Optional[int] = None
         self._loader_gen_at_epoch: Optional[torch.Tensor] = None
+        self._pending: Dict[str, List[Any]] = {}  # copies restore() leaves to load_state_dict()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -261,7 +273,10 @@ class TrainState:
         missing = set(self.stateful) - set(st["objects"])
         if missing:
             raise CkptError(f"{STATE_FILE} has no state for {sorted(missing)} (it has {sorted(st['objects'])})")
+        pending, self._pending = self._pending, {}
         for k, o in self.stateful.items():
+            for mine, loaded in pending.get(k, ()):
+                mine.copy_(loaded)  # into the tensor it already has (run K)
             o.load_state_dict(st["objects"][k])
         rng = st["rng"]
         tr.set_python_random_state(rng["python"])
@@ -292,13 +307,130 @@ class TrainState:
         if f is None:
             st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
         else:
-            # Every tensor read with one readinto into its own memory, past the page cache
-            # (docs/benchmarks.md, run J); nothing is applied before the whole file verifies.
             with f:
-                st = torch.load(f, map_location="cpu", weights_only=True)
-                try:
-                    f.verify()
-                except InvalidCheckpoint as e:
-                    raise e.at(str(d)) from None
+                mm = None
+                if hasattr(f, "map_verified") and self._existing_bytes() >= IN_PLACE_SHARE * _size(f):
+                    try:
+                        mm = f.map_verified()
+                    except InvalidCheckpoint as e:
+                        raise e.at(str(d)) from None
+                if mm is not None:
+                    # In place (docs/benchmarks.md, run K): the whole file read into the page
+                    # cache and verified first; then mapped by torch, and every tensor copied
+                    # into the memory the model (and the optimizer) already has.
+                    mm.close()
+                    st = torch.load(f"/proc/self/fd/{f.fileno()}", map_location="cpu", weights_only=True, mmap=True)
+                    self._own_tensors(st)
+                else:
+                    # Every tensor read with one readinto into its own memory, past the page
+                    # cache (run J); nothing is applied before the whole file verifies.
+                    st = torch.load(f, map_location="cpu", weights_only=True)
+                    try:
+                        f.verify()
+                    except InvalidCheckpoint as e:
+                        raise e.at(str(d)) from None
         self.load_state_dict(st)
         return True
+
+    def _existing_bytes(self) -> int:
+        """Bytes of the CPU tensors the objects' ``state_dict()`` hold now (each storage once):
+        what a restore could copy into memory the process already has."""
+        seen: Dict[int, int] = {}
+
+        def walk(v: Any) -> None:
+            if isinstance(v, torch.Tensor):
+                if v.device.type == "cpu" and v.layout == torch.strided:
+                    s = v.untyped_storage()
+                    seen[s.data_ptr()] = s.nbytes()
+            elif isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    walk(x)
+
+        for o in self.stateful.values():
+            try:
+                walk(o.state_dict())
+            except Exception:
+                pass
+        seen.pop(0, None)
+        return sum(seen.values())
+
+    def _own_tensors(self, st: Dict[str, Any]) -> None:
+        """Makes the tensors of ``st`` (loaded with ``mmap=True``: backed by the file) safe to
+        keep: a model's are left as they are (its ``load_state_dict`` copies each into its
+        own parameters and buffers); for any other object (an optimizer, a scheduler), each
+        tensor is replaced by the one its ``state_dict()`` already has at the same place when
+        both are CPU tensors of one dtype and shape, the copy into it left to
+        :meth:`load_state_dict` (just before the object's own); every
+        other tensor is copied into fresh memory (storages shared between tensors stay
+        shared)."""
+        memo: Dict[int, Any] = {}
+        mine: set = set()
+        objs = st.get("objects", {})
+        for k, o in self.stateful.items():
+            if k not in objs or isinstance(o, torch.nn.Module):
+                continue
+            try:
+                have = o.state_dict()
+            except Exception:
+                have = None
+            pending: List[Any] = []
+            objs[k] = _owned(_into_existing(have, objs[k], mine, pending), memo, mine)
+            self._pending[k] = pending
+        for k in list(st):
+            if k != "objects":
+                st[k] = _owned(st[k], memo, mine)
+
+
+def _into_existing(have: Any, loaded: Any, mine: set, pending: List[Any]) -> Any:
+    """``loaded`` with each tensor replaced by the tensor at the same place (dict keys, list
+    positions) of ``have`` when both are CPU strided tensors of one dtype and shape (and the
+    existing one needs no grad); its ``id`` goes into ``mine`` and ``(existing, loaded)`` into
+    ``pending``: the copy to make just before the object's ``load_state_dict``."""
+    if isinstance(loaded, torch.Tensor):
+        if (
+            isinstance(have, torch.Tensor) and have is not loaded and not have.requires_grad
+            and have.device.type == "cpu" and loaded.device.type == "cpu"
+            and have.layout == torch.strided and loaded.layout == torch.strided
+            and have.dtype == loaded.dtype and have.shape == loaded.shape
+        ):
+            pending.append((have, loaded))
+            mine.add(id(have))
+            return have
+        return loaded
+    if isinstance(loaded, dict) and isinstance(have, dict):
+        for k in list(loaded):
+            if k in have:
+                loaded[k] = _into_existing(have[k], loaded[k], mine, pending)
+        return loaded
+    if isinstance(loaded, list) and isinstance(have, (list, tuple)) and len(have) == len(loaded):
+        return [_into_existing(h, v, mine, pending) for h, v in zip(have, loaded)]
+    return loaded
+
+
+def _owned(v: Any, memo: Dict[int, Any], mine: set) -> Any:
+    """``v`` with every tensor not in ``mine`` (ids) copied into fresh memory."""
+    if isinstance(v, torch.Tensor):
+        if id(v) in mine:
+            return v
+        if isinstance(v, torch.nn.Parameter) or v.device.type != "cpu" or v.layout != torch.strided:
+            return v.clone()
+        src = v.untyped_storage()
+        key = src.data_ptr()
+        if key == 0:
+            return v.clone()
+        own = memo.get(key)
+        if own is None:
+            own = memo[key] = src.clone()
+        return torch.empty(0, dtype=v.dtype).set_(own, v.storage_offset(), v.size(), v.stride())
+    if isinstance(v, dict):
+        for k in list(v):
+            v[k] = _owned(v[k], memo, mine)
+        return v
+    if isinstance(v, list):
+        return [_owned(x, memo, mine) for x in v]
+    if isinstance(v, tuple):
+        return type(v)(*(_owned(x, memo, mine) for x in v)) if hasattr(v, "_fields") else tuple(_owned(x, memo, mine) for x in v)
+    return v
