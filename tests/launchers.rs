@@ -600,9 +600,11 @@ impl Job for Batch {
             .output()
             .ok()?;
         let state = text(&q.stdout);
-        // Gone from the queue (or completing) without the finished marker: it failed.
-        (q.status.success() && (state.trim().is_empty() || state.contains("COMPLETING")))
-            .then_some(false)
+        // Gone from the queue (or completing) without the finished marker: it failed. The
+        // marker is looked at again after squeue: ckpt may have written it and ended between
+        // the first look and squeue (a job that finished, seen as failed in a CI run).
+        let gone = q.status.success() && (state.trim().is_empty() || state.contains("COMPLETING"));
+        gone.then(|| self.dir.join(".ckpt/finished").exists())
     }
     fn log(&mut self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
