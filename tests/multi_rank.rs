@@ -1244,6 +1244,33 @@ fn late_ranks(test: &str, lookahead: Option<u64>, python: bool) {
     eprintln!("{test}: requests published after {took:?}");
 }
 
+/// Ranks 0 and 1 of a world of two in epoch `epoch` of a fresh store (round timeout 30 s),
+/// and the directory of their first round: for the step-by-step tests of the round rules.
+struct TwoRanks {
+    _tmp: tempfile::TempDir,
+    r0: ckpt::multi_rank::MultiRank,
+    r1: ckpt::multi_rank::MultiRank,
+    rd: PathBuf,
+}
+
+fn two_ranks(epoch: &str) -> TwoRanks {
+    use ckpt::multi_rank::{MultiRank, World};
+    let tmp = tempdir();
+    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
+    store.create().unwrap();
+    let rank = |r: u32| {
+        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), epoch).unwrap();
+        m.set_timeout(Duration::from_secs(30));
+        m
+    };
+    TwoRanks {
+        r0: rank(0),
+        r1: rank(1),
+        rd: store.private().join("rounds").join(epoch).join("00000001"),
+        _tmp: tmp,
+    }
+}
+
 /// docs/multi-rank.md, "Late ranks", step by step (the Rust side of
 /// python/tests/test_multi_rank.py::test_a_late_rank_follows_the_coordinators_horizon): rank 0
 /// proposes 10 + 2 and waits at its bound 12; rank 1 has not looked yet. After the longest
@@ -1252,17 +1279,12 @@ fn late_ranks(test: &str, lookahead: Option<u64>, python: bool) {
 /// there only.
 #[test]
 fn a_late_rank_follows_the_coordinators_horizon() {
-    use ckpt::multi_rank::{MultiRank, World};
-    let tmp = tempdir();
-    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
-    store.create().unwrap();
-    let rank = |r: u32| {
-        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), "h.0").unwrap();
-        m.set_timeout(Duration::from_secs(30));
-        m
-    };
-    let (mut r0, mut r1) = (rank(0), rank(1));
-    let rd = store.private().join("rounds/h.0/00000001");
+    let TwoRanks {
+        _tmp,
+        mut r0,
+        mut r1,
+        rd,
+    } = two_ranks("h.0");
     let read = |n: &str| text(&std::fs::read(rd.join(n)).unwrap());
     assert!(!r0.poll(true, false, 10).unwrap());
     assert!(!r0.poll(false, false, 11).unwrap());
@@ -1295,17 +1317,12 @@ fn a_late_rank_follows_the_coordinators_horizon() {
 /// deadlock). The agreed step is 471, and both ranks are true there only.
 #[test]
 fn the_coordinator_gathers_at_every_call_before_its_proposal() {
-    use ckpt::multi_rank::{MultiRank, World};
-    let tmp = tempdir();
-    let store = ckpt::store::Store::new(tmp.path().join("ckpt"));
-    store.create().unwrap();
-    let rank = |r: u32| {
-        let mut m = MultiRank::new(&store, World::new(r, 2).unwrap(), "g.0").unwrap();
-        m.set_timeout(Duration::from_secs(30));
-        m
-    };
-    let (mut r0, mut r1) = (rank(0), rank(1));
-    let rd = store.private().join("rounds/g.0/00000001");
+    let TwoRanks {
+        _tmp,
+        mut r0,
+        mut r1,
+        rd,
+    } = two_ranks("g.0");
     let read = |n: &str| text(&std::fs::read(rd.join(n)).unwrap());
     assert!(!r1.poll(true, false, 468).unwrap());
     assert_eq!(read("propose-00001"), r#"{"step":470,"stop":false}"#);

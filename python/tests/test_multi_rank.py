@@ -403,6 +403,17 @@ def test_world_size_mismatch_refused_and_reshard_reads_every_shard(tmp_path):
     assert r.returncode != 0 and "saved by a job of 4 rank(s), this job runs with 2 rank(s)" in r.stderr
 
 
+def _catches_usr1(pid: int) -> bool:
+    """Whether process `pid` has a SIGUSR1 handler installed (its client is ready)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
+    except OSError:
+        pass
+    return False
+
+
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank-1", "coordinator"])
 def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
     """Ranks without a launcher: rank 1, or the coordinator (rank 0, which alone gathers and
@@ -416,16 +427,7 @@ def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
     kids = [bg(trainer(1200, out, save_ms=400), timeout=40,
                env=standalone_env(d, r, world, CKPT_ROUND_TIMEOUT="1")) for r in range(world)]
 
-    def catches_usr1(pid: int) -> bool:
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
-        except OSError:
-            pass
-        return False
-
-    wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
+    wait_until(lambda: all(_catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
     for k in kids:
         os.kill(k.pid, signal.SIGUSR1)
     pid1 = kids[victim].pid
@@ -451,7 +453,7 @@ def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
     steps = 300
     kids = [bg(trainer(steps, out2, save_ms=0), timeout=60,
                env=standalone_env(d, r, world, CKPT_ROUND_TIMEOUT="1", CKPT_RUN_ID="t2")) for r in range(world)]
-    wait_until(lambda: all(catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
+    wait_until(lambda: all(_catches_usr1(k.pid) for k in kids), 20, "every rank's handlers")
     os.kill(kids[2].pid, signal.SIGUSR1)
     for r, k in enumerate(kids):
         assert k.wait() == 0, f"rank {r}: {k.stderr}"
@@ -459,16 +461,6 @@ def test_rank_dying_mid_save_leaves_no_partial_checkpoint(tmp_path, bg, victim):
     assert_complete_checkpoints(d, world)
     assert combined(world, out2) == reference(world, steps)
     assert_no_survivors(d)
-
-
-def _catches_usr1(pid: int) -> bool:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
-    except OSError:
-        pass
-    return False
 
 
 @pytest.mark.parametrize("lang", ["python", "rust"])
