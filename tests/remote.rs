@@ -2133,18 +2133,25 @@ fn s3_two_nodes_with_node_local_directories_killed_and_restarted_independently()
     new_vm_two_ranks(home, &moto, url, "nl/", new, &t.path().join("vm2"), &[]);
 }
 
-#[test]
-fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_back_run() {
-    let t = tempdir();
-    let dir = t.path().join("d");
-    let root = t.path().join("remote");
+/// A trainer run to its end under `ckpt run --remote file://ROOT --every 100ms` in `T/d`:
+/// (the directory, ROOT, the URL, the digest file).
+fn finished_run_with_a_file_remote(t: &Path) -> (PathBuf, PathBuf, String, PathBuf) {
+    let dir = t.join("d");
+    let root = t.join("remote");
     let url = format!("file://{}", root.display());
     let digest = dir.with_extension("digest");
-    let mut c = ckpt_remote(&dir, t.path(), &url, None);
+    let mut c = ckpt_remote(&dir, t, &url, None);
     c.args(["--every", "100ms"]);
     trainer_cmd(&mut c, 100, 5, &digest);
     let out = output_deadline(&mut c, Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    (dir, root, url, digest)
+}
+
+#[test]
+fn file_remote_rollback_rolls_the_remote_back_and_a_new_vm_resumes_the_rolled_back_run() {
+    let t = tempdir();
+    let (dir, root, url, digest) = finished_run_with_a_file_remote(t.path());
     assert!(root.join("FINISHED.ckpt.sig").exists());
     let before = remote_seqs(&root);
     assert!(before.len() >= 3, "{before:?}");
@@ -2322,15 +2329,7 @@ fn s3_rollback_with_the_remote_unreachable_says_so_and_exits_77_then_completes()
 #[test]
 fn file_remote_run_from_rolls_the_remote_back_too() {
     let t = tempdir();
-    let dir = t.path().join("d");
-    let root = t.path().join("remote");
-    let url = format!("file://{}", root.display());
-    let digest = dir.with_extension("digest");
-    let mut c = ckpt_remote(&dir, t.path(), &url, None);
-    c.args(["--every", "100ms"]);
-    trainer_cmd(&mut c, 100, 5, &digest);
-    let out = output_deadline(&mut c, Duration::from_secs(120));
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (dir, root, url, digest) = finished_run_with_a_file_remote(t.path());
     let before = remote_seqs(&root);
     let local = checkpoints(&dir);
     assert!(local.len() >= 3, "{local:?}");
