@@ -2589,12 +2589,15 @@ mod tests {
         }
         // ... and taken over once it ran out without being renewed (a node that died).
         let old = std::time::SystemTime::now() - Duration::from_secs(61);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        let age = || {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(old)
+                .unwrap()
+        };
+        age();
         match claim_shard(&d, "r1", 5, 1, lease, true).unwrap() {
             Claimed::Mine { took_over: Some(w) } => {
                 assert!(w.starts_with("elsewhere (pid 1): its lease"), "{w}")
@@ -2604,12 +2607,7 @@ mod tests {
         let now: Claim = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(now.pid, std::process::id());
         // Renewed while ours: its age starts again.
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        age();
         assert!(renew_claim(&path));
         assert!(claim_age(&path).unwrap() < Duration::from_secs(5));
         // Another remote is another claim.
