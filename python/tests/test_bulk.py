@@ -267,6 +267,90 @@ def test_write_segments_layout_at_odd_sizes(tmp_path, monkeypatch):
         pos = -(-(off + n) // 4096) * 4096
 
 
+def _spy_crc32(monkeypatch, fail_at=None):
+    """Replaces zlib.crc32 (what the "crc32" hasher calls) with a spy recording (thread name,
+    bytes) per call; the call for ``fail_at`` bytes-checksummed-so-far raises."""
+    import threading
+    import zlib
+
+    real = zlib.crc32
+    calls = []
+
+    def spy(data, crc=0):
+        n = memoryview(data).nbytes
+        calls.append((threading.current_thread().name, n))
+        if fail_at is not None and len(calls) == fail_at:
+            raise OSError("injected checksum failure")
+        return real(data, crc)
+
+    monkeypatch.setattr(zlib, "crc32", spy)
+    return calls
+
+
+@pytest.mark.parametrize("writer", ["write_segments", "direct_file"])
+def test_bulk_writes_checksum_pieces_off_the_filling_thread(tmp_path, monkeypatch, writer):
+    """Run M: every whole piece of a bulk save is checksummed on the helper threads beside its
+    write (the filling thread only copies); the sums combine to the file's checksum, at an odd
+    size of several pieces. (Before run M the filling thread checksummed every piece.)"""
+    import threading
+
+    monkeypatch.setenv("CKPT_DIRECT_IO", "1")
+    piece = _bulk.PIECE
+    data = np.random.default_rng(9).integers(0, 256, 3 * piece + 4097, dtype=np.uint8)
+    calls = _spy_crc32(monkeypatch)
+    p = tmp_path / "f"
+    if writer == "write_segments":
+        size, sm, _ = _bulk.write_segments(p, [memoryview(data)], "crc32")
+    else:
+        w = _bulk.DirectWriter(p, "crc32")
+        for at in range(0, data.nbytes, 3_000_001):  # writes that straddle pieces
+            w.write(memoryview(data)[at : at + 3_000_001])
+        size, sm = w.close()
+    raw = p.read_bytes()
+    monkeypatch.undo()
+    assert len(raw) == size and raw[: data.nbytes] == data.tobytes()
+    assert sm == ckpt._crc.checksum("crc32", raw)
+    me = threading.current_thread().name
+    whole = [t for t, n in calls if n == piece]
+    assert len(whole) == 3, calls
+    assert all(t == "ckpt-sum" for t in whole), f"whole pieces checksummed on {whole} (filling thread {me})"
+
+
+@pytest.mark.parametrize("writer", ["write_segments", "direct_file"])
+def test_bulk_write_checksum_failure_is_raised_not_hung(tmp_path, monkeypatch, writer):
+    """A checksum that fails on a helper thread fails the save (no deadlock waiting for its
+    buffer, no result)."""
+    import threading
+
+    piece = _bulk.PIECE
+    data = np.zeros(6 * piece, dtype=np.uint8)
+    _spy_crc32(monkeypatch, fail_at=2)
+    p = tmp_path / "f"
+    out = {}
+
+    def go():
+        try:
+            if writer == "write_segments":
+                _bulk.write_segments(p, [memoryview(data)], "crc32")
+            else:
+                w = _bulk.DirectWriter(p, "crc32")
+                try:
+                    w.write(memoryview(data))
+                    w.close()
+                except BaseException:
+                    w.abandon()
+                    raise
+            out["r"] = "returned"
+        except OSError as e:
+            out["r"] = str(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the save hung after a checksum failure"
+    assert out["r"] == "injected checksum failure", out
+
+
 def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
     """Under the real supervisor: a job saves a numpy state, is killed, and the relaunched job
     gets it back bit-exact (the supervisor verified the raw-buffers checkpoint)."""
