@@ -2,7 +2,9 @@
 //! `DIRECT_PIECE`-byte pieces k, k + readers, ... with `O_DIRECT`, consumed in order (copied
 //! into the destination and checksummed in steps). Exact at sizes of several pieces around the
 //! piece size and not multiples of a page, into fresh memory and into the job's own buffer,
-//! with one and two readers; damage in any piece (a flipped bit, a file cut at or inside a
+//! with one and two readers, and with one or two threads copying and checksumming the pieces
+//! (run M: each serving its own readers, the pieces' checksums combined in file order;
+//! streaming stores or run J's plain copy); damage in any piece (a flipped bit, a file cut at or inside a
 //! piece, a file grown by a byte) is refused, past the page cache; on ramfs (no `O_DIRECT`,
 //! as root) the same restores fall back to the page cache. No timing here
 //! (docs/benchmarks.md).
@@ -71,9 +73,14 @@ fn restore_both(ck: &Checkpointer, len: usize) -> [ckpt::Result<Vec<u8>>; 2] {
     [fresh, owned]
 }
 
-fn direct_restores_are_exact_and_refuse_damage_in_any_piece(readers: usize) {
+fn direct_restores_are_exact_and_refuse_damage_in_any_piece(
+    readers: usize,
+    workers: usize,
+    streaming: bool,
+) {
     ckpt::pod::set_direct_io(true);
     ckpt::pod::set_direct_readers(readers);
+    ckpt::pod::set_direct_workers(workers, streaming);
     let seed = seed("direct-read");
     let mut rng = fastrand::Rng::with_seed(seed);
     let before = ckpt::pod::direct_reads();
@@ -145,12 +152,24 @@ fn direct_restores_are_exact_and_refuse_damage_in_any_piece(readers: usize) {
 
 #[test]
 fn direct_restores_with_two_readers_are_exact_and_refuse_damage_in_any_piece() {
-    direct_restores_are_exact_and_refuse_damage_in_any_piece(2);
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(2, 2, true);
 }
 
 #[test]
 fn direct_restores_with_one_reader_are_exact_and_refuse_damage_in_any_piece() {
-    direct_restores_are_exact_and_refuse_damage_in_any_piece(1);
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(1, 0, true);
+}
+
+/// Run J's consumer (the caller's thread copies every piece, plain copy), still selectable.
+#[test]
+fn direct_restores_with_one_copying_thread_are_exact_and_refuse_damage_in_any_piece() {
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(2, 1, false);
+}
+
+/// Four readers served by two copying threads (two readers each).
+#[test]
+fn direct_restores_with_four_readers_two_copiers_are_exact_and_refuse_damage_in_any_piece() {
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(4, 2, true);
 }
 
 /// On a file system that refuses `O_DIRECT` (ramfs; mounted here, so only as root) the
