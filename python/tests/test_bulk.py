@@ -288,38 +288,9 @@ def _spy_crc32(monkeypatch, fail_at=None):
 
 
 @pytest.mark.parametrize("writer", ["write_segments", "direct_file"])
-def test_bulk_writes_checksum_pieces_off_the_filling_thread(tmp_path, monkeypatch, writer):
-    """Run M: every whole piece of a bulk save is checksummed on the helper threads beside its
-    write (the filling thread only copies); the sums combine to the file's checksum, at an odd
-    size of several pieces. (Before run M the filling thread checksummed every piece.)"""
-    import threading
-
-    monkeypatch.setenv("CKPT_DIRECT_IO", "1")
-    piece = _bulk.PIECE
-    data = np.random.default_rng(9).integers(0, 256, 3 * piece + 4097, dtype=np.uint8)
-    calls = _spy_crc32(monkeypatch)
-    p = tmp_path / "f"
-    if writer == "write_segments":
-        size, sm, _ = _bulk.write_segments(p, [memoryview(data)], "crc32")
-    else:
-        w = _bulk.DirectWriter(p, "crc32")
-        for at in range(0, data.nbytes, 3_000_001):  # writes that straddle pieces
-            w.write(memoryview(data)[at : at + 3_000_001])
-        size, sm = w.close()
-    raw = p.read_bytes()
-    monkeypatch.undo()
-    assert len(raw) == size and raw[: data.nbytes] == data.tobytes()
-    assert sm == ckpt._crc.checksum("crc32", raw)
-    me = threading.current_thread().name
-    whole = [t for t, n in calls if n == piece]
-    assert len(whole) == 3, calls
-    assert all(t == "ckpt-sum" for t in whole), f"whole pieces checksummed on {whole} (filling thread {me})"
-
-
-@pytest.mark.parametrize("writer", ["write_segments", "direct_file"])
 def test_bulk_write_checksum_failure_is_raised_not_hung(tmp_path, monkeypatch, writer):
-    """A checksum that fails on a helper thread fails the save (no deadlock waiting for its
-    buffer, no result)."""
+    """A checksum that fails in the middle of a bulk save fails the save with that error (no
+    deadlock waiting for a buffer, no result)."""
     import threading
 
     piece = _bulk.PIECE

@@ -17,9 +17,9 @@ then writes that block with ``O_DIRECT`` straight from it (:func:`write_block`).
 
 Writes: the buffers are copied, :data:`PIECE` bytes at a time, into page-aligned reused
 ``mmap`` buffers (:data:`BUFFERS` of them: the only extra memory a save needs besides the
-small pickle stream); each full piece is written with ``O_DIRECT`` by a helper thread and, at
-the same time, checksummed by :data:`HASHERS` others (the pieces' sums combined in file order),
-while this thread copies the next piece (``os.pwrite`` and ``zlib.crc32`` release the GIL). A file system that refuses ``O_DIRECT``, or ``CKPT_DIRECT_IO=0``, gets the same
+small pickle stream), checksummed there, and written with ``O_DIRECT`` by a helper thread
+while the next piece is copied and checksummed (``os.pwrite`` and ``zlib.crc32`` release the
+GIL). A file system that refuses ``O_DIRECT``, or ``CKPT_DIRECT_IO=0``, gets the same
 writes through the page cache; the commit fsyncs the file either way.
 
 Reads: ``state.pickle.buffers`` is read (``O_DIRECT`` when it is large and not cached) into
@@ -49,10 +49,8 @@ from .errors import InvalidCheckpoint
 ALIGN = 4096
 #: Bytes per write or read of the bulk paths.
 PIECE = 8 << 20
-#: Aligned buffers of a save (kept for the next save: fresh memory is faulted in again): one
-#: being filled, one being written, the others checksummed or ready (run M: the checksum left
-#: the filling thread).
-BUFFERS = 4
+#: Aligned buffers of a save (kept for the next save: fresh memory is faulted in again).
+BUFFERS = 3
 #: Reads of a restore in flight at once (one piece each; in an interleaved A/B of cold 1 GiB
 #: restores, 4 rounds, median ratio to a cold `dd` read: 1 reader 1.06, 2 readers 1.57, 3 1.05).
 READERS = 2
@@ -157,17 +155,15 @@ def _pwrite_all(fd: int, view: memoryview, off: int) -> None:
 
 class _Writer(threading.Thread):
     """Writes full pieces at their offsets; the first direct write refused with EINVAL
-    (alignment the device does not accept) switches the descriptor to buffered writes. Each
-    buffer written goes to ``release`` (its other user may still be checksumming it)."""
+    (alignment the device does not accept) switches the descriptor to buffered writes."""
 
-    def __init__(self, fd: int, direct: bool, release: Callable[[mmap.mmap], None],
-                 cond: threading.Condition) -> None:
+    def __init__(self, fd: int, direct: bool, free: "list", cond: threading.Condition) -> None:
         super().__init__(name="ckpt-write", daemon=True)
         self.fd = fd
         self.direct = direct
         self.ok_once = False
         self.jobs: List[Optional[Tuple[mmap.mmap, int, int]]] = []
-        self.release = release
+        self.free = free
         self.cond = cond
         self.error: Optional[BaseException] = None
 
@@ -195,95 +191,9 @@ class _Writer(threading.Thread):
                     view.release()
                 except BaseException as e:  # noqa: BLE001 - reported by write_segments
                     self.error = e
-            self.release(buf)
-
-
-class _Pieces:
-    """The write side of a bulk save: :data:`BUFFERS` reused page-aligned buffers of
-    :data:`PIECE` bytes, filled by the caller; each full piece is written by one :class:`_Writer`
-    thread (one write in flight) and, at the same time, checksummed by the :class:`_PieceSums`
-    threads (``zlib.crc32`` and the C CRC-32C modules release the GIL: the copy into the next
-    buffer, the checksums and the write run side by side); a buffer is free again once both are
-    done with it. The pieces' sums are combined in file order (``_crc.combine``)."""
-
-    def __init__(self, fd: int, direct: bool, algo: str) -> None:
-        self.bufs = _take_buffers()
-        self.free = list(self.bufs)
-        self.cond = threading.Condition()
-        self.users: Dict[int, int] = {}  # id(buffer) -> users left (writer, checksum)
-        self.sums = _PieceSums(algo)
-        self.writer = _Writer(fd, direct, self.release, self.cond)
-        self.writer.start()
-        self.stopped = False
-
-    def release(self, buf: mmap.mmap) -> None:
-        with self.cond:
-            left = self.users[id(buf)] - 1
-            self.users[id(buf)] = left
-            if left == 0:
+            with self.cond:
                 self.free.append(buf)
                 self.cond.notify_all()
-
-    def failed(self) -> Optional[BaseException]:
-        return self.writer.error or (self.sums._err[0] if self.sums._err else None)
-
-    def take(self) -> mmap.mmap:
-        """A free buffer (waits for one); raises the writer's or a checksum's error."""
-        with self.cond:
-            while not self.free and self.failed() is None:
-                self.cond.wait()
-            e = self.failed()
-            if e is not None:
-                raise e
-            return self.free.pop()
-
-    def submit(self, buf: mmap.mmap, n: int, off: int) -> None:
-        """Writes and checksums the first ``n`` bytes of ``buf``, the file's bytes at ``off``."""
-        with self.cond:
-            self.users[id(buf)] = 2
-        # The checksum's view: released by the hasher's callback before the buffer is free.
-        view = memoryview(buf)[:n]
-
-        def done() -> None:
-            view.release()
-            self.release(buf)
-
-        self.sums.add(off, view, done)
-        with self.cond:
-            self.writer.jobs.append((buf, n, off))
-            self.cond.notify_all()
-
-    def stop(self) -> None:
-        """Waits for the writes and checksums submitted so far (idempotent)."""
-        if self.stopped:
-            return
-        self.stopped = True
-        with self.cond:
-            self.writer.jobs.append(None)
-            self.cond.notify_all()
-        self.writer.join()
-        self.sums.stop()
-
-    def close(self) -> None:
-        """:meth:`stop`, then the buffers go back to the pool (unusable here afterwards)."""
-        try:
-            self.stop()
-        finally:
-            if self.bufs:
-                _give_buffers(self.bufs)
-                self.bufs = []
-
-    def checksum_now(self, off: int, view: memoryview) -> None:
-        """Checksums ``view`` (the file's bytes at ``off``) on this thread, after :meth:`stop`."""
-        if len(view):
-            self.sums._sums[off] = (len(view), self.sums._fn(view, 0) & 0xFFFFFFFF)
-
-    def value(self) -> int:
-        """The checksum of every byte submitted (after :meth:`stop`; pieces tile the file)."""
-        self.stop()
-        if self.writer.error is not None:
-            raise self.writer.error
-        return self.sums.value()
 
 
 def write_segments(path: "os.PathLike[str] | str", views: List[memoryview], algo: str) -> Tuple[int, int, List[Tuple[int, int]]]:
@@ -293,22 +203,36 @@ def write_segments(path: "os.PathLike[str] | str", views: List[memoryview], algo
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         direct = direct_io() and _set_direct(fd, True)
-        pieces = _Pieces(fd, direct, algo)
+        bufs = _take_buffers()
+        free = list(bufs)
+        cond = threading.Condition()
+        w = _Writer(fd, direct, free, cond)
+        w.start()
+        h = Hasher(algo)
         segs: List[Tuple[int, int]] = []
         pos = 0  # bytes of the file laid out so far
         file_off = 0  # where the current piece starts
         zeros = bytes(ALIGN)
-        state: Dict[str, Any] = {"cur": None, "mv": None, "fill": 0}
+        state = {"cur": None, "mv": None, "fill": 0}
 
         def take() -> None:
-            b = pieces.take()
+            with cond:
+                while not free and w.error is None:
+                    cond.wait()
+                if w.error is not None:
+                    raise w.error
+                b = free.pop()
             state["cur"], state["mv"], state["fill"] = b, memoryview(b), 0
 
         def flush() -> None:
             nonlocal file_off
             n = state["fill"]
-            state["mv"].release()
-            pieces.submit(state["cur"], n, file_off)
+            mv = state["mv"]
+            h.update(mv[:n])
+            mv.release()
+            with cond:
+                w.jobs.append((state["cur"], n, file_off))
+                cond.notify_all()
             file_off += n
             state["cur"] = None
 
@@ -345,9 +269,17 @@ def write_segments(path: "os.PathLike[str] | str", views: List[memoryview], algo
                 flush()
             elif state["cur"] is not None:
                 state["mv"].release()
+                with cond:
+                    free.append(state["cur"])
         finally:
-            pieces.close()
-        return pos, pieces.value(), segs
+            with cond:
+                w.jobs.append(None)
+                cond.notify_all()
+            w.join()
+            _give_buffers(bufs)
+        if w.error is not None:
+            raise w.error
+        return pos, h.value, segs
     finally:
         os.close(fd)
 
@@ -365,7 +297,12 @@ class DirectWriter:
                  on_close: Optional[Callable[[int, int], None]] = None) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self._on_close = on_close
-        self._p = _Pieces(self._fd, direct_io() and _set_direct(self._fd, True), algo)
+        self._h = Hasher(algo)
+        self._bufs = _take_buffers()
+        self._free = list(self._bufs)
+        self._cond = threading.Condition()
+        self._w = _Writer(self._fd, direct_io() and _set_direct(self._fd, True), self._free, self._cond)
+        self._w.start()
         self._cur: Optional[mmap.mmap] = None
         self._mv: Optional[memoryview] = None
         self._fill = 0
@@ -392,15 +329,23 @@ class DirectWriter:
         raise OSError(errno.EBADF, "a ckpt direct writer has no file descriptor to share")
 
     def _take(self) -> None:
-        self._cur = self._p.take()
+        with self._cond:
+            while not self._free and self._w.error is None:
+                self._cond.wait()
+            if self._w.error is not None:
+                raise self._w.error
+            self._cur = self._free.pop()
         self._mv = memoryview(self._cur)
         self._fill = 0
 
     def _flush_piece(self) -> None:
-        assert self._mv is not None and self._cur is not None
+        assert self._mv is not None
+        self._h.update(self._mv[: self._fill])
         self._mv.release()
         self._mv = None
-        self._p.submit(self._cur, self._fill, self._off)
+        with self._cond:
+            self._w.jobs.append((self._cur, self._fill, self._off))
+            self._cond.notify_all()
         self._off += self._fill
         self._cur = None
         self._fill = 0
@@ -423,33 +368,38 @@ class DirectWriter:
                 self._flush_piece()
         return n
 
+    def _stop_writer(self) -> None:
+        with self._cond:
+            self._w.jobs.append(None)
+            self._cond.notify_all()
+        self._w.join()
+
     def close(self) -> Tuple[int, int]:
         if self.closed:
             assert self.result is not None
             return self.result
         self.closed = True
         try:
-            self._p.stop()
-            if self._p.writer.error is not None:
-                raise self._p.writer.error
+            self._stop_writer()
+            if self._w.error is not None:
+                raise self._w.error
             if self._fill:
                 # The tail (not a whole piece: its length need not be a page multiple) through
-                # the page cache; the commit's fsync makes it durable. (The buffers are back in
-                # the pool, unused until this thread takes them again.)
+                # the page cache; the commit's fsync makes it durable.
                 assert self._mv is not None
                 tail = self._mv[: self._fill]
-                self._p.checksum_now(self._off, tail)
+                self._h.update(tail)
                 _set_direct(self._fd, False)
                 _pwrite_all(self._fd, tail, self._off)
                 tail.release()
                 self._off += self._fill
             size = self._off
-            self.result = (size, self._p.value())
+            self.result = (size, self._h.value)
         finally:
             if self._mv is not None:
                 self._mv.release()
                 self._mv = None
-            self._p.close()
+            _give_buffers(self._bufs)
             os.close(self._fd)
         if self._on_close is not None:
             self._on_close(*self.result)
@@ -459,13 +409,10 @@ class DirectWriter:
         """Stops without finishing the file (the stage is aborted)."""
         if not self.closed:
             self.closed = True
+            self._stop_writer()
             if self._mv is not None:
                 self._mv.release()
-                self._mv = None
-            try:
-                self._p.close()
-            except BaseException:  # noqa: BLE001 - the stage is aborted anyway
-                pass
+            _give_buffers(self._bufs)
             os.close(self._fd)
 
     def __enter__(self) -> "DirectWriter":
@@ -546,7 +493,7 @@ class _PieceSums:
 
         self.algo = algo
         self._fn = Hasher(algo)._fn
-        self._q: "queue.SimpleQueue[Optional[Tuple[int, memoryview, Optional[Callable[[], None]]]]]" = queue.SimpleQueue()
+        self._q: "queue.SimpleQueue[Optional[Tuple[int, memoryview]]]" = queue.SimpleQueue()
         self._sums: Dict[int, Tuple[int, int]] = {}  # offset -> (length, crc)
         self._err: List[BaseException] = []
         n = HASHERS if releases_gil(algo) else 1
@@ -559,23 +506,17 @@ class _PieceSums:
             job = self._q.get()
             if job is None:
                 return
-            off, view, done = job
+            off, view = job
             try:
                 c = self._fn(view, 0) & 0xFFFFFFFF if len(view) else 0
                 self._sums[off] = (len(view), c)  # one dict store: atomic under the GIL
             except BaseException as e:  # noqa: BLE001 - raised by value()
                 self._err.append(e)
-            finally:
-                if done is not None:
-                    done()
 
-    def add(self, off: int, view: memoryview, done: Optional[Callable[[], None]] = None) -> None:
-        """Checksums ``view``, the bytes of the file at ``off``; then calls ``done`` (from the
-        hashing thread; the view's memory may change after it)."""
+    def add(self, off: int, view: memoryview) -> None:
+        """Checksums ``view``, the bytes of the file at ``off``."""
         if len(view):
-            self._q.put((off, view, done))
-        elif done is not None:
-            done()
+            self._q.put((off, view))
 
     def stop(self) -> None:
         """Waits for the pieces given so far."""
