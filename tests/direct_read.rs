@@ -231,3 +231,41 @@ fn restores_on_a_file_system_without_o_direct_fall_back_to_the_page_cache() {
     }
     assert_eq!(ckpt::pod::direct_reads(), before, "a direct read on ramfs");
 }
+
+/// Run M's A/B recipe (`docs/benchmarks.md`: `readab ... --variants into-runj,into-direct,dd-direct`)
+/// runs as written, at a small size: every variant restores exactly (readab asserts it) and
+/// the JSON has the ratios to `dd iflag=direct`. Root only (readab drops the page cache).
+#[test]
+fn readab_ab_of_run_m_runs_and_reports_ratios_to_dd_direct() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: readab drops the page cache (root)");
+        return;
+    }
+    let tmp = tempdir();
+    let out = output_deadline(
+        std::process::Command::new(test_bin("readab"))
+            .arg("--dir")
+            .arg(tmp.path().join("ck"))
+            .args([
+                "--mib",
+                "16",
+                "--rounds",
+                "2",
+                "--settle-ms",
+                "0",
+                "--seed",
+                "7",
+            ])
+            .args(["--variants", "into-runj,into-direct,into-nt1,dd-direct"]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    for k in ["into-runj", "into-direct", "into-nt1"] {
+        let r = &v["ratio_to_dd_direct"][k];
+        assert!(r["median"].as_f64().is_some_and(|x| x > 0.0), "{k}: {line}");
+        assert!(r["min"].as_f64() <= r["max"].as_f64(), "{k}: {line}");
+    }
+}

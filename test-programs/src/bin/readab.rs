@@ -159,14 +159,35 @@ fn main() {
         eprintln!("round {r}: dd {:.2} GB/s | {}", speed[0], line.join(" | "));
     }
     assert!(dest == state, "restored state differs");
+    // Also against `dd iflag=direct` of the same round (the disk alone), when it ran.
+    let ddd = variants.iter().position(|v| v == "dd-direct");
+    let to_direct: Vec<String> = match ddd {
+        Some(j) => variants
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != j)
+            .map(|(i, v)| {
+                let r: Vec<f64> = (0..rounds).map(|k| ratios[i][k] / ratios[j][k]).collect();
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                format!(
+                    "\"{v}\":{{\"median\":{:.3},\"min\":{lo:.3},\"max\":{hi:.3}}}",
+                    median(r.clone())
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let med: Vec<String> = variants
         .iter()
         .zip(ratios)
         .map(|(v, r)| format!("\"{v}\":{:.3}", median(r)))
         .collect();
     println!(
-        "{{\"bench\":\"readab\",\"mib\":{mib},\"rounds\":{rounds},\"settle_ms\":{},\"seed\":{seed},\"median_ratio_to_dd\":{{{}}}}}",
+        "{{\"bench\":\"readab\",\"mib\":{mib},\"rounds\":{rounds},\"settle_ms\":{},\"seed\":{seed},\"median_ratio_to_dd\":{{{}}},\"ratio_to_dd_direct\":{{{}}}}}",
         settle.as_millis(),
-        med.join(",")
+        med.join(","),
+        to_direct.join(",")
     );
 }
