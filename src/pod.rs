@@ -10,8 +10,11 @@
 //! Performance notes (measured figures in `docs/benchmarks.md`): whole pages are written
 //! past the page cache (`O_DIRECT`, [`CHUNK`]-byte writes on a helper thread while the next
 //! piece is checksummed; [`StageWriter::write_bulk`]), the last partial page and file systems
-//! without `O_DIRECT` through the cache with write-behind (`sync_file_range`); reads go
-//! in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
+//! without `O_DIRECT` through the cache with write-behind (`sync_file_range`); a cold member
+//! of at least [`CHUNK`] bytes is read past the page cache in [`DIRECT_PIECE`]-byte
+//! `O_DIRECT` pieces by two reader threads, checksummed and copied into the destination
+//! (streaming stores) by the caller's thread and a helper (`read_direct`); otherwise reads
+//! go in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
 //! computed behind them, or in [`BOUNCE`]-byte reads through a page-aligned scratch buffer
 //! when the destination sits where the kernel copies slowly (`read_verified`); a fresh
 //! destination has its pages faulted in by a helper thread (`read_verified_fresh`).
