@@ -10,8 +10,11 @@
 //! Performance notes (measured figures in `docs/benchmarks.md`): whole pages are written
 //! past the page cache (`O_DIRECT`, [`CHUNK`]-byte writes on a helper thread while the next
 //! piece is checksummed; [`StageWriter::write_bulk`]), the last partial page and file systems
-//! without `O_DIRECT` through the cache with write-behind (`sync_file_range`); reads go
-//! in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
+//! without `O_DIRECT` through the cache with write-behind (`sync_file_range`); a cold member
+//! of at least [`CHUNK`] bytes is read past the page cache in [`DIRECT_PIECE`]-byte
+//! `O_DIRECT` pieces by two reader threads, checksummed and copied into the destination
+//! (streaming stores) by the caller's thread and a helper (`read_direct`); otherwise reads
+//! go in [`CHUNK`]-byte `read(2)` calls straight into the destination with the checksum
 //! computed behind them, or in [`BOUNCE`]-byte reads through a page-aligned scratch buffer
 //! when the destination sits where the kernel copies slowly (`read_verified`); a fresh
 //! destination has its pages faulted in by a helper thread (`read_verified_fresh`).
@@ -435,13 +438,21 @@ const DIRECT_READERS: usize = 2;
 const DIRECT_BUFFERS: usize = 3;
 /// Bytes per direct read of a restore (was [`CHUNK`], 8 MiB, up to run I).
 pub const DIRECT_PIECE: usize = 4 << 20;
-/// The copy into the destination and the checksum go by this many bytes at a time, so that
-/// the checksum reads what the copy just brought into the L2 cache (one pass over the
+/// The checksum and the copy into the destination go by this many bytes at a time, so that
+/// the copy reads what the checksum just brought into the L2 cache (one pass over the
 /// buffer from memory instead of two).
 const DIRECT_STEP: usize = 256 << 10;
+/// Threads that copy the pieces of a direct restore into the destination and checksum them
+/// (run M): the caller's and one helper, each taking the pieces of its own readers (the
+/// pieces' checksums combined in file order), so that on a loaded machine the CPU work of a
+/// restore is not held up behind one thread's turn on a core; one on a one-CPU machine.
+const DIRECT_WORKERS: usize = 2;
 
 static READERS_NOW: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(DIRECT_READERS);
+/// 0: the default ([`DIRECT_WORKERS`], one on a single CPU).
+static WORKERS_NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static STREAMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Sets the number of reader threads of a direct restore (1..=4; the default is
 /// [`DIRECT_READERS`]), for benchmarks comparing them (`test-programs` `readab`).
@@ -450,19 +461,111 @@ pub fn set_direct_readers(n: usize) {
     READERS_NOW.store(n.clamp(1, 4), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Sets how many threads copy and checksum the pieces of a direct restore (1..=4, at most one
+/// per reader; 0 = the default, [`DIRECT_WORKERS`] or one on a single CPU) and whether the
+/// copy uses non-temporal stores (the default; off with one worker = run J's reader), for
+/// benchmarks and tests comparing them (`readab`).
+#[doc(hidden)]
+pub fn set_direct_workers(n: usize, streaming: bool) {
+    WORKERS_NOW.store(n.min(4), std::sync::atomic::Ordering::Relaxed);
+    STREAMING.store(streaming, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn direct_workers(readers: usize) -> usize {
+    let n = match WORKERS_NOW.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if cpus > 1 {
+                DIRECT_WORKERS
+            } else {
+                1
+            }
+        }
+        n => n,
+    };
+    n.clamp(1, readers)
+}
+
+/// Copies `src` into `dst` (same length) with non-temporal stores on x86-64 (the
+/// destination's cache lines are written without being read first, and do not push the
+/// buffers out of the cache): 1 GiB of copy + crc32c in 256 KiB steps took 0.16 s instead of
+/// 0.22 s on this VM's CPU (`docs/benchmarks.md` run M). Elsewhere a plain copy. The caller
+/// runs [`store_fence`] before another thread may read `dst`.
+pub(crate) fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let n = dst.len();
+        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+        // Plain stores up to the first 64-byte boundary of the destination, then whole cache
+        // lines of streaming stores (16-byte aligned), then the tail.
+        let head = (d as usize).wrapping_neg() % 64;
+        let head = head.min(n);
+        // SAFETY: both slices are `n` bytes long and do not overlap (one is borrowed mutably);
+        // every access below stays inside [0, n); `_mm_stream_si128` gets 16-byte aligned
+        // addresses (d + i with d + head 64-byte aligned and i - head a multiple of 64); SSE2
+        // is part of x86-64.
+        unsafe {
+            std::ptr::copy_nonoverlapping(s, d, head);
+            let mut i = head;
+            while i + 64 <= n {
+                let a = _mm_loadu_si128(s.add(i).cast::<__m128i>());
+                let b = _mm_loadu_si128(s.add(i + 16).cast::<__m128i>());
+                let c = _mm_loadu_si128(s.add(i + 32).cast::<__m128i>());
+                let e = _mm_loadu_si128(s.add(i + 48).cast::<__m128i>());
+                _mm_stream_si128(d.add(i).cast::<__m128i>(), a);
+                _mm_stream_si128(d.add(i + 16).cast::<__m128i>(), b);
+                _mm_stream_si128(d.add(i + 32).cast::<__m128i>(), c);
+                _mm_stream_si128(d.add(i + 48).cast::<__m128i>(), e);
+                i += 64;
+            }
+            std::ptr::copy_nonoverlapping(s.add(i), d.add(i), n - i);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
+/// Orders the streaming stores of [`copy_streaming`] before anything this thread does next
+/// (a channel send, a thread's end): another thread then sees the copied bytes.
+pub(crate) fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64; a fence has no other effect.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
+/// One piece of a direct restore as a worker consumed it.
+struct PieceDone {
+    /// Piece index (its offset is `k * DIRECT_PIECE`).
+    k: usize,
+    /// Bytes read into the buffer (may exceed what the member has left: it grew).
+    n: usize,
+    /// Bytes copied into the destination.
+    take: usize,
+    err: Option<io::Error>,
+    /// Checksum of the copied bytes.
+    h: crate::store::manifest::Hasher,
+}
+
 /// The read pass past the page cache, for a member of at least [`CHUNK`] bytes not in the
 /// cache, into fresh memory (`read_file`, `read_pod`, `read_f32s`) or memory the job owns
 /// (`read_into`, `read_pod_into`): [`DIRECT_READERS`] helper threads read
 /// [`DIRECT_PIECE`]-byte pieces with `O_DIRECT` into page-aligned buffers, back to back,
-/// while this thread copies each finished piece into `dest` and checksums it, [`DIRECT_STEP`]
-/// bytes at a time; for fresh memory a further helper faults `dest` in ahead. (The reads
-/// cannot go straight into `dest`: `O_DIRECT` wants 512-byte aligned memory, and glibc puts
-/// every large allocation 16 bytes past a page.) No page-cache page is allocated: a fresh
-/// restore pays for one set of new pages instead of two, a restore into the job's memory for
-/// none. Extra memory: [`DIRECT_BUFFERS`] buffers per reader (24 MiB).
+/// while [`DIRECT_WORKERS`] threads (this one and a helper, each serving its own readers)
+/// checksum each finished piece and copy it into `dest` ([`copy_streaming`]), [`DIRECT_STEP`]
+/// bytes at a time; the pieces' checksums are combined in file order; for fresh memory a
+/// further helper faults `dest` in ahead. (The reads cannot go straight into `dest`:
+/// `O_DIRECT` wants 512-byte aligned memory, and glibc puts every large allocation 16 bytes
+/// past a page.) No page-cache page is allocated: a fresh restore pays for one set of new
+/// pages instead of two, a restore into the job's memory for none. Extra memory:
+/// [`DIRECT_BUFFERS`] buffers per reader (24 MiB).
 /// `None`: not applicable or refused (the caller reads through the cache); a refusal of the
 /// first read falls back the same way.
 fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<Filled> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let len = dest.len();
     if !direct_io() || len < CHUNK || cached(file, len) {
         return None;
@@ -471,21 +574,31 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
     let (addr, total) = (dest.as_ptr() as usize, len);
     // (buffer, offset, bytes read, error)
     type Piece = (Bounce, usize, usize, Option<io::Error>);
-    let readers = READERS_NOW.load(std::sync::atomic::Ordering::Relaxed);
-    let out = std::thread::scope(|s| {
+    let readers = READERS_NOW.load(Ordering::Relaxed);
+    let workers = direct_workers(readers);
+    let streaming = STREAMING.load(Ordering::Relaxed);
+    // The first piece at which a worker met the end of what can be read (an error, a short
+    // piece): no worker goes past it.
+    let stop = AtomicUsize::new(usize::MAX);
+    let done_all = std::thread::scope(|s| {
         if fresh {
             s.spawn(move || prefault(addr, total));
         }
-        let mut free_txs = Vec::new();
-        let mut full_rxs = Vec::new();
+        // Worker w serves readers w, w + workers, ...: (reader, its free-buffer sender, its
+        // full-piece receiver).
+        type Lane = (
+            usize,
+            std::sync::mpsc::SyncSender<Bounce>,
+            std::sync::mpsc::Receiver<Piece>,
+        );
+        let mut lanes: Vec<Vec<Lane>> = (0..workers).map(|_| Vec::new()).collect();
         for r in 0..readers {
             let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Bounce>(DIRECT_BUFFERS);
             let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(DIRECT_BUFFERS);
             for _ in 0..DIRECT_BUFFERS {
                 let _ = free_tx.send(Bounce::new(DIRECT_PIECE));
             }
-            free_txs.push(free_tx);
-            full_rxs.push(full_rx);
+            lanes[r % workers].push((r, free_tx, full_rx));
             s.spawn(move || {
                 let mut off = r * DIRECT_PIECE;
                 for mut b in free_rx {
@@ -508,62 +621,107 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
                 }
             });
         }
-        let mut h = algo.hasher();
-        let mut got = Filled {
-            sum: 0,
-            err: None,
-            short_at: None,
-            more: false,
-        };
-        let mut done = 0;
-        // Piece k comes from reader k % readers, in order.
-        for k in 0.. {
-            let r = k % readers;
-            let Ok((mut b, off, n, err)) = full_rxs[r].recv() else {
-                break;
-            };
-            debug_assert_eq!(off, k * DIRECT_PIECE);
-            let take = n.min(len - off);
-            for (d, src) in dest[off..off + take]
-                .chunks_mut(DIRECT_STEP)
-                .zip(b.get()[..take].chunks(DIRECT_STEP))
-            {
-                d.copy_from_slice(src);
-                h.update(src);
-            }
-            done = off + take;
-            if let Some(e) = err {
-                if off == 0 && e.raw_os_error() == Some(libc::EINVAL) {
-                    return None; // O_DIRECT accepted, then refused: read through the cache
+        // Each worker gets the destination's pieces of its own readers (disjoint ranges).
+        let dest_addr = dest.as_mut_ptr() as usize;
+        let stop = &stop;
+        let work = move |lanes: Vec<Lane>| -> Vec<PieceDone> {
+            let mut out = Vec::new();
+            // The pieces of these lanes' readers, in order.
+            for k in (0..).filter(|k| lanes.iter().any(|l| l.0 == k % readers)) {
+                if k > stop.load(Ordering::Relaxed) {
+                    break;
                 }
-                got.err = Some(e);
-                break;
+                let lane = lanes.iter().find(|l| l.0 == k % readers).expect("a lane");
+                let Ok((mut b, off, n, err)) = lane.2.recv() else {
+                    break;
+                };
+                debug_assert_eq!(off, k * DIRECT_PIECE);
+                let take = n.min(len - off);
+                // SAFETY: [off, off + take) lies inside `dest` (take <= len - off), and piece
+                // k is consumed by this worker only: no two workers touch the same bytes, and
+                // `dest` stays borrowed for the whole scope.
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut((dest_addr as *mut u8).add(off), take)
+                };
+                let mut h = algo.hasher();
+                for (d, src) in d
+                    .chunks_mut(DIRECT_STEP)
+                    .zip(b.get()[..take].chunks(DIRECT_STEP))
+                {
+                    if streaming {
+                        h.update(src);
+                        copy_streaming(d, src);
+                    } else {
+                        d.copy_from_slice(src);
+                        h.update(src);
+                    }
+                }
+                let cut = err.is_some() || n < DIRECT_PIECE.min(len - off);
+                let last = off + take >= len;
+                out.push(PieceDone { k, n, take, err, h });
+                if cut {
+                    stop.fetch_min(k, Ordering::Relaxed);
+                }
+                if cut || last {
+                    break;
+                }
+                // The reader may be gone already (it stops after its last piece).
+                let _ = lane.1.send(b);
             }
-            if n > take {
-                got.more = true;
-            }
-            if done >= len {
-                break;
-            }
-            if n < DIRECT_PIECE.min(len - off) {
-                got.short_at = Some(done as u64);
-                break;
-            }
-            // The reader may be gone already (it stops after its last piece).
-            let _ = free_txs[r].send(b);
+            store_fence();
+            // Dropping the lanes stops their readers.
+            out
+        };
+        let mut lanes = lanes.into_iter();
+        let mine = lanes.next().expect("one worker at least");
+        let helpers: Vec<_> = lanes.map(|l| s.spawn(move || work(l))).collect();
+        let mut all = work(mine);
+        for h in helpers {
+            all.extend(h.join().expect("a restore worker panicked"));
         }
-        drop(free_txs);
-        drop(full_rxs);
-        if got.err.is_none() && got.short_at.is_none() && done < len {
-            got.short_at = Some(done as u64);
-        }
-        got.sum = h.finish();
-        Some(got)
+        all
     });
-    if out.is_some() {
-        DIRECT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut pieces = done_all;
+    pieces.sort_by_key(|p| p.k);
+    let mut h = algo.hasher();
+    let mut got = Filled {
+        sum: 0,
+        err: None,
+        short_at: None,
+        more: false,
+    };
+    let mut done = 0;
+    for (want_k, p) in pieces.into_iter().enumerate() {
+        if p.k != want_k {
+            break; // a piece before it was not read: short (below)
+        }
+        let off = p.k * DIRECT_PIECE;
+        h.combine(&p.h);
+        done = off + p.take;
+        if let Some(e) = p.err {
+            if off == 0 && e.raw_os_error() == Some(libc::EINVAL) {
+                return None; // O_DIRECT accepted, then refused: read through the cache
+            }
+            got.err = Some(e);
+            break;
+        }
+        if p.n > p.take {
+            got.more = true;
+        }
+        if done >= len {
+            break;
+        }
+        if p.n < DIRECT_PIECE.min(len - off) {
+            got.short_at = Some(done as u64);
+            break;
+        }
     }
-    out
+    if got.err.is_none() && got.short_at.is_none() && done < len {
+        got.short_at = Some(done as u64);
+    }
+    got.sum = h.finish();
+    DIRECT_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(got)
 }
 
 /// Size of one source read of [`copy_into`]: several [`CHUNK`]s, so that
@@ -772,6 +930,56 @@ pub(crate) fn fix_endian<T: Pod>(data: &mut [T]) {
     if cfg!(target_endian = "big") {
         for x in data {
             *x = x.le_to_native();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streaming copy is exact at every alignment of source and destination around a
+    /// cache line and at lengths around the 64-byte blocks (head, body, tail), and writes
+    /// nothing outside the destination.
+    #[test]
+    fn copy_streaming_is_exact_at_every_alignment_and_length() {
+        let src: Vec<u8> = (0..9000u32).map(|i| (i * 131 + i / 7) as u8).collect();
+        let mut buf = vec![0u8; 9300];
+        for so in 0..70 {
+            for dof in 0..70 {
+                for n in [
+                    0,
+                    1,
+                    15,
+                    16,
+                    63,
+                    64,
+                    65,
+                    127,
+                    128,
+                    129,
+                    200,
+                    4096 + 33,
+                    8191,
+                ] {
+                    buf.fill(0xEE);
+                    copy_streaming(&mut buf[dof..dof + n], &src[so..so + n]);
+                    store_fence();
+                    assert_eq!(
+                        &buf[dof..dof + n],
+                        &src[so..so + n],
+                        "src+{so} dst+{dof} n {n}"
+                    );
+                    assert!(
+                        buf[..dof].iter().all(|&b| b == 0xEE),
+                        "before: +{dof} n {n}"
+                    );
+                    assert!(
+                        buf[dof + n..].iter().all(|&b| b == 0xEE),
+                        "after: +{dof} n {n}"
+                    );
+                }
+            }
         }
     }
 }

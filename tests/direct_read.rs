@@ -2,7 +2,9 @@
 //! `DIRECT_PIECE`-byte pieces k, k + readers, ... with `O_DIRECT`, consumed in order (copied
 //! into the destination and checksummed in steps). Exact at sizes of several pieces around the
 //! piece size and not multiples of a page, into fresh memory and into the job's own buffer,
-//! with one and two readers; damage in any piece (a flipped bit, a file cut at or inside a
+//! with one and two readers, and with one or two threads copying and checksumming the pieces
+//! (run M: each serving its own readers, the pieces' checksums combined in file order;
+//! streaming stores or run J's plain copy); damage in any piece (a flipped bit, a file cut at or inside a
 //! piece, a file grown by a byte) is refused, past the page cache; on ramfs (no `O_DIRECT`,
 //! as root) the same restores fall back to the page cache. No timing here
 //! (docs/benchmarks.md).
@@ -71,9 +73,14 @@ fn restore_both(ck: &Checkpointer, len: usize) -> [ckpt::Result<Vec<u8>>; 2] {
     [fresh, owned]
 }
 
-fn direct_restores_are_exact_and_refuse_damage_in_any_piece(readers: usize) {
+fn direct_restores_are_exact_and_refuse_damage_in_any_piece(
+    readers: usize,
+    workers: usize,
+    streaming: bool,
+) {
     ckpt::pod::set_direct_io(true);
     ckpt::pod::set_direct_readers(readers);
+    ckpt::pod::set_direct_workers(workers, streaming);
     let seed = seed("direct-read");
     let mut rng = fastrand::Rng::with_seed(seed);
     let before = ckpt::pod::direct_reads();
@@ -145,12 +152,24 @@ fn direct_restores_are_exact_and_refuse_damage_in_any_piece(readers: usize) {
 
 #[test]
 fn direct_restores_with_two_readers_are_exact_and_refuse_damage_in_any_piece() {
-    direct_restores_are_exact_and_refuse_damage_in_any_piece(2);
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(2, 2, true);
 }
 
 #[test]
 fn direct_restores_with_one_reader_are_exact_and_refuse_damage_in_any_piece() {
-    direct_restores_are_exact_and_refuse_damage_in_any_piece(1);
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(1, 0, true);
+}
+
+/// Run J's consumer (the caller's thread copies every piece, plain copy), still selectable.
+#[test]
+fn direct_restores_with_one_copying_thread_are_exact_and_refuse_damage_in_any_piece() {
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(2, 1, false);
+}
+
+/// Four readers served by two copying threads (two readers each).
+#[test]
+fn direct_restores_with_four_readers_two_copiers_are_exact_and_refuse_damage_in_any_piece() {
+    direct_restores_are_exact_and_refuse_damage_in_any_piece(4, 2, true);
 }
 
 /// On a file system that refuses `O_DIRECT` (ramfs; mounted here, so only as root) the
@@ -211,4 +230,42 @@ fn restores_on_a_file_system_without_o_direct_fall_back_to_the_page_cache() {
         assert!(err.to_string().contains("checksum"), "{kind}: {err}");
     }
     assert_eq!(ckpt::pod::direct_reads(), before, "a direct read on ramfs");
+}
+
+/// Run M's A/B recipe (`docs/benchmarks.md`: `readab ... --variants into-runj,into-direct,dd-direct`)
+/// runs as written, at a small size: every variant restores exactly (readab asserts it) and
+/// the JSON has the ratios to `dd iflag=direct`. Root only (readab drops the page cache).
+#[test]
+fn readab_ab_of_run_m_runs_and_reports_ratios_to_dd_direct() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: readab drops the page cache (root)");
+        return;
+    }
+    let tmp = tempdir();
+    let out = output_deadline(
+        std::process::Command::new(test_bin("readab"))
+            .arg("--dir")
+            .arg(tmp.path().join("ck"))
+            .args([
+                "--mib",
+                "16",
+                "--rounds",
+                "2",
+                "--settle-ms",
+                "0",
+                "--seed",
+                "7",
+            ])
+            .args(["--variants", "into-runj,into-direct,into-nt1,dd-direct"]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    for k in ["into-runj", "into-direct", "into-nt1"] {
+        let r = &v["ratio_to_dd_direct"][k];
+        assert!(r["median"].as_f64().is_some_and(|x| x > 0.0), "{k}: {line}");
+        assert!(r["min"].as_f64() <= r["max"].as_f64(), "{k}: {line}");
+    }
 }

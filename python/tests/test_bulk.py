@@ -267,6 +267,61 @@ def test_write_segments_layout_at_odd_sizes(tmp_path, monkeypatch):
         pos = -(-(off + n) // 4096) * 4096
 
 
+def _spy_crc32(monkeypatch, fail_at=None):
+    """Replaces zlib.crc32 (what the "crc32" hasher calls) with a spy recording (thread name,
+    bytes) per call; the call for ``fail_at`` bytes-checksummed-so-far raises."""
+    import threading
+    import zlib
+
+    real = zlib.crc32
+    calls = []
+
+    def spy(data, crc=0):
+        n = memoryview(data).nbytes
+        calls.append((threading.current_thread().name, n))
+        if fail_at is not None and len(calls) == fail_at:
+            raise OSError("injected checksum failure")
+        return real(data, crc)
+
+    monkeypatch.setattr(zlib, "crc32", spy)
+    return calls
+
+
+@pytest.mark.parametrize("writer", ["write_segments", "direct_file"])
+def test_bulk_write_checksum_failure_is_raised_not_hung(tmp_path, monkeypatch, writer):
+    """A checksum that fails in the middle of a bulk save fails the save with that error (no
+    deadlock waiting for a buffer, no result)."""
+    import threading
+
+    piece = _bulk.PIECE
+    data = np.zeros(6 * piece, dtype=np.uint8)
+    _spy_crc32(monkeypatch, fail_at=2)
+    p = tmp_path / "f"
+    out = {}
+
+    def go():
+        try:
+            if writer == "write_segments":
+                _bulk.write_segments(p, [memoryview(data)], "crc32")
+            else:
+                w = _bulk.DirectWriter(p, "crc32")
+                try:
+                    w.write(memoryview(data))
+                    w.close()
+                except BaseException:
+                    w.abandon()
+                    raise
+            out["r"] = "returned"
+        except OSError as e:
+            out["r"] = str(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the save hung after a checksum failure"
+    assert out["r"] == "injected checksum failure", out
+
+
 def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
     """Under the real supervisor: a job saves a numpy state, is killed, and the relaunched job
     gets it back bit-exact (the supervisor verified the raw-buffers checkpoint)."""

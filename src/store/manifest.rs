@@ -58,6 +58,7 @@ impl Algo {
         Hasher {
             algo: self,
             state: 0,
+            len: 0,
             crc32: crc32fast::Hasher::new(),
         }
     }
@@ -74,6 +75,8 @@ impl Algo {
 pub struct Hasher {
     algo: Algo,
     state: u32,
+    /// Bytes fed so far (for [`Hasher::combine`]).
+    len: u64,
     crc32: crc32fast::Hasher,
 }
 
@@ -84,6 +87,20 @@ impl Hasher {
             Algo::Crc32c => self.state = crc32c::crc32c_append(self.state, data),
             Algo::Crc32 => self.crc32.update(data),
         }
+        self.len += data.len() as u64;
+    }
+    /// Appends what `next` was fed, as if this hasher had been fed those bytes after its own
+    /// (the checksum of a file from the checksums of its consecutive pieces, computed on
+    /// several threads). Both must be of the same algorithm.
+    pub fn combine(&mut self, next: &Hasher) {
+        debug_assert_eq!(self.algo, next.algo);
+        match self.algo {
+            Algo::Crc32c => {
+                self.state = crc32c::crc32c_combine(self.state, next.state, next.len as usize)
+            }
+            Algo::Crc32 => self.crc32.combine(&next.crc32),
+        }
+        self.len += next.len;
     }
     /// The checksum of everything fed so far.
     pub fn finish(&self) -> u32 {
@@ -645,5 +662,35 @@ mod tests {
         // zlib.crc32(b"123456789") == 0xcbf43926, crc32c == 0xe3069283
         assert_eq!(Algo::Crc32.checksum(b"123456789"), 0xcbf4_3926);
         assert_eq!(Algo::Crc32c.checksum(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn hashers_of_consecutive_pieces_combine_to_the_whole() {
+        let data: Vec<u8> = (0..100_003u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for algo in [Algo::Crc32, Algo::Crc32c] {
+            for cuts in [
+                vec![0, 100_003],
+                vec![0, 1, 4096, 50_000, 100_003],
+                vec![0, 0, 9, 9, 100_003],
+            ] {
+                let mut whole = algo.hasher();
+                for w in cuts.windows(2) {
+                    let mut h = algo.hasher();
+                    h.update(&data[w[0]..w[1]]);
+                    whole.combine(&h);
+                }
+                assert_eq!(whole.finish(), algo.checksum(&data), "{algo:?} {cuts:?}");
+                let mut tail = algo.hasher();
+                tail.update(&data[..10]);
+                tail.combine(&whole); // and it keeps counting the length
+                let mut more = algo.hasher();
+                more.update(b"xyz");
+                tail.combine(&more);
+                let mut want = data[..10].to_vec();
+                want.extend_from_slice(&data);
+                want.extend_from_slice(b"xyz");
+                assert_eq!(tail.finish(), algo.checksum(&want), "{algo:?} {cuts:?}");
+            }
+        }
     }
 }

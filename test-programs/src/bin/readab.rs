@@ -2,15 +2,20 @@
 //! (`docs/benchmarks.md` run G):
 //!
 //!   readab --dir DIR [--mib 1024] [--rounds 8] [--settle-ms 0] [--seed N]
-//!          [--variants into,into-direct,into-direct1,fresh-cache,fresh-direct,dd-direct,...]
+//!          [--variants into,into-direct,into-direct1,into-runj,into-nt1,fresh-cache,fresh-direct,fresh-runj,dd-direct,...]
 //!
 //! Saves one `--mib` MiB f32 array with ckpt, then each round drops the page cache (root)
 //! before every read, waits `--settle-ms`, and reads the file with `dd bs=4M of=/dev/null`
 //! and with each variant: `into`/`into-direct` = `read_pod_into` an existing buffer with
 //! direct I/O off/on, `fresh-cache`/`fresh-direct` = `read_f32s` (a fresh allocation) with direct
 //! I/O off/on (`pod::set_direct_io`); a `1` after `-direct` = one reader thread
-//! (`pod::set_direct_readers(1)`; the default, and `2`, has two reads in flight); `dd-direct` =
-//! `dd bs=4M iflag=direct` (the disk alone). Prints each round's GB/s and ratio to that round's
+//! (`pod::set_direct_readers(1)`; the default, and `2`, has two reads in flight); `-runj` = the
+//! direct reader of run J (two readers, the caller's thread copying and then checksumming every
+//! piece: `pod::set_direct_workers(1, false)`), `-nt1` = one copying thread with streaming
+//! stores (`set_direct_workers(1, true)`), the others run M's default (two copying threads,
+//! streaming stores); `dd-direct` = `dd bs=4M iflag=direct` (the disk alone). A restore into
+//! the job's buffer is done once, untimed, before the first round (so that every timed one
+//! writes into touched memory, as a job's restore into its existing arrays does). Prints each round's GB/s and ratio to that round's
 //! dd, then the median ratio per variant as JSON. The order is drawn from `--seed` (printed).
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,14 +60,17 @@ fn main() {
                 "into-direct",
                 "into-direct1",
                 "into-direct2",
+                "into-runj",
+                "into-nt1",
                 "fresh-cache",
+                "fresh-runj",
                 "fresh-direct",
                 "fresh-direct1",
                 "fresh-direct2",
                 "dd-direct"
             ]
             .contains(&v.as_str()),
-            "unknown variant {v}: into, into-direct[1|2], fresh-cache, fresh-direct[1|2], dd-direct"
+            "unknown variant {v}: into, into-direct[1|2], into-runj, into-nt1, fresh-cache, fresh-direct[1|2], fresh-runj, dd-direct"
         );
     }
     let seed = num(
@@ -85,6 +93,7 @@ fn main() {
         .expect("the saved checkpoint")
         .join("w.f32");
     let mut dest = vec![0f32; n];
+    ck.read_pod_into("w.f32", &mut dest).expect("restore"); // touches `dest`, untimed
     let gb = (n * 4) as f64 / 1e9;
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for r in 0..rounds {
@@ -107,9 +116,16 @@ fn main() {
                 assert!(ok, "dd failed");
             } else {
                 let v = variants[k - 1].as_str();
-                ckpt::pod::set_direct_io(v.contains("direct"));
+                ckpt::pod::set_direct_io(
+                    v.contains("direct") || v.ends_with("-runj") || v.ends_with("-nt1"),
+                );
+                match v.rsplit('-').next() {
+                    Some("runj") => ckpt::pod::set_direct_workers(1, false),
+                    Some("nt1") => ckpt::pod::set_direct_workers(1, true),
+                    _ => ckpt::pod::set_direct_workers(0, true),
+                }
                 // `...-direct1`: one reader thread; otherwise the default (two).
-                ckpt::pod::set_direct_readers(if v.ends_with('1') { 1 } else { 2 });
+                ckpt::pod::set_direct_readers(if v.ends_with("direct1") { 1 } else { 2 });
                 if v == "dd-direct" {
                     let ok = Command::new("dd")
                         .arg(format!("if={}", file.display()))
@@ -143,14 +159,35 @@ fn main() {
         eprintln!("round {r}: dd {:.2} GB/s | {}", speed[0], line.join(" | "));
     }
     assert!(dest == state, "restored state differs");
+    // Also against `dd iflag=direct` of the same round (the disk alone), when it ran.
+    let ddd = variants.iter().position(|v| v == "dd-direct");
+    let to_direct: Vec<String> = match ddd {
+        Some(j) => variants
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != j)
+            .map(|(i, v)| {
+                let r: Vec<f64> = (0..rounds).map(|k| ratios[i][k] / ratios[j][k]).collect();
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+                format!(
+                    "\"{v}\":{{\"median\":{:.3},\"min\":{lo:.3},\"max\":{hi:.3}}}",
+                    median(r.clone())
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let med: Vec<String> = variants
         .iter()
         .zip(ratios)
         .map(|(v, r)| format!("\"{v}\":{:.3}", median(r)))
         .collect();
     println!(
-        "{{\"bench\":\"readab\",\"mib\":{mib},\"rounds\":{rounds},\"settle_ms\":{},\"seed\":{seed},\"median_ratio_to_dd\":{{{}}}}}",
+        "{{\"bench\":\"readab\",\"mib\":{mib},\"rounds\":{rounds},\"settle_ms\":{},\"seed\":{seed},\"median_ratio_to_dd\":{{{}}},\"ratio_to_dd_direct\":{{{}}}}}",
         settle.as_millis(),
-        med.join(",")
+        med.join(","),
+        to_direct.join(",")
     );
 }
