@@ -63,8 +63,9 @@ HASHERS = 2
 DIRECT_PIECE = 8 << 20
 DIRECT_READERS = 2
 #: Whether :func:`read_segments` asks for transparent huge pages (``MADV_HUGEPAGE``) for its
-#: memory: a 2 MiB page is one fault where 4 KiB pages are 512 (``CKPT_HUGEPAGES=0``: not).
-HUGEPAGES = os.environ.get("CKPT_HUGEPAGES", "1").strip() != "0"
+#: memory (``CKPT_HUGEPAGES=1``). Off by default: no gain measured (docs/benchmarks.md, run L),
+#: and with THP ``defrag=madvise`` such faults may compact memory synchronously.
+HUGEPAGES = os.environ.get("CKPT_HUGEPAGES", "0").strip() == "1"
 #: Out-of-band buffers smaller than this stay inside the pickle stream.
 OOB_MIN = 64 << 10
 #: The file that holds the raw buffers.
