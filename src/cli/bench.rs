@@ -659,6 +659,7 @@ def hwm_reset():
     except OSError:
         return False
 reader = None
+h = None
 print(json.dumps({"ready": True, "numpy": np.__version__, "checksum": ck.checksum,
                   "direct_io": os.environ.get("CKPT_DIRECT_IO", "1")}), flush=True)
 for line in sys.stdin:
@@ -705,6 +706,7 @@ for line in sys.stdin:
         reader.close()
         reader = None
     elif cmd in ("restore", "restore-check"):
+        h = None  # the state the last restore made is freed before the clock starts
         ok = hwm_reset()
         before = kib("VmRSS")
         t = time.perf_counter()
