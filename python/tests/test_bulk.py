@@ -361,6 +361,13 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
     if path != "file":
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
         assert out["save_peak_extra_mib"] is not None
+    if path == "torch":
+        # Also the restore a training job does: into a model that has its tensor (run L).
+        ex = out["restore_existing"]
+        assert len(ex["read_ratio_to_dd_direct"]["per_round"]) == 2 and len(ex["read_ratio_to_dd"]["per_round"]) == 2
+        assert len(ex["read_gbps"]["per_round"]) == 2 and ex["peak_extra_mib"] is not None
+    else:
+        assert out.get("restore_existing") is None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
 
 

@@ -289,7 +289,8 @@ def restore_once(cold):
         for k in sw[i]:
             assert torch.equal(sw[i][k], sg[i][k]), (i, k)
     assert len(opened) == 1, opened
-    return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)}"
+    return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)} WHOLE {int(opened[0].whole)}"
+ckt._WAY = os.environ.get("TEST_WAY") or None
 if mode == "inplace":
     # Into a model and an optimizer that already have their tensors: the restore copies into
     # them (same memory afterwards); a state tensor of another shape or dtype is replaced.
@@ -308,10 +309,11 @@ if mode == "inplace":
         raise SystemExit("a model of another shape was not refused")
     except RuntimeError as e:
         assert "size mismatch" in str(e), e
-    assert opened[-1].mapped  # verified, mapped, then refused by the model's load_state_dict
+    assert opened[-1].mapped or opened[-1].whole  # verified first, then refused by the model's load_state_dict
     assert all(torch.equal(v, keep[(i, k)]) for i, s in opt2.state_dict()["state"].items() for k, v in s.items())
     opened.clear()
     ptrs = {k: v.data_ptr() for k, v in m2.state_dict().items()}
+    ids = [id(p) for p in m2.parameters()]
     optp = {(i, k): v.data_ptr() for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
     ts2 = ckt.TrainState(models={"m": m2}, optimizers={"opt": opt2})
     ck = ckpt.Checkpointer(d)
@@ -319,7 +321,11 @@ if mode == "inplace":
     assert ts2.restore(ck) and ts2.step == 9
     for k, v in want["m"].items():
         got = m2.state_dict()[k]
-        assert got.dtype == v.dtype and torch.equal(got, v) and got.data_ptr() == ptrs[k], k
+        # Run K copies into the memory the model has; run L's zero-copy restore gives each
+        # Parameter the verified memory (the objects stay: the optimizer holds them).
+        assert got.dtype == v.dtype and torch.equal(got, v) and (got.data_ptr() == ptrs[k]) == opened[0].mapped, k
+    assert [id(p) for p in m2.parameters()] == ids
+    assert [id(p) for p in opt2.param_groups[0]["params"]] == ids
     sw, sg = want["opt"]["state"], opt2.state_dict()["state"]
     moved = []
     for i in sw:
@@ -327,7 +333,7 @@ if mode == "inplace":
             assert sg[i][k].dtype == sw[i][k].dtype and torch.equal(sw[i][k], sg[i][k]), (i, k)
             if sg[i][k].data_ptr() != optp[(i, k)]:
                 moved.append(f"{i}/{k}")
-    assert opened[0].mapped and opened[0].direct_reads == 0
+    assert opened[0].mapped != opened[0].whole and opened[0].direct_reads == int(opened[0].whole)
     print("MOVED", ",".join(sorted(moved)))
     sys.exit(0)
 if mode == "damage":
@@ -382,25 +388,32 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         r = _torch(py, d, "save")
         assert r.returncode == 0, r.stdout + r.stderr
         f = Path(r.stdout.split()[-1]) / "train_state.pt"
-        # Into the optimizer's own state: mapped and verified first (run K); into a fresh
-        # optimizer (most of the bytes need new tensors): run J's reader.
+        # Run L: every case read whole into memory of its own and verified first, past the
+        # page cache when cold on a disk (one read_whole); run K's mapped copy and run J's
+        # reader only when asked for (ckpt.torch._WAY, TEST_WAY here).
         warm = {"TEST_WARM": "1"}
-        cases = [("cold", warm, False, True), ("cached", warm, False, True), ("cold", {}, fs == "disk", False),
-                 ("cached", {}, False, False), ("cold", {"CKPT_DIRECT_IO": "0"}, False, False)]
-        for mode, env, direct, mapped in cases:
+        cases = [("cold", warm, fs == "disk", "whole"), ("cached", warm, False, "whole"),
+                 ("cold", {}, fs == "disk", "whole"), ("cached", {}, False, "whole"),
+                 ("cold", {"CKPT_DIRECT_IO": "0"}, False, "whole"),
+                 ("cold", {**warm, "TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader")]
+        for mode, env, direct, way in cases:
             r = _torch(py, d, mode, env)
             assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
             w = r.stdout.split("DIRECT ")[1].split()
-            n, was_mapped = int(w[0]), w[2] == "1"
-            # 7 tensors of at least a piece: two weights, the 2-piece buffer, Adam's 4 moments.
-            assert (n, was_mapped) == ((7 if direct else 0), mapped), (mode, env, fs, n, was_mapped)
+            n, got_way = int(w[0]), "mapped" if w[2] == "1" else "whole" if w[4] == "1" else "reader"
+            # Run J's reader: 7 tensors of at least a piece (two weights, the 2-piece buffer,
+            # Adam's 4 moments); run L: one whole read.
+            want_n = (7 if way == "reader" else 1) if direct else 0
+            assert (n, got_way) == (want_n, way), (mode, env, fs, n, got_way)
         if fs == "ramfs":
             return
         size = f.stat().st_size
         rng = random.Random(SEED + 4)
         P = _bulk.PIECE
         spots = [rng.randrange(k * P, min(size, (k + 1) * P)) for k in range(-(-size // P))] + [size - 30]
-        for env, after in ((warm, ["AFTER", "DIRECT", "0", "MAPPED", "1"]), ({}, ["AFTER", "DIRECT", "7", "MAPPED", "0"])):
+        for env, after in (({}, ["AFTER", "DIRECT", "1", "MAPPED", "0", "WHOLE", "1"]),
+                           ({**warm, "TEST_WAY": "inplace"}, ["AFTER", "DIRECT", "0", "MAPPED", "1", "WHOLE", "0"]),
+                           ({"TEST_WAY": "reader"}, ["AFTER", "DIRECT", "7", "MAPPED", "0", "WHOLE", "0"])):
             r = _torch(py, d, "damage", env, extra=[",".join(map(str, spots))])
             assert r.returncode == 0, r.stdout + r.stderr
             out = [line.split() for line in r.stdout.splitlines()]
@@ -410,8 +423,9 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
                 # A flipped bit in the zip's own structure may make torch refuse it first (any
                 # error: nothing applied); in the data, the checksum refuses it.
                 assert res[0] == "REFUSED", (at, r.stdout)
-            # Mapped, the checksum is checked before torch reads anything: it refuses them all.
-            least = len(spots) + 1 if env else len(spots) - 1
+            # Read whole or mapped, the checksum is checked before torch reads anything: it
+            # refuses them all.
+            least = len(spots) - 1 if env.get("TEST_WAY") == "reader" else len(spots) + 1
             assert sum(res == ["REFUSED", "checksum-mismatch"] or res == ["REFUSED", "size-mismatch"]
                        for res in got.values()) >= least, r.stdout
             assert out[-1] == after, r.stdout
@@ -420,16 +434,22 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
             subprocess.run(["umount", "-l", str(base)])
 
 
-def test_torch_restore_copies_into_the_tensors_the_model_and_optimizer_already_have(tmp_path):
-    """Run K: `TrainState.restore` into a model and an optimizer that already have their
-    tensors leaves every parameter, buffer and optimizer state tensor in the memory it was in,
-    bit-exact; an optimizer state tensor of another shape or dtype than the checkpoint's is
-    replaced by a fresh one holding the checkpoint's values; a model of another shape is
-    refused by torch with the optimizer's state untouched."""
+@pytest.mark.parametrize("way", ["whole", "inplace"])
+def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp_path, way):
+    """Into a model and an optimizer that already have their tensors: bit-exact, the Parameter
+    objects kept (the optimizer's are the model's); run L's zero-copy restore (the default)
+    gives them the verified memory, run K's mapped copy (`ckpt.torch._WAY = "inplace"`) copies
+    into the memory they were in; an optimizer state tensor of another shape or dtype than the
+    checkpoint's is replaced by one holding the checkpoint's values; a model of another shape
+    is refused by torch with the optimizer's state untouched."""
     py = _torch_python()
     d = tmp_path / "ck"
     r = _torch(py, d, "save")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _torch(py, d, "inplace")
+    r = _torch(py, d, "inplace", {"TEST_WAY": way if way != "whole" else ""})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.split("MOVED ")[1].split()[0] == "1/exp_avg,2/exp_avg_sq", r.stdout
+    moved = r.stdout.split("MOVED ")[1].split()[0].split(",")
+    if way == "inplace":
+        assert moved == ["1/exp_avg", "2/exp_avg_sq"], r.stdout
+    else:
+        assert len(moved) == 12 and "1/exp_avg" in moved, r.stdout  # every state tensor: zero-copy

@@ -50,7 +50,9 @@ pub struct BenchArgs {
     /// bytes in a python3 child, next to the job's own `np.save` + fsync; restore:
     /// `Checkpointer.restore`), `torch` (`ckpt.torch.TrainState.save` of a state dict holding
     /// one float32 tensor of SIZE bytes, next to the job's own `torch.save` + fsync; restore:
-    /// `TrainState.restore`; needs --python with torch, e.g. /opt/ckpt-torch/bin/python).
+    /// `TrainState.restore` into fresh objects, and into a `torch.nn.Module` that has its
+    /// parameter already, as a training job resumes; needs --python with torch, e.g.
+    /// /opt/ckpt-torch/bin/python).
     /// `file`, `python` and `torch` are measured against `dd bs=4M oflag=direct` of the same
     /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds.
     #[arg(long, value_enum, default_value = "rust")]
@@ -638,6 +640,13 @@ if kind == "torch":
         def load_state_dict(self, sd):
             self.sd = sd
     ts = ckt.TrainState(models={"model": Holder({"weights": w})})
+    # The way a training job restores: into a model that exists (its parameter touched).
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.Parameter(torch.ones(w.shape, dtype=w.dtype))
+    existing = Model()
+    ts_existing = ckt.TrainState(models={"model": existing})
 def kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -650,6 +659,7 @@ def hwm_reset():
     except OSError:
         return False
 reader = None
+h = None
 print(json.dumps({"ready": True, "numpy": np.__version__, "checksum": ck.checksum,
                   "direct_io": os.environ.get("CKPT_DIRECT_IO", "1")}), flush=True)
 for line in sys.stdin:
@@ -682,7 +692,21 @@ for line in sys.stdin:
         out["s"] = time.perf_counter() - t
     elif cmd == "open":
         reader = ckpt.Checkpointer(d)
+    elif cmd in ("restore-existing", "restore-existing-check"):
+        ok = hwm_reset()
+        before = kib("VmRSS")
+        t = time.perf_counter()
+        ts_existing.restore(reader)
+        out["s"] = time.perf_counter() - t
+        if ok:
+            # Above the process before the restore, which held the model's tensor already.
+            out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
+        if cmd == "restore-existing-check":
+            out["same"] = bool(existing.weights.dtype == w.dtype and torch.equal(existing.weights.detach(), w))
+        reader.close()
+        reader = None
     elif cmd in ("restore", "restore-check"):
+        h = None  # the state the last restore made is freed before the clock starts
         ok = hwm_reset()
         before = kib("VmRSS")
         t = time.perf_counter()
@@ -868,6 +892,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut peak: Vec<f64> = vec![];
     let mut r_peak: Vec<f64> = vec![];
+    // `--path torch`: the restore into the model the job has (next to the fresh objects).
+    let existing = a.path == BenchPath::Torch;
+    let (mut r_ex, mut r_ex_peak): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -933,10 +960,37 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                 }
             }
         }
-        // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt.
-        let mut reads = [0u8, 1, 2];
-        reads.rotate_left((round as usize - 1) % 3);
+        // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt
+        // (and, for torch, ckpt into the existing model).
+        let mut reads: Vec<u8> = if existing {
+            vec![0, 1, 2, 3]
+        } else {
+            vec![0, 1, 2]
+        };
+        let nr = reads.len();
+        reads.rotate_left((round as usize - 1) % nr);
         for which in reads {
+            if which == 3 {
+                prog.say(&format!("{tag}: ckpt restore into the existing model"));
+                let c = py.as_mut().expect("python");
+                c.ask("open")?;
+                drop_caches();
+                let v = c.ask(if round == 1 {
+                    "restore-existing-check"
+                } else {
+                    "restore-existing"
+                })?;
+                if let Some(p) = v["peak_extra_mib"].as_f64() {
+                    r_ex_peak.push(p);
+                }
+                if round == 1 && v["same"].as_bool() != Some(true) {
+                    return Err(fail(
+                        &"the model restored in place differs from the saved state (a bug)",
+                    ));
+                }
+                r_ex.push(v["s"].as_f64().unwrap_or(f64::NAN));
+                continue;
+            }
             if which < 2 {
                 prog.say(&format!(
                     "{tag}: dd read{}",
@@ -1011,6 +1065,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let r_ratio = ratio(&r_dd, &r_ck);
     let rd_ratio = ratio(&r_ddd, &r_ck);
     let own_ratio = ratio(&w_own, &w_ck);
+    let ex_ratio = ratio(&r_dd, &r_ex);
+    let exd_ratio = ratio(&r_ddd, &r_ex);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
             .iter()
@@ -1036,13 +1092,20 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "loadavg": [load_start, load_end],
         "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
-        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore (torch.load, weights_only, of ckpt's verified reader: tensors read past the page cache), cold", _ => "Checkpointer.restore() (verified), cold" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore into fresh objects (the whole file read into memory of its own past the page cache and verified, torch's tensors views of it), cold; restore_existing: into a model that has its tensor", _ => "Checkpointer.restore() (verified), cold" },
         "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
         "write_ratio_to_dd_direct": spread(&w_ratio),
         "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
         "read_gbps": { "dd_cold": speeds(&r_dd), "dd_iflag_direct_cold": speeds(&r_ddd), "ckpt": speeds(&r_ck) },
         "read_ratio_to_dd": spread(&r_ratio),
         "read_ratio_to_dd_direct": spread(&rd_ratio),
+        "restore_existing": existing.then(|| json!({
+            "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes; the fields above are the restore into fresh objects",
+            "read_gbps": speeds(&r_ex),
+            "read_ratio_to_dd": spread(&ex_ratio),
+            "read_ratio_to_dd_direct": spread(&exd_ratio),
+            "peak_extra_mib": (!r_ex_peak.is_empty()).then(|| r_ex_peak.iter().copied().fold(f64::MIN, f64::max)),
+        })),
         "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
         "restore_peak_extra_mib": (!r_peak.is_empty()).then(|| r_peak.iter().copied().fold(f64::MIN, f64::max)),
         "mtbf_s": mtbf.as_secs_f64(),
@@ -1076,6 +1139,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     println!("  restore  dd read {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_dd)), med(&gbs(&r_ck)), med(&r_ratio), mm(&r_ratio).0, mm(&r_ratio).1);
     let (lo, hi) = mm(&gbs(&r_ddd));
     println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
+    if !r_ex.is_empty() {
+        println!("  restore  into the existing model: ckpt {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ex)), med(&ex_ratio), mm(&ex_ratio).0, mm(&ex_ratio).1, med(&exd_ratio), mm(&exd_ratio).0, mm(&exd_ratio).1);
+    }
     if !peak.is_empty() {
         println!(
             "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",
@@ -1086,6 +1152,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!(
             "  peak extra memory of a restore: {:.0} MiB (VmHWM above the restored state)",
             r_peak.iter().copied().fold(f64::MIN, f64::max)
+        );
+    }
+    if !r_ex_peak.is_empty() {
+        println!(
+            "  peak extra memory of a restore into the existing model: {:.0} MiB (VmHWM above the process before it)",
+            r_ex_peak.iter().copied().fold(f64::MIN, f64::max)
         );
     }
     println!(

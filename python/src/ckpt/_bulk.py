@@ -62,6 +62,10 @@ HASHERS = 2
 #: buffer each).
 DIRECT_PIECE = 8 << 20
 DIRECT_READERS = 2
+#: Whether :func:`read_segments` asks for transparent huge pages (``MADV_HUGEPAGE``) for its
+#: memory (``CKPT_HUGEPAGES=1``). Off by default: no gain measured (docs/benchmarks.md, run L),
+#: and with THP ``defrag=madvise`` such faults may compact memory synchronously.
+HUGEPAGES = os.environ.get("CKPT_HUGEPAGES", "0").strip() == "1"
 #: Out-of-band buffers smaller than this stay inside the pickle stream.
 OOB_MIN = 64 << 10
 #: The file that holds the raw buffers.
@@ -544,14 +548,22 @@ class _PieceSums:
         return crc
 
 
-def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> memoryview:
+def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str,
+                  info: Optional[Dict[str, Any]] = None) -> memoryview:
     """Reads the whole file ``fd`` (``size`` bytes per the manifest) into page-aligned memory
-    and checks size and checksum; returns a writable view of exactly ``size`` bytes."""
+    and checks size and checksum; returns a writable view of exactly ``size`` bytes (of an
+    anonymous ``mmap``, which lives as long as a view of it does). ``info["direct"]`` (when
+    given) says whether the reads went past the page cache."""
     actual = os.fstat(fd).st_size
     if actual != size:
         raise InvalidCheckpoint("size-mismatch", f"file {name!r} is {actual} bytes, the manifest says {size}")
     cap = max(ALIGN, -(-size // ALIGN) * ALIGN)
     mm = mmap.mmap(-1, cap)
+    if size >= PIECE and HUGEPAGES:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)  # fewer faults for the prefaulter (THP "madvise" mode)
+        except (AttributeError, OSError):
+            pass
     whole = memoryview(mm)
     direct = direct_io() and size >= PIECE and not _cached(fd, size) and _set_direct(fd, True)
     sums = _PieceSums(algo)
@@ -621,6 +633,8 @@ def read_segments(fd: int, name: str, size: int, expect_sum: int, algo: str) -> 
         if mode["direct"]:
             _set_direct(fd, False)
         sums.stop()
+    if info is not None:
+        info["direct"] = mode["direct"]
     if err:
         raise InvalidCheckpoint("unreadable", f"cannot read it: {name}: {err[0]}")
     if total != size or os.fstat(fd).st_size != size:
@@ -696,6 +710,7 @@ class VerifiedFile(io.RawIOBase):
         self._direct: Optional[bool] = None  # decided at the first large read
         self.direct_reads = 0
         self.mapped = False  # map_verified() verified it
+        self.whole = False  # read_whole() read and verified it
         try:
             actual = os.fstat(fd).st_size
         except OSError as e:
@@ -938,6 +953,22 @@ class VerifiedFile(io.RawIOBase):
         finally:
             if not ok:
                 mm.close()
+
+    def read_whole(self) -> Optional[memoryview]:
+        """The whole file read into fresh page-aligned memory of its own (:func:`read_segments`:
+        ``O_DIRECT`` straight into it when the file is cold, no bounce buffer; every piece
+        checksummed on the hasher threads from that memory) after its size and checksum were
+        checked against the manifest (:class:`InvalidCheckpoint` otherwise). A loader then
+        makes its tensors over this memory without a copy (``ckpt.torch``; docs/benchmarks.md,
+        run L). ``None`` if this :class:`VerifiedFile` was already read from."""
+        if self._pos or self._sums._sums or self._size == 0:
+            return None
+        self._sums.stop()
+        info: Dict[str, Any] = {}
+        view = read_segments(self._fd, self.name, self._size, self._expect, self._algo, info)
+        self.whole = True
+        self.direct_reads += 1 if info.get("direct") else 0
+        return view
 
     def _gap(self, lo: int, hi: int) -> List[Tuple[int, int]]:
         h = Hasher(self._algo)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
@@ -191,6 +192,9 @@ class TrainState:
         self.restored_step: Optional[int] = None
         self._loader_gen_at_epoch: Optional[torch.Tensor] = None
         self._pending: Dict[str, List[Any]] = {}  # copies restore() leaves to load_state_dict()
+        # restore() loaded tensors no one else holds, in memory of their own: a model may take
+        # them as they are (_swap_into) instead of copying them (run L).
+        self._swap = False
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -274,10 +278,12 @@ class TrainState:
         if missing:
             raise CkptError(f"{STATE_FILE} has no state for {sorted(missing)} (it has {sorted(st['objects'])})")
         pending, self._pending = self._pending, {}
+        swap, self._swap = self._swap, False
         for k, o in self.stateful.items():
             for mine, loaded in pending.get(k, ()):
                 mine.copy_(loaded)  # into the tensor it already has (run K)
-            o.load_state_dict(st["objects"][k])
+            if not (swap and _swap_into(o, st["objects"][k])):
+                o.load_state_dict(st["objects"][k])
         rng = st["rng"]
         tr.set_python_random_state(rng["python"])
         tr.set_numpy_global_state(rng["numpy_global"])
@@ -304,16 +310,33 @@ class TrainState:
             return False
         opener = getattr(ck, "_open_verified", None)
         f = opener(STATE_FILE) if opener is not None else None
+        swap = False
         if f is None:
             st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
         else:
             with f:
+                st = None
+                way = _WAY or "whole"
+                if way == "whole" and hasattr(f, "read_whole"):
+                    # Zero-copy (docs/benchmarks.md, run L): the whole file read into memory
+                    # of our own (O_DIRECT straight into it when cold) and verified; torch's
+                    # tensors are then views of that memory, handed to the objects as they
+                    # are (a model's parameters swapped, not copied: _swap_into).
+                    try:
+                        mem = f.read_whole()
+                    except InvalidCheckpoint as e:
+                        raise e.at(str(d)) from None
+                    if mem is not None:
+                        st = _load_over(f"/proc/self/fd/{f.fileno()}", mem)
                 mm = None
-                if hasattr(f, "map_verified") and self._existing_bytes() >= IN_PLACE_SHARE * _size(f):
+                if st is None and way != "reader" and hasattr(f, "map_verified") and (
+                    way == "inplace" or self._existing_bytes() >= IN_PLACE_SHARE * _size(f)
+                ):
                     try:
                         mm = f.map_verified()
                     except InvalidCheckpoint as e:
                         raise e.at(str(d)) from None
+                swap = mm is None  # not run K's tensors: they map the file
                 if mm is not None:
                     # In place (docs/benchmarks.md, run K): the whole file read into the page
                     # cache and verified first; then mapped by torch, and every tensor copied
@@ -321,7 +344,7 @@ class TrainState:
                     mm.close()
                     st = torch.load(f"/proc/self/fd/{f.fileno()}", map_location="cpu", weights_only=True, mmap=True)
                     self._own_tensors(st)
-                else:
+                elif st is None:
                     # Every tensor read with one readinto into its own memory, past the page
                     # cache (run J); nothing is applied before the whole file verifies.
                     st = torch.load(f, map_location="cpu", weights_only=True)
@@ -329,6 +352,7 @@ class TrainState:
                         f.verify()
                     except InvalidCheckpoint as e:
                         raise e.at(str(d)) from None
+        self._swap = swap
         self.load_state_dict(st)
         return True
 
@@ -382,6 +406,82 @@ class TrainState:
         for k in list(st):
             if k != "objects":
                 st[k] = _owned(st[k], memo, mine)
+
+
+# Which way restore() reads (for A/B measurements and tests): None or "whole" (zero-copy,
+# run L), "inplace" (run K's mapped copy, whatever the share), "reader" (run J's reader).
+_WAY: Optional[str] = None
+_from_file_lock = threading.Lock()
+
+
+def _load_over(path: str, mem: memoryview) -> Any:
+    """``torch.load(path, weights_only=True)`` whose tensors are views of ``mem`` (the file's
+    bytes, already verified) instead of copies: torch's own ``mmap=True`` load takes every
+    storage as a slice of one storage over the whole file (``UntypedStorage.from_file``); for
+    this call that storage is one over ``mem`` (``torch.frombuffer``: it keeps ``mem``, and so
+    the memory, alive as long as a tensor uses it). Where this torch does not go through
+    ``from_file``, the tensors are copied out of ``mem`` (``torch.load`` of a ``BytesIO``)."""
+    whole = torch.frombuffer(mem, dtype=torch.uint8).untyped_storage()
+    used = [False]
+    real = torch.UntypedStorage.from_file
+
+    def from_file(filename: Any, shared: Any = False, nbytes: int = 0) -> Any:
+        if str(filename) == path and int(nbytes) == len(mem):
+            used[0] = True
+            return whole
+        return real(filename, shared, nbytes)
+
+    with _from_file_lock:
+        torch.UntypedStorage.from_file = staticmethod(from_file)  # type: ignore[method-assign]
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        finally:
+            del torch.UntypedStorage.from_file  # the inherited classmethod again
+    if not used[0]:
+        import io
+
+        st = torch.load(io.BytesIO(mem), map_location="cpu", weights_only=True)
+    return st
+
+
+def _swap_into(o: Any, sd: Any) -> bool:
+    """Puts the tensors of ``sd`` (a model's loaded state dict) into the module ``o`` without
+    copying them: each parameter and buffer keeps its object (the optimizer holds the
+    parameters) and takes the loaded tensor's memory (``p.data = t``). Only for a plain
+    ``nn.Module`` load (no ``load_state_dict`` or ``_load_from_state_dict`` of its own, no
+    load hooks) whose state dict has exactly ``sd``'s keys, every pair a CPU strided tensor
+    of one dtype and shape; False (nothing done) otherwise: the caller's
+    ``load_state_dict`` copies (and refuses what does not fit)."""
+    nn = torch.nn
+    if not isinstance(o, nn.Module) or not isinstance(sd, Mapping) or type(o).load_state_dict is not nn.Module.load_state_dict:
+        return False
+    for m in o.modules():
+        if type(m)._load_from_state_dict is not nn.Module._load_from_state_dict:
+            return False
+        if getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_load_state_dict_post_hooks", None):
+            return False
+    try:
+        have = o.state_dict(keep_vars=True)
+    except Exception:
+        return False
+    if set(have) != set(sd):
+        return False
+    pairs = []
+    for k, mine in have.items():
+        t = sd[k]
+        if not (
+            isinstance(mine, torch.Tensor) and isinstance(t, torch.Tensor)
+            and mine.device.type == "cpu" and t.device.type == "cpu"
+            and mine.layout == torch.strided and t.layout == torch.strided
+            and mine.dtype == t.dtype and mine.shape == t.shape
+            and type(t) in (torch.Tensor, nn.Parameter)
+        ):
+            return False
+        pairs.append((mine, t))
+    with torch.no_grad():
+        for mine, t in pairs:
+            mine.data = t.detach()
+    return True
 
 
 def _into_existing(have: Any, loaded: Any, mine: set, pending: List[Any]) -> Any:
