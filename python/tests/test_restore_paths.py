@@ -291,6 +291,8 @@ def restore_once(cold):
     assert len(opened) == 1, opened
     return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)} WHOLE {int(opened[0].whole)}"
 ckt._WAY = os.environ.get("TEST_WAY") or None
+if os.environ.get("TEST_MEM_AVAILABLE"):
+    ckt._memory_available = lambda: int(os.environ["TEST_MEM_AVAILABLE"])
 if mode == "inplace":
     # Into a model and an optimizer that already have their tensors: the restore copies into
     # them (same memory afterwards); a state tensor of another shape or dtype is replaced.
@@ -395,7 +397,12 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         cases = [("cold", warm, fs == "disk", "whole"), ("cached", warm, False, "whole"),
                  ("cold", {}, fs == "disk", "whole"), ("cached", {}, False, "whole"),
                  ("cold", {"CKPT_DIRECT_IO": "0"}, False, "whole"),
-                 ("cold", {**warm, "TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader")]
+                 ("cold", {**warm, "TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader"),
+                 # Memory short (ckpt.torch._memory_available says 1 MB): objects that hold
+                 # their tensors get run K's copy (zero-copy would hold both at once); fresh
+                 # ones are read whole as always (nothing to copy into).
+                 ("cold", {**warm, "TEST_MEM_AVAILABLE": "1000000"}, False, "mapped"),
+                 ("cold", {"TEST_MEM_AVAILABLE": "1000000"}, fs == "disk", "whole")]
         for mode, env, direct, way in cases:
             r = _torch(py, d, mode, env)
             assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
@@ -434,7 +441,7 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
             subprocess.run(["umount", "-l", str(base)])
 
 
-@pytest.mark.parametrize("way", ["whole", "inplace"])
+@pytest.mark.parametrize("way", ["whole", "inplace", "short-of-memory"])
 def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp_path, way):
     """Into a model and an optimizer that already have their tensors: bit-exact, the Parameter
     objects kept (the optimizer's are the model's); run L's zero-copy restore (the default)
@@ -446,10 +453,26 @@ def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp
     d = tmp_path / "ck"
     r = _torch(py, d, "save")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _torch(py, d, "inplace", {"TEST_WAY": way if way != "whole" else ""})
+    env = {"TEST_MEM_AVAILABLE": "1000000"} if way == "short-of-memory" else {"TEST_WAY": way if way != "whole" else ""}
+    r = _torch(py, d, "inplace", env)
     assert r.returncode == 0, r.stdout + r.stderr
     moved = r.stdout.split("MOVED ")[1].split()[0].split(",")
-    if way == "inplace":
+    if way != "whole":  # run K's copy, asked for or chosen for want of memory
         assert moved == ["1/exp_avg", "2/exp_avg_sq"], r.stdout
     else:
         assert len(moved) == 12 and "1/exp_avg" in moved, r.stdout  # every state tensor: zero-copy
+
+
+def test_torch_memory_available_is_what_this_machine_has():
+    """`ckpt.torch._memory_available` (what decides between the zero-copy restore and run K's
+    copy into existing objects) reads this machine's memory: more than nothing, at most its
+    total (and at most its cgroup's limit, where it has one)."""
+    py = _torch_python()
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
+    r = subprocess.run([py, "-c", "import ckpt.torch as t; print(t._memory_available())"],
+                       capture_output=True, text=True, timeout=120, env=e)
+    assert r.returncode == 0, r.stderr
+    total = next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal:"))
+    got = int(r.stdout.strip())
+    assert 0 < got <= total, (got, total)
