@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -476,3 +477,55 @@ def test_torch_memory_available_is_what_this_machine_has():
     total = next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal:"))
     got = int(r.stdout.strip())
     assert 0 < got <= total, (got, total)
+
+
+def test_torch_memory_available_obeys_the_memory_cgroup_limit():
+    """In a memory cgroup with a 3 GiB limit (made here, root), `ckpt.torch._memory_available`
+    reports at most what the limit leaves, not the machine's free memory: a job in a Slurm or
+    container memory limit gets run K's copy instead of a zero-copy restore that would exceed
+    it. cgroup v1 (this VM's `memory` hierarchy) or v2 (where the memory controller can be
+    enabled for a child); skipped where neither can be made."""
+    py = _torch_python()
+    rel = v1 = None
+    for ln in open("/proc/self/cgroup"):
+        _, ctl, path = ln.rstrip("\n").split(":", 2)
+        if "memory" in ctl.split(","):
+            rel, v1 = path, True
+        elif ctl == "" and rel is None:
+            rel, v1 = path, False
+    base = Path("/sys/fs/cgroup/memory" if v1 else "/sys/fs/cgroup") / (rel or "/").lstrip("/")
+    limit = 3 << 30
+    child = base / f"ckpt-test-{os.getpid()}"
+    try:
+        child.mkdir()
+        if not v1:
+            (base / "cgroup.subtree_control").write_text("+memory")
+        (child / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
+    except OSError as e:
+        if child.exists():
+            child.rmdir()
+        pytest.skip(f"cannot make a memory cgroup under {base}: {e}")
+    try:
+        e = dict(os.environ)
+        e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
+        procs = str(child / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as fh:
+                fh.write(str(os.getpid()))
+
+        r = subprocess.run([py, "-c", "import ckpt.torch as t; print(t._memory_available(), t._room_for(4 << 30))"],
+                           capture_output=True, text=True, timeout=120, env=e, preexec_fn=enter)
+        assert r.returncode == 0, r.stderr
+        got, room = r.stdout.split()
+        assert 0 < int(got) <= limit, (got, limit)
+        # A 4 GiB restore into existing objects does not fit in 3 GiB (outside the cgroup it
+        # does wherever more than 5.25 GiB are available).
+        assert room == "False", r.stdout
+    finally:
+        for _ in range(100):
+            try:
+                child.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
