@@ -22,24 +22,11 @@ from conftest import run
 
 import ckpt  # noqa: E402
 from ckpt import _bulk, _crc  # noqa: E402
+from _pagecache import uncache  # noqa: E402
 from ckpt.errors import InvalidCheckpoint  # noqa: E402
 
 SEED = int(os.environ.get("CKPT_TEST_SEED", random.randrange(1 << 30)))
 print(f"seed {SEED} (CKPT_TEST_SEED)")
-
-
-def _uncache(p: Path) -> None:
-    """Writes `p` back and drops it from the page cache (retried while read-ahead holds it)."""
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        for _ in range(3000):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if not _bulk._cached(fd, os.fstat(fd).st_size):
-                return
-        raise AssertionError(f"{p} stays in the page cache")
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("algo", ["crc32", "crc32c"])
@@ -58,7 +45,7 @@ def _write(p: Path, data: bytes) -> None:
     if p.exists():
         os.chmod(p, 0o600)
     p.write_bytes(data)
-    _uncache(p)
+    uncache(p)
 
 
 def _algos():
@@ -225,16 +212,7 @@ def model():
     m.register_buffer("idx", torch.zeros(100_003, dtype=torch.int64))
     m.tied = m[0].weight
     return m
-def uncache(p):
-    fd = os.open(p, os.O_RDONLY)
-    os.fsync(fd)
-    for _ in range(3000):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not _bulk._cached(fd, os.fstat(fd).st_size):
-            break
-    else:
-        raise SystemExit("stays cached")
-    os.close(fd)
+from _pagecache import uncache
 opened = []
 real = _bulk.VerifiedFile
 class Spy(real):
@@ -366,12 +344,19 @@ else:
 """
 
 
-def _torch(py: str, d: Path, mode: str, env=None, extra=()):
+def _job_env(env=None) -> dict:
+    """The environment of a torch job script: this ckpt package and the tests' helpers
+    (`_pagecache`) importable, no supervisor variables, then `env`."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), str(Path(__file__).parent), e.get("PYTHONPATH", "")])
     for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
         e.pop(k, None)
     e.update(env or {})
+    return e
+
+
+def _torch(py: str, d: Path, mode: str, env=None, extra=()):
+    e = _job_env(env)
     return subprocess.run([py, "-c", TORCH_JOB, str(d), mode, str(SEED), *extra], capture_output=True, text=True, timeout=300, env=e)
 
 

@@ -25,7 +25,7 @@ import pytest
 
 import ckpt
 
-from test_restore_paths import _ramfs, _torch_python
+from test_restore_paths import _job_env, _ramfs, _torch_python
 
 SEED = int(os.environ.get("CKPT_TEST_SEED", random.randrange(1 << 30)))
 print(f"seed {SEED} (CKPT_TEST_SEED)")
@@ -105,15 +105,8 @@ def spy(self):
 _bulk.VerifiedFile.read_whole = spy
 
 def uncache():
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    for _ in range(3000):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not _bulk._cached(fd, os.fstat(fd).st_size):
-            break
-    else:
-        raise SystemExit("stays cached")
-    os.close(fd)
+    from _pagecache import uncache as drop
+    drop(path)
 
 def objects(warm):
     m = Net()
@@ -188,11 +181,7 @@ else:
 
 
 def _job(py: str, d: Path, mode: str, env=None, extra=()):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
-    for k in ("CKPT_DIR", "CKPT_SOCKET", "CKPT_RESTORE"):
-        e.pop(k, None)
-    e.update(env or {})
+    e = _job_env(env)
     return subprocess.run([py, "-c", JOB, str(d), mode, str(SEED), *extra], capture_output=True, text=True,
                           timeout=300, env=e)
 
