@@ -20,7 +20,7 @@
 //! of every file it names, and the manifest's own sizes and CRCs are all checked before the
 //! checkpoint is published locally through the normal commit path ([`Stage`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -73,6 +73,7 @@ pub struct Settings {
 pub struct Report {
     pub event: &'static str,
     pub warn: bool,
+    /// Empty: an event only, no log line.
     pub human: String,
     pub data: Value,
 }
@@ -116,6 +117,8 @@ pub fn redact(s: &str) -> String {
 #[derive(Clone)]
 pub struct Keys {
     keys: Vec<(String, Vec<u8>)>,
+    /// Where the signing key was read from (for the hint when a record is another key's).
+    path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -180,19 +183,28 @@ impl Keys {
             let k = read_key(p)?;
             keys.push((key_id(&k), k));
         }
-        Ok(Keys { keys })
+        Ok(Keys {
+            keys,
+            path: paths.first().cloned(),
+        })
     }
 
     /// A key given directly (tests).
     pub fn from_bytes(key: &[u8]) -> Keys {
         Keys {
             keys: vec![(key_id(key), key.to_vec())],
+            path: None,
         }
     }
 
     /// The id of the signing key (never the key).
     pub fn signing_id(&self) -> &str {
         &self.keys[0].0
+    }
+
+    /// Whether `id` is one of ours.
+    fn has(&self, id: &str) -> bool {
+        self.keys.iter().any(|(i, _)| i == id)
     }
 
     fn mac(key: &[u8]) -> Hmac<Sha256> {
@@ -209,13 +221,16 @@ impl Keys {
     fn verify(&self, id: &str, body: &[u8], tag: &str) -> Result<(), String> {
         let Some((_, key)) = self.keys.iter().find(|(i, _)| i == id) else {
             return Err(format!(
-                "signed with key {:?}, which is not one of ours ({})",
+                "signed with key {:?}, which is not one of ours ({}); hint: every machine of a job needs the same key: copy the key file of the machine that signed it to {} (mode 0600), or name it with --remote-key FILE (docs/cloud.md, \"The key\")",
                 crate::store::escape(id),
                 self.keys
                     .iter()
                     .map(|(i, _)| i.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                self.path
+                    .as_ref()
+                    .map_or("the key path".to_string(), |p| p.display().to_string())
             ));
         };
         let tag = unhex(tag).ok_or("the tag is not hex")?;
@@ -347,6 +362,44 @@ pub enum Finished {
     Invalid(String),
 }
 
+/// The remote record of the job's tags (`ckpt tag`): `PREFIX/TAGS.ckpt.sig`, beside the
+/// checkpoint directories, signed like a checkpoint's record. Remote retention keeps every
+/// checkpoint it names, so tags outlive the machine that made them.
+pub const TAGS_NAME: &str = "TAGS.ckpt.sig";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TagsBody {
+    v: u32,
+    kind: String,
+    /// Tag name to checkpoint number.
+    tags: BTreeMap<String, u64>,
+    t_ms: u64,
+}
+
+/// What [`Remote::tags`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteTags {
+    No,
+    Yes {
+        tags: BTreeMap<String, u64>,
+        /// Signed with one of our keys other than the signing one.
+        resign: bool,
+    },
+    /// A record is there but does not authenticate (planted, or another key's): it
+    /// protects nothing.
+    Invalid(String),
+}
+
+impl RemoteTags {
+    /// The tags of an authentic record; none otherwise.
+    pub fn valid(&self) -> BTreeMap<String, u64> {
+        match self {
+            RemoteTags::Yes { tags, .. } => tags.clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+}
+
 /// The record of one shard of a multi-rank checkpoint, beside its manifest.
 pub fn shard_record_name(rank: u32) -> String {
     format!(
@@ -403,6 +456,29 @@ pub enum Upload {
     Done(u64),
     /// The remote already held this very checkpoint.
     Present,
+}
+
+/// What the remote holds under a local checkpoint's number ([`Remote::presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// Nothing (no manifest).
+    Absent,
+    /// This very checkpoint, authenticated with our keys.
+    Same,
+    /// Another checkpoint, or one that does not authenticate with our keys.
+    Conflict(Conflict),
+}
+
+/// A remote checkpoint under a local one's number that is not that checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub seq: u64,
+    /// The key id its record names, when that is not one of ours.
+    pub foreign_key: Option<String>,
+    /// It authenticates with our keys but is another checkpoint (a second writer).
+    pub authentic: bool,
+    /// Why it is not ours (no hint).
+    pub why: String,
 }
 
 /// An opened remote.
@@ -846,34 +922,110 @@ impl Remote {
         Ok((m, body.files))
     }
 
+    /// What the remote holds under the number of local checkpoint `seq` at `dir`: nothing,
+    /// this very checkpoint (its manifest, byte for byte, under a record that authenticates
+    /// with our keys), or something else: a conflict, never to be overwritten (it may be the
+    /// job's own checkpoint, read with the wrong key) nor counted as uploaded.
+    pub fn presence(&self, seq: u64, dir: &Path) -> Result<Presence, String> {
+        if !self.has(seq)? {
+            return Ok(Presence::Absent);
+        }
+        let ours =
+            crate::store::io::read_small(&dir.join(MANIFEST_NAME), limits::MANIFEST_BYTES)
+                .map_err(|e| format!("cannot read {}: {e}", dir.join(MANIFEST_NAME).display()))?;
+        self.rt.block_on(self.presence_of(seq, &ours))
+    }
+
+    async fn presence_of(&self, seq: u64, ours: &[u8]) -> Result<Presence, String> {
+        let key = self.ckpt_key(seq, MANIFEST_NAME)?;
+        if let Err(e) = self.authenticated(seq).await {
+            // Gone meanwhile (removed by its owner's retention): nothing there.
+            if matches!(
+                self.store.head(&key).await,
+                Err(object_store::Error::NotFound { .. })
+            ) {
+                return Ok(Presence::Absent);
+            }
+            return Ok(Presence::Conflict(Conflict {
+                seq,
+                foreign_key: self
+                    .record_key_async(seq)
+                    .await
+                    .filter(|k| !self.keys.has(k)),
+                authentic: false,
+                why: e.split("; hint:").next().unwrap_or(&e).to_string(),
+            }));
+        }
+        let theirs = self.get_small(&key, limits::MANIFEST_BYTES).await?;
+        if theirs == ours {
+            Ok(Presence::Same)
+        } else {
+            Ok(Presence::Conflict(Conflict {
+                seq,
+                foreign_key: None,
+                authentic: true,
+                why: "it authenticates but is another checkpoint (its manifest differs from this one's)".into(),
+            }))
+        }
+    }
+
+    /// The key id that remote checkpoint `seq`'s authentication record names, if it has a
+    /// readable one (not checked: for messages only).
+    pub fn record_key(&self, seq: u64) -> Option<String> {
+        self.rt.block_on(self.record_key_async(seq))
+    }
+
+    async fn record_key_async(&self, seq: u64) -> Option<String> {
+        let raw = self
+            .get_small(&self.ckpt_key(seq, SIG_NAME).ok()?, SIG_BYTES)
+            .await
+            .ok()?;
+        let doc: SigDoc = serde_json::from_slice(&raw).ok()?;
+        Some(crate::store::escape(&doc.key).chars().take(64).collect())
+    }
+
+    /// Where the signing key was read from (the default key path, or the first
+    /// `--remote-key`).
+    pub fn key_path(&self) -> Option<&Path> {
+        self.keys.path.as_deref()
+    }
+
+    /// Whether `id` is the id of one of our keys.
+    pub fn has_key(&self, id: &str) -> bool {
+        self.keys.has(id)
+    }
+
     /// Uploads local checkpoint `seq` at `dir` unless the remote already holds it. A remote
     /// checkpoint of that number with another manifest (or one that does not authenticate) is
     /// never overwritten: remote numbers are local ones, one writer per prefix.
     pub fn upload_checked(&self, seq: u64, dir: &Path) -> Result<Upload, String> {
-        if self.has(seq)? {
-            let ours =
-                crate::store::io::read_small(&dir.join(MANIFEST_NAME), limits::MANIFEST_BYTES)
-                    .map_err(|e| {
-                        format!("cannot read {}: {e}", dir.join(MANIFEST_NAME).display())
-                    })?;
-            let theirs = self.rt.block_on(async {
-                self.authenticated(seq).await?;
-                self.get_small(&self.ckpt_key(seq, MANIFEST_NAME)?, limits::MANIFEST_BYTES)
-                    .await
-            });
-            return match theirs {
-                Ok(t) if t == ours => Ok(Upload::Present),
-                Ok(_) => Err(format!(
-                    "{} already holds another checkpoint {seq} (a second writer on this prefix?); not overwritten; hint: give each job its own prefix",
-                    self.display
-                )),
-                Err(e) => Err(format!(
-                    "{} already holds a checkpoint {seq} that does not authenticate ({e}); not overwritten; hint: `ckpt gc --remote` lists it, remove it by hand if it is not yours",
-                    self.display
-                )),
-            };
+        match self.presence(seq, dir)? {
+            Presence::Same => Ok(Upload::Present),
+            Presence::Absent => self.upload(seq, dir).map(Upload::Done),
+            Presence::Conflict(c) if c.authentic => Err(format!(
+                "{} already holds another checkpoint {seq} (a second writer on this prefix?); not overwritten; hint: give each job its own prefix",
+                self.display
+            )),
+            Presence::Conflict(c) => Err(format!(
+                "{} already holds a checkpoint {seq} that does not authenticate ({}); not overwritten; {}",
+                self.display,
+                c.why,
+                if c.foreign_key.is_some() {
+                    self.key_hint()
+                } else {
+                    "hint: `ckpt gc --remote` lists it, remove it by hand if it is not yours".into()
+                }
+            )),
         }
-        self.upload(seq, dir).map(Upload::Done)
+    }
+
+    /// The fix when the remote's records are signed with a key that is not ours.
+    pub fn key_hint(&self) -> String {
+        format!(
+            "hint: if they are this job's, copy the key file of the machine that signed them to {} (mode 0600), or name it with --remote-key FILE (docs/cloud.md, \"The key\"); if they are not, give this job its own prefix",
+            self.key_path()
+                .map_or("the key path".to_string(), |p| p.display().to_string())
+        )
     }
 
     /// Resolves `r` (a remote sequence number, `latest` or `latest~N`) to a remote checkpoint.
@@ -896,9 +1048,26 @@ impl Remote {
                     format!("{r:?}: give a remote sequence number, `latest` or `latest~N`")
                 })?,
             None => {
-                return Err(format!(
-                    "{r:?}: give a remote sequence number, `latest` or `latest~N` (tags are local)"
-                ))
+                // A name of the remote's tag record (only an authentic one names anything).
+                let tags = self.tags()?.valid();
+                return match tags.get(r) {
+                    Some(&seq) if self.has(seq)? => Ok((seq, Vec::new())),
+                    Some(&seq) => Err(format!(
+                        "tag {r:?} names checkpoint {seq}, which is not on {}",
+                        self.display
+                    )),
+                    None => Err(format!(
+                        "{r:?}: give a remote sequence number, `latest`, `latest~N` or a tag of the remote ({})",
+                        if tags.is_empty() {
+                            "it has none".to_string()
+                        } else {
+                            tags.iter()
+                                .map(|(n, s)| format!("{n}={s}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    )),
+                };
             }
         };
         let mut skipped = Vec::new();
@@ -1092,6 +1261,72 @@ impl Remote {
         })
     }
 
+    /// The job's tags as the remote records them ([`TAGS_NAME`]). A record that does not
+    /// authenticate with our keys counts for nothing ([`RemoteTags::Invalid`]); a remote that
+    /// cannot be read is an error (retention must then remove nothing).
+    pub fn tags(&self) -> Result<RemoteTags, String> {
+        self.rt.block_on(async {
+            let key = self.key(TAGS_NAME)?;
+            let raw = match self.store.head(&key).await {
+                Ok(_) => self.get_small(&key, SIG_BYTES).await?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(RemoteTags::No),
+                Err(e) => return Err(self.err("inspect", e)),
+            };
+            let check = || -> Result<(BTreeMap<String, u64>, bool), String> {
+                let body = self.open_doc(&raw)?;
+                let doc: SigDoc = serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+                let b: TagsBody = serde_json::from_str(&body)
+                    .map_err(|e| format!("the signed tag record is malformed: {e}"))?;
+                if b.v != 1 || b.kind != "tags" {
+                    return Err("the signed record is not a tag record".into());
+                }
+                Ok((b.tags, doc.key != self.keys.signing_id()))
+            };
+            Ok(match check() {
+                Ok((tags, resign)) => RemoteTags::Yes { tags, resign },
+                Err(e) => RemoteTags::Invalid(e),
+            })
+        })
+    }
+
+    /// Applies `f` to the remote tag record and writes it back (signed with our signing key)
+    /// when that changed it, or when it was signed with another of our keys (rotation: the
+    /// old key may be dropped later). A record that does not authenticate is never
+    /// overwritten (an error): it may be the real owner's, read with the wrong key. Returns
+    /// whether the tags changed.
+    pub fn update_tags(&self, f: impl FnOnce(&mut BTreeMap<String, u64>)) -> Result<bool, String> {
+        let (mut tags, resign) = match self.tags()? {
+            RemoteTags::No => (BTreeMap::new(), false),
+            RemoteTags::Yes { tags, resign } => (tags, resign),
+            RemoteTags::Invalid(why) => {
+                return Err(format!(
+                    "{} holds a tag record ({TAGS_NAME}) that does not authenticate ({why}); not overwritten; hint: if it is not yours, remove it by hand",
+                    self.display
+                ))
+            }
+        };
+        let before = tags.clone();
+        f(&mut tags);
+        let changed = tags != before;
+        if changed || resign {
+            let body = serde_json::to_string(&TagsBody {
+                v: 1,
+                kind: "tags".into(),
+                tags,
+                t_ms: crate::store::manifest::now_ms(),
+            })
+            .map_err(|e| e.to_string())?;
+            let doc = self.sign_doc(body)?;
+            self.rt.block_on(async {
+                self.store
+                    .put(&self.key(TAGS_NAME)?, PutPayload::from(doc))
+                    .await
+                    .map_err(|e| self.err("upload the tag record", e))
+            })?;
+        }
+        Ok(changed)
+    }
+
     fn sign_doc(&self, body: String) -> Result<Vec<u8>, String> {
         let (key, tag) = self.keys.sign(body.as_bytes());
         serde_json::to_vec(&SigDoc {
@@ -1207,7 +1442,20 @@ impl Remote {
         let world = m.world_size.unwrap_or(1);
         self.rt.block_on(async {
             match self.store.head(&self.ckpt_key(seq, MANIFEST_NAME)?).await {
-                Ok(_) => return Ok(Publish::Done(0)),
+                // Published by another node, unless it is not this checkpoint (never
+                // overwritten, nor taken as done).
+                Ok(_) => {
+                    return match self.presence_of(seq, &mbytes).await? {
+                        Presence::Same => Ok(Publish::Done(0)),
+                        Presence::Absent => Err(format!(
+                            "remote checkpoint {seq} vanished while inspected; trying again"
+                        )),
+                        Presence::Conflict(c) => Err(format!(
+                            "{} already holds a different checkpoint {seq} ({}); not overwritten",
+                            self.display, c.why
+                        )),
+                    }
+                }
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.err("inspect", e)),
             }
@@ -1968,6 +2216,51 @@ pub fn remember(s: &Settings, store: &Store) {
     }
 }
 
+/// Opens a remote [`remember`]ed by a directory, with the credentials of this environment.
+fn open_remembered(rr: &RememberedRemote) -> Result<Remote, String> {
+    Remote::open(&Settings {
+        url: rr.url.clone(),
+        allow_http: rr.allow_http,
+        keys: rr.keys.clone(),
+        keep: None,
+        required: false,
+        stop_timeout: Duration::ZERO,
+        ranks: None,
+    })
+}
+
+/// What `ckpt tag`/`untag` did to one remote the directory is uploaded to.
+#[derive(Debug, Clone)]
+pub struct RemoteTagUpdate {
+    /// The remote, as shown (no credentials).
+    pub remote: String,
+    /// Whether its tag record changed; or what went wrong.
+    pub result: Result<bool, String>,
+}
+
+/// After `ckpt tag`/`untag`: applies `f` to the tag record ([`TAGS_NAME`]) of every remote
+/// the directory is uploaded to ([`remember`]).
+pub fn update_remembered_tags(
+    store: &Store,
+    f: &mut dyn FnMut(&mut BTreeMap<String, u64>),
+) -> Vec<RemoteTagUpdate> {
+    remembered(store)
+        .into_iter()
+        .map(|rr| match open_remembered(&rr) {
+            Ok(r) => RemoteTagUpdate {
+                remote: r.display.clone(),
+                result: r.update_tags(&mut *f).map_err(|e| redact(&e)),
+            },
+            Err(e) => RemoteTagUpdate {
+                remote: url::Url::parse(&rr.url)
+                    .map(|u| display_url(&u))
+                    .unwrap_or_else(|_| rr.url.clone()),
+                result: Err(redact(&e)),
+            },
+        })
+        .collect()
+}
+
 /// What a rollback did to one remote.
 #[derive(Debug, Clone)]
 pub struct RemoteRollback {
@@ -1998,16 +2291,7 @@ pub fn after_rollback(store: &Store, seq: u64) -> Vec<RemoteRollback> {
                 was_finished: false,
                 error: None,
             };
-            let s = Settings {
-                url: rr.url.clone(),
-                allow_http: rr.allow_http,
-                keys: rr.keys.clone(),
-                keep: None,
-                required: false,
-                stop_timeout: Duration::ZERO,
-                ranks: None,
-            };
-            let remote = match Remote::open(&s) {
+            let remote = match open_remembered(&rr) {
                 Ok(r) => r,
                 Err(e) => {
                     out.error = Some(redact(&e));
@@ -2126,6 +2410,7 @@ pub fn restore_newer(
         }
     };
     let highest = seqs.last().copied().unwrap_or(0);
+    let (mut failed, mut invalid) = (Vec::new(), Vec::new());
     for seq in seqs.into_iter().rev().filter(|s| *s > local_newest) {
         let t = Instant::now();
         // The newest keeps its number (it is already remote). An older one, restored because
@@ -2135,6 +2420,9 @@ pub fn restore_newer(
         match remote.restore(seq, min_seq, store) {
             Ok((m, bytes)) => {
                 let secs = t.elapsed().as_secs_f64();
+                for r in invalid.drain(..) {
+                    log(r);
+                }
                 log(report(
                     "remote_restored",
                     false,
@@ -2150,18 +2438,78 @@ pub fn restore_newer(
                 ));
                 return Some(m.seq);
             }
-            Err(e) => log(report(
-                "remote_invalid",
-                true,
-                format!(
-                    "remote checkpoint {seq} on {} is not restored: {e}; trying an older one",
-                    remote.display
-                ),
-                json!({ "remote": remote.display, "remote_seq": seq, "reason": redact(&e) }),
-            )),
+            Err(e) => {
+                failed.push(seq);
+                invalid.push(report(
+                    "remote_invalid",
+                    true,
+                    format!(
+                        "remote checkpoint {seq} on {} is not restored: {e}; trying an older one",
+                        remote.display
+                    ),
+                    json!({ "remote": remote.display, "remote_seq": seq, "reason": redact(&e) }),
+                ));
+            }
         }
     }
+    // When none of them is ours, one warning says so (each stays in the events).
+    let none_ours = warn_none_ours(remote, &failed);
+    for mut r in invalid {
+        if none_ours.is_some() {
+            r.human.clear();
+        }
+        log(r);
+    }
+    if let Some(r) = none_ours {
+        log(r);
+    }
     None
+}
+
+/// After a restore found nothing: when none of the remote checkpoints it tried authenticates
+/// with our keys (a machine without the job's key file, or a prefix that is someone else's),
+/// one warning naming how many, the key ids their records name, our key's path and the fix
+/// (then the caller logs each one's `remote_invalid` as an event only).
+/// The job starts from its beginning all the same (a planted record must not stop a job);
+/// its uploader never takes those checkpoints for its own (`remote_conflict`).
+fn warn_none_ours(remote: &Remote, failed: &[u64]) -> Option<Report> {
+    if failed.is_empty() || failed.iter().any(|s| remote.check(*s).is_ok()) {
+        return None;
+    }
+    let mut keys: Vec<String> = failed
+        .iter()
+        .filter_map(|s| remote.record_key(*s))
+        .filter(|k| !remote.has_key(k))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let (lo, hi) = (
+        failed.iter().min().unwrap_or(&0),
+        failed.iter().max().unwrap_or(&0),
+    );
+    let n = failed.len();
+    Some(report(
+        "remote_not_ours",
+        true,
+        format!(
+            "{} holds {n} checkpoint{} ({}) but none authenticates with this machine's key {}{}{}: nothing restored, the job starts from its beginning; its checkpoints numbered like those are not uploaded and do not count as off the machine (remote_conflict), and those are never overwritten; {}",
+            remote.display,
+            if n == 1 { "" } else { "s" },
+            if lo == hi { format!("number {lo}") } else { format!("numbers {lo} to {hi}") },
+            remote.key_id(),
+            remote
+                .key_path()
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default(),
+            if keys.is_empty() {
+                String::new()
+            } else {
+                format!("; they are signed with key {}", keys.join(", "))
+            },
+            remote.key_hint()
+        ),
+        json!({ "remote": remote.display, "count": n, "seqs": failed, "keys": keys, "our_key": remote.key_id(), "key_path": remote.key_path() }),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2178,6 +2526,9 @@ struct UpState {
     done: BTreeSet<u64>,
     /// Newest seq whose upload failed for good.
     failed: Option<u64>,
+    /// Local checkpoints not uploaded because the remote holds another checkpoint (or one
+    /// that does not authenticate) under their number: seq → why (for the stop's message).
+    conflicts: BTreeMap<u64, String>,
     /// The last successful upload: seq, bytes, duration, lag (ms), when (ms since epoch).
     last: Option<(u64, u64, u64, u64, u64)>,
 }
@@ -2190,13 +2541,13 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// Starts the thread. `log` receives its reports; `protected` is asked for the
-    /// checkpoints retention must keep (tagged ones).
+    /// Starts the thread. `log` receives its reports; `local_tags` is asked for the local
+    /// directory's tags (recorded on the remote, and kept by retention with the remote's).
     pub fn start(
         remote: Arc<Remote>,
         keep: Option<usize>,
         shards: ShardCfg,
-        protected: Box<dyn Fn() -> Vec<u64> + Send>,
+        local_tags: LocalTags,
         log: Box<dyn Fn(Report) + Send>,
     ) -> std::io::Result<Uploader> {
         let state: Arc<(Mutex<UpState>, Condvar)> = Arc::default();
@@ -2204,7 +2555,7 @@ impl Uploader {
         let (r, st) = (remote.clone(), state.clone());
         std::thread::Builder::new()
             .name("ckpt-upload".into())
-            .spawn(move || upload_loop(r, st, rx, keep, shards, protected, log))?;
+            .spawn(move || upload_loop(r, st, rx, keep, shards, local_tags, log))?;
         Ok(Uploader { remote, state, tx })
     }
 
@@ -2252,6 +2603,7 @@ impl Uploader {
             "uploading": g.current,
             "queued": g.pending.keys().collect::<Vec<_>>(),
             "failed": g.failed,
+            "conflicts": g.conflicts.keys().collect::<Vec<_>>(),
             "last_upload": g.last.map(|(seq, bytes, ms, lag, at)| json!({
                 "seq": seq, "bytes": bytes, "duration_ms": ms, "lag_ms": lag, "at_ms": at,
                 "bytes_per_s": (bytes * 1000).checked_div(ms).unwrap_or(0),
@@ -2262,6 +2614,13 @@ impl Uploader {
     pub fn uploaded(&self, seq: u64) -> bool {
         let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
         g.done.iter().any(|s| *s >= seq)
+    }
+
+    /// Why local checkpoint `seq` was not uploaded, when the remote holds a different
+    /// checkpoint under its number (a conflict).
+    pub fn conflict(&self, seq: u64) -> Option<String> {
+        let g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.conflicts.get(&seq).cloned()
     }
 
     /// Waits until nothing is queued or uploading, or `until`. True when idle.
@@ -2284,15 +2643,42 @@ impl Uploader {
     }
 }
 
+/// The local directory's tags, name to checkpoint (the uploader asks after each upload).
+pub type LocalTags = Box<dyn Fn() -> Result<BTreeMap<String, u64>, String> + Send>;
+
+/// What the uploader knows of the remote tag record.
+#[derive(Default)]
+struct TagSync {
+    /// The local tags last merged into the remote record.
+    synced: Option<BTreeMap<String, u64>>,
+    /// The last problem reported (said once, not after every upload).
+    said: Option<String>,
+}
+
+impl TagSync {
+    fn warn_once(&mut self, log: &dyn Fn(Report), event: &'static str, human: String) {
+        if self.said.as_deref() != Some(human.as_str()) {
+            self.said = Some(human.clone());
+            log(report(
+                event,
+                true,
+                human.clone(),
+                json!({ "error": redact(&human) }),
+            ));
+        }
+    }
+}
+
 fn upload_loop(
     remote: Arc<Remote>,
     state: Arc<(Mutex<UpState>, Condvar)>,
     rx: mpsc::Receiver<()>,
     keep: Option<usize>,
     shards: ShardCfg,
-    protected: Box<dyn Fn() -> Vec<u64> + Send>,
+    local_tags: LocalTags,
     log: Box<dyn Fn(Report) + Send>,
 ) {
+    let mut tag_sync = TagSync::default();
     let (m, cv) = &*state;
     loop {
         // The newest pending checkpoint; older ones are superseded by it.
@@ -2333,30 +2719,51 @@ fn upload_loop(
                 json!({ "seqs": skipped, "newer": seq }),
             ));
         }
-        let ok = upload_one(&remote, seq, &path, committed_at, &state, &shards, &*log);
+        let res = upload_one(&remote, seq, &path, committed_at, &state, &shards, &*log);
+        let ok = res == Up::Done;
         prune_claims(&shards.claims, seq.saturating_sub(64));
         // Before the upload counts as done: a stop waiting for the uploads also waits for
         // the retention that follows them.
         if ok {
+            let local = local_tags();
+            sync_tags(&remote, &local, &mut tag_sync, &*log);
             if let Some(keep) = keep {
-                prune(&remote, keep, &protected(), &*log);
+                prune(&remote, keep, &local, &mut tag_sync, &*log);
             }
         }
         {
             let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
             g.current = None;
             g.current_since = None;
-            if ok {
-                g.done.insert(seq);
-            } else {
-                g.failed = Some(seq);
+            match res {
+                Up::Done => {
+                    g.done.insert(seq);
+                }
+                Up::Failed => g.failed = Some(seq),
+                Up::Conflict(why) => {
+                    g.failed = Some(seq);
+                    g.conflicts.insert(seq, why);
+                }
             }
             cv.notify_all();
         }
     }
 }
 
+/// How [`upload_one`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Up {
+    /// Uploaded, or the remote already held this very checkpoint.
+    Done,
+    Failed,
+    /// The remote holds another checkpoint under its number: not overwritten, not up.
+    Conflict(String),
+}
+
 /// One checkpoint, retried with backoff until it is up, a newer one is queued, or 8 tries.
+/// Before each try it looks at what the remote holds under the number: this very checkpoint
+/// counts as up; anything else (another writer's, or one that does not authenticate with our
+/// keys: it may be the job's own, signed with a key not given here) is a conflict.
 fn upload_one(
     remote: &Remote,
     seq: u64,
@@ -2365,7 +2772,7 @@ fn upload_one(
     state: &Arc<(Mutex<UpState>, Condvar)>,
     shards: &ShardCfg,
     log: &dyn Fn(Report),
-) -> bool {
+) -> Up {
     let newer = || {
         state
             .0
@@ -2378,26 +2785,40 @@ fn upload_one(
         let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
         g.last = Some((seq, bytes, ms, lag, crate::store::manifest::now_ms()));
     };
-    match remote.has(seq) {
-        Ok(true) => {
-            log(report(
-                "upload_present",
-                false,
-                format!("checkpoint {seq} is already on {}", remote.display),
-                json!({ "seq": seq, "remote": remote.display }),
-            ));
-            return true;
-        }
-        Ok(false) => {}
-        Err(_) => {} // the upload below reports the error
-    }
     let mut pause = Duration::from_millis(500);
     for attempt in 1..=8u32 {
         let t = Instant::now();
-        let res = if multi {
-            upload_multi_rank(remote, seq, path, shards, &newer, log)
-        } else {
-            remote.upload(seq, path)
+        let res = match remote.presence(seq, path) {
+            Ok(Presence::Same) => {
+                log(report(
+                    "upload_present",
+                    false,
+                    format!("checkpoint {seq} is already on {}", remote.display),
+                    json!({ "seq": seq, "remote": remote.display }),
+                ));
+                return Up::Done;
+            }
+            Ok(Presence::Conflict(c)) => {
+                let why = format!(
+                    "{} already holds a different checkpoint {seq}: {}",
+                    remote.display, c.why
+                );
+                log(report(
+                    "remote_conflict",
+                    true,
+                    format!(
+                        "checkpoint {seq} is NOT uploaded: {why}; not overwritten (it may be this job's, read with the wrong key), and checkpoint {seq} stays only on this machine; {}",
+                        remote.key_hint()
+                    ),
+                    json!({ "seq": seq, "remote": remote.display, "reason": redact(&c.why), "key": c.foreign_key, "our_key": remote.key_id(), "key_path": remote.key_path() }),
+                ));
+                return Up::Conflict(why);
+            }
+            Ok(Presence::Absent) if multi => {
+                upload_multi_rank(remote, seq, path, shards, &newer, log)
+            }
+            Ok(Presence::Absent) => remote.upload(seq, path),
+            Err(e) => Err(e),
         };
         match res {
             Ok(bytes) => {
@@ -2421,7 +2842,7 @@ fn upload_one(
                     ),
                     json!({ "seq": seq, "remote": remote.display, "bytes": bytes, "duration_ms": t.elapsed().as_millis() as u64, "lag_ms": lag.as_millis() as u64, "attempt": attempt, "bytes_per_s": (bytes as f64 / secs.max(1e-6)) as u64 }),
                 ));
-                return true;
+                return Up::Done;
             }
             Err(e) => {
                 let vanished = std::fs::symlink_metadata(path).is_err();
@@ -2446,19 +2867,113 @@ fn upload_one(
                     json!({ "seq": seq, "remote": remote.display, "attempt": attempt, "error": redact(&e) }),
                 ));
                 if give_up {
-                    return false;
+                    return Up::Failed;
                 }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(15));
             }
         }
     }
-    false
+    Up::Failed
 }
 
-/// Remote retention: keeps the newest `keep` remote checkpoints and every `protected` one.
-fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) {
-    let seqs = match remote.list() {
+/// Merges the local tags into the remote tag record when they changed since the last time
+/// (a tag made here reaches the remote with the next upload, whether or not `ckpt tag` could
+/// reach it). Only adds or moves names: a name removed here is removed there by `ckpt untag`.
+fn sync_tags(
+    remote: &Remote,
+    local: &Result<BTreeMap<String, u64>, String>,
+    st: &mut TagSync,
+    log: &dyn Fn(Report),
+) {
+    let Ok(local) = local else {
+        return; // retention reports it
+    };
+    if st.synced.as_ref() == Some(local) {
+        return;
+    }
+    match remote.update_tags(|t| t.extend(local.iter().map(|(n, s)| (n.clone(), *s)))) {
+        Ok(changed) => {
+            if changed {
+                log(report(
+                    "remote_tags",
+                    false,
+                    format!(
+                        "tags recorded on {}: {}",
+                        remote.display,
+                        local
+                            .iter()
+                            .map(|(n, s)| format!("{n}={s}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    json!({ "remote": remote.display, "tags": local }),
+                ));
+            }
+            st.synced = Some(local.clone());
+        }
+        Err(e) => st.warn_once(
+            log,
+            "remote_tags_failed",
+            format!(
+                "cannot record the tags on {}: {e}; remote retention here still keeps the checkpoints tagged in the local directory",
+                remote.display
+            ),
+        ),
+    }
+}
+
+/// Remote retention: keeps the newest `keep` remote checkpoints that authenticate with our
+/// keys (the others are left alone) and every one tagged in the local directory (`local`) or
+/// in the remote tag record ([`TAGS_NAME`]; one that does not authenticate protects
+/// nothing). Removes nothing when either cannot be read.
+fn prune(
+    remote: &Remote,
+    keep: usize,
+    local: &Result<BTreeMap<String, u64>, String>,
+    st: &mut TagSync,
+    log: &dyn Fn(Report),
+) {
+    let local = match local {
+        Ok(l) => l,
+        Err(e) => {
+            st.warn_once(
+                log,
+                "remote_prune_failed",
+                format!("remote retention: cannot read the local tags ({e}); nothing removed"),
+            );
+            return;
+        }
+    };
+    let remote_tags = match remote.tags() {
+        Ok(RemoteTags::Invalid(why)) => {
+            st.warn_once(
+                log,
+                "remote_tags_invalid",
+                format!(
+                    "{} holds a tag record ({TAGS_NAME}) that does not authenticate ({why}); ignored: it protects nothing",
+                    remote.display
+                ),
+            );
+            BTreeMap::new()
+        }
+        Ok(t) => t.valid(),
+        Err(e) => {
+            log(report(
+                "remote_prune_failed",
+                true,
+                format!("remote retention: cannot read the remote tags ({e}); nothing removed"),
+                json!({ "error": redact(&e) }),
+            ));
+            return;
+        }
+    };
+    let protected: BTreeSet<u64> = local
+        .values()
+        .chain(remote_tags.values())
+        .copied()
+        .collect();
+    let listed = match remote.list() {
         Ok(s) => s,
         Err(e) => {
             log(report(
@@ -2470,6 +2985,14 @@ fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) 
             return;
         }
     };
+    // Only checkpoints that authenticate with our keys count and go, as with `ckpt gc
+    // --remote`: the others are someone else's (or this job's, signed with a key not given
+    // here: a machine without the job's key file must not prune its owner's checkpoints).
+    let seqs: Vec<u64> = listed
+        .iter()
+        .copied()
+        .filter(|s| remote.check(*s).is_ok())
+        .collect();
     let cut = seqs.len().saturating_sub(keep);
     // Also the leftovers older than every checkpoint kept: objects of checkpoints that never
     // got their manifest (an upload cut short, a multi-rank checkpoint whose shards did not
@@ -2479,7 +3002,7 @@ fn prune(remote: &Remote, keep: usize, protected: &[u64], log: &dyn Fn(Report)) 
         .list_dirs()
         .unwrap_or_default()
         .into_iter()
-        .filter(|s| *s < oldest_kept && !seqs.contains(s))
+        .filter(|s| *s < oldest_kept && !listed.contains(s))
         .collect();
     let mut gone = Vec::new();
     for &s in seqs[..cut].iter().chain(&leftovers) {

@@ -1,7 +1,8 @@
 //! Remote checkpoints (`ckpt run --remote`) end to end, with the real binary and real
 //! processes: against a real S3-protocol server (moto's server mode, started here on a free
 //! 127.0.0.1 port; the tests say SKIPPED when `moto_server` is not installed, which
-//! `scripts/setup` does) and against `file://` remotes (no server).
+//! `scripts/setup` does, and fail instead when `CI` is set) and against `file://` remotes
+//! (no server).
 //!
 //! Covered: a new machine (the local directory wiped) resumes from the newest remote
 //! checkpoint and ends bit-identical; the server killed mid-upload and restarted (the upload is
@@ -23,6 +24,21 @@ use common::*;
 
 const DIM: usize = 8;
 const SECRET: &str = "s3cr3t-ckpt-remote-test-value";
+/// Further credentials that must never be shown (`remote::redact` hides the access key id
+/// too): set by [`WithSessionToken`], checked everywhere [`SECRET`] is.
+const SESSION_TOKEN: &str = "t0ken-ckpt-remote-test-session-value";
+const ACCESS_KEY_ID: &str = "AKIACKPTREMOTETEST01";
+
+/// Every credential value a test sets (the Azurite account key too).
+fn secrets() -> [&'static str; 4] {
+    [SECRET, SESSION_TOKEN, ACCESS_KEY_ID, AZ_KEY]
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for s in secrets() {
+        assert!(!text.contains(s), "a credential reached {what}: {text}");
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // A moto server on loopback
@@ -49,9 +65,15 @@ fn moto_installed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Skips the test when moto is missing, except under `CI`: a CI run must not pass with
+/// the remote tests silently skipped.
 macro_rules! need_moto {
     () => {
         if !moto_installed() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set but moto_server is not installed (scripts/setup installs it: pip install 'moto[server]')"
+            );
             eprintln!("SKIPPED: moto_server is not installed (scripts/setup installs it: pip install 'moto[server]')");
             return;
         }
@@ -230,6 +252,18 @@ impl Server for Moto {
     }
 }
 
+/// Moto with temporary credentials: an access key id of its own and a session token (moto
+/// accepts any), so that the test can look for each in the logs.
+struct WithSessionToken<'a>(&'a Moto);
+
+impl Server for WithSessionToken<'_> {
+    fn env(&self, c: &mut Command) {
+        self.0.env(c);
+        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+            .env("AWS_SESSION_TOKEN", SESSION_TOKEN);
+    }
+}
+
 fn trainer_cmd(c: &mut Command, steps: u64, step_ms: u64, digest: &Path) {
     c.arg("--").args(trainer_args(steps, DIM, step_ms, digest));
 }
@@ -265,7 +299,7 @@ fn run_and_stop_with(
     );
     let st = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!st.contains(SECRET), "{st}");
+    assert_no_secret("ckpt status --json", &st);
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
     assert!(
         v["remote"]["newest_uploaded"].as_u64().unwrap() >= 1,
@@ -298,10 +332,21 @@ fn new_vm_finish(
     moto: Option<&dyn Server>,
     steps: u64,
 ) -> (Option<u64>, String) {
+    new_vm_finish_with(dir, home, url, moto, steps, &["--every", "off"])
+}
+
+fn new_vm_finish_with(
+    dir: &Path,
+    home: &Path,
+    url: &str,
+    moto: Option<&dyn Server>,
+    steps: u64,
+    extra: &[&str],
+) -> (Option<u64>, String) {
     let _ = std::fs::remove_dir_all(dir);
     let digest = dir.with_extension("digest2");
     let mut c = ckpt_remote(dir, home, url, moto);
-    c.args(["--every", "off"]);
+    c.args(extra);
     trainer_cmd(&mut c, steps, 0, &digest);
     let out = output_deadline(&mut c, Duration::from_secs(120));
     let err = text(&out.stderr);
@@ -575,6 +620,655 @@ fn remote_keep_prunes_the_remote_and_flags_need_remote() {
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
 }
 
+/// A `ckpt` command with its key under `home` (no server) and its output, within a deadline.
+fn run_ckpt(home: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut c = ckpt_env(home, None);
+    c.args(args.iter().map(|a| a.as_ref()));
+    output_deadline(&mut c, Duration::from_secs(60))
+}
+
+/// `ckpt gc --json --dry-run --keep 1 --remote URL --dir DIR`: what retention would remove.
+fn gc_dry_run_keep_1(home: &Path, url: &str, dir: &Path) -> std::process::Output {
+    run_ckpt(
+        home,
+        &[
+            &"gc",
+            &"--json",
+            &"--dry-run",
+            &"--keep",
+            &"1",
+            &"--remote",
+            &url,
+            &"--dir",
+            &dir,
+        ],
+    )
+}
+
+fn ok_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    json_of(out)
+}
+
+fn seqs_of(v: &serde_json::Value) -> Vec<u64> {
+    let mut s: Vec<u64> = v
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    s.sort();
+    s
+}
+
+/// Tags travel with the remote: a tag made while the directory is uploaded somewhere is
+/// recorded there (signed), so remote retention on a new machine, whose directory holds no
+/// tag, still keeps the tagged checkpoint; a tag only in the local directory is kept by
+/// retention run there; `ckpt untag` on the new machine removes the remote's tag; a tag
+/// record that does not authenticate protects nothing and is not overwritten.
+#[test]
+fn remote_retention_keeps_tagged_checkpoints_on_a_new_vm_with_an_empty_directory() {
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    run_and_stop(&dir, home, &url, None, 4);
+    let all = remote_seqs(&root);
+    // Tags name local checkpoints (local retention has removed the oldest ones here).
+    let local = remote_seqs(&dir);
+    assert!(local.len() >= 3 && all.len() >= 4, "{local:?} {all:?}");
+    let (best, mine, newest) = (local[0], local[1], *all.last().unwrap());
+    assert_eq!(newest, *local.last().unwrap());
+    // A tag made while no remote is known (remotes.json aside): local only.
+    let remembered = dir.join(".ckpt/remotes.json");
+    std::fs::rename(&remembered, t.path().join("remotes.json")).unwrap();
+    let out = run_ckpt(
+        home,
+        &[
+            &"tag",
+            &"--json",
+            &"--dir",
+            &dir,
+            &mine.to_string(),
+            &"mine",
+        ],
+    );
+    assert_eq!(ok_json(&out)["remote"], serde_json::json!([]));
+    std::fs::rename(t.path().join("remotes.json"), &remembered).unwrap();
+    // A tag made with the remote known: recorded there too.
+    let out = run_ckpt(
+        home,
+        &[
+            &"tag",
+            &"--json",
+            &"--dir",
+            &dir,
+            &best.to_string(),
+            &"best",
+        ],
+    );
+    let v = ok_json(&out);
+    assert_eq!(v["remote"][0]["recorded"], true, "{v}");
+    assert!(root.join("TAGS.ckpt.sig").exists());
+    let out = run_ckpt(home, &[&"list", &"--json", &"--remote", &url]);
+    let rows = ok_json(&out);
+    let row = |s: u64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["seq"] == s)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row(best)["tags"], serde_json::json!(["best"]), "{rows}");
+    assert_eq!(row(mine)["tags"], serde_json::json!([]), "{rows}");
+    // The remote's tag names its checkpoint in commands that read one.
+    let out = run_ckpt(home, &[&"show", &"--json", &"--remote", &url, &"best"]);
+    assert_eq!(ok_json(&out)["seq"], best);
+    // Retention by hand on this machine keeps both tags (the local-only one too).
+    let out = gc_dry_run_keep_1(home, &url, &dir);
+    let v = ok_json(&out);
+    let expect: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|s| ![best, mine, newest].contains(s))
+        .collect();
+    assert!(!expect.is_empty());
+    assert_eq!(seqs_of(&v["would_remove"]), expect, "{v}");
+    assert_eq!(seqs_of(&v["tagged"]), vec![best, mine], "{v}");
+
+    // A new VM: the directory is gone; the job resumes from the remote with --remote-keep 1.
+    std::fs::remove_dir_all(&dir).unwrap();
+    run_and_stop_with(&dir, home, &url, None, 2, &["--remote-keep", "1"]);
+    assert!(!events(&dir, "remote_pruned").is_empty());
+    let last = events(&dir, "uploaded")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    assert!(last > newest);
+    // The tagged one survives (the remote's record), the rest (the local-only tag was on
+    // the lost machine) is pruned.
+    assert_eq!(remote_seqs(&root), vec![best, last]);
+    // `ckpt untag` on the new machine removes a tag only the remote holds.
+    let out = run_ckpt(home, &[&"untag", &"--json", &"--dir", &dir, &"best"]);
+    let v = ok_json(&out);
+    assert_eq!(v["seq"], best, "{v}");
+    assert_eq!(v["remote"][0]["changed"], true, "{v}");
+    let out = gc_dry_run_keep_1(home, &url, &dir);
+    assert_eq!(seqs_of(&ok_json(&out)["would_remove"]), vec![best]);
+    // A tag record that does not authenticate (planted: another key) protects nothing, and
+    // `ckpt tag` does not overwrite it (exit 77, the local tag stands).
+    let body = format!("{{\"v\":1,\"kind\":\"tags\",\"tags\":{{\"evil\":{best}}},\"t_ms\":0}}");
+    let forged = serde_json::json!({ "alg": "hmac-sha256", "key": "0123456789abcdef", "body": body, "tag": "00".repeat(32) });
+    std::fs::write(root.join("TAGS.ckpt.sig"), forged.to_string()).unwrap();
+    let out = run_ckpt(home, &[&"tag", &"--dir", &dir, &"latest", &"x"]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not overwritten"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("TAGS.ckpt.sig")).unwrap(),
+        forged.to_string()
+    );
+    let out = run_ckpt(
+        home,
+        &[
+            &"gc",
+            &"--json",
+            &"--keep",
+            &"1",
+            &"--remote",
+            &url,
+            &"--dir",
+            &dir,
+        ],
+    );
+    let v = ok_json(&out);
+    assert_eq!(seqs_of(&v["removed"]), vec![best], "{v}");
+    assert!(v["tags_invalid"].is_string(), "{v}");
+    assert_eq!(remote_seqs(&root), vec![last]);
+}
+
+/// Key rotation (`--remote-key NEW --remote-key OLD`): checkpoints signed with the old key
+/// still verify and restore, the new key signs everything new; a checkpoint signed only
+/// with a key not given is refused, naming the fix.
+#[test]
+fn key_rotation_old_checkpoints_restore_new_ones_are_signed_with_the_new_key() {
+    let t = tempdir();
+    let home = t.path();
+    let dir = t.path().join("d");
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let keys = t.path().join("keys");
+    let (old, new) = (keys.join("old.key"), keys.join("new.key"));
+    let (old_s, new_s) = (
+        old.to_string_lossy().to_string(),
+        new.to_string_lossy().to_string(),
+    );
+    run_and_stop_with(&dir, home, &url, None, 2, &["--remote-key", &old_s]);
+    let key_old = events(&dir, "remote")[0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let signer = |s: u64| -> String {
+        let raw = std::fs::read(root.join(format!("ckpt-{s:012}/MANIFEST.ckpt.sig"))).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        v["key"].as_str().unwrap().to_string()
+    };
+    let before = remote_seqs(&root);
+    assert!(before.iter().all(|s| signer(*s) == key_old), "{before:?}");
+    let newest = *before.last().unwrap();
+    let step = the_step(&root.join(format!("ckpt-{newest:012}")));
+    // The switch: a new VM with both keys (the new one created on first use) restores the
+    // old-signed newest checkpoint and finishes bit-identical.
+    let (restored, err) = new_vm_finish_with(
+        &dir,
+        home,
+        &url,
+        None,
+        step + 200,
+        &[
+            "--every",
+            "off",
+            "--remote-key",
+            &new_s,
+            "--remote-key",
+            &old_s,
+        ],
+    );
+    assert_eq!(restored, Some(newest), "{err}");
+    let key_new = events(&dir, "remote")[0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(key_new, key_old);
+    // A checkpoint made after the switch is signed with the new key.
+    let f = t.path().join("after.bin");
+    std::fs::write(&f, b"after the switch").unwrap();
+    let out = run_ckpt(
+        home,
+        &[
+            &"save",
+            &"--json",
+            &"--remote",
+            &url,
+            &"--remote-key",
+            &new_s,
+            &"--remote-key",
+            &old_s,
+            &"--dir",
+            &dir,
+            &f,
+        ],
+    );
+    assert_eq!(ok_json(&out)["remote"]["uploaded"], true);
+    let after: Vec<u64> = remote_seqs(&root)
+        .into_iter()
+        .filter(|s| !before.contains(s))
+        .collect();
+    assert!(!after.is_empty(), "{err}");
+    assert!(after.iter().all(|s| signer(*s) == key_new), "{after:?}");
+    let fin: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("FINISHED.ckpt.sig")).unwrap()).unwrap();
+    assert_eq!(fin["key"], key_new.as_str());
+    // Both keys: everything authenticates.
+    let out = run_ckpt(
+        home,
+        &[
+            &"list",
+            &"--json",
+            &"--remote",
+            &url,
+            &"--remote-key",
+            &new_s,
+            &"--remote-key",
+            &old_s,
+        ],
+    );
+    let rows = ok_json(&out);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["authentic"] == true),
+        "{rows}"
+    );
+    // The new key alone: the old-signed checkpoints are refused, naming the fix.
+    let out = run_ckpt(
+        home,
+        &[
+            &"list",
+            &"--json",
+            &"--remote",
+            &url,
+            &"--remote-key",
+            &new_s,
+        ],
+    );
+    let rows = ok_json(&out);
+    for r in rows.as_array().unwrap() {
+        let s = r["seq"].as_u64().unwrap();
+        assert_eq!(
+            r["authentic"],
+            serde_json::json!(after.contains(&s)),
+            "{rows}"
+        );
+        if !after.contains(&s) {
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains(&key_old) && e.contains("--remote-key"), "{e}");
+        }
+    }
+    let to = t.path().join("exp");
+    let out = run_ckpt(
+        home,
+        &[
+            &"export",
+            &"--remote",
+            &url,
+            &newest.to_string(),
+            &"--remote-key",
+            &new_s,
+            &"--to",
+            &to,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("copy the key file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!to.exists());
+    let out = run_ckpt(
+        home,
+        &[
+            &"verify",
+            &"--remote",
+            &url,
+            &newest.to_string(),
+            &"--remote-key",
+            &new_s,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    // With the old key listed too it exports.
+    let out = run_ckpt(
+        home,
+        &[
+            &"export",
+            &"--remote",
+            &url,
+            &newest.to_string(),
+            &"--remote-key",
+            &new_s,
+            &"--remote-key",
+            &old_s,
+            &"--to",
+            &to,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(the_step(&to), step);
+    // A key that signed nothing here: nothing authenticates.
+    let other = keys.join("other.key").to_string_lossy().to_string();
+    let out = run_ckpt(
+        home,
+        &[&"verify", &"--remote", &url, &"--remote-key", &other],
+    );
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+}
+
+/// Two machines share a job's key as docs/cloud.md says: the key file copied from A's key
+/// path to B's. Before the copy B refuses A's checkpoints, naming the fix; after it, B
+/// exports and restores them.
+#[test]
+fn two_machines_need_the_same_key_file_and_work_once_it_is_copied() {
+    let t = tempdir();
+    let (a, b) = (t.path().join("vm-a"), t.path().join("vm-b"));
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let f = t.path().join("weights.bin");
+    std::fs::write(&f, b"weights of machine A").unwrap();
+    let out = run_ckpt(
+        &a,
+        &[
+            &"save",
+            &"--json",
+            &"--remote",
+            &url,
+            &"--dir",
+            &a.join("d"),
+            &f,
+        ],
+    );
+    assert_eq!(ok_json(&out)["remote"]["uploaded"], true);
+    let key_a = a.join("config/ckpt/remote.key");
+    assert!(key_a.exists());
+    // B without A's key (its own is made on first use): refused, naming the fix.
+    let to = b.join("exp");
+    let out = run_ckpt(&b, &[&"export", &"--remote", &url, &"1", &"--to", &to]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    let key_b = b.join("config/ckpt/remote.key");
+    assert!(
+        err.contains("copy the key file") && err.contains(&*key_b.to_string_lossy()),
+        "{err}"
+    );
+    assert!(!to.exists());
+    let out = run_ckpt(&b, &[&"export", &"--remote", &url, &"latest", &"--to", &to]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("copy the key file"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The key copied to B's key path (mode 0600, as docs/cloud.md says).
+    std::fs::copy(&key_a, &key_b).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_b, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_ckpt(&b, &[&"export", &"--remote", &url, &"latest", &"--to", &to]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(to.join("weights.bin")).unwrap(),
+        b"weights of machine A"
+    );
+    let out = run_ckpt(&b, &[&"import", &"--json", &"--dir", &b.join("d"), &to]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // And a run on B restores A's checkpoint before its job starts.
+    let db = b.join("run");
+    let out = run_ckpt(
+        &b,
+        &[&"run", &"--remote", &url, &"--dir", &db, &"--", &"true"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        events(&db, "remote_restored").len(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(db.join("ckpt-000000000001/weights.bin")).unwrap(),
+        b"weights of machine A"
+    );
+    assert_no_survivors(&db);
+}
+
+/// Every file under `root` with its bytes (a remote's state, to compare before and after).
+fn tree_bytes(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A new VM without the job's key file: `ckpt run --remote` warns once (`remote_not_ours`,
+/// naming the count, A's key id, B's key path and the fix), starts the job from scratch, and
+/// its checkpoints numbered like A's are conflicts: not uploaded, never `remote_safe`, A's
+/// objects untouched; the stop with `--remote-required` exits 77 naming the conflict. Past
+/// A's numbers B uploads, and its `--remote-keep` removes none of A's. With A's key copied,
+/// B restores A's newest checkpoint. (Before the fix, B's uploader took A's
+/// same-numbered checkpoints as its own: `upload_present`, `remote_safe`, exit 75.)
+#[test]
+fn a_vm_without_the_key_warns_and_never_takes_anothers_checkpoints_as_uploaded() {
+    let t = tempdir();
+    let (a, b) = (t.path().join("vm-a"), t.path().join("vm-b"));
+    let root = t.path().join("remote");
+    let url = format!("file://{}", root.display());
+    let (da, db) = (a.join("d"), b.join("d"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    run_and_stop(&da, &a, &url, None, 6);
+    let theirs = remote_seqs(&root);
+    let newest = *theirs.last().unwrap();
+    assert!(theirs.len() >= 6, "{theirs:?}");
+    let before = tree_bytes(&root);
+    let key_a = a.join("config/ckpt/remote.key");
+    let key_b = b.join("config/ckpt/remote.key");
+    let id_a = {
+        let sig: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join(format!("ckpt-{newest:012}/MANIFEST.ckpt.sig"))).unwrap(),
+        )
+        .unwrap();
+        sig["key"].as_str().unwrap().to_string()
+    };
+
+    // B: its own (new) key, an empty directory, the same job and remote.
+    let log = db.with_extension("log1");
+    let mut c = ckpt_remote(&db, &b, &url, None);
+    c.args([
+        "--every",
+        "150ms",
+        "--remote-required",
+        "--remote-stop-timeout",
+        "20s",
+    ]);
+    trainer_cmd(&mut c, 100_000, 5, &db.with_extension("digest1"));
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut sup = c.spawn_guarded();
+    wait_until(
+        Duration::from_secs(60),
+        "two checkpoints handled by B's uploader",
+        || {
+            ["remote_conflict", "upload_present", "uploaded"]
+                .iter()
+                .map(|e| events(&db, e).len())
+                .sum::<usize>()
+                >= 2
+        },
+    );
+    signal(sup.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_no_survivors(&db);
+    assert!(key_b.exists());
+    let key_b_s = key_b.display().to_string();
+    // Nothing of B's counts as off the machine: A's same-numbered checkpoints are not B's.
+    for ev in ["uploaded", "upload_present", "remote_safe"] {
+        assert!(events(&db, ev).is_empty(), "{ev}: {err}");
+    }
+    assert_eq!(st.code(), Some(77), "{err}");
+
+    // The launch warning: once, with the count, A's key id, B's key path and the fix.
+    let warned = events(&db, "remote_not_ours");
+    assert_eq!(warned.len(), 1, "{err}");
+    assert_eq!(
+        warned[0]["count"].as_u64(),
+        Some(theirs.len() as u64),
+        "{err}"
+    );
+    assert_eq!(warned[0]["keys"], serde_json::json!([id_a]), "{err}");
+    assert_eq!(warned[0]["key_path"].as_str(), Some(&*key_b_s), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("none authenticates with this machine's key"))
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    for want in [
+        &*format!("holds {} checkpoints", theirs.len()),
+        &id_a,
+        &key_b_s,
+        "copy the key file",
+        "--remote-key FILE",
+        "starts from its beginning",
+    ] {
+        assert!(line.contains(want), "{want:?} not in {line}");
+    }
+    assert!(events(&db, "remote_restored").is_empty(), "{err}");
+    // One warning: each checkpoint's `remote_invalid` is in the events, not on stderr.
+    assert_eq!(events(&db, "remote_invalid").len(), theirs.len(), "{err}");
+    assert!(!err.contains("is not restored"), "{err}");
+
+    // B's checkpoints numbered like A's: conflicts, never uploaded nor safe.
+    let b_final = ckpt::store::parse_seq(
+        std::fs::read_dir(&db)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("ckpt-"))
+            .max()
+            .unwrap()
+            .as_str(),
+        false,
+    )
+    .unwrap();
+    assert!(
+        b_final <= newest,
+        "B's final checkpoint {b_final} is above A's {newest}: {err}"
+    );
+    let conflicts = events(&db, "remote_conflict");
+    assert!(
+        conflicts.iter().any(|e| e["seq"].as_u64() == Some(b_final)),
+        "{err}"
+    );
+    for e in &conflicts {
+        assert_eq!(e["key"].as_str(), Some(&*id_a), "{e}");
+        assert_eq!(e["key_path"].as_str(), Some(&*key_b_s), "{e}");
+    }
+    assert!(
+        err.contains(&format!("checkpoint {b_final} is NOT uploaded")),
+        "{err}"
+    );
+    // The stop: exit 77, naming the conflict.
+    let missing = events(&db, "remote_missing");
+    assert_eq!(missing.len(), 1, "{err}");
+    assert_eq!(missing[0]["seq"].as_u64(), Some(b_final), "{err}");
+    assert!(missing[0]["conflict"].as_str().is_some(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains(&format!("checkpoint {b_final} is NOT on")))
+        .unwrap_or_else(|| panic!("no stop line: {err}"));
+    assert!(
+        line.contains("already holds a different checkpoint") && line.contains("--remote-required"),
+        "{line}"
+    );
+    // A's records are untouched, byte for byte.
+    assert_eq!(remote_seqs(&root), theirs);
+    assert!(tree_bytes(&root) == before, "the remote changed");
+
+    // B again, with `--remote-keep 1`, until its numbers pass A's: those are uploaded
+    // (signed with B's key), and B's retention leaves A's checkpoints alone (they do not
+    // authenticate with B's key: they are not B's to remove).
+    let mut c = ckpt_remote(&db, &b, &url, None);
+    c.args(["--every", "150ms", "--remote-keep", "1"]);
+    trainer_cmd(&mut c, 100_000, 5, &db.with_extension("digest1"));
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut sup = c.spawn_guarded();
+    wait_until(Duration::from_secs(60), "two uploads on B", || {
+        events(&db, "uploaded").len() >= 2
+    });
+    signal(sup.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut sup, Duration::from_secs(60));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(75), "{err}");
+    assert_no_survivors(&db);
+    assert!(
+        events(&db, "uploaded")
+            .iter()
+            .all(|e| e["seq"].as_u64().unwrap() > newest),
+        "{err}"
+    );
+    let after = tree_bytes(&root);
+    for (p, bytes) in &before {
+        assert!(
+            after.get(p) == Some(bytes),
+            "{} changed or went: {err}",
+            p.display()
+        );
+    }
+    let mine = remote_seqs(&root);
+    assert!(mine.len() == theirs.len() + 1, "{mine:?}: {err}");
+
+    // A's key copied to B: B restores A's newest, and the job finishes from there.
+    std::fs::copy(&key_a, &key_b).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_b, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let steps = steps_after(&root.join(format!("ckpt-{newest:012}")));
+    let (restored, err) = new_vm_finish(&db, &b, &url, None, steps);
+    assert_eq!(restored, Some(newest), "{err}");
+    assert!(!err.contains("none authenticates"), "{err}");
+    assert_no_survivors(&db);
+}
+
 // ---------------------------------------------------------------------------------------
 // s3:// against moto
 
@@ -585,7 +1279,8 @@ fn s3_new_vm_resumes_bit_identical_and_no_secret_is_logged() {
     let t = tempdir();
     let dir = t.path().join("d");
     let url = "s3://ckpt-remote-test/jobs/a";
-    run_and_stop(&dir, t.path(), url, Some(&moto), 2);
+    let creds = WithSessionToken(&moto);
+    run_and_stop(&dir, t.path(), url, Some(&creds), 2);
     let keys = moto.keys("jobs/a/");
     let newest = keys
         .iter()
@@ -595,12 +1290,27 @@ fn s3_new_vm_resumes_bit_identical_and_no_secret_is_logged() {
         .unwrap();
     let step = the_step(&dir.join(format!("ckpt-{newest:012}")));
     let log1 = std::fs::read_to_string(dir.with_extension("log1")).unwrap();
-    let (restored, err) = new_vm_finish(&dir, t.path(), url, Some(&moto), step + 200);
+    let (restored, err) = new_vm_finish(&dir, t.path(), url, Some(&creds), step + 200);
     assert_eq!(restored, Some(newest), "{err}");
     let ev = std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap();
-    for text in [&log1, &err, &ev] {
-        assert!(!text.contains(SECRET), "a secret reached a log: {text}");
-    }
+    assert_no_secret("the first run's stderr", &log1);
+    assert_no_secret("the new VM's stderr", &err);
+    assert_no_secret("events.jsonl", &ev);
+    // An error from the server (a missing bucket) and a failed upload, with every
+    // credential in the environment: none of them is shown.
+    let bad = "s3://no-such-bucket-ckpt/x";
+    let f = t.path().join("f.bin");
+    std::fs::write(&f, b"x").unwrap();
+    let out = output_deadline(
+        ckpt_env(t.path(), Some(&creds))
+            .args(["save", "--json", "--remote", bad, "--dir"])
+            .arg(t.path().join("d3"))
+            .arg(&f),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    assert_no_secret("a failed upload's stderr", &text(&out.stderr));
+    assert_no_secret("a failed upload's --json", &text(&out.stdout));
 }
 
 #[test]
@@ -1439,10 +2149,15 @@ impl Azurite {
 
 impl Server for Azurite {
     fn env(&self, c: &mut Command) {
-        c.env("AZURE_STORAGE_USE_EMULATOR", "true").env(
-            "AZURITE_BLOB_STORAGE_URL",
-            format!("http://127.0.0.1:{}", self.port),
-        );
+        // The account and its key given explicitly (the emulator's own), so that the test can
+        // look for the key in the logs.
+        c.env("AZURE_STORAGE_USE_EMULATOR", "true")
+            .env(
+                "AZURITE_BLOB_STORAGE_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AZURE_STORAGE_ACCOUNT_NAME", AZ_ACCOUNT)
+            .env("AZURE_STORAGE_ACCOUNT_KEY", AZ_KEY);
     }
 }
 
@@ -1458,6 +2173,10 @@ impl Drop for Azurite {
 #[test]
 fn az_azurite_new_vm_resumes_bit_identical_save_and_export_round_trip() {
     if !azurite_installed() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but azurite-blob is not installed (scripts/setup installs it: npm install -g azurite)"
+        );
         eprintln!(
             "SKIPPED: azurite is not installed (scripts/setup installs it: npm install -g azurite)"
         );
@@ -1489,9 +2208,18 @@ fn az_azurite_new_vm_resumes_bit_identical_save_and_export_round_trip() {
         "{rows}"
     );
     // A new VM resumes from it, bit-identical; the job's finish is recorded there too.
+    let log1 = std::fs::read_to_string(dir.with_extension("log1")).unwrap();
     let (restored, err) = new_vm_finish(&dir, t.path(), url, Some(&az), step + 200);
     assert_eq!(restored, Some(newest), "{err}");
     assert_eq!(events(&dir, "remote_finished").len(), 1, "{err}");
+    // The account key (the secret here; `run_and_stop` checked `ckpt status --json`) is in
+    // no log.
+    assert_no_secret("the first run's stderr", &log1);
+    assert_no_secret("the new VM's stderr", &err);
+    assert_no_secret(
+        "events.jsonl",
+        &std::fs::read_to_string(dir.join(".ckpt/events.jsonl")).unwrap(),
+    );
     // `ckpt save --remote az://` and `ckpt export --remote az://` round trip.
     let f = t.path().join("blob.bin");
     std::fs::write(&f, b"hello azurite").unwrap();

@@ -131,11 +131,33 @@ fn tag_text(v: &serde_json::Value) -> String {
 fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
     let r = a.remote_auth.open(url)?;
     let seqs = r.list().map_err(Fatal::io)?;
+    // The remote's tag record (only an authentic one names anything).
+    let mut tags: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    match r.tags() {
+        Ok(crate::remote::RemoteTags::Invalid(why)) => eprintln!(
+            "ckpt: warning: the tag record on {} does not authenticate ({}); ignored",
+            r.display,
+            escape(&why)
+        ),
+        Ok(t) => {
+            for (n, s) in t.valid() {
+                tags.entry(s).or_default().push(n);
+            }
+        }
+        Err(e) => eprintln!(
+            "ckpt: warning: cannot read the tag record on {}: {}",
+            r.display,
+            escape(&e)
+        ),
+    }
     let rows: Vec<serde_json::Value> = seqs
         .iter()
-        .map(|&seq| match r.check(seq) {
-            Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "authentic": true }),
-            Err(e) => json!({ "seq": seq, "authentic": false, "error": e }),
+        .map(|&seq| {
+            let t = tags.remove(&seq).unwrap_or_default();
+            match r.check(seq) {
+                Ok(m) => json!({ "seq": seq, "step": m.step, "created_ms": m.created_ms, "bytes": m.total_bytes(), "files": m.files.len(), "writer": m.writer, "authentic": true, "tags": t }),
+                Err(e) => json!({ "seq": seq, "authentic": false, "error": e, "tags": t }),
+            }
         })
         .collect();
     if a.json {
@@ -146,15 +168,20 @@ fn list_remote(a: &ListArgs, url: &str) -> Result<i32, Fatal> {
         eprintln!("no checkpoints on {}", r.display);
         return Ok(0);
     }
-    println!("{}", header_columns());
+    println!("{}  TAGS", header_columns());
     for row in rows {
         if row["authentic"] == json!(true) {
-            println!("{}", manifest_columns(&row));
+            println!(
+                "{}  {}",
+                manifest_columns(&row),
+                escape(&tag_text(&row["tags"]))
+            );
         } else {
             println!(
-                "{:>8}  NOT RESTORABLE: {}",
+                "{:>8}  NOT RESTORABLE: {}  {}",
                 row["seq"].to_string(),
-                escape(row["error"].as_str().unwrap_or(""))
+                escape(row["error"].as_str().unwrap_or("")),
+                escape(&tag_text(&row["tags"]))
             );
         }
     }

@@ -149,7 +149,8 @@ pub struct RunArgs {
     /// instance roles, ...). See docs/cloud.md.
     #[arg(long, env = "CKPT_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
-    /// Keep only the newest N remote checkpoints (tagged ones are never pruned).
+    /// Keep only the newest N remote checkpoints (those tagged here or in the remote's tag
+    /// record are never pruned).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
     pub remote_keep: Option<u64>,
     #[command(flatten)]

@@ -174,15 +174,53 @@ pub fn tag(a: TagArgs) -> Result<i32, Fatal> {
         })
         .map_err(|e| Fatal::store("cannot tag", e));
     let (seq, old) = res?;
+    // The remotes this directory is uploaded to record the tag too: their retention keeps
+    // the checkpoint even on a new machine whose directory holds no tag.
+    let remote = crate::remote::update_remembered_tags(&store, &mut |t| {
+        t.insert(a.name.clone(), seq);
+    });
     if a.json {
-        println!("{}", json!({ "tag": a.name, "seq": seq, "previous": old }));
+        println!(
+            "{}",
+            json!({ "tag": a.name, "seq": seq, "previous": old, "remote": remote_json(&remote) })
+        );
     } else {
         match old {
             Some(o) if o != seq => println!("moved tag {} from checkpoint {o} to {seq}", a.name),
             _ => println!("tagged checkpoint {seq} as {}", a.name),
         }
     }
-    Ok(0)
+    Ok(remote_report(&remote, a.json, &format!("tag {}", a.name)))
+}
+
+fn remote_json(r: &[crate::remote::RemoteTagUpdate]) -> Value {
+    r.iter()
+        .map(|x| match &x.result {
+            Ok(changed) => json!({ "url": x.remote, "recorded": true, "changed": changed }),
+            Err(e) => json!({ "url": x.remote, "recorded": false, "error": e }),
+        })
+        .collect()
+}
+
+/// Says what a tag change did to each remote; a remote that could not be updated is an
+/// error (exit 77: the change stands locally).
+fn remote_report(r: &[crate::remote::RemoteTagUpdate], quiet: bool, what: &str) -> i32 {
+    let mut code = 0;
+    for x in r {
+        match &x.result {
+            Ok(true) if !quiet => println!("{what}: recorded on {}", x.remote),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!(
+                    "ckpt: error: {what} is NOT recorded on {}: {}; it stands locally (a running `ckpt run --remote` records it with its next upload); run the command again once the remote is reachable",
+                    x.remote,
+                    escape(e)
+                );
+                code = ErrKind::UploadFailed.code();
+            }
+        }
+    }
+    code
 }
 
 /// Remove a name (the checkpoint stays, and is again subject to retention).
@@ -198,13 +236,45 @@ pub struct UntagArgs {
 
 pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
     let store = open(&a.dir.dir)?;
-    let seq = store
-        .update_tags(|tags| match tags.remove(&a.name) {
-            Some(s) => Ok(s),
-            None => Err(crate::Error::Usage(format!(
-                "no tag {:?} in {}; tags: {}",
+    let local = store
+        .update_tags(|tags| Ok(tags.remove(&a.name)))
+        .map_err(|e| Fatal::store("cannot untag", e))?;
+    // Removed from the remotes' tag records too (also a name only they still hold: one made
+    // on a machine since lost, or whose removal could not reach them then).
+    let mut remote_seq = None;
+    let remote = crate::remote::update_remembered_tags(&store, &mut |t| {
+        if let Some(s) = t.remove(&a.name) {
+            remote_seq = Some(s);
+        }
+    });
+    let Some(seq) = local.or(remote_seq) else {
+        let tags = store
+            .tags()
+            .map_err(|e| Fatal::store("cannot read tags", e))?;
+        let errs: Vec<String> = remote
+            .iter()
+            .filter_map(|x| {
+                x.result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {e}", x.remote))
+            })
+            .collect();
+        return Err(Fatal::new(
+            if errs.is_empty() {
+                ErrKind::Usage
+            } else {
+                ErrKind::UploadFailed
+            },
+            format!(
+                "no tag {:?} in {}{}; tags: {}{}",
                 a.name,
                 store.dir().display(),
+                if remote.is_empty() {
+                    ""
+                } else {
+                    " nor on its remotes"
+                },
                 if tags.is_empty() {
                     "none".to_string()
                 } else {
@@ -212,16 +282,28 @@ pub fn untag(a: UntagArgs) -> Result<i32, Fatal> {
                         .map(|(n, s)| format!("{n}={s}"))
                         .collect::<Vec<_>>()
                         .join(", ")
+                },
+                if errs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not reachable: {})", escape(&errs.join("; ")))
                 }
-            ))),
-        })
-        .map_err(|e| Fatal::store("cannot untag", e))?;
+            ),
+        ));
+    };
     if a.json {
-        println!("{}", json!({ "tag": a.name, "seq": seq }));
+        println!(
+            "{}",
+            json!({ "tag": a.name, "seq": seq, "remote": remote_json(&remote) })
+        );
     } else {
         println!("removed tag {} (checkpoint {seq} stays)", escape(&a.name));
     }
-    Ok(0)
+    Ok(remote_report(
+        &remote,
+        a.json,
+        &format!("removing tag {}", escape(&a.name)),
+    ))
 }
 
 /// Show one checkpoint: manifest, files, sizes, checksums, step, parent, metadata.
@@ -237,8 +319,9 @@ pub struct ShowArgs {
     pub verify: bool,
     #[arg(long)]
     pub json: bool,
-    /// Show a checkpoint of this remote instead (ID: a remote sequence number, `latest` or
-    /// `latest~N`, counting only checkpoints that authenticate with our key). The manifest
+    /// Show a checkpoint of this remote instead (ID: a remote sequence number, a tag of the
+    /// remote, `latest` or `latest~N`, counting only checkpoints that authenticate with our
+    /// key). The manifest
     /// is shown only once its authentication record checks out (exit 65 otherwise);
     /// --verify downloads and checks every byte as a restore would.
     #[arg(long, value_name = "URL")]
@@ -275,7 +358,16 @@ pub fn show(a: ShowArgs) -> Result<i32, Fatal> {
                     crate::store::PREFIX
                 )),
             };
-            (res, m, Vec::new(), verified)
+            // The remote's tag record (only an authentic one names anything).
+            let tags = r
+                .tags()
+                .map(|t| t.valid())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, s)| *s == seq)
+                .map(|(n, _)| n)
+                .collect::<Vec<String>>();
+            (res, m, tags, verified)
         }
         None => {
             let (store, res) = resolve_anywhere(&a.dir.dir, &a.id)?;
@@ -496,8 +588,9 @@ pub struct ExportArgs {
     pub to: PathBuf,
     #[arg(long)]
     pub json: bool,
-    /// Export a checkpoint of this remote instead (ID: a remote sequence number, `latest`
-    /// or `latest~N`, counting only checkpoints that authenticate with our key): every byte
+    /// Export a checkpoint of this remote instead (ID: a remote sequence number, a tag of the
+    /// remote, `latest` or `latest~N`, counting only checkpoints that authenticate with our
+    /// key): every byte
     /// is downloaded and checked as a restore would (exit 65 if it does not verify, and
     /// nothing is left at --to). `ckpt import` takes the result on any machine.
     #[arg(long, value_name = "URL")]
@@ -725,8 +818,9 @@ pub struct GcArgs {
     #[arg(long)]
     pub json: bool,
     /// Apply --keep to this remote instead (see `ckpt run --remote`): keeps the newest N
-    /// checkpoints that authenticate with our key, and those tagged in --dir if it exists;
-    /// checkpoints that do not authenticate are listed, never removed.
+    /// checkpoints that authenticate with our key, and those tagged in --dir (if it exists)
+    /// or in the remote's authenticated tag record; checkpoints that do not authenticate are
+    /// listed, never removed.
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
     #[command(flatten)]
@@ -740,15 +834,25 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     };
     let r = a.remote_auth.open(url)?;
     let store = Store::new(&a.dir.dir);
-    let tagged: Vec<u64> = if store.dir().is_dir() {
-        store
-            .tags_by_seq()
-            .map(|t| t.into_keys().collect())
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
     let io_err = |e: String| Fatal::io(e);
+    // Tagged here or in the remote's tag record: kept. A record that does not authenticate
+    // protects nothing (else a planted one could keep anything forever).
+    let mut tagged: std::collections::BTreeSet<u64> = if store.dir().is_dir() {
+        store
+            .tags()
+            .map_err(|e| Fatal::store("cannot read the local tags", e))?
+            .into_values()
+            .collect()
+    } else {
+        Default::default()
+    };
+    let tags_invalid = match r.tags().map_err(io_err)? {
+        crate::remote::RemoteTags::Invalid(why) => Some(why),
+        t => {
+            tagged.extend(t.valid().into_values());
+            None
+        }
+    };
     let seqs = r.list().map_err(io_err)?;
     let listed = seqs.clone();
     let mut ours = Vec::new();
@@ -790,7 +894,7 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
     if a.json {
         println!(
             "{}",
-            json!({ "remote": r.display, "removed": removed, "would_remove": if a.dry_run { doomed.clone() } else { vec![] }, "leftovers_removed": leftovers_removed, "would_remove_leftovers": if a.dry_run { leftovers.clone() } else { vec![] }, "kept": ours[cut..], "not_authentic": foreign.iter().map(|(s, e)| json!({ "seq": s, "reason": e })).collect::<Vec<_>>() })
+            json!({ "remote": r.display, "tagged": tagged, "tags_invalid": tags_invalid, "removed": removed, "would_remove": if a.dry_run { doomed.clone() } else { vec![] }, "leftovers_removed": leftovers_removed, "would_remove_leftovers": if a.dry_run { leftovers.clone() } else { vec![] }, "kept": ours[cut..], "not_authentic": foreign.iter().map(|(s, e)| json!({ "seq": s, "reason": e })).collect::<Vec<_>>() })
         );
     } else {
         let verb = if a.dry_run { "would remove" } else { "removed" };
@@ -821,6 +925,13 @@ fn gc_remote(a: &GcArgs, url: &str) -> Result<i32, Fatal> {
             eprintln!(
                 "left alone: remote checkpoint {s} does not authenticate with our key: {}",
                 crate::store::escape(e)
+            );
+        }
+        if let Some(why) = &tags_invalid {
+            eprintln!(
+                "ckpt: warning: the tag record on {} does not authenticate ({}); ignored: it protects nothing",
+                r.display,
+                crate::store::escape(why)
             );
         }
     }

@@ -626,11 +626,7 @@ fn start_uploader(
             ranks: s.ranks.clone(),
             wait: Duration::from_secs(300),
         },
-        Box::new(move || {
-            tags.tags_by_seq()
-                .map(|t| t.into_keys().collect())
-                .unwrap_or_default()
-        }),
+        Box::new(move || tags.tags().map_err(|e| e.to_string())),
         Box::new(move |r| {
             if let Ok(t) = tx.lock() {
                 let _ = t.send(Ev::Remote(r));

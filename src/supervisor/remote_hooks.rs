@@ -117,7 +117,9 @@ impl Run {
             .unwrap_or(0);
         let rep = &mut self.rep;
         crate::remote::restore_newer(u.remote(), &self.store, local_newest, &mut |r| {
-            if r.warn {
+            if r.human.is_empty() {
+                rep.event(r.event, None, r.data);
+            } else if r.warn {
                 rep.warn(r.event, r.human, r.data);
             } else {
                 rep.event(r.event, Some(r.human), r.data);
@@ -195,10 +197,11 @@ impl Run {
             );
             return None;
         }
-        let why = if idle {
-            "its upload failed"
-        } else {
-            "its upload did not finish in time"
+        let conflict = u.conflict(seq);
+        let why = match &conflict {
+            Some(c) => format!("not uploaded: {c} (a conflict: see remote_conflict)"),
+            None if idle => "its upload failed".to_string(),
+            None => "its upload did not finish in time".to_string(),
         };
         if stopped && s.required {
             self.rep.warn(
@@ -210,7 +213,7 @@ impl Run {
                     self.store.dir().display(),
                     exit_codes::REMOTE_MISSING
                 ),
-                json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64, "code": exit_codes::REMOTE_MISSING }),
+                json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64, "code": exit_codes::REMOTE_MISSING, "conflict": conflict.as_deref().map(crate::remote::redact) }),
             );
             return Some(exit_codes::REMOTE_MISSING);
         }
@@ -221,7 +224,7 @@ impl Run {
                 waited.as_secs_f64(),
                 self.store.dir().display()
             ),
-            json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64 }),
+            json!({ "seq": seq, "remote": display, "waited_ms": waited.as_millis() as u64, "conflict": conflict.as_deref().map(crate::remote::redact) }),
         );
         None
     }

@@ -79,6 +79,7 @@ const ROTATE_BYTES: u64 = 16 << 20;
 const RATE_LIMITED: &[(&str, u64)] = &[
     ("hello", 256),
     ("save_failed", 10),
+    ("remote_conflict", 10),
     ("bad_message", 10),
     ("bad_hello", 10),
     ("bad_control", 10),

@@ -309,3 +309,14 @@ pub fn reference(steps: u64, dim: usize) -> String {
         digest_file: None,
     })
 }
+
+/// Reads the child's piped stderr to its end on a thread (so that the child never blocks on
+/// a full pipe); join the handle for the text.
+pub fn read_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let pipe = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { pipe }, &mut s);
+        s
+    })
+}
