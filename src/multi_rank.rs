@@ -330,8 +330,9 @@ pub struct MultiRank {
     published_last: bool,
     /// Some rank of this launch left (`<epoch>/left` exists): no round can complete.
     left_seen: bool,
-    /// The last [`MultiRank::poll`] returned true: this rank is at its round's agreed position.
-    at_target: bool,
+    /// The position at which [`MultiRank::poll`] returned true in the current round: this
+    /// rank's save point, its first position at or past the agreed step.
+    at_target: Option<u64>,
     /// The position rule (`docs/multi-rank.md`, "Which step"): `should_checkpoint` calls
     /// since the restore, counted from the restored checkpoint's step (`base`); a step given
     /// explicitly since the previous call wins.
@@ -404,7 +405,7 @@ impl MultiRank {
             stop_agreed: false,
             published_last: false,
             left_seen: false,
-            at_target: false,
+            at_target: None,
             calls: 0,
             base: 0,
             explicit: None,
@@ -505,8 +506,11 @@ impl MultiRank {
 
     /// The safe-point decision. `want`: this rank has a request of its own (signal, stop,
     /// interval); `stop`: it was asked to stop; `step`: this rank's position, the step just
-    /// completed ([`MultiRank::next_position`]). Returns true exactly at the agreed position of
-    /// the round this rank is in.
+    /// completed ([`MultiRank::next_position`]). Returns true at the save point of the round
+    /// this rank is in: its first position at or past the agreed step `T` (`T` itself when
+    /// positions count calls; an explicit step may skip it, `10 x iteration` say). Every rank
+    /// makes the same calls with the same positions, and none passes its bound (at most `T`)
+    /// before it knows `T`, so this is the same call on every rank.
     pub fn poll(&mut self, want: bool, stop: bool, step: u64) -> Result<bool> {
         if self.joined.is_none() {
             if !want
@@ -559,18 +563,23 @@ impl MultiRank {
             .as_ref()
             .and_then(|j| j.target)
             .expect("target set above");
-        if step > t.step {
-            // Impossible by construction (no rank passes its own proposal before agreement);
-            // never save a different step.
-            self.abort(self.k);
-            self.conclude();
-            return Err(Error::Usage(format!(
-                "rank {} is at step {step}, past the agreed step {}; the save round was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)",
-                self.world.rank, t.step
-            )));
+        match self.at_target {
+            None if step >= t.step => {
+                self.at_target = Some(step);
+                Ok(true)
+            }
+            None => Ok(false),
+            Some(p) if p == step => Ok(true),
+            Some(p) => {
+                // The job went on past its save point without saving; never save elsewhere.
+                self.abort(self.k);
+                self.conclude();
+                Err(Error::Usage(format!(
+                    "rank {} is at step {step}, past its save point {p} (the agreed step {}) without saving; the save round was abandoned (hint: save when should_checkpoint() says so)",
+                    self.world.rank, t.step
+                )))
+            }
         }
-        self.at_target = step == t.step;
-        Ok(self.at_target)
     }
 
     /// Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -985,7 +994,7 @@ impl MultiRank {
 
     fn conclude(&mut self) {
         self.joined = None;
-        self.at_target = false;
+        self.at_target = None;
         self.k += 1;
         self.last_poll = None;
     }
@@ -1034,7 +1043,7 @@ impl MultiRank {
                 }
             },
         };
-        if !self.at_target && t.step != here {
+        if self.at_target.is_none() && t.step != here {
             self.abort(k);
             self.conclude();
             return Err(Error::Usage(format!(
@@ -1043,9 +1052,10 @@ impl MultiRank {
             )));
         }
         // The manifest records the step the job gave (the publisher checks that every rank
-        // gave the same one), else the agreed position.
+        // gave the same one), else the save point's position (the agreed one, or the first
+        // explicit step past it).
         let rec = Target {
-            step: step.unwrap_or(t.step),
+            step: step.unwrap_or(self.at_target.unwrap_or(t.step)),
             stop: t.stop,
         };
         let res = self.write_shard(k, stage, algo, rec, writer);

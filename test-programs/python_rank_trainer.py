@@ -8,6 +8,9 @@ checkpoint holds) and every save under ``--out``; writes ``digest-<rank>`` at th
     python_rank_trainer.py --steps 400 --step-ms 2 --save-ms 20 --out DIR [--format bin|pickle]
     python_rank_trainer.py --reference --world 4 --steps 400   # the uninterrupted global digest
     python_rank_trainer.py --combine d0,d1,...                   # the global digest of per-rank ones
+
+``--step-scale K``: the step given to ckpt (``should_checkpoint(step=)``, the save) is ``K``
+times the loop's step, so it differs from the count of calls; ``state.bin`` keeps the loop's.
 """
 
 import argparse
@@ -58,6 +61,7 @@ p.add_argument("--out")
 p.add_argument("--reference", action="store_true")
 p.add_argument("--world", type=int, default=4)
 p.add_argument("--combine")
+p.add_argument("--step-scale", type=int, default=1)
 p.add_argument("--barrier", help="a collective every step through files in this directory (as rank_trainer's)")
 args = p.parse_args()
 
@@ -96,7 +100,7 @@ if rp is not None:
         st = ck.restore()
         step, d, r = st["step"], st["digest"], st["rank"]
     assert r == rank, f"rank {rank} restored rank {r}'s shard"
-    assert step == rp.step, f"shard step {step} != checkpoint step {rp.step}"
+    assert step * args.step_scale == rp.step, f"shard step {step} (x {args.step_scale}) != checkpoint step {rp.step}"
 
 def barrier(dirname, step):
     """rank_trainer's --barrier: a collective every step, through files."""
@@ -121,13 +125,13 @@ while step < args.steps:
     time.sleep(args.step_ms / 1000)
     if args.barrier:
         barrier(args.barrier, step)
-    if ck.should_checkpoint(step=step):
+    if ck.should_checkpoint(step=step * args.step_scale):
         try:
             if args.format == "pickle":
                 time.sleep(args.save_ms / 1000)
-                s = ck.save({"step": step, "digest": d, "rank": rank}, step=step)
+                s = ck.save({"step": step, "digest": d, "rank": rank}, step=step * args.step_scale)
             else:
-                with ck.saving(step=step) as dd:
+                with ck.saving(step=step * args.step_scale) as dd:
                     (dd / "state.bin").write_bytes(struct.pack("<QQQ", step, d, rank))
                     if args.pad_kib:
                         n = args.pad_kib * 1024

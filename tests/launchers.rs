@@ -546,12 +546,7 @@ impl Local {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn_guarded();
-        let pipe = child.stderr.take().unwrap();
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut { pipe }, &mut s);
-            s
-        });
+        let err = read_stderr(&mut child);
         Local {
             child,
             err: Some(err),

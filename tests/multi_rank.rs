@@ -178,12 +178,7 @@ fn random_kills_of(
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn_guarded();
-    let err_pipe = child.stderr.take().unwrap();
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut { err_pipe }, &mut s);
-        s
-    });
+    let err_t = read_stderr(&mut child);
     let deadline = Instant::now() + Duration::from_secs(100);
     let mut done_kills = 0;
     // The newest checkpoint when the first kill came.
@@ -283,20 +278,7 @@ fn random_kills_of(
         }
     }
     // Wait for the end; on a timeout, show what the supervisor saw before failing.
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let diag = diagnose(&dir);
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            let _ = child.wait();
-            let err = err_t.join().unwrap();
-            panic!("{test}: job did not finish in time\n--- stderr\n{err}\n{diag}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let err = err_t.join().unwrap();
+    let (st, err) = wait_end(&mut child, err_t, deadline, &dir, test);
     assert!(st.success(), "{test}: ckpt run failed ({st}):\n{err}");
     // The launcher takes every rank down with a killed one: no live rank ever waits for a
     // dead one, so no round may time out (that would be a stall of CKPT_ROUND_TIMEOUT).
@@ -1337,4 +1319,134 @@ fn the_coordinator_gathers_at_every_call_before_its_proposal() {
     assert_eq!(read("agreed"), r#"{"step":471,"stop":false}"#);
     assert!(!r1.poll(false, false, 470).unwrap());
     assert!(r0.poll(false, false, 471).unwrap() && r1.poll(false, false, 471).unwrap());
+}
+
+/// An explicit step that is not the count of calls (docs/multi-rank.md, "Which step"): both
+/// ranks give ckpt 10 x their loop's step (`rank_trainer --step-scale 10`:
+/// `should_checkpoint_at(10 i)`, the save with `Some(10 i)`), while a request's proposal is the
+/// position plus the lookahead (2). Every checkpoint must record the explicit step (10 x the
+/// loop step of every shard); the job, all ranks SIGKILLed after a checkpoint, must resume from
+/// it (the restore sees that step) and end bit-identical.
+#[test]
+fn explicit_steps_apart_from_the_call_count_publish_and_resume() {
+    let test = "explicit_steps";
+    let (world, steps, scale) = (2u32, 400u64, 10u64);
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut child = ckpt()
+        .args([
+            "run",
+            "--quiet",
+            "--every",
+            "150ms",
+            "--backoff",
+            "20ms..100ms",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .env("CKPT_ROUND_TIMEOUT", "10")
+        .arg("--")
+        .arg(test_bin("rank_launcher"))
+        .args(["--n", &world.to_string(), "--"])
+        .args(trainer_args(steps, &out))
+        .args(["--step-scale", &scale.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn_guarded();
+    let err_t = read_stderr(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // A published checkpoint, no save running, every rank up: SIGKILL all ranks.
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let err = err_t.join().unwrap();
+            panic!("{test}: the job ended before any checkpoint was published\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: no checkpoint in time\n{}",
+            diagnose(&dir)
+        );
+        let ranks: Vec<i32> = job_ranks(&dir)
+            .into_iter()
+            .filter_map(|(p, r)| r.map(|_| p))
+            .collect();
+        if !checkpoints(&dir).is_empty() && !mid_save(&dir) && ranks.len() == world as usize {
+            for &p in &ranks {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            eprintln!(
+                "{test}: SIGKILL all ranks {ranks:?} (checkpoints {:?})",
+                checkpoints(&dir)
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (st, err) = wait_end(&mut child, err_t, deadline, &dir, test);
+    assert!(st.success(), "{test}: ckpt run failed ({st}):\n{err}");
+    assert!(
+        !err.contains("abandon") && !err.contains("past its save point"),
+        "{test}: a save round failed:\n{err}"
+    );
+    // One launch, the kill, one relaunch: no other failure.
+    assert_eq!(events(&dir, "launch").len(), 2, "{test}: launches\n{err}");
+    assert_eq!(
+        combined(world, &out),
+        reference(world, steps),
+        "{test}: the resumed job's global digest differs from an uninterrupted run\n{err}"
+    );
+    assert_complete_checkpoints(&dir, world);
+    // Each checkpoint records the explicit step: 10 x the loop step in every shard.
+    let store = ckpt::store::Store::new(&dir);
+    let seqs = checkpoints(&dir);
+    assert!(!seqs.is_empty());
+    for &seq in &seqs {
+        let m = store.verify(seq).unwrap();
+        for r in 0..world {
+            let b =
+                std::fs::read(dir.join(format!("ckpt-{seq:012}/rank-{r:05}/state.bin"))).unwrap();
+            let own = u64::from_le_bytes(b[0..8].try_into().unwrap());
+            assert_eq!(
+                m.step,
+                Some(own * scale),
+                "{test}: checkpoint {seq}, rank {r}: loop step {own}"
+            );
+        }
+    }
+    // The relaunch resumed from an explicit step (rank_trainer asserts the shard agrees).
+    let restores = assert_restores_complete(&out, world);
+    assert!(restores >= world as usize, "{test}: no resume");
+    let log = std::fs::read_to_string(out.join("restores.log")).unwrap();
+    for l in log.lines() {
+        let step: u64 = l.split(' ').nth(5).unwrap().parse().unwrap();
+        assert!(step > 0 && step % scale == 0, "{test}: restored {l}");
+    }
+    assert_no_survivors(&dir);
+    eprintln!("{test}: {restores} shard restores, checkpoints {seqs:?}");
+}
+
+/// Waits for the supervisor until `deadline`; on a timeout it is killed and the test fails
+/// showing its stderr and what it saw (`diagnose`). Returns its status and stderr.
+fn wait_end(
+    child: &mut Running,
+    err_t: std::thread::JoinHandle<String>,
+    deadline: Instant,
+    dir: &Path,
+    test: &str,
+) -> (std::process::ExitStatus, String) {
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st, err_t.join().unwrap());
+        }
+        if Instant::now() > deadline {
+            let diag = diagnose(dir);
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+            let err = err_t.join().unwrap();
+            panic!("{test}: job did not finish in time\n--- stderr\n{err}\n{diag}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -488,12 +488,7 @@ fn missing_scontrol_is_reported_and_exits_75() {
         ])
         .stderr(std::process::Stdio::piped())
         .spawn_guarded();
-    let err_pipe = child.stderr.take().unwrap();
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut { err_pipe }, &mut s);
-        s
-    });
+    let err_t = read_stderr(&mut child);
     wait_until(Duration::from_secs(20), "hello", || {
         !events(&ck, "hello").is_empty()
     });

@@ -37,13 +37,19 @@ fn checksum_check_values() {
 fn every_checkpoint_vector_verifies_as_expected() {
     let e = expected();
     let cases = e["checkpoints"].as_object().unwrap();
-    assert!(cases.len() >= 8, "expected.json lists too few vectors");
+    assert!(cases.len() >= 17, "expected.json lists too few vectors");
     for (name, want) in cases {
         let got = verify_path(&vectors().join(name), None);
         if want["ok"] == Value::Bool(true) {
             let m = got.unwrap_or_else(|e| panic!("vector {name} must verify, got: {e}"));
             assert_eq!(m.seq, want["seq"].as_u64().unwrap(), "{name}: seq");
             assert_eq!(m.step, want["step"].as_u64(), "{name}: step");
+            // Absent in expected.json: a single-process checkpoint (no world_size).
+            assert_eq!(
+                m.world_size.map(u64::from),
+                want["world_size"].as_u64(),
+                "{name}: world_size"
+            );
             assert_eq!(
                 m.checksum.name(),
                 want["checksum"].as_str().unwrap(),
@@ -72,6 +78,13 @@ fn every_checkpoint_vector_verifies_as_expected() {
                 Err(e) => e,
             };
             assert_eq!(err.slug(), want["error"].as_str().unwrap(), "{name}: {err}");
+            // The message names the cause (the field), where expected.json says what.
+            if let Some(m) = want["mentions"].as_str() {
+                assert!(
+                    err.to_string().contains(m),
+                    "{name}: {err} (expected {m:?})"
+                );
+            }
         }
     }
 }

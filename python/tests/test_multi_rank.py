@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -254,6 +255,62 @@ def test_coordinator_killed_mid_round_resumes_to_the_same_digest(tmp_path, bg, s
     ``agreed`` and publishes) SIGKILLed while a round gathers proposals, mid-save and between
     saves: nothing partial is visible, the next launch's rounds publish, bit-identical digest."""
     random_kills(tmp_path, bg, seed, 4, 900, lambda out: trainer(900, out), 4, whats=("the coordinator",))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "pickle"], ids=["saving", "save"])
+def test_explicit_steps_apart_from_the_call_count_publish_and_resume(tmp_path, bg, fmt):
+    """The twin of tests/multi_rank.rs explicit_steps_apart_from_the_call_count_publish_and_resume:
+    2 Python ranks give ckpt 10 x their loop's step (``should_checkpoint(step=10 * i)``, the save
+    with it), while a request's proposal is the position plus the lookahead (2). Every checkpoint
+    records the explicit step (10 x the loop step in every shard); the job, all ranks SIGKILLed
+    after a checkpoint, resumes from it and ends bit-identical. Before, the agreed step (a
+    position + 2) was never reached: every round was abandoned, nothing was published."""
+    world, steps, scale = 2, 400, 10
+    d, out = tmp_path / "d", tmp_path / "out"
+    out.mkdir()
+    prog = trainer(steps, out, fmt=fmt) + ["--step-scale", str(scale)]
+    sup = bg(launch_cmd(d, world, prog, "--every", "150ms"), timeout=60,
+             env=clean_env(CKPT_ROUND_TIMEOUT="10"))
+
+    def ready() -> List[int]:
+        assert sup.p.poll() is None, f"the job ended before any checkpoint was published\n{sup.stderr}"
+        ranks = [p for p, r in job_ranks(d) if r is not None]
+        return ranks if checkpoints(d) and not mid_save(d) and len(ranks) == world else []
+
+    ranks = wait_until(ready, 40, "a checkpoint, no save running, every rank up")
+    for p in ranks:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:  # gone meanwhile (as in random_kills): the relaunch is checked
+            pass
+    print(f"SIGKILL all ranks {ranks} (checkpoints {checkpoints(d)})")
+    assert sup.wait() == 0, sup.stderr
+    assert "abandon" not in sup.stderr and "past its save point" not in sup.stderr, sup.stderr
+    assert "Traceback" not in sup.stderr, sup.stderr
+    # One launch, the kill, one relaunch: no other failure.
+    assert len([e for e in events(d) if e["event"] == "launch"]) == 2, (events(d), sup.stderr)
+    assert combined(world, out) == reference(world, steps), sup.stderr
+    assert_complete_checkpoints(d, world)
+    seqs = checkpoints(d)
+    assert seqs
+    for seq in seqs:
+        c = d / f"ckpt-{seq:012d}"
+        m = verify_path(c, seq)
+        for r in range(world):
+            if fmt == "bin":
+                own = struct.unpack("<Q", (c / f"rank-{r:05d}" / "state.bin").read_bytes()[:8])[0]
+            else:
+                import pickle
+
+                own = pickle.loads((c / f"rank-{r:05d}" / "state.pickle").read_bytes())["step"]
+            assert m.step == own * scale, (seq, r, own, m.step)
+    restores = assert_restores_complete(out, world)
+    assert restores >= world, "no resume"
+    for line in (out / "restores.log").read_text().splitlines():
+        step = int(line.split()[5])
+        assert step > 0 and step % scale == 0, line
+    assert_no_survivors(d)
+    print(f"{restores} shard restores, checkpoints {seqs}")
 
 
 def _bench_scale():
@@ -751,7 +808,8 @@ def _raw_checkpoint(d: Path, seq: int, json_line: str, files: List[str]) -> Path
     return p
 
 
-def _manifest_json(seq: int, files: List[str], world: Optional[int], meta: str = "") -> str:
+def _manifest_json(seq: int, files: List[str], world: "Optional[int | str]", meta: str = "") -> str:
+    """``world``: the ``world_size`` value (an int, or JSON text written as is); None: omitted."""
     fs = ",".join(f'{{"name":"{n}","size":0,"sum":0}}' for n in sorted(files))
     ws = f',"world_size":{world}' if world is not None else ""
     mt = f',"meta":{meta}' if meta else ""
@@ -760,18 +818,27 @@ def _manifest_json(seq: int, files: List[str], world: Optional[int], meta: str =
 
 
 @pytest.mark.parametrize("case", [
-    "world-0", "rank-above-world", "missing-shard", "file-outside-shards", "duplicate-meta-key",
+    "world-0", "world--1", "world-2^32", "world-2.0", "world-string", "world-null", "world-true",
+    "rank-above-world", "missing-shard", "file-outside-shards", "duplicate-meta-key",
     "nested-duplicate-meta-key", "nesting-128", "valid-2-ranks", "nesting-127",
 ])
 def test_invalid_manifests_rejected_by_both_readers(tmp_path, case):
-    """world_size 0, a rank at or above world_size, a missing shard, a file outside the shards,
-    a key twice inside meta, JSON nested deeper than 127 levels: `ckpt verify` (Rust) and the
-    Python reader both reject them as bad manifests, and a restore skips them; valid ones
-    (including 127 levels) pass both."""
+    """world_size 0 or not an unsigned 32-bit integer (-1, 2^32, 2.0, "2", null, true: both
+    messages name `world_size`; null was read as "absent" by both readers, a single-process
+    checkpoint of files named rank-NNNNN/...), a rank at or above world_size, a missing shard, a
+    file outside the shards, a key twice inside meta, JSON nested deeper than 127 levels: `ckpt
+    verify` (Rust) and the Python reader both reject them as bad manifests, and a restore skips
+    them; valid ones (including 127 levels) pass both."""
     two = ["rank-00000/a", "rank-00001/a"]
     deep = lambda n: '{"a":' + "[" * (n - 2) + "]" * (n - 2) + "}"  # noqa: E731 (+1: top level)
     cases = {
         "world-0": (["rank-00000/a"], 0, ""),
+        "world--1": (two, "-1", ""),
+        "world-2^32": (two, "4294967296", ""),
+        "world-2.0": (two, "2.0", ""),
+        "world-string": (two, '"2"', ""),
+        "world-null": (two, "null", ""),
+        "world-true": (two, "true", ""),
         "rank-above-world": (["rank-00000/a", "rank-00002/a"], 2, ""),
         "missing-shard": (["rank-00000/a", "rank-00000/b"], 2, ""),
         "file-outside-shards": (["rank-00000/a", "rank-00001/a", "x"], 2, ""),
@@ -795,6 +862,9 @@ def test_invalid_manifests_rejected_by_both_readers(tmp_path, case):
     with pytest.raises(InvalidCheckpoint) as e:
         verify_path(p, 1)
     assert e.value.slug == "bad-manifest", str(e.value)
+    if case.startswith("world-"):
+        assert "world_size" in (r.stdout + r.stderr).strip().splitlines()[0], r.stdout + r.stderr
+        assert "world_size" in str(e.value), str(e.value)
     print(case, "| rust:", (r.stdout + r.stderr).strip().splitlines()[-1], "| python:", e.value)
     # A restore never hands it to a job: standalone ranks find no checkpoint to resume from.
     res = run([PY, "-c", "import ckpt; ck = ckpt.Checkpointer(); print('restore', ck.restore_point)"], 30,
@@ -847,6 +917,68 @@ def test_save_async_blocks_only_for_the_copy_and_exit_waits(tmp_path):
         m = verify_path(d / f"ckpt-{seq:012d}", seq)
         got[seq] = (m.step, pickle.loads((d / f"ckpt-{seq:012d}" / "state.pickle").read_bytes())["n"])
     assert got == {1: (1, 1), 2: (2, 2), 3: (3, 2)}, got
+
+
+def test_multi_rank_save_async_blocks_only_for_the_copy(tmp_path, bg):
+    """Multi-rank Python save_async (2 ranks started directly): rank 0, the coordinator and
+    publisher, returns from save_async while rank 1 has not even started its save (rank 1
+    waits for rank 0's go-file, written only after rank 0's call returned), so the round cannot
+    have published: save_pending() is True and no checkpoint exists yet. A save_async that
+    waited for the round would wait for rank 1, which waits for it: rank 1 fails on its
+    deadline. Each rank mutates its state in place right after the call; the checkpoint (seq 1,
+    step 5) holds every rank's state as it was at the call."""
+    d, sync = tmp_path / "d", tmp_path / "sync"
+    sync.mkdir()
+    job = (
+        "import ckpt, hashlib, os, sys, time\n"
+        "rank, sync = int(os.environ['CKPT_RANK']), sys.argv[1]\n"
+        "def wait_for(name):\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while not os.path.exists(os.path.join(sync, name)):\n"
+        "        assert time.monotonic() < deadline, f'rank {rank}: no {name} within 30 s'\n"
+        "        time.sleep(0.002)\n"
+        "ck = ckpt.Checkpointer()\n"
+        "blob = bytearray(os.urandom(16 << 20))\n"
+        "state = {'blob': blob, 'n': 1, 'rank': rank}\n"
+        "print('rank', rank, 'sha', hashlib.sha256(blob).hexdigest(), flush=True)\n"
+        "if rank == 1:\n"
+        "    wait_for('go')\n"
+        "t = time.monotonic(); ck.save_async(state, step=5); blocked = time.monotonic() - t\n"
+        "pending = ck.save_pending()\n"
+        "published = os.path.exists(os.path.join(os.environ['CKPT_DIR'], 'ckpt-000000000001'))\n"
+        "blob[:] = bytes(len(blob)); state['n'] = 2   # changed in place right after the call\n"
+        "print('rank', rank, 'blocked_ms', round(blocked * 1000, 1), 'pending', pending, 'published', published,\n"
+        "      flush=True)\n"
+        "if rank == 0:\n"
+        "    open(os.path.join(sync, 'go'), 'w').close()\n"
+        "s = ck.wait()\n"
+        "assert s is not None and s.seq == 1 and s.step == 5, s\n"
+        "print('rank', rank, 'saved', s.seq, 'save_ms', round(s.duration * 1000, 1), flush=True)\n"
+        "ck.close()\n"
+    )
+    ranks = [bg([PY, "-c", job, sync], timeout=60, env=standalone_env(d, r, 2)) for r in range(2)]
+    codes = [p.wait() for p in ranks]
+    for p in ranks:
+        print(p.stdout.strip())
+    assert codes == [0, 0], "\n".join(p.stderr for p in ranks)
+    out0 = ranks[0].stdout
+    assert "pending True published False" in out0, out0
+    assert_complete_checkpoints(d, 2)
+    assert checkpoints(d) == [1]
+    assert verify_path(d / "ckpt-000000000001", 1).step == 5
+    restore = (
+        "import ckpt, hashlib\n"
+        "ck = ckpt.Checkpointer()\n"
+        "st = ck.restore()\n"
+        "print('restored', st['rank'], st['n'], hashlib.sha256(bytes(st['blob'])).hexdigest())\n"
+        "ck.close()\n"
+    )
+    for r in range(2):
+        res = run([PY, "-c", restore], 30, env=standalone_env(d, r, 2, CKPT_RUN_ID="t2"))
+        assert res.returncode == 0, res.stderr
+        sha = next(line.split()[3] for line in ranks[r].stdout.splitlines() if " sha " in line)
+        assert res.stdout.split() == ["restored", str(r), "1", sha], (res.stdout, sha)
+    assert_no_survivors(d)
 
 
 @pytest.mark.parametrize("flag", [None, "--async"], ids=["save", "save-async"])

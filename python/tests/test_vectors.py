@@ -35,11 +35,13 @@ def test_checkpoint_vector(name):
     if want["ok"]:
         m = ckpt.verify_path(path)
         assert (m.seq, m.step, m.checksum) == (want["seq"], want["step"], want["checksum"])
+        assert m.world_size == want.get("world_size"), m.world_size  # absent: single process
         assert {f.name: {"size": f.size, "sum": f.sum} for f in m.files} == want["files"]
     else:
         with pytest.raises(ckpt.InvalidCheckpoint) as e:
             ckpt.verify_path(path)
         assert e.value.slug == want["error"], str(e.value)
+        assert want.get("mentions", "") in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["stores"]))
@@ -81,7 +83,9 @@ def test_ckpt_verify_agrees(name, tmp_path):
     d = tmp_path / "d"
     copy_vector(name, d / "ckpt-000000000001")
     r = run([ckpt_bin(), "verify", "--dir", d, "--json"], 30)
-    assert r.returncode == (0 if EXPECTED["checkpoints"][name]["ok"] else 65), r.stdout + r.stderr
+    want = EXPECTED["checkpoints"][name]
+    assert r.returncode == (0 if want["ok"] else 65), r.stdout + r.stderr
+    assert want.get("mentions", "") in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_generator_reproduces_the_vectors_byte_for_byte(tmp_path):

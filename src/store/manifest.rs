@@ -143,8 +143,13 @@ pub struct Manifest {
     /// Every file of the checkpoint, sorted by name.
     pub files: Vec<FileEntry>,
     /// Number of ranks of a multi-rank checkpoint (files `rank-NNNNN/<name>`, one shard per
-    /// rank; `docs/multi-rank.md`); omitted for a single process.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// rank; `docs/multi-rank.md`); omitted for a single process. When present it must be an
+    /// unsigned 32-bit integer (`null`, `-1`, `2.0`, `"2"` are refused, naming the field).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::world_size"
+    )]
     pub world_size: Option<u32>,
     /// Free-form user metadata (a JSON object; a key twice at any depth is rejected).
     #[serde(
@@ -169,6 +174,28 @@ mod strict {
                 "meta must be a JSON object, not {v}"
             ))),
         }
+    }
+
+    /// `world_size`, when present: an unsigned 32-bit integer and nothing else (not `null`,
+    /// which serde would read as absent), with errors that name the field (serde_json's own
+    /// say only "expected u32").
+    pub fn world_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        struct W;
+        impl Visitor<'_> for W {
+            type Value = u32;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("world_size as an unsigned 32-bit integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u32, E> {
+                u32::try_from(v).map_err(|_| {
+                    E::custom(format!(
+                        "world_size {v} is not an unsigned 32-bit integer (at most {})",
+                        u32::MAX
+                    ))
+                })
+            }
+        }
+        d.deserialize_u32(W).map(Some)
     }
 
     struct StrictValue(Value);
@@ -622,6 +649,41 @@ mod tests {
         }
     }
 
+    /// A `world_size` that is not an unsigned 32-bit integer is refused with a message naming
+    /// the field (`null` too: serde alone read it as absent, a single-process checkpoint).
+    /// The same values as python/tests/test_multi_rank.py and tests/vectors/world-size-*.
+    #[test]
+    fn world_sizes_that_are_not_u32_are_refused_naming_the_field() {
+        let enc = |ws: &str| {
+            let mut b = format!(
+                r#"{{"format":"ckpt","version":1,"seq":1,"step":3,"created_ms":1,"writer":"t","checksum":"crc32","files":[{{"name":"rank-00000/a","size":0,"sum":0}},{{"name":"rank-00001/a","size":0,"sum":0}}],"world_size":{ws}}}"#
+            )
+            .into_bytes();
+            let sum = Algo::Crc32.checksum(&b);
+            b.extend_from_slice(format!("\ncrc32:{sum:08x}\n").as_bytes());
+            b
+        };
+        assert_eq!(Manifest::decode(&enc("2")).unwrap().world_size, Some(2));
+        for ws in [
+            "-1",
+            "4294967296",
+            "18446744073709551616",
+            "2.0",
+            "2e0",
+            r#""2""#,
+            "null",
+            "true",
+            "[2]",
+            r#"{"n":2}"#,
+        ] {
+            let err = Manifest::decode(&enc(ws)).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::Json(_)) && err.to_string().contains("world_size"),
+                "world_size {ws}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn duplicate_keys_in_meta_are_rejected() {
         let enc = |json: &str| {
@@ -690,6 +752,31 @@ mod tests {
                 want.extend_from_slice(&data);
                 want.extend_from_slice(b"xyz");
                 assert_eq!(tail.finish(), algo.checksum(&want), "{algo:?} {cuts:?}");
+            }
+        }
+    }
+
+    /// Pieces of 512 MiB and more combine exactly too (the Python client's table wrapped at 32
+    /// squarings, wrong for CRC-32C from 512 MiB on; this checks the crates' combine).
+    #[test]
+    fn pieces_of_512_mib_and_more_combine_exactly() {
+        let zeros = vec![0u8; 8 << 20];
+        for algo in [Algo::Crc32, Algo::Crc32c] {
+            for n in [(1usize << 29) + 4097, (1 << 30) + 3] {
+                let mut whole = algo.hasher();
+                whole.update(b"head");
+                let mut big = algo.hasher();
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(zeros.len());
+                    whole.update(&zeros[..k]);
+                    big.update(&zeros[..k]);
+                    left -= k;
+                }
+                let mut h = algo.hasher();
+                h.update(b"head");
+                h.combine(&big);
+                assert_eq!(h.finish(), whole.finish(), "{algo:?} {n}");
             }
         }
     }

@@ -42,7 +42,27 @@ def manifest_bytes(obj: dict, algo: str) -> bytes:
     return body + b"\n" + f"{algo}:{SUMS[algo](body):08x}\n".encode()
 
 
-def manifest_obj(seq, step, algo, files, version=1):
+# The files of a valid multi-rank checkpoint of 2 ranks (docs/multi-rank.md, "Checkpoint
+# layout and validation"): one shard directory per rank, `rank-<r, 5 digits>/`.
+RANK_FILES = {
+    "rank-00000/state.bin": bytes(range(256)),
+    "rank-00001/state.bin": bytes(range(255, -1, -1)),
+    "rank-00001/nested/data.txt": b"hello, rank 1\n",
+}
+
+# `world_size` values that are not an unsigned 32-bit integer: every reader refuses them as a
+# bad manifest, naming the field. JSON text, written as is.
+BAD_WORLD_SIZES = {
+    "world-size-negative": "-1",
+    "world-size-2pow32": "4294967296",
+    "world-size-float": "2.0",
+    "world-size-string": '"2"',
+    "world-size-null": "null",
+    "world-size-bool": "true",
+}
+
+
+def manifest_obj(seq, step, algo, files, version=1, world=None):
     obj = {"format": "ckpt", "version": version, "seq": seq}
     if step is not None:
         obj["step"] = step
@@ -54,8 +74,10 @@ def manifest_obj(seq, step, algo, files, version=1):
             {"name": n, "size": len(files[n]), "sum": SUMS[algo](files[n])}
             for n in sorted(files, key=lambda n: n.encode())
         ],
-        meta={"note": "ckpt test vector"},
     )
+    if world is not None:
+        obj["world_size"] = world
+    obj["meta"] = {"note": "ckpt test vector"}
     return obj
 
 
@@ -79,6 +101,7 @@ def main(out):
     names = [
         "valid-crc32c", "valid-crc32", "flipped-byte", "truncated-file", "bad-trailer",
         "dotdot-name", "missing-file", "future-version", "no-manifest", "store",
+        "valid-multi-rank", "missing-shard", *BAD_WORLD_SIZES,
     ]
     for n in names:
         shutil.rmtree(os.path.join(out, n), ignore_errors=True)
@@ -131,6 +154,21 @@ def main(out):
     with open(j("store", "ckpt-000000000003", "state.bin"), "r+b") as f:
         f.write(b"\xff")
     valid(j("store", "ckpt-000000000004"), "crc32c", seq=5, step=40)
+
+    # A multi-rank checkpoint of 2 ranks (CRC-32, as both clients write shards).
+    m = manifest_bytes(manifest_obj(1, 42, "crc32", RANK_FILES, world=2), "crc32")
+    write_ckpt(j("valid-multi-rank"), RANK_FILES, m)
+
+    # world_size 3 with shards of ranks 0 and 1 only.
+    m = manifest_bytes(manifest_obj(1, 42, "crc32", RANK_FILES, world=3), "crc32")
+    write_ckpt(j("missing-shard"), RANK_FILES, m)
+
+    # world_size values that are not an unsigned 32-bit integer (the rest as valid-multi-rank).
+    for name, text in BAD_WORLD_SIZES.items():
+        body = manifest_bytes(manifest_obj(1, 42, "crc32", RANK_FILES, world=2), "crc32").split(b"\n")[0]
+        body = body.replace(b'"world_size":2,', b'"world_size":' + text.encode() + b",")
+        assert text.encode() in body
+        write_ckpt(j(name), RANK_FILES, body + b"\n" + f"crc32:{crc32(body):08x}\n".encode())
 
 
 if __name__ == "__main__":

@@ -308,9 +308,11 @@ def _decode(data: bytes) -> Manifest:
         raise _shape("writer must be a string")
     if obj["checksum"] not in ALGOS:
         raise _shape(f"unknown checksum algorithm {json.dumps(obj['checksum'])}")
+    # Present only as an integer: `null` is refused too (absent means a single process).
     world_size = obj.get("world_size")
-    if world_size is not None and not _is_uint(world_size, 0xFFFFFFFF):
-        raise _shape("world_size must be null or an unsigned 32-bit integer")
+    if "world_size" in obj and not _is_uint(world_size, 0xFFFFFFFF):
+        raise _shape(f"world_size {json.dumps(world_size)} is not an unsigned 32-bit integer "
+                     "(omitted for a single process)")
     meta = obj.get("meta", {})
     if meta is None or not isinstance(meta, dict):
         raise _shape("meta must be a JSON object")

@@ -379,8 +379,9 @@ class MultiRank:
         self.published_last = False
         #: Some rank of this launch left (``<epoch>/left`` exists): no round can complete.
         self.rank_left = False
-        #: The last :meth:`poll` returned true: this rank is at the agreed position of its round.
-        self.at_target = False
+        #: The position at which :meth:`poll` returned true in the current round: this rank's save
+        #: point, its first position at or past the agreed step.
+        self.at_target: Optional[int] = None
         #: Whether the job was asked to stop, and its stop timeout in seconds (None: not asked);
         #: set by the client (docs/multi-rank.md, "A stop that cannot complete").
         self.stop_probe: Optional[Callable[[], Optional[float]]] = None
@@ -408,7 +409,11 @@ class MultiRank:
         """The safe-point decision. ``want``: this rank has a request of its own; ``stop``: it
         was asked to stop; ``step``: this rank's position, the step just completed (the explicit
         step, or the count of ``should_checkpoint`` calls: docs/multi-rank.md, "Which step").
-        True exactly at the agreed position of the round this rank is in."""
+        True at the save point of the round this rank is in: its first position at or past the
+        agreed step ``T`` (``T`` itself when positions count calls; an explicit step may skip it,
+        ``10 * iteration`` say). Every rank makes the same calls with the same positions, and none
+        passes its bound (at most ``T``) before it knows ``T``, so this is the same call on every
+        rank."""
         if self.joined is None:
             now = time.monotonic()
             if not want and self.last_poll is not None and now - self.last_poll < self._idle_poll:
@@ -439,16 +444,20 @@ class MultiRank:
             j.target = state
             j.agreed_at = time.monotonic()
         t = j.target
-        if step > t.step:
-            # Impossible by construction; never save a different step.
-            self._abort(self.k)
-            self._conclude()
-            raise CkptError(
-                f"rank {self.world.rank} is at step {step}, past the agreed step {t.step}; the save round "
-                f"was abandoned (hint: report the value of {ENV_ROUND_LOOKAHEAD} and the launcher)"
-            )
-        self.at_target = step == t.step
-        return self.at_target
+        if self.at_target is None:
+            if step >= t.step:
+                self.at_target = step
+            return self.at_target is not None
+        if self.at_target == step:
+            return True
+        # The job went on past its save point without saving; never save elsewhere.
+        p = self.at_target
+        self._abort(self.k)
+        self._conclude()
+        raise CkptError(
+            f"rank {self.world.rank} is at step {step}, past its save point {p} (the agreed step {t.step}) "
+            "without saving; the save round was abandoned (hint: save when should_checkpoint() says so)"
+        )
 
     def _join(self, proposal: int, stop: bool, want: bool) -> bool:
         """Proposes in the current round (creating it if needed); skips rounds that concluded.
@@ -746,7 +755,7 @@ class MultiRank:
 
     def _conclude(self) -> None:
         self.joined = None
-        self.at_target = False
+        self.at_target = None
         self.k += 1
         self.last_poll = None
 
@@ -790,7 +799,7 @@ class MultiRank:
                 raise self._abandoned(k, "not every rank proposed a step")
             t = s
             self.joined.agreed_at = time.monotonic()
-        if not self.at_target and t.step != here:
+        if self.at_target is None and t.step != here:
             stage.abort()
             self._abort(k)
             self._conclude()
@@ -800,8 +809,9 @@ class MultiRank:
                 "should_checkpoint() says so, or at the same step on every rank)"
             )
         # The manifest records the step the job gave (the publisher checks that every rank
-        # gave the same one), else the agreed position.
-        rec = Target(step if step is not None else t.step, t.stop)
+        # gave the same one), else the save point's position (the agreed one, or the first
+        # explicit step past it).
+        rec = Target(step if step is not None else (self.at_target if self.at_target is not None else t.step), t.stop)
         try:
             m = self._write_shard(k, stage, rec, writer)
         finally:

@@ -15,6 +15,9 @@
 //! without a step (the ranks agree on the count of calls, `docs/multi-rank.md` "Which step"),
 //! then a save with the step (`step`) or without one (`none`: the manifest records the count,
 //! which equals the step here).
+//!
+//! `--step-scale K`: the step given to ckpt (`should_checkpoint_at`, the save) is `K` times the
+//! loop's step, so it differs from the count of calls (`K` > 1); `state.bin` keeps the loop's.
 use std::io::Write;
 use std::time::Duration;
 
@@ -92,6 +95,7 @@ fn main() {
     let out = arg("--out").expect("--out DIR");
     let readme = arg("--readme");
     let bar = arg("--barrier");
+    let scale = num("--step-scale", 1);
     let mut ck = match ckpt::Checkpointer::from_env() {
         Ok(ck) => ck,
         Err(e) => {
@@ -128,9 +132,9 @@ fn main() {
             "restored another rank's shard"
         );
         assert_eq!(
-            Some(step),
+            Some(step * scale),
             rp.manifest.step,
-            "shard step != checkpoint step"
+            "shard step (x {scale}) != checkpoint step"
         );
     }
     while step < steps {
@@ -142,7 +146,7 @@ fn main() {
         }
         let asked = match readme.as_deref() {
             Some(_) => ck.should_checkpoint(),
-            None => ck.should_checkpoint_at(step),
+            None => ck.should_checkpoint_at(step * scale),
         };
         if asked {
             let mut b = Vec::with_capacity(24);
@@ -151,7 +155,7 @@ fn main() {
             b.extend_from_slice(&rank.to_le_bytes());
             let label = match readme.as_deref() {
                 Some("none") => None,
-                _ => Some(step),
+                _ => Some(step * scale),
             };
             let r = ck.save_with(label, |stage| {
                 stage.write_file("state.bin", &b)?;
