@@ -727,7 +727,7 @@ fn read_direct(file: &File, dest: &mut [u8], algo: Algo, fresh: bool) -> Option<
 /// Size of one source read of [`copy_into`]: several [`CHUNK`]s, so that
 /// [`StageWriter::write_bulk`] overlaps the checksum of one chunk with the write of the
 /// previous one inside each piece.
-pub const COPY_PIECE: usize = 4 * CHUNK;
+pub const COPY_PIECE: usize = 2 * CHUNK;
 
 /// Pieces of a [`copy_into`] in flight: one being read, one being written, one ready.
 const COPY_BUFFERS: usize = 3;

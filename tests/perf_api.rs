@@ -645,3 +645,62 @@ fn save_file_copies_are_exact_on_the_direct_and_buffered_paths() {
         }
     }
 }
+
+/// `ckpt bench` on the Rust client's bulk arrays (the default path) runs every measurement,
+/// reports ratios against `dd` of the same bytes, the memory a save and a restore add, an
+/// interval, and removes its work directory. No figure is asserted (docs/benchmarks.md).
+#[test]
+fn ckpt_bench_rust_path_reports_ratios_and_memory_and_cleans_up() {
+    let t = tempdir();
+    let out = output_deadline(
+        ckpt()
+            .args(["bench", "--size", "4MiB", "--runs", "2", "--json", "--dir"])
+            .arg(t.path()),
+        Duration::from_secs(240),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["size_bytes"], 4 << 20);
+    let w = &v["write_gbps"];
+    assert_eq!(
+        w["ratio_per_round"].as_array().map(|a| a.len()),
+        Some(2),
+        "{v:#}"
+    );
+    assert!(w["ckpt_save"].as_f64().is_some_and(|x| x > 0.0), "{v:#}");
+    let r = &v["read_gbps"];
+    assert_eq!(
+        r["ratio_per_round"].as_array().map(|a| a.len()),
+        Some(2),
+        "{v:#}"
+    );
+    assert_eq!(
+        r["fresh_ratio_per_round"].as_array().map(|a| a.len()),
+        Some(2),
+        "{v:#}"
+    );
+    // Memory: the save's buffers above the state, the restore's into the job's buffer (from
+    // the second round, when the buffer is touched) and above the state into fresh memory.
+    let save = v["save_peak_extra_mib"]
+        .as_f64()
+        .expect("save_peak_extra_mib");
+    assert!((0.0..256.0).contains(&save), "{v:#}");
+    assert!(
+        v["restore_peak_extra_mib"]["into"].as_f64().is_some(),
+        "{v:#}"
+    );
+    assert!(
+        v["restore_peak_extra_mib"]["fresh_above_state"]
+            .as_f64()
+            .is_some(),
+        "{v:#}"
+    );
+    assert!(
+        v["recommended_every_s"]["sync"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v:#}"
+    );
+    let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().collect();
+    assert!(left.is_empty(), "the bench left {left:?}");
+}

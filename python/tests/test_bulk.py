@@ -10,11 +10,12 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_no_survivors, ckpt_bin, run, wait_until
+from conftest import REPO, assert_no_survivors, ckpt_bin, clean_env, run, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -344,11 +345,11 @@ def test_saved_in_a_job_under_ckpt_run_and_resumed(tmp_path):
     assert "RESUMED-OK" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("path", ["python", "file", "torch"])
+@pytest.mark.parametrize("path", ["python", "file", "torch", "saving"])
 def test_ckpt_bench_measures_the_users_path(tmp_path, path):
-    """`ckpt bench --path python|file|torch` runs the real path (a python child saving a numpy
-    array, or a state dict through ckpt.torch; the `ckpt save` command) next to dd and reports
-    ratios (no figure is asserted)."""
+    """`ckpt bench --path python|file|torch|saving` runs the real path (a python child saving a
+    numpy array, a state dict through ckpt.torch, or its own np.save inside ck.saving(); the
+    `ckpt save` command) next to dd and reports ratios (no figure is asserted)."""
     extra = ["--python", _torch_python()] if path == "torch" else []
     r = run([ckpt_bin(), "bench", "--dir", tmp_path, "--path", path, "--size", "2MiB", "--runs", "2", "--json", *extra], 240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -358,9 +359,13 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
     assert len(out["read_ratio_to_dd"]["per_round"]) == 2
     assert len(out["read_ratio_to_dd_direct"]["per_round"]) == 2
     assert out["recommended_every_s"] > 0
+    # Every path reports the memory its save adds (for `ckpt save FILE`: that process's peak
+    # RSS), and every path but `saving` (the job's own np.load) its restore's.
+    assert 0 <= out["save_peak_extra_mib"] < 256, out["save_peak_extra_mib"]
+    if path != "saving":
+        assert out["restore_peak_extra_mib"] is not None
     if path != "file":
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
-        assert out["save_peak_extra_mib"] is not None
     if path == "torch":
         # Also the restore a training job does: into a model that has its tensor (run L).
         ex = out["restore_existing"]
@@ -368,6 +373,14 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
         assert len(ex["read_gbps"]["per_round"]) == 2 and ex["peak_extra_mib"] is not None
     else:
         assert out.get("restore_existing") is None
+    if path == "saving":
+        # Also np.save into a plain file of the saving() directory, against dd and the job's own way.
+        pl = out["saving_plain"]
+        assert len(pl["write_ratio_to_dd_direct"]["per_round"]) == 2
+        assert len(pl["write_ratio_to_own"]["per_round"]) == 2 and pl["peak_extra_mib"] is not None
+        assert len(pl["read_ratio_to_own"]["per_round"]) == 2
+    else:
+        assert out.get("saving_plain") is None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
 
 
@@ -500,3 +513,16 @@ def test_torch_train_state_save_goes_through_the_direct_writer(tmp_path):
     assert r.returncode == 0 and "TORCH-OK" in r.stdout, r.stdout + r.stderr
     assert int(r.stdout.split()[-1]) > 2 * _bulk.PIECE  # several direct pieces and a tail
     _verify_with_rust(d)
+
+
+def test_bench_npload_recipe_runs(tmp_path):
+    """docs/benchmarks.md run R's recipe (`scripts/bench-npload`) as written, at 8 MiB and one
+    round: it saves the .npy as a checkpoint, times the three variants and prints the medians
+    (no figure asserted), and removes its directory."""
+    d = tmp_path / "w"
+    r = run(["bash", REPO / "scripts/bench-npload", "--mib", "8", "--rounds", "1", "--dir", d, "--python", sys.executable],
+            240, env={**clean_env(), "CKPT_BIN": str(ckpt_bin())})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "round 1" in r.stdout and "own=" in r.stdout and "resume=" in r.stdout and "resume_4k=" in r.stdout
+    assert "medians (s): own np.load" in r.stdout and "per-round own / variant" in r.stdout, r.stdout
+    assert not d.exists()

@@ -52,6 +52,101 @@ def _algos():
     return ["crc32"] + (["crc32c"] if _crc.crc32c_accelerated() else [])
 
 
+@pytest.mark.parametrize("algo", ["crc32", "crc32c"])
+def test_combine_is_exact_for_pieces_of_512_mib_and_more(algo):
+    """The combining power table grows with the length: CRC-32C's squares of x repeat every 31
+    (not 32, as zlib's table assumes for CRC-32), so a 512 MiB piece got a wrong sum (found by
+    `scripts/bench`: a 1 GiB member checked in two parts did not verify)."""
+    import mmap
+
+    if algo == "crc32c" and not _crc.crc32c_accelerated():
+        pytest.skip("CRC-32C of 512 MiB in pure Python is too slow for a test")
+    head = random.Random(SEED).randbytes(1000)
+    for n in [(1 << 29) + 4097, (1 << 30) + 3]:
+        zeros = mmap.mmap(-1, n)  # the zero page: no memory used
+        try:
+            whole = _crc.Hasher(algo)
+            whole.update(head)
+            whole.update(zeros)
+            got = _crc.combine(algo, _crc.checksum(algo, head), _crc.checksum(algo, zeros), n)
+            assert got == whole.value, (algo, n)
+        finally:
+            zeros.close()
+
+
+@pytest.mark.parametrize("algo", ["crc32", "crc32c"])
+def test_verify_checksums_a_member_in_parts_exactly_and_sees_every_change(tmp_path, algo):
+    """`verify_path`'s reader (one contiguous part per thread, sums combined): every split and
+    read size gives the whole file's checksum; a changed byte in any part, a member that ends
+    early and one that grew are all seen."""
+    from ckpt.store import _checksum_parts
+
+    rng = random.Random(SEED)
+    for size in [0, 1, 4095, 4096, 65_537, 300_001]:
+        data = rng.randbytes(size)
+        p = tmp_path / f"m{size}"
+        p.write_bytes(data)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            for parts in range(1, 5):
+                for read in [1, 4096, 65_536]:
+                    if read == 1 and size > 5000:
+                        continue
+                    n, h = _checksum_parts(fd, size, algo, parts, read)
+                    assert (n, h.value) == (size, _crc.checksum(algo, data)), (size, parts, read)
+        finally:
+            os.close(fd)
+        for at in ([0, size // 3, size // 2, size - 1] if size > 1 else []):
+            bad = bytearray(data)
+            bad[at] ^= 0x10
+            p.write_bytes(bad)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                for parts in range(1, 5):
+                    assert _checksum_parts(fd, size, algo, parts, 4096)[1].value != _crc.checksum(algo, data), (at, parts)
+            finally:
+                os.close(fd)
+    p = tmp_path / "short"
+    p.write_bytes(b"x" * 100_000)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        for parts in range(1, 5):
+            assert _checksum_parts(fd, 150_000, algo, parts, 4096)[0] == 100_000  # ended early
+            assert _checksum_parts(fd, 60_000, algo, parts, 4096)[0] == 100_000  # grew
+    finally:
+        os.close(fd)
+
+
+def test_verify_path_reads_a_large_member_in_parts_and_refuses_damage(tmp_path, monkeypatch):
+    """A member of twice the part minimum is read in parts (on a machine with two CPUs or more and
+    a checksum outside the GIL), and `verify_path` still refuses a flipped byte in its second half
+    and a byte appended."""
+    from ckpt import store as st
+
+    rng = random.Random(SEED)
+    data = rng.randbytes(2 * st._VERIFY_PART_MIN + 12_345)
+    ck = ckpt.Checkpointer(tmp_path / "d", checksum="crc32")
+    with ck.saving() as d:
+        (d / "big").write_bytes(data)
+    path = ck.last_saved.path
+    seen = []
+    real = st._checksum_parts
+    monkeypatch.setattr(st, "_checksum_parts", lambda fd, size, algo, parts, read: seen.append(parts) or real(fd, size, algo, parts, read))
+    assert ckpt.verify_path(path).seq == ck.last_saved.seq
+    if (os.cpu_count() or 1) > 1:
+        assert seen == [2], seen
+    bad = bytearray(data)
+    bad[-5000] ^= 1
+    (path / "big").write_bytes(bad)
+    with pytest.raises(InvalidCheckpoint) as e:
+        ckpt.verify_path(path)
+    assert e.value.slug == "checksum-mismatch"
+    (path / "big").write_bytes(data + b"x")
+    with pytest.raises(InvalidCheckpoint) as e:
+        ckpt.verify_path(path)
+    assert e.value.slug == "size-mismatch"
+
+
 @pytest.mark.parametrize("direct", ["1", "0"])
 def test_read_segments_hashes_pieces_in_parallel_exactly_and_refuses_damage_in_any(tmp_path, monkeypatch, direct):
     """`read_segments` (the Python restore of numpy arrays) at sizes around the piece size:
@@ -270,8 +365,6 @@ def restore_once(cold):
     assert len(opened) == 1, opened
     return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)} WHOLE {int(opened[0].whole)}"
 ckt._WAY = os.environ.get("TEST_WAY") or None
-if os.environ.get("TEST_MEM_AVAILABLE"):
-    ckt._memory_available = lambda: int(os.environ["TEST_MEM_AVAILABLE"])
 if mode == "inplace":
     # Into a model and an optimizer that already have their tensors: the restore copies into
     # them (same memory afterwards); a state tensor of another shape or dtype is replaced.
@@ -376,19 +469,17 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         r = _torch(py, d, "save")
         assert r.returncode == 0, r.stdout + r.stderr
         f = Path(r.stdout.split()[-1]) / "train_state.pt"
-        # Run L: every case read whole into memory of its own and verified first, past the
-        # page cache when cold on a disk (one read_whole); run K's mapped copy and run J's
-        # reader only when asked for (ckpt.torch._WAY, TEST_WAY here).
+        # Objects that hold most of the file's tensors (a model and an optimizer that has
+        # stepped: TEST_WARM) get run K's mapped copy (run P); objects that do not (a fresh
+        # optimizer) are read whole into memory of its own and verified first, past the page
+        # cache when cold on a disk (one read_whole, run L); either way when asked for, and run
+        # J's reader only then (ckpt.torch._WAY, TEST_WAY here).
         warm = {"TEST_WARM": "1"}
-        cases = [("cold", warm, fs == "disk", "whole"), ("cached", warm, False, "whole"),
+        cases = [("cold", warm, False, "mapped"), ("cached", warm, False, "mapped"),
                  ("cold", {}, fs == "disk", "whole"), ("cached", {}, False, "whole"),
                  ("cold", {"CKPT_DIRECT_IO": "0"}, False, "whole"),
-                 ("cold", {**warm, "TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader"),
-                 # Memory short (ckpt.torch._memory_available says 1 MB): objects that hold
-                 # their tensors get run K's copy (zero-copy would hold both at once); fresh
-                 # ones are read whole as always (nothing to copy into).
-                 ("cold", {**warm, "TEST_MEM_AVAILABLE": "1000000"}, False, "mapped"),
-                 ("cold", {"TEST_MEM_AVAILABLE": "1000000"}, fs == "disk", "whole")]
+                 ("cold", {**warm, "TEST_WAY": "whole"}, fs == "disk", "whole"),
+                 ("cold", {"TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader")]
         for mode, env, direct, way in cases:
             r = _torch(py, d, mode, env)
             assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
@@ -427,90 +518,25 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
             subprocess.run(["umount", "-l", str(base)])
 
 
-@pytest.mark.parametrize("way", ["whole", "inplace", "short-of-memory"])
+@pytest.mark.parametrize("way", ["default", "whole", "inplace"])
 def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp_path, way):
     """Into a model and an optimizer that already have their tensors: bit-exact, the Parameter
-    objects kept (the optimizer's are the model's); run L's zero-copy restore (the default)
-    gives them the verified memory, run K's mapped copy (`ckpt.torch._WAY = "inplace"`) copies
-    into the memory they were in; an optimizer state tensor of another shape or dtype than the
+    objects kept (the optimizer's are the model's); run K's mapped copy (the default for such
+    objects since run P, or `ckpt.torch._WAY = "inplace"`) copies into the memory they were in,
+    run L's zero-copy restore (`_WAY = "whole"`) gives them the verified memory; an optimizer state tensor of another shape or dtype than the
     checkpoint's is replaced by one holding the checkpoint's values; a model of another shape
     is refused by torch with the optimizer's state untouched."""
     py = _torch_python()
     d = tmp_path / "ck"
     r = _torch(py, d, "save")
     assert r.returncode == 0, r.stdout + r.stderr
-    env = {"TEST_MEM_AVAILABLE": "1000000"} if way == "short-of-memory" else {"TEST_WAY": way if way != "whole" else ""}
+    env = {"TEST_WAY": way if way != "default" else ""}
     r = _torch(py, d, "inplace", env)
     assert r.returncode == 0, r.stdout + r.stderr
     moved = r.stdout.split("MOVED ")[1].split()[0].split(",")
-    if way != "whole":  # run K's copy, asked for or chosen for want of memory
+    if way != "whole":  # run K's copy, asked for or the default
         assert moved == ["1/exp_avg", "2/exp_avg_sq"], r.stdout
     else:
         assert len(moved) == 12 and "1/exp_avg" in moved, r.stdout  # every state tensor: zero-copy
 
 
-def test_torch_memory_available_is_what_this_machine_has():
-    """`ckpt.torch._memory_available` (what decides between the zero-copy restore and run K's
-    copy into existing objects) reads this machine's memory: more than nothing, at most its
-    total (and at most its cgroup's limit, where it has one)."""
-    py = _torch_python()
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
-    r = subprocess.run([py, "-c", "import ckpt.torch as t; print(t._memory_available())"],
-                       capture_output=True, text=True, timeout=120, env=e)
-    assert r.returncode == 0, r.stderr
-    total = next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal:"))
-    got = int(r.stdout.strip())
-    assert 0 < got <= total, (got, total)
-
-
-def test_torch_memory_available_obeys_the_memory_cgroup_limit():
-    """In a memory cgroup with a 3 GiB limit (made here, root), `ckpt.torch._memory_available`
-    reports at most what the limit leaves, not the machine's free memory: a job in a Slurm or
-    container memory limit gets run K's copy instead of a zero-copy restore that would exceed
-    it. cgroup v1 (this VM's `memory` hierarchy) or v2 (where the memory controller can be
-    enabled for a child); skipped where neither can be made."""
-    py = _torch_python()
-    rel = v1 = None
-    for ln in open("/proc/self/cgroup"):
-        _, ctl, path = ln.rstrip("\n").split(":", 2)
-        if "memory" in ctl.split(","):
-            rel, v1 = path, True
-        elif ctl == "" and rel is None:
-            rel, v1 = path, False
-    base = Path("/sys/fs/cgroup/memory" if v1 else "/sys/fs/cgroup") / (rel or "/").lstrip("/")
-    limit = 3 << 30
-    child = base / f"ckpt-test-{os.getpid()}"
-    try:
-        child.mkdir()
-        if not v1:
-            (base / "cgroup.subtree_control").write_text("+memory")
-        (child / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
-    except OSError as e:
-        if child.exists():
-            child.rmdir()
-        pytest.skip(f"cannot make a memory cgroup under {base}: {e}")
-    try:
-        e = dict(os.environ)
-        e["PYTHONPATH"] = os.pathsep.join([str(Path(ckpt.__file__).parent.parent), e.get("PYTHONPATH", "")])
-        procs = str(child / "cgroup.procs")
-
-        def enter() -> None:
-            with open(procs, "w") as fh:
-                fh.write(str(os.getpid()))
-
-        r = subprocess.run([py, "-c", "import ckpt.torch as t; print(t._memory_available(), t._room_for(4 << 30))"],
-                           capture_output=True, text=True, timeout=120, env=e, preexec_fn=enter)
-        assert r.returncode == 0, r.stderr
-        got, room = r.stdout.split()
-        assert 0 < int(got) <= limit, (got, limit)
-        # A 4 GiB restore into existing objects does not fit in 3 GiB (outside the cgroup it
-        # does wherever more than 5.25 GiB are available).
-        assert room == "False", r.stdout
-    finally:
-        for _ in range(100):
-            try:
-                child.rmdir()
-                break
-            except OSError:
-                time.sleep(0.05)

@@ -52,8 +52,12 @@ pub struct BenchArgs {
     /// one float32 tensor of SIZE bytes, next to the job's own `torch.save` + fsync; restore:
     /// `TrainState.restore` into fresh objects, and into a `torch.nn.Module` that has its
     /// parameter already, as a training job resumes; needs --python with torch, e.g.
-    /// /opt/ckpt-torch/bin/python).
-    /// `file`, `python` and `torch` are measured against `dd bs=4M oflag=direct` of the same
+    /// /opt/ckpt-torch/bin/python), `saving` (files the job writes itself inside the Python
+    /// client's `ck.saving()`: `np.save` of the array into `ck.direct_file`, and, reported
+    /// beside it, `np.save` into a plain file of the checkpoint's directory; next to the job's
+    /// own `np.save` + fsync; restore: `ckpt verify`, what the supervisor runs before a
+    /// resume, then `np.load` of the file by the job).
+    /// `file`, `python`, `torch` and `saving` are measured against `dd bs=4M oflag=direct` of the same
     /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds.
     #[arg(long, value_enum, default_value = "rust")]
     pub path: BenchPath,
@@ -74,6 +78,9 @@ pub enum BenchPath {
     Python,
     /// `ckpt.torch.TrainState.save` of a state dict (torch.save through `ck.direct_file`).
     Torch,
+    /// Files the job writes itself in `ck.saving()` (`np.save` into `ck.direct_file`, and
+    /// into a plain file of the checkpoint's directory).
+    Saving,
 }
 
 /// Parses `256MiB`, `1GiB`, `512M`, `1G`, `4096` (bytes).
@@ -281,7 +288,9 @@ pub fn run(a: BenchArgs) -> Result<i32, Fatal> {
     fs::create_dir_all(&work).map_err(|e| io_fail("create", &work, e))?;
     let res = match a.path {
         BenchPath::Rust => measure(&a, &work),
-        BenchPath::File | BenchPath::Python | BenchPath::Torch => measure_path(&a, &work),
+        BenchPath::File | BenchPath::Python | BenchPath::Torch | BenchPath::Saving => {
+            measure_path(&a, &work)
+        }
     };
     let _ = fs::remove_dir_all(&work);
     res
@@ -333,6 +342,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
     let (mut peak_into, mut peak_fresh): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+    let mut peak_save: Vec<f64> = vec![];
     let mut ck = crate::Checkpointer::open(work.join("async"))
         .map_err(|e| Fatal::io(format!("bench: {e}")))?;
 
@@ -347,6 +357,8 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             }
         }
         prog.say(&format!("{tag}: ckpt save"));
+        // Peak memory above what the process held (the state is in it already).
+        let rss0 = hwm_reset().then(|| status_kib("VmRSS")).flatten();
         let t = Instant::now();
         let mut stage = Stage::new(&store, Algo::Crc32c).map_err(|e| fail(&e))?;
         stage
@@ -356,6 +368,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             .commit(Some(round as u64), "ckpt-bench", Default::default())
             .map_err(|e| fail(&e))?;
         w_ck.push(gb(t.elapsed()));
+        if let (Some(b), Some(h)) = (rss0, status_kib("VmHWM")) {
+            peak_save.push(h.saturating_sub(b) as f64 / 1024.0);
+        }
         let cpath = store.path_of(m.seq);
         if round % 2 == 0 {
             prog.say(&format!("{tag}: raw write+fsync"));
@@ -529,6 +544,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
+        "save_peak_extra_mib": peak_save.iter().copied().reduce(f64::max),
         "restore_peak_extra_mib": { "into": peak_into.iter().copied().reduce(f64::max), "fresh_above_state": peak_fresh.iter().copied().reduce(f64::max) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
         "commit_ms_median": commit,
@@ -567,6 +583,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         peak_fresh.iter().copied().reduce(f64::max),
     ) {
         println!("  peak extra memory of a restore: {i:.0} MiB into the job's buffer, {f:.0} MiB above the state into a fresh one");
+    }
+    if let Some(p) = peak_save.iter().copied().reduce(f64::max) {
+        println!("  peak extra memory of a save: {p:.0} MiB above the state (VmHWM)");
     }
     println!(
         "  per-round ratios (median): save {:.2}, restore {:.2}, fresh restore {:.2}",
@@ -676,6 +695,29 @@ for line in sys.stdin:
         out["s"] = time.perf_counter() - t
         if ok:
             out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
+    elif cmd in ("saving-direct", "saving-plain"):
+        ok = hwm_reset()
+        before = kib("VmRSS")
+        t = time.perf_counter()
+        with ck.saving() as sd:
+            if cmd == "saving-direct":
+                with ck.direct_file("weights.npy") as f:
+                    np.save(f, w)
+            else:
+                np.save(sd / "weights.npy", w)
+        out["s"] = time.perf_counter() - t
+        if ok:
+            out["peak_extra_mib"] = (kib("VmHWM") - before) / 1024
+    elif cmd in ("npload", "npload-check"):
+        # What the job does after the supervisor verified the checkpoint: np.load of the file.
+        h = None
+        newest = ckpt.Store(d).list()[-1][1]
+        t = time.perf_counter()
+        got = np.load(os.path.join(newest, "weights.npy"))
+        out["s"] = time.perf_counter() - t
+        if cmd == "npload-check":
+            out["same"] = bool(got.dtype == w.dtype and np.array_equal(got, w))
+        del got
     elif cmd == "npsave":
         try:
             os.unlink(scratch)
@@ -842,6 +884,61 @@ fn spread(v: &[f64]) -> serde_json::Value {
     })
 }
 
+/// Runs `ckpt verify --dir DIR` (what the supervisor does before a resume); its peak RSS in MiB.
+fn verify_cmd(exe: &Path, dir: &Path) -> Result<Option<f64>, Fatal> {
+    ckpt_cmd(
+        exe,
+        &["verify".as_ref(), "--dir".as_ref(), dir.as_os_str()],
+        "verify",
+    )
+}
+
+/// Runs this ckpt with `args` (no control socket inherited); its stderr in the error. Returns
+/// the command's peak RSS in MiB (`ru_maxrss` of its `wait4`: its whole memory, as the
+/// command holds no state of the job's), `None` where the kernel does not say.
+fn ckpt_cmd(exe: &Path, args: &[&std::ffi::OsStr], what: &str) -> Result<Option<f64>, Fatal> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::null())
+        .env_remove("CKPT_SOCKET")
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(&e))?;
+    let mut err = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut err);
+    }
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 writes into the two locals it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = loop {
+        // SAFETY: pid is our own unwaited child; the pointers are to live locals.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break r;
+    };
+    if r != pid {
+        return Err(fail(&format!(
+            "ckpt {what}: waiting for it failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // Reaped here: the std handle must not wait for it again.
+    std::mem::forget(child);
+    if !std::process::ExitStatus::from_raw(status).success() {
+        return Err(fail(&format!(
+            "ckpt {what} failed: {}",
+            String::from_utf8_lossy(&err)
+        )));
+    }
+    Ok((ru.ru_maxrss > 0).then(|| ru.ru_maxrss as f64 / 1024.0))
+}
+
 /// `ckpt bench --path file|python`: the save (and restore) of the path a job uses, against
 /// `dd bs=4M oflag=direct` of the same bytes and a cold `dd` read, in interleaved rounds
 /// (the order rotates every round; every read after a cache drop, settled).
@@ -885,12 +982,19 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let scratch = work.join("own.npy");
     let exe = std::env::current_exe().map_err(|e| fail(&e))?;
     let mut py = match a.path {
-        BenchPath::Python | BenchPath::Torch => Some(spawn_python(a, &store_dir, &src, &scratch)?),
+        BenchPath::Python | BenchPath::Torch | BenchPath::Saving => {
+            Some(spawn_python(a, &store_dir, &src, &scratch)?)
+        }
         _ => None,
     };
     let (mut w_dd, mut w_ck, mut w_own, mut r_dd, mut r_ddd, mut r_ck) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut peak: Vec<f64> = vec![];
+    // `--path saving`: `np.save` into a plain file of `ck.saving()`'s directory.
+    let saving = a.path == BenchPath::Saving;
+    let (mut w_plain, mut plain_peak): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+    // `--path saving`: the job's own cold `np.load` of the file (its unprotected restore).
+    let mut r_own: Vec<f64> = vec![];
     let mut r_peak: Vec<f64> = vec![];
     // `--path torch`: the restore into the model the job has (next to the fresh objects).
     let existing = a.path == BenchPath::Torch;
@@ -899,7 +1003,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
         // Writes, in an order rotated every round: dd, ckpt, (the job's own way).
-        let mut order: Vec<u8> = if py.is_some() {
+        let mut order: Vec<u8> = if saving {
+            vec![0, 1, 2, 3]
+        } else if py.is_some() {
             vec![0, 1, 2]
         } else {
             vec![0, 1]
@@ -920,7 +1026,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                     prog.say(&format!("{tag}: ckpt save"));
                     let s = match &mut py {
                         Some(c) => {
-                            let v = c.ask("save")?;
+                            let v = c.ask(if saving { "saving-direct" } else { "save" })?;
                             if let Some(p) = v["peak_extra_mib"].as_f64() {
                                 peak.push(p);
                             }
@@ -929,28 +1035,33 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                         }
                         None => {
                             let t = Instant::now();
-                            let st = Command::new(&exe)
-                                .arg("save")
-                                .arg("--dir")
-                                .arg(&store_dir)
-                                .arg(&src)
-                                .stdout(Stdio::null())
-                                .env_remove("CKPT_SOCKET")
-                                .stderr(Stdio::piped())
-                                .output()
-                                .map_err(|e| fail(&e))?;
-                            if !st.status.success() {
-                                return Err(fail(&format!(
-                                    "ckpt save failed: {}",
-                                    String::from_utf8_lossy(&st.stderr)
-                                )));
-                            }
+                            let rss = ckpt_cmd(
+                                &exe,
+                                &[
+                                    "save".as_ref(),
+                                    "--dir".as_ref(),
+                                    store_dir.as_os_str(),
+                                    src.as_os_str(),
+                                ],
+                                "save",
+                            )?;
                             let d = t.elapsed().as_secs_f64();
+                            peak.extend(rss);
                             let _ = store.prune(1, None, &[]);
                             d
                         }
                     };
                     w_ck.push(s);
+                }
+                3 => {
+                    prog.say(&format!("{tag}: ck.saving() + np.save into a plain file"));
+                    let c = py.as_mut().expect("python");
+                    let v = c.ask("saving-plain")?;
+                    if let Some(p) = v["peak_extra_mib"].as_f64() {
+                        plain_peak.push(p);
+                    }
+                    let _ = store.prune(1, None, &[]);
+                    w_plain.push(v["s"].as_f64().unwrap_or(f64::NAN));
                 }
                 _ => {
                     prog.say(&format!("{tag}: the job's own save + fsync"));
@@ -964,12 +1075,21 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         // (and, for torch, ckpt into the existing model).
         let mut reads: Vec<u8> = if existing {
             vec![0, 1, 2, 3]
+        } else if saving {
+            vec![0, 1, 2, 4]
         } else {
             vec![0, 1, 2]
         };
         let nr = reads.len();
         reads.rotate_left((round as usize - 1) % nr);
         for which in reads {
+            if which == 4 {
+                prog.say(&format!("{tag}: the job's own cold np.load"));
+                let c = py.as_mut().expect("python");
+                drop_caches();
+                r_own.push(c.ask("npload")?["s"].as_f64().unwrap_or(f64::NAN));
+                continue;
+            }
             if which == 3 {
                 prog.say(&format!("{tag}: ckpt restore into the existing model"));
                 let c = py.as_mut().expect("python");
@@ -1007,6 +1127,16 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             }
             prog.say(&format!("{tag}: ckpt restore"));
             let s = match &mut py {
+                Some(c) if saving => {
+                    drop_caches();
+                    let t = Instant::now();
+                    verify_cmd(&exe, &store_dir)?;
+                    let v = c.ask(if round == 1 { "npload-check" } else { "npload" })?;
+                    if round == 1 && v["same"].as_bool() != Some(true) {
+                        return Err(fail(&"the loaded array differs from the saved one (a bug)"));
+                    }
+                    t.elapsed().as_secs_f64()
+                }
                 Some(c) => {
                     c.ask("open")?;
                     drop_caches();
@@ -1028,21 +1158,10 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                 None => {
                     drop_caches();
                     let t = Instant::now();
-                    let st = Command::new(&exe)
-                        .arg("verify")
-                        .arg("--dir")
-                        .arg(&store_dir)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::piped())
-                        .output()
-                        .map_err(|e| fail(&e))?;
-                    if !st.status.success() {
-                        return Err(fail(&format!(
-                            "ckpt verify failed: {}",
-                            String::from_utf8_lossy(&st.stderr)
-                        )));
-                    }
-                    t.elapsed().as_secs_f64()
+                    let rss = verify_cmd(&exe, &store_dir)?;
+                    let d = t.elapsed().as_secs_f64();
+                    r_peak.extend(rss);
+                    d
                 }
             };
             r_ck.push(s);
@@ -1066,6 +1185,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let rd_ratio = ratio(&r_ddd, &r_ck);
     let own_ratio = ratio(&w_own, &w_ck);
     let ex_ratio = ratio(&r_dd, &r_ex);
+    let plain_ratio = ratio(&w_dd, &w_plain);
+    let plain_own_ratio = ratio(&w_own, &w_plain);
+    let r_own_ratio = ratio(&r_own, &r_ck);
     let exd_ratio = ratio(&r_ddd, &r_ex);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
@@ -1082,6 +1204,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let name = match a.path {
         BenchPath::File => "file",
         BenchPath::Torch => "torch",
+        BenchPath::Saving => "saving",
         _ => "python",
     };
     let out = json!({
@@ -1091,8 +1214,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "cold_reads": root,
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "loadavg": [load_start, load_end],
-        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
-        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Torch => "TrainState.restore into fresh objects (the whole file read into memory of its own past the page cache and verified, torch's tensors views of it), cold; restore_existing: into a model that has its tensor", _ => "Checkpointer.restore() (verified), cold" },
+        "ckpt_save": match a.path { BenchPath::File => "ckpt save FILE (the command, a file in the page cache)", BenchPath::Torch => "ckpt.torch.TrainState.save of {'weights': f32 tensor} (torch.save into ck.direct_file) in a python child", BenchPath::Saving => "with ck.saving(): np.save(ck.direct_file('weights.npy'), w) in a python3 child; saving_plain: np.save(d / 'weights.npy', w) into the saving() directory", _ => "Checkpointer.save({'weights': numpy f32 array}) in a python3 child" },
+        "ckpt_restore": match a.path { BenchPath::File => "ckpt verify (what a resume reads: every byte checksummed)", BenchPath::Saving => "ckpt verify (the supervisor, before a resume), then np.load of the file in the python child (the job)", BenchPath::Torch => "TrainState.restore into fresh objects (the whole file read into memory of its own past the page cache and verified, torch's tensors views of it), cold; restore_existing: into a model that has its tensor", _ => "Checkpointer.restore() (verified), cold" },
         "write_gbps": { "dd_oflag_direct": speeds(&w_dd), "ckpt": speeds(&w_ck), "own_save_fsync": (!w_own.is_empty()).then(|| speeds(&w_own)) },
         "write_ratio_to_dd_direct": spread(&w_ratio),
         "write_ratio_to_own": (!own_ratio.is_empty()).then(|| spread(&own_ratio)),
@@ -1100,11 +1223,21 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "read_ratio_to_dd": spread(&r_ratio),
         "read_ratio_to_dd_direct": spread(&rd_ratio),
         "restore_existing": existing.then(|| json!({
-            "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes; the fields above are the restore into fresh objects",
+            "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes: run K's copy into it since run P (zero-copy in runs L-P); the fields above are the restore into fresh objects",
             "read_gbps": speeds(&r_ex),
             "read_ratio_to_dd": spread(&ex_ratio),
             "read_ratio_to_dd_direct": spread(&exd_ratio),
             "peak_extra_mib": (!r_ex_peak.is_empty()).then(|| r_ex_peak.iter().copied().fold(f64::MIN, f64::max)),
+        })),
+        "saving_plain": saving.then(|| json!({
+            "what": "with ck.saving() as d: np.save(d / 'weights.npy', w): the file written through the page cache by numpy, then read back for its checksum and fsynced by ckpt",
+            "write_gbps": speeds(&w_plain),
+            "write_ratio_to_dd_direct": spread(&plain_ratio),
+            "write_ratio_to_own": spread(&plain_own_ratio),
+            "own_restore": "the job's own cold np.load of the same file (what it does without ckpt)",
+            "own_restore_gbps": speeds(&r_own),
+            "read_ratio_to_own": spread(&r_own_ratio),
+            "peak_extra_mib": (!plain_peak.is_empty()).then(|| plain_peak.iter().copied().fold(0.0, f64::max)),
         })),
         "save_peak_extra_mib": (!peak.is_empty()).then(|| peak.iter().copied().fold(0.0, f64::max)),
         "restore_peak_extra_mib": (!r_peak.is_empty()).then(|| r_peak.iter().copied().fold(f64::MIN, f64::max)),
@@ -1132,6 +1265,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let gbs = |v: &[f64]| -> Vec<f64> { v.iter().map(|&s| gb(s)).collect() };
     let (lo, hi) = mm(&gbs(&w_dd));
     println!("  save     dd oflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_dd)), med(&gbs(&w_ck)), med(&w_ratio), mm(&w_ratio).0, mm(&w_ratio).1);
+    if !w_plain.is_empty() {
+        println!("  save     ck.saving() + np.save into a plain file {:>6.2} GB/s   / dd oflag=direct {:.2} (per round {:.2}-{:.2})   / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&w_plain)), med(&plain_ratio), mm(&plain_ratio).0, mm(&plain_ratio).1, med(&plain_own_ratio), mm(&plain_own_ratio).0, mm(&plain_own_ratio).1);
+    }
     if !w_own.is_empty() {
         println!("  save     the job's own {} + fsync {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", if a.path == BenchPath::Torch { "torch.save" } else { "np.save" }, med(&gbs(&w_own)), med(&own_ratio), mm(&own_ratio).0, mm(&own_ratio).1);
     }
@@ -1139,19 +1275,34 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     println!("  restore  dd read {:>6.2} GB/s ({lo:.2}-{hi:.2})   ckpt {:>6.2} GB/s   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_dd)), med(&gbs(&r_ck)), med(&r_ratio), mm(&r_ratio).0, mm(&r_ratio).1);
     let (lo, hi) = mm(&gbs(&r_ddd));
     println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
+    if !r_own.is_empty() {
+        println!("  restore  the job's own cold np.load {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_own)), med(&r_own_ratio), mm(&r_own_ratio).0, mm(&r_own_ratio).1);
+    }
     if !r_ex.is_empty() {
         println!("  restore  into the existing model: ckpt {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ex)), med(&ex_ratio), mm(&ex_ratio).0, mm(&ex_ratio).1, med(&exd_ratio), mm(&exd_ratio).0, mm(&exd_ratio).1);
     }
+    // `--path file`: the `ckpt save` and `ckpt verify` processes hold none of the job's
+    // state, so their whole peak RSS is what they add.
+    let how = if a.path == BenchPath::File {
+        (
+            "the whole peak RSS of `ckpt save`",
+            "the whole peak RSS of `ckpt verify`",
+        )
+    } else {
+        ("VmHWM above the state", "VmHWM above the restored state")
+    };
     if !peak.is_empty() {
         println!(
-            "  peak extra memory of a save: {:.0} MiB (VmHWM above the state)",
-            peak.iter().copied().fold(0.0, f64::max)
+            "  peak extra memory of a save: {:.0} MiB ({})",
+            peak.iter().copied().fold(0.0, f64::max),
+            how.0
         );
     }
     if !r_peak.is_empty() {
         println!(
-            "  peak extra memory of a restore: {:.0} MiB (VmHWM above the restored state)",
-            r_peak.iter().copied().fold(f64::MIN, f64::max)
+            "  peak extra memory of a restore: {:.0} MiB ({})",
+            r_peak.iter().copied().fold(f64::MIN, f64::max),
+            how.1
         );
     }
     if !r_ex_peak.is_empty() {

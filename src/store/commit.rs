@@ -11,7 +11,7 @@
 //!    `commit` return, and only now may anyone be told.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -240,13 +240,24 @@ impl Stage {
         for (name, path) in files {
             check_name(&name).map_err(Error::Name)?;
             let entry = match self.known.iter().find(|e| e.name == name) {
-                Some(e) => e.clone(),
+                Some(e) => {
+                    io.fsync_file(&path).ctx("fsync", &path)?;
+                    e.clone()
+                }
                 None => {
-                    let (size, sum) = checksum_file(&path, self.algo)?;
+                    // The file's own data goes to disk while it is read back for its sum
+                    // (from the page cache, where the job just wrote it): the fsync and the
+                    // checksum overlap instead of adding up.
+                    let (sum, synced) = std::thread::scope(|s| {
+                        let sync = s.spawn(|| io.fsync_file(&path));
+                        let sum = checksum_file(&path, self.algo);
+                        (sum, sync.join().expect("an fsync thread panicked"))
+                    });
+                    let (size, sum) = sum?;
+                    synced.ctx("fsync", &path)?;
                     FileEntry { name, size, sum }
                 }
             };
-            io.fsync_file(&path).ctx("fsync", &path)?;
             entries.push(entry);
         }
         let mut manifest = Manifest::new(0, step, writer, self.algo, entries);
@@ -606,14 +617,22 @@ fn direct_write(fd: &File, buf: &[u8], off: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Size and checksum of a file, read in 1 MiB blocks without following a symlink.
+/// Size and checksum of a file, without following a symlink: a large file read by several
+/// threads ([`super::scan::checksum_member`]); one that changes size while it is read, again
+/// from the start in 1 MiB blocks up to its end.
 pub fn checksum_file(path: &Path, algo: Algo) -> Result<(u64, u32)> {
-    let mut f = super::io::open_read(path).ctx("open", path)?;
+    let f = super::io::open_read(path).ctx("open", path)?;
+    let size = f.metadata().ctx("inspect", path)?.len();
+    match super::scan::checksum_member(&f, size, algo) {
+        Ok(sum) => return Ok((size, sum)),
+        Err(super::scan::MemberRead::Io(e)) => return Err(Error::io("read", path, e)),
+        Err(_) => {}
+    }
     let mut h = algo.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        match f.read(&mut buf) {
+        match std::os::unix::fs::FileExt::read_at(&f, &mut buf, size) {
             Ok(0) => break,
             Ok(n) => {
                 h.update(&buf[..n]);

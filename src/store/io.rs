@@ -168,6 +168,23 @@ pub fn open_read(path: &Path) -> io::Result<fs::File> {
     open_checked(path, OpenOptions::new().read(true))
 }
 
+/// A second descriptor for reading an open file (a new open file description: its own
+/// offset and read-ahead), through `/proc/self/fd` so that no path is looked up again (a
+/// file renamed or replaced since the first open is still the same file); a duplicate of the
+/// descriptor where /proc is not mounted.
+pub fn reopen_read(f: &fs::File) -> io::Result<fs::File> {
+    use std::os::unix::io::AsRawFd;
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+    {
+        Ok(g) => Ok(g),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => f.try_clone(),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads a whole small file through [`open_read`]; more than `limit` bytes is an error
 /// (`InvalidData`), never a huge allocation.
 pub fn read_small(path: &Path, limit: u64) -> io::Result<Vec<u8>> {

@@ -119,6 +119,10 @@ class Hasher:
         """The checksum of everything fed so far."""
         return self._crc
 
+    def append(self, crc: int, length: int) -> None:
+        """As if the ``length`` bytes whose checksum is ``crc`` were fed now (:func:`combine`)."""
+        self._crc = combine(self.algo, self._crc, crc, length)
+
 
 # --- combining the checksums of consecutive pieces ---------------------------------------------
 # zlib's crc32_combine (1.2.12+: x^(8n) mod P by repeated squaring), written for either
@@ -147,16 +151,16 @@ def combine(algo: str, crc1: int, crc2: int, len2: int) -> int:
     """The checksum of A followed by B, from ``crc1`` (of A), ``crc2`` (of B) and ``len2``
     (B's length in bytes)."""
     poly = _POLYS[algo]
-    table = _X2N.get(algo)
-    if table is None:
-        table = [1 << 30]  # x^1
-        for _ in range(31):
-            table.append(_multmodp(table[-1], table[-1], poly))
-        _X2N[algo] = table
+    table = _X2N.setdefault(algo, [1 << 30])  # table[k] = x^(2^k) mod P; table[0] = x^1
     p, k, n = 1 << 31, 3, len2  # x^0; x^(len2 * 2^3) = x^(8 len2)
     while n:
+        # As many squarings as the length needs: zlib wraps k at 32, exact for CRC-32 (the
+        # squares repeat every 32) but not for CRC-32C (every 31), where a piece of 512 MiB
+        # or more got a wrong sum.
+        while len(table) <= k:
+            table.append(_multmodp(table[-1], table[-1], poly))
         if n & 1:
-            p = _multmodp(table[k & 31], p, poly)
+            p = _multmodp(table[k], p, poly)
         n >>= 1
         k += 1
     return _multmodp(p, crc1, poly) ^ crc2

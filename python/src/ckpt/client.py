@@ -686,7 +686,7 @@ class Checkpointer:
 
         The files' write speed is the writing library's (``torch.save``, ``np.save`` write
         through the page cache); ckpt adds one checksum read of each file (usually from the
-        page cache) and the fsyncs. :meth:`direct_file` gives the library a file object that
+        page cache, overlapped with the file's fsync on another thread) and the fsyncs. :meth:`direct_file` gives the library a file object that
         writes past the page cache instead (what ``ckpt.torch`` uses); for numpy arrays
         :meth:`save` writes them as raw bytes that way (``docs/benchmarks.md``)."""
         with self._saving(step, meta, self._begin()) as stage:

@@ -318,11 +318,12 @@ class TrainState:
                 st = None
                 way = _WAY
                 if way is None:
-                    # Zero-copy needs room for the file beside the tensors the objects hold
-                    # until the swap frees them; without that room, run K's copy into them.
-                    size = _size(f)
-                    existing = self._existing_bytes()
-                    way = "inplace" if existing >= IN_PLACE_SHARE * size and not _room_for(size) else "whole"
+                    # Objects that hold most of the file's tensors already get run K's copy
+                    # into them: at a resume the supervisor's verify has left the file in the
+                    # page cache, and copying from there beats reading into fresh memory and
+                    # swapping (0.33-0.51 s against 0.84-1.83 s per GiB), with 16-32 MiB of
+                    # extra memory instead of the state's size (docs/benchmarks.md, run P).
+                    way = "inplace" if self._existing_bytes() >= IN_PLACE_SHARE * _size(f) else "whole"
                 if way == "whole" and hasattr(f, "read_whole"):
                     # Zero-copy (docs/benchmarks.md, run L): the whole file read into memory
                     # of our own (O_DIRECT straight into it when cold) and verified; torch's
@@ -414,63 +415,11 @@ class TrainState:
                 st[k] = _owned(st[k], memo, mine)
 
 
-# Which way restore() reads (for A/B measurements and tests): None (zero-copy unless memory
-# is short, see _room_for), "whole" (zero-copy, run L), "inplace" (run K's mapped copy,
-# whatever the share), "reader" (run J's reader).
+# Which way restore() reads (for A/B measurements and tests): None (run K's copy into objects
+# that hold at least IN_PLACE_SHARE of the file's bytes, else zero-copy), "whole" (zero-copy,
+# run L), "inplace" (run K's mapped copy, whatever the share), "reader" (run J's reader).
 _WAY: Optional[str] = None
 
-# Headroom a zero-copy restore into existing objects keeps free beyond the file's bytes.
-_HEADROOM = 256 << 20
-
-
-def _memory_available() -> Optional[int]:
-    """Bytes this process can still allocate without reclaim trouble: ``MemAvailable`` from
-    ``/proc/meminfo``, lowered to what the process's memory cgroup still allows when it has a
-    limit (v2: ``memory.max`` minus ``memory.current``; v1: ``memory.limit_in_bytes`` minus
-    ``memory.usage_in_bytes``); None if unknown."""
-    avail: Optional[int] = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/proc/self/cgroup") as fh:
-            lines = [ln.rstrip("\n").split(":", 2) for ln in fh]
-    except OSError:
-        lines = []
-    for parts in lines:
-        if len(parts) != 3:
-            continue
-        _, ctl, rel = parts
-        if ctl == "":
-            files = ("/sys/fs/cgroup" + rel.rstrip("/"), "memory.max", "memory.current")
-        elif "memory" in ctl.split(","):
-            files = ("/sys/fs/cgroup/memory" + rel.rstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes")
-        else:
-            continue
-        try:
-            with open(f"{files[0]}/{files[1]}") as fh:
-                cap = fh.read().strip()
-            if cap == "max" or int(cap) >= 1 << 60:  # no limit
-                continue
-            with open(f"{files[0]}/{files[2]}") as fh:
-                left = max(0, int(cap) - int(fh.read().strip()))
-        except (OSError, ValueError):
-            continue
-        avail = left if avail is None else min(avail, left)
-    return avail
-
-
-def _room_for(size: int) -> bool:
-    """Whether a zero-copy restore of a ``size``-byte file into objects that already hold
-    their tensors fits: it holds both until the swap frees the old ones (run L); True when
-    the available memory is unknown."""
-    avail = _memory_available()
-    return avail is None or avail >= size + max(size // 4, _HEADROOM)
 _from_file_lock = threading.Lock()
 
 
