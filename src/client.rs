@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::error::Invalid;
 use crate::error::{Error, Result};
 use crate::pod::{self, Pod};
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
@@ -97,6 +98,12 @@ pub struct Checkpointer {
     bg: Mutex<Background>,
     /// Bounds how long a SIGTERM waits for the job to reach a safe point.
     watch: Arc<StopWatch>,
+    /// How the supervisor checked the restore checkpoint (`CKPT_RESTORE_CHECK`): with
+    /// `Client` only the manifest and sizes were, and this client's checks are the only ones.
+    restore_check: protocol::RestoreCheck,
+    /// Under `Client`: the outcome of verifying every file [`Checkpointer::restore_dir`]
+    /// exposes, done once before the first path is handed out.
+    dir_checked: std::sync::OnceLock<std::result::Result<(), String>>,
 }
 
 /// The environment variable that sets how long a SIGTERM may wait for the job to reach its
@@ -411,7 +418,14 @@ impl Checkpointer {
             }
             None => None,
         };
+        let restore_check = if supervised && restore.is_some() {
+            protocol::RestoreCheck::from_env()
+        } else {
+            protocol::RestoreCheck::Full
+        };
         let ck = Checkpointer {
+            restore_check,
+            dir_checked: std::sync::OnceLock::new(),
             store,
             restore,
             restart_count,
@@ -491,9 +505,110 @@ impl Checkpointer {
         self.restore.as_ref()
     }
 
-    /// The directory of the checkpoint to resume from (`None` on a fresh start).
+    /// The directory of the checkpoint to resume from (`None` on a fresh start), for files
+    /// the job reads with its own code. Under `ckpt run --restore-check client` the
+    /// supervisor checked only the manifest and sizes, so the first call checksums every
+    /// file of the checkpoint (in a multi-rank job: this rank's shard) before the path is
+    /// handed out; a damaged checkpoint is reported to the supervisor and the process exits
+    /// with status 1 (the supervisor sets the checkpoint aside and relaunches the job from
+    /// the next one that verifies).
     pub fn restore_dir(&self) -> Option<&Path> {
-        self.restore.as_ref().map(|r| r.path.as_path())
+        let r = self.restore.as_ref()?;
+        if self.restore_check == protocol::RestoreCheck::Client {
+            let checked = self.dir_checked.get_or_init(|| self.verify_exposed(r));
+            if let Err(why) = checked {
+                eprintln!(
+                    "ckpt: error: the checkpoint to restore, {}, is damaged: {why}; the supervisor sets it aside and relaunches from the next one",
+                    r.path.display()
+                );
+                std::process::exit(1);
+            }
+        }
+        Some(r.path.as_path())
+    }
+
+    /// Checksums every file of the restore checkpoint the job may read by path (this rank's
+    /// shard in a multi-rank job), reporting damage to the supervisor.
+    fn verify_exposed(&self, r: &RestorePoint) -> std::result::Result<(), String> {
+        let shard = match (&self.multi, self.reshard) {
+            (Some(m), false) => Some(format!("{}/", m.world().shard_dir())),
+            _ => None,
+        };
+        for entry in &r.manifest.files {
+            if shard
+                .as_ref()
+                .is_some_and(|p| !entry.name.starts_with(p.as_str()))
+            {
+                continue;
+            }
+            let got = open_member(&r.path, &entry.name)
+                .map_err(|reason| Error::Invalid {
+                    path: r.path.clone(),
+                    reason,
+                })
+                .and_then(|f| {
+                    let len = f
+                        .metadata()
+                        .map_err(|e| Error::io("inspect", r.path.join(&entry.name), e))?
+                        .len();
+                    let bad = |reason| Error::Invalid {
+                        path: r.path.clone(),
+                        reason,
+                    };
+                    if len != entry.size {
+                        return Err(bad(Invalid::Size {
+                            name: entry.name.clone(),
+                            expected: entry.size,
+                            actual: len,
+                        }));
+                    }
+                    use crate::store::scan::MemberRead;
+                    let sum =
+                        crate::store::scan::checksum_member(&f, entry.size, r.manifest.checksum)
+                            .map_err(|e| match e {
+                                MemberRead::Short(actual) | MemberRead::Grew(actual) => {
+                                    bad(Invalid::Size {
+                                        name: entry.name.clone(),
+                                        expected: entry.size,
+                                        actual,
+                                    })
+                                }
+                                MemberRead::Io(e) => Error::io("read", r.path.join(&entry.name), e),
+                            })?;
+                    if sum != entry.sum {
+                        return Err(bad(Invalid::Checksum {
+                            name: entry.name.clone(),
+                            expected: entry.sum,
+                            actual: sum,
+                        }));
+                    }
+                    Ok(())
+                });
+            if let Err(e) = got {
+                self.report_restore(&e);
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Under `--restore-check client`: tells the supervisor that reading the restore
+    /// checkpoint found damage (or could not read it), so that it verifies the checkpoint
+    /// itself and, if it agrees, sets it aside and relaunches the job from the next one.
+    fn report_restore(&self, e: &Error) {
+        if self.restore_check != protocol::RestoreCheck::Client
+            || !matches!(e, Error::Invalid { .. } | Error::Io { .. })
+        {
+            return;
+        }
+        if let Some(r) = &self.restore {
+            self.send(&Message::RestoreFailed {
+                v: PROTOCOL_VERSION,
+                pid: self.pid,
+                seq: r.seq,
+                error: e.to_string(),
+            });
+        }
     }
 
     /// The state last saved with [`Checkpointer::save`], or `None` on a fresh start. The bytes
@@ -539,15 +654,19 @@ impl Checkpointer {
                 entry.size
             )));
         }
-        let mut f = open_member(&r.path, &entry.name).map_err(|reason| Error::Invalid {
-            path: r.path.clone(),
-            reason,
-        })?;
-        if fresh {
-            pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, dest)
-        } else {
-            pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
-        }
+        let got = open_member(&r.path, &entry.name)
+            .map_err(|reason| Error::Invalid {
+                path: r.path.clone(),
+                reason,
+            })
+            .and_then(|mut f| {
+                if fresh {
+                    pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, dest)
+                } else {
+                    pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
+                }
+            });
+        got.inspect_err(|e| self.report_restore(e))
     }
 
     /// The size in bytes of one file of the restore checkpoint.
@@ -612,11 +731,15 @@ impl Checkpointer {
                 ))
             })?;
         let mut bytes = vec![0u8; entry.size as usize];
-        let mut f = open_member(&r.path, &full).map_err(|reason| Error::Invalid {
-            path: r.path.clone(),
-            reason,
-        })?;
-        pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, &mut bytes)?;
+        open_member(&r.path, &full)
+            .map_err(|reason| Error::Invalid {
+                path: r.path.clone(),
+                reason,
+            })
+            .and_then(|mut f| {
+                pod::read_verified_fresh(&mut f, &r.path, entry, r.manifest.checksum, &mut bytes)
+            })
+            .inspect_err(|e| self.report_restore(e))?;
         Ok(bytes)
     }
 

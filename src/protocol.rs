@@ -27,12 +27,47 @@ pub const ENV_SUPERVISOR_PID: &str = "CKPT_SUPERVISOR_PID";
 
 /// How this launch starts: [`START_FRESH`], [`START_RESUME`] or [`START_BRANCH`].
 pub const ENV_START: &str = "CKPT_START";
+/// How the supervisor checked the restore checkpoint ([`RestoreCheck`]): `full` or
+/// `client`; set with `CKPT_RESTORE`, empty on a fresh start. Absent means `full`.
+pub const ENV_RESTORE_CHECK: &str = "CKPT_RESTORE_CHECK";
+
+/// How a checkpoint is checked before a launch restores it (`ckpt run --restore-check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RestoreCheck {
+    /// The supervisor read and checksummed every byte before the launch.
+    #[default]
+    Full,
+    /// The supervisor checked the manifest and the member sizes; the client checksums every
+    /// byte as it reads it, verifies the whole checkpoint before it hands the job a path
+    /// into it, and reports damage with a `restore_failed` message.
+    Client,
+}
+
+impl RestoreCheck {
+    /// The `CKPT_RESTORE_CHECK` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreCheck::Full => "full",
+            RestoreCheck::Client => "client",
+        }
+    }
+
+    /// From the environment (`CKPT_RESTORE_CHECK`): `client` only when it says so exactly;
+    /// anything else is the safe reading, `full`.
+    pub fn from_env() -> RestoreCheck {
+        match std::env::var(ENV_RESTORE_CHECK).as_deref() {
+            Ok("client") => RestoreCheck::Client,
+            _ => RestoreCheck::Full,
+        }
+    }
+}
 
 /// Every variable a supervisor sets for its job: a tool that starts `ckpt run` (or a test)
 /// from inside a supervised job removes them first, so the inner run is not taken for a job.
-pub const SUPERVISOR_ENV: [&str; 10] = [
+pub const SUPERVISOR_ENV: [&str; 11] = [
     ENV_DIR,
     ENV_RESTORE,
+    ENV_RESTORE_CHECK,
     ENV_RESTORE_SEQ,
     ENV_RESTORE_STEP,
     ENV_RESTART_COUNT,
@@ -96,6 +131,16 @@ pub enum Message {
     },
     /// A save failed; the job keeps running.
     SaveFailed { v: u32, pid: u32, error: String },
+    /// Under `CKPT_RESTORE_CHECK=client`: the restore checkpoint `seq` failed the client's
+    /// check as it was read (`error` says which member and how). The supervisor verifies it
+    /// itself; if it is damaged it is set aside, the job stopped and relaunched from the
+    /// next checkpoint that verifies, and the relaunch is not counted as a failure.
+    RestoreFailed {
+        v: u32,
+        pid: u32,
+        seq: u64,
+        error: String,
+    },
 }
 
 impl Message {
@@ -113,7 +158,8 @@ impl Message {
             Message::Hello { v, .. }
             | Message::Progress { v, .. }
             | Message::Committed { v, .. }
-            | Message::SaveFailed { v, .. } => *v,
+            | Message::SaveFailed { v, .. }
+            | Message::RestoreFailed { v, .. } => *v,
         };
         if v == 0 || v > PROTOCOL_VERSION {
             return Err(format!(
@@ -129,7 +175,8 @@ impl Message {
             Message::Hello { pid, .. }
             | Message::Progress { pid, .. }
             | Message::Committed { pid, .. }
-            | Message::SaveFailed { pid, .. } => *pid,
+            | Message::SaveFailed { pid, .. }
+            | Message::RestoreFailed { pid, .. } => *pid,
         }
     }
 
@@ -228,6 +275,22 @@ mod tests {
             blocked_ms: Some(40),
         };
         assert_eq!(Message::parse(&a.encode()).unwrap(), a);
+        let r = Message::RestoreFailed {
+            v: 1,
+            pid: 5,
+            seq: 7,
+            error: "checksum".into(),
+        };
+        assert_eq!(Message::parse(&r.encode()).unwrap(), r);
+        assert_eq!(
+            Message::parse(
+                br#"{"type":"restore_failed","v":1,"pid":4242,"seq":7,"error":"checksum mismatch in \"state\""}"#
+            )
+            .unwrap()
+            .pid(),
+            4242
+        );
+        assert!(Message::parse(br#"{"type":"restore_failed","v":1,"pid":1,"error":"x"}"#).is_err());
         assert!(Message::parse(b"{").is_err());
         assert!(
             Message::parse(br#"{"type":"hello","v":2,"pid":1,"signal":10,"client":"x"}"#).is_err()

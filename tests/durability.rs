@@ -315,6 +315,148 @@ fn corrupt_newest_is_set_aside_and_the_job_resumes_from_the_next() {
     );
 }
 
+/// The same damages under `ckpt run --restore-check client` (one read of a checkpoint per
+/// resume): the supervisor checks only the manifest and sizes, so a damaged byte is found by
+/// the job's client as it reads; the client reports it, the supervisor verifies, sets the
+/// checkpoint aside, stops the job and relaunches it from the next one (not counted as a
+/// failure: `--max-failures 2` would otherwise not matter, so the relaunch is checked in the
+/// events). Every other damage is still caught before the launch. Either way the job ends
+/// with the uninterrupted digest and nothing outside the directory is touched.
+#[test]
+fn under_restore_check_client_damage_is_found_by_the_job_set_aside_and_resumed_past() {
+    let steps = 40;
+    let want = reference(steps, DIM);
+    let cases = damages();
+    let mut found_by_client = Vec::new();
+    for (name, damage) in &cases {
+        let tmp = tempdir();
+        let dir = tmp.path().join("ck");
+        let scratch = tmp.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        for step in [10, 20, 30] {
+            plant(&dir, step);
+        }
+        damage(&ck(&dir, 3), &scratch);
+        let scratch_before = snapshot(&scratch);
+        let out = run_trainer(&dir, &["--restore-check", "client"], steps);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}: ckpt run:\n{err}");
+        let q = quarantined(&dir);
+        assert!(
+            q.len() == 1 && q[0].starts_with("ckpt-000000000003."),
+            "{name}: quarantine holds {q:?}\n{err}"
+        );
+        let launch = events(&dir, "launch");
+        assert_eq!(
+            launch.last().unwrap()["restore_seq"],
+            2,
+            "{name}: resumed from the wrong checkpoint: {launch:?}"
+        );
+        assert!(
+            launch.iter().all(|l| l["restore_check"] == "client"),
+            "{name}: {launch:?}"
+        );
+        let rejected = events(&dir, "restore_rejected");
+        if launch[0]["restore_seq"] == 3 {
+            // Launched from the damaged one: only the client's read can have caught it.
+            assert_eq!(launch.len(), 2, "{name}: {launch:?}\n{err}");
+            assert_eq!(rejected.len(), 1, "{name}: {err}");
+            assert_eq!(rejected[0]["seq"], 3, "{name}: {rejected:?}");
+            let restart = events(&dir, "restart");
+            assert_eq!(restart[0]["restore_rejected"], true, "{name}: {restart:?}");
+            assert!(
+                err.contains("restore_rejected") || err.contains("set aside"),
+                "{name}: {err}"
+            );
+            found_by_client.push(*name);
+        } else {
+            assert!(rejected.is_empty(), "{name}: {rejected:?}");
+        }
+        let got = std::fs::read_to_string(dir.with_extension("digest")).unwrap();
+        assert_eq!(got.trim(), want, "{name}: digest");
+        assert_eq!(
+            snapshot(&scratch),
+            scratch_before,
+            "{name}: scratch changed"
+        );
+    }
+    // A flipped byte keeps every size: nothing but the client's checksum sees it.
+    assert_eq!(found_by_client, vec!["flipped byte"], "found by the client");
+    eprintln!(
+        "restore-check client: {} damage cases set aside and resumed past; found by the job's client: {found_by_client:?}",
+        cases.len()
+    );
+}
+
+/// A `restore_failed` report is believed only from a process of the job, and only for the
+/// checkpoint the launch restores: a forged one from outside (this test process) is logged
+/// and ignored, nothing is verified or set aside; and under the default check the job is
+/// told `CKPT_RESTORE_CHECK=full`.
+#[test]
+fn a_forged_restore_failed_report_is_ignored_and_the_default_check_is_full() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    for step in [10, 20] {
+        plant(&dir, step);
+    }
+    let seen = tmp.path().join("seen");
+    for (check, want) in [(Some("client"), "client"), (None, "full")] {
+        let _ = std::fs::remove_file(&seen);
+        let mut c = ckpt();
+        c.args(["run", "--dir"])
+            .arg(&dir)
+            .args(["--every", "off", "--again"]);
+        if let Some(v) = check {
+            c.args(["--restore-check", v]);
+        }
+        c.args(["--", "sh", "-c"])
+            .arg(format!(
+                "echo \"$CKPT_RESTORE_SEQ $CKPT_RESTORE_CHECK\" > {}; exec sleep 60",
+                seen.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut sup = c.spawn_guarded();
+        let err = read_stderr(&mut sup);
+        wait_until(Duration::from_secs(20), "the job's environment", || {
+            std::fs::read_to_string(&seen).is_ok_and(|s| s.ends_with('\n'))
+        });
+        assert_eq!(
+            std::fs::read_to_string(&seen).unwrap().trim(),
+            format!("2 {want}")
+        );
+        if check.is_some() {
+            let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            for (pid, seq) in [(std::process::id(), 2u64), (1, 2), (std::process::id(), 1)] {
+                let msg = serde_json::json!({
+                    "type": "restore_failed", "v": 1, "pid": pid, "seq": seq,
+                    "error": "forged",
+                });
+                sock.send_to(msg.to_string().as_bytes(), dir.join(".ckpt/sock"))
+                    .unwrap();
+            }
+            wait_until(Duration::from_secs(20), "three ignored reports", || {
+                events(&dir, "restore_failed_ignored").len() >= 3
+            });
+            let ignored = events(&dir, "restore_failed_ignored");
+            assert!(
+                ignored.iter().all(|e| e["why"].as_str().is_some_and(|w| w
+                    .contains("not a process of the job")
+                    || w.contains("sent by pid"))),
+                "{ignored:?}"
+            );
+            assert!(events(&dir, "restore_rejected").is_empty());
+        }
+        signal(sup.id(), libc::SIGTERM);
+        let status = wait_deadline(&mut sup, Duration::from_secs(30));
+        let err = err.join().unwrap();
+        assert_eq!(status.code(), Some(75), "{err}");
+        assert_no_survivors(&dir);
+        assert!(quarantined(&dir).is_empty(), "{err}");
+        assert_eq!(checkpoints(&dir), vec![1, 2], "{err}");
+    }
+}
+
 /// (path, size, mode) of everything under `p`, without following links.
 fn snapshot(p: &Path) -> Vec<(String, u64, u32)> {
     let mut v = Vec::new();

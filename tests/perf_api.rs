@@ -679,6 +679,17 @@ fn ckpt_bench_rust_path_reports_ratios_and_memory_and_cleans_up() {
         Some(2),
         "{v:#}"
     );
+    // The resume both ways: one read (`--restore-check client`) and the full check first.
+    let res = &v["resume_gbps"];
+    assert!(res["full_check"].as_f64().is_some_and(|x| x > 0.0), "{v:#}");
+    assert_eq!(res["client_check"], r["ckpt_restore_into"], "{v:#}");
+    assert_eq!(
+        res["full_check_ratio_per_round"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(2),
+        "{v:#}"
+    );
     // Memory: the save's buffers above the state, the restore's into the job's buffer (from
     // the second round, when the buffer is touched) and above the state into fresh memory.
     let save = v["save_peak_extra_mib"]

@@ -366,6 +366,13 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
         assert out["restore_peak_extra_mib"] is not None
     if path != "file":
         assert len(out["write_ratio_to_own"]["per_round"]) == 2
+    if path in ("python", "torch"):
+        # The resume under the default full check (ckpt verify, then the restore) next to the
+        # restore alone (the one-read resume of --restore-check client).
+        full = out["resume_full_check"]
+        assert len(full["read_ratio_to_dd"]["per_round"]) == 2 and len(full["read_gbps"]["per_round"]) == 2
+    else:
+        assert out.get("resume_full_check") is None
     if path == "torch":
         # Also the restore a training job does: into a model that has its tensor (run L).
         ex = out["restore_existing"]

@@ -341,6 +341,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
+    // A resume as `ckpt run` does it by default (`--restore-check full`): the supervisor's
+    // full verify, then the job's read (`r_ck` is the one-read resume of `client`).
+    let mut resume_full: Vec<f64> = vec![];
     let (mut peak_into, mut peak_fresh): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let mut peak_save: Vec<f64> = vec![];
     let mut ck = crate::Checkpointer::open(work.join("async"))
@@ -397,6 +400,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         // Peak memory above what the process held (the buffer is touched from round 2 on).
         let rss0 = hwm_reset().then(|| status_kib("VmRSS")).flatten();
         let t = Instant::now();
+        // `--restore-check client`: the supervisor's check (manifest, sizes), the job's read.
+        crate::store::check_path(&cpath, Some(m.seq), crate::store::Check::Sizes)
+            .map_err(|e| fail(&e))?;
         let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
         crate::pod::read_verified(
             &mut f,
@@ -441,6 +447,22 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             peak_fresh.push((h.saturating_sub(b) as f64 - size as f64 / 1024.0) / 1024.0);
         }
         drop(fresh);
+
+        prog.say(&format!("{tag}: resume with the full check first"));
+        drop_caches();
+        let t = Instant::now();
+        crate::store::check_path(&cpath, Some(m.seq), crate::store::Check::Full)
+            .map_err(|e| fail(&e))?;
+        let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
+        crate::pod::read_verified(
+            &mut f,
+            &cpath,
+            &entry,
+            m.checksum,
+            crate::pod::as_bytes_mut(&mut restored),
+        )
+        .map_err(|e| fail(&e))?;
+        resume_full.push(gb(t.elapsed()));
 
         prog.say(&format!("{tag}: memcpy and async save"));
         let t = Instant::now();
@@ -507,6 +529,9 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         per_round(&r_ck, &r_dd),
         per_round(&r_ck_fresh, &r_dd),
     );
+    let full_rounds = per_round(&resume_full, &r_dd);
+    let full_direct_rounds = per_round(&resume_full, &r_ddd);
+    let resume_full = median(&mut resume_full);
     let med_of = |v: &[f64]| median(&mut v.to_vec());
     let wd_rounds = per_round(&w_ck, &w_direct);
     let w_dd = median(&mut w_dd);
@@ -544,6 +569,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
+        "resume_gbps": { "client_check": r_ck, "full_check": resume_full, "full_check_ratio_per_round": full_rounds, "full_check_ratio_median_per_round": med_of(&full_rounds), "full_check_ratio_direct_per_round": full_direct_rounds, "full_check_ratio_direct_median_per_round": (!full_direct_rounds.is_empty()).then(|| med_of(&full_direct_rounds)), "note": "client_check is the restore above (ckpt run --restore-check client: manifest and sizes, then the job's verified read); full_check adds the supervisor's full verify before the read (the default)" },
         "save_peak_extra_mib": peak_save.iter().copied().reduce(f64::max),
         "restore_peak_extra_mib": { "into": peak_into.iter().copied().reduce(f64::max), "fresh_above_state": peak_fresh.iter().copied().reduce(f64::max) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
@@ -578,6 +604,15 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     if let Some(d) = r_ddd {
         println!("  read ({rd}) dd iflag=direct {d:>6.2} GB/s   per-round ratios (median): restore {:.2}, fresh restore {:.2}", med_of(&rd_rounds), med_of(&fd_rounds));
     }
+    println!(
+        "  resume       --restore-check client {r_ck:>6.2} GB/s (the restore above)   full (the default: verify, then read) {resume_full:>6.2} GB/s   per-round ratio to the cold read: {:.2}{}",
+        med_of(&full_rounds),
+        if full_direct_rounds.is_empty() {
+            String::new()
+        } else {
+            format!(", to dd iflag=direct {:.2}", med_of(&full_direct_rounds))
+        }
+    );
     if let (Some(i), Some(f)) = (
         peak_into.iter().copied().reduce(f64::max),
         peak_fresh.iter().copied().reduce(f64::max),
@@ -999,6 +1034,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     // `--path torch`: the restore into the model the job has (next to the fresh objects).
     let existing = a.path == BenchPath::Torch;
     let (mut r_ex, mut r_ex_peak): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+    // `--path python|torch`: the resume under the default full check (verify, then restore).
+    let mut r_full: Vec<f64> = vec![];
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -1073,16 +1110,32 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         }
         // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt
         // (and, for torch, ckpt into the existing model).
+        // 5: a resume under the default `--restore-check full` (the supervisor's `ckpt verify`,
+        // then the client's read): the restore of 2 is the one-read resume of `client`.
         let mut reads: Vec<u8> = if existing {
-            vec![0, 1, 2, 3]
+            vec![0, 1, 2, 3, 5]
         } else if saving {
             vec![0, 1, 2, 4]
+        } else if py.is_some() {
+            vec![0, 1, 2, 5]
         } else {
             vec![0, 1, 2]
         };
         let nr = reads.len();
         reads.rotate_left((round as usize - 1) % nr);
         for which in reads {
+            if which == 5 {
+                prog.say(&format!("{tag}: resume with the full check first"));
+                let c = py.as_mut().expect("python");
+                c.ask("open")?;
+                drop_caches();
+                let t = Instant::now();
+                verify_cmd(&exe, &store_dir)?;
+                let verify_s = t.elapsed().as_secs_f64();
+                let v = c.ask("restore")?;
+                r_full.push(verify_s + v["s"].as_f64().unwrap_or(f64::NAN));
+                continue;
+            }
             if which == 4 {
                 prog.say(&format!("{tag}: the job's own cold np.load"));
                 let c = py.as_mut().expect("python");
@@ -1189,6 +1242,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let plain_own_ratio = ratio(&w_own, &w_plain);
     let r_own_ratio = ratio(&r_own, &r_ck);
     let exd_ratio = ratio(&r_ddd, &r_ex);
+    let full_ratio = ratio(&r_dd, &r_full);
+    let fulld_ratio = ratio(&r_ddd, &r_full);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
             .iter()
@@ -1222,6 +1277,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "read_gbps": { "dd_cold": speeds(&r_dd), "dd_iflag_direct_cold": speeds(&r_ddd), "ckpt": speeds(&r_ck) },
         "read_ratio_to_dd": spread(&r_ratio),
         "read_ratio_to_dd_direct": spread(&rd_ratio),
+        "resume_full_check": (!r_full.is_empty()).then(|| json!({
+            "what": "a resume under the default ckpt run --restore-check full: ckpt verify (the supervisor), then the restore above (the client reads again, from the page cache); the restore above alone is the one-read resume of --restore-check client",
+            "read_gbps": speeds(&r_full),
+            "read_ratio_to_dd": spread(&full_ratio),
+            "read_ratio_to_dd_direct": spread(&fulld_ratio),
+        })),
         "restore_existing": existing.then(|| json!({
             "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes: run K's copy into it since run P (zero-copy in runs L-P); the fields above are the restore into fresh objects",
             "read_gbps": speeds(&r_ex),
@@ -1277,6 +1338,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
     if !r_own.is_empty() {
         println!("  restore  the job's own cold np.load {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_own)), med(&r_own_ratio), mm(&r_own_ratio).0, mm(&r_own_ratio).1);
+    }
+    if !r_full.is_empty() {
+        println!("  resume   --restore-check full (ckpt verify, then the restore) {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}; the restore above is --restore-check client", med(&gbs(&r_full)), med(&full_ratio), mm(&full_ratio).0, mm(&full_ratio).1, med(&fulld_ratio));
     }
     if !r_ex.is_empty() {
         println!("  restore  into the existing model: ckpt {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ex)), med(&ex_ratio), mm(&ex_ratio).0, mm(&ex_ratio).1, med(&exd_ratio), mm(&exd_ratio).0, mm(&exd_ratio).1);

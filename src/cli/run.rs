@@ -70,6 +70,15 @@ pub struct RunArgs {
     /// Start from scratch when checkpoints exist but none verifies (they stay in quarantine/).
     #[arg(long)]
     pub allow_fresh: bool,
+    /// How a checkpoint is checked before a launch restores it. `full` (the default): every
+    /// byte is read and checksummed, then the job reads it again. `client`: one read: ckpt
+    /// checks the manifest and the member sizes, and the job's ckpt client (Rust or Python)
+    /// checksums every byte as it reads it; a client that finds damage tells ckpt, which
+    /// verifies, sets the checkpoint aside and relaunches from the next one. Only for jobs
+    /// that read their checkpoint through a ckpt client, never `$CKPT_RESTORE` directly
+    /// (docs/protocol.md, "Restore selection").
+    #[arg(long, value_enum, default_value = "full", value_name = "CHECK")]
+    pub restore_check: crate::protocol::RestoreCheck,
     /// Run the job even though it already finished in this directory.
     #[arg(long)]
     pub again: bool,
@@ -375,6 +384,7 @@ pub fn run(a: RunArgs) -> Result<i32, Fatal> {
             max_restarts: a.max_restarts,
         },
         allow_fresh: a.allow_fresh,
+        restore_check: a.restore_check,
         again: a.again,
         quiet: a.quiet,
         log_json: matches!(a.log_format, LogFormat::Json),

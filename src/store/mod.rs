@@ -29,7 +29,7 @@ use crate::error::{Error, IoContext, Result};
 pub use commit::{Stage, StageWriter};
 pub use io::{Io, RealIo};
 pub use manifest::{Algo, FileEntry, Manifest, MANIFEST_NAME};
-pub use scan::{Bad, Found};
+pub use scan::{check_path, Bad, Check, Found};
 
 /// Prefix of published checkpoint directories.
 pub const PREFIX: &str = "ckpt-";

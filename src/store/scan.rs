@@ -98,6 +98,22 @@ pub fn open_member(dir: &Path, name: &str) -> Result<fs::File, Invalid> {
 /// Fully verifies the checkpoint at `path`: manifest, and every file's size and checksum.
 /// `seq` is the number its directory name carries.
 pub fn verify_path(path: &Path, seq: Option<u64>) -> Result<Manifest, Invalid> {
+    check_path(path, seq, Check::Full)
+}
+
+/// How much of a checkpoint a check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Everything: the manifest, and every member's size and checksum (every byte read).
+    Full,
+    /// The manifest (its trailer, format, `seq`), and every member present as a regular
+    /// file of the listed size; the bytes are not read. For a launch whose client verifies
+    /// every byte as it reads it (`ckpt run --restore-check client`, docs/protocol.md).
+    Sizes,
+}
+
+/// [`verify_path`] with the depth of the check chosen.
+pub fn check_path(path: &Path, seq: Option<u64>, check: Check) -> Result<Manifest, Invalid> {
     let m = read_manifest(path)?;
     if let Some(seq) = seq {
         if seq != m.seq {
@@ -119,6 +135,9 @@ pub fn verify_path(path: &Path, seq: Option<u64>) -> Result<Manifest, Invalid> {
                 expected: f.size,
                 actual: len,
             });
+        }
+        if check == Check::Sizes {
+            continue;
         }
         let sum = checksum_member(&file, f.size, m.checksum).map_err(|e| match e {
             MemberRead::Short(actual) | MemberRead::Grew(actual) => Invalid::Size {
@@ -275,10 +294,20 @@ impl Store {
     pub fn latest_verified(
         &self,
         quarantine: bool,
+        on_bad: impl FnMut(&Bad),
+    ) -> Result<Option<Found>> {
+        self.latest_checked(Check::Full, quarantine, on_bad)
+    }
+
+    /// [`Store::latest_verified`] with the depth of each check chosen ([`Check`]).
+    pub fn latest_checked(
+        &self,
+        check: Check,
+        quarantine: bool,
         mut on_bad: impl FnMut(&Bad),
     ) -> Result<Option<Found>> {
         for (seq, path) in self.list()?.into_iter().rev() {
-            match verify_path(&path, Some(seq)) {
+            match check_path(&path, Some(seq), check) {
                 Ok(manifest) => {
                     return Ok(Some(Found {
                         seq,

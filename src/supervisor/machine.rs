@@ -129,6 +129,9 @@ pub enum Event {
     Committed(Mark),
     /// A client could not save.
     SaveFailed { pid: u32, error: String },
+    /// Under `--restore-check client`: a client reported the checkpoint this launch restored
+    /// damaged, and the loop's own full verify agreed and set it aside (`quarantine/`).
+    RestoreRejected { seq: u64, error: String },
     /// Time passed (the loop calls this at [`Machine::next_wake`] and at least every 500 ms).
     Tick,
 }
@@ -248,6 +251,9 @@ pub struct JobState {
     /// The last `progress` message (a safe point reached).
     pub last_progress: Option<Instant>,
     pub hint_logged: bool,
+    /// The checkpoint this launch restored was found damaged and set aside
+    /// ([`Event::RestoreRejected`]): its end is a relaunch, not a failure.
+    pub restore_rejected: bool,
 }
 
 /// The whole state of a supervisor.
@@ -485,6 +491,26 @@ impl Machine {
                 out.push(Action::Rescan);
             }
             Event::Committed(m) => self.committed(m, now, &mut out),
+            Event::RestoreRejected { seq, error } => {
+                let Some(j) = self.job.as_mut() else {
+                    return out;
+                };
+                if j.restored.map(|r| r.seq) != Some(seq) || j.restore_rejected {
+                    return out;
+                }
+                j.restore_rejected = true;
+                let pid = j.pid;
+                // `last` may still name it: numbers are never reused, so a rescan still
+                // sees every new commit as newer.
+                out.push(warn(
+                    "restore_rejected",
+                    format!("checkpoint {seq}, which the job (pid {pid}) was restoring, is damaged ({error}) and was set aside: stopping the job to relaunch it from the next checkpoint that verifies"),
+                    json!({ "seq": seq, "pid": pid, "error": error }),
+                ));
+                if self.phase != Phase::Killing {
+                    self.kill(&mut out);
+                }
+            }
             Event::SaveFailed { pid, error } => {
                 if let Some(j) = self.job.as_mut() {
                     j.last_beat = now;
@@ -542,6 +568,7 @@ impl Machine {
             last_beat: now,
             last_progress: None,
             hint_logged: false,
+            restore_rejected: false,
         });
         self.phase = if explicit {
             Phase::Running
@@ -674,6 +701,22 @@ impl Machine {
         if self.stop.is_some() {
             self.phase = Phase::Done(Outcome::Stopped);
             out.push(Action::Finish(Outcome::Stopped));
+            return;
+        }
+        if job.restore_rejected {
+            // Not the job's failure: its checkpoint was damaged. Bounded: each such relaunch
+            // sets one checkpoint aside.
+            self.hist.restarts = self.hist.restarts.saturating_add(1);
+            out.push(log(
+                "restart",
+                format!(
+                    "restart {} now (the checkpoint it restored was damaged and set aside; not counted as a failure)",
+                    self.hist.restarts
+                ),
+                json!({ "restart": self.hist.restarts, "delay_ms": 0, "progress": progress, "restore_rejected": true }),
+            ));
+            self.phase = Phase::BackingOff { until: now };
+            out.push(Action::Status);
             return;
         }
         if exit.success() {
@@ -1712,6 +1755,10 @@ mod tests {
                 pid: 100,
                 error: "x".into(),
             },
+            Event::RestoreRejected {
+                seq: 1,
+                error: "x".into(),
+            },
             Event::Tick,
         ]
     }
@@ -1771,6 +1818,84 @@ mod tests {
                 assert!(!t.m.status_word().is_empty());
             }
         }
+    }
+
+    // ---- A damaged restore checkpoint (--restore-check client) ----
+
+    fn running_restored(s: Settings, seq: u64) -> T {
+        let mut t = T::new(s);
+        t.m.start();
+        t.ev(0, launched(Some(mark(seq, Some(seq * 10)))));
+        t.ev(10, hello(100));
+        assert_eq!(t.m.phase, Phase::Running);
+        t
+    }
+
+    fn rejected(seq: u64) -> Event {
+        Event::RestoreRejected {
+            seq,
+            error: "file \"state\": checksum 1 != 2".into(),
+        }
+    }
+
+    #[test]
+    fn a_rejected_restore_kills_the_job_and_relaunches_at_once_without_a_failure() {
+        // One failure allowed: a counted failure would give up.
+        let mut t = running_restored(
+            Settings {
+                policy: Policy {
+                    max_failures: 1,
+                    ..settings().policy
+                },
+                ..settings()
+            },
+            4,
+        );
+        let a = t.ev(500, rejected(4));
+        assert_eq!(logs(&a), vec!["restore_rejected"]);
+        assert!(a.contains(&Action::KillTree));
+        assert_eq!(t.m.phase, Phase::Killing);
+        // A second report of the same is ignored (no second kill).
+        assert!(t.ev(510, rejected(4)).is_empty());
+        let before = t.m.hist.failures_without_progress;
+        let a = t.ev(600, died(137));
+        assert!(logs(&a).contains(&"restart"), "{a:?}");
+        assert!(!logs(&a).contains(&"give_up"), "{a:?}");
+        assert_eq!(t.m.hist.failures_without_progress, before);
+        assert_eq!(t.m.hist.restarts, 1);
+        assert_eq!(t.m.phase, Phase::BackingOff { until: t.at(600) });
+        assert_eq!(t.ev(600, Event::Tick), vec![Action::Launch]);
+    }
+
+    #[test]
+    fn a_rejection_of_another_checkpoint_or_without_a_job_is_ignored() {
+        let mut t = running_restored(settings(), 4);
+        assert!(t.ev(500, rejected(3)).is_empty());
+        assert_eq!(t.m.phase, Phase::Running);
+        let mut t = T::running(settings()); // a fresh start restored nothing
+        assert!(t.ev(500, rejected(1)).is_empty());
+        let mut t = backing_off();
+        assert!(t.ev(500, rejected(1)).is_empty());
+    }
+
+    #[test]
+    fn a_rejection_during_a_stop_kills_and_the_run_ends_stopped() {
+        let mut t = running_restored(settings(), 4);
+        t.ev(100, Event::StopSignal(libc::SIGTERM));
+        let a = t.ev(200, rejected(4));
+        assert!(a.contains(&Action::KillTree));
+        let a = t.ev(300, died(137));
+        assert!(a.contains(&Action::Finish(Outcome::Stopped)), "{a:?}");
+    }
+
+    #[test]
+    fn a_job_that_exits_on_its_own_after_a_rejection_still_relaunches() {
+        // The client raised; the job ended with an error before the kill landed.
+        let mut t = running_restored(settings(), 2);
+        t.ev(100, rejected(2));
+        let a = t.ev(150, died(1));
+        assert!(logs(&a).contains(&"restart"));
+        assert_eq!(t.m.hist.failures_without_progress, 0);
     }
 
     // ---- Killing ----

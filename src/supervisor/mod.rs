@@ -73,6 +73,8 @@ pub struct Config {
     pub keep_every: Option<Duration>,
     pub policy: Policy,
     pub allow_fresh: bool,
+    /// `--restore-check`: how a checkpoint is checked before a launch restores it.
+    pub restore_check: protocol::RestoreCheck,
     pub again: bool,
     pub quiet: bool,
     pub log_json: bool,
@@ -274,6 +276,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         dumps: 0,
         dumps_off: false,
         uploader,
+        restoring: None,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -594,6 +597,8 @@ struct Run {
     dumps_off: bool,
     /// `--remote`: uploads every commit in the background.
     uploader: Option<crate::remote::Uploader>,
+    /// The checkpoint the current launch restores, and how it was checked before it.
+    restoring: Option<(u64, protocol::RestoreCheck)>,
 }
 
 /// Opens `--remote` and starts its uploader, whose lines come back through the loop's
@@ -756,6 +761,16 @@ impl Run {
                 continue;
             }
             self.rep.live(None);
+            if matches!(self.restoring, Some((_, protocol::RestoreCheck::Client))) {
+                // A client that found its checkpoint damaged reports it and ends: take in
+                // what it sent before its exit is judged (a report is a relaunch, not a
+                // failure).
+                while let Ok(ev) = self.rx.recv_timeout(Duration::from_millis(20)) {
+                    for ev in self.translate(ev) {
+                        queue.extend(self.m.on(ev, Instant::now()));
+                    }
+                }
+            }
             self.restore_failed(exit);
             self.kill_tree_wait(pid);
             self.job_pid = None;
@@ -1020,6 +1035,77 @@ impl Run {
                 vec![Event::SaveReported { duration_ms }]
             }
             Message::SaveFailed { pid, error, .. } => vec![Event::SaveFailed { pid, error }],
+            Message::RestoreFailed {
+                pid, seq, error, ..
+            } => self.on_restore_failed(pid, sender, seq, error),
+        }
+    }
+
+    /// A client says the checkpoint it is restoring is damaged (`--restore-check client`).
+    /// Believed only from a process of the job, for the checkpoint this launch restores;
+    /// then verified here in full: damaged, it is set aside and the machine relaunches from
+    /// the next one; intact, it stays and the report is logged.
+    fn on_restore_failed(
+        &mut self,
+        pid: u32,
+        sender: Option<u32>,
+        seq: u64,
+        error: String,
+    ) -> Vec<Event> {
+        let untrusted = match sender {
+            Some(s) if s != pid => Some(format!("it names pid {pid} but was sent by pid {s}")),
+            _ if !(spawn::is_descendant(pid)
+                || (self.slurm.is_some() && slurm::is_job_peer(pid))) =>
+            {
+                Some("not a process of the job".into())
+            }
+            _ => None,
+        };
+        let ours = self.restoring.map(|(s, _)| s) == Some(seq);
+        if let Some(why) = untrusted
+            .or_else(|| (!ours).then(|| format!("this launch does not restore checkpoint {seq}")))
+        {
+            self.rep.warn(
+                "restore_failed_ignored",
+                format!("ignored a report that checkpoint {seq} is damaged (pid {pid}): {why}"),
+                json!({ "pid": pid, "seq": seq, "error": error, "why": why }),
+            );
+            return vec![];
+        }
+        let _busy = self
+            .shared
+            .busy_with("verifying a checkpoint a client reported damaged");
+        match self.store.verify(seq) {
+            Ok(_) => {
+                self.rep.warn(
+                    "restore_failed_but_verifies",
+                    format!("the job (pid {pid}) reported checkpoint {seq} damaged ({error}), but it verifies: kept; if the job fails, that counts as its own failure"),
+                    json!({ "pid": pid, "seq": seq, "error": error }),
+                );
+                vec![]
+            }
+            Err(reason) => {
+                if std::fs::symlink_metadata(self.store.path_of(seq)).is_err() {
+                    // Already gone (set aside by a report of another rank).
+                    return vec![];
+                }
+                let moved = self.store.quarantine(seq, &reason);
+                self.rep.warn(
+                    "quarantined",
+                    format!(
+                        "checkpoint {seq} does not verify: {reason}; {}",
+                        match &moved {
+                            Ok(p) => format!("moved aside to {}", p.display()),
+                            Err(e) => format!("could not move it aside: {e}"),
+                        }
+                    ),
+                    json!({ "seq": seq, "reason": reason.to_string(), "reported_by": pid }),
+                );
+                vec![Event::RestoreRejected {
+                    seq,
+                    error: reason.to_string(),
+                }]
+            }
         }
     }
 
@@ -1029,9 +1115,14 @@ impl Run {
             self.remote_restore();
         }
         let mut bad = Vec::new();
+        let check = match self.cfg.restore_check {
+            // A CRIU image is restored by CRIU, which checks nothing: always in full.
+            protocol::RestoreCheck::Client if self.criu.is_none() => crate::store::Check::Sizes,
+            _ => crate::store::Check::Full,
+        };
         let found = self
             .store
-            .latest_verified(true, |b| bad.push(b.to_string()))
+            .latest_checked(check, true, |b| bad.push(b.to_string()))
             .map_err(|e| Fatal::new(ErrKind::Io, format!("cannot scan checkpoints: {e}")))?;
         for b in &bad {
             self.rep
@@ -1097,9 +1188,20 @@ impl Run {
             protocol::start_kind(restore.map(|f| &f.manifest)).into(),
         ));
         // Empty values mean "unset" to every client (see docs/protocol.md).
+        self.restoring = restore.map(|f| {
+            let how = match self.cfg.restore_check {
+                protocol::RestoreCheck::Client if self.criu.is_none() => {
+                    protocol::RestoreCheck::Client
+                }
+                _ => protocol::RestoreCheck::Full,
+            };
+            (f.seq, how)
+        });
         match restore {
             Some(f) => {
                 env.push((protocol::ENV_RESTORE.into(), f.path.as_os_str().to_owned()));
+                let how = self.restoring.map(|(_, h)| h).unwrap_or_default();
+                env.push((protocol::ENV_RESTORE_CHECK.into(), how.as_str().into()));
                 env.push((protocol::ENV_RESTORE_SEQ.into(), f.seq.to_string().into()));
                 env.push((
                     protocol::ENV_RESTORE_STEP.into(),
@@ -1115,6 +1217,7 @@ impl Run {
                     protocol::ENV_RESTORE,
                     protocol::ENV_RESTORE_SEQ,
                     protocol::ENV_RESTORE_STEP,
+                    protocol::ENV_RESTORE_CHECK,
                 ] {
                     env.push((k.into(), OsString::new()));
                 }
@@ -1155,7 +1258,7 @@ impl Run {
         self.rep.event(
             "launch",
             Some(format!("launched job (pid {pid}), {what}{}", if restarts > 0 { format!(", restart {restarts}") } else { String::new() })),
-            json!({ "pid": pid, "restart": restarts, "restore_seq": restore.map(|f| f.seq), "restore_step": restore.and_then(|f| f.manifest.step) }),
+            json!({ "pid": pid, "restart": restarts, "restore_seq": restore.map(|f| f.seq), "restore_step": restore.and_then(|f| f.manifest.step), "restore_check": self.restoring.map(|(_, h)| h.as_str()) }),
         );
         Ok(pid)
     }
