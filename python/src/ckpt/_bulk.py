@@ -688,6 +688,22 @@ def _prefault_range(addr: int, size: int) -> None:
         at += n
 
 
+def _reports(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`VerifiedFile` method that hands a failed check (or a failed read) to the
+    file's ``on_damage`` before raising it."""
+
+    def wrapped(self: "VerifiedFile", *a: Any, **k: Any) -> Any:
+        try:
+            return fn(self, *a, **k)
+        except (InvalidCheckpoint, OSError) as e:
+            if self.on_damage is not None:
+                self.on_damage(e)
+            raise
+
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return wrapped
+
+
 class VerifiedFile(io.RawIOBase):
     """A read-only, seekable file object over a checkpoint member, for a library's own loader
     (``ckpt.torch``: ``torch.load`` reads every tensor with one ``readinto`` into the tensor's
@@ -698,7 +714,13 @@ class VerifiedFile(io.RawIOBase):
     checksum the copies; smaller reads go through the cache. :meth:`verify` checks the size
     and the checksum of the whole file against the manifest (reading, through the cache, what
     the loader skipped), so a caller uses what it loaded only after it returns. Extra memory:
-    ``2 * READERS`` buffers of :data:`PIECE` bytes while a large read runs."""
+    ``2 * READERS`` buffers of :data:`PIECE` bytes while a large read runs.
+
+    ``on_damage`` (set by the client under ``ckpt run --restore-check client``) is called with
+    any :class:`InvalidCheckpoint` or ``OSError`` a read or a check raises, before it is
+    raised."""
+
+    on_damage: Optional[Callable[[BaseException], None]] = None
 
     def __init__(self, fd: int, name: str, size: int, expect_sum: int, algo: str) -> None:
         """Takes ``fd`` (the open member, e.g. from ``store.open_member``): closed by :meth:`close`."""
@@ -743,6 +765,7 @@ class VerifiedFile(io.RawIOBase):
     def fileno(self) -> int:
         return self._fd
 
+    @_reports
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         n = max(0, min(len(view), self._size - self._pos))
@@ -875,6 +898,7 @@ class VerifiedFile(io.RawIOBase):
         self.direct_reads += 1
         return filled
 
+    @_reports
     def verify(self) -> None:
         """Checks the whole file against the manifest (size and checksum): the bytes handed
         out, and those the loader skipped (read now); raises :class:`InvalidCheckpoint`."""
@@ -908,6 +932,7 @@ class VerifiedFile(io.RawIOBase):
                 f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
             )
 
+    @_reports
     def map_verified(self) -> Optional[mmap.mmap]:
         """The whole file mapped read-only, after its size and checksum were checked against
         the manifest (:class:`InvalidCheckpoint` otherwise): a helper asks the kernel to read
@@ -954,6 +979,7 @@ class VerifiedFile(io.RawIOBase):
             if not ok:
                 mm.close()
 
+    @_reports
     def read_whole(self) -> Optional[memoryview]:
         """The whole file read into fresh page-aligned memory of its own (:func:`read_segments`:
         ``O_DIRECT`` straight into it when the file is cold, no bounce buffer; every piece

@@ -29,7 +29,7 @@ from ._stopwatch import StopWatch
 from .errors import CkptError, EnvError, InvalidCheckpoint
 from .manifest import Manifest
 from .multi_rank import ENV_RESHARD, SHARD_ALGO, MultiRank, World, epoch_from_env, shard_name, world_refusal
-from .store import PathLike, Stage, Store, open_member, read_manifest, read_member
+from .store import PathLike, Stage, Store, open_member, read_manifest, read_member, verify_files
 
 __all__ = ["Checkpointer", "OldShards", "RestorePoint", "Saved", "World", "STATE_FILE", "DEFAULT_DIR", "__version__"]
 
@@ -90,8 +90,10 @@ class OldShards:
 
     def dir(self, rank: int) -> Path:
         """The directory of old rank ``rank``'s shard (verified when the checkpoint was chosen;
-        prefer :meth:`read`, which re-checks what it reads)."""
+        under ``ckpt run --restore-check client``, checksummed here first, once, as by
+        :meth:`Checkpointer.restore_dir`; prefer :meth:`read`, which checks what it reads)."""
         pre = self._prefix(rank)
+        self._ck._check_exposed(pre)
         return self.restore_point.path / pre.rstrip("/") if pre else self.restore_point.path
 
     def read(self, rank: int, name: str) -> bytes:
@@ -180,6 +182,9 @@ class Checkpointer:
     ) -> None:
         self._pid = os.getpid()
         self._lock = threading.RLock()
+        # Guards the checks of --restore-check client (`_check_exposed`, `_damaged`).
+        self._check_lock = threading.RLock()
+        self._exposed: Dict[str, Optional[InvalidCheckpoint]] = {}
         self._request = False
         self._stop = False
         self._stop_saved = False
@@ -260,6 +265,10 @@ class Checkpointer:
             self._restore = self._find_restore()
             if self._restore is not None:
                 self._base = self._restore.manifest.step or 0
+                # `ckpt run --restore-check client`: the supervisor checked the manifest and
+                # the sizes only; every byte read here is this client's to check (and report).
+                if self._supervised and P.env(P.ENV_RESTORE_CHECK) == P.RESTORE_CHECK_CLIENT:
+                    self._restore_check = P.RESTORE_CHECK_CLIENT
                 if not self._reshard:
                     # Another world size: refused at the first read, unless restore() is given
                     # a reshard hook (docs/multi-rank.md, "Restore with another world size").
@@ -462,7 +471,23 @@ class Checkpointer:
         the job wrote itself: ``torch.load(ck.restore_dir() / "model.pt")``. Verified when it
         was chosen; :meth:`read_file` re-checks one file as it reads it. In a multi-rank job it
         is this rank's own shard, ``<checkpoint>/rank-NNNNN`` (with ``CKPT_RESHARD=1``: the
-        whole checkpoint, one ``rank-NNNNN`` directory per saving rank)."""
+        whole checkpoint, one ``rank-NNNNN`` directory per saving rank).
+
+        Under ``ckpt run --restore-check client`` the supervisor checked only the manifest and
+        the file sizes, so the first call checksums every file it exposes (the checkpoint; in
+        a multi-rank job this rank's shard) before it returns the path, once per process. A
+        damaged checkpoint is reported to the supervisor, which sets it aside and relaunches
+        the job from the next one that verifies, and raises :class:`InvalidCheckpoint` (the
+        same on every later call)."""
+        d = self._restore_path()
+        if d is not None:
+            self._check_exposed(f"{self._world.shard_dir}/" if self._sharded() and self._world else "")
+        return d
+
+    def _restore_path(self) -> Optional[Path]:
+        """What :meth:`restore_dir` returns, without its check under ``--restore-check client``:
+        for a reader that checks every byte itself (``ckpt.torch``, through
+        :meth:`_open_verified`)."""
         if self._restore is None:
             return None
         self._refuse_other_world()
@@ -470,6 +495,63 @@ class Checkpointer:
             assert self._world is not None
             return self._restore.path / self._world.shard_dir
         return self._restore.path
+
+    #: ``CKPT_RESTORE_CHECK``: ``client`` when the supervisor checked only the restore
+    #: checkpoint's manifest and sizes (supervised, with a checkpoint to restore).
+    _restore_check = P.RESTORE_CHECK_FULL
+    #: The pid that sent a ``restore_failed`` (at most one per process).
+    _reported_pid: Optional[int] = None
+
+    def _check_exposed(self, prefix: str) -> None:
+        """Under ``--restore-check client``: checksums every file of the restore checkpoint
+        whose name starts with ``prefix`` (``""``: all of them) before a path into it is handed
+        out, once per process (the outcome is kept); damage is reported to the supervisor, then
+        raised. Nothing to do otherwise: the supervisor verified every byte."""
+        r = self._restore
+        if r is None or self._restore_check != P.RESTORE_CHECK_CLIENT:
+            return
+        with self._check_lock:
+            if self._exposed.get("", False) is None:
+                return  # the whole checkpoint verified
+            if prefix in self._exposed:
+                err = self._exposed[prefix]
+            else:
+                err = None
+                try:
+                    verify_files(r.path, r.manifest, prefix)
+                except InvalidCheckpoint as e:
+                    err = self._damaged(e.at(str(r.path)))
+                    print(
+                        f"ckpt: error: the checkpoint to restore, {r.path}, is damaged: {err.reason}; "
+                        "the supervisor sets it aside and relaunches from the next one",
+                        file=sys.stderr,
+                    )
+                self._exposed[prefix] = err
+        if err is not None:
+            raise err.at(str(r.path))
+
+    def _damaged(self, e: Any) -> Any:
+        """Returns ``e``, a failed check (or a failed read) of a file of the restore
+        checkpoint, after telling the supervisor under ``--restore-check client``: with
+        ``restore_failed`` (once per process), so that it verifies the checkpoint itself and,
+        if it agrees, sets it aside and relaunches the job from the next one. Its pid is this
+        process's (the supervisor checks it against the sender's)."""
+        r = self._restore
+        if (
+            r is None
+            or self._restore_check != P.RESTORE_CHECK_CLIENT
+            or not isinstance(e, (InvalidCheckpoint, OSError))
+        ):
+            return e
+        pid = os.getpid()
+        with self._check_lock:
+            if self._reported_pid == pid:
+                return e
+            self._reported_pid = pid
+        self._channel.send(
+            {"type": "restore_failed", "v": P.PROTOCOL_VERSION, "pid": pid, "seq": r.seq, "error": str(e)[:4096]}
+        )
+        return e
 
     def read_file(self, name: str) -> bytes:
         """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
@@ -497,7 +579,9 @@ class Checkpointer:
         try:
             return read_member(r.path, entry, r.manifest.checksum)
         except InvalidCheckpoint as e:
-            raise e.at(str(r.path)) from None
+            raise self._damaged(e.at(str(r.path))) from None
+        except OSError as e:
+            raise self._damaged(e)
 
     def _read_listed_big(self, name: str) -> memoryview:
         """Listed file ``name`` of the restore checkpoint, verified, read into page-aligned
@@ -514,7 +598,9 @@ class Checkpointer:
             finally:
                 os.close(fd)
         except InvalidCheckpoint as e:
-            raise e.at(str(r.path)) from None
+            raise self._damaged(e.at(str(r.path))) from None
+        except OSError as e:
+            raise self._damaged(e)
 
     def _open_verified(self, name: str) -> "Optional[_bulk.VerifiedFile]":
         """Listed file ``name`` of the restore checkpoint (this rank's shard in a multi-rank
@@ -532,15 +618,24 @@ class Checkpointer:
         if entry is None:
             return None
         try:
-            return _bulk.VerifiedFile(open_member(r.path, entry.name), entry.name, entry.size, entry.sum,
-                                      r.manifest.checksum)
+            f = _bulk.VerifiedFile(open_member(r.path, entry.name), entry.name, entry.size, entry.sum,
+                                   r.manifest.checksum)
         except InvalidCheckpoint as e:
-            raise e.at(str(r.path)) from None
+            raise self._damaged(e.at(str(r.path))) from None
+        except OSError as e:
+            raise self._damaged(e)
+        if self._restore_check == P.RESTORE_CHECK_CLIENT:
+            path = str(r.path)
+            f.on_damage = lambda e: self._damaged(e.at(path) if isinstance(e, InvalidCheckpoint) else e)
+        return f
 
     def restore(self, default: Any = None, *, reshard: "Optional[Callable[[OldShards], Any]]" = None) -> Any:
         """The object last saved with :meth:`save` (unpickled), or ``default`` (``None``) on a
         fresh start. The bytes are verified before they are unpickled. Like any pickle, only load
-        checkpoints you (or your job) wrote.
+        checkpoints you (or your job) wrote. Under ``ckpt run --restore-check client`` these
+        checks are the only read of the checkpoint (the supervisor checked the manifest and
+        the sizes); a file that fails them is reported to the supervisor, which sets the
+        checkpoint aside and relaunches the job from the next one, and the error is raised.
 
         ``reshard``: called when the checkpoint was saved by a job of another world size, with
         an :class:`OldShards` (read access to every old shard: ``load(rank)``, ``read(rank,

@@ -13,6 +13,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ENV_DIR",
     "ENV_RESTORE",
+    "ENV_RESTORE_CHECK",
     "ENV_RESTORE_SEQ",
     "ENV_RESTORE_STEP",
     "ENV_RESTART_COUNT",
@@ -24,6 +25,9 @@ __all__ = [
     "START_FRESH",
     "START_RESUME",
     "START_BRANCH",
+    "RESTORE_CHECK_FULL",
+    "RESTORE_CHECK_CLIENT",
+    "SUPERVISOR_ENV",
     "MAX_MESSAGE_BYTES",
     "env",
     "parse_signal",
@@ -35,6 +39,14 @@ PROTOCOL_VERSION = 1
 
 ENV_DIR = "CKPT_DIR"
 ENV_RESTORE = "CKPT_RESTORE"
+#: How the supervisor checked the restore checkpoint before the launch (``ckpt run
+#: --restore-check``): ``full`` (every byte) or ``client`` (the manifest and the member sizes
+#: only: the client checksums every byte it reads and reports damage with a
+#: ``restore_failed`` message). Set with ``CKPT_RESTORE``, empty on a fresh start; absent or
+#: any other value means ``full``.
+ENV_RESTORE_CHECK = "CKPT_RESTORE_CHECK"
+RESTORE_CHECK_FULL = "full"
+RESTORE_CHECK_CLIENT = "client"
 ENV_RESTORE_SEQ = "CKPT_RESTORE_SEQ"
 ENV_RESTORE_STEP = "CKPT_RESTORE_STEP"
 ENV_RESTART_COUNT = "CKPT_RESTART_COUNT"
@@ -48,6 +60,22 @@ ENV_START = "CKPT_START"
 START_FRESH = "fresh"
 START_RESUME = "resume"
 START_BRANCH = "branch"
+
+#: Every variable a supervisor sets for its job (``SUPERVISOR_ENV`` of ``src/protocol.rs``): a
+#: tool that starts ``ckpt run`` from inside a supervised job removes them first.
+SUPERVISOR_ENV = (
+    ENV_DIR,
+    ENV_RESTORE,
+    ENV_RESTORE_CHECK,
+    ENV_RESTORE_SEQ,
+    ENV_RESTORE_STEP,
+    ENV_RESTART_COUNT,
+    ENV_SOCKET,
+    ENV_SIGNAL,
+    ENV_PROTOCOL,
+    ENV_SUPERVISOR_PID,
+    ENV_START,
+)
 
 #: Largest datagram the supervisor reads.
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -305,11 +305,18 @@ class TrainState:
     def restore(self, ck: Any) -> bool:
         """Restores from the checkpoint the job was started with (safe loader:
         ``weights_only=True``); False on a fresh start."""
-        d = ck.restore_dir()
-        if d is None:
-            return False
         opener = getattr(ck, "_open_verified", None)
         f = opener(STATE_FILE) if opener is not None else None
+        if f is None:
+            # Loaded by path: restore_dir() checksums the files first when the supervisor did
+            # not (`ckpt run --restore-check client`).
+            d = ck.restore_dir()
+            if d is None:
+                return False
+        else:
+            # Every byte is checked as it is read (a path for messages only): not restore_dir(),
+            # whose check under --restore-check client would read the file twice.
+            d = getattr(ck, "_restore_path", ck.restore_dir)()
         swap = False
         if f is None:
             st = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
@@ -354,7 +361,18 @@ class TrainState:
                 elif st is None:
                     # Every tensor read with one readinto into its own memory, past the page
                     # cache (run J); nothing is applied before the whole file verifies.
-                    st = torch.load(f, map_location="cpu", weights_only=True)
+                    try:
+                        st = torch.load(f, map_location="cpu", weights_only=True)
+                    except Exception as load_error:
+                        if isinstance(load_error, InvalidCheckpoint):
+                            raise load_error.at(str(d)) from None
+                        # Damaged bytes can break the loader before the whole file is
+                        # checked: name the damage, if that is what it is.
+                        try:
+                            f.verify()
+                        except InvalidCheckpoint as e:
+                            raise e.at(str(d)) from load_error
+                        raise
                     try:
                         f.verify()
                     except InvalidCheckpoint as e:

@@ -1,0 +1,496 @@
+"""`ckpt run --restore-check client`: the supervisor checks only the restore checkpoint's
+manifest and member sizes (`CKPT_RESTORE_CHECK=client`), so the job's client is the only reader
+that checksums the bytes. A client that finds damage in any restore path sends one
+`restore_failed` datagram before raising; `restore_dir()` checksums every file it exposes first.
+The supervisor then verifies the checkpoint itself, sets it aside and relaunches the job from the
+next one. Under the default (`full`) nothing changes: nothing is sent, `restore_dir()` reads
+nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import PROTOCOL_VARS, assert_no_survivors, ckpt_bin, clean_env, events, run
+
+import ckpt  # noqa: E402
+import ckpt.client  # noqa: E402
+from ckpt import protocol as P  # noqa: E402
+from ckpt.errors import InvalidCheckpoint  # noqa: E402
+from ckpt.store import Store  # noqa: E402
+
+PY = sys.executable
+
+# A job: restores its state (with restore() or, in mode "dir", from files it wrote with
+# saving() read through restore_dir()), then saves at every step and writes its result. With
+# PLANT=n it stops after saving step n (to plant checkpoints). Mode "false-alarm" first tells the
+# supervisor, by hand, that an intact restore checkpoint is damaged. Every launch appends what
+# it saw to OUT.seen.
+JOB = textwrap.dedent(r"""
+    import json, os, socket, sys, time
+    import ckpt
+    mode, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    plant = int(os.environ.get("PLANT") or 0)
+    ck = ckpt.Checkpointer()
+    with open(out + ".seen", "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "seq": os.environ.get("CKPT_RESTORE_SEQ", ""),
+                            "check": os.environ.get("CKPT_RESTORE_CHECK")}) + "\n")
+    if mode == "false-alarm" and ck.restore_point is not None:
+        msg = {"type": "restore_failed", "v": 1, "pid": os.getpid(), "seq": ck.restore_point.seq,
+               "error": "a false alarm"}
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(json.dumps(msg).encode(), os.environ["CKPT_SOCKET"])
+        log = os.path.join(os.environ["CKPT_DIR"], ".ckpt", "events.jsonl")
+        deadline = time.monotonic() + 30
+        while "restore_failed_but_verifies" not in open(log).read():
+            if time.monotonic() > deadline:
+                sys.exit("the supervisor did not answer the false alarm")
+            time.sleep(0.02)
+    if mode == "dir":
+        d = ck.restore_dir()
+        state = json.loads((d / "state.json").read_text()) if d is not None else None
+    else:
+        state = ck.restore()
+    if state is None:
+        state = {"step": 0, "acc": 1}
+    while state["step"] < steps:
+        state["step"] += 1
+        state["acc"] = (state["acc"] * 1000003 + state["step"]) % (1 << 61)
+        if mode == "dir":
+            with ck.saving(step=state["step"]) as d:
+                (d / "state.json").write_text(json.dumps(state))
+                (d / "pad.bin").write_bytes(bytes(range(256)) * 64)
+        else:
+            ck.save(state, step=state["step"])
+        if state["step"] == plant:
+            sys.exit(0)
+    with open(out, "w") as f:
+        f.write(json.dumps(state))
+""")
+
+
+def _job(tmp: Path) -> Path:
+    p = tmp / "job.py"
+    if not p.exists():
+        p.write_text(JOB)
+    return p
+
+
+def _plant(tmp: Path, d: Path, mode: str, n: int) -> None:
+    """Checkpoints 1..n, saved by the job without a supervisor."""
+    r = run([PY, _job(tmp), mode, 100, tmp / "plant.out"], 60, env=clean_env(CKPT_DIR=str(d), PLANT=str(n)))
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in Store(d).list()] == list(range(1, n + 1))
+
+
+def _reference(tmp: Path, mode: str, steps: int) -> dict:
+    """The result of an uninterrupted run."""
+    d, out = tmp / f"reference-{mode}", tmp / f"reference-{mode}.out"
+    r = run([PY, _job(tmp), mode, steps, out], 60, env=clean_env(CKPT_DIR=str(d)))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def _flip(path: Path, at: int) -> None:
+    """Flips the lowest bit of byte ``at`` (the size stays)."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    os.chmod(path, 0o600)
+    path.write_bytes(bytes(data))
+
+
+def _ckpt_run(d: Path, *opts: str, cmd: list) -> list:
+    return [ckpt_bin(), "run", "--dir", d, "--backoff", "10ms..50ms", "--every", "off", *opts, "--", *cmd]
+
+
+def _quarantined(d: Path) -> List[str]:
+    """The checkpoints in quarantine/ (without their `.reason.txt` notes)."""
+    try:
+        return sorted(n for n in os.listdir(d / "quarantine") if not n.endswith(".reason.txt"))
+    except FileNotFoundError:
+        return []
+
+
+def _of(d: Path, name: str) -> List[dict]:
+    return [e for e in events(d) if e["event"] == name]
+
+
+def _seen(out: Path) -> List[dict]:
+    return [json.loads(line) for line in Path(str(out) + ".seen").read_text().splitlines()]
+
+
+# --- under a real supervisor --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["restore", "dir"])
+def test_damage_found_by_the_client_is_set_aside_and_the_job_resumes_from_the_previous(tmp_path, mode):
+    """A flipped byte (same size) in the newest of 3 checkpoints passes the supervisor's size
+    check under `--restore-check client`; the job's client finds it (`restore()`'s checksum;
+    in mode "dir", `restore_dir()`'s verify of every file before it hands out the path, here
+    of a digit of the state the job would otherwise read as another number), reports it and
+    raises; the supervisor verifies, quarantines it, relaunches from checkpoint 2 (not a
+    failure), and the job ends with the uninterrupted result."""
+    steps = 6
+    want = _reference(tmp_path, mode, steps)
+    d, out = tmp_path / "d", tmp_path / "job.out"
+    _plant(tmp_path, d, mode, 3)
+    newest = Store(d).path_of(3)
+    if mode == "dir":
+        f = newest / "state.json"
+        text = f.read_text()
+        at = text.index('"acc": ') + len('"acc": ') + 2  # a digit of the value
+        assert text[at].isdigit()
+    else:
+        f = newest / "state.pickle"
+        at = f.stat().st_size // 2
+    _flip(f, at)
+    r = run(_ckpt_run(d, "--restore-check", "client", cmd=[PY, _job(tmp_path), mode, steps, out]), 90)
+    assert r.returncode == 0, r.stderr
+    q = _quarantined(d)
+    assert len(q) == 1 and q[0].startswith("ckpt-000000000003."), (q, r.stderr)
+    rejected = _of(d, "restore_rejected")
+    assert [e["seq"] for e in rejected] == [3], r.stderr
+    launches = _of(d, "launch")
+    assert [e["restore_seq"] for e in launches] == [3, 2], r.stderr
+    assert all(e["restore_check"] == "client" for e in launches), launches
+    restarts = _of(d, "restart")
+    assert len(restarts) == 1 and restarts[0].get("restore_rejected") is True, restarts
+    assert not _of(d, "restore_failed_ignored") and not _of(d, "restore_failed_but_verifies"), r.stderr
+    seen = _seen(out)
+    assert [(s["seq"], s["check"]) for s in seen] == [("3", "client"), ("2", "client")], seen
+    if mode == "dir":
+        assert f"ckpt: error: the checkpoint to restore, {newest}, is damaged: " in r.stderr, r.stderr
+        assert "the supervisor sets it aside and relaunches from the next one" in r.stderr
+    assert json.loads(out.read_text()) == want
+    assert_no_survivors(d)
+
+
+def test_a_false_report_of_an_intact_checkpoint_is_logged_and_changes_nothing(tmp_path):
+    """A job that reports an intact restore checkpoint damaged (a `restore_failed` datagram
+    sent by hand over CKPT_SOCKET): the supervisor verifies it, logs
+    `restore_failed_but_verifies`, keeps it and the job; the run ends normally."""
+    steps = 2
+    want = _reference(tmp_path, "false-alarm", steps)
+    d, out = tmp_path / "d", tmp_path / "job.out"
+    _plant(tmp_path, d, "restore", 2)
+    r = run(_ckpt_run(d, "--restore-check", "client", cmd=[PY, _job(tmp_path), "false-alarm", steps, out]), 90)
+    assert r.returncode == 0, r.stderr
+    kept = _of(d, "restore_failed_but_verifies")
+    assert [e["seq"] for e in kept] == [2] and kept[0]["error"] == "a false alarm", r.stderr
+    assert not _of(d, "restore_rejected") and not _of(d, "restart"), r.stderr
+    assert [e["restore_seq"] for e in _of(d, "launch")] == [2], r.stderr
+    assert _quarantined(d) == []
+    assert [s for s, _ in Store(d).list()] == [1, 2]
+    ckpt.verify_path(Store(d).path_of(2), 2)
+    assert json.loads(out.read_text()) == want
+    assert_no_survivors(d)
+
+
+def test_the_default_check_is_full_and_sets_damage_aside_before_the_launch(tmp_path):
+    """Without the flag the job is told `CKPT_RESTORE_CHECK=full` and a damaged newest
+    checkpoint never reaches it: quarantined before the first (and only) launch, which
+    restores checkpoint 2."""
+    steps = 6
+    want = _reference(tmp_path, "restore", steps)
+    d, out = tmp_path / "d", tmp_path / "job.out"
+    _plant(tmp_path, d, "restore", 3)
+    f = Store(d).path_of(3) / "state.pickle"
+    _flip(f, f.stat().st_size // 2)
+    r = run(_ckpt_run(d, cmd=[PY, _job(tmp_path), "restore", steps, out]), 90)
+    assert r.returncode == 0, r.stderr
+    q = _quarantined(d)
+    assert len(q) == 1 and q[0].startswith("ckpt-000000000003."), (q, r.stderr)
+    launches = _of(d, "launch")
+    assert [(e["restore_seq"], e["restore_check"]) for e in launches] == [(2, "full")], r.stderr
+    assert not _of(d, "restore_rejected") and not _of(d, "restart"), r.stderr
+    assert [(s["seq"], s["check"]) for s in _seen(out)] == [("2", "full")]
+    assert json.loads(out.read_text()) == want
+    assert_no_survivors(d)
+
+
+# --- the client alone (a socket of the test's own stands in for the supervisor) ------------
+
+
+@pytest.fixture
+def listener():
+    """A bound datagram socket (in a short directory: a socket path has at most 107 bytes)."""
+    where = tempfile.mkdtemp(prefix="ckrc", dir="/tmp")
+    path = os.path.join(where, "sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.setblocking(False)
+    try:
+        yield s, path
+    finally:
+        s.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _messages(s: socket.socket) -> List[dict]:
+    out = []
+    while True:
+        try:
+            out.append(json.loads(s.recv(P.MAX_MESSAGE_BYTES)))
+        except BlockingIOError:
+            return out
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """Checkpoint 1 (a state with a large array: state.pickle + state.pickle.buffers) and
+    checkpoint 2 (files written with saving()), saved without a supervisor."""
+    np = pytest.importorskip("numpy")
+    for k in PROTOCOL_VARS + [P.ENV_RESTORE_CHECK, P.ENV_START]:
+        monkeypatch.delenv(k, raising=False)
+    d = tmp_path / "d"
+    ck = ckpt.Checkpointer(d)
+    try:
+        ck.save({"n": 7, "a": np.arange(50_000, dtype=np.int64)}, step=1)
+        with ck.saving(step=2) as s:
+            (s / "model.bin").write_bytes(bytes(range(256)) * 400)
+            (s / "sub").mkdir()
+            (s / "sub" / "extra.bin").write_bytes(b"x" * 5000)
+    finally:
+        ck.close()
+    return d
+
+
+def _as_supervised(monkeypatch, d: Path, seq: int, sock: str, check) -> ckpt.Checkpointer:
+    monkeypatch.setenv(P.ENV_DIR, str(d))
+    monkeypatch.setenv(P.ENV_SOCKET, sock)
+    monkeypatch.setenv(P.ENV_RESTORE, str(Store(d).path_of(seq)))
+    monkeypatch.setenv(P.ENV_RESTORE_SEQ, str(seq))
+    if check is None:
+        monkeypatch.delenv(P.ENV_RESTORE_CHECK, raising=False)
+    else:
+        monkeypatch.setenv(P.ENV_RESTORE_CHECK, check)
+    return ckpt.Checkpointer()
+
+
+def _read_verified(ck: ckpt.Checkpointer, name: str) -> None:
+    """As ckpt.torch reads: through a VerifiedFile, checked whole by verify()."""
+    try:
+        f = ck._open_verified(name)
+        assert f is not None
+        with f:
+            f.read()
+            f.verify()
+    except InvalidCheckpoint as e:
+        raise e.at(str(ck.restore_point.path)) from None
+
+
+def _old(ck: ckpt.Checkpointer) -> "ckpt.client.OldShards":
+    """What a reshard hook is given (a single-process checkpoint is one shard, rank 0)."""
+    return ckpt.client.OldShards(ck, ck.restore_point)
+
+
+# Each restore path, the checkpoint it reads, the member damaged there, and the read.
+PATHS = {
+    "restore": (1, "state.pickle", lambda ck: ck.restore()),
+    "restore-buffers": (1, "state.pickle.buffers", lambda ck: ck.restore()),
+    "read_file": (2, "model.bin", lambda ck: ck.read_file("model.bin")),
+    "OldShards.load": (1, "state.pickle.buffers", lambda ck: _old(ck).load(0)),
+    "OldShards.read": (2, "sub/extra.bin", lambda ck: _old(ck).read(0, "sub/extra.bin")),
+    "verified-file": (1, "state.pickle.buffers", lambda ck: _read_verified(ck, "state.pickle.buffers")),
+    "restore_dir": (2, "sub/extra.bin", lambda ck: ck.restore_dir()),
+    "OldShards.dir": (1, "state.pickle", lambda ck: _old(ck).dir(0)),
+}
+EXPOSES_PATHS = ("restore_dir", "OldShards.dir")
+
+
+@pytest.mark.parametrize("how", ["flip", "cut", "missing", "symlink"])
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("check", ["client", "full", None, "Client"])
+def test_every_restore_path_reports_damage_once_in_client_mode_only(planted, listener, monkeypatch, capsys, check, path, how):
+    """Under `CKPT_RESTORE_CHECK=client`, a damaged member (a flipped byte, a cut file, a
+    missing one, a symlink in its place) makes every restore path send one `restore_failed`
+    (this pid, the checkpoint's seq, the error) before raising InvalidCheckpoint; a second
+    failure in the same process sends nothing more. Under `full`, without the variable or with
+    any other value, the same read raises the same way and nothing is sent (and restore_dir()
+    reads nothing)."""
+    seq, member, read = PATHS[path]
+    sock, sock_path = listener
+    ck = _as_supervised(monkeypatch, planted, seq, sock_path, check)
+    try:
+        assert [m["type"] for m in _messages(sock)] == ["hello"]
+        f = Store(planted).path_of(seq) / member
+        if how == "flip":
+            _flip(f, f.stat().st_size // 3)
+        elif how == "cut":
+            os.chmod(f, 0o600)
+            os.truncate(f, f.stat().st_size - 1)
+        elif how == "missing":
+            os.unlink(f)
+        else:
+            os.unlink(f)
+            os.symlink(planted / "elsewhere", f)
+        if path in EXPOSES_PATHS and check != "client":
+            assert read(ck) == Store(planted).path_of(seq)  # not read: the supervisor did
+            assert _messages(sock) == []
+            return
+        with pytest.raises(InvalidCheckpoint) as e:
+            read(ck)
+        assert e.value.path == str(Store(planted).path_of(seq))
+        assert member in str(e.value)
+        sent = _messages(sock)
+        if check != "client":
+            assert sent == []
+            return
+        assert sent == [{"type": "restore_failed", "v": P.PROTOCOL_VERSION, "pid": os.getpid(), "seq": seq,
+                         "error": str(e.value)}]
+        with pytest.raises(InvalidCheckpoint):
+            read(ck)
+        assert _messages(sock) == []  # once per process
+        if path in EXPOSES_PATHS:
+            err = capsys.readouterr().err
+            assert err.count(f"ckpt: error: the checkpoint to restore, {Store(planted).path_of(seq)}, is damaged: ") == 1
+            assert "the supervisor sets it aside and relaunches from the next one" in err
+    finally:
+        ck.close()
+
+
+def test_restore_dir_checks_every_file_once_in_client_mode_and_never_in_full(planted, listener, monkeypatch):
+    """An intact checkpoint: restore_dir() checksums every listed file once per process in
+    client mode (later calls, and OldShards.dir(), read nothing), and never in full mode."""
+    sock, sock_path = listener
+    calls = []
+    real = ckpt.client.verify_files
+
+    def counting(path, m, prefix=""):
+        calls.append((str(path), prefix))
+        return real(path, m, prefix)
+
+    monkeypatch.setattr(ckpt.client, "verify_files", counting)
+    for check, want in (("client", [(str(Store(planted).path_of(2)), "")]), ("full", [])):
+        calls.clear()
+        ck = _as_supervised(monkeypatch, planted, 2, sock_path, check)
+        try:
+            for _ in range(3):
+                assert ck.restore_dir() == Store(planted).path_of(2)
+            assert ckpt.client.OldShards(ck, ck.restore_point).dir(0) == Store(planted).path_of(2)
+            assert ck.read_file("model.bin") == bytes(range(256)) * 400
+        finally:
+            ck.close()
+        assert calls == want, check
+        assert [m["type"] for m in _messages(sock)] == ["hello"]
+
+
+def test_the_check_mode_is_read_only_when_supervised_with_a_checkpoint_to_restore(planted, listener, monkeypatch):
+    """`CKPT_RESTORE_CHECK=client` alone means nothing without a supervisor (the client
+    verified the checkpoint itself) or on a fresh start (nothing to restore)."""
+    sock, sock_path = listener
+    monkeypatch.setenv(P.ENV_RESTORE_CHECK, "client")
+    ck = ckpt.Checkpointer(planted)  # standalone: verifies what it restores
+    try:
+        assert ck._restore_check == P.RESTORE_CHECK_FULL and ck.restore_point.seq == 2
+    finally:
+        ck.close()
+    ck = _as_supervised(monkeypatch, planted, 2, sock_path, "client")
+    try:
+        assert ck._restore_check == P.RESTORE_CHECK_CLIENT
+    finally:
+        ck.close()
+    monkeypatch.setenv(P.ENV_RESTORE, "")
+    monkeypatch.setenv(P.ENV_RESTORE_SEQ, "")
+    ck = ckpt.Checkpointer()
+    try:
+        assert ck.restore_point is None and ck._restore_check == P.RESTORE_CHECK_FULL
+        assert ck.restore_dir() is None
+    finally:
+        ck.close()
+
+
+def test_the_supervisor_variables_match_the_rust_list():
+    """`protocol.SUPERVISOR_ENV` names what `src/protocol.rs` does (CKPT_RESTORE_CHECK among
+    them)."""
+    rs = (Path(__file__).resolve().parents[2] / "src" / "protocol.rs").read_text()
+    body = rs.split("pub const SUPERVISOR_ENV", 1)[1].split("];", 1)[0].split("= [", 1)[1]
+    consts = [c.strip() for c in body.split(",") if c.strip()]
+    by_name = {k: v for k, v in vars(P).items() if k.startswith("ENV_")}
+    assert [by_name[c] for c in consts] == list(P.SUPERVISOR_ENV)
+    assert P.ENV_RESTORE_CHECK in P.SUPERVISOR_ENV
+
+
+def _torch_python() -> str:
+    for p in (os.environ.get("CKPT_TORCH_PYTHON"), "/opt/ckpt-torch/bin/python"):
+        if p and os.path.exists(p):
+            r = run([p, "-c", "import torch"], 120)
+            if r.returncode == 0:
+                return p
+    pytest.skip("no Python with torch: set CKPT_TORCH_PYTHON or run scripts/setup (installs /opt/ckpt-torch)")
+
+
+# A torch job: `save` writes a TrainState without a supervisor; otherwise (under the
+# supervisor's variables the test sets) it restores it three times, each with a new
+# Checkpointer: intact, with a byte of the tensor data flipped, with a byte of the zip's own
+# structure flipped. restore_dir()'s whole check is made to fail: ckpt.torch checks every byte
+# as it reads it, and must not read the file twice.
+TORCH_JOB = textwrap.dedent(r"""
+    import os, sys, torch, ckpt, ckpt.client, ckpt.torch as ckt
+    d, way = sys.argv[1], sys.argv[2]
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(300, 301)
+    if way == "save":
+        ts = ckt.TrainState(models={"m": model()})
+        ts.step = 5
+        print(ts.save(ckpt.Checkpointer(d)).path)
+        sys.exit(0)
+    def twice(*a, **k):
+        raise AssertionError("restore_dir()'s whole check: the file would be read twice")
+    ckpt.client.verify_files = twice
+    ckt._WAY = way if way != "auto" else None
+    path = os.path.join(os.environ["CKPT_RESTORE"], "train_state.pt")
+    data = open(path, "rb").read()
+    os.chmod(path, 0o600)
+    for at in (None, len(data) // 2, 40):
+        bad = bytearray(data)
+        if at is not None:
+            bad[at] ^= 0x01
+        open(path, "wb").write(bytes(bad))
+        m = torch.nn.Linear(300, 301)
+        ts = ckt.TrainState(models={"m": m})
+        ck = ckpt.Checkpointer()
+        try:
+            ts.restore(ck)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, getattr(e, "slug", "-"), ts.step, flush=True)
+        else:
+            print("RESTORED", ts.step, torch.equal(m.weight, model().weight), flush=True)
+        ck.close()
+""")
+
+
+@pytest.mark.parametrize("way", ["auto", "whole", "inplace", "reader"])
+def test_ckpt_torch_reads_once_and_reports_damage_in_client_mode(tmp_path, listener, way):
+    """ckpt.torch under `CKPT_RESTORE_CHECK=client`: every way of loading (read whole, mapped
+    and copied in place, read tensor by tensor) checks the bytes it reads and never calls
+    restore_dir()'s whole check (one read); a flipped byte in the tensor data or in the zip's
+    structure (which can break torch's reader before the whole file is checked) is refused as
+    a checksum mismatch with nothing applied, and reported with one `restore_failed` each."""
+    py = _torch_python()
+    d = tmp_path / "d"
+    r = run([py, "-c", TORCH_JOB, d, "save"], 120, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    sock, sock_path = listener
+    env = clean_env(CKPT_DIR=str(d), CKPT_SOCKET=sock_path, CKPT_RESTORE=str(Store(d).path_of(1)),
+                    CKPT_RESTORE_SEQ="1", CKPT_RESTORE_CHECK="client")
+    r = run([py, "-c", TORCH_JOB, d, way], 120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        "RESTORED 5 True",
+        "REFUSED InvalidCheckpoint checksum-mismatch 0",
+        "REFUSED InvalidCheckpoint checksum-mismatch 0",
+    ], r.stdout + r.stderr
+    sent = [m for m in _messages(sock) if m["type"] != "hello"]
+    assert [(m["type"], m["seq"]) for m in sent] == [("restore_failed", 1)] * 2, sent
+    assert all("train_state.pt" in m["error"] and "checksum" in m["error"] for m in sent), sent
