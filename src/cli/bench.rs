@@ -58,7 +58,10 @@ pub struct BenchArgs {
     /// own `np.save` + fsync; restore: `ckpt verify`, what the supervisor runs before a
     /// resume, then `np.load` of the file by the job).
     /// `file`, `python`, `torch` and `saving` are measured against `dd bs=4M oflag=direct` of the same
-    /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds.
+    /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds. For `rust`,
+    /// `python` and `torch` the restore alone is a resume under `ckpt run --restore-check
+    /// client` (one read); a resume under the default `full` check (the supervisor's verify,
+    /// then the restore) is measured beside it.
     #[arg(long, value_enum, default_value = "rust")]
     pub path: BenchPath,
     /// Python interpreter for `--path python|torch` (needs numpy, torch for `torch`, and the ckpt package; the package
