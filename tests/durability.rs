@@ -388,12 +388,13 @@ fn under_restore_check_client_damage_is_found_by_the_job_set_aside_and_resumed_p
     );
 }
 
-/// A `restore_failed` report is believed only from a process of the job, and only for the
-/// checkpoint the launch restores: a forged one from outside (this test process) is logged
-/// and ignored, nothing is verified or set aside; and under the default check the job is
-/// told `CKPT_RESTORE_CHECK=full`.
+/// A `restore_failed` report is taken only when it names its real sender and the checkpoint
+/// the launch restores (else logged and ignored), and even then it only makes the supervisor
+/// verify: a false one from outside the job (this test process) sets nothing aside
+/// (`restore_failed_but_verifies`). Under the default check the job is told
+/// `CKPT_RESTORE_CHECK=full`.
 #[test]
-fn a_forged_restore_failed_report_is_ignored_and_the_default_check_is_full() {
+fn a_false_or_forged_restore_failed_report_sets_nothing_aside_and_the_default_check_is_full() {
     let tmp = tempdir();
     let dir = tmp.path().join("ck");
     for step in [10, 20] {
@@ -435,16 +436,21 @@ fn a_forged_restore_failed_report_is_ignored_and_the_default_check_is_full() {
                 sock.send_to(msg.to_string().as_bytes(), dir.join(".ckpt/sock"))
                     .unwrap();
             }
-            wait_until(Duration::from_secs(20), "three ignored reports", || {
-                events(&dir, "restore_failed_ignored").len() >= 3
+            wait_until(Duration::from_secs(20), "the three reports handled", || {
+                events(&dir, "restore_failed_ignored").len() >= 2
+                    && !events(&dir, "restore_failed_but_verifies").is_empty()
             });
             let ignored = events(&dir, "restore_failed_ignored");
+            let why: Vec<&str> = ignored.iter().filter_map(|e| e["why"].as_str()).collect();
             assert!(
-                ignored.iter().all(|e| e["why"].as_str().is_some_and(|w| w
-                    .contains("not a process of the job")
-                    || w.contains("sent by pid"))),
+                why.iter().any(|w| w.contains("but was sent by pid"))
+                    && why
+                        .iter()
+                        .any(|w| w.contains("does not restore checkpoint 1")),
                 "{ignored:?}"
             );
+            let verified = events(&dir, "restore_failed_but_verifies");
+            assert_eq!(verified[0]["seq"], 2, "{verified:?}");
             assert!(events(&dir, "restore_rejected").is_empty());
         }
         signal(sup.id(), libc::SIGTERM);
@@ -455,6 +461,52 @@ fn a_forged_restore_failed_report_is_ignored_and_the_default_check_is_full() {
         assert!(quarantined(&dir).is_empty(), "{err}");
         assert_eq!(checkpoints(&dir), vec![1, 2], "{err}");
     }
+}
+
+/// Under `--restore-check client` a checkpoint is launched after the light check once: a job
+/// that fails on it without reporting (here a job with no client, which fails when handed
+/// the damaged checkpoint) is relaunched only after the supervisor verified it in full, which
+/// sets it aside; the next launch restores the one before.
+#[test]
+fn under_restore_check_client_a_relaunch_from_the_same_checkpoint_verifies_it_first() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    for step in [10, 20, 30] {
+        plant(&dir, step);
+    }
+    let state = ck(&dir, 3).join("state.postcard");
+    let mut b = std::fs::read(&state).unwrap();
+    b[0] ^= 0x40;
+    std::fs::write(&state, b).unwrap();
+    let out = output_deadline(
+        ckpt().args(["run", "--dir"]).arg(&dir).args([
+            "--every",
+            "off",
+            "--backoff",
+            "10ms..20ms",
+            "--restore-check",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "test \"$CKPT_RESTORE_SEQ\" != 3",
+        ]),
+        Duration::from_secs(60),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let seqs: Vec<u64> = events(&dir, "launch")
+        .iter()
+        .map(|l| l["restore_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![3, 2], "{err}");
+    let q = quarantined(&dir);
+    assert!(
+        q.len() == 1 && q[0].starts_with("ckpt-000000000003.checksum-mismatch."),
+        "{q:?}\n{err}"
+    );
+    assert!(events(&dir, "restore_rejected").is_empty(), "{err}");
+    assert_no_survivors(&dir);
 }
 
 /// (path, size, mode) of everything under `p`, without following links.

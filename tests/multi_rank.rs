@@ -598,6 +598,100 @@ fn restore_with_another_world_size_is_refused() {
     assert_no_survivors(&dir);
 }
 
+/// `--restore-check client` with 4 ranks: one byte of rank 2's shard of the newest
+/// checkpoint is flipped (every size intact, so the supervisor's check passes it); rank 2's
+/// client finds it as it reads its shard and reports it; the supervisor verifies, sets the
+/// checkpoint aside, kills the whole job and relaunches it from the one before, not counted
+/// as a failure; the job ends with the uninterrupted digest.
+#[test]
+fn a_damaged_shard_under_restore_check_client_is_reported_by_its_rank_and_resumed_past() {
+    let (world, steps) = (4u32, 300u64);
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let run = |check: bool| {
+        let mut c = ckpt();
+        c.args([
+            "run",
+            "--every",
+            "100ms",
+            "--backoff",
+            "20ms..50ms",
+            "--dir",
+        ])
+        .arg(&dir)
+        .args(["--max-failures", "1"]);
+        if check {
+            c.args(["--restore-check", "client"]);
+        }
+        c.arg("--")
+            .arg(test_bin("rank_launcher"))
+            .args(["--n", &world.to_string(), "--"])
+            .args(trainer_args(steps, &out))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    // A first run, stopped once it has two checkpoints.
+    let mut first = run(false).spawn_guarded();
+    let err_t = read_stderr(&mut first);
+    wait_until(Duration::from_secs(60), "two checkpoints", || {
+        checkpoints(&dir).len() >= 2
+    });
+    signal(first.id(), libc::SIGTERM);
+    let st = wait_deadline(&mut first, Duration::from_secs(60));
+    let err = err_t.join().unwrap();
+    assert_eq!(st.code(), Some(75), "{err}");
+    let cks = checkpoints(&dir);
+    let newest = *cks.last().unwrap();
+    let shard = dir
+        .join(format!("ckpt-{newest:012}"))
+        .join("rank-00002/state.bin");
+    let mut b = std::fs::read(&shard).unwrap();
+    let i = b.len() / 2;
+    b[i] ^= 0x10;
+    std::fs::write(&shard, b).unwrap();
+
+    let mut second = run(true).spawn_guarded();
+    let err_t = read_stderr(&mut second);
+    let st = wait_deadline(&mut second, Duration::from_secs(120));
+    let err = err_t.join().unwrap();
+    assert!(st.success(), "{err}");
+    let rejected = events(&dir, "restore_rejected");
+    assert_eq!(rejected.len(), 1, "{err}");
+    assert_eq!(rejected[0]["seq"], newest, "{rejected:?}");
+    let q: Vec<String> = std::fs::read_dir(dir.join("quarantine"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".reason.txt"))
+        .collect();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(q[0].starts_with(&format!("ckpt-{newest:012}.")), "{q:?}");
+    let launches = events(&dir, "launch");
+    let n = launches.len();
+    assert_eq!(launches[n - 2]["restore_seq"], newest, "{launches:?}");
+    assert!(
+        launches[n - 1]["restore_seq"]
+            .as_u64()
+            .is_some_and(|s| s < newest),
+        "{launches:?}"
+    );
+    assert!(
+        events(&dir, "restart")
+            .iter()
+            .any(|r| r["restore_rejected"] == true),
+        "{err}"
+    );
+    assert_eq!(
+        combined(world, &out),
+        reference(world, steps),
+        "the resumed job's global digest differs from an uninterrupted run\n{err}"
+    );
+    assert_no_survivors(&dir);
+}
+
 // ---- srun -n 4 on the local Slurm cluster (helpers in tests/common/slurm.rs) ----
 
 struct Cancel(String);

@@ -277,6 +277,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         dumps_off: false,
         uploader,
         restoring: None,
+        light_launched: Vec::new(),
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -599,6 +600,10 @@ struct Run {
     uploader: Option<crate::remote::Uploader>,
     /// The checkpoint the current launch restores, and how it was checked before it.
     restoring: Option<(u64, protocol::RestoreCheck)>,
+    /// `--restore-check client`: the checkpoints a launch already restored after the light
+    /// check; a later launch from one of them checks it in full first (a job that failed on
+    /// it without a report, e.g. killed, is never relaunched on an unverified one again).
+    light_launched: Vec<u64>,
 }
 
 /// Opens `--remote` and starts its uploader, whose lines come back through the loop's
@@ -1042,9 +1047,12 @@ impl Run {
     }
 
     /// A client says the checkpoint it is restoring is damaged (`--restore-check client`).
-    /// Believed only from a process of the job, for the checkpoint this launch restores;
-    /// then verified here in full: damaged, it is set aside and the machine relaunches from
-    /// the next one; intact, it stays and the report is logged.
+    /// Taken only when it names its real sender (`SCM_CREDENTIALS`) and the checkpoint this
+    /// launch restores; then verified here in full: damaged, it is set aside and the machine
+    /// relaunches from the next one; intact, it stays and the report is logged. The sender
+    /// need not still be a process of the job: a client reports and exits at once, and may be
+    /// reaped before the report is read. A report cannot do harm: only the supervisor's own
+    /// verify sets a checkpoint aside (and then it is damaged).
     fn on_restore_failed(
         &mut self,
         pid: u32,
@@ -1054,11 +1062,6 @@ impl Run {
     ) -> Vec<Event> {
         let untrusted = match sender {
             Some(s) if s != pid => Some(format!("it names pid {pid} but was sent by pid {s}")),
-            _ if !(spawn::is_descendant(pid)
-                || (self.slurm.is_some() && slurm::is_job_peer(pid))) =>
-            {
-                Some("not a process of the job".into())
-            }
             _ => None,
         };
         let ours = self.restoring.map(|(s, _)| s) == Some(seq);
@@ -1120,10 +1123,45 @@ impl Run {
             protocol::RestoreCheck::Client if self.criu.is_none() => crate::store::Check::Sizes,
             _ => crate::store::Check::Full,
         };
-        let found = self
+        let mut found = self
             .store
             .latest_checked(check, true, |b| bad.push(b.to_string()))
             .map_err(|e| Fatal::new(ErrKind::Io, format!("cannot scan checkpoints: {e}")))?;
+        // Launched from after the light check already: this time in full.
+        while let Some(f) = found
+            .as_ref()
+            .filter(|f| check == crate::store::Check::Sizes && self.light_launched.contains(&f.seq))
+        {
+            let seq = f.seq;
+            match self.store.verify(seq) {
+                Ok(_) => {
+                    self.light_launched.retain(|&s| s != seq);
+                    break;
+                }
+                Err(reason) => {
+                    let moved = self.store.quarantine(seq, &reason);
+                    bad.push(format!(
+                        "checkpoint {seq} does not verify: {reason}; {}",
+                        match &moved {
+                            Ok(p) => format!("moved aside to {}", p.display()),
+                            Err(e) => format!("could not move it aside: {e}"),
+                        }
+                    ));
+                    if moved.is_err() {
+                        return Err(Fatal::new(
+                            ErrKind::Io,
+                            format!("checkpoint {seq} does not verify and cannot be moved aside"),
+                        ));
+                    }
+                    found = self
+                        .store
+                        .latest_checked(check, true, |b| bad.push(b.to_string()))
+                        .map_err(|e| {
+                            Fatal::new(ErrKind::Io, format!("cannot scan checkpoints: {e}"))
+                        })?;
+                }
+            }
+        }
         for b in &bad {
             self.rep
                 .warn("quarantined", b.clone(), json!({ "detail": b }));
@@ -1195,6 +1233,9 @@ impl Run {
                 }
                 _ => protocol::RestoreCheck::Full,
             };
+            if how == protocol::RestoreCheck::Client {
+                self.light_launched.push(f.seq);
+            }
             (f.seq, how)
         });
         match restore {
