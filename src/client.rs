@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::Invalid;
 use crate::error::{Error, Result};
 use crate::pod::{self, Pod};
 use crate::protocol::{self, Message, PROTOCOL_VERSION};
@@ -534,62 +533,20 @@ impl Checkpointer {
             (Some(m), false) => Some(format!("{}/", m.world().shard_dir())),
             _ => None,
         };
-        for entry in &r.manifest.files {
-            if shard
+        let keep = |e: &crate::store::FileEntry| {
+            shard
                 .as_ref()
-                .is_some_and(|p| !entry.name.starts_with(p.as_str()))
-            {
-                continue;
-            }
-            let got = open_member(&r.path, &entry.name)
-                .map_err(|reason| Error::Invalid {
+                .is_none_or(|p| e.name.starts_with(p.as_str()))
+        };
+        crate::store::scan::check_members(&r.path, &r.manifest, crate::store::Check::Full, keep)
+            .map_err(|reason| {
+                let e = Error::Invalid {
                     path: r.path.clone(),
                     reason,
-                })
-                .and_then(|f| {
-                    let len = f
-                        .metadata()
-                        .map_err(|e| Error::io("inspect", r.path.join(&entry.name), e))?
-                        .len();
-                    let bad = |reason| Error::Invalid {
-                        path: r.path.clone(),
-                        reason,
-                    };
-                    if len != entry.size {
-                        return Err(bad(Invalid::Size {
-                            name: entry.name.clone(),
-                            expected: entry.size,
-                            actual: len,
-                        }));
-                    }
-                    use crate::store::scan::MemberRead;
-                    let sum =
-                        crate::store::scan::checksum_member(&f, entry.size, r.manifest.checksum)
-                            .map_err(|e| match e {
-                                MemberRead::Short(actual) | MemberRead::Grew(actual) => {
-                                    bad(Invalid::Size {
-                                        name: entry.name.clone(),
-                                        expected: entry.size,
-                                        actual,
-                                    })
-                                }
-                                MemberRead::Io(e) => Error::io("read", r.path.join(&entry.name), e),
-                            })?;
-                    if sum != entry.sum {
-                        return Err(bad(Invalid::Checksum {
-                            name: entry.name.clone(),
-                            expected: entry.sum,
-                            actual: sum,
-                        }));
-                    }
-                    Ok(())
-                });
-            if let Err(e) = got {
+                };
                 self.report_restore(&e);
-                return Err(e.to_string());
-            }
-        }
-        Ok(())
+                e.to_string()
+            })
     }
 
     /// Under `--restore-check client`: tells the supervisor that reading the restore

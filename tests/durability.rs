@@ -239,6 +239,25 @@ fn damages() -> Vec<(&'static str, Damage)> {
     ]
 }
 
+/// Checkpoints at steps 10, 20, 30 in a new directory, the newest (`ckpt-3`) damaged: the
+/// temporary directory, the checkpoint directory, the scratch directory the damage may use
+/// (outside the checkpoint directory) and what the scratch directory holds after it.
+#[allow(clippy::type_complexity)]
+fn damaged_newest(
+    damage: Damage,
+) -> (tempfile::TempDir, PathBuf, PathBuf, Vec<(String, u64, u32)>) {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    for step in [10, 20, 30] {
+        plant(&dir, step);
+    }
+    damage(&ck(&dir, 3), &scratch);
+    let before = snapshot(&scratch);
+    (tmp, dir, scratch, before)
+}
+
 /// Each damage of the newest checkpoint: `ckpt verify` names it and exits 65; `ckpt run`
 /// warns naming it, moves it aside (not deleted), resumes from the next newest, and the
 /// job's final digest equals an uninterrupted run's.
@@ -249,15 +268,7 @@ fn corrupt_newest_is_set_aside_and_the_job_resumes_from_the_next() {
     let cases = damages();
     let t0 = Instant::now();
     for (name, damage) in &cases {
-        let tmp = tempdir();
-        let dir = tmp.path().join("ck");
-        let scratch = tmp.path().join("scratch");
-        std::fs::create_dir(&scratch).unwrap();
-        for step in [10, 20, 30] {
-            plant(&dir, step);
-        }
-        damage(&ck(&dir, 3), &scratch);
-        let scratch_before = snapshot(&scratch);
+        let (_tmp, dir, scratch, scratch_before) = damaged_newest(*damage);
 
         let v = output_deadline(
             ckpt().args(["verify", "--dir"]).arg(&dir),
@@ -329,15 +340,7 @@ fn under_restore_check_client_damage_is_found_by_the_job_set_aside_and_resumed_p
     let cases = damages();
     let mut found_by_client = Vec::new();
     for (name, damage) in &cases {
-        let tmp = tempdir();
-        let dir = tmp.path().join("ck");
-        let scratch = tmp.path().join("scratch");
-        std::fs::create_dir(&scratch).unwrap();
-        for step in [10, 20, 30] {
-            plant(&dir, step);
-        }
-        damage(&ck(&dir, 3), &scratch);
-        let scratch_before = snapshot(&scratch);
+        let (_tmp, dir, scratch, scratch_before) = damaged_newest(*damage);
         let out = run_trainer(&dir, &["--restore-check", "client"], steps);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{name}: ckpt run:\n{err}");

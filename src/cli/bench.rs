@@ -400,22 +400,26 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         prog.say(&format!("{tag}: ckpt restore"));
         drop_caches();
         let entry = m.files[0].clone();
+        // A resume into the job's buffer: the supervisor's check (`Sizes` under
+        // `--restore-check client`, `Full` by default), then the job's verified read.
+        let resume = |check, dest: &mut [f32]| -> Result<Duration, Fatal> {
+            let t = Instant::now();
+            crate::store::check_path(&cpath, Some(m.seq), check).map_err(|e| fail(&e))?;
+            let mut f =
+                File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
+            crate::pod::read_verified(
+                &mut f,
+                &cpath,
+                &entry,
+                m.checksum,
+                crate::pod::as_bytes_mut(dest),
+            )
+            .map_err(|e| fail(&e))?;
+            Ok(t.elapsed())
+        };
         // Peak memory above what the process held (the buffer is touched from round 2 on).
         let rss0 = hwm_reset().then(|| status_kib("VmRSS")).flatten();
-        let t = Instant::now();
-        // `--restore-check client`: the supervisor's check (manifest, sizes), the job's read.
-        crate::store::check_path(&cpath, Some(m.seq), crate::store::Check::Sizes)
-            .map_err(|e| fail(&e))?;
-        let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
-        crate::pod::read_verified(
-            &mut f,
-            &cpath,
-            &entry,
-            m.checksum,
-            crate::pod::as_bytes_mut(&mut restored),
-        )
-        .map_err(|e| fail(&e))?;
-        r_ck.push(gb(t.elapsed()));
+        r_ck.push(gb(resume(crate::store::Check::Sizes, &mut restored)?));
         if let (Some(b), Some(h), true) = (rss0, status_kib("VmHWM"), round > 1) {
             peak_into.push(h.saturating_sub(b) as f64 / 1024.0);
         }
@@ -453,19 +457,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
 
         prog.say(&format!("{tag}: resume with the full check first"));
         drop_caches();
-        let t = Instant::now();
-        crate::store::check_path(&cpath, Some(m.seq), crate::store::Check::Full)
-            .map_err(|e| fail(&e))?;
-        let mut f = File::open(cpath.join(&entry.name)).map_err(|e| io_fail("open", &cpath, e))?;
-        crate::pod::read_verified(
-            &mut f,
-            &cpath,
-            &entry,
-            m.checksum,
-            crate::pod::as_bytes_mut(&mut restored),
-        )
-        .map_err(|e| fail(&e))?;
-        resume_full.push(gb(t.elapsed()));
+        resume_full.push(gb(resume(crate::store::Check::Full, &mut restored)?));
 
         prog.say(&format!("{tag}: memcpy and async save"));
         let t = Instant::now();

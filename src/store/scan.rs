@@ -123,7 +123,20 @@ pub fn check_path(path: &Path, seq: Option<u64>, check: Check) -> Result<Manifes
             });
         }
     }
-    for f in &m.files {
+    check_members(path, &m, check, |_| true)?;
+    Ok(m)
+}
+
+/// Checks the members of checkpoint `path` (manifest `m`) that `keep` selects, as deep as
+/// `check` says: each present as a regular file of its size, and with [`Check::Full`] its
+/// checksum (every byte read).
+pub fn check_members(
+    path: &Path,
+    m: &Manifest,
+    check: Check,
+    keep: impl Fn(&super::FileEntry) -> bool,
+) -> Result<(), Invalid> {
+    for f in m.files.iter().filter(|f| keep(f)) {
         let file = open_member(path, &f.name)?;
         let len = file
             .metadata()
@@ -155,7 +168,7 @@ pub fn check_path(path: &Path, seq: Option<u64>, check: Check) -> Result<Manifes
             });
         }
     }
-    Ok(m)
+    Ok(())
 }
 
 /// Bytes per read of [`checksum_member`].

@@ -689,6 +689,29 @@ fn dir_identity(store: &Store) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// Moves checkpoint `seq` ("checkpoint" or "new checkpoint": `what`), which does not verify
+/// (`reason`), to `quarantine/`: the `quarantined` warning's text, and whether it moved.
+fn set_aside(
+    store: &Store,
+    what: &str,
+    seq: u64,
+    reason: &crate::error::Invalid,
+) -> (String, bool) {
+    match store.quarantine(seq, reason) {
+        Ok(p) => (
+            format!(
+                "{what} {seq} does not verify: {reason}; moved aside to {}",
+                p.display()
+            ),
+            true,
+        ),
+        Err(e) => (
+            format!("{what} {seq} does not verify: {reason}; could not move it aside: {e}"),
+            false,
+        ),
+    }
+}
+
 /// A checkpoint's progress mark: sequence, step, and a digest of its files' checksums.
 fn mark_of(m: &Manifest) -> Mark {
     use std::hash::{Hash, Hasher};
@@ -1092,16 +1115,10 @@ impl Run {
                     // Already gone (set aside by a report of another rank).
                     return vec![];
                 }
-                let moved = self.store.quarantine(seq, &reason);
+                let (said, _) = set_aside(&self.store, "checkpoint", seq, &reason);
                 self.rep.warn(
                     "quarantined",
-                    format!(
-                        "checkpoint {seq} does not verify: {reason}; {}",
-                        match &moved {
-                            Ok(p) => format!("moved aside to {}", p.display()),
-                            Err(e) => format!("could not move it aside: {e}"),
-                        }
-                    ),
+                    said,
                     json!({ "seq": seq, "reason": reason.to_string(), "reported_by": pid }),
                 );
                 vec![Event::RestoreRejected {
@@ -1139,15 +1156,9 @@ impl Run {
                     break;
                 }
                 Err(reason) => {
-                    let moved = self.store.quarantine(seq, &reason);
-                    bad.push(format!(
-                        "checkpoint {seq} does not verify: {reason}; {}",
-                        match &moved {
-                            Ok(p) => format!("moved aside to {}", p.display()),
-                            Err(e) => format!("could not move it aside: {e}"),
-                        }
-                    ));
-                    if moved.is_err() {
+                    let (said, moved) = set_aside(&self.store, "checkpoint", seq, &reason);
+                    bad.push(said);
+                    if !moved {
                         return Err(Fatal::new(
                             ErrKind::Io,
                             format!("checkpoint {seq} does not verify and cannot be moved aside"),
@@ -1331,16 +1342,10 @@ impl Run {
                     break;
                 }
                 Err(reason) => {
-                    let moved = self.store.quarantine(*seq, &reason);
+                    let (said, _) = set_aside(&self.store, "new checkpoint", *seq, &reason);
                     self.rep.warn(
                         "quarantined",
-                        format!(
-                            "new checkpoint {seq} does not verify: {reason}; {}",
-                            match &moved {
-                                Ok(p) => format!("moved aside to {}", p.display()),
-                                Err(e) => format!("could not move it aside: {e}"),
-                            }
-                        ),
+                        said,
                         json!({ "seq": seq, "reason": reason.to_string() }),
                     );
                 }
