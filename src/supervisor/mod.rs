@@ -792,8 +792,13 @@ impl Run {
             if matches!(self.restoring, Some((_, protocol::RestoreCheck::Client))) {
                 // A client that found its checkpoint damaged reports it and ends: take in
                 // what it sent before its exit is judged (a report is a relaunch, not a
-                // failure).
-                while let Ok(ev) = self.rx.recv_timeout(Duration::from_millis(20)) {
+                // failure). Bounded: ranks still alive may keep sending.
+                let until = Instant::now() + Duration::from_millis(200);
+                while let Ok(ev) = self.rx.recv_timeout(
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(20)),
+                ) {
                     for ev in self.translate(ev) {
                         queue.extend(self.m.on(ev, Instant::now()));
                     }
