@@ -378,6 +378,8 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
         ex = out["restore_existing"]
         assert len(ex["read_ratio_to_dd_direct"]["per_round"]) == 2 and len(ex["read_ratio_to_dd"]["per_round"]) == 2
         assert len(ex["read_gbps"]["per_round"]) == 2 and ex["peak_extra_mib"] is not None
+        # ... and under the default full check (run V).
+        assert len(ex["resume_full_check"]["read_ratio_to_dd"]["per_round"]) == 2
     else:
         assert out.get("restore_existing") is None
     if path == "saving":

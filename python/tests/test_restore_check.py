@@ -470,13 +470,14 @@ TORCH_JOB = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.parametrize("way", ["auto", "whole", "inplace", "reader"])
+@pytest.mark.parametrize("way", ["auto", "whole", "scatter", "inplace", "reader"])
 def test_ckpt_torch_reads_once_and_reports_damage_in_client_mode(tmp_path, listener, way):
-    """ckpt.torch under `CKPT_RESTORE_CHECK=client`: every way of loading (read whole, mapped
-    and copied in place, read tensor by tensor) checks the bytes it reads and never calls
-    restore_dir()'s whole check (one read); a flipped byte in the tensor data or in the zip's
-    structure (which can break torch's reader before the whole file is checked) is refused as
-    a checksum mismatch with nothing applied, and reported with one `restore_failed` each."""
+    """ckpt.torch under `CKPT_RESTORE_CHECK=client`: every way of loading (read whole, copied
+    into the model as read (run V, the default for a model), mapped and copied in place, read
+    tensor by tensor) checks the bytes it reads and never calls restore_dir()'s whole check
+    (one read); a flipped byte in the tensor data or in the zip's structure (which can break
+    torch's reader before the whole file is checked) is refused as a checksum mismatch, and
+    reported with one `restore_failed` each."""
     py = _torch_python()
     d = tmp_path / "d"
     r = run([py, "-c", TORCH_JOB, d, "save"], 120, env=clean_env())

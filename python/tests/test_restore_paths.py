@@ -241,6 +241,73 @@ def test_verified_file_reads_exactly_and_verify_refuses_damage_anywhere(tmp_path
         assert e.value.slug == "size-mismatch"
 
 
+@pytest.mark.parametrize("how", ["cold", "cached", "no-direct", "direct-refused"])
+def test_scatter_verified_copies_every_span_exactly_once_read_and_refuses_damage_anywhere(tmp_path, monkeypatch, how):
+    """`VerifiedFile.scatter_verified` (run V: the file read once, each span copied to its
+    destination as it arrives): spans at odd offsets crossing pieces, one span to two
+    destinations (a tied weight), bytes nobody takes (zip headers); exact on the intact file,
+    past the page cache when cold, from the cache when cached, with `CKPT_DIRECT_IO=0`, and
+    when `O_DIRECT` is refused on the first read; a flipped bit in any piece (taken or not) or
+    a file of another length is refused (the destinations are then undefined)."""
+    import ctypes
+
+    monkeypatch.setenv("CKPT_DIRECT_IO", "0" if how == "no-direct" else "1")
+    rng = random.Random(SEED + 5)
+    P = _bulk.DIRECT_PIECE
+    p = tmp_path / "f"
+    size = 3 * P + 4096 * 5 + 13
+    algo = rng.choice(_algos())
+    data = rng.randbytes(size)
+    sm = _crc.checksum(algo, data)
+    spans = [(64, P + 3), (P + 3 + 64, 1000), (2 * P - 5, P + 9), (3 * P + 100, 4096 * 4), (64, P + 3), (size - 7, 7)]
+    bufs = [ctypes.create_string_buffer(n) for _, n in spans]
+    dests = [(off, n, ctypes.addressof(b)) for (off, n), b in zip(spans, bufs)]
+    refused = []
+    if how == "direct-refused":
+        real = os.preadv
+
+        def preadv(fd, bs, off, *flags):
+            if _is_direct(fd):
+                refused.append(off)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, bs, off, *flags)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+    _write(p, data)
+    if how != "cached":
+        uncache(p)
+    else:
+        p.read_bytes()
+    with _verified(p, size, sm, algo) as f:
+        assert f.scatter_verified(dests) is True
+        assert f.scattered and f.direct_reads == (1 if how == "cold" else 0), (how, f.direct_reads)
+    for (off, n), b in zip(spans, bufs):
+        assert b.raw == data[off : off + n], (how, off, n)
+    assert bool(refused) == (how == "direct-refused")
+    spots = [k * P + rng.randrange(min(P, size - k * P)) for k in range(-(-size // P))] + [10, size - 1]
+    for at in spots:
+        bad = bytearray(data)
+        bad[at] ^= 0x02
+        _write(p, bytes(bad))
+        if how != "cached":
+            uncache(p)
+        with _verified(p, size, sm, algo) as f:
+            with pytest.raises(InvalidCheckpoint) as e:
+                f.scatter_verified(dests)
+            assert e.value.slug == "checksum-mismatch", (how, at)
+    # Shorter than the manifest says once opened (cut while read): the size check names it.
+    _write(p, data)
+    with _verified(p, size, sm, algo) as f:
+        os.truncate(p, size - 5000)
+        with pytest.raises(InvalidCheckpoint) as e:
+            f.scatter_verified(dests[:2])
+        assert e.value.slug == "size-mismatch", e.value
+    with _verified(p, size - 5000, sm, algo) as f:
+        with pytest.raises(InvalidCheckpoint) as e:
+            f.scatter_verified([(size - 100, 10, ctypes.addressof(bufs[0]))])
+        assert "has no bytes" in str(e.value)
+
+
 def test_verified_file_falls_back_when_a_read_refuses_o_direct(tmp_path, monkeypatch):
     """`O_DIRECT` accepted at open but its first read refused with EINVAL (some FUSE and
     network file systems): the large read goes through the cache, exact and verified."""
@@ -346,13 +413,23 @@ def restore_once(cold):
     try:
         ok = ts2.restore(ck)
     except Exception as e:
-        # Nothing applied: the model is as it was, the step too.
         assert ts2.step == 0
-        for k, v in m2.state_dict().items():
-            assert torch.equal(v, before[k]), k
-        now_opt = {(i, k): v for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
-        assert now_opt.keys() == before_opt.keys() and all(torch.equal(v, before_opt[k]) for k, v in now_opt.items())
-        return f"REFUSED {getattr(e, 'slug', type(e).__name__)}"
+        if ts2._broken is None:
+            # Nothing applied: the model is as it was, the optimizer too.
+            for k, v in m2.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            now_opt = {(i, k): v for i, s in opt2.state_dict()["state"].items() for k, v in s.items()}
+            assert now_opt.keys() == before_opt.keys() and all(torch.equal(v, before_opt[k]) for k, v in now_opt.items())
+        else:
+            # Run V copied part of the damaged file into the objects: the state refuses to be
+            # saved, naming why.
+            assert isinstance(e, InvalidCheckpoint), e
+            try:
+                ts2.save(ck)
+                raise SystemExit("a TrainState whose restore failed half-way was saved")
+            except ckpt.CkptError as s:
+                assert "refusing to save this TrainState" in str(s) and "exit" in str(s), s
+        return f"REFUSED {getattr(e, 'slug', type(e).__name__)} {'BROKEN' if ts2._broken else 'UNTOUCHED'}"
     assert ok and ts2.step == 9
     for k, v in want["m"].items():
         got = m2.state_dict()[k]
@@ -363,7 +440,7 @@ def restore_once(cold):
         for k in sw[i]:
             assert torch.equal(sw[i][k], sg[i][k]), (i, k)
     assert len(opened) == 1, opened
-    return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)} WHOLE {int(opened[0].whole)}"
+    return f"DIRECT {opened[0].direct_reads} MAPPED {int(opened[0].mapped)} WHOLE {int(opened[0].whole)} SCATTERED {int(opened[0].scattered)}"
 ckt._WAY = os.environ.get("TEST_WAY") or None
 if mode == "inplace":
     # Into a model and an optimizer that already have their tensors: the restore copies into
@@ -397,7 +474,8 @@ if mode == "inplace":
         got = m2.state_dict()[k]
         # Run K copies into the memory the model has; run L's zero-copy restore gives each
         # Parameter the verified memory (the objects stay: the optimizer holds them).
-        assert got.dtype == v.dtype and torch.equal(got, v) and (got.data_ptr() == ptrs[k]) == opened[0].mapped, k
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+        assert (got.data_ptr() == ptrs[k]) == (opened[0].mapped or opened[0].scattered), k
     assert [id(p) for p in m2.parameters()] == ids
     assert [id(p) for p in opt2.param_groups[0]["params"]] == ids
     sw, sg = want["opt"]["state"], opt2.state_dict()["state"]
@@ -407,8 +485,9 @@ if mode == "inplace":
             assert sg[i][k].dtype == sw[i][k].dtype and torch.equal(sw[i][k], sg[i][k]), (i, k)
             if sg[i][k].data_ptr() != optp[(i, k)]:
                 moved.append(f"{i}/{k}")
-    assert opened[0].mapped != opened[0].whole and opened[0].direct_reads == int(opened[0].whole)
-    print("MOVED", ",".join(sorted(moved)))
+    assert opened[0].mapped + opened[0].whole + opened[0].scattered == 1
+    assert opened[0].direct_reads == int(not opened[0].mapped)
+    print("MOVED", ",".join(sorted(moved)), "WAY", "mapped" if opened[0].mapped else "whole" if opened[0].whole else "scattered")
     sys.exit(0)
 if mode == "damage":
     # A flipped bit at each offset given (then a cut file), then the file as it was; only the
@@ -459,9 +538,11 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
     several pieces at odd sizes, bfloat16, int64, optimizer state, a tied weight), its large
     tensors read past the page cache when cold (through it when cached, with
     `CKPT_DIRECT_IO=0`, and on ramfs, which refuses `O_DIRECT`); into an optimizer that has its
-    state already, the file is verified from the page cache first and copied in place (run K);
-    either way a flipped bit in any piece of `train_state.pt` or a cut file is refused before
-    anything is applied."""
+    state already, each tensor's bytes are copied into the tensor it has as the file is read
+    (run V: past the cache when cold), or (asked for) the file is verified from the page cache
+    first and copied in place (run K). A flipped bit in any piece of `train_state.pt` or a cut
+    file is refused: before anything is applied (run J, K, L), or (run V) with the state
+    refusing to be saved afterwards."""
     py = _torch_python()
     base = _ramfs(tmp_path) if fs == "ramfs" else tmp_path
     try:
@@ -470,21 +551,25 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         assert r.returncode == 0, r.stdout + r.stderr
         f = Path(r.stdout.split()[-1]) / "train_state.pt"
         # Objects that hold most of the file's tensors (a model and an optimizer that has
-        # stepped: TEST_WARM) get run K's mapped copy (run P); objects that do not (a fresh
-        # optimizer) are read whole into memory of its own and verified first, past the page
-        # cache when cold on a disk (one read_whole, run L); either way when asked for, and run
+        # stepped: TEST_WARM) get the file's bytes copied into their tensors as it is read
+        # (run V: one scatter_verified, past the page cache when cold on a disk); objects that
+        # do not (a fresh optimizer) are read whole into memory of its own and verified first
+        # (one read_whole, run L); either way when asked for, and run K's mapped copy and run
         # J's reader only then (ckpt.torch._WAY, TEST_WAY here).
         warm = {"TEST_WARM": "1"}
-        cases = [("cold", warm, False, "mapped"), ("cached", warm, False, "mapped"),
+        cases = [("cold", warm, fs == "disk", "scattered"), ("cached", warm, False, "scattered"),
+                 ("cold", {**warm, "CKPT_DIRECT_IO": "0"}, False, "scattered"),
                  ("cold", {}, fs == "disk", "whole"), ("cached", {}, False, "whole"),
                  ("cold", {"CKPT_DIRECT_IO": "0"}, False, "whole"),
                  ("cold", {**warm, "TEST_WAY": "whole"}, fs == "disk", "whole"),
-                 ("cold", {"TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader")]
+                 ("cold", {"TEST_WAY": "scatter"}, fs == "disk", "scattered"),
+                 ("cold", {**warm, "TEST_WAY": "inplace"}, False, "mapped"), ("cold", {"TEST_WAY": "reader"}, fs == "disk", "reader")]
         for mode, env, direct, way in cases:
             r = _torch(py, d, mode, env)
             assert r.returncode == 0 and "DIRECT " in r.stdout, (mode, env, r.stdout + r.stderr)
             w = r.stdout.split("DIRECT ")[1].split()
-            n, got_way = int(w[0]), "mapped" if w[2] == "1" else "whole" if w[4] == "1" else "reader"
+            n = int(w[0])
+            got_way = "mapped" if w[2] == "1" else "whole" if w[4] == "1" else "scattered" if w[6] == "1" else "reader"
             # Run J's reader: 7 tensors of at least a piece (two weights, the 2-piece buffer,
             # Adam's 4 moments); run L: one whole read.
             want_n = (7 if way == "reader" else 1) if direct else 0
@@ -495,9 +580,11 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
         rng = random.Random(SEED + 4)
         P = _bulk.PIECE
         spots = [rng.randrange(k * P, min(size, (k + 1) * P)) for k in range(-(-size // P))] + [size - 30]
-        for env, after in (({}, ["AFTER", "DIRECT", "1", "MAPPED", "0", "WHOLE", "1"]),
-                           ({**warm, "TEST_WAY": "inplace"}, ["AFTER", "DIRECT", "0", "MAPPED", "1", "WHOLE", "0"]),
-                           ({"TEST_WAY": "reader"}, ["AFTER", "DIRECT", "7", "MAPPED", "0", "WHOLE", "0"])):
+        done = ["MAPPED", "0", "WHOLE", "0", "SCATTERED", "0"]
+        for env, after in (({}, ["AFTER", "DIRECT", "1", "MAPPED", "0", "WHOLE", "1", "SCATTERED", "0"]),
+                           (warm, ["AFTER", "DIRECT", "1", *done[:5], "1"]),
+                           ({**warm, "TEST_WAY": "inplace"}, ["AFTER", "DIRECT", "0", "MAPPED", "1", *done[2:]]),
+                           ({"TEST_WAY": "reader"}, ["AFTER", "DIRECT", "7", *done])):
             r = _torch(py, d, "damage", env, extra=[",".join(map(str, spots))])
             assert r.returncode == 0, r.stdout + r.stderr
             out = [line.split() for line in r.stdout.splitlines()]
@@ -507,22 +594,29 @@ def test_torch_restore_reads_past_the_cache_bit_exact_and_refuses_damage(tmp_pat
                 # A flipped bit in the zip's own structure may make torch refuse it first (any
                 # error: nothing applied); in the data, the checksum refuses it.
                 assert res[0] == "REFUSED", (at, r.stdout)
-            # Read whole or mapped, the checksum is checked before torch reads anything: it
-            # refuses them all.
+                # Only run V copies before the checksum is known, and then the state says so.
+                assert res[2] == "UNTOUCHED" or env == warm, (at, r.stdout)
+            # Read whole, mapped or scattered, the checksum covers every byte before anything
+            # is used: it refuses them all.
             least = len(spots) - 1 if env.get("TEST_WAY") == "reader" else len(spots) + 1
-            assert sum(res == ["REFUSED", "checksum-mismatch"] or res == ["REFUSED", "size-mismatch"]
+            assert sum(res[:2] in (["REFUSED", "checksum-mismatch"], ["REFUSED", "size-mismatch"])
                        for res in got.values()) >= least, r.stdout
+            if env == warm:
+                # The data's damage was found after copying it into the model: every one of
+                # those restores left the state unsaveable.
+                assert sum(res[2] == "BROKEN" for res in got.values()) >= len(spots) - 1, r.stdout
             assert out[-1] == after, r.stdout
     finally:
         if fs == "ramfs":
             subprocess.run(["umount", "-l", str(base)])
 
 
-@pytest.mark.parametrize("way", ["default", "whole", "inplace"])
+@pytest.mark.parametrize("way", ["default", "whole", "inplace", "scatter"])
 def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp_path, way):
     """Into a model and an optimizer that already have their tensors: bit-exact, the Parameter
     objects kept (the optimizer's are the model's); run K's mapped copy (the default for such
-    objects since run P, or `ckpt.torch._WAY = "inplace"`) copies into the memory they were in,
+    objects since run V, `ckpt.torch._WAY = "scatter"`) and run K's mapped copy (`"inplace"`)
+    copy into the memory they were in,
     run L's zero-copy restore (`_WAY = "whole"`) gives them the verified memory; an optimizer state tensor of another shape or dtype than the
     checkpoint's is replaced by one holding the checkpoint's values; a model of another shape
     is refused by torch with the optimizer's state untouched."""
@@ -534,7 +628,8 @@ def test_torch_restore_into_the_objects_the_model_and_optimizer_already_have(tmp
     r = _torch(py, d, "inplace", env)
     assert r.returncode == 0, r.stdout + r.stderr
     moved = r.stdout.split("MOVED ")[1].split()[0].split(",")
-    if way != "whole":  # run K's copy, asked for or the default
+    assert r.stdout.split("WAY ")[1].split()[0] == {"default": "scattered", "scatter": "scattered"}.get(way, "mapped" if way == "inplace" else way), r.stdout
+    if way != "whole":  # run V's or run K's copy, asked for or the default
         assert moved == ["1/exp_avg", "2/exp_avg_sq"], r.stdout
     else:
         assert len(moved) == 12 and "1/exp_avg" in moved, r.stdout  # every state tensor: zero-copy

@@ -1031,6 +1031,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut r_ex, mut r_ex_peak): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     // `--path python|torch`: the resume under the default full check (verify, then restore).
     let mut r_full: Vec<f64> = vec![];
+    let mut r_ex_full: Vec<f64> = vec![];
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -1106,9 +1107,10 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt
         // (and, for torch, ckpt into the existing model).
         // 5: a resume under the default `--restore-check full` (the supervisor's `ckpt verify`,
-        // then the client's read): the restore of 2 is the one-read resume of `client`.
+        // then the client's read): the restore of 2 is the one-read resume of `client`; 6: the
+        // same into the existing model (3 is its one-read resume).
         let mut reads: Vec<u8> = if existing {
-            vec![0, 1, 2, 3, 5]
+            vec![0, 1, 2, 3, 5, 6]
         } else if saving {
             vec![0, 1, 2, 4]
         } else if py.is_some() {
@@ -1119,16 +1121,32 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         let nr = reads.len();
         reads.rotate_left((round as usize - 1) % nr);
         for which in reads {
-            if which == 5 {
-                prog.say(&format!("{tag}: resume with the full check first"));
+            if which == 5 || which == 6 {
+                prog.say(&format!(
+                    "{tag}: resume with the full check first{}",
+                    if which == 6 {
+                        ", into the existing model"
+                    } else {
+                        ""
+                    }
+                ));
                 let c = py.as_mut().expect("python");
                 c.ask("open")?;
                 drop_caches();
                 let t = Instant::now();
                 verify_cmd(&exe, &store_dir)?;
                 let verify_s = t.elapsed().as_secs_f64();
-                let v = c.ask("restore")?;
-                r_full.push(verify_s + v["s"].as_f64().unwrap_or(f64::NAN));
+                let v = c.ask(if which == 6 {
+                    "restore-existing"
+                } else {
+                    "restore"
+                })?;
+                let s = verify_s + v["s"].as_f64().unwrap_or(f64::NAN);
+                if which == 6 {
+                    r_ex_full.push(s);
+                } else {
+                    r_full.push(s);
+                }
                 continue;
             }
             if which == 4 {
@@ -1239,6 +1257,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let exd_ratio = ratio(&r_ddd, &r_ex);
     let full_ratio = ratio(&r_dd, &r_full);
     let fulld_ratio = ratio(&r_ddd, &r_full);
+    let ex_full_ratio = ratio(&r_dd, &r_ex_full);
+    let ex_fulld_ratio = ratio(&r_ddd, &r_ex_full);
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
             .iter()
@@ -1279,10 +1299,16 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             "read_ratio_to_dd_direct": spread(&fulld_ratio),
         })),
         "restore_existing": existing.then(|| json!({
-            "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes: run K's copy into it since run P (zero-copy in runs L-P); the fields above are the restore into fresh objects",
+            "what": "TrainState.restore into a torch.nn.Module that has the parameter already (its memory touched), as a training job resumes: the file read once, past the page cache, each tensor's bytes copied into the model's as they arrive (run V; run K's copy after a verify in runs P-U, zero-copy in runs L-P); the fields above are the restore into fresh objects",
             "read_gbps": speeds(&r_ex),
             "read_ratio_to_dd": spread(&ex_ratio),
             "read_ratio_to_dd_direct": spread(&exd_ratio),
+            "resume_full_check": (!r_ex_full.is_empty()).then(|| json!({
+                "what": "the same under the default --restore-check full: ckpt verify, then the restore into the model (from the page cache)",
+                "read_gbps": speeds(&r_ex_full),
+                "read_ratio_to_dd": spread(&ex_full_ratio),
+                "read_ratio_to_dd_direct": spread(&ex_fulld_ratio),
+            })),
             "peak_extra_mib": (!r_ex_peak.is_empty()).then(|| r_ex_peak.iter().copied().fold(f64::MIN, f64::max)),
         })),
         "saving_plain": saving.then(|| json!({
@@ -1339,6 +1365,9 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     }
     if !r_ex.is_empty() {
         println!("  restore  into the existing model: ckpt {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ex)), med(&ex_ratio), mm(&ex_ratio).0, mm(&ex_ratio).1, med(&exd_ratio), mm(&exd_ratio).0, mm(&exd_ratio).1);
+        if !r_ex_full.is_empty() {
+            println!("  resume   into the existing model, --restore-check full {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}", med(&gbs(&r_ex_full)), med(&ex_full_ratio), mm(&ex_full_ratio).0, mm(&ex_full_ratio).1, med(&ex_fulld_ratio));
+        }
     }
     // `--path file`: the `ckpt save` and `ckpt verify` processes hold none of the job's
     // state, so their whole peak RSS is what they add.

@@ -62,6 +62,9 @@ HASHERS = 2
 #: buffer each).
 DIRECT_PIECE = 8 << 20
 DIRECT_READERS = 2
+#: Reader threads of :meth:`VerifiedFile.scatter_verified` (each reads, copies out and
+#: checksums its own pieces, one in flight).
+SCATTER_READERS = 3
 #: Whether :func:`read_segments` asks for transparent huge pages (``MADV_HUGEPAGE``) for its
 #: memory (``CKPT_HUGEPAGES=1``). Off by default: no gain measured (docs/benchmarks.md, run L),
 #: and with THP ``defrag=madvise`` such faults may compact memory synchronously.
@@ -733,6 +736,7 @@ class VerifiedFile(io.RawIOBase):
         self.direct_reads = 0
         self.mapped = False  # map_verified() verified it
         self.whole = False  # read_whole() read and verified it
+        self.scattered = False  # scatter_verified() read and verified it
         try:
             actual = os.fstat(fd).st_size
         except OSError as e:
@@ -978,6 +982,171 @@ class VerifiedFile(io.RawIOBase):
         finally:
             if not ok:
                 mm.close()
+
+    @_reports
+    def scatter_verified(self, dests: List[Tuple[int, int, int]]) -> bool:
+        """Reads the whole file once and copies the bytes at each ``(file offset, length,
+        address)`` of ``dests`` to the memory at that address (a tensor's) as they arrive;
+        then checks the size and the checksum of the whole file against the manifest
+        (:class:`InvalidCheckpoint` otherwise). The copies are made before the checksum is
+        known: the caller uses the destinations only after this returns, and after an error
+        their contents are undefined (a part of a damaged file). Cold, :data:`SCATTER_READERS`
+        threads read aligned :data:`DIRECT_PIECE`-byte pieces with ``O_DIRECT`` into reused
+        page-aligned buffers, and each copies its piece's parts out (``ctypes.memmove``, which
+        runs without the GIL) and checksums the piece; cached, the pieces are taken from a
+        mapping of the file instead (no read copy). Extra memory: one :data:`DIRECT_PIECE`
+        buffer per reader. False (nothing read or copied) if this file was already read from."""
+        if self._pos or self._sums._sums:
+            return False
+        self._sums.stop()
+        size = self._size
+        P = DIRECT_PIECE
+        npieces = max(1, -(-size // P))
+        per: List[List[Tuple[int, int, int]]] = [[] for _ in range(npieces)]
+        for off, n, addr in dests:
+            if n <= 0:
+                continue
+            if off < 0 or off + n > size:
+                raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} has no bytes {off}..{off + n} (it is {size} bytes)")
+            for k in range(off // P, (off + n - 1) // P + 1):
+                per[k].append((off, n, addr))
+        direct = direct_io() and size >= PIECE and not _cached(self._fd, size)
+        got = self._scatter_pass(per, direct)
+        if got is None:  # O_DIRECT accepted at open, refused on reading: through the cache
+            got = self._scatter_pass(per, False)
+        assert got is not None
+        sums, direct = got
+        crc = total = 0
+        for at in sorted(sums):
+            n, c = sums[at]
+            if at != total:
+                break
+            crc = combine(self._algo, crc, c, n)
+            total += n
+        try:
+            now = os.fstat(self._fd).st_size
+        except OSError:
+            now = -1
+        if total != size or now != size:
+            raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} is {total if now == size else now} bytes, the manifest says {size}")
+        if crc != self._expect:
+            raise InvalidCheckpoint(
+                "checksum-mismatch",
+                f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
+            )
+        self.direct_reads += 1 if direct else 0
+        self.scattered = True
+        return True
+
+    def _scatter_pass(self, per: List[List[Tuple[int, int, int]]], direct: bool) -> Optional[Tuple[Dict[int, Tuple[int, int]], bool]]:
+        """One pass of :meth:`scatter_verified` over the file: ({piece offset: (length, sum)},
+        whether it read past the page cache). ``None`` when ``O_DIRECT`` was refused on the
+        first read."""
+        import ctypes
+
+        size = self._size
+        P = DIRECT_PIECE
+        npieces = len(per)
+        fn = Hasher(self._algo)._fn
+        dfd = -1
+        if direct:
+            try:
+                dfd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except (OSError, AttributeError):
+                dfd = -1
+        mapped: Optional[mmap.mmap] = None
+        if dfd < 0 and size:
+            try:
+                # Private and writable only so that ctypes can take its address: never written.
+                mapped = mmap.mmap(self._fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError):
+                mapped = None
+            else:
+                try:
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+        sums: Dict[int, Tuple[int, int]] = {}
+        errs: List[BaseException] = []
+        stop = [False]
+        nread = max(1, min(SCATTER_READERS, npieces))
+
+        def scatter(k: int, src: int, got: int) -> None:
+            at = k * P
+            for off, n, addr in per[k]:
+                lo, hi = max(off, at), min(off + n, at + got)
+                if hi > lo:
+                    ctypes.memmove(addr + (lo - off), src + (lo - at), hi - lo)
+
+        def reader(first: int) -> None:
+            buf: Optional[mmap.mmap] = None
+            cbuf: Any = None
+            try:
+                if mapped is not None:
+                    cbuf = ctypes.c_char.from_buffer(mapped)
+                    base = ctypes.addressof(cbuf)
+                    with memoryview(mapped) as whole:
+                        for k in range(first, npieces, nread):
+                            if stop[0]:
+                                return
+                            at = k * P
+                            got = min(P, size - at)
+                            scatter(k, base + at, got)
+                            sums[at] = (got, fn(whole[at : at + got], 0) & 0xFFFFFFFF)
+                    return
+                buf = mmap.mmap(-1, P)
+                cbuf = ctypes.c_char.from_buffer(buf)
+                addr = ctypes.addressof(cbuf)
+                fd = dfd if dfd >= 0 else self._fd
+                with memoryview(buf) as mv:
+                    for k in range(first, npieces, nread):
+                        if stop[0]:
+                            return
+                        at = k * P
+                        want = min(P, size - at)
+                        if fd == dfd:
+                            want = -(-want // ALIGN) * ALIGN  # whole blocks; EOF stops it
+                        got = 0
+                        while got < want:
+                            with mv[got:want] as part:
+                                r = os.preadv(fd, [part], at + got)
+                            if r == 0:
+                                break
+                            got += r
+                        got = min(got, size - at)
+                        scatter(k, addr, got)
+                        with mv[:got] as piece:
+                            sums[at] = (got, fn(piece, 0) & 0xFFFFFFFF if got else 0)
+                        if got < min(P, size - at):
+                            stop[0] = True  # shorter than the manifest says: the size check names it
+                            return
+            except BaseException as e:  # noqa: BLE001 - raised by the caller's thread
+                errs.append(e)
+                stop[0] = True
+            finally:
+                del cbuf  # the buffer's export: the mmap closes only without it
+                if buf is not None:
+                    buf.close()
+
+        threads = [threading.Thread(target=reader, args=(i,), name="ckpt-read", daemon=True) for i in range(nread)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+            if mapped is not None:
+                mapped.close()
+        if errs:
+            e = errs[0]
+            if dfd >= 0 and isinstance(e, OSError) and e.errno == errno.EINVAL and 0 not in sums:
+                return None
+            if isinstance(e, InvalidCheckpoint):
+                raise e
+            raise InvalidCheckpoint("unreadable", f"cannot read it: {self.name}: {e}")
+        return sums, dfd >= 0
 
     @_reports
     def read_whole(self) -> Optional[memoryview]:

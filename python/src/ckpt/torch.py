@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -192,6 +192,9 @@ class TrainState:
         self.restored_step: Optional[int] = None
         self._loader_gen_at_epoch: Optional[torch.Tensor] = None
         self._pending: Dict[str, List[Any]] = {}  # copies restore() leaves to load_state_dict()
+        # Why this state must not be saved: a restore failed after copying part of a damaged
+        # checkpoint into the objects' tensors (restore(), run V).
+        self._broken: Optional[str] = None
         # restore() loaded tensors no one else holds, in memory of their own: a model may take
         # them as they are (_swap_into) instead of copying them (run L).
         self._swap = False
@@ -259,6 +262,12 @@ class TrainState:
 
     def save(self, ck: Any, *, meta: Optional[Dict[str, Any]] = None) -> Any:
         """Saves everything as one checkpoint at :attr:`step` (durable on return)."""
+        if self._broken is not None:
+            raise CkptError(
+                f"refusing to save this TrainState: {self._broken}, so they hold neither the "
+                "checkpoint nor their state before it; exit (ckpt run relaunches the job from the "
+                "newest checkpoint that verifies)"
+            )
         st = self.state_dict()
         with ck.saving(step=self.step, meta=meta) as d:
             if hasattr(ck, "direct_file"):
@@ -304,7 +313,13 @@ class TrainState:
 
     def restore(self, ck: Any) -> bool:
         """Restores from the checkpoint the job was started with (safe loader:
-        ``weights_only=True``); False on a fresh start."""
+        ``weights_only=True``); False on a fresh start. A damaged checkpoint raises
+        :class:`~ckpt.errors.InvalidCheckpoint`. Into objects that already hold most of the
+        file's tensors, the bytes are copied into their tensors as the file is read, before
+        its checksum is known: after such an error those objects hold part of the file, and
+        this ``TrainState`` refuses to :meth:`save` (exit; ``ckpt run`` relaunches the job
+        from the newest checkpoint that verifies). Otherwise nothing is applied before the
+        whole file verifies (docs/training.md)."""
         opener = getattr(ck, "_open_verified", None)
         f = opener(STATE_FILE) if opener is not None else None
         if f is None:
@@ -325,12 +340,13 @@ class TrainState:
                 st = None
                 way = _WAY
                 if way is None:
-                    # Objects that hold most of the file's tensors already get run K's copy
-                    # into them: at a resume the supervisor's verify has left the file in the
-                    # page cache, and copying from there beats reading into fresh memory and
-                    # swapping (0.33-0.51 s against 0.84-1.83 s per GiB), with 16-32 MiB of
-                    # extra memory instead of the state's size (docs/benchmarks.md, run P).
-                    way = "inplace" if self._existing_bytes() >= IN_PLACE_SHARE * _size(f) else "whole"
+                    # Objects that hold most of the file's tensors already get the file's
+                    # bytes copied into those tensors as it is read, once (run V: past the
+                    # page cache when cold, from the cache when the supervisor's verify left
+                    # it there); copying beats reading into fresh memory and swapping
+                    # (0.33-0.51 s against 0.84-1.83 s per GiB), with 16-32 MiB of extra
+                    # memory instead of the state's size (docs/benchmarks.md, runs P and V).
+                    way = "scatter" if self._existing_bytes() >= IN_PLACE_SHARE * _size(f) else "whole"
                 if way == "whole" and hasattr(f, "read_whole"):
                     # Zero-copy (docs/benchmarks.md, run L): the whole file read into memory
                     # of our own (O_DIRECT straight into it when cold) and verified; torch's
@@ -342,6 +358,11 @@ class TrainState:
                         raise e.at(str(d)) from None
                     if mem is not None:
                         st = _load_over(f"/proc/self/fd/{f.fileno()}", mem)
+                if st is None and way == "scatter" and hasattr(f, "scatter_verified"):
+                    try:
+                        st = self._restore_scattered(f, d)
+                    except InvalidCheckpoint as e:
+                        raise e.at(str(d)) from None
                 mm = None
                 if st is None and way != "reader" and hasattr(f, "map_verified") and (
                     way == "inplace" or self._existing_bytes() >= IN_PLACE_SHARE * _size(f)
@@ -350,7 +371,8 @@ class TrainState:
                         mm = f.map_verified()
                     except InvalidCheckpoint as e:
                         raise e.at(str(d)) from None
-                swap = mm is None  # not run K's tensors: they map the file
+                # Not run K's tensors (they map the file), nor run V's (the objects' own).
+                swap = mm is None and not getattr(f, "scattered", False)
                 if mm is not None:
                     # In place (docs/benchmarks.md, run K): the whole file read into the page
                     # cache and verified first; then mapped by torch, and every tensor copied
@@ -378,8 +400,74 @@ class TrainState:
                     except InvalidCheckpoint as e:
                         raise e.at(str(d)) from None
         self._swap = swap
-        self.load_state_dict(st)
+        try:
+            self.load_state_dict(st)
+        except BaseException as e:
+            if f is not None and getattr(f, "scattered", False):
+                self._broken = f"its restore from {d} failed ({e}) after the checkpoint's bytes were copied into the objects' tensors"
+            raise
         return True
+
+    def _restore_scattered(self, f: Any, d: Any) -> Optional[Dict[str, Any]]:
+        """The state of ``train_state.pt`` (``f``, a ``VerifiedFile``) read once, each tensor's
+        bytes copied as the file is read (``f.scatter_verified``) into the tensor the object's
+        ``state_dict()`` already has at the same place (dict keys, list positions; a CPU
+        tensor of one dtype and shape, contiguous, needing no grad), every other tensor into
+        fresh memory of its own; the objects' ``load_state_dict`` then finds their own memory
+        (a copy onto itself, which torch skips). The file's layout comes from
+        ``torch.load(mmap=True)``: each storage is a slice of one storage over the whole file,
+        at the offset of its record. ``None`` (nothing read) where this torch loads otherwise,
+        or where two tensors would take one memory from different bytes. After an error in
+        the read the objects' tensors hold part of the file: the state is marked unsaveable
+        (:attr:`_broken`)."""
+        size = _size(f)
+        path = f"/proc/self/fd/{f.fileno()}"
+        try:
+            st, whole = _load_mapped(path, size)
+        except Exception as load_error:
+            # Damaged bytes can break torch's reading of the zip before anything is copied:
+            # name the damage, if that is what it is.
+            try:
+                f.verify()
+            except InvalidCheckpoint as e:
+                raise e from load_error
+            raise
+        if whole is None:
+            return None
+        objs = st.get("objects", {})
+        for k, o in self.stateful.items():
+            # A model whose state dict does not match the file's key for key, shape for shape,
+            # gets the copy after the verify (run K), so that torch refuses it with nothing
+            # copied into any object.
+            if isinstance(o, torch.nn.Module) and not _same_layout(o.state_dict(), objs.get(k)):
+                return None
+        base = whole.data_ptr()
+        dests: List[Any] = []
+        mine: set = set()
+        for k, o in self.stateful.items():
+            if k not in objs:
+                continue
+            try:
+                have = o.state_dict()
+            except Exception:
+                continue
+            objs[k] = _scatter_into(have, objs[k], base, size, dests, mine)
+        memo: Dict[int, Any] = {}
+        for k in list(st):
+            st[k] = _fresh(st[k], base, size, dests, memo, mine)
+        # Two destinations that overlap must take the same bytes (tied weights do).
+        spans = sorted((addr, n, addr - off) for off, n, addr in dests)
+        for (a0, n0, d0), (a1, _n1, d1) in zip(spans, spans[1:]):
+            if a1 < a0 + n0 and d1 != d0:
+                return None
+        del whole
+        try:
+            if not f.scatter_verified(dests):
+                return None
+        except BaseException as e:
+            self._broken = f"its restore from {d} failed ({getattr(e, 'reason', e)}) after some of the checkpoint's bytes were copied into the objects' tensors"
+            raise
+        return st
 
     def _existing_bytes(self) -> int:
         """Bytes of the CPU tensors the objects' ``state_dict()`` hold now (each storage once):
@@ -433,9 +521,10 @@ class TrainState:
                 st[k] = _owned(st[k], memo, mine)
 
 
-# Which way restore() reads (for A/B measurements and tests): None (run K's copy into objects
-# that hold at least IN_PLACE_SHARE of the file's bytes, else zero-copy), "whole" (zero-copy,
-# run L), "inplace" (run K's mapped copy, whatever the share), "reader" (run J's reader).
+# Which way restore() reads (for A/B measurements and tests): None (run V's copy into objects
+# that hold at least IN_PLACE_SHARE of the file's bytes as the file is read, else zero-copy),
+# "scatter" (run V's, whatever the share), "whole" (zero-copy, run L), "inplace" (run K's
+# mapped copy after the verify), "reader" (run J's reader).
 _WAY: Optional[str] = None
 
 _from_file_lock = threading.Lock()
@@ -469,6 +558,116 @@ def _load_over(path: str, mem: memoryview) -> Any:
 
         st = torch.load(io.BytesIO(mem), map_location="cpu", weights_only=True)
     return st
+
+
+def _load_mapped(path: str, size: int) -> Tuple[Any, Any]:
+    """``torch.load(path, weights_only=True, mmap=True)`` and the storage over the whole file
+    that its storages are slices of (``None`` where this torch does not map the file whole)."""
+    seen: List[Any] = []
+    real = torch.UntypedStorage.from_file
+
+    def from_file(filename: Any, shared: Any = False, nbytes: int = 0) -> Any:
+        s = real(filename, shared, nbytes)
+        if str(filename) == path and int(nbytes) == size:
+            seen.append(s)
+        return s
+
+    with _from_file_lock:
+        torch.UntypedStorage.from_file = staticmethod(from_file)  # type: ignore[method-assign]
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        finally:
+            del torch.UntypedStorage.from_file  # the inherited classmethod again
+    return st, (seen[0] if len(seen) == 1 else None)
+
+
+def _same_layout(have: Any, loaded: Any) -> bool:
+    """Whether the state dicts ``have`` and ``loaded`` have the same keys and, key for key,
+    tensors of one shape (what a strict ``load_state_dict`` checks)."""
+    if not isinstance(have, Mapping) or not isinstance(loaded, Mapping) or set(have) != set(loaded):
+        return False
+    for k, v in have.items():
+        w = loaded[k]
+        if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor):
+            return False
+        if isinstance(v, torch.Tensor) and v.shape != w.shape:
+            return False
+    return True
+
+
+def _file_span(t: Any, base: int, size: int) -> Optional[Tuple[int, int]]:
+    """(offset in the file, bytes) of the contiguous CPU tensor ``t`` loaded over the file
+    mapped at ``base`` (``size`` bytes); ``None`` if it is not such a tensor."""
+    if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous():
+        return None
+    n = t.numel() * t.element_size()
+    ptr = t.untyped_storage().data_ptr()
+    if n == 0 or ptr == 0:
+        return None
+    off = ptr - base + t.storage_offset() * t.element_size()
+    if off < 0 or off + n > size:
+        return None
+    return off, n
+
+
+def _scatter_into(have: Any, loaded: Any, base: int, size: int, dests: List[Any], mine: set) -> Any:
+    """``loaded`` (tensors over the mapped file) with each tensor replaced by the tensor at
+    the same place of ``have`` that can take its bytes directly (a contiguous CPU tensor of
+    one dtype and shape that needs no grad); ``(file offset, bytes, address)`` of each into
+    ``dests``, its ``id`` into ``mine``."""
+    if isinstance(loaded, torch.Tensor):
+        if (
+            isinstance(have, torch.Tensor) and not have.requires_grad
+            and have.device.type == "cpu" and have.layout == torch.strided and have.is_contiguous()
+            and have.dtype == loaded.dtype and have.shape == loaded.shape
+            and type(have) in (torch.Tensor, torch.nn.Parameter)
+        ):
+            span = _file_span(loaded, base, size)
+            if span is not None and have.data_ptr() != 0:
+                dests.append((span[0], span[1], have.data_ptr()))
+                mine.add(id(have))
+                return have
+        return loaded
+    if isinstance(loaded, dict) and isinstance(have, dict):
+        for k in list(loaded):
+            if k in have:
+                loaded[k] = _scatter_into(have[k], loaded[k], base, size, dests, mine)
+        return loaded
+    if isinstance(loaded, list) and isinstance(have, (list, tuple)) and len(have) == len(loaded):
+        return [_scatter_into(h, v, base, size, dests, mine) for h, v in zip(have, loaded)]
+    return loaded
+
+
+def _fresh(v: Any, base: int, size: int, dests: List[Any], memo: Dict[int, Any], mine: set) -> Any:
+    """``v`` with every tensor over the mapped file (not in ``mine``) moved to fresh memory of
+    its own, to be filled from the file (``(file offset, bytes, address)`` into ``dests``; one
+    fresh storage per file storage, so storages shared between tensors stay shared)."""
+    if isinstance(v, torch.Tensor):
+        if id(v) in mine:
+            return v
+        src = v.untyped_storage()
+        ptr = src.data_ptr()
+        if (
+            isinstance(v, torch.nn.Parameter) or v.device.type != "cpu" or v.layout != torch.strided
+            or ptr == 0 or not 0 <= ptr - base <= size - src.nbytes()
+        ):
+            return v.clone()
+        own = memo.get(ptr)
+        if own is None:
+            own = memo[ptr] = torch.UntypedStorage(src.nbytes())
+            if src.nbytes():
+                dests.append((ptr - base, src.nbytes(), own.data_ptr()))
+        return torch.empty(0, dtype=v.dtype).set_(own, v.storage_offset(), v.size(), v.stride())
+    if isinstance(v, dict):
+        for k in list(v):
+            v[k] = _fresh(v[k], base, size, dests, memo, mine)
+        return v
+    if isinstance(v, list):
+        return [_fresh(x, base, size, dests, memo, mine) for x in v]
+    if isinstance(v, tuple):
+        items = [_fresh(x, base, size, dests, memo, mine) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
+    return v
 
 
 def _swap_into(o: Any, sd: Any) -> bool:
