@@ -384,12 +384,16 @@ def test_ckpt_bench_measures_the_users_path(tmp_path, path):
         assert out.get("restore_existing") is None
     if path == "saving":
         # Also np.save into a plain file of the saving() directory, against dd and the job's own way.
+        # ... and the resume through ck.load_array, alone and after ckpt verify (run W).
+        la = out["load_array"]
+        assert len(la["read_ratio_to_dd"]["per_round"]) == 2 and len(la["read_ratio_to_own"]["per_round"]) == 2
+        assert len(la["resume_full_check"]["read_ratio_to_dd"]["per_round"]) == 2
         pl = out["saving_plain"]
         assert len(pl["write_ratio_to_dd_direct"]["per_round"]) == 2
         assert len(pl["write_ratio_to_own"]["per_round"]) == 2 and pl["peak_extra_mib"] is not None
         assert len(pl["read_ratio_to_own"]["per_round"]) == 2
     else:
-        assert out.get("saving_plain") is None
+        assert out.get("saving_plain") is None and out.get("load_array") is None
     assert list(tmp_path.iterdir()) == []  # its work directory is removed
 
 

@@ -259,6 +259,7 @@ def planted(tmp_path, monkeypatch):
             (s / "model.bin").write_bytes(bytes(range(256)) * 400)
             (s / "sub").mkdir()
             (s / "sub" / "extra.bin").write_bytes(b"x" * 5000)
+            np.save(s / "w.npy", np.arange(3_000_000, dtype=np.float32).reshape(1000, 3000))  # 12 MB: two pieces
     finally:
         ck.close()
     return d
@@ -301,6 +302,7 @@ PATHS = {
     "OldShards.load": (1, "state.pickle.buffers", lambda ck: _old(ck).load(0)),
     "OldShards.read": (2, "sub/extra.bin", lambda ck: _old(ck).read(0, "sub/extra.bin")),
     "verified-file": (1, "state.pickle.buffers", lambda ck: _read_verified(ck, "state.pickle.buffers")),
+    "load_array": (2, "w.npy", lambda ck: ck.load_array("w.npy")),
     "restore_dir": (2, "sub/extra.bin", lambda ck: ck.restore_dir()),
     "OldShards.dir": (1, "state.pickle", lambda ck: _old(ck).dir(0)),
 }
@@ -356,6 +358,60 @@ def test_every_restore_path_reports_damage_once_in_client_mode_only(planted, lis
             assert "the supervisor sets it aside and relaunches from the next one" in err
     finally:
         ck.close()
+
+
+def test_load_array_reads_what_np_save_wrote_verified_writable_and_names_what_it_refuses(tmp_path, monkeypatch):
+    """`ck.load_array(name)`: every array `np.save` wrote in `saving()` comes back equal (dtype,
+    shape, C or Fortran order, 0-d, empty, structured, several pieces large), writable without
+    changing the checkpoint; an array of Python objects, a file that is not `.npy`, a name
+    the checkpoint does not list and a run without a checkpoint are refused, naming the file
+    and the way to load it."""
+    np = pytest.importorskip("numpy")
+    for k in PROTOCOL_VARS + [P.ENV_RESTORE_CHECK, P.ENV_START]:
+        monkeypatch.delenv(k, raising=False)
+    rng = np.random.default_rng(7)
+    arrays = {
+        "big.npy": rng.standard_normal((3, 3_000_001), dtype=np.float32),
+        "fortran.npy": np.asfortranarray(np.arange(35, dtype=np.int16).reshape(5, 7)),
+        "scalar.npy": np.array(3.5),
+        "record.npy": np.array([(1, (2.0, 3.0)), (4, (5.0, 6.0))], dtype=[("a", "<i4"), ("b", "<f8", (2,))]),
+        "empty.npy": np.zeros((0, 3)),
+        "big-endian.npy": np.arange(10, dtype=">u4"),
+    }
+    d = tmp_path / "d"
+    ck = ckpt.Checkpointer(d)
+    try:
+        with ck.saving(step=1) as s:
+            for n, a in arrays.items():
+                np.save(s / n, a)
+            np.save(s / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+            (s / "raw.bin").write_bytes(b"not numpy " * 10)
+    finally:
+        ck.close()
+    ck = ckpt.Checkpointer(d)
+    try:
+        for n, a in arrays.items():
+            got = ck.load_array(n)
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a), n
+            assert got.flags.f_contiguous == a.flags.f_contiguous and got.flags.c_contiguous == a.flags.c_contiguous, n
+            assert got.flags.writeable, n
+        got = ck.load_array("big.npy")
+        got[0, :5] = 0
+        assert np.array_equal(ck.load_array("big.npy"), arrays["big.npy"])  # its own memory
+        with pytest.raises(ckpt.CkptError, match=r"'objects.npy' .* holds Python objects .*allow_pickle=True"):
+            ck.load_array("objects.npy")
+        with pytest.raises(ckpt.CkptError, match=r"'raw.bin' .* is not a .npy file"):
+            ck.load_array("raw.bin")
+        with pytest.raises(ckpt.CkptError, match=r"has no file 'nope.npy' \(it has: .*big.npy"):
+            ck.load_array("nope.npy")
+    finally:
+        ck.close()
+    empty = ckpt.Checkpointer(tmp_path / "fresh")
+    try:
+        with pytest.raises(ckpt.CkptError, match="no checkpoint to restore"):
+            empty.load_array("big.npy")
+    finally:
+        empty.close()
 
 
 def test_restore_dir_checks_every_file_once_in_client_mode_and_never_in_full(planted, listener, monkeypatch):

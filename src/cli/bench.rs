@@ -748,6 +748,17 @@ for line in sys.stdin:
         if cmd == "npload-check":
             out["same"] = bool(got.dtype == w.dtype and np.array_equal(got, w))
         del got
+    elif cmd in ("ckload", "ckload-check"):
+        # The job's resume through the client: ck.load_array of the file (one verified read).
+        h = None
+        t = time.perf_counter()
+        got = reader.load_array("weights.npy")
+        out["s"] = time.perf_counter() - t
+        if cmd == "ckload-check":
+            out["same"] = bool(got.dtype == w.dtype and np.array_equal(got, w))
+        del got
+        reader.close()
+        reader = None
     elif cmd == "npsave":
         try:
             os.unlink(scratch)
@@ -1032,6 +1043,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     // `--path python|torch`: the resume under the default full check (verify, then restore).
     let mut r_full: Vec<f64> = vec![];
     let mut r_ex_full: Vec<f64> = vec![];
+    // `--path saving`: the resume through `ck.load_array` (one read; 8: after `ckpt verify`).
+    let (mut r_load, mut r_load_full): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let store = Store::new(&store_dir);
     for round in 1..=a.runs {
         let tag = format!("round {round}/{}", a.runs);
@@ -1112,7 +1125,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         let mut reads: Vec<u8> = if existing {
             vec![0, 1, 2, 3, 5, 6]
         } else if saving {
-            vec![0, 1, 2, 4]
+            vec![0, 1, 2, 4, 7, 8]
         } else if py.is_some() {
             vec![0, 1, 2, 5]
         } else {
@@ -1146,6 +1159,33 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
                     r_ex_full.push(s);
                 } else {
                     r_full.push(s);
+                }
+                continue;
+            }
+            if which == 7 || which == 8 {
+                prog.say(&format!(
+                    "{tag}: ck.load_array{}",
+                    if which == 8 { " after ckpt verify" } else { "" }
+                ));
+                let c = py.as_mut().expect("python");
+                c.ask("open")?;
+                drop_caches();
+                let t = Instant::now();
+                if which == 8 {
+                    verify_cmd(&exe, &store_dir)?;
+                }
+                let verify_s = t.elapsed().as_secs_f64();
+                let v = c.ask(if round == 1 { "ckload-check" } else { "ckload" })?;
+                if round == 1 && v["same"].as_bool() != Some(true) {
+                    return Err(fail(
+                        &"the array ck.load_array read differs from the saved one (a bug)",
+                    ));
+                }
+                let s = verify_s + v["s"].as_f64().unwrap_or(f64::NAN);
+                if which == 8 {
+                    r_load_full.push(s);
+                } else {
+                    r_load.push(s);
                 }
                 continue;
             }
@@ -1259,6 +1299,16 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let fulld_ratio = ratio(&r_ddd, &r_full);
     let ex_full_ratio = ratio(&r_dd, &r_ex_full);
     let ex_fulld_ratio = ratio(&r_ddd, &r_ex_full);
+    let (load_ratio, loadd_ratio, load_own_ratio) = (
+        ratio(&r_dd, &r_load),
+        ratio(&r_ddd, &r_load),
+        ratio(&r_own, &r_load),
+    );
+    let (loadf_ratio, loadfd_ratio, loadf_own_ratio) = (
+        ratio(&r_dd, &r_load_full),
+        ratio(&r_ddd, &r_load_full),
+        ratio(&r_own, &r_load_full),
+    );
     let speeds = |v: &[f64]| -> serde_json::Value {
         let mut g: Vec<f64> = v
             .iter()
@@ -1311,6 +1361,19 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             })),
             "peak_extra_mib": (!r_ex_peak.is_empty()).then(|| r_ex_peak.iter().copied().fold(f64::MIN, f64::max)),
         })),
+        "load_array": saving.then(|| json!({
+            "what": "the resume through the client: ck.load_array('weights.npy') of a Checkpointer opened before the cache drop (one verified read: --restore-check client); resume_full_check: ckpt verify first (the default)",
+            "read_gbps": speeds(&r_load),
+            "read_ratio_to_dd": spread(&load_ratio),
+            "read_ratio_to_dd_direct": spread(&loadd_ratio),
+            "read_ratio_to_own": spread(&load_own_ratio),
+            "resume_full_check": json!({
+                "read_gbps": speeds(&r_load_full),
+                "read_ratio_to_dd": spread(&loadf_ratio),
+                "read_ratio_to_dd_direct": spread(&loadfd_ratio),
+                "read_ratio_to_own": spread(&loadf_own_ratio),
+            }),
+        })),
         "saving_plain": saving.then(|| json!({
             "what": "with ck.saving() as d: np.save(d / 'weights.npy', w): the file written through the page cache by numpy, then read back for its checksum and fsynced by ckpt",
             "write_gbps": speeds(&w_plain),
@@ -1359,6 +1422,10 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     println!("  restore  dd iflag=direct {:>6.2} GB/s ({lo:.2}-{hi:.2})   ratio {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ddd)), med(&rd_ratio), mm(&rd_ratio).0, mm(&rd_ratio).1);
     if !r_own.is_empty() {
         println!("  restore  the job's own cold np.load {:>6.2} GB/s   ckpt / own {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_own)), med(&r_own_ratio), mm(&r_own_ratio).0, mm(&r_own_ratio).1);
+    }
+    if !r_load.is_empty() {
+        println!("  restore  ck.load_array (one read) {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}   / own np.load {:.2}", med(&gbs(&r_load)), med(&load_ratio), mm(&load_ratio).0, mm(&load_ratio).1, med(&loadd_ratio), med(&load_own_ratio));
+        println!("  resume   ckpt verify + ck.load_array {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / own np.load {:.2}", med(&gbs(&r_load_full)), med(&loadf_ratio), mm(&loadf_ratio).0, mm(&loadf_ratio).1, med(&loadf_own_ratio));
     }
     if !r_full.is_empty() {
         println!("  resume   --restore-check full (ckpt verify, then the restore) {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}; the restore above is --restore-check client", med(&gbs(&r_full)), med(&full_ratio), mm(&full_ratio).0, mm(&full_ratio).1, med(&fulld_ratio));

@@ -562,6 +562,59 @@ class Checkpointer:
             name = f"{self._world.shard_dir}/{name}"
         return self._read_listed(name)
 
+    def load_array(self, name: str) -> Any:
+        """The numpy array that ``np.save`` wrote as file ``name`` in :meth:`saving` (in a
+        multi-rank job: in this rank's shard), read from the restore checkpoint once, at the
+        disk's speed (``O_DIRECT`` into page-aligned memory when cold, checksummed as it
+        arrives), checked against the manifest (size and checksum) before it is returned, as a
+        writable array over that memory (no copy). ``np.load(ck.restore_dir() / name)`` reads
+        the file into fresh memory through the page cache, after restore_dir()'s own check under
+        ``ckpt run --restore-check client`` (docs/benchmarks.md, run W). Arrays of Python objects
+        (pickled) are refused: load those with ``np.load(..., allow_pickle=True)``."""
+        import io
+
+        import numpy as np
+        from numpy.lib import format as npf
+
+        r = self._restore
+        if r is None:
+            raise CkptError("load_array: this run has no checkpoint to restore")
+        self._refuse_other_world()
+        if self._sharded():
+            assert self._world is not None
+            name = f"{self._world.shard_dir}/{name}"
+        if r.manifest.file(name) is None:
+            have = ", ".join(f.name for f in r.manifest.files)
+            raise CkptError(f"checkpoint {r.path} has no file {name!r} (it has: {have})")
+        view = self._read_listed_big(name)
+        where = f"file {name!r} of checkpoint {r.path}"
+        try:
+            head = io.BytesIO(view[: min(len(view), 1 << 20)])
+            version = npf.read_magic(head)
+            if version == (1, 0):
+                shape, fortran, dtype = npf.read_array_header_1_0(head)
+            elif version == (2, 0):
+                shape, fortran, dtype = npf.read_array_header_2_0(head)
+            else:
+                shape, fortran, dtype = npf._read_array_header(head, version)  # (3, 0)
+            at = head.tell()
+        except (ValueError, AttributeError, EOFError) as e:
+            raise CkptError(f"{where} is not a .npy file ({e}); load it with your own loader from ck.restore_dir()") from None
+        if dtype.hasobject:
+            raise CkptError(
+                f"{where} holds Python objects (a pickle): load it with np.load(ck.restore_dir() / {name!r}, allow_pickle=True)"
+            )
+        count = 1
+        for n in shape:
+            count *= int(n)
+        if at + count * dtype.itemsize != len(view):
+            raise CkptError(
+                f"{where} has {len(view) - at} bytes of data, its .npy header says {count * dtype.itemsize} "
+                f"({shape} {dtype}); load it with your own loader from ck.restore_dir()"
+            )
+        arr = np.frombuffer(view, dtype=dtype, count=count, offset=at)
+        return arr.reshape(shape, order="F" if fortran else "C")
+
     def read_shard_file(self, rank: int, name: str) -> bytes:
         """Reads file ``name`` of rank ``rank``'s shard of the restore checkpoint (verified): for
         a job that reshards a checkpoint saved with another world size (``CKPT_RESHARD=1``;
