@@ -920,6 +920,12 @@ class VerifiedFile(io.RawIOBase):
             at = off + n
         if at < self._size:
             parts.extend(self._gap(at, self._size))
+        self._check(parts)
+
+    def _check(self, parts: List[Tuple[int, int]]) -> None:
+        """Checks the file whose consecutive pieces from offset 0 have ``(length, checksum)``
+        ``parts`` against the manifest: the pieces' total and the file's size now, then the
+        combined checksum (:class:`InvalidCheckpoint` otherwise)."""
         crc = total = 0
         for n, c in parts:
             crc = combine(self._algo, crc, c, n)
@@ -929,7 +935,8 @@ class VerifiedFile(io.RawIOBase):
         except OSError:
             now = -1
         if total != self._size or now != self._size:
-            raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} is {max(total, now)} bytes, the manifest says {self._size}")
+            have = now if now != self._size else total
+            raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} is {have} bytes, the manifest says {self._size}")
         if crc != self._expect:
             raise InvalidCheckpoint(
                 "checksum-mismatch",
@@ -1016,24 +1023,14 @@ class VerifiedFile(io.RawIOBase):
             got = self._scatter_pass(per, False)
         assert got is not None
         sums, direct = got
-        crc = total = 0
+        parts = []
+        total = 0
         for at in sorted(sums):
-            n, c = sums[at]
             if at != total:
-                break
-            crc = combine(self._algo, crc, c, n)
-            total += n
-        try:
-            now = os.fstat(self._fd).st_size
-        except OSError:
-            now = -1
-        if total != size or now != size:
-            raise InvalidCheckpoint("size-mismatch", f"file {self.name!r} is {total if now == size else now} bytes, the manifest says {size}")
-        if crc != self._expect:
-            raise InvalidCheckpoint(
-                "checksum-mismatch",
-                f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
-            )
+                break  # a piece missing: the file ended early (the size check names it)
+            parts.append(sums[at])
+            total += sums[at][0]
+        self._check(parts)
         self.direct_reads += 1 if direct else 0
         self.scattered = True
         return True

@@ -538,38 +538,26 @@ def _load_over(path: str, mem: memoryview) -> Any:
     the memory, alive as long as a tensor uses it). Where this torch does not go through
     ``from_file``, the tensors are copied out of ``mem`` (``torch.load`` of a ``BytesIO``)."""
     whole = torch.frombuffer(mem, dtype=torch.uint8).untyped_storage()
-    used = [False]
-    real = torch.UntypedStorage.from_file
-
-    def from_file(filename: Any, shared: Any = False, nbytes: int = 0) -> Any:
-        if str(filename) == path and int(nbytes) == len(mem):
-            used[0] = True
-            return whole
-        return real(filename, shared, nbytes)
-
-    with _from_file_lock:
-        torch.UntypedStorage.from_file = staticmethod(from_file)  # type: ignore[method-assign]
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        finally:
-            del torch.UntypedStorage.from_file  # the inherited classmethod again
-    if not used[0]:
+    st, used = _load_mapped(path, len(mem), over=whole)
+    if used is None:
         import io
 
         st = torch.load(io.BytesIO(mem), map_location="cpu", weights_only=True)
     return st
 
 
-def _load_mapped(path: str, size: int) -> Tuple[Any, Any]:
+def _load_mapped(path: str, size: int, over: Any = None) -> Tuple[Any, Any]:
     """``torch.load(path, weights_only=True, mmap=True)`` and the storage over the whole file
-    that its storages are slices of (``None`` where this torch does not map the file whole)."""
+    (``size`` bytes) that its storages are slices of: torch's mapping of the file, or ``over``
+    in its place; ``None`` where this torch does not map the file whole."""
     seen: List[Any] = []
     real = torch.UntypedStorage.from_file
 
     def from_file(filename: Any, shared: Any = False, nbytes: int = 0) -> Any:
-        s = real(filename, shared, nbytes)
-        if str(filename) == path and int(nbytes) == size:
-            seen.append(s)
+        if str(filename) != path or int(nbytes) != size:
+            return real(filename, shared, nbytes)
+        s = over if over is not None else real(filename, shared, nbytes)
+        seen.append(s)
         return s
 
     with _from_file_lock:
