@@ -603,26 +603,43 @@ def _scatter_into(have: Any, loaded: Any, base: int, size: int, dests: List[Any]
     the same place of ``have`` that can take its bytes directly (a contiguous CPU tensor of
     one dtype and shape that needs no grad); ``(file offset, bytes, address)`` of each into
     ``dests``, its ``id`` into ``mine``."""
+
+    def take(mine_t: Any, t: Any) -> bool:
+        if not (_fits(mine_t, t) and mine_t.is_contiguous() and type(mine_t) in (torch.Tensor, torch.nn.Parameter)):
+            return False
+        span = _file_span(t, base, size)
+        if span is None or mine_t.data_ptr() == 0:
+            return False
+        dests.append((span[0], span[1], mine_t.data_ptr()))
+        mine.add(id(mine_t))
+        return True
+
+    return _paired(have, loaded, take)
+
+
+def _fits(mine_t: Any, t: Any) -> bool:
+    """Whether the object's tensor ``mine_t`` can take the loaded tensor ``t``'s values in
+    place: a CPU strided tensor of one dtype and shape that needs no grad."""
+    return (
+        isinstance(mine_t, torch.Tensor) and mine_t is not t and not mine_t.requires_grad
+        and mine_t.device.type == "cpu" and t.device.type == "cpu"
+        and mine_t.layout == torch.strided and t.layout == torch.strided
+        and mine_t.dtype == t.dtype and mine_t.shape == t.shape
+    )
+
+
+def _paired(have: Any, loaded: Any, take: Any) -> Any:
+    """``loaded`` with each tensor replaced by the tensor at the same place (dict keys, list
+    positions) of ``have`` where ``take(have's, loaded's)`` says so."""
     if isinstance(loaded, torch.Tensor):
-        if (
-            isinstance(have, torch.Tensor) and not have.requires_grad
-            and have.device.type == "cpu" and have.layout == torch.strided and have.is_contiguous()
-            and have.dtype == loaded.dtype and have.shape == loaded.shape
-            and type(have) in (torch.Tensor, torch.nn.Parameter)
-        ):
-            span = _file_span(loaded, base, size)
-            if span is not None and have.data_ptr() != 0:
-                dests.append((span[0], span[1], have.data_ptr()))
-                mine.add(id(have))
-                return have
-        return loaded
+        return have if isinstance(have, torch.Tensor) and take(have, loaded) else loaded
     if isinstance(loaded, dict) and isinstance(have, dict):
         for k in list(loaded):
             if k in have:
-                loaded[k] = _scatter_into(have[k], loaded[k], base, size, dests, mine)
+                loaded[k] = _paired(have[k], loaded[k], take)
         return loaded
     if isinstance(loaded, list) and isinstance(have, (list, tuple)) and len(have) == len(loaded):
-        return [_scatter_into(h, v, base, size, dests, mine) for h, v in zip(have, loaded)]
+        return [_paired(h, v, take) for h, v in zip(have, loaded)]
     return loaded
 
 
@@ -703,25 +720,15 @@ def _into_existing(have: Any, loaded: Any, mine: set, pending: List[Any]) -> Any
     positions) of ``have`` when both are CPU strided tensors of one dtype and shape (and the
     existing one needs no grad); its ``id`` goes into ``mine`` and ``(existing, loaded)`` into
     ``pending``: the copy to make just before the object's ``load_state_dict``."""
-    if isinstance(loaded, torch.Tensor):
-        if (
-            isinstance(have, torch.Tensor) and have is not loaded and not have.requires_grad
-            and have.device.type == "cpu" and loaded.device.type == "cpu"
-            and have.layout == torch.strided and loaded.layout == torch.strided
-            and have.dtype == loaded.dtype and have.shape == loaded.shape
-        ):
-            pending.append((have, loaded))
-            mine.add(id(have))
-            return have
-        return loaded
-    if isinstance(loaded, dict) and isinstance(have, dict):
-        for k in list(loaded):
-            if k in have:
-                loaded[k] = _into_existing(have[k], loaded[k], mine, pending)
-        return loaded
-    if isinstance(loaded, list) and isinstance(have, (list, tuple)) and len(have) == len(loaded):
-        return [_into_existing(h, v, mine, pending) for h, v in zip(have, loaded)]
-    return loaded
+
+    def take(mine_t: Any, t: Any) -> bool:
+        if not _fits(mine_t, t):
+            return False
+        pending.append((mine_t, t))
+        mine.add(id(mine_t))
+        return True
+
+    return _paired(have, loaded, take)
 
 
 def _owned(v: Any, memo: Dict[int, Any], mine: set) -> Any:
