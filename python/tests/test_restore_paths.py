@@ -1,7 +1,9 @@
 """The Python restore paths of issue 19: the checksum of a restore computed piece by piece on
 helper threads and combined (`_crc.combine`, `_bulk._PieceSums`), and `ckpt.torch`'s
-`TrainState.restore` reading `train_state.pt` through `_bulk.VerifiedFile` (each tensor read
-past the page cache into its own memory, the whole file checked before anything is applied).
+`TrainState.restore` reading `train_state.pt` through `_bulk.VerifiedFile` (past the page
+cache when cold: read whole into memory of its own, or into the objects' own tensors as it is
+read, run V; the whole file checked before the state is used, and a state that took damaged
+bytes refusing to be saved).
 Bit-exact at odd sizes, damage in every piece refused, the cache path (`CKPT_DIRECT_IO=0`)
 and a file system that refuses `O_DIRECT` (ramfs, as root) falling back. No timing here
 (docs/benchmarks.md, run J)."""

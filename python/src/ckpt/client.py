@@ -578,7 +578,10 @@ class Checkpointer:
 
         r = self._restore
         if r is None:
-            raise CkptError("load_array: this run has no checkpoint to restore")
+            raise CkptError(
+                "load_array: this run has no checkpoint to restore (a fresh start); "
+                "hint: check ck.restore_point (None on a fresh start) before loading"
+            )
         self._refuse_other_world()
         if self._sharded():
             assert self._world is not None

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -51,9 +51,10 @@ from .errors import CkptError, InvalidCheckpoint
 
 STATE_FILE = "train_state.pt"
 FORMAT = 1
-# A restore copies into the tensors the objects already have (docs/benchmarks.md, run K) when
-# they hold at least this share of the file's bytes; else torch.load makes fresh tensors (run
-# J's reader), which was faster when most tensors have to be made anyway (a fresh optimizer).
+# A restore copies the file's bytes into the tensors the objects already have as it reads them
+# (docs/benchmarks.md, run V) when they hold at least this share of the file's bytes; else the
+# file is read whole into memory of its own and torch's tensors are views of it (run L), which
+# was faster when most tensors have to be made anyway (a fresh optimizer).
 IN_PLACE_SHARE = 0.75
 
 
@@ -452,9 +453,20 @@ class TrainState:
             except Exception:
                 continue
             objs[k] = _scatter_into(have, objs[k], base, size, dests, mine)
+
+        def filled_from_the_file(src: Any) -> Any:
+            # Fresh memory for a storage over the mapped file, filled as the file is read.
+            off, n = src.data_ptr() - base, src.nbytes()
+            if not 0 <= off <= size - n:
+                return None
+            own = torch.UntypedStorage(n)
+            if n:
+                dests.append((off, n, own.data_ptr()))
+            return own
+
         memo: Dict[int, Any] = {}
         for k in list(st):
-            st[k] = _fresh(st[k], base, size, dests, memo, mine)
+            st[k] = _owned(st[k], memo, mine, filled_from_the_file)
         # Two destinations that overlap must take the same bytes (tied weights do).
         spans = sorted((addr, n, addr - off) for off, n, addr in dests)
         for (a0, n0, d0), (a1, _n1, d1) in zip(spans, spans[1:]):
@@ -643,38 +655,6 @@ def _paired(have: Any, loaded: Any, take: Any) -> Any:
     return loaded
 
 
-def _fresh(v: Any, base: int, size: int, dests: List[Any], memo: Dict[int, Any], mine: set) -> Any:
-    """``v`` with every tensor over the mapped file (not in ``mine``) moved to fresh memory of
-    its own, to be filled from the file (``(file offset, bytes, address)`` into ``dests``; one
-    fresh storage per file storage, so storages shared between tensors stay shared)."""
-    if isinstance(v, torch.Tensor):
-        if id(v) in mine:
-            return v
-        src = v.untyped_storage()
-        ptr = src.data_ptr()
-        if (
-            isinstance(v, torch.nn.Parameter) or v.device.type != "cpu" or v.layout != torch.strided
-            or ptr == 0 or not 0 <= ptr - base <= size - src.nbytes()
-        ):
-            return v.clone()
-        own = memo.get(ptr)
-        if own is None:
-            own = memo[ptr] = torch.UntypedStorage(src.nbytes())
-            if src.nbytes():
-                dests.append((ptr - base, src.nbytes(), own.data_ptr()))
-        return torch.empty(0, dtype=v.dtype).set_(own, v.storage_offset(), v.size(), v.stride())
-    if isinstance(v, dict):
-        for k in list(v):
-            v[k] = _fresh(v[k], base, size, dests, memo, mine)
-        return v
-    if isinstance(v, list):
-        return [_fresh(x, base, size, dests, memo, mine) for x in v]
-    if isinstance(v, tuple):
-        items = [_fresh(x, base, size, dests, memo, mine) for x in v]
-        return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
-    return v
-
-
 def _swap_into(o: Any, sd: Any) -> bool:
     """Puts the tensors of ``sd`` (a model's loaded state dict) into the module ``o`` without
     copying them: each parameter and buffer keeps its object (the optimizer holds the
@@ -731,8 +711,10 @@ def _into_existing(have: Any, loaded: Any, mine: set, pending: List[Any]) -> Any
     return _paired(have, loaded, take)
 
 
-def _owned(v: Any, memo: Dict[int, Any], mine: set) -> Any:
-    """``v`` with every tensor not in ``mine`` (ids) copied into fresh memory."""
+def _owned(v: Any, memo: Dict[int, Any], mine: set, storage: Optional[Callable[[Any], Any]] = None) -> Any:
+    """``v`` with every tensor not in ``mine`` (ids) moved to memory of its own: one new
+    storage per storage (storages shared between tensors stay shared), ``storage(src)``
+    (default: a copy of ``src``; ``None`` from it: that tensor is cloned instead)."""
     if isinstance(v, torch.Tensor):
         if id(v) in mine:
             return v
@@ -744,14 +726,18 @@ def _owned(v: Any, memo: Dict[int, Any], mine: set) -> Any:
             return v.clone()
         own = memo.get(key)
         if own is None:
-            own = memo[key] = src.clone()
+            own = src.clone() if storage is None else storage(src)
+            if own is None:
+                return v.clone()
+            memo[key] = own
         return torch.empty(0, dtype=v.dtype).set_(own, v.storage_offset(), v.size(), v.stride())
     if isinstance(v, dict):
         for k in list(v):
-            v[k] = _owned(v[k], memo, mine)
+            v[k] = _owned(v[k], memo, mine, storage)
         return v
     if isinstance(v, list):
-        return [_owned(x, memo, mine) for x in v]
+        return [_owned(x, memo, mine, storage) for x in v]
     if isinstance(v, tuple):
-        return type(v)(*(_owned(x, memo, mine) for x in v)) if hasattr(v, "_fields") else tuple(_owned(x, memo, mine) for x in v)
+        items = [_owned(x, memo, mine, storage) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
     return v
