@@ -103,6 +103,9 @@ pub struct Checkpointer {
     /// Under `Client`: the outcome of verifying every file [`Checkpointer::restore_dir`]
     /// exposes, done once before the first path is handed out.
     dir_checked: std::sync::OnceLock<std::result::Result<(), String>>,
+    /// The members of the restore checkpoint whose size and checksum this process checked,
+    /// and the pid that sent `restore_verified` (0: none yet).
+    verified: Mutex<(std::collections::BTreeSet<String>, u32)>,
 }
 
 /// The environment variable that sets how long a SIGTERM may wait for the job to reach its
@@ -425,6 +428,7 @@ impl Checkpointer {
         let ck = Checkpointer {
             restore_check,
             dir_checked: std::sync::OnceLock::new(),
+            verified: Mutex::new(Default::default()),
             store,
             restore,
             restart_count,
@@ -539,6 +543,15 @@ impl Checkpointer {
                 .is_none_or(|p| e.name.starts_with(p.as_str()))
         };
         crate::store::scan::check_members(&r.path, &r.manifest, crate::store::Check::Full, keep)
+            .inspect(|_| {
+                self.note_verified(
+                    r.manifest
+                        .files
+                        .iter()
+                        .filter(|e| keep(e))
+                        .map(|e| e.name.as_str()),
+                )
+            })
             .map_err(|reason| {
                 let e = Error::Invalid {
                     path: r.path.clone(),
@@ -547,6 +560,53 @@ impl Checkpointer {
                 self.report_restore(&e);
                 e.to_string()
             })
+    }
+
+    /// Records that members `names` of the restore checkpoint passed their size and checksum
+    /// check in this process; once every member this process restores has (a rank: its own
+    /// shard), tells the supervisor with `restore_verified` (once per process), so that under
+    /// `ckpt run --restore-check auto` the next resumes read the checkpoint once
+    /// (docs/protocol.md, "One read per resume"). Not when resharding (shards are then read
+    /// across ranks).
+    fn note_verified<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let Some(r) = self.restore.as_ref() else {
+            return;
+        };
+        if !self.supervised() || self.reshard {
+            return;
+        }
+        let pid = std::process::id();
+        let shard = self
+            .multi
+            .as_ref()
+            .map(|m| format!("{}/", m.world().shard_dir()));
+        {
+            let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if v.1 == pid {
+                return;
+            }
+            v.0.extend(names.into_iter().map(str::to_owned));
+            let all = r
+                .manifest
+                .files
+                .iter()
+                .filter(|f| {
+                    shard
+                        .as_ref()
+                        .is_none_or(|p| f.name.starts_with(p.as_str()))
+                })
+                .all(|f| v.0.contains(&f.name));
+            if !all {
+                return;
+            }
+            v.1 = pid;
+        }
+        self.send(&Message::RestoreVerified {
+            v: PROTOCOL_VERSION,
+            pid,
+            seq: r.seq,
+            rank: self.multi.as_ref().map(|m| m.world().rank),
+        });
     }
 
     /// Under `--restore-check client`: tells the supervisor that reading the restore
@@ -623,7 +683,8 @@ impl Checkpointer {
                     pod::read_verified(&mut f, &r.path, entry, r.manifest.checksum, dest)
                 }
             });
-        got.inspect_err(|e| self.report_restore(e))
+        got.inspect(|_| self.note_verified([entry.name.as_str()]))
+            .inspect_err(|e| self.report_restore(e))
     }
 
     /// The size in bytes of one file of the restore checkpoint.

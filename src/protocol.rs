@@ -31,8 +31,34 @@ pub const ENV_START: &str = "CKPT_START";
 /// `client`; set with `CKPT_RESTORE`, empty on a fresh start. Absent means `full`.
 pub const ENV_RESTORE_CHECK: &str = "CKPT_RESTORE_CHECK";
 
-/// How a checkpoint is checked before a launch restores it (`ckpt run --restore-check`).
+/// How the supervisor checks a checkpoint before a launch restores it (`ckpt run
+/// --restore-check`); each launch then uses one [`RestoreCheck`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RestoreCheckMode {
+    /// `full` until the job's client has shown, by a `restore_verified` message, that it read
+    /// a whole restore checkpoint through its verifying reads; `client` for this command's
+    /// launches from then on, back to `full` as soon as one does not show it again.
+    #[default]
+    Auto,
+    /// Always [`RestoreCheck::Full`].
+    Full,
+    /// Always [`RestoreCheck::Client`] (a CRIU image excepted).
+    Client,
+}
+
+impl RestoreCheckMode {
+    /// The `--restore-check` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreCheckMode::Auto => "auto",
+            RestoreCheckMode::Full => "full",
+            RestoreCheckMode::Client => "client",
+        }
+    }
+}
+
+/// How the supervisor checked the checkpoint a launch restores (`CKPT_RESTORE_CHECK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RestoreCheck {
     /// The supervisor read and checksummed every byte before the launch.
     #[default]
@@ -141,6 +167,18 @@ pub enum Message {
         seq: u64,
         error: String,
     },
+    /// The client's verifying reads (size and checksum of every byte) have covered every
+    /// member of the restore checkpoint `seq` that this process restores (a rank: its own
+    /// shard), so the job read it through the client only. Sent once per process, in either
+    /// check mode; under `ckpt run --restore-check auto` it lets the next launches of the
+    /// same command skip the supervisor's full verify.
+    RestoreVerified {
+        v: u32,
+        pid: u32,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rank: Option<u32>,
+    },
 }
 
 impl Message {
@@ -159,7 +197,8 @@ impl Message {
             | Message::Progress { v, .. }
             | Message::Committed { v, .. }
             | Message::SaveFailed { v, .. }
-            | Message::RestoreFailed { v, .. } => *v,
+            | Message::RestoreFailed { v, .. }
+            | Message::RestoreVerified { v, .. } => *v,
         };
         if v == 0 || v > PROTOCOL_VERSION {
             return Err(format!(
@@ -176,7 +215,8 @@ impl Message {
             | Message::Progress { pid, .. }
             | Message::Committed { pid, .. }
             | Message::SaveFailed { pid, .. }
-            | Message::RestoreFailed { pid, .. } => *pid,
+            | Message::RestoreFailed { pid, .. }
+            | Message::RestoreVerified { pid, .. } => *pid,
         }
     }
 
@@ -291,6 +331,26 @@ mod tests {
             4242
         );
         assert!(Message::parse(br#"{"type":"restore_failed","v":1,"pid":1,"error":"x"}"#).is_err());
+        for rank in [None, Some(3)] {
+            let m = Message::RestoreVerified {
+                v: 1,
+                pid: 9,
+                seq: 4,
+                rank,
+            };
+            assert_eq!(Message::parse(&m.encode()).unwrap(), m);
+        }
+        assert_eq!(
+            Message::parse(br#"{"type":"restore_verified","v":1,"pid":12,"seq":3}"#).unwrap(),
+            Message::RestoreVerified {
+                v: 1,
+                pid: 12,
+                seq: 3,
+                rank: None
+            }
+        );
+        assert!(Message::parse(br#"{"type":"restore_verified","v":1,"pid":12}"#).is_err());
+        assert!(Message::parse(br#"{"type":"restore_verified","v":1,"pid":12,"seq":-1}"#).is_err());
         assert!(Message::parse(b"{").is_err());
         assert!(
             Message::parse(br#"{"type":"hello","v":2,"pid":1,"signal":10,"client":"x"}"#).is_err()

@@ -456,6 +456,32 @@ fn a_false_or_forged_restore_failed_report_sets_nothing_aside_and_the_default_ch
             assert_eq!(verified[0]["seq"], 2, "{verified:?}");
             assert!(events(&dir, "restore_rejected").is_empty());
         }
+        if check.is_none() {
+            // A forged `restore_verified` (auto): from outside the job's tree, or naming
+            // another pid, it is ignored and nothing is recorded.
+            let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            for pid in [std::process::id(), 1] {
+                let msg =
+                    serde_json::json!({"type": "restore_verified", "v": 1, "pid": pid, "seq": 2});
+                sock.send_to(msg.to_string().as_bytes(), dir.join(".ckpt/sock"))
+                    .unwrap();
+            }
+            wait_until(
+                Duration::from_secs(20),
+                "the two forged vouches handled",
+                || events(&dir, "restore_verified_ignored").len() >= 2,
+            );
+            let why: Vec<String> = events(&dir, "restore_verified_ignored")
+                .iter()
+                .map(|e| e["why"].as_str().unwrap_or_default().to_string())
+                .collect();
+            assert!(
+                why.iter().any(|w| w.contains("not a process of the job"))
+                    && why.iter().any(|w| w.contains("but was sent by pid")),
+                "{why:?}"
+            );
+            assert!(!dir.join(".ckpt/restore-check.json").exists());
+        }
         signal(sup.id(), libc::SIGTERM);
         let status = wait_deadline(&mut sup, Duration::from_secs(30));
         let err = err.join().unwrap();
@@ -464,6 +490,111 @@ fn a_false_or_forged_restore_failed_report_sets_nothing_aside_and_the_default_ch
         assert!(quarantined(&dir).is_empty(), "{err}");
         assert_eq!(checkpoints(&dir), vec![1, 2], "{err}");
     }
+}
+
+/// The default `--restore-check auto`: a resume is verified in full until the job's client
+/// shows (`restore_verified`) that it read every file of its restore checkpoint through its
+/// verifying reads; from then on the same command's resumes are read once (the launch's
+/// `restore_check` is `client`), across `ckpt run`s (the record in `.ckpt`). A job that reads
+/// `$CKPT_RESTORE` itself (a shell job) is never given the light check; another command is
+/// not vouched for by this one's record; damage found by the client on a light-checked
+/// resume is set aside and resumed past with the uninterrupted digest.
+#[test]
+fn auto_reads_once_after_the_rust_client_verified_a_restore_and_a_shell_job_stays_full() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("ck");
+    for step in [10, 20] {
+        plant(&dir, step);
+    }
+    let record = dir.join(".ckpt/restore-check.json");
+    let checks = |dir: &Path| -> Vec<serde_json::Value> {
+        events(dir, "launch")
+            .iter()
+            .map(|l| l["restore_check"].clone())
+            .collect()
+    };
+    // 1: the first resume is verified in full; the trainer's client vouches for it.
+    let out = run_trainer(&dir, &[], 30);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(checks(&dir), vec![serde_json::json!("full")], "{err}");
+    let v = events(&dir, "restore_verified");
+    assert_eq!(v.len(), 1, "{err}");
+    assert_eq!(v[0]["seq"], 2, "{v:?}");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(
+        (rec["seq"].as_u64(), rec["ranks"].as_u64()),
+        (Some(2), Some(1)),
+        "{rec}"
+    );
+    assert!(
+        err.contains("from now on a resume of this command reads its checkpoint once"),
+        "{err}"
+    );
+    // 2: the next `ckpt run` of the same command (the same arguments) reads once.
+    let out = run_trainer(&dir, &["--again"], 30);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(checks(&dir).last().unwrap(), "client", "{err}");
+    assert_eq!(
+        events(&dir, "launch").last().unwrap()["restore_check_mode"],
+        "auto"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.with_extension("digest"))
+            .unwrap()
+            .trim(),
+        reference(30, DIM)
+    );
+    // 3: a byte flipped in the newest checkpoint (every size intact): the light-checked
+    // launch's client finds it, the supervisor sets it aside and resumes from the one before.
+    let newest = *checkpoints(&dir).last().unwrap();
+    let f = ck(&dir, newest).join("state.postcard");
+    let mut b = std::fs::read(&f).unwrap();
+    let i = b.len() / 2;
+    b[i] ^= 0x04;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&f, b).unwrap();
+    let out = run_trainer(&dir, &["--again"], 30);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let rejected = events(&dir, "restore_rejected");
+    assert_eq!(rejected.len(), 1, "{err}");
+    assert_eq!(rejected[0]["seq"], newest, "{rejected:?}");
+    assert!(quarantined(&dir)[0].starts_with(&format!("ckpt-{newest:012}.")));
+    assert_eq!(
+        std::fs::read_to_string(dir.with_extension("digest"))
+            .unwrap()
+            .trim(),
+        reference(30, DIM),
+        "{err}"
+    );
+    assert!(
+        record.exists(),
+        "the client did its job: the record stays\n{err}"
+    );
+    // 4: another command in the same directory (a shell job reading $CKPT_RESTORE itself)
+    // is verified in full, twice: nothing it does vouches for it.
+    for _ in 0..2 {
+        let mut c = ckpt();
+        c.args(["run", "--every", "off", "--again", "--dir"])
+            .arg(&dir)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "cat \"$CKPT_RESTORE/state.postcard\" > /dev/null",
+            ]);
+        let out = output_deadline(&mut c, Duration::from_secs(60));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(
+            checks(&dir).last().unwrap(),
+            "full",
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert_no_survivors(&dir);
 }
 
 /// Under `--restore-check client` a checkpoint is launched after the light check once: a job
@@ -1202,13 +1333,14 @@ fn directories_and_files_are_owner_only() {
 /// refuses (naming the link) or treats it as corrupt, and the link's target is untouched.
 #[test]
 fn planted_symlinks_are_never_followed() {
-    let cases: [(&str, bool); 6] = [
+    let cases: [(&str, bool); 7] = [
         (".ckpt/trash", true),
         (".ckpt/staging", true),
         ("quarantine", true),
         (".ckpt/lock", true),
         (".ckpt/events.jsonl", false),
         (".ckpt/status.json", false),
+        (".ckpt/restore-check.json", false),
     ];
     for (planted, refuse) in cases {
         let tmp = tempdir();
@@ -1247,6 +1379,11 @@ fn planted_symlinks_are_never_followed() {
             );
         } else {
             assert_eq!(out.status.code(), Some(0), "{planted}:\n{err}");
+        }
+        if planted.ends_with("restore-check.json") {
+            // Not read through the link: a warning, and the resume verified in full.
+            assert!(err.contains("restore-check.json"), "{err}");
+            assert_eq!(events(&dir, "launch")[0]["restore_check"], "full", "{err}");
         }
         assert_eq!(
             snapshot(&victim),

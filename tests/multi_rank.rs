@@ -692,6 +692,82 @@ fn a_damaged_shard_under_restore_check_client_is_reported_by_its_rank_and_resume
     assert_no_survivors(&dir);
 }
 
+/// The default `--restore-check auto` with 4 ranks: the first resume is verified in full;
+/// once every rank's client has said it verified its whole shard (`restore_verified`, one per
+/// rank), the next `ckpt run` reads the checkpoint once (`restore_check` `client`), and the
+/// job ends with the uninterrupted digest.
+#[test]
+fn under_restore_check_auto_every_rank_vouches_before_a_resume_is_read_once() {
+    let (world, steps) = (4u32, 300u64);
+    let tmp = tempdir();
+    let dir = tmp.path().join("ckpt");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    // Without padding: each rank's shard is its state.bin alone, which it reads back whole
+    // (a rank that left a file of its shard unread would not vouch).
+    let mut args = trainer_args(steps, &out);
+    let pad = args.iter().position(|a| a == "--pad-kib").unwrap();
+    args[pad + 1] = "0".into();
+    let run = || {
+        let mut c = ckpt();
+        c.args([
+            "run",
+            "--every",
+            "100ms",
+            "--backoff",
+            "20ms..50ms",
+            "--dir",
+        ])
+        .arg(&dir)
+        .args(["--max-failures", "1", "--"])
+        .arg(test_bin("rank_launcher"))
+        .args(["--n", &world.to_string(), "--"])
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        c
+    };
+    // Two runs stopped once they have new checkpoints: fresh, then the first resume.
+    for _ in 0..2 {
+        let want = checkpoints(&dir).last().copied().unwrap_or(0) + 2;
+        let mut sup = run().spawn_guarded();
+        let err_t = read_stderr(&mut sup);
+        wait_until(Duration::from_secs(60), "two new checkpoints", || {
+            checkpoints(&dir).last().is_some_and(|&s| s >= want)
+        });
+        signal(sup.id(), libc::SIGTERM);
+        let st = wait_deadline(&mut sup, Duration::from_secs(60));
+        let err = err_t.join().unwrap();
+        assert_eq!(st.code(), Some(75), "{err}");
+    }
+    let launches = events(&dir, "launch");
+    assert_eq!(launches[1]["restore_check"], "full", "{launches:?}");
+    let heard = events(&dir, "restore_verified");
+    let mut ranks: Vec<u64> = heard.iter().filter_map(|e| e["rank"].as_u64()).collect();
+    ranks.sort();
+    assert_eq!(ranks, vec![0, 1, 2, 3], "{heard:?}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(".ckpt/restore-check.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["ranks"], world, "{rec}");
+    let mut last = run().spawn_guarded();
+    let err_t = read_stderr(&mut last);
+    let st = wait_deadline(&mut last, Duration::from_secs(120));
+    let err = err_t.join().unwrap();
+    assert!(st.success(), "{err}");
+    let launches = events(&dir, "launch");
+    assert_eq!(
+        launches[2]["restore_check"], "client",
+        "{launches:?}\n{err}"
+    );
+    assert_eq!(
+        combined(world, &out),
+        reference(world, steps),
+        "the resumed job's global digest differs from an uninterrupted run\n{err}"
+    );
+    assert_no_survivors(&dir);
+}
+
 // ---- srun -n 4 on the local Slurm cluster (helpers in tests/common/slurm.rs) ----
 
 struct Cancel(String);

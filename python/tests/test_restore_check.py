@@ -437,7 +437,8 @@ def test_restore_dir_checks_every_file_once_in_client_mode_and_never_in_full(pla
         finally:
             ck.close()
         assert calls == want, check
-        assert [m["type"] for m in _messages(sock)] == ["hello"]
+        # In client mode restore_dir()'s check covers every file: the client vouches.
+        assert [m["type"] for m in _messages(sock)] == ["hello"] + (["restore_verified"] if check == "client" else [])
 
 
 def test_the_check_mode_is_read_only_when_supervised_with_a_checkpoint_to_restore(planted, listener, monkeypatch):
@@ -549,5 +550,227 @@ def test_ckpt_torch_reads_once_and_reports_damage_in_client_mode(tmp_path, liste
         "REFUSED InvalidCheckpoint checksum-mismatch 0",
     ], r.stdout + r.stderr
     sent = [m for m in _messages(sock) if m["type"] != "hello"]
-    assert [(m["type"], m["seq"]) for m in sent] == [("restore_failed", 1)] * 2, sent
+    assert [(m["type"], m["seq"]) for m in sent] == [("restore_verified", 1)] + [("restore_failed", 1)] * 2, sent
+    sent = sent[1:]
     assert all("train_state.pt" in m["error"] and "checksum" in m["error"] for m in sent), sent
+
+
+# --- `--restore-check auto` (the default): one read once the client has vouched ----------
+
+
+def test_restore_verified_is_sent_once_when_the_verifying_reads_cover_every_file(planted, listener, monkeypatch):
+    """A supervised client sends one `restore_verified` (its pid, the checkpoint's seq) as soon
+    as its verifying reads have covered every file of the restore checkpoint, in either check
+    mode, and never for a checkpoint it did not read whole through them: restore_dir() vouches
+    only where it checks (client mode), and files the job reads by path count for nothing."""
+    sock, sock_path = listener
+    me = {"type": "restore_verified", "v": P.PROTOCOL_VERSION, "pid": os.getpid()}
+
+    def sent() -> list:
+        return [m for m in _messages(sock) if m["type"] != "hello"]
+
+    for check in ("client", "full", None):
+        # Checkpoint 1 (ck.save: a pickle and its buffers): restore() reads both.
+        ck = _as_supervised(monkeypatch, planted, 1, sock_path, check)
+        try:
+            ck.restore()
+            assert sent() == [dict(me, seq=1)], check
+            ck.restore()
+            ck.read_file("state.pickle")
+            assert sent() == [], "once per process"
+        finally:
+            ck.close()
+        # Checkpoint 2 (saving(): three files): one by one, the last one completes it.
+        ck = _as_supervised(monkeypatch, planted, 2, sock_path, check)
+        try:
+            ck.read_file("model.bin")
+            ck.load_array("w.npy")
+            (ck.restore_point.path / "sub" / "extra.bin").read_bytes()  # by path: not counted
+            assert sent() == []
+            _read_verified(ck, "sub/extra.bin")  # as ckpt.torch reads
+            assert sent() == [dict(me, seq=2)], check
+        finally:
+            ck.close()
+        # restore_dir(): vouches only where it checksums every file (client mode).
+        ck = _as_supervised(monkeypatch, planted, 2, sock_path, check)
+        try:
+            ck.restore_dir()
+            assert sent() == ([dict(me, seq=2)] if check == "client" else []), check
+        finally:
+            ck.close()
+    # Standalone (no supervisor): nothing to tell.
+    monkeypatch.delenv(P.ENV_SOCKET)
+    ck = ckpt.Checkpointer(planted)
+    try:
+        ck.restore_dir()
+        ck.read_file("model.bin")
+    finally:
+        ck.close()
+    assert _messages(sock) == []
+
+
+# A job for `ckpt run` (to STEPS) whose way of restoring is MODE: through the client (`restore`: ck.save /
+# ck.restore; `read_file`, `load_array`: saving() files read back one by one), or not wholly
+# (`dir`: restore_dir() and its own reads; `direct`: $CKPT_RESTORE by its own code; `partial`:
+# one of its two files through the client, the other by path). It exits 1 at step CRASH of
+# its first launch, and after each CRASH2 step of its second.
+AUTO_JOB = textwrap.dedent(r"""
+    import json, os, sys
+    import numpy as np
+    import ckpt
+    mode, steps, out = os.environ["MODE"], int(os.environ["STEPS"]), sys.argv[1]
+    ck = ckpt.Checkpointer()
+    rc = int(os.environ.get("CKPT_RESTART_COUNT") or 0)
+    r = ck.restore_point
+    if r is None:
+        state = {"step": 0, "acc": 1}
+    elif mode == "restore":
+        state = ck.restore()
+    elif mode == "read_file":
+        state = json.loads(ck.read_file("state.json"))
+        ck.read_file("pad.bin")
+    elif mode == "load_array":
+        a = ck.load_array("state.npy")
+        state = {"step": int(a[0]), "acc": int(a[1])}
+        ck.load_array("pad.npy")
+    elif mode == "dir":
+        state = json.loads((ck.restore_dir() / "state.json").read_text())
+    elif mode == "direct":
+        state = json.loads(open(os.path.join(os.environ["CKPT_RESTORE"], "state.json")).read())
+    else:
+        state = json.loads(ck.read_file("state.json"))
+    while state["step"] < steps:
+        state["step"] += 1
+        state["acc"] = (state["acc"] * 1000003 + state["step"]) % (1 << 61)
+        if mode == "restore":
+            ck.save(state, step=state["step"])
+        elif mode == "load_array":
+            with ck.saving(step=state["step"]) as d:
+                np.save(d / "state.npy", np.array([state["step"], state["acc"]], dtype=np.int64))
+                np.save(d / "pad.npy", np.arange(1000, dtype=np.float32))
+        else:
+            with ck.saving(step=state["step"]) as d:
+                (d / "state.json").write_text(json.dumps(state))
+                (d / "pad.bin").write_bytes(bytes(range(256)) * 64)
+        crash = {0: int(os.environ.get("CRASH") or 0), 1: int(os.environ.get("CRASH2") or 0)}.get(rc, 0)
+        if state["step"] == crash:
+            sys.exit(1)
+    with open(out, "w") as f:
+        f.write(json.dumps(state))
+""")
+
+VOUCHING = ("restore", "read_file", "load_array")
+
+
+def _auto_run(tmp: Path, d: Path, mode: str, steps: int, out: Path, *opts: str, **env) -> "subprocess.CompletedProcess":
+    job = tmp / "auto_job.py"
+    if not job.exists():
+        job.write_text(AUTO_JOB)
+    return run(_ckpt_run(d, "--max-failures", "3", *opts, cmd=[PY, job, out]), 120,
+               env=clean_env(MODE=mode, STEPS=str(steps), **env))
+
+
+@pytest.mark.parametrize("mode", ["restore", "read_file", "load_array", "dir", "direct", "partial"])
+def test_auto_reads_once_after_the_client_vouched_and_never_for_a_job_that_reads_by_itself(tmp_path, mode):
+    """Under the default `--restore-check auto`: the first resume is verified in full; a job
+    whose client read every file of it (restore, read_file, load_array) vouches for it and
+    every later resume of that command, in the same `ckpt run` or the next, is read once
+    (`restore_check` `client`); a job that reads files by path (restore_dir() in full mode,
+    $CKPT_RESTORE, one file of two) never is. Every run ends with the uninterrupted result."""
+    np = pytest.importorskip("numpy")  # noqa: F841
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _auto_run(tmp_path, tmp_path / "ref-d", mode, 12, ref).returncode == 0
+    d = tmp_path / "d"
+    # One ckpt run, three launches: fresh, resume (full), resume.
+    r = _auto_run(tmp_path, d, mode, 8, out, CRASH="3", CRASH2="5")
+    assert r.returncode == 0, r.stderr
+    assert ("from now on a resume of this command reads its checkpoint once" in r.stderr) == (mode in VOUCHING), r.stderr
+    checks = [e["restore_check"] for e in _of(d, "launch")]
+    light = "client" if mode in VOUCHING else "full"
+    assert checks == [None, "full", light], (checks, r.stderr)
+    assert all(e["restore_check_mode"] == "auto" for e in _of(d, "launch"))
+    record = d / ".ckpt" / "restore-check.json"
+    assert record.exists() == (mode in VOUCHING), r.stderr
+    # The next ckpt run of the same command.
+    r = _auto_run(tmp_path, d, mode, 12, out, "--again")
+    assert r.returncode == 0, r.stderr
+    assert _of(d, "launch")[-1]["restore_check"] == light, r.stderr
+    assert json.loads(out.read_text()) == json.loads(ref.read_text())
+    if mode in VOUCHING:
+        rec = json.loads(record.read_text())
+        assert rec["v"] == 1 and rec["ranks"] == 1 and rec["command"] == [PY, str(tmp_path / "auto_job.py"), str(out)], rec
+        assert [e["seq"] for e in _of(d, "restore_verified")] == [3, 5, 8], r.stderr
+    else:
+        assert not _of(d, "restore_verified"), r.stderr
+    assert_no_survivors(d)
+
+
+def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new_checkpoints_count(tmp_path):
+    """The safety net of auto: a job that vouched (read_file) and then, with the same command,
+    reads $CKPT_RESTORE by its own code is launched after the light check; its restore
+    checkpoint, damaged (a digit of its state flipped, every size intact), is read unverified
+    and the job saves what it computed. At that first new checkpoint the supervisor verifies
+    the restore in full, sets it aside and every checkpoint the launch wrote (slug
+    `derived-from-damaged`), stops the job, drops the record and relaunches it from the
+    checkpoint before, verified in full: the job ends with the uninterrupted result."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _auto_run(tmp_path, tmp_path / "ref-d", "direct", 14, ref).returncode == 0
+    d = tmp_path / "d"
+    r = _auto_run(tmp_path, d, "read_file", 8, out, CRASH="3")
+    assert r.returncode == 0, r.stderr
+    assert (d / ".ckpt" / "restore-check.json").exists(), r.stderr
+    newest = Store(d).list()[-1][0]
+    f = Store(d).path_of(newest) / "state.json"
+    text = f.read_text()
+    at = text.index('"acc": ') + len('"acc": ') + 2
+    _flip(f, at)
+    # The job now reads by itself (MODE is not part of the command: the record still applies).
+    r = _auto_run(tmp_path, d, "direct", 14, out, "--again")
+    assert r.returncode == 0, r.stderr
+    launches = _of(d, "launch")
+    assert [(e["restore_seq"], e["restore_check"]) for e in launches[-2:]] == [(newest, "client"), (newest - 1, "full")], r.stderr
+    q = _quarantined(d)
+    assert q[0].startswith(f"ckpt-{newest:012d}.checksum-mismatch."), q
+    assert q[1:] and all(".derived-from-damaged." in n for n in q[1:]), q
+    assert [e["seq"] for e in _of(d, "restore_rejected")] == [newest], r.stderr
+    assert _of(d, "restore_check_full"), r.stderr
+    assert not (d / ".ckpt" / "restore-check.json").exists()
+    assert json.loads(out.read_text()) == json.loads(ref.read_text())
+    assert_no_survivors(d)
+
+
+@pytest.mark.parametrize("planted_as", ["fifo", "symlink", "garbage", "other-command"])
+def test_auto_a_hostile_or_foreign_record_means_a_full_check(tmp_path, planted_as):
+    """What is at `.ckpt/restore-check.json` is read only as a regular file ckpt wrote, for this
+    command: a FIFO (no hang), a symlink (not followed), garbage (a warning naming it) or
+    another command's record leave the resume verified in full; the job's own vouch then
+    replaces it with a record."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _auto_run(tmp_path, tmp_path / "ref-d", "restore", 6, ref).returncode == 0
+    d = tmp_path / "d"
+    r = _auto_run(tmp_path, d, "restore", 3, out)
+    assert r.returncode == 0, r.stderr
+    rec = d / ".ckpt" / "restore-check.json"
+    victim = tmp_path / "victim.json"
+    good = {"v": 1, "command": [PY, "other.py"], "seq": 1, "ranks": 1, "t_ms": 1}
+    victim.write_text(json.dumps(good))
+    if planted_as == "fifo":
+        os.mkfifo(rec)
+    elif planted_as == "symlink":
+        good["command"] = [PY, str(tmp_path / "auto_job.py"), str(out)]
+        victim.write_text(json.dumps(good))  # would vouch, if followed
+        os.symlink(victim, rec)
+    elif planted_as == "garbage":
+        rec.write_bytes(b"\x00not json")
+    else:
+        rec.write_text(json.dumps(good))
+    before = victim.read_text()
+    r = _auto_run(tmp_path, d, "restore", 6, out, "--again")
+    assert r.returncode == 0, r.stderr
+    assert _of(d, "launch")[-1]["restore_check"] == "full", r.stderr
+    if planted_as != "other-command":
+        assert "restore-check.json" in r.stderr, r.stderr
+    assert victim.read_text() == before
+    assert json.loads(rec.read_text())["command"] == [PY, str(tmp_path / "auto_job.py"), str(out)], "replaced by the job's own vouch"
+    assert json.loads(out.read_text()) == json.loads(ref.read_text())
+    assert_no_survivors(d)

@@ -59,9 +59,10 @@ pub struct BenchArgs {
     /// resume, then `np.load` of the file by the job).
     /// `file`, `python`, `torch` and `saving` are measured against `dd bs=4M oflag=direct` of the same
     /// bytes and cold `dd` reads (`bs=4M`, and `iflag=direct`) in the same rounds. For `rust`,
-    /// `python` and `torch` the restore alone is a resume under `ckpt run --restore-check
-    /// client` (one read); a resume under the default `full` check (the supervisor's verify,
-    /// then the restore) is measured beside it.
+    /// `python` and `torch` the restore alone is a one-read resume (`ckpt run --restore-check
+    /// client`, and the default `auto` once the job's client has vouched for a restore); a
+    /// resume under the full check (the supervisor's verify, then the restore: `full`, and
+    /// `auto`'s first resume) is measured beside it.
     #[arg(long, value_enum, default_value = "rust")]
     pub path: BenchPath,
     /// Python interpreter for `--path python|torch` (needs numpy, torch for `torch`, and the ckpt package; the package
@@ -344,8 +345,8 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     let (mut memcpy, mut stall, mut stall_first, mut async_total, mut commit) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut serde_save = vec![];
-    // A resume as `ckpt run` does it by default (`--restore-check full`): the supervisor's
-    // full verify, then the job's read (`r_ck` is the one-read resume of `client`).
+    // A resume under the full check (`--restore-check full`, `auto`'s first resume): the
+    // supervisor's verify, then the job's read (`r_ck` is the one-read resume).
     let mut resume_full: Vec<f64> = vec![];
     let (mut peak_into, mut peak_fresh): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let mut peak_save: Vec<f64> = vec![];
@@ -401,7 +402,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         drop_caches();
         let entry = m.files[0].clone();
         // A resume into the job's buffer: the supervisor's check (`Sizes` under
-        // `--restore-check client`, `Full` by default), then the job's verified read.
+        // the light check, `Full` under the full one), then the job's verified read.
         let resume = |check, dest: &mut [f32]| -> Result<Duration, Fatal> {
             let t = Instant::now();
             crate::store::check_path(&cpath, Some(m.seq), check).map_err(|e| fail(&e))?;
@@ -564,7 +565,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "page_reporting_settled": root && Path::new(REPORTED_KIB).exists(),
         "write_gbps": { "raw": w_dd, "ckpt_save": w_ck, "ratio": w_ck / w_dd, "raw_direct": w_direct, "ratio_direct": w_direct.map(|d| w_ck / d), "serde_postcard_save": serde_save, "ratio_per_round": w_rounds, "ratio_median_per_round": med_of(&w_rounds), "ratio_direct_per_round": wd_rounds, "ratio_direct_median_per_round": (!wd_rounds.is_empty()).then(|| med_of(&wd_rounds)) },
         "read_gbps": { "raw": r_dd, "ckpt_restore_into": r_ck, "ratio": r_ck / r_dd, "ckpt_restore_fresh_alloc": r_ck_fresh, "ratio_per_round": r_rounds, "ratio_median_per_round": med_of(&r_rounds), "fresh_ratio_per_round": f_rounds, "fresh_ratio_median_per_round": med_of(&f_rounds), "raw_iflag_direct": r_ddd, "ratio_direct_per_round": rd_rounds, "ratio_direct_median_per_round": (!rd_rounds.is_empty()).then(|| med_of(&rd_rounds)), "fresh_ratio_direct_per_round": fd_rounds, "fresh_ratio_direct_median_per_round": (!fd_rounds.is_empty()).then(|| med_of(&fd_rounds)) },
-        "resume_gbps": { "client_check": r_ck, "full_check": resume_full, "full_check_ratio_per_round": full_rounds, "full_check_ratio_median_per_round": med_of(&full_rounds), "full_check_ratio_direct_per_round": full_direct_rounds, "full_check_ratio_direct_median_per_round": (!full_direct_rounds.is_empty()).then(|| med_of(&full_direct_rounds)), "note": "client_check is the restore above (ckpt run --restore-check client: manifest and sizes, then the job's verified read); full_check adds the supervisor's full verify before the read (the default)" },
+        "resume_gbps": { "client_check": r_ck, "full_check": resume_full, "full_check_ratio_per_round": full_rounds, "full_check_ratio_median_per_round": med_of(&full_rounds), "full_check_ratio_direct_per_round": full_direct_rounds, "full_check_ratio_direct_median_per_round": (!full_direct_rounds.is_empty()).then(|| med_of(&full_direct_rounds)), "note": "client_check is the restore above (ckpt run --restore-check client, and every resume under the default auto once the job's client has vouched for one: manifest and sizes, then the job's verified read); full_check adds the supervisor's full verify before the read (--restore-check full, and the first resume under auto)" },
         "save_peak_extra_mib": peak_save.iter().copied().reduce(f64::max),
         "restore_peak_extra_mib": { "into": peak_into.iter().copied().reduce(f64::max), "fresh_above_state": peak_fresh.iter().copied().reduce(f64::max) },
         "async_save": { "memcpy_s": memcpy, "stall_s": stall, "stall_first_s": stall_first, "ratio": stall / memcpy, "total_s": async_total },
@@ -600,7 +601,7 @@ fn measure(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("  read ({rd}) dd iflag=direct {d:>6.2} GB/s   per-round ratios (median): restore {:.2}, fresh restore {:.2}", med_of(&rd_rounds), med_of(&fd_rounds));
     }
     println!(
-        "  resume       --restore-check client {r_ck:>6.2} GB/s (the restore above)   full (the default: verify, then read) {resume_full:>6.2} GB/s   per-round ratio to the cold read: {:.2}{}",
+        "  resume       one read (client; auto once vouched) {r_ck:>6.2} GB/s (the restore above)   full (verify, then read: auto's first resume) {resume_full:>6.2} GB/s   per-round ratio to the cold read: {:.2}{}",
         med_of(&full_rounds),
         if full_direct_rounds.is_empty() {
             String::new()
@@ -1040,7 +1041,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
     // `--path torch`: the restore into the model the job has (next to the fresh objects).
     let existing = a.path == BenchPath::Torch;
     let (mut r_ex, mut r_ex_peak): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
-    // `--path python|torch`: the resume under the default full check (verify, then restore).
+    // `--path python|torch`: the resume under the full check (verify, then restore).
     let mut r_full: Vec<f64> = vec![];
     let mut r_ex_full: Vec<f64> = vec![];
     // `--path saving`: the resume through `ck.load_array` (one read; 8: after `ckpt verify`).
@@ -1119,8 +1120,8 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         }
         // Reads, cold and settled, the order rotated every round: dd, dd iflag=direct, ckpt
         // (and, for torch, ckpt into the existing model).
-        // 5: a resume under the default `--restore-check full` (the supervisor's `ckpt verify`,
-        // then the client's read): the restore of 2 is the one-read resume of `client`; 6: the
+        // 5: a resume under the full check (the supervisor's `ckpt verify`, then the client's
+        // read): the restore of 2 is the one-read resume (light check); 6: the
         // same into the existing model (3 is its one-read resume).
         let mut reads: Vec<u8> = if existing {
             vec![0, 1, 2, 3, 5, 6]
@@ -1343,7 +1344,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         "read_ratio_to_dd": spread(&r_ratio),
         "read_ratio_to_dd_direct": spread(&rd_ratio),
         "resume_full_check": (!r_full.is_empty()).then(|| json!({
-            "what": "a resume under the default ckpt run --restore-check full: ckpt verify (the supervisor), then the restore above (the client reads again, from the page cache); the restore above alone is the one-read resume of --restore-check client",
+            "what": "a resume under ckpt run --restore-check full (and the first one under the default auto): ckpt verify (the supervisor), then the restore above (the client reads again, from the page cache); the restore above alone is the one-read resume of --restore-check client and of auto once the job's client has vouched",
             "read_gbps": speeds(&r_full),
             "read_ratio_to_dd": spread(&full_ratio),
             "read_ratio_to_dd_direct": spread(&fulld_ratio),
@@ -1354,7 +1355,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             "read_ratio_to_dd": spread(&ex_ratio),
             "read_ratio_to_dd_direct": spread(&exd_ratio),
             "resume_full_check": (!r_ex_full.is_empty()).then(|| json!({
-                "what": "the same under the default --restore-check full: ckpt verify, then the restore into the model (from the page cache)",
+                "what": "the same under --restore-check full (auto's first resume): ckpt verify, then the restore into the model (from the page cache)",
                 "read_gbps": speeds(&r_ex_full),
                 "read_ratio_to_dd": spread(&ex_full_ratio),
                 "read_ratio_to_dd_direct": spread(&ex_fulld_ratio),
@@ -1362,7 +1363,7 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
             "peak_extra_mib": (!r_ex_peak.is_empty()).then(|| r_ex_peak.iter().copied().fold(f64::MIN, f64::max)),
         })),
         "load_array": saving.then(|| json!({
-            "what": "the resume through the client: ck.load_array('weights.npy') of a Checkpointer opened before the cache drop (one verified read: --restore-check client); resume_full_check: ckpt verify first (the default)",
+            "what": "the resume through the client: ck.load_array('weights.npy') of a Checkpointer opened before the cache drop (one verified read: --restore-check client, or auto once vouched); resume_full_check: ckpt verify first (full, or auto's first resume)",
             "read_gbps": speeds(&r_load),
             "read_ratio_to_dd": spread(&load_ratio),
             "read_ratio_to_dd_direct": spread(&loadd_ratio),
@@ -1428,12 +1429,12 @@ fn measure_path(a: &BenchArgs, work: &Path) -> Result<i32, Fatal> {
         println!("  resume   ckpt verify + ck.load_array {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / own np.load {:.2}", med(&gbs(&r_load_full)), med(&loadf_ratio), mm(&loadf_ratio).0, mm(&loadf_ratio).1, med(&loadf_own_ratio));
     }
     if !r_full.is_empty() {
-        println!("  resume   --restore-check full (ckpt verify, then the restore) {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}; the restore above is --restore-check client", med(&gbs(&r_full)), med(&full_ratio), mm(&full_ratio).0, mm(&full_ratio).1, med(&fulld_ratio));
+        println!("  resume   full check (ckpt verify, then the restore: auto's first resume) {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}; the restore above is the one-read resume (client, auto once vouched)", med(&gbs(&r_full)), med(&full_ratio), mm(&full_ratio).0, mm(&full_ratio).1, med(&fulld_ratio));
     }
     if !r_ex.is_empty() {
         println!("  restore  into the existing model: ckpt {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2} (per round {:.2}-{:.2})", med(&gbs(&r_ex)), med(&ex_ratio), mm(&ex_ratio).0, mm(&ex_ratio).1, med(&exd_ratio), mm(&exd_ratio).0, mm(&exd_ratio).1);
         if !r_ex_full.is_empty() {
-            println!("  resume   into the existing model, --restore-check full {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}", med(&gbs(&r_ex_full)), med(&ex_full_ratio), mm(&ex_full_ratio).0, mm(&ex_full_ratio).1, med(&ex_fulld_ratio));
+            println!("  resume   into the existing model, full check {:>6.2} GB/s   / dd {:.2} (per round {:.2}-{:.2})   / dd iflag=direct {:.2}", med(&gbs(&r_ex_full)), med(&ex_full_ratio), mm(&ex_full_ratio).0, mm(&ex_full_ratio).1, med(&ex_fulld_ratio));
         }
     }
     // `--path file`: the `ckpt save` and `ckpt verify` processes hold none of the job's

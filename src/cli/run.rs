@@ -70,15 +70,18 @@ pub struct RunArgs {
     /// Start from scratch when checkpoints exist but none verifies (they stay in quarantine/).
     #[arg(long)]
     pub allow_fresh: bool,
-    /// How a checkpoint is checked before a launch restores it. `full` (the default): every
-    /// byte is read and checksummed, then the job reads it again. `client`: one read: ckpt
-    /// checks the manifest and the member sizes, and the job's ckpt client (Rust or Python)
-    /// checksums every byte as it reads it; a client that finds damage tells ckpt, which
-    /// verifies, sets the checkpoint aside and relaunches from the next one. Only for jobs
-    /// that read their checkpoint through a ckpt client, never `$CKPT_RESTORE` directly
-    /// (docs/protocol.md, "Restore selection").
-    #[arg(long, value_enum, default_value = "full", value_name = "CHECK")]
-    pub restore_check: crate::protocol::RestoreCheck,
+    /// How a checkpoint is checked before a launch restores it. `auto` (the default): in
+    /// full (every byte read and checksummed, then the job reads it again) until the job's
+    /// ckpt client (Rust or Python) has shown that it reads its whole restore through its
+    /// verifying reads; then one read per resume for this command, as `client`, back to full
+    /// as soon as a launch does not show it again. `full`: always in full. `client`: always
+    /// one read: ckpt checks the manifest and the member sizes, and the client checksums
+    /// every byte as it reads it; a client that finds damage tells ckpt, which verifies, sets
+    /// the checkpoint aside and relaunches from the next one. `client` is only for jobs that
+    /// read their checkpoint through a ckpt client, never `$CKPT_RESTORE` directly
+    /// (docs/protocol.md, "One read per resume").
+    #[arg(long, value_enum, default_value = "auto", value_name = "CHECK")]
+    pub restore_check: crate::protocol::RestoreCheckMode,
     /// Run the job even though it already finished in this directory.
     #[arg(long)]
     pub again: bool,

@@ -356,15 +356,16 @@ impl Store {
     /// Moves checkpoint `seq` to `quarantine/ckpt-<seq>.<reason>.<token>` and writes the reason
     /// next to it. Never deletes.
     pub fn quarantine(&self, seq: u64, reason: &Invalid) -> Result<PathBuf> {
+        self.quarantine_as(seq, reason.slug(), &reason.to_string())
+    }
+
+    /// [`Store::quarantine`] for a reason that is not a failed verify (`slug`, `why`): the
+    /// supervisor sets aside checkpoints derived from a damaged one (`derived-from-damaged`).
+    pub fn quarantine_as(&self, seq: u64, slug: &str, why: &str) -> Result<PathBuf> {
         let qdir = self.dir().join(QUARANTINE);
         self.real_dir(&qdir)?;
         let from = self.path_of(seq);
-        let to = qdir.join(format!(
-            "{}{seq:012}.{}.{}",
-            super::PREFIX,
-            reason.slug(),
-            token()
-        ));
+        let to = qdir.join(format!("{}{seq:012}.{}.{}", super::PREFIX, slug, token()));
         self.io()
             .rename_noreplace(&from, &to)
             .ctx("move aside", &from)?;
@@ -374,7 +375,7 @@ impl Store {
             "{}.reason.txt",
             to.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let _ = self.io().write_new(&note, format!("{reason}\n").as_bytes());
+        let _ = self.io().write_new(&note, format!("{why}\n").as_bytes());
         Ok(to)
     }
 

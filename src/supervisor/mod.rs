@@ -17,6 +17,7 @@ pub mod report;
 mod slurm_hooks;
 pub mod spawn;
 pub mod stop_soon;
+pub mod vouch;
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -74,7 +75,7 @@ pub struct Config {
     pub policy: Policy,
     pub allow_fresh: bool,
     /// `--restore-check`: how a checkpoint is checked before a launch restores it.
-    pub restore_check: protocol::RestoreCheck,
+    pub restore_check: protocol::RestoreCheckMode,
     pub again: bool,
     pub quiet: bool,
     pub log_json: bool,
@@ -247,6 +248,18 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         checkpoint_timeout: cfg.checkpoint_timeout,
     });
     let dir_id = dir_identity(&store);
+    let record = match vouch::load(&store.private()) {
+        Ok(r) => r,
+        Err(why) => {
+            rep.warn(
+                "restore_check_record",
+                format!("{why}: ignored, resumes are verified in full until the job's client shows again that it verifies its restore (hint: remove the file)"),
+                json!({}),
+            );
+            None
+        }
+    };
+    let vouch = vouch::Vouch::new(cfg.restore_check, vouch::command_of(&cfg.command), record);
     let mut run = Run {
         cfg,
         store,
@@ -278,6 +291,8 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         uploader,
         restoring: None,
         light_launched: Vec::new(),
+        vouch,
+        tainted: None,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -604,6 +619,12 @@ struct Run {
     /// check; a later launch from one of them checks it in full first (a job that failed on
     /// it without a report, e.g. killed, is never relaunched on an unverified one again).
     light_launched: Vec<u64>,
+    /// `--restore-check auto`: what the job's client has shown (`vouch.rs`).
+    vouch: vouch::Vouch,
+    /// The current launch read a damaged checkpoint that no one had verified (the net of
+    /// [`Run::vouch_net`]): its seq and the damage. Whatever the launch still publishes
+    /// before it is gone is set aside, as derived from it.
+    tainted: Option<(u64, String)>,
 }
 
 /// Opens `--remote` and starts its uploader, whose lines come back through the loop's
@@ -805,6 +826,9 @@ impl Run {
                 }
             }
             self.restore_failed(exit);
+            if let Some(why) = self.vouch.ended() {
+                self.drop_vouch_record(&why);
+            }
             self.kill_tree_wait(pid);
             self.job_pid = None;
             self.shared.job_pid.store(0, Ordering::SeqCst);
@@ -1071,6 +1095,162 @@ impl Run {
             Message::RestoreFailed {
                 pid, seq, error, ..
             } => self.on_restore_failed(pid, sender, seq, error),
+            Message::RestoreVerified { pid, seq, rank, .. } => {
+                self.on_restore_verified(pid, sender, seq, rank);
+                vec![]
+            }
+        }
+    }
+
+    /// A client says its verifying reads covered every file of the checkpoint it restores
+    /// (`vouch.rs`). Taken only from its real sender (`SCM_CREDENTIALS`), a live process of
+    /// the job, naming the checkpoint this launch restores; once every rank
+    /// has said it, the record is written so that the next launches of this command (and the
+    /// next `ckpt run`) read their checkpoint once under `--restore-check auto`.
+    fn on_restore_verified(&mut self, pid: u32, sender: Option<u32>, seq: u64, rank: Option<u32>) {
+        let heard = match sender {
+            Some(s) if s != pid => {
+                vouch::Heard::Ignored(format!("it names pid {pid} but was sent by pid {s}"))
+            }
+            // Unlike a damage report (which only ever leads to a verify), this one makes the
+            // next launches skip a verify: only a live process of the job's tree may send it.
+            _ if !(spawn::is_descendant(pid)
+                || (self.slurm.is_some() && slurm::is_job_peer(pid))) =>
+            {
+                vouch::Heard::Ignored("not a process of the job".into())
+            }
+            _ => self
+                .vouch
+                .heard(seq, rank, crate::store::manifest::now_ms()),
+        };
+        let info = json!({ "pid": pid, "seq": seq, "rank": rank });
+        match heard {
+            vouch::Heard::Ignored(why) => self.rep.event(
+                "restore_verified_ignored",
+                None,
+                json!({ "pid": pid, "seq": seq, "rank": rank, "why": why }),
+            ),
+            vouch::Heard::Repeat => {}
+            vouch::Heard::Counted { got, need } => self.rep.event(
+                "restore_verified",
+                None,
+                json!({ "pid": pid, "seq": seq, "rank": rank, "ranks": got, "of": need }),
+            ),
+            vouch::Heard::Complete(record) => {
+                let new = record.is_some();
+                if let Some(r) = record {
+                    let body = serde_json::to_vec(&r).expect("a record serialises");
+                    if let Err(e) = self.write_private(vouch::FILE, &body) {
+                        self.rep.warn(
+                            "restore_check_record",
+                            format!("cannot record that the job's client verifies its restore ({e}): the next resumes are checked in full"),
+                            json!({}),
+                        );
+                    }
+                }
+                let auto = self.cfg.restore_check == protocol::RestoreCheckMode::Auto;
+                self.rep.event(
+                    "restore_verified",
+                    (new && auto).then(|| format!("the job's client verified every file of checkpoint {seq} as it restored it: from now on a resume of this command reads its checkpoint once (--restore-check auto)")),
+                    info,
+                );
+            }
+        }
+    }
+
+    /// Sets aside checkpoints `newer`, published by a launch that read damaged checkpoint
+    /// `seq` without verifying it (`reason`: the damage), slug `derived-from-damaged`.
+    fn set_aside_derived(&mut self, newer: &[u64], seq: u64, reason: &str) {
+        for &n in newer {
+            let why = format!("it was written by a launch that restored checkpoint {seq} without verifying every file of it, and checkpoint {seq} is damaged ({reason}): its state may be computed from damaged bytes");
+            let said = match self.store.quarantine_as(n, "derived-from-damaged", &why) {
+                Ok(p) => format!("checkpoint {n} set aside to {}: {why}", p.display()),
+                Err(e) => {
+                    format!("checkpoint {n} should be set aside ({why}) but cannot be moved: {e}")
+                }
+            };
+            self.rep.warn(
+                "quarantined",
+                said,
+                json!({ "seq": n, "reason": why, "derived_from": seq }),
+            );
+        }
+    }
+
+    /// Removes the `--restore-check auto` record: the next launch is checked in full.
+    fn drop_vouch_record(&mut self, why: &str) {
+        let private = self.store.private();
+        let io = self.store.io();
+        let path = private.join(vouch::FILE);
+        let gone = match io.remove_file(&path) {
+            Ok(()) => io.fsync_dir(&private),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        let mut text = format!(
+            "{why}: the next resume verifies its checkpoint in full (--restore-check auto)"
+        );
+        if let Err(e) = gone {
+            text.push_str(&format!(
+                "; but {} cannot be removed ({e}): remove it by hand",
+                crate::store::display_path(&path)
+            ));
+        }
+        self.rep
+            .warn("restore_check_full", text, json!({ "why": why }));
+    }
+
+    /// The net under a light check: the current launch restored checkpoint `seq` after the
+    /// light check and published a newer one before its client vouched for every file of
+    /// `seq`, so the job may have read bytes no one checked (its own code reading
+    /// `$CKPT_RESTORE`) and saved what it computed from them. `seq` is verified in full now
+    /// (from the page cache, usually). Intact: the record is dropped (this job does not only
+    /// read through the client) and the rescan goes on. Damaged: it is set aside, and so is
+    /// every checkpoint newer than it (`newer`: they may hold state computed from damaged
+    /// bytes; slug `derived-from-damaged`), and the machine stops the job and relaunches it
+    /// from the newest that verifies. Returns whether the rescan must stop there.
+    fn vouch_net(&mut self, newer: &[u64], queue: &mut VecDeque<Action>) -> bool {
+        if let Some((seq, reason)) = self.tainted.clone() {
+            self.set_aside_derived(newer, seq, &reason);
+            return true;
+        }
+        let Some(seq) = self.vouch.net() else {
+            return false;
+        };
+        let _busy = self
+            .shared
+            .busy_with("verifying the checkpoint the job restored before taking in its new one");
+        self.vouch.forget();
+        match self.store.verify(seq) {
+            Ok(_) => {
+                self.light_launched.retain(|&s| s != seq);
+                self.drop_vouch_record(&format!(
+                    "the job published checkpoint {} before its client verified every file of checkpoint {seq}, which it restored after the light check; checkpoint {seq} was verified in full now and is intact",
+                    newer.iter().max().copied().unwrap_or(seq)
+                ));
+                false
+            }
+            Err(reason) => {
+                let (said, _) = set_aside(&self.store, "checkpoint", seq, &reason);
+                self.rep.warn(
+                    "quarantined",
+                    said,
+                    json!({ "seq": seq, "reason": reason.to_string() }),
+                );
+                self.tainted = Some((seq, reason.to_string()));
+                self.set_aside_derived(newer, seq, &reason.to_string());
+                self.drop_vouch_record(&format!(
+                    "the job published a checkpoint before its client verified every file of checkpoint {seq}, which was damaged"
+                ));
+                queue.extend(self.m.on(
+                    Event::RestoreRejected {
+                        seq,
+                        error: reason.to_string(),
+                    },
+                    Instant::now(),
+                ));
+                true
+            }
         }
     }
 
@@ -1140,10 +1320,10 @@ impl Run {
             self.remote_restore();
         }
         let mut bad = Vec::new();
-        let check = match self.cfg.restore_check {
-            // A CRIU image is restored by CRIU, which checks nothing: always in full.
-            protocol::RestoreCheck::Client if self.criu.is_none() => crate::store::Check::Sizes,
-            _ => crate::store::Check::Full,
+        // A CRIU image is restored by CRIU, which checks nothing: always in full.
+        let check = match self.vouch.check(self.criu.is_some()) {
+            protocol::RestoreCheck::Client => crate::store::Check::Sizes,
+            protocol::RestoreCheck::Full => crate::store::Check::Full,
         };
         let mut found = self
             .store
@@ -1242,18 +1422,17 @@ impl Run {
             protocol::start_kind(restore.map(|f| &f.manifest)).into(),
         ));
         // Empty values mean "unset" to every client (see docs/protocol.md).
+        let how = self.vouch.check(self.criu.is_some());
+        let why = self.vouch.why(self.criu.is_some());
+        self.tainted = None;
         self.restoring = restore.map(|f| {
-            let how = match self.cfg.restore_check {
-                protocol::RestoreCheck::Client if self.criu.is_none() => {
-                    protocol::RestoreCheck::Client
-                }
-                _ => protocol::RestoreCheck::Full,
-            };
             if how == protocol::RestoreCheck::Client {
                 self.light_launched.push(f.seq);
             }
             (f.seq, how)
         });
+        self.vouch
+            .launched(restore.map(|f| (f.seq, how, f.manifest.world_size.unwrap_or(1))));
         match restore {
             Some(f) => {
                 env.push((protocol::ENV_RESTORE.into(), f.path.as_os_str().to_owned()));
@@ -1303,19 +1482,20 @@ impl Run {
         })?;
         let what = match restore {
             Some(f) => format!(
-                "resuming from checkpoint {}{}",
+                "resuming from checkpoint {}{} ({})",
                 f.seq,
                 f.manifest
                     .step
-                    .map(|s| format!(" (step {s})"))
-                    .unwrap_or_default()
+                    .map(|s| format!(" at step {s}"))
+                    .unwrap_or_default(),
+                why
             ),
             None => "fresh start".into(),
         };
         self.rep.event(
             "launch",
             Some(format!("launched job (pid {pid}), {what}{}", if restarts > 0 { format!(", restart {restarts}") } else { String::new() })),
-            json!({ "pid": pid, "restart": restarts, "restore_seq": restore.map(|f| f.seq), "restore_step": restore.and_then(|f| f.manifest.step), "restore_check": self.restoring.map(|(_, h)| h.as_str()) }),
+            json!({ "pid": pid, "restart": restarts, "restore_seq": restore.map(|f| f.seq), "restore_step": restore.and_then(|f| f.manifest.step), "restore_check": self.restoring.map(|(_, h)| h.as_str()), "restore_check_mode": self.cfg.restore_check.as_str(), "restore_check_why": restore.map(|_| why) }),
         );
         Ok(pid)
     }
@@ -1337,6 +1517,10 @@ impl Run {
         };
         let newer: Vec<_> = list.into_iter().filter(|(s, _)| *s > last_seq).collect();
         if newer.is_empty() {
+            return;
+        }
+        let seqs: Vec<u64> = newer.iter().map(|(s, _)| *s).collect();
+        if self.vouch_net(&seqs, queue) {
             return;
         }
         let mut found = None;
@@ -1417,19 +1601,9 @@ impl Run {
     /// Records durably that the job finished (`DIR/.ckpt/finished`), through the store's one
     /// door to disk: write a temporary file, fsync, rename over, fsync the directory.
     fn mark_finished(&mut self) {
-        let private = self.store.private();
-        let path = private.join("finished");
-        let tmp = private.join("finished.tmp");
+        let path = self.store.private().join("finished");
         let body = json!({ "t_ms": crate::store::manifest::now_ms(), "exit": 0 }).to_string();
-        let io = self.store.io();
-        let res = (|| -> std::io::Result<()> {
-            let _ = io.remove_file(&tmp);
-            io.write_new(&tmp, body.as_bytes())?;
-            io.fsync_file(&tmp)?;
-            io.rename_replace(&tmp, &path)?;
-            io.fsync_dir(&private)
-        })();
-        if let Err(e) = res {
+        if let Err(e) = self.write_private("finished", body.as_bytes()) {
             self.rep.warn(
                 "finish_marker",
                 format!(
@@ -1439,6 +1613,20 @@ impl Run {
                 json!({}),
             );
         }
+    }
+
+    /// Replaces `DIR/.ckpt/<name>` durably, through the store's one door to disk: write a
+    /// temporary file, fsync, rename over, fsync the directory.
+    fn write_private(&self, name: &str, body: &[u8]) -> std::io::Result<()> {
+        let private = self.store.private();
+        let path = private.join(name);
+        let tmp = private.join(format!("{name}.tmp"));
+        let io = self.store.io();
+        let _ = io.remove_file(&tmp);
+        io.write_new(&tmp, body)?;
+        io.fsync_file(&tmp)?;
+        io.rename_replace(&tmp, &path)?;
+        io.fsync_dir(&private)
     }
 
     /// Handles a request on the control socket.

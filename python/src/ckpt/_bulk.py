@@ -697,11 +697,15 @@ def _reports(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def wrapped(self: "VerifiedFile", *a: Any, **k: Any) -> Any:
         try:
-            return fn(self, *a, **k)
+            out = fn(self, *a, **k)
         except (InvalidCheckpoint, OSError) as e:
             if self.on_damage is not None:
                 self.on_damage(e)
             raise
+        if self.checked and self.on_verified is not None:
+            tell, self.on_verified = self.on_verified, None
+            tell()
+        return out
 
     wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return wrapped
@@ -721,9 +725,13 @@ class VerifiedFile(io.RawIOBase):
 
     ``on_damage`` (set by the client under ``ckpt run --restore-check client``) is called with
     any :class:`InvalidCheckpoint` or ``OSError`` a read or a check raises, before it is
-    raised."""
+    raised; ``on_verified`` (set by a supervised client) once, when the whole file's size and
+    checksum have been checked (``checked``)."""
 
     on_damage: Optional[Callable[[BaseException], None]] = None
+    on_verified: Optional[Callable[[], None]] = None
+    #: The whole file's size and checksum were checked against the manifest.
+    checked = False
 
     def __init__(self, fd: int, name: str, size: int, expect_sum: int, algo: str) -> None:
         """Takes ``fd`` (the open member, e.g. from ``store.open_member``): closed by :meth:`close`."""
@@ -942,6 +950,7 @@ class VerifiedFile(io.RawIOBase):
                 "checksum-mismatch",
                 f"file {self.name!r} has checksum {crc:08x}, the manifest says {self._expect:08x} (the bytes changed)",
             )
+        self.checked = True
 
     @_reports
     def map_verified(self) -> Optional[mmap.mmap]:
@@ -1158,7 +1167,7 @@ class VerifiedFile(io.RawIOBase):
         self._sums.stop()
         info: Dict[str, Any] = {}
         view = read_segments(self._fd, self.name, self._size, self._expect, self._algo, info)
-        self.whole = True
+        self.whole = self.checked = True
         self.direct_reads += 1 if info.get("direct") else 0
         return view
 

@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 from . import _bulk
 from . import protocol as P
@@ -185,6 +185,10 @@ class Checkpointer:
         # Guards the checks of --restore-check client (`_check_exposed`, `_damaged`).
         self._check_lock = threading.RLock()
         self._exposed: Dict[str, Optional[InvalidCheckpoint]] = {}
+        #: Members of the restore checkpoint whose size and checksum this process checked.
+        self._verified: "set[str]" = set()
+        #: The pid that sent ``restore_verified`` (at most one per process).
+        self._vouched_pid: Optional[int] = None
         self._request = False
         self._stop = False
         self._stop_saved = False
@@ -519,6 +523,7 @@ class Checkpointer:
                 err = None
                 try:
                     verify_files(r.path, r.manifest, prefix)
+                    self._note_verified(f.name for f in r.manifest.files if f.name.startswith(prefix))
                 except InvalidCheckpoint as e:
                     err = self._damaged(e.at(str(r.path)))
                     print(
@@ -552,6 +557,30 @@ class Checkpointer:
             {"type": "restore_failed", "v": P.PROTOCOL_VERSION, "pid": pid, "seq": r.seq, "error": str(e)[:4096]}
         )
         return e
+
+    def _note_verified(self, names: Iterable[str]) -> None:
+        """Records that members ``names`` of the restore checkpoint passed their size and
+        checksum check in this process; once every member this process restores has (a rank:
+        its own shard), tells the supervisor with ``restore_verified`` (once per process), so
+        that under ``ckpt run --restore-check auto`` its next resumes read the checkpoint once
+        (docs/protocol.md, "One read per resume"). Not when resharding: the ranks' shards are
+        then read across ranks."""
+        r = self._restore
+        if r is None or not self._supervised or self._reshard:
+            return
+        pid = os.getpid()
+        with self._check_lock:
+            if self._vouched_pid == pid:
+                return
+            self._verified.update(names)
+            pre = f"{self._world.shard_dir}/" if self._sharded() and self._world else ""
+            if any(f.name not in self._verified for f in r.manifest.files if f.name.startswith(pre)):
+                return
+            self._vouched_pid = pid
+        msg: Dict[str, Any] = {"type": "restore_verified", "v": P.PROTOCOL_VERSION, "pid": pid, "seq": r.seq}
+        if self._sharded() and self._world is not None:
+            msg["rank"] = self._world.rank
+        self._channel.send(msg)
 
     def read_file(self, name: str) -> bytes:
         """Reads file ``name`` of the restore checkpoint whole, checked against the manifest's
@@ -633,11 +662,13 @@ class Checkpointer:
             have = ", ".join(f.name for f in r.manifest.files)
             raise CkptError(f"checkpoint {r.path} has no file {name!r} (it has: {have})")
         try:
-            return read_member(r.path, entry, r.manifest.checksum)
+            data = read_member(r.path, entry, r.manifest.checksum)
         except InvalidCheckpoint as e:
             raise self._damaged(e.at(str(r.path))) from None
         except OSError as e:
             raise self._damaged(e)
+        self._note_verified((name,))
+        return data
 
     def _read_listed_big(self, name: str) -> memoryview:
         """Listed file ``name`` of the restore checkpoint, verified, read into page-aligned
@@ -650,13 +681,15 @@ class Checkpointer:
         try:
             fd = open_member(r.path, entry.name)
             try:
-                return _bulk.read_segments(fd, entry.name, entry.size, entry.sum, r.manifest.checksum)
+                view = _bulk.read_segments(fd, entry.name, entry.size, entry.sum, r.manifest.checksum)
             finally:
                 os.close(fd)
         except InvalidCheckpoint as e:
             raise self._damaged(e.at(str(r.path))) from None
         except OSError as e:
             raise self._damaged(e)
+        self._note_verified((name,))
+        return view
 
     def _open_verified(self, name: str) -> "Optional[_bulk.VerifiedFile]":
         """Listed file ``name`` of the restore checkpoint (this rank's shard in a multi-rank
@@ -683,6 +716,8 @@ class Checkpointer:
         if self._restore_check == P.RESTORE_CHECK_CLIENT:
             path = str(r.path)
             f.on_damage = lambda e: self._damaged(e.at(path) if isinstance(e, InvalidCheckpoint) else e)
+        member = entry.name
+        f.on_verified = lambda: self._note_verified((member,))
         return f
 
     def restore(self, default: Any = None, *, reshard: "Optional[Callable[[OldShards], Any]]" = None) -> Any:
