@@ -598,6 +598,31 @@ fn restore_with_another_world_size_is_refused() {
     assert_no_survivors(&dir);
 }
 
+/// `ckpt run` (a request every 100 ms, `extra` options) of `world` ranks started by
+/// `rank_launcher` running `args` (a `trainer_args`), stderr piped.
+fn launched_ranks(dir: &Path, world: u32, extra: &[&str], args: &[String]) -> Command {
+    let mut c = ckpt();
+    c.args([
+        "run",
+        "--every",
+        "100ms",
+        "--backoff",
+        "20ms..50ms",
+        "--max-failures",
+        "1",
+        "--dir",
+    ])
+    .arg(dir)
+    .args(extra)
+    .arg("--")
+    .arg(test_bin("rank_launcher"))
+    .args(["--n", &world.to_string(), "--"])
+    .args(args)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
 /// `--restore-check client` with 4 ranks: one byte of rank 2's shard of the newest
 /// checkpoint is flipped (every size intact, so the supervisor's check passes it); rank 2's
 /// client finds it as it reads its shard and reports it; the supervisor verifies, sets the
@@ -610,28 +635,14 @@ fn a_damaged_shard_under_restore_check_client_is_reported_by_its_rank_and_resume
     let dir = tmp.path().join("ckpt");
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
+    let args = trainer_args(steps, &out);
     let run = |check: bool| {
-        let mut c = ckpt();
-        c.args([
-            "run",
-            "--every",
-            "100ms",
-            "--backoff",
-            "20ms..50ms",
-            "--dir",
-        ])
-        .arg(&dir)
-        .args(["--max-failures", "1"]);
-        if check {
-            c.args(["--restore-check", "client"]);
-        }
-        c.arg("--")
-            .arg(test_bin("rank_launcher"))
-            .args(["--n", &world.to_string(), "--"])
-            .args(trainer_args(steps, &out))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c
+        let extra: &[&str] = if check {
+            &["--restore-check", "client"]
+        } else {
+            &[]
+        };
+        launched_ranks(&dir, world, extra, &args)
     };
     // A first run, stopped once it has two checkpoints.
     let mut first = run(false).spawn_guarded();
@@ -708,25 +719,7 @@ fn under_restore_check_auto_every_rank_vouches_before_a_resume_is_read_once() {
     let mut args = trainer_args(steps, &out);
     let pad = args.iter().position(|a| a == "--pad-kib").unwrap();
     args[pad + 1] = "0".into();
-    let run = || {
-        let mut c = ckpt();
-        c.args([
-            "run",
-            "--every",
-            "100ms",
-            "--backoff",
-            "20ms..50ms",
-            "--dir",
-        ])
-        .arg(&dir)
-        .args(["--max-failures", "1", "--"])
-        .arg(test_bin("rank_launcher"))
-        .args(["--n", &world.to_string(), "--"])
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        c
-    };
+    let run = || launched_ranks(&dir, world, &[], &args);
     // Two runs stopped once they have new checkpoints: fresh, then the first resume.
     for _ in 0..2 {
         let want = checkpoints(&dir).last().copied().unwrap_or(0) + 2;

@@ -541,14 +541,17 @@ def test_bench_npload_recipe_runs(tmp_path):
     assert not d.exists()
 
 
-def test_bench_resume_recipe_runs(tmp_path):
+@pytest.mark.parametrize("job", ["python", "torch"])
+def test_bench_resume_recipe_runs(tmp_path, job):
     """docs/benchmarks.md run X's recipe (`scripts/bench-resume`) as written, at 8 MiB and one
-    round: a whole `ckpt run` resume under the default (auto, after the job's client vouched:
-    one read) and under `--restore-check full`, beside a cold dd; the script itself checks
-    each launch's check (no figure asserted) and removes its directory."""
+    round, for a numpy job and a torch model: a whole `ckpt run` resume under the default
+    (auto, after the job's client vouched: one read) and under `--restore-check full`, beside a
+    cold dd; the script itself checks each launch's check (no figure asserted) and removes its
+    directory."""
     d = tmp_path / "r"
-    r = run(["bash", REPO / "scripts/bench-resume", "--mib", "8", "--rounds", "1", "--dir", d, "--python", sys.executable],
-            240, env={**clean_env(), "CKPT_BIN": str(ckpt_bin())})
+    py = sys.executable if job == "python" else _torch_python()
+    r = run(["bash", REPO / "scripts/bench-resume", "--job", job, "--mib", "8", "--rounds", "1", "--dir", d,
+             "--python", py], 240, env={**clean_env(), "CKPT_BIN": str(ckpt_bin())})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "round 1" in r.stdout and "dd=" in r.stdout and "full=" in r.stdout and "auto=" in r.stdout, r.stdout
     assert "per-round dd / auto" in r.stdout and "launch checks: auto -> client, full -> full" in r.stdout, r.stdout

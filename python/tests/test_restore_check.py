@@ -610,7 +610,8 @@ def test_restore_verified_is_sent_once_when_the_verifying_reads_cover_every_file
 
 
 # A job for `ckpt run` (to STEPS) whose way of restoring is MODE: through the client (`restore`: ck.save /
-# ck.restore; `read_file`, `load_array`: saving() files read back one by one), or not wholly
+# ck.restore; `read_file`, `load_array`: saving() files read back one by one; `training`:
+# ckpt.training.TrainState), or not wholly
 # (`dir`: restore_dir() and its own reads; `direct`: $CKPT_RESTORE by its own code; `partial`:
 # one of its two files through the client, the other by path). It exits 1 at step CRASH of
 # its first launch, and after each CRASH2 step of its second.
@@ -622,8 +623,15 @@ AUTO_JOB = textwrap.dedent(r"""
     ck = ckpt.Checkpointer()
     rc = int(os.environ.get("CKPT_RESTART_COUNT") or 0)
     r = ck.restore_point
+    if mode == "training":
+        import ckpt.training as tr
+        w = np.zeros(2, dtype=np.int64)
+        ts = tr.TrainState(arrays={"w": w})
     if r is None:
         state = {"step": 0, "acc": 1}
+    elif mode == "training":
+        ts.restore(ck)
+        state = {"step": int(w[0]), "acc": int(w[1])}
     elif mode == "restore":
         state = ck.restore()
     elif mode == "read_file":
@@ -644,6 +652,10 @@ AUTO_JOB = textwrap.dedent(r"""
         state["acc"] = (state["acc"] * 1000003 + state["step"]) % (1 << 61)
         if mode == "restore":
             ck.save(state, step=state["step"])
+        elif mode == "training":
+            w[:] = [state["step"], state["acc"]]
+            ts.step = state["step"]
+            ts.save(ck)
         elif mode == "load_array":
             with ck.saving(step=state["step"]) as d:
                 np.save(d / "state.npy", np.array([state["step"], state["acc"]], dtype=np.int64))
@@ -659,7 +671,7 @@ AUTO_JOB = textwrap.dedent(r"""
         f.write(json.dumps(state))
 """)
 
-VOUCHING = ("restore", "read_file", "load_array")
+VOUCHING = ("restore", "read_file", "load_array", "training")
 
 
 def _auto_run(tmp: Path, d: Path, mode: str, steps: int, out: Path, *opts: str, **env) -> "subprocess.CompletedProcess":
@@ -670,12 +682,12 @@ def _auto_run(tmp: Path, d: Path, mode: str, steps: int, out: Path, *opts: str, 
                env=clean_env(MODE=mode, STEPS=str(steps), **env))
 
 
-@pytest.mark.parametrize("mode", ["restore", "read_file", "load_array", "dir", "direct", "partial"])
+@pytest.mark.parametrize("mode", ["restore", "read_file", "load_array", "training", "dir", "direct", "partial"])
 def test_auto_reads_once_after_the_client_vouched_and_never_for_a_job_that_reads_by_itself(tmp_path, mode):
     """Under the default `--restore-check auto`: the first resume is verified in full; a job
     whose client read every file of it (restore, read_file, load_array) vouches for it and
     every later resume of that command, in the same `ckpt run` or the next, is read once
-    (`restore_check` `client`); a job that reads files by path (restore_dir() in full mode,
+    (`restore_check` `client`), ckpt.training's TrainState too; a job that reads files by path (restore_dir() in full mode,
     $CKPT_RESTORE, one file of two) never is. Every run ends with the uninterrupted result."""
     np = pytest.importorskip("numpy")  # noqa: F841
     ref, out = tmp_path / "ref", tmp_path / "out"
