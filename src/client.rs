@@ -586,7 +586,7 @@ impl Checkpointer {
                 return;
             }
             v.0.extend(names.into_iter().map(str::to_owned));
-            let all = r
+            let mut mine = r
                 .manifest
                 .files
                 .iter()
@@ -595,8 +595,8 @@ impl Checkpointer {
                         .as_ref()
                         .is_none_or(|p| f.name.starts_with(p.as_str()))
                 })
-                .all(|f| v.0.contains(&f.name));
-            if !all {
+                .peekable();
+            if mine.peek().is_none() || !mine.all(|f| v.0.contains(&f.name)) {
                 return;
             }
             v.1 = pid;

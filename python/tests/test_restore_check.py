@@ -717,16 +717,18 @@ def test_auto_reads_once_after_the_client_vouched_and_never_for_a_job_that_reads
     assert_no_survivors(d)
 
 
-def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new_checkpoints_count(tmp_path):
+@pytest.mark.parametrize("more", [1, 6])
+def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new_checkpoints_count(tmp_path, more):
     """The safety net of auto: a job that vouched (read_file) and then, with the same command,
     reads $CKPT_RESTORE by its own code is launched after the light check; its restore
     checkpoint, damaged (a digit of its state flipped, every size intact), is read unverified
-    and the job saves what it computed. At that first new checkpoint the supervisor verifies
-    the restore in full, sets it aside and every checkpoint the launch wrote (slug
+    and the job saves what it computed. At that first new checkpoint (more=6: the job goes on;
+    more=1: it is the job's last save before it exits, taken in at its exit) the supervisor
+    verifies the restore in full, sets it aside and every checkpoint the launch wrote (slug
     `derived-from-damaged`), stops the job, drops the record and relaunches it from the
     checkpoint before, verified in full: the job ends with the uninterrupted result."""
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert _auto_run(tmp_path, tmp_path / "ref-d", "direct", 14, ref).returncode == 0
+    assert _auto_run(tmp_path, tmp_path / "ref-d", "direct", 8 + more, ref).returncode == 0
     d = tmp_path / "d"
     r = _auto_run(tmp_path, d, "read_file", 8, out, CRASH="3")
     assert r.returncode == 0, r.stderr
@@ -737,7 +739,7 @@ def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new
     at = text.index('"acc": ') + len('"acc": ') + 2
     _flip(f, at)
     # The job now reads by itself (MODE is not part of the command: the record still applies).
-    r = _auto_run(tmp_path, d, "direct", 14, out, "--again")
+    r = _auto_run(tmp_path, d, "direct", 8 + more, out, "--again")
     assert r.returncode == 0, r.stderr
     launches = _of(d, "launch")
     assert [(e["restore_seq"], e["restore_check"]) for e in launches[-2:]] == [(newest, "client"), (newest - 1, "full")], r.stderr
@@ -747,8 +749,105 @@ def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new
     assert [e["seq"] for e in _of(d, "restore_rejected")] == [newest], r.stderr
     assert _of(d, "restore_check_full"), r.stderr
     assert not (d / ".ckpt" / "restore-check.json").exists()
+    assert not (d / ".ckpt" / "light-launch.json").exists()
     assert json.loads(out.read_text()) == json.loads(ref.read_text())
     assert_no_survivors(d)
+
+
+@pytest.mark.parametrize("marked", ["damaged", "intact", "fifo"])
+def test_auto_a_supervisor_that_died_during_a_light_launch_is_followed_by_a_full_check(tmp_path, marked):
+    """A light-checked launch is marked in `.ckpt/light-launch.json` until its client vouched;
+    a supervisor killed meanwhile leaves the marker. The next `ckpt run` drops the record,
+    verifies the checkpoint that launch restored: damaged, it and every newer checkpoint (which
+    the dead launch may have computed from damaged bytes) are set aside and the job resumes
+    from the one before; intact, nothing is set aside. Either way this start checks in full and
+    the job ends with the uninterrupted result. A marker that is not a file ckpt wrote (a FIFO)
+    is removed with a warning, without a hang."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _auto_run(tmp_path, tmp_path / "ref-d", "read_file", 12, ref).returncode == 0
+    d = tmp_path / "d"
+    r = _auto_run(tmp_path, d, "read_file", 8, out, CRASH="3")
+    assert r.returncode == 0 and (d / ".ckpt" / "restore-check.json").exists(), r.stderr
+    assert [s for s, _ in Store(d).list()] == [6, 7, 8]
+    if marked == "damaged":
+        f = Store(d).path_of(8) / "state.json"
+        text = f.read_text()
+        _flip(f, text.index('"acc": ') + len('"acc": ') + 2)
+    # What the dead launch (restoring 8) published: checkpoint 9.
+    ck = ckpt.Checkpointer(d)
+    try:
+        with ck.saving(step=9) as p:
+            (p / "state.json").write_text(json.dumps({"step": 9, "acc": 0}))
+            (p / "pad.bin").write_bytes(b"")
+    finally:
+        ck.close()
+    marker = d / ".ckpt" / "light-launch.json"
+    if marked == "fifo":
+        os.mkfifo(marker)
+    else:
+        marker.write_text(json.dumps({"v": 1, "seq": 8, "t_ms": 1}))
+    r = _auto_run(tmp_path, d, "read_file", 12, out, "--again")
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    q = _quarantined(d)
+    launch = _of(d, "launch")[-1]
+    if marked == "damaged":
+        assert q[0].startswith("ckpt-000000000008.checksum-mismatch.") and ".derived-from-damaged." in q[1], q
+        assert len(q) == 2, q
+        assert (launch["restore_seq"], launch["restore_check"]) == (7, "full"), r.stderr
+        assert "is damaged" in r.stderr and "set aside" in r.stderr, r.stderr
+    else:
+        assert q == [], q
+    if marked == "intact":
+        # Checkpoint 9 is this test's own (step 9, acc 0): resumed from, verified in full.
+        assert (launch["restore_seq"], launch["restore_check"]) == (9, "full"), r.stderr
+        assert "verified in full now: intact" in r.stderr, r.stderr
+    elif marked == "fifo":
+        assert "light-launch.json" in r.stderr, r.stderr
+        assert launch["restore_check"] == "full", r.stderr
+    if marked == "damaged":
+        assert json.loads(out.read_text()) == json.loads(ref.read_text())
+    assert_no_survivors(d)
+
+
+def test_training_state_damage_is_reported_not_numpys_error(planted, listener, monkeypatch, tmp_path):
+    """ckpt.training.TrainState reads arrays.npz through the client: a flipped byte in it
+    (which zipfile's own CRC check would meet first) is raised as InvalidCheckpoint naming the
+    file, and under `CKPT_RESTORE_CHECK=client` reported once (`restore_failed`); an intact one
+    restores and vouches (`restore_verified`)."""
+    np = pytest.importorskip("numpy")
+    import ckpt.training as tr
+    d = tmp_path / "t"
+    ck = ckpt.Checkpointer(d)
+    try:
+        ts = tr.TrainState(arrays={"w": np.arange(100_000, dtype=np.float64)})
+        ts.step = 4
+        ts.save(ck)
+    finally:
+        ck.close()
+    sock, sock_path = listener
+    for check in ("client", "full"):
+        ck = _as_supervised(monkeypatch, d, 1, sock_path, check)
+        try:
+            w = np.zeros(100_000)
+            assert tr.TrainState(arrays={"w": w}).restore(ck) and w[77] == 77.0
+        finally:
+            ck.close()
+        assert [m["type"] for m in _messages(sock)] == ["hello", "restore_verified"], check
+    f = Store(d).path_of(1) / "arrays.npz"
+    _flip(f, f.stat().st_size // 2)
+    for check in ("client", "full"):
+        ck = _as_supervised(monkeypatch, d, 1, sock_path, check)
+        try:
+            w = np.zeros(100_000)
+            with pytest.raises(InvalidCheckpoint) as e:
+                tr.TrainState(arrays={"w": w}).restore(ck)
+            assert "arrays.npz" in str(e.value) and e.value.slug == "checksum-mismatch"
+            assert not w.any(), "nothing applied"
+        finally:
+            ck.close()
+        sent = [m["type"] for m in _messages(sock)]
+        assert sent == ["hello"] + (["restore_failed"] if check == "client" else []), (check, sent)
 
 
 @pytest.mark.parametrize("planted_as", ["fifo", "symlink", "garbage", "other-command"])

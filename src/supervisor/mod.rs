@@ -259,7 +259,8 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
             None
         }
     };
-    let vouch = vouch::Vouch::new(cfg.restore_check, vouch::command_of(&cfg.command), record);
+    let mut vouch = vouch::Vouch::new(cfg.restore_check, vouch::command_of(&cfg.command), record);
+    recover_light_launch(&store, &mut rep, &mut vouch);
     let mut run = Run {
         cfg,
         store,
@@ -293,6 +294,7 @@ pub fn run(cfg: Config) -> Result<i32, Fatal> {
         light_launched: Vec::new(),
         vouch,
         tainted: None,
+        verified_now: None,
     };
     run.slurm_start();
     let code = run.main_loop();
@@ -625,6 +627,9 @@ struct Run {
     /// [`Run::vouch_net`]): its seq and the damage. Whatever the launch still publishes
     /// before it is gone is set aside, as derived from it.
     tainted: Option<(u64, String)>,
+    /// `pick_restore` verified this checkpoint in full (launched after the light check
+    /// before): its launch is a full one.
+    verified_now: Option<u64>,
 }
 
 /// Opens `--remote` and starts its uploader, whose lines come back through the loop's
@@ -708,6 +713,104 @@ fn dir_identity(store: &Store) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(store.private())
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// Sets aside checkpoints `newer`, published by a launch that read damaged checkpoint `seq`
+/// without verifying it (`reason`: the damage), slug `derived-from-damaged`.
+fn set_aside_derived(store: &Store, rep: &mut Reporter, newer: &[u64], seq: u64, reason: &str) {
+    for &n in newer {
+        let why = format!("it was written by a launch that restored checkpoint {seq} without verifying every file of it, and checkpoint {seq} is damaged ({reason}): its state may be computed from damaged bytes");
+        let said = match store.quarantine_as(n, "derived-from-damaged", &why) {
+            Ok(p) => format!("checkpoint {n} set aside to {}: {why}", p.display()),
+            Err(e) => {
+                format!("checkpoint {n} should be set aside ({why}) but cannot be moved: {e}")
+            }
+        };
+        rep.warn(
+            "quarantined",
+            said,
+            json!({ "seq": n, "reason": why, "derived_from": seq }),
+        );
+    }
+}
+
+/// At start-up: a `light-launch.json` marker means the previous supervisor of this directory
+/// died during a light-checked launch whose processes had not all vouched (`vouch.rs`), so
+/// its job may have read bytes no one verified and saved what it computed from them. The
+/// record is dropped (this start checks in full), and the checkpoint that launch restored is
+/// verified now: damaged (or gone: retention keeps it, so only a quarantine or a hand
+/// removed it), it and every newer checkpoint are set aside (`derived-from-damaged`), as the
+/// net would have done. The marker is then removed.
+fn recover_light_launch(store: &Store, rep: &mut Reporter, v: &mut vouch::Vouch) {
+    let private = store.private();
+    let marker = match vouch::load_marker(&private) {
+        Ok(None) => return,
+        Ok(Some(m)) => Some(m),
+        Err(why) => {
+            rep.warn(
+                "restore_check_record",
+                format!("{why}: ignored (removed)"),
+                json!({}),
+            );
+            None
+        }
+    };
+    let io = store.io();
+    // Whichever command that launch ran, its record (if it was this one's) is void.
+    v.forget();
+    for name in [vouch::MARKER, vouch::FILE] {
+        match io.remove_file(&private.join(name)) {
+            Ok(()) => {
+                let _ = io.fsync_dir(&private);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => rep.warn(
+                "restore_check_record",
+                format!("cannot remove {}: {e}", private.join(name).display()),
+                json!({}),
+            ),
+        }
+    }
+    let Some(m) = marker else { return };
+    let seq = m.seq;
+    let damage = if std::fs::symlink_metadata(store.path_of(seq)).is_err() {
+        Some("it is no longer in the directory (set aside or removed)".to_string())
+    } else {
+        match store.verify(seq) {
+            Ok(_) => None,
+            Err(reason) => {
+                let (said, _) = set_aside(store, "checkpoint", seq, &reason);
+                rep.warn(
+                    "quarantined",
+                    said,
+                    json!({ "seq": seq, "reason": reason.to_string() }),
+                );
+                Some(reason.to_string())
+            }
+        }
+    };
+    let newer: Vec<u64> = store
+        .list()
+        .map(|l| l.into_iter().map(|(s, _)| s).filter(|&s| s > seq).collect())
+        .unwrap_or_default();
+    let what = format!("the previous ckpt of this directory stopped during a launch that restored checkpoint {seq} after the light check, before the job's client had vouched for it");
+    match damage {
+        None => rep.warn(
+            "restore_check_full",
+            format!(
+                "{what}; checkpoint {seq} verified in full now: intact; this start checks in full"
+            ),
+            json!({ "seq": seq, "intact": true }),
+        ),
+        Some(reason) => {
+            rep.warn(
+                "restore_check_full",
+                format!("{what}; checkpoint {seq} is damaged ({reason}): the {} checkpoint(s) newer than it are set aside", newer.len()),
+                json!({ "seq": seq, "intact": false, "reason": reason }),
+            );
+            set_aside_derived(store, rep, &newer, seq, &reason);
+        }
+    }
 }
 
 /// Moves checkpoint `seq` ("checkpoint" or "new checkpoint": `what`), which does not verify
@@ -826,13 +929,19 @@ impl Run {
                 }
             }
             self.restore_failed(exit);
-            if let Some(why) = self.vouch.ended() {
-                self.drop_vouch_record(&why);
-            }
             self.kill_tree_wait(pid);
             self.job_pid = None;
             self.shared.job_pid.store(0, Ordering::SeqCst);
+            // The launch is still current here: a checkpoint its last moments published
+            // goes through the net (`vouch_net`) before the launch is closed.
             self.rescan(queue);
+            let light = matches!(self.restoring, Some((_, protocol::RestoreCheck::Client)));
+            if let Some(why) = self.vouch.ended() {
+                self.drop_vouch_record(&why);
+            }
+            if light {
+                self.clear_light_marker();
+            }
             queue.extend(self.m.on(
                 Event::Exited {
                     exit,
@@ -1138,6 +1247,12 @@ impl Run {
             ),
             vouch::Heard::Complete(record) => {
                 let new = record.is_some();
+                if self
+                    .restoring
+                    .is_some_and(|(_, h)| h == protocol::RestoreCheck::Client)
+                {
+                    self.clear_light_marker();
+                }
                 if let Some(r) = record {
                     let body = serde_json::to_vec(&r).expect("a record serialises");
                     if let Err(e) = self.write_private(vouch::FILE, &body) {
@@ -1161,19 +1276,41 @@ impl Run {
     /// Sets aside checkpoints `newer`, published by a launch that read damaged checkpoint
     /// `seq` without verifying it (`reason`: the damage), slug `derived-from-damaged`.
     fn set_aside_derived(&mut self, newer: &[u64], seq: u64, reason: &str) {
-        for &n in newer {
-            let why = format!("it was written by a launch that restored checkpoint {seq} without verifying every file of it, and checkpoint {seq} is damaged ({reason}): its state may be computed from damaged bytes");
-            let said = match self.store.quarantine_as(n, "derived-from-damaged", &why) {
-                Ok(p) => format!("checkpoint {n} set aside to {}: {why}", p.display()),
-                Err(e) => {
-                    format!("checkpoint {n} should be set aside ({why}) but cannot be moved: {e}")
-                }
-            };
+        set_aside_derived(&self.store, &mut self.rep, newer, seq, reason);
+    }
+
+    /// Before a light-checked launch: `DIR/.ckpt/light-launch.json` says which checkpoint it
+    /// restores, until its processes have vouched or it ended, so that a supervisor that dies
+    /// meanwhile leaves a trace the next one acts on (`recover_light_launch`).
+    fn write_light_marker(&mut self, seq: u64) {
+        let m = vouch::Marker {
+            v: 1,
+            seq,
+            t_ms: crate::store::manifest::now_ms(),
+        };
+        let body = serde_json::to_vec(&m).expect("a marker serialises");
+        if let Err(e) = self.write_private(vouch::MARKER, &body) {
             self.rep.warn(
-                "quarantined",
-                said,
-                json!({ "seq": n, "reason": why, "derived_from": seq }),
+                "restore_check_record",
+                format!("cannot write {} ({e}): should ckpt die before the job's client has vouched for checkpoint {seq}, the next run will not know that it was restored after the light check", vouch::MARKER),
+                json!({ "seq": seq }),
             );
+        }
+    }
+
+    fn clear_light_marker(&mut self) {
+        let private = self.store.private();
+        let io = self.store.io();
+        match io.remove_file(&private.join(vouch::MARKER)) {
+            Ok(()) => {
+                let _ = io.fsync_dir(&private);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => self.rep.warn(
+                "restore_check_record",
+                format!("cannot remove {}: {e}", vouch::MARKER),
+                json!({}),
+            ),
         }
     }
 
@@ -1187,9 +1324,14 @@ impl Run {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         };
-        let mut text = format!(
-            "{why}: the next resume verifies its checkpoint in full (--restore-check auto)"
-        );
+        let mut text = match self.cfg.restore_check {
+            protocol::RestoreCheckMode::Auto => format!(
+                "{why}: the next resume verifies its checkpoint in full (--restore-check auto)"
+            ),
+            _ => format!(
+                "{why}: the record that this command's client vouches for its restores is dropped"
+            ),
+        };
         if let Err(e) = gone {
             text.push_str(&format!(
                 "; but {} cannot be removed ({e}): remove it by hand",
@@ -1214,20 +1356,38 @@ impl Run {
             self.set_aside_derived(newer, seq, &reason);
             return true;
         }
+        if self.vouch.pending().is_some() {
+            // A vouch sent just before the save may still wait in the channel: take in what
+            // is there first (without waiting), so that a job that vouched is not netted.
+            while let Ok(ev) = self.rx.try_recv() {
+                for ev in self.translate(ev) {
+                    queue.extend(self.m.on(ev, Instant::now()));
+                }
+            }
+        }
         let Some(seq) = self.vouch.net() else {
             return false;
         };
         let _busy = self
             .shared
             .busy_with("verifying the checkpoint the job restored before taking in its new one");
-        self.vouch.forget();
+        let ours = self.vouch.forget();
+        let newest = newer.iter().max().copied().unwrap_or(seq);
         match self.store.verify(seq) {
             Ok(_) => {
                 self.light_launched.retain(|&s| s != seq);
-                self.drop_vouch_record(&format!(
-                    "the job published checkpoint {} before its client verified every file of checkpoint {seq}, which it restored after the light check; checkpoint {seq} was verified in full now and is intact",
-                    newer.iter().max().copied().unwrap_or(seq)
-                ));
+                let why = format!(
+                    "the job published checkpoint {newest} before its client verified every file of checkpoint {seq}, which it restored after the light check; checkpoint {seq} was verified in full now and is intact"
+                );
+                if ours {
+                    self.drop_vouch_record(&why);
+                } else {
+                    self.rep.warn(
+                        "restore_checked_late",
+                        why,
+                        json!({ "seq": seq, "intact": true }),
+                    );
+                }
                 false
             }
             Err(reason) => {
@@ -1239,9 +1399,18 @@ impl Run {
                 );
                 self.tainted = Some((seq, reason.to_string()));
                 self.set_aside_derived(newer, seq, &reason.to_string());
-                self.drop_vouch_record(&format!(
-                    "the job published a checkpoint before its client verified every file of checkpoint {seq}, which was damaged"
-                ));
+                let why = format!(
+                    "the job published checkpoint {newest} before its client verified every file of checkpoint {seq}, which it restored after the light check and which is damaged"
+                );
+                if ours {
+                    self.drop_vouch_record(&why);
+                } else {
+                    self.rep.warn(
+                        "restore_checked_late",
+                        why,
+                        json!({ "seq": seq, "intact": false }),
+                    );
+                }
                 queue.extend(self.m.on(
                     Event::RestoreRejected {
                         seq,
@@ -1338,6 +1507,7 @@ impl Run {
             match self.store.verify(seq) {
                 Ok(_) => {
                     self.light_launched.retain(|&s| s != seq);
+                    self.verified_now = Some(seq);
                     break;
                 }
                 Err(reason) => {
@@ -1422,9 +1592,22 @@ impl Run {
             protocol::start_kind(restore.map(|f| &f.manifest)).into(),
         ));
         // Empty values mean "unset" to every client (see docs/protocol.md).
-        let how = self.vouch.check(self.criu.is_some());
-        let why = self.vouch.why(self.criu.is_some());
+        let (how, why) = match restore {
+            // Verified in full just now (launched after the light check before): said so.
+            Some(f) if self.verified_now == Some(f.seq) => (
+                protocol::RestoreCheck::Full,
+                "verified in full: launched after the light check before".to_string(),
+            ),
+            _ => (
+                self.vouch.check(self.criu.is_some()),
+                self.vouch.why(self.criu.is_some()),
+            ),
+        };
+        self.verified_now = None;
         self.tainted = None;
+        if let (Some(f), protocol::RestoreCheck::Client) = (restore, how) {
+            self.write_light_marker(f.seq);
+        }
         self.restoring = restore.map(|f| {
             if how == protocol::RestoreCheck::Client {
                 self.light_launched.push(f.seq);
@@ -1569,6 +1752,8 @@ impl Run {
         );
         queue.extend(self.m.on(Event::Committed(mark), Instant::now()));
         let mut protect = vec![self.m.last_seq()];
+        // The restore checkpoint of a light launch not vouched for yet: the net may need it.
+        protect.extend(self.vouch.pending());
         if let Some(u) = &self.uploader {
             u.submit(m.seq, self.store.path_of(m.seq));
             protect.extend(u.busy());

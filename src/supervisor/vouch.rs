@@ -23,6 +23,10 @@ use crate::protocol::{RestoreCheck, RestoreCheckMode};
 
 /// The record's file name in `DIR/.ckpt`.
 pub const FILE: &str = "restore-check.json";
+/// The marker of a light-checked launch whose processes have not all vouched yet, in
+/// `DIR/.ckpt`: written before such a launch, removed once they have or the launch ended. A
+/// marker found at start-up means a supervisor died during one (see `recover_light_launch`).
+pub const MARKER: &str = "light-launch.json";
 /// Largest record read back (a command line's worth).
 const LIMIT: u64 = 1 << 20;
 
@@ -35,6 +39,16 @@ pub struct Record {
     pub command: Vec<String>,
     pub seq: u64,
     pub ranks: u32,
+    pub t_ms: u64,
+}
+
+/// What `DIR/.ckpt/light-launch.json` holds: a light-checked launch restoring `seq` started
+/// at `t_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Marker {
+    pub v: u32,
+    pub seq: u64,
     pub t_ms: u64,
 }
 
@@ -194,10 +208,10 @@ impl Vouch {
 
     /// The current launch's leader ended. Returns the reason to drop the record: a light
     /// launch that ended without every rank's message (the job did not, or not only, read
-    /// its checkpoint through the client), when there is a record.
+    /// its checkpoint through the client), when there is a record for this command.
     pub fn ended(&mut self) -> Option<String> {
         let l = self.launch.take()?;
-        if l.how != RestoreCheck::Client || Self::complete(&l) || self.record.is_none() {
+        if l.how != RestoreCheck::Client || Self::complete(&l) || !self.trusted() {
             return None;
         }
         self.record = None;
@@ -222,10 +236,23 @@ impl Vouch {
         Some(l.seq)
     }
 
-    /// Drops the record (the net found a launch that did not vouch before it saved). Returns
-    /// whether there was one.
+    /// Drops the record when it is this command's (the net found a launch that did not vouch
+    /// before it saved; a supervisor died during such a launch). Returns whether it did.
     pub fn forget(&mut self) -> bool {
-        self.record.take().is_some()
+        let ours = self.trusted();
+        if ours {
+            self.record = None;
+        }
+        ours
+    }
+
+    /// The checkpoint the current launch restores after the light check while not every
+    /// process has vouched for it yet: kept from retention, and the reason for the marker.
+    pub fn pending(&self) -> Option<u64> {
+        self.launch
+            .as_ref()
+            .filter(|l| l.how == RestoreCheck::Client && !Self::complete(l) && !l.checked_late)
+            .map(|l| l.seq)
     }
 
     /// The current launch's restore checkpoint and how it was checked.
@@ -238,11 +265,19 @@ impl Vouch {
 /// a record ckpt wrote (not a regular file, too big, not this JSON): `Err(why)`, and the
 /// caller treats it as absent (full checks: the safe side).
 pub fn load(private: &std::path::Path) -> Result<Option<Record>, String> {
-    let path = private.join(FILE);
-    match crate::store::io::read_small(&path, LIMIT) {
-        Ok(b) => serde_json::from_slice::<Record>(&b)
+    load_json(&private.join(FILE))
+}
+
+/// Reads the marker in `private`, as [`load`] reads the record.
+pub fn load_marker(private: &std::path::Path) -> Result<Option<Marker>, String> {
+    load_json(&private.join(MARKER))
+}
+
+fn load_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Option<T>, String> {
+    match crate::store::io::read_small(path, LIMIT) {
+        Ok(b) => serde_json::from_slice::<T>(&b)
             .map(Some)
-            .map_err(|e| format!("{} is not a record ckpt wrote ({e})", path.display())),
+            .map_err(|e| format!("{} is not a file ckpt wrote ({e})", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
@@ -401,6 +436,33 @@ mod tests {
     }
 
     #[test]
+    fn another_commands_record_is_never_dropped_and_pending_names_an_unvouched_light_launch() {
+        // --restore-check client, with a record written by another command: a light launch
+        // that ends unvouched, or is netted, leaves it alone.
+        let mut v = Vouch::new(
+            RestoreCheckMode::Client,
+            cmd(),
+            Some(rec(3, vec!["./other".into()])),
+        );
+        v.launched(Some((5, RestoreCheck::Client, 1)));
+        assert_eq!(v.pending(), Some(5));
+        assert_eq!(v.net(), Some(5));
+        assert!(!v.forget());
+        assert_eq!(v.pending(), None, "netted: no longer pending");
+        assert_eq!(v.ended(), None);
+        // A vouched launch is not pending; a full one never is.
+        let mut a = Vouch::new(RestoreCheckMode::Auto, cmd(), Some(rec(1, cmd())));
+        a.launched(Some((2, RestoreCheck::Client, 2)));
+        assert_eq!(a.pending(), Some(2));
+        a.heard(2, Some(0), 0);
+        assert_eq!(a.pending(), Some(2));
+        a.heard(2, Some(1), 0);
+        assert_eq!(a.pending(), None);
+        a.launched(Some((3, RestoreCheck::Full, 1)));
+        assert_eq!(a.pending(), None);
+    }
+
+    #[test]
     fn load_reads_a_record_and_refuses_what_ckpt_did_not_write() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(load(d.path()), Ok(None));
@@ -408,7 +470,9 @@ mod tests {
         std::fs::write(d.path().join(FILE), serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(load(d.path()), Ok(Some(r)));
         std::fs::write(d.path().join(FILE), b"{\"v\":1}").unwrap();
-        assert!(load(d.path()).unwrap_err().contains("not a record"));
+        assert!(load(d.path())
+            .unwrap_err()
+            .contains("not a file ckpt wrote"));
         std::fs::remove_file(d.path().join(FILE)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join(FILE)).unwrap();
         assert!(load(d.path()).is_err(), "a symlink is refused");

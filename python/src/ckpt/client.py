@@ -566,7 +566,9 @@ class Checkpointer:
         (docs/protocol.md, "One read per resume"). Not when resharding: the ranks' shards are
         then read across ranks."""
         r = self._restore
-        if r is None or not self._supervised or self._reshard:
+        # Resharding (CKPT_RESHARD=1, or a checkpoint of another world size, read through a
+        # reshard hook): shards are read across ranks, no rank restores "its" files.
+        if r is None or not self._supervised or self._reshard or self._refusal is not None:
             return
         pid = os.getpid()
         with self._check_lock:
@@ -574,7 +576,8 @@ class Checkpointer:
                 return
             self._verified.update(names)
             pre = f"{self._world.shard_dir}/" if self._sharded() and self._world else ""
-            if any(f.name not in self._verified for f in r.manifest.files if f.name.startswith(pre)):
+            mine = [f.name for f in r.manifest.files if f.name.startswith(pre)]
+            if not mine or any(n not in self._verified for n in mine):
                 return
             self._vouched_pid = pid
         msg: Dict[str, Any] = {"type": "restore_verified", "v": P.PROTOCOL_VERSION, "pid": pid, "seq": r.seq}

@@ -30,7 +30,7 @@ import json
 import random
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
-from .errors import CkptError
+from .errors import CkptError, InvalidCheckpoint
 
 STATE_JSON = "train_state.json"
 ARRAYS_NPZ = "arrays.npz"
@@ -197,9 +197,17 @@ class TrainState:
             if f is None:
                 raise CkptError(f"checkpoint {ck.restore_point.path} has no {ARRAYS_NPZ}; hint: it was saved without arrays")
             with f:
-                with np.load(f, allow_pickle=False) as z:
-                    got = {k: z[k] for k in self.arrays if k in z.files}
-                    have = sorted(z.files)
+                try:
+                    with np.load(f, allow_pickle=False) as z:
+                        got = {k: z[k] for k in self.arrays if k in z.files}
+                        have = sorted(z.files)
+                except InvalidCheckpoint:
+                    raise
+                except Exception:
+                    # numpy or zipfile refused the bytes (a bad CRC, a header): if the file
+                    # is damaged, say that (and report it) rather than numpy's error.
+                    f.verify()
+                    raise
                 f.verify()  # every byte, also those np.load skipped, before anything is applied
             self._check_arrays(got, have)
         self.load_state_dict(st)
