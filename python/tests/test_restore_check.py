@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -20,7 +22,7 @@ from typing import List
 
 import pytest
 
-from conftest import PROTOCOL_VARS, assert_no_survivors, ckpt_bin, clean_env, events, run
+from conftest import PROTOCOL_VARS, assert_no_survivors, ckpt_bin, clean_env, events, run, wait_until
 
 import ckpt  # noqa: E402
 import ckpt.client  # noqa: E402
@@ -616,7 +618,7 @@ def test_restore_verified_is_sent_once_when_the_verifying_reads_cover_every_file
 # one of its two files through the client, the other by path). It exits 1 at step CRASH of
 # its first launch, and after each CRASH2 step of its second.
 AUTO_JOB = textwrap.dedent(r"""
-    import json, os, sys
+    import json, os, sys, time
     import numpy as np
     import ckpt
     mode, steps, out = os.environ["MODE"], int(os.environ["STEPS"]), sys.argv[1]
@@ -664,6 +666,7 @@ AUTO_JOB = textwrap.dedent(r"""
             with ck.saving(step=state["step"]) as d:
                 (d / "state.json").write_text(json.dumps(state))
                 (d / "pad.bin").write_bytes(bytes(range(256)) * 64)
+        time.sleep(float(os.environ.get("STEP_SLEEP") or 0))
         crash = {0: int(os.environ.get("CRASH") or 0), 1: int(os.environ.get("CRASH2") or 0)}.get(rc, 0)
         if state["step"] == crash:
             sys.exit(1)
@@ -754,6 +757,36 @@ def test_auto_a_job_that_stops_vouching_gets_its_restore_verified_before_its_new
     assert_no_survivors(d)
 
 
+def test_auto_an_intact_netted_restore_leaves_no_marker_behind_a_killed_supervisor(tmp_path):
+    """The net finds the restore checkpoint of an unvouched light launch intact: the marker
+    goes at once (retention may then remove that checkpoint as the job saves on). A supervisor
+    SIGKILLed later leaves nothing that makes the next `ckpt run` set the job's newer, intact
+    checkpoints aside: it kills the leftover job, resumes from the newest, and the result is
+    the uninterrupted one."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _auto_run(tmp_path, tmp_path / "ref-d", "read_file", 40, ref).returncode == 0
+    d = tmp_path / "d"
+    r = _auto_run(tmp_path, d, "read_file", 8, out, CRASH="3")
+    assert r.returncode == 0 and (d / ".ckpt" / "restore-check.json").exists(), r.stderr
+    job = tmp_path / "auto_job.py"
+    # The same command now reads $CKPT_RESTORE itself (intact), slowly.
+    p = subprocess.Popen([str(c) for c in _ckpt_run(d, "--again", cmd=[PY, job, out])], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=clean_env(MODE="direct", STEPS="40", STEP_SLEEP="0.05"))
+    try:
+        wait_until(lambda: Store(d).list() and Store(d).list()[-1][0] >= 14, 60, "six new checkpoints")
+        assert 8 not in [s for s, _ in Store(d).list()], "retention removed the netted restore"
+        assert not (d / ".ckpt" / "light-launch.json").exists()
+    finally:
+        os.kill(p.pid, signal.SIGKILL)  # the supervisor only: its job is left running
+        p.wait(30)
+    r = _auto_run(tmp_path, d, "read_file", 40, out, "--again")
+    assert r.returncode == 0, r.stderr
+    assert _quarantined(d) == [], r.stderr
+    assert json.loads(out.read_text()) == json.loads(ref.read_text())
+    assert_no_survivors(d)
+
+
 @pytest.mark.parametrize("marked", ["damaged", "intact", "fifo"])
 def test_auto_a_supervisor_that_died_during_a_light_launch_is_followed_by_a_full_check(tmp_path, marked):
     """A light-checked launch is marked in `.ckpt/light-launch.json` until its client vouched;
@@ -785,10 +818,12 @@ def test_auto_a_supervisor_that_died_during_a_light_launch_is_followed_by_a_full
     if marked == "fifo":
         os.mkfifo(marker)
     else:
-        marker.write_text(json.dumps({"v": 1, "seq": 8, "t_ms": 1}))
+        command = json.loads((d / ".ckpt" / "restore-check.json").read_text())["command"]
+        marker.write_text(json.dumps({"v": 1, "seq": 8, "t_ms": 1, "command": command}))
     r = _auto_run(tmp_path, d, "read_file", 12, out, "--again")
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
+    assert _of(d, "launch")[-1]["restore_check"] == "full", "the record went with the marker"
     q = _quarantined(d)
     launch = _of(d, "launch")[-1]
     if marked == "damaged":

@@ -756,9 +756,22 @@ fn recover_light_launch(store: &Store, rep: &mut Reporter, v: &mut vouch::Vouch)
         }
     };
     let io = store.io();
-    // Whichever command that launch ran, its record (if it was this one's) is void.
-    v.forget();
-    for name in [vouch::MARKER, vouch::FILE] {
+    // The record of the command that launch ran is void (any record, when the marker cannot
+    // be read).
+    let void = match (&marker, vouch::load(&private)) {
+        (Some(m), Ok(Some(r))) => r.command == m.command,
+        (Some(_), _) => false,
+        (None, _) => true,
+    };
+    if void {
+        v.forget();
+    }
+    let names: &[&str] = if void {
+        &[vouch::MARKER, vouch::FILE]
+    } else {
+        &[vouch::MARKER]
+    };
+    for &name in names {
         match io.remove_file(&private.join(name)) {
             Ok(()) => {
                 let _ = io.fsync_dir(&private);
@@ -1223,7 +1236,14 @@ impl Run {
             }
             // Unlike a damage report (which only ever leads to a verify), this one makes the
             // next launches skip a verify: only a live process of the job's tree may send it.
+            // A process that announced a client in this launch counts even if it is gone by
+            // now (a vouch read at the job's exit).
             _ if !(spawn::is_descendant(pid)
+                || self
+                    .m
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.announced.contains_key(&pid))
                 || (self.slurm.is_some() && slurm::is_job_peer(pid))) =>
             {
                 vouch::Heard::Ignored("not a process of the job".into())
@@ -1287,6 +1307,7 @@ impl Run {
             v: 1,
             seq,
             t_ms: crate::store::manifest::now_ms(),
+            command: vouch::command_of(&self.cfg.command),
         };
         let body = serde_json::to_vec(&m).expect("a marker serialises");
         if let Err(e) = self.write_private(vouch::MARKER, &body) {
@@ -1359,7 +1380,9 @@ impl Run {
         if self.vouch.pending().is_some() {
             // A vouch sent just before the save may still wait in the channel: take in what
             // is there first (without waiting), so that a job that vouched is not netted.
-            while let Ok(ev) = self.rx.try_recv() {
+            // Bounded: ranks still running may keep sending.
+            for _ in 0..1024 {
+                let Ok(ev) = self.rx.try_recv() else { break };
                 for ev in self.translate(ev) {
                     queue.extend(self.m.on(ev, Instant::now()));
                 }
@@ -1373,9 +1396,22 @@ impl Run {
             .busy_with("verifying the checkpoint the job restored before taking in its new one");
         let ours = self.vouch.forget();
         let newest = newer.iter().max().copied().unwrap_or(seq);
+        if std::fs::symlink_metadata(self.store.path_of(seq)).is_err() {
+            // Set aside already (a client's damage report, taken in the drain): what the
+            // launch published without vouching derives from a damaged checkpoint.
+            let reason = "it was set aside as damaged".to_string();
+            self.tainted = Some((seq, reason.clone()));
+            self.set_aside_derived(newer, seq, &reason);
+            if ours {
+                self.drop_vouch_record(&format!("the job published checkpoint {newest} after checkpoint {seq}, which it restored after the light check, was set aside as damaged"));
+            }
+            return true;
+        }
         match self.store.verify(seq) {
             Ok(_) => {
                 self.light_launched.retain(|&s| s != seq);
+                // Nothing is left for a successor to check: the marker goes.
+                self.clear_light_marker();
                 let why = format!(
                     "the job published checkpoint {newest} before its client verified every file of checkpoint {seq}, which it restored after the light check; checkpoint {seq} was verified in full now and is intact"
                 );
@@ -1655,7 +1691,13 @@ impl Run {
             .criu
             .as_ref()
             .map(|_| restore.is_some_and(criu::is_image));
-        let pid = command.and_then(|command| spawn::launch(&command, &env, cgroup_procs.as_deref(), self.lock_fds)).map_err(|e| {
+        let spawned = command.and_then(|command| {
+            spawn::launch(&command, &env, cgroup_procs.as_deref(), self.lock_fds)
+        });
+        if spawned.is_err() && how == protocol::RestoreCheck::Client && restore.is_some() {
+            self.clear_light_marker();
+        }
+        let pid = spawned.map_err(|e| {
             let prog = self.cfg.command[0].to_string_lossy();
             match e.kind() {
                 std::io::ErrorKind::NotFound => Fatal::new(ErrKind::NotFound, format!("cannot run `{prog}`: command not found; hint: check the spelling and PATH, or give a path")),
@@ -2056,6 +2098,10 @@ impl Run {
         self.dir_id = dir_identity(&self.store);
         self.dir_missing_since = None;
         self.rep.reopen();
+        if let Some(seq) = self.vouch.pending() {
+            // The marker of the light launch still running went with the old `.ckpt`.
+            self.write_light_marker(seq);
+        }
         match res {
             Ok(()) => self.rep.warn(
                 "dir_made_again",

@@ -42,14 +42,16 @@ pub struct Record {
     pub t_ms: u64,
 }
 
-/// What `DIR/.ckpt/light-launch.json` holds: a light-checked launch restoring `seq` started
-/// at `t_ms`.
+/// What `DIR/.ckpt/light-launch.json` holds: a light-checked launch of `command` restoring
+/// `seq` started at `t_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Marker {
     pub v: u32,
     pub seq: u64,
     pub t_ms: u64,
+    /// The launch's command (only its record is void).
+    pub command: Vec<String>,
 }
 
 /// One launch that restores a checkpoint.
