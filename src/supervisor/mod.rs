@@ -1293,6 +1293,20 @@ impl Run {
         }
     }
 
+    /// What the net found (`intact` or not) about checkpoint `seq`, said once: as the reason
+    /// the record is dropped when it was this command's (`ours`), else as its own warning.
+    fn late_verdict(&mut self, ours: bool, seq: u64, intact: bool, why: String) {
+        if ours {
+            self.drop_vouch_record(&why);
+        } else {
+            self.rep.warn(
+                "restore_checked_late",
+                why,
+                json!({ "seq": seq, "intact": intact }),
+            );
+        }
+    }
+
     /// Sets aside checkpoints `newer`, published by a launch that read damaged checkpoint
     /// `seq` without verifying it (`reason`: the damage), slug `derived-from-damaged`.
     fn set_aside_derived(&mut self, newer: &[u64], seq: u64, reason: &str) {
@@ -1412,18 +1426,9 @@ impl Run {
                 self.light_launched.retain(|&s| s != seq);
                 // Nothing is left for a successor to check: the marker goes.
                 self.clear_light_marker();
-                let why = format!(
+                self.late_verdict(ours, seq, true, format!(
                     "the job published checkpoint {newest} before its client verified every file of checkpoint {seq}, which it restored after the light check; checkpoint {seq} was verified in full now and is intact"
-                );
-                if ours {
-                    self.drop_vouch_record(&why);
-                } else {
-                    self.rep.warn(
-                        "restore_checked_late",
-                        why,
-                        json!({ "seq": seq, "intact": true }),
-                    );
-                }
+                ));
                 false
             }
             Err(reason) => {
@@ -1435,18 +1440,9 @@ impl Run {
                 );
                 self.tainted = Some((seq, reason.to_string()));
                 self.set_aside_derived(newer, seq, &reason.to_string());
-                let why = format!(
+                self.late_verdict(ours, seq, false, format!(
                     "the job published checkpoint {newest} before its client verified every file of checkpoint {seq}, which it restored after the light check and which is damaged"
-                );
-                if ours {
-                    self.drop_vouch_record(&why);
-                } else {
-                    self.rep.warn(
-                        "restore_checked_late",
-                        why,
-                        json!({ "seq": seq, "intact": false }),
-                    );
-                }
+                ));
                 queue.extend(self.m.on(
                     Event::RestoreRejected {
                         seq,
