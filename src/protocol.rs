@@ -350,6 +350,28 @@ mod tests {
             }
         );
         assert!(Message::parse(br#"{"type":"restore_verified","v":1,"pid":12}"#).is_err());
+        // Every example message in docs/protocol.md parses, and every type has one.
+        let doc = include_str!("../docs/protocol.md");
+        let examples: Vec<Message> = doc
+            .lines()
+            .filter(|l| l.starts_with("    {\"type\":"))
+            .map(|l| Message::parse(l.trim().as_bytes()).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        for t in [
+            "hello",
+            "progress",
+            "committed",
+            "save_failed",
+            "restore_failed",
+            "restore_verified",
+        ] {
+            assert!(
+                examples
+                    .iter()
+                    .any(|m| serde_json::to_value(m).unwrap()["type"] == t),
+                "docs/protocol.md has no example of {t}"
+            );
+        }
         assert!(Message::parse(br#"{"type":"restore_verified","v":1,"pid":12,"seq":-1}"#).is_err());
         assert!(Message::parse(b"{").is_err());
         assert!(
