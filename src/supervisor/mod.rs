@@ -715,6 +715,17 @@ fn dir_identity(store: &Store) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// Removes `DIR/.ckpt/<name>` durably (then fsyncs `.ckpt`); already absent is fine.
+fn remove_private(store: &Store, name: &str) -> std::io::Result<()> {
+    let private = store.private();
+    let io = store.io();
+    match io.remove_file(&private.join(name)) {
+        Ok(()) => io.fsync_dir(&private),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sets aside checkpoints `newer`, published by a launch that read damaged checkpoint `seq`
 /// without verifying it (`reason`: the damage), slug `derived-from-damaged`.
 fn set_aside_derived(store: &Store, rep: &mut Reporter, newer: &[u64], seq: u64, reason: &str) {
@@ -755,7 +766,6 @@ fn recover_light_launch(store: &Store, rep: &mut Reporter, v: &mut vouch::Vouch)
             None
         }
     };
-    let io = store.io();
     // The record of the command that launch ran is void (any record, when the marker cannot
     // be read).
     let void = match (&marker, vouch::load(&private)) {
@@ -772,16 +782,15 @@ fn recover_light_launch(store: &Store, rep: &mut Reporter, v: &mut vouch::Vouch)
         &[vouch::MARKER]
     };
     for &name in names {
-        match io.remove_file(&private.join(name)) {
-            Ok(()) => {
-                let _ = io.fsync_dir(&private);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => rep.warn(
+        if let Err(e) = remove_private(store, name) {
+            rep.warn(
                 "restore_check_record",
-                format!("cannot remove {}: {e}", private.join(name).display()),
+                format!(
+                    "cannot remove {}: {e}; hint: remove it by hand",
+                    crate::store::display_path(private.join(name))
+                ),
                 json!({}),
-            ),
+            );
         }
     }
     let Some(m) = marker else { return };
@@ -1334,31 +1343,20 @@ impl Run {
     }
 
     fn clear_light_marker(&mut self) {
-        let private = self.store.private();
-        let io = self.store.io();
-        match io.remove_file(&private.join(vouch::MARKER)) {
-            Ok(()) => {
-                let _ = io.fsync_dir(&private);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => self.rep.warn(
+        if let Err(e) = remove_private(&self.store, vouch::MARKER) {
+            let path = self.store.private().join(vouch::MARKER);
+            self.rep.warn(
                 "restore_check_record",
-                format!("cannot remove {}: {e}", vouch::MARKER),
+                format!("cannot remove {}: {e}; the next ckpt run will verify checkpoints it need not (hint: remove it by hand)", crate::store::display_path(&path)),
                 json!({}),
-            ),
+            );
         }
     }
 
     /// Removes the `--restore-check auto` record: the next launch is checked in full.
     fn drop_vouch_record(&mut self, why: &str) {
-        let private = self.store.private();
-        let io = self.store.io();
-        let path = private.join(vouch::FILE);
-        let gone = match io.remove_file(&path) {
-            Ok(()) => io.fsync_dir(&private),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
+        let path = self.store.private().join(vouch::FILE);
+        let gone = remove_private(&self.store, vouch::FILE);
         let mut text = match self.cfg.restore_check {
             protocol::RestoreCheckMode::Auto => format!(
                 "{why}: the next resume verifies its checkpoint in full (--restore-check auto)"

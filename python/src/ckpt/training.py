@@ -184,16 +184,13 @@ class TrainState:
         anything is applied), so a supervised job shows ckpt that it reads its whole restore
         through the client: under ``ckpt run --restore-check auto`` its later resumes read the
         checkpoint once (docs/protocol.md, "One read per resume")."""
-        opener = getattr(ck, "_open_verified", None)
-        if opener is None:
-            return self._restore_by_path(ck)
         if ck.restore_point is None:
             return False
         np = _np()
         st = json.loads(ck.read_file(STATE_JSON))
         got: Dict[str, Any] = {}
         if self.arrays:
-            f = opener(ARRAYS_NPZ)
+            f = ck._open_verified(ARRAYS_NPZ)
             if f is None:
                 raise CkptError(f"checkpoint {ck.restore_point.path} has no {ARRAYS_NPZ}; hint: it was saved without arrays")
             with f:
@@ -209,32 +206,13 @@ class TrainState:
                     f.verify()
                     raise
                 f.verify()  # every byte, also those np.load skipped, before anything is applied
-            self._check_arrays(got, have)
+            for k, a in self.arrays.items():
+                if k not in got:
+                    raise CkptError(f"{ARRAYS_NPZ} has no array {k!r} (it has {have})")
+                src = got[k]
+                if src.shape != np.shape(a) or src.dtype != np.asarray(a).dtype:
+                    raise CkptError(f"array {k!r}: checkpoint has {src.dtype}{list(src.shape)}, the job {np.asarray(a).dtype}{list(np.shape(a))}")
         self.load_state_dict(st)
         for k, a in self.arrays.items():
             np.copyto(a, got[k])
-        return True
-
-    def _check_arrays(self, got: Mapping[str, Any], have: List[str]) -> None:
-        np = _np()
-        for k, a in self.arrays.items():
-            if k not in got:
-                raise CkptError(f"{ARRAYS_NPZ} has no array {k!r} (it has {have})")
-            src = got[k]
-            if src.shape != np.shape(a) or src.dtype != np.asarray(a).dtype:
-                raise CkptError(f"array {k!r}: checkpoint has {src.dtype}{list(src.shape)}, the job {np.asarray(a).dtype}{list(np.shape(a))}")
-
-    def _restore_by_path(self, ck: Any) -> bool:
-        """For an object that only offers ``restore_dir()``: the files loaded by path."""
-        d = ck.restore_dir()
-        if d is None:
-            return False
-        np = _np()
-        self.load_state_dict(json.loads((d / STATE_JSON).read_text()))
-        if self.arrays:
-            with np.load(d / ARRAYS_NPZ, allow_pickle=False) as z:
-                got = {k: z[k] for k in self.arrays if k in z.files}
-                self._check_arrays(got, sorted(z.files))
-            for k, a in self.arrays.items():
-                np.copyto(a, got[k])
         return True
